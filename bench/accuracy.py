@@ -1,0 +1,91 @@
+"""Accuracy benchmark: WikiText-2 perplexity of SmolLM2-135M compiled with RTN / AWQ / GPTQ at 4 and 3 bits.
+
+4-bit rows are measured on the artifact itself (compiled to disk, decoded by the CPU runtime); 3-bit rows have no
+TinyChat layout, so they are the in-memory fake-quant model (same passes, same numerics, nothing written).
+Prints a table and writes JSON.
+
+    python bench/accuracy.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --calib ../shared/assets/ptb/ptb.valid.txt --eval ../shared/assets/wikitext2_raw_test/wiki.test.raw
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dcc.api import CompileOptions, calibration_ids, compile_model
+from dcc.compiler.calib_data import load_tokenizer, tokenize_file, windows
+from dcc.compiler.sequential import compile_blocks
+from dcc.models.loader import LazyModel
+from dcc.runtime.artifact import load_artifact
+from dcc.runtime.evaluate import perplexity
+from dcc.runtime.reference import build_model
+from dcc.targets.tinychat import lower
+
+
+def fake_quant_ppl(model: str, opts: CompileOptions, w: torch.Tensor) -> tuple[float, float]:
+    lm = LazyModel(model)
+    spec = lower.spec_for(opts)   # the same numerics as the 4-bit layout, at opts.bits
+
+    def assign(block):
+        for lin in block.linears.values():
+            lin.spec = spec
+
+    t = time.perf_counter()
+    compile_blocks(lm, lower.steps_for(opts), calibration_ids(lm, opts), assign, progress=False, release=False)
+    secs = time.perf_counter() - t
+    return perplexity(lm.model, w, progress=False)["ppl"], secs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--eval", required=True)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--algos", default="rtn,awq,gptq,awq+gptq")
+    ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--out", default="bench/results/accuracy.json")
+    args = ap.parse_args()
+
+    lm = LazyModel(args.model)
+    w = windows(tokenize_file(args.eval, load_tokenizer(lm.path)), args.windows, args.seq_len, args.eval)
+    rows = [{"method": "float", "bits": 16, "ppl": perplexity(lm.materialize_all(), w, progress=False)["ppl"],
+             "measured_on": "source model", "compile_s": 0.0}]
+    del lm
+    print(f"float: {rows[0]['ppl']:.2f}", flush=True)
+    for bits in map(int, args.bits.split(",")):
+        for algo in args.algos.split(","):
+            opts = CompileOptions(algo=algo, bits=bits, group_size=args.group_size, calib=args.calib,
+                                  progress=False, force=True)
+            if bits == 4:
+                with tempfile.TemporaryDirectory() as d:
+                    t = time.perf_counter()
+                    out = compile_model(args.model, str(Path(d) / "a"), opts, log=lambda m: None)
+                    secs = time.perf_counter() - t
+                    ppl = perplexity(build_model(load_artifact(out)), w, progress=False)["ppl"]
+                where = "artifact (decoded)"
+            else:
+                ppl, secs = fake_quant_ppl(args.model, opts, w)
+                where = "fake-quant (no 3-bit layout)"
+            rows.append({"method": algo, "bits": bits, "ppl": ppl, "measured_on": where, "compile_s": secs})
+            print(f"{algo} w{bits}: {ppl:.2f} ({secs:.0f}s)", flush=True)
+    print()
+    print(f"| method | bits | group | WikiText-2 ppl ({args.windows}x{args.seq_len}) | measured on | compile s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        g = "-" if r["bits"] == 16 else args.group_size
+        print(f"| {r['method']} | {r['bits']} | {g} | {r['ppl']:.2f} | {r['measured_on']} | {r['compile_s']:.1f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

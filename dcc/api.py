@@ -1,0 +1,123 @@
+"""dcc's Python API: compile a model for a target. The CLI is a thin layer over these functions."""
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .compiler.calib_data import check_vocab, load_tokenizer, tokenize_file, windows
+from .compiler.sequential import compile_blocks
+from .models.loader import LazyModel
+
+TARGETS = ("tinychat",)
+
+
+@dataclass
+class CompileOptions:
+    """What `dcc compile` takes; documented in its --help."""
+    target: str = "tinychat"
+    algo: str = "awq"
+    bits: int = 4
+    group_size: int = 128
+    dtype: str = "float16"
+    calib: str | None = None
+    calib_chunks: int = 16
+    calib_seq_len: int = 256
+    unsupported: str = "error"
+    seed: int = 0
+    device: str = "cpu"
+    dump_dir: str | None = None
+    force: bool = False
+    debug: bool = False
+    progress: bool = True
+    verbose: bool = False
+
+
+def estimate_memory_mb(lm: LazyModel, tokens: int) -> float:
+    """Peak of one block: its float weights (x2 for the pre-pass copy), the activations of its linears and the
+    parts outside the blocks (embeddings, head)."""
+    block = sum(p.numel() for p in lm.blocks[0].parameters()) * 4 * 2
+    outer = sum(p.numel() for n, p in lm.model.named_parameters() if not n.startswith(lm.blocks_prefix + ".")) * 4
+    acts = tokens * sum(m.in_features for m in lm.blocks[0].modules() if isinstance(m, torch.nn.Linear)) * 4
+    return (block + outer + acts * 2) / 2**20
+
+
+def calibration_ids(lm: LazyModel, opts: CompileOptions) -> torch.Tensor:
+    if not opts.calib:
+        raise ValueError("--calib is required: a text file (or token ids for models without a tokenizer)")
+    tok = load_tokenizer(lm.path)
+    ids = tokenize_file(opts.calib, tok)
+    check_vocab(ids, lm.config.vocab_size, opts.calib)
+    return windows(ids, opts.calib_chunks, opts.calib_seq_len, opts.calib)
+
+
+def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path:
+    """Compile `model` (HF folder or GGUF) for opts.target into the artifact folder `out`; returns its path."""
+    if opts.target not in TARGETS:
+        raise ValueError(f"unknown target {opts.target!r}; available: {', '.join(TARGETS)} "
+                         f"(qserve and nunchaku are planned)")
+    from .targets.tinychat import lower
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[opts.dtype]
+    lm = LazyModel(model)
+    spec = lower.spec_for(opts)
+    steps = lower.steps_for(opts)
+    assign = lower.assigner_for(opts, spec)
+    ids = calibration_ids(lm, opts)
+    n_blocks = len(lm.blocks)
+    log(f"dcc {__version__}: {lm.path.name} ({type(lm.model).__name__}, {n_blocks} blocks at {lm.blocks_prefix}) "
+        f"-> {opts.target} {spec.short()}, algo {opts.algo}")
+    log(f"calibration: {ids.shape[0]} x {ids.shape[1]} tokens from {opts.calib}; estimated peak memory "
+        f"{estimate_memory_mb(lm, ids.numel()):.0f} MB (one block at a time)")
+    from .targets.artifact import ArtifactWriter
+    writer = ArtifactWriter(out, force=opts.force)
+    try:
+        emitter = lower.Emitter(writer, dtype)
+        dumper = None
+        if opts.dump_dir:
+            from .ir.dump import Dumper
+            dumper = Dumper(opts.dump_dir)
+        res = compile_blocks(lm, steps, ids, assign, on_block=emitter.on_block, dumper=dumper, device=opts.device,
+                             seed=opts.seed, debug=opts.debug, progress=opts.progress, verbose=opts.verbose)
+        emitter.finish(lm)
+        kept = {k: v["skip_reason"] for k, v in emitter.layers.items() if "skip_reason" in v}
+        if kept:
+            log(f"{len(kept)} of {len(emitter.layers)} linears kept in 16-bit; first: {next(iter(kept.values()))}")
+        manifest = {
+            "format": "dcc-artifact", "version": 1, "target": opts.target,
+            "engines": lower.engines_for(spec.group_size),
+            "recipe": {"algo": opts.algo, "weight": spec.to_dict(), "pipeline": [s.to_dict() for s in steps],
+                       "seed": opts.seed, "unsupported": opts.unsupported,
+                       "calibration": {"file": Path(opts.calib).name, "sha256": _sha(opts.calib),
+                                       "chunks": int(ids.shape[0]), "seq_len": int(ids.shape[1])}},
+            "source": {"model": lm.path.name, "architecture": type(lm.model).__name__,
+                       "blocks": lm.blocks_prefix, "num_blocks": n_blocks},
+            "versions": {"dcc": __version__, "torch": torch.__version__.split("+")[0],
+                         "transformers": _version("transformers"), "python": platform.python_version()},
+            "dtype": opts.dtype, "tied_embeddings": emitter.tied,
+            "layers": emitter.layers, "blocks": emitter.blocks,
+        }
+        config = lower.hf_config(lm, spec, opts, emitter)
+        path = writer.finalize(config, manifest, source=lm.path)
+    except BaseException:
+        writer.abort()
+        raise
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in res.timing.seconds.items())
+    log(f"compiled {n_blocks} blocks in {res.seconds:.1f}s (passes: {times}); peak RSS {res.peak_rss_mb:.0f} MB")
+    log(f"wrote {path} (loads in: {', '.join(manifest['engines'])})")
+    return path
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _version(mod: str) -> str:
+    try:
+        return sys.modules[mod].__version__ if mod in sys.modules else __import__(mod).__version__
+    except Exception:
+        return "unknown"

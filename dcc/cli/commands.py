@@ -1,0 +1,157 @@
+"""Subcommands of `dcc`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .main import _fail, friendly, main
+
+
+@main.command("compile")
+@click.argument("model", type=click.Path())
+@click.option("--target", type=click.Choice(["tinychat"]), default="tinychat", show_default=True,
+              help="Engine layout to emit (TinyChat W4A16; QServe and Nunchaku are planned).")
+@click.option("--algo", type=click.Choice(["rtn", "awq", "gptq", "awq+gptq"]), default="awq", show_default=True,
+              help="rtn: round to nearest; awq: activation-aware scales + clip search; gptq: Hessian error feedback "
+                   "(act-order, static groups); awq+gptq: AWQ scales then GPTQ.")
+@click.option("-o", "--output", "out", type=click.Path(), required=True, help="Artifact folder to create.")
+@click.option("--calib", type=click.Path(), required=True,
+              help="Calibration text file (UTF-8; token ids separated by spaces for models without a tokenizer).")
+@click.option("--calib-chunks", default=16, show_default=True, help="Number of calibration windows.")
+@click.option("--calib-seq-len", default=256, show_default=True, help="Tokens per calibration window.")
+@click.option("--bits", default=4, show_default=True, help="Weight bits (TinyChat packs 4).")
+@click.option("--group-size", default=128, show_default=True,
+              help="Input features per scale. 128: TinyChat's kernels; 64 and 32: dcc's runtime only.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default="float16", show_default=True,
+              help="Scales and unquantized tensors.")
+@click.option("--unsupported", type=click.Choice(["error", "keep"]), default="error", show_default=True,
+              help="Layers whose shape the layout cannot take: stop with an error, or keep them 16-bit.")
+@click.option("--dump-dir", type=click.Path(), default=None,
+              help="Write the IR after every pass (text + JSON per block) and an ONNX of the first block here.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="Where calibration runs (cpu, cuda).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--debug", is_flag=True, help="Verify the IR between passes.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("-v", "--verbose", is_flag=True, help="Print what each pass does to each block.")
+@friendly
+def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, bits, group_size, dtype, unsupported,
+                dump_dir, seed, device, force, debug, quiet, verbose):
+    """Compile MODEL (a Hugging Face folder or a .gguf file) into an engine-ready artifact folder.
+
+    Blocks are captured with torch.export and compiled one at a time on the calibration data; the artifact is
+    written to a temporary folder and renamed into place when complete."""
+    from ..api import CompileOptions, compile_model
+    opts = CompileOptions(target=target, algo=algo, bits=bits, group_size=group_size, dtype=dtype, calib=calib,
+                          calib_chunks=calib_chunks, calib_seq_len=calib_seq_len, unsupported=unsupported,
+                          seed=seed, device=device, dump_dir=dump_dir, force=force, debug=debug,
+                          progress=not quiet, verbose=verbose)
+    compile_model(model, out, opts, log=lambda m: click.echo(m, err=True))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest's layer table as JSON.")
+@friendly
+def inspect(artifact, as_json):
+    """What is in ARTIFACT: target, engines, recipe, and per layer its format, size and error."""
+    from ..runtime.artifact import load_artifact
+    art = load_artifact(artifact, verify=False)
+    m = art.manifest
+    if as_json:
+        click.echo(json.dumps(m, indent=1))
+        return
+    size = sum((art.path / f).stat().st_size for f in m["files"])
+    r = m["recipe"]
+    click.echo(f"{art.path}: target {m['target']} (loads in: {', '.join(m['engines'])}), {size / 2**20:.1f} MiB")
+    click.echo(f"source {m['source']['model']} ({m['source']['architecture']}, {m['source']['num_blocks']} blocks); "
+               f"algo {r['algo']}; passes {' -> '.join(s['pass'] for s in r['pipeline'])}")
+    c = r["calibration"]
+    click.echo(f"calibration {c['file']} {c['chunks']}x{c['seq_len']} tokens, seed {r['seed']}; "
+               f"dcc {m['versions']['dcc']}, torch {m['versions']['torch']}")
+    click.echo(f"{'layer':44} {'shape':>11} {'format':20} {'SQNR dB':>8} {'out err':>9}")
+    nq = 0
+    for name, e in m["layers"].items():
+        fmt = "16-bit (kept)" if "skip_reason" in e else f"int{e['spec']['dtype'][3:]} g{e['spec']['group_size']}"
+        nq += "skip_reason" not in e
+        sq = e.get("weight_sqnr_db")
+        oe = e.get("output_rel_err")
+        click.echo(f"{name:44} {'x'.join(map(str, e['shape'])):>11} {fmt:20} "
+                   f"{sq if sq is not None else '-':>8} {oe if oe is not None else '-':>9}")
+    click.echo(f"{nq} of {len(m['layers'])} linears quantized")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--model", type=click.Path(), default=None,
+              help="The source model: also report per-layer output error and logit drift against it.")
+@click.option("--tokens", default=128, show_default=True, help="Tokens per sequence for the output comparison.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu (reference); cuda needs the GPU runtime.")
+@click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the report as JSON here.")
+@friendly
+def validate(artifact, model, tokens, seed, device, as_json):
+    """Decode ARTIFACT on the CPU; prove every quantized layer equals the compiled fake-quant weight bit for bit;
+    with --model, report each layer's output error and the logit drift against the float model."""
+    from ..runtime.artifact import load_artifact
+    from ..runtime.validate import check_exact, compare_with_float, sample_ids
+    if device != "cpu":
+        _fail(f"--device {device}: the GPU runtime is not built yet; use --device cpu")
+    art = load_artifact(artifact)
+    exact = check_exact(art)
+    bad = [k for k, ok in exact.items() if not ok]
+    report = {"exact": exact}
+    click.echo(f"decoded weights equal the fake-quant weights: {len(exact) - len(bad)}/{len(exact)} layers")
+    if model:
+        from ..models.loader import LazyModel
+        lm = LazyModel(model)
+        fm = lm.materialize_all()
+        cmp = compare_with_float(art, fm, sample_ids(lm.config.vocab_size, 2, tokens, seed))
+        report["float"] = cmp
+        click.echo(f"{'layer':44} {'output rel err':>14}")
+        for k, v in cmp["layers"].items():
+            click.echo(f"{k:44} {v:14.4e}")
+        click.echo(f"logits: KL {cmp['kl']:.4e}, top-1 agreement {cmp['top1_agreement'] * 100:.1f}%, "
+                   f"relative error {cmp['logits_rel_err']:.3e}")
+    if as_json:
+        Path(as_json).write_text(json.dumps(report, indent=1) + "\n")
+    if bad:
+        _fail(f"{len(bad)} layers decode to weights that differ from the compiled ones, first: {bad[0]}", 1)
+
+
+@main.command("eval")
+@click.argument("artifact", type=click.Path())
+@click.option("--ppl", "ppl_file", type=click.Path(), required=True, help="Evaluation text (e.g. wiki.test.raw).")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per non-overlapping window.")
+@click.option("--windows", "n_windows", default=None, type=int, help="Evaluate only the first N windows.")
+@click.option("--baseline", type=click.Path(), default=None, help="Also evaluate this source model (float).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the results as JSON here.")
+@click.option("-q", "--quiet", is_flag=True)
+@friendly
+def eval_cmd(artifact, ppl_file, seq_len, n_windows, baseline, device, as_json, quiet):
+    """Perplexity of ARTIFACT itself (decoded weights, CPU reference), GPTQ-style: the text tokenized once and cut
+    into non-overlapping windows."""
+    from ..compiler.calib_data import check_vocab, load_tokenizer, tokenize_file, windows
+    from ..runtime.artifact import load_artifact
+    from ..runtime.evaluate import perplexity
+    from ..runtime.reference import build_model
+    if device != "cpu":
+        _fail(f"--device {device}: the GPU runtime is not built yet; use --device cpu")
+    art = load_artifact(artifact)
+    tok = load_tokenizer(art.path)
+    ids = tokenize_file(ppl_file, tok)
+    check_vocab(ids, art.config["vocab_size"], ppl_file)
+    w = windows(ids, n_windows, seq_len, ppl_file)
+    results = {"artifact": perplexity(build_model(art), w, progress=not quiet, desc="artifact")}
+    if baseline:
+        from ..models.loader import LazyModel
+        results["baseline"] = perplexity(LazyModel(baseline).materialize_all(), w, progress=not quiet,
+                                         desc="baseline")
+    for k, r in results.items():
+        click.echo(f"{k:9} perplexity {r['ppl']:.3f} ({r['windows']} windows x {r['seq_len']} tokens)")
+    if as_json:
+        Path(as_json).write_text(json.dumps(results, indent=1) + "\n")

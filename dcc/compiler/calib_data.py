@@ -1,0 +1,67 @@
+"""Calibration and evaluation text: read a file the user names and cut it into token windows."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class DataError(ValueError):
+    """Unusable calibration or evaluation data; the message names the file."""
+
+
+def read_text(path: str | Path) -> str:
+    """UTF-8 text with CRLF line ends normalised to LF (WikiText-2's raw files ship with CRLF)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = text.replace("\r\n", "\n")
+    if not text.strip():
+        raise DataError(f"{p}: the file is empty")
+    return text
+
+
+def tokenize_file(path: str | Path, tokenizer) -> torch.Tensor:
+    """All tokens of a file as one 1-D LongTensor. Without a tokenizer the file must hold integer token ids."""
+    text = read_text(path)
+    if tokenizer is None:
+        try:
+            ids = [int(t) for t in text.split()]
+        except ValueError:
+            raise DataError(f"{path}: the model has no tokenizer, so this file must hold whitespace-separated "
+                            f"token ids") from None
+        return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def windows(ids: torch.Tensor, n: int | None, length: int, source: str = "data") -> torch.Tensor:
+    """The first n consecutive, non-overlapping windows of `length` tokens ([n, length]); n=None takes all."""
+    if length <= 0:
+        raise DataError(f"{source}: window length must be positive, got {length}")
+    available = ids.numel() // length
+    if available == 0:
+        raise DataError(f"{source}: {ids.numel()} tokens, fewer than one window of {length}")
+    if n is None:
+        n = available
+    if n > available:
+        raise DataError(f"{source}: asked for {n} windows of {length} tokens but the text has {ids.numel()} tokens "
+                        f"({available} windows)")
+    return ids[: n * length].view(n, length)
+
+
+def check_vocab(ids: torch.Tensor, vocab_size: int, source: str) -> None:
+    if ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+        raise DataError(f"{source}: token id {int(ids.max())} is outside the model's vocabulary of {vocab_size}")
+
+
+def load_tokenizer(folder: str | Path):
+    """The folder's tokenizer, or None if it ships none (e.g. stories260K)."""
+    folder = Path(folder)
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(folder))

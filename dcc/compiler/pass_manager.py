@@ -1,0 +1,88 @@
+"""Runs a pipeline's passes on one block: checks requires/ensures, verifies the block between passes, times each
+pass, writes dumps, and re-raises any failure naming the pass, the block, the passes before it and the dump path."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..passes.base import PassConfig, PassResult, get_pass
+
+
+class PassError(RuntimeError):
+    """A pass failed; the message says which pass, on which block, after which passes, and where the dump is."""
+
+
+@dataclass
+class Step:
+    """One pipeline entry: a registered pass name and its config."""
+    name: str
+    config: PassConfig
+
+    def to_dict(self) -> dict:
+        return {"pass": self.name, "config": self.config.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Step":
+        p = get_pass(d["pass"])
+        return cls(d["pass"], p.Config.from_dict(d.get("config")))
+
+
+@dataclass
+class PassTiming:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, s: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + s
+
+
+def check_pipeline(steps: list[Step]) -> None:
+    """Every pass's `requires` must be ensured by a pass earlier in the list."""
+    facts: set[str] = set()
+    for i, s in enumerate(steps):
+        p = get_pass(s.name)
+        missing = [r for r in p.requires if r not in facts]
+        if missing:
+            raise PassError(f"pipeline step {i} ({s.name}) requires {missing}, which no earlier pass ensures")
+        facts |= set(p.ensures)
+
+
+def verify_block(block, where: str) -> None:
+    """Debug verifier run between passes: weights finite, quantized tensors match their specs."""
+    for name, lin in block.linears.items():
+        w = block.linear_module(name).weight
+        if not torch.isfinite(w).all():
+            raise PassError(f"{where}: {name}.weight has NaN/inf after the pass")
+        if lin.qtensor is not None and tuple(lin.qtensor.shape) != tuple(w.shape):
+            raise PassError(f"{where}: {name} quantized shape {tuple(lin.qtensor.shape)} != weight {tuple(w.shape)}")
+
+
+def run_block(block, steps: list[Step], ctx, timing: PassTiming, dumper=None, debug: bool = False) -> list[PassResult]:
+    """Run every step on `block`, in order."""
+    results = []
+    if dumper is not None:
+        dumper.dump(block, 0, "capture", None)
+    for i, step in enumerate(steps):
+        p = get_pass(step.name)()
+        t0 = time.perf_counter()
+        try:
+            res = p.run(block, step.config, ctx)
+            if res.changed:
+                ctx.invalidate()
+            if debug:
+                verify_block(block, f"pass {step.name} on block {block.prefix}")
+        except PassError:
+            raise
+        except Exception as e:
+            before = [s.name for s in steps[:i]] or ["(none)"]
+            where = dumper.path_for(block, i) if dumper is not None else "(no --dump-dir)"
+            raise PassError(f"pass {step.name} failed on block {block.prefix} after {', '.join(before)}: "
+                            f"{type(e).__name__}: {e} (last dump: {where})") from e
+        dt = time.perf_counter() - t0
+        timing.add(step.name, dt)
+        res.details.setdefault("seconds", round(dt, 4))
+        results.append(res)
+        if dumper is not None:
+            dumper.dump(block, i + 1, step.name, res)
+    return results

@@ -1,0 +1,322 @@
+"""Quantization formats: integer (int2..int8, sym/asym) and small floats (fp8 e4m3fn/e5m2, fp4 e2m1), with
+per-group/channel/tensor scales, the exact quantize/dequantize rules the targets use, and error metrics."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+INT_DTYPES = {f"int{b}" for b in range(2, 9)}
+FP_DTYPES = {"fp8_e4m3", "fp8_e5m2", "fp4_e2m1"}
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+ZERO_MODES = {"integer", "scaled"}
+_SCALE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+class _Fmt(NamedTuple):
+    ebits: int
+    mbits: int
+    bias: int
+    max: float  # largest finite magnitude; everything above saturates to it
+
+    @property
+    def emin(self) -> int:  # exponent of the smallest normal; subnormals share its spacing
+        return 1 - self.bias
+
+    @property
+    def nbits(self) -> int:
+        return 1 + self.ebits + self.mbits
+
+
+# e4m3fn: no inf, only S.1111.111 is NaN, so the top exponent holds normals up to 1.75 * 2^8 = 448.
+# e5m2: IEEE-like (exponent 31 = inf/NaN), max normal 1.75 * 2^15 = 57344. e2m1: no inf/NaN, max 1.5 * 2^2 = 6.
+_FMTS = {"fp8_e4m3": _Fmt(4, 3, 7, 448.0), "fp8_e5m2": _Fmt(5, 2, 15, 57344.0), "fp4_e2m1": _Fmt(2, 1, 1, 6.0)}
+
+
+def _fmt(dtype: str) -> _Fmt:
+    if dtype not in _FMTS:
+        raise ValueError(f"unknown float element format {dtype!r}; expected one of {sorted(FP_DTYPES)}")
+    return _FMTS[dtype]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    dtype: str = "int4"
+    symmetric: bool = False
+    group_size: int = 128
+    scale_dtype: str = "float16"
+    zero_mode: str = "integer"
+
+    def __post_init__(self):
+        if self.dtype not in INT_DTYPES | FP_DTYPES:
+            raise ValueError(f"QuantSpec.dtype {self.dtype!r} is not one of {sorted(INT_DTYPES | FP_DTYPES)}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"QuantSpec.symmetric must be a bool, got {self.symmetric!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < -1:
+            raise ValueError(f"QuantSpec.group_size must be an int > 0 (group), 0 (per channel) or -1 (per tensor), "
+                             f"got {self.group_size!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"QuantSpec.scale_dtype {self.scale_dtype!r} is not one of {sorted(SCALE_DTYPES)}")
+        if self.zero_mode not in ZERO_MODES:
+            raise ValueError(f"QuantSpec.zero_mode {self.zero_mode!r} is not one of {sorted(ZERO_MODES)}")
+        if self.is_fp and not self.symmetric:  # fp formats have no zero point: normalise so equal specs compare equal
+            object.__setattr__(self, "symmetric", True)
+
+    @property
+    def is_fp(self) -> bool:
+        return self.dtype in FP_DTYPES
+
+    @property
+    def bits(self) -> int:
+        return _fmt(self.dtype).nbits if self.is_fp else int(self.dtype[3:])
+
+    @property
+    def qmax(self):
+        """Largest code (int: signed restricted range if symmetric, else unsigned); fp: largest finite value."""
+        if self.is_fp:
+            return _fmt(self.dtype).max
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
+
+    @property
+    def qmin(self):
+        return -self.qmax if self.symmetric else 0
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantSpec":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown QuantSpec field(s) {sorted(unknown)}")
+        return cls(**d)
+
+    def num_groups(self, in_features: int) -> int:
+        if in_features <= 0:
+            raise ValueError(f"in_features must be positive, got {in_features}")
+        if self.group_size <= 0:
+            return 1
+        if in_features % self.group_size:
+            raise ValueError(f"group_size {self.group_size} does not divide in_features {in_features}")
+        return in_features // self.group_size
+
+    def short(self) -> str:
+        if self.is_fp:
+            parts = [self.dtype]
+        elif self.symmetric:
+            parts = [self.dtype, "sym"]
+        else:
+            parts = ["u" + self.dtype, "asym"] + (["scaled-zero"] if self.zero_mode == "scaled" else [])
+        gran = {0: "per-channel", -1: "per-tensor"}.get(self.group_size, f"g{self.group_size}")
+        return " ".join(parts + [gran, _SCALE_SHORT[self.scale_dtype]])
+
+
+# ----------------------------------------------------------------------------------------------- small floats
+
+def round_to_fp(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Round to the nearest value of the element format, returned as float32.
+
+    Round-to-nearest-even on ties; values (and +-inf) beyond the format's max saturate to +-max; subnormals use the
+    spacing of the smallest normal binade; the sign is kept, so negatives that round to zero give -0.0; NaN stays NaN.
+    """
+    f = _fmt(dtype)
+    xd = x.detach().to(torch.float64)  # float16/bf16/float32 -> float64 is exact: a single rounding happens below
+    a = xd.abs()
+    _, e = torch.frexp(a)  # a = m * 2^e with m in [0.5, 1), so floor(log2 a) = e - 1 (0 and inf give e = 0)
+    e = (e - 1).clamp(min=f.emin)  # below the smallest normal the spacing stays 2^(emin - mbits)
+    quantum = torch.ldexp(torch.ones_like(a), (e - f.mbits).to(torch.float64))
+    r = torch.round(a / quantum) * quantum  # power-of-two scaling is exact; torch.round is half-to-even
+    r = torch.copysign(r.clamp(max=f.max), xd)  # saturate, then restore the sign (incl. -0)
+    return torch.where(torch.isnan(xd), xd, r).to(torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_list(dtype: str) -> tuple[float, ...]:
+    f = _fmt(dtype)
+    out = []
+    for code in range(1 << f.nbits):
+        sign = -1.0 if code >> (f.ebits + f.mbits) else 1.0
+        field, mant = (code >> f.mbits) & ((1 << f.ebits) - 1), code & ((1 << f.mbits) - 1)
+        if dtype == "fp8_e4m3" and field == 15 and mant == 7:
+            v = math.nan
+        elif dtype == "fp8_e5m2" and field == 31:
+            v = sign * math.inf if mant == 0 else math.nan
+        elif field == 0:  # subnormal: no implicit leading 1
+            v = sign * mant * 2.0 ** (f.emin - f.mbits)
+        else:
+            v = sign * (1 + mant / (1 << f.mbits)) * 2.0 ** (field - f.bias)
+        out.append(v)
+    return tuple(out)
+
+
+def fp_decode(codes: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Bit patterns (any integer tensor) -> float32 values of the element format."""
+    table = torch.tensor(_decode_list(dtype), dtype=torch.float32)
+    c = codes.to(torch.int64)
+    if c.numel() and (c.min() < 0 or c.max() >= table.numel()):
+        raise ValueError(f"{dtype} codes must lie in [0, {table.numel() - 1}]")
+    return table[c]
+
+
+def fp_encode(values: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Float values -> uint8 bit patterns, after rounding with round_to_fp (RNE, saturating, -0 -> sign bit set)."""
+    f = _fmt(dtype)
+    r = round_to_fp(values, dtype).to(torch.float64)
+    nan = torch.isnan(r)
+    if dtype == "fp4_e2m1" and bool(nan.any()):
+        raise ValueError("fp4_e2m1 has no NaN encoding")
+    # Non-negative finite codes 0..max are increasing in value, so an exact search finds each rounded magnitude.
+    pos = torch.tensor(_decode_list(dtype), dtype=torch.float64)[: 1 << (f.ebits + f.mbits)]
+    pos = pos[: int(torch.nonzero(pos == f.max)[0]) + 1]
+    idx = torch.searchsorted(pos, torch.where(nan, 0.0, r.abs()))
+    code = idx | (torch.signbit(r).to(torch.int64) << (f.ebits + f.mbits))
+    code = torch.where(nan, 0x7F, code)  # canonical NaN (e4m3fn S.1111.111, e5m2 S.11111.11), sign dropped
+    return code.to(torch.uint8)
+
+
+# ------------------------------------------------------------------------------------------- integer / scales
+
+def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """[N, K] -> [N, G, gs]; per-channel and per-tensor both use G = 1 (a [1, 1] scale broadcasts over rows)."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
+    n, k = w.shape
+    g = spec.num_groups(k)
+    return w.reshape(n, g, k // g)
+
+
+def _scale_shape(w: torch.Tensor, spec: QuantSpec) -> tuple[int, int]:
+    return (1, 1) if spec.group_size == -1 else (w.shape[0], spec.num_groups(w.shape[1]))
+
+
+def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale [N, G] (in spec.scale_dtype; [1, 1] per tensor) and, for asymmetric int, int16 zero points [N, G].
+
+    clip shrinks the range (scalar or tensor broadcastable to [N, G]). Statistics are computed in float32 and the
+    scale is rounded (RNE) to scale_dtype before the zero point is derived, so codes match what the kernel sees.
+    A zero range (all-zero group) gets scale 1: the group quantizes to the zero code and dequantizes to exactly 0.
+    A nonzero scale that underflows scale_dtype becomes its smallest subnormal instead (codes stay in range since
+    the true scale is below half of it), so tiny groups keep a coarse approximation rather than collapsing to 0.
+    """
+    if not w.is_floating_point():
+        raise ValueError(f"expected a floating-point weight, got {w.dtype}")
+    shape = _scale_shape(w, spec)
+    g = _grouped(w.detach().to(torch.float32), spec)
+    if spec.group_size == -1:
+        g = g.reshape(1, 1, -1)
+    clip_t = torch.as_tensor(clip, dtype=torch.float32)
+    try:
+        clip_t = torch.broadcast_to(clip_t, shape)
+    except RuntimeError as e:
+        raise ValueError(f"clip of shape {tuple(clip_t.shape)} does not broadcast to scale shape {shape}") from e
+    if bool((clip_t <= 0).any()) or not bool(torch.isfinite(clip_t).all()):
+        raise ValueError("clip ratios must be finite and > 0")
+    if spec.symmetric:  # int sym and all fp formats
+        s = g.abs().amax(-1) * clip_t / spec.qmax
+        lo = None
+    else:  # the range always includes 0 so that 0 is exactly representable (padding, pruned weights)
+        lo = g.amin(-1).clamp(max=0) * clip_t
+        hi = g.amax(-1).clamp(min=0) * clip_t
+        s = (hi - lo) / spec.qmax
+    s32, s = s, s.to(spec.torch_scale_dtype)
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(f"non-finite scale (NaN/inf weights, or the range overflows {spec.scale_dtype})")
+    fi = torch.finfo(s.dtype)
+    tiny = torch.full_like(s, fi.tiny * fi.eps)  # smallest subnormal of scale_dtype
+    s = torch.where(s == 0, torch.where(s32 == 0, torch.ones_like(s), tiny), s)
+    if lo is None:
+        return s, None
+    z = torch.round(-lo / s.to(torch.float32)).clamp(0, spec.qmax)  # -lo/s in float32, half-to-even
+    return s, z.to(torch.int16)
+
+
+def _check_params(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor | None):
+    shape = _scale_shape(w, spec)
+    if tuple(scale.shape) != shape:
+        raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {shape}")
+    if spec.symmetric:
+        if zero is not None:
+            raise ValueError(f"{spec.short()} takes no zero point")
+    elif zero is None or tuple(zero.shape) != shape:
+        raise ValueError(f"asymmetric spec needs a zero point of shape {shape}")
+
+
+def quantize(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """Codes [N, K]: int16 for int dtypes, uint8 bit patterns for fp dtypes. Uses the (already rounded) scale."""
+    _check_params(w, spec, scale, zero)
+    g = _grouped(w.detach().to(torch.float32), spec)
+    x = g / scale.to(torch.float32).unsqueeze(-1)  # w / s in float32 (one rounding)
+    if spec.is_fp:
+        return fp_encode(x, spec.dtype).reshape(w.shape)
+    if zero is not None:
+        x = x + zero.to(torch.float32).unsqueeze(-1)  # asym: round(w/s + z), the sum also in float32
+    q = torch.round(x).clamp(spec.qmin, spec.qmax)  # half-to-even, then clamp to the code range
+    return q.to(torch.int16).reshape(w.shape)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The decode rule of the spec, cast to dtype at the end. An integer code equal to the zero point gives +0."""
+    _check_params(codes, spec, scale, zero)
+    q = _grouped(codes, spec)
+    s = scale.unsqueeze(-1)
+    if spec.is_fp:  # element (<= 4 significant bits) * scale (<= 24): exact in float32 for fp16/bf16 scales
+        out = fp_decode(q, spec.dtype) * s.to(torch.float32)
+    elif spec.symmetric:
+        out = q.to(torch.float32) * s.to(torch.float32)
+    elif spec.zero_mode == "integer":  # (q - z) * s: |q - z| < 256, exact in float32 for fp16/bf16 scales
+        out = (q.to(torch.float32) - zero.unsqueeze(-1).to(torch.float32)) * s.to(torch.float32)
+    else:
+        # "scaled" (TinyChat/AWQ kernels): sz = -(z * s) stored in scale_dtype, then one fused q * s + sz in
+        # scale_dtype. float64 holds q * s and the sum exactly, so the only roundings are the two to scale_dtype.
+        sd = s.to(torch.float64)
+        sz = (-(zero.unsqueeze(-1).to(torch.float64) * sd)).to(spec.torch_scale_dtype).to(torch.float64)
+        out = (q.to(torch.float64) * sd + sz).to(spec.torch_scale_dtype)
+    return out.to(dtype).reshape(codes.shape)
+
+
+@dataclass
+class QuantizedTensor:
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    spec: QuantSpec
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.zero, self.spec, dtype)
+
+
+def quantize_tensor(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor = 1.0) -> QuantizedTensor:
+    scale, zero = compute_qparams(w, spec, clip)
+    return QuantizedTensor(quantize(w, spec, scale, zero), scale, zero, spec)
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
+    return quantize_tensor(w, spec, clip).dequantize(w.dtype)
+
+
+def quant_error(w: torch.Tensor, w_q: torch.Tensor) -> dict:
+    """mse, sqnr_db (signal power over error power, in float64; inf for an exact match) and max_abs error."""
+    a, b = w.detach().to(torch.float64), w_q.detach().to(torch.float64)
+    err = a - b
+    sig, noise = float((a * a).sum()), float((err * err).sum())
+    if noise == 0:
+        sqnr = math.inf
+    elif sig == 0:
+        sqnr = -math.inf
+    else:
+        sqnr = 10 * math.log10(sig / noise)
+    return {"mse": float((err * err).mean()), "sqnr_db": sqnr, "max_abs": float(err.abs().max())}

@@ -1,0 +1,107 @@
+"""dcc's IR: one Block per repeated module, holding its torch.export fx graph, typed nodes, and the dataflow groups
+(norm -> linears, v -> o, up -> down, residual stream) that passes act on."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .formats import QuantizedTensor, QuantSpec
+
+
+class AnalysisError(ValueError):
+    """A structure the dataflow analysis cannot place; the message names the block and the node."""
+
+
+@dataclass
+class Node:
+    """One op of a block's graph, typed for dumps and for pattern matching."""
+    name: str
+    kind: str            # linear | norm | attention | activation | mul | add | residual | embedding | input | output | other
+    target: str          # the ATen op (or placeholder/output)
+    inputs: list[str]
+    shape: tuple | None = None
+    dtype: str | None = None
+    module: str = ""     # owning module path inside the block (from nn_module_stack)
+
+
+@dataclass
+class Linear:
+    """A Linear layer of a block, and what the passes did to it."""
+    name: str                       # module path inside the block, e.g. "self_attn.q_proj"
+    in_features: int
+    out_features: int
+    has_bias: bool
+    spec: QuantSpec | None = None   # what quantize passes target (None: keep in float)
+    qtensor: QuantizedTensor | None = None
+    skip_reason: str | None = None  # why it stays in float, said in dumps and the manifest
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NormGroup:
+    """A normalisation whose output feeds some linears (smoothing/fusion producer)."""
+    norm: str                 # module path of the norm
+    kind: str                 # "rms" | "layer"
+    weight: str | None        # parameter path of the gain
+    bias: str | None          # parameter path of the bias (LayerNorm)
+    offset: float             # gain used as (offset + weight): 1.0 for Gemma-style norms
+    linears: list[str]
+
+
+@dataclass
+class Attention:
+    """q/k/v -> attention -> o, with head geometry read from the captured shapes."""
+    q: str
+    k: str
+    v: str
+    o: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: bool                # q/k pass through a rotary embedding before attention
+    q_node: str               # graph node feeding attention's query (after RoPE)
+    k_node: str
+
+
+@dataclass
+class MLP:
+    """up (and gate) -> activation (* up) -> down."""
+    ups: list[str]            # linears whose output reaches down linearly (the "up" side; smoothable producers)
+    gate: str | None          # linear whose output passes through the activation (gated MLPs)
+    down: str
+    act: str                  # activation op name
+    smoothable: bool          # scaling the ups' rows by s and down's columns by 1/s preserves the function
+
+
+@dataclass
+class Residual:
+    writers: list[str]        # linears whose output is added into the residual stream
+    readers: list[str]        # norms reading the residual stream
+
+
+@dataclass
+class Block:
+    """One repeated unit (a decoder layer, a transformer block) with its graph and groups."""
+    index: int
+    prefix: str                                   # module path in the model, e.g. "model.layers.3"
+    module: torch.nn.Module
+    gm: Any = None                                # torch.fx.GraphModule from torch.export
+    nodes: list[Node] = field(default_factory=list)
+    linears: dict[str, Linear] = field(default_factory=dict)
+    norms: list[NormGroup] = field(default_factory=list)
+    attentions: list[Attention] = field(default_factory=list)
+    mlps: list[MLP] = field(default_factory=list)
+    residual: Residual | None = None
+
+    def linear_module(self, name: str) -> torch.nn.Linear:
+        return self.module.get_submodule(name)
+
+    def param(self, path: str) -> torch.nn.Parameter:
+        mod, _, attr = path.rpartition(".")
+        return getattr(self.module.get_submodule(mod) if mod else self.module, attr)
+
+    def norm_of(self, linear: str) -> NormGroup | None:
+        return next((g for g in self.norms if linear in g.linears), None)

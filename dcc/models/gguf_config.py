@@ -1,0 +1,295 @@
+"""GGUF metadata reading, and what it gives: the LlamaConfig, the GGUF -> Hugging Face tensor names and the shape every
+tensor must have."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["GGUFError", "Meta", "open_reader", "llama_config", "hf_name", "gguf_name", "expected_shapes"]
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be converted; the message names the file (and tensor) and what is wrong."""
+
+
+# --------------------------------------------------------------------------------------------------------- metadata
+
+
+_MISSING = object()
+
+
+def open_reader(path: Path):
+    """A gguf.GGUFReader over the file at `path` (read-only memory map); GGUFError if it is not a readable GGUF file."""
+    import gguf
+
+    if not path.exists():
+        raise GGUFError(f"{path}: no such file")
+    if not path.is_file():
+        raise GGUFError(f"{path}: not a file")
+    try:
+        return gguf.GGUFReader(str(path), "r")
+    except Exception as e:  # the reader raises ValueError/IndexError/... on bad magic, truncation, corruption
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GGUFError(f"{path}: not a readable GGUF file (missing, truncated or corrupt: {first})") from None
+
+
+def _field_value(field):
+    """The Python value of a GGUFReader field (scalar, string, or list of them); works on old and new gguf."""
+    import gguf
+
+    vt = gguf.GGUFValueType
+    types = list(field.types)
+
+    def scalar(t, part):
+        if t == vt.STRING:
+            return bytes(part).decode("utf-8", errors="replace")
+        v = part.tolist()
+        v = v[0] if isinstance(v, list) else v
+        return bool(v) if t == vt.BOOL else v
+
+    if not types:
+        return None
+    if types[0] == vt.ARRAY:
+        sub = types[-1]
+        if sub == vt.ARRAY:  # nested arrays: not used by anything read here
+            return None
+        return [scalar(sub, field.parts[i]) for i in field.data]
+    return scalar(types[0], field.parts[field.data[0]])
+
+
+class Meta:
+    """The metadata of a GGUF file: typed, cached look-ups whose errors name the file and the key."""
+
+    def __init__(self, reader, path: Path):
+        self.reader = reader
+        self.path = path
+        self._cache: dict[str, object] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.reader.fields
+
+    def get(self, key: str, default=_MISSING):
+        if key in self._cache:
+            return self._cache[key]
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is _MISSING:
+                raise GGUFError(f"{self.path}: metadata key {key!r} is missing")
+            return default
+        try:
+            value = _field_value(field)
+        except Exception as e:
+            raise GGUFError(f"{self.path}: metadata key {key!r} cannot be read ({e})") from None
+        self._cache[key] = value
+        return value
+
+    def int(self, key: str, default=_MISSING) -> int | None:
+        v = self.get(key, default)
+        if v is None or v is default:
+            return v
+        if isinstance(v, list):
+            if v and all(x == v[0] for x in v):  # a per-layer array with one value for every layer
+                v = v[0]
+            else:
+                raise GGUFError(
+                    f"{self.path}: metadata key {key!r} varies per layer ({v[:8]}...), which is not supported"
+                )
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+            raise GGUFError(f"{self.path}: metadata key {key!r} should be an integer, got {v!r}")
+        return int(v)
+
+    def float(self, key: str, default=_MISSING) -> float | None:
+        v = self.get(key, default)
+        if v is None or v is default:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise GGUFError(f"{self.path}: metadata key {key!r} should be a number, got {v!r}")
+        return float(v)
+
+
+# ------------------------------------------------------------------------------------------------------------ config
+
+
+def _rope_from_freqs(freqs: np.ndarray, theta: float, rot_dim: int) -> dict | None:
+    """Llama-3.1-style RoPE scaling from llama.cpp's rope_freqs.weight (the per-frequency divisors its converter
+    computes). The tensor holds only the result, so the known parameter sets are tried and one must reproduce it."""
+    freqs = np.asarray(freqs, dtype=np.float64).reshape(-1)
+    if np.allclose(freqs, 1.0):
+        return None
+    factor = float(freqs.max())
+    inv = 1.0 / (theta ** (np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim))
+    if inv.shape != freqs.shape:
+        return False
+    for low, high, old_ctx in ((1.0, 4.0, 8192),):
+        wavelen = 2 * math.pi / inv
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        mid = 1.0 / ((1 - smooth) / factor + smooth)
+        expect = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, mid))
+        if np.allclose(expect, freqs, rtol=1e-3, atol=1e-4):
+            return {
+                "rope_type": "llama3",
+                "rope_theta": theta,
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": old_ctx,
+            }
+    return False
+
+
+def llama_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool, dtype: torch.dtype, rope_freqs):
+    from transformers import LlamaConfig
+
+    a = "llama"
+    if (meta.int(f"{a}.expert_count", 0) or 0) > 0:
+        raise GGUFError(f"{path}: mixture-of-experts llama GGUF files are not supported (only dense llama)")
+    hidden = meta.int(f"{a}.embedding_length")
+    n_layers = meta.int(f"{a}.block_count")
+    ffn = meta.int(f"{a}.feed_forward_length")
+    n_head = meta.int(f"{a}.attention.head_count")
+    n_kv = meta.int(f"{a}.attention.head_count_kv", n_head)
+    if not n_head or not n_kv or not hidden or not n_layers:
+        raise GGUFError(f"{path}: metadata gives {n_head} heads, {n_kv} kv heads, width {hidden}, {n_layers} blocks")
+    head_dim = meta.int(f"{a}.attention.key_length", None)
+    if head_dim is None:
+        if hidden % n_head:
+            raise GGUFError(f"{path}: embedding_length {hidden} is not a multiple of head_count {n_head}")
+        head_dim = hidden // n_head
+    v_dim = meta.int(f"{a}.attention.value_length", head_dim)
+    rot_dim = meta.int(f"{a}.rope.dimension_count", head_dim)
+    if v_dim != head_dim or rot_dim != head_dim:
+        raise GGUFError(
+            f"{path}: key_length {head_dim}, value_length {v_dim} and rope.dimension_count {rot_dim} differ "
+            "(a llama model rotates the whole head); not supported"
+        )
+    if n_head % n_kv:
+        raise GGUFError(f"{path}: head_count {n_head} is not a multiple of head_count_kv {n_kv}")
+    if head_dim % 2:
+        raise GGUFError(f"{path}: head dimension {head_dim} is odd; RoPE needs an even one")
+    theta = meta.float(f"{a}.rope.freq_base", 10000.0)
+    eps = meta.float(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
+    ctx = meta.int(f"{a}.context_length", 2048)
+    vocab = meta.int(f"{a}.vocab_size", None) or n_vocab_tokens
+
+    rope: dict = {"rope_type": "default", "rope_theta": theta}
+    scaling = meta.get(f"{a}.rope.scaling.type", "none")
+    if scaling == "linear":
+        rope = {"rope_type": "linear", "rope_theta": theta, "factor": meta.float(f"{a}.rope.scaling.factor")}
+    elif scaling not in ("none", None, ""):
+        raise GGUFError(
+            f"{path}: RoPE scaling {scaling!r} is not supported (supported: none, linear, llama3 rope_freqs)"
+        )
+    if rope_freqs is not None:
+        r = _rope_from_freqs(rope_freqs, theta, rot_dim)
+        if r is False:
+            raise GGUFError(
+                f"{path}: tensor rope_freqs.weight holds a RoPE scaling that does not match llama3's "
+                "(factor, low 1, high 4, original context 8192); not supported"
+            )
+        if r is not None:
+            rope = r
+
+    def tok_id(key):
+        return meta.int(f"tokenizer.ggml.{key}", None)
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_kv,
+        head_dim=head_dim,
+        hidden_act="silu",
+        max_position_embeddings=ctx,
+        rms_norm_eps=eps,
+        rope_parameters=rope,
+        bos_token_id=tok_id("bos_token_id"),
+        eos_token_id=tok_id("eos_token_id"),
+        pad_token_id=tok_id("padding_token_id"),
+        tie_word_embeddings=tied,
+        attention_bias=False,
+        mlp_bias=False,
+        architectures=["LlamaForCausalLM"],
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    unk = tok_id("unknown_token_id")
+    if unk is not None:
+        cfg.unk_token_id = unk
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------------------- names
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.weight")
+
+
+def hf_name(name: str, n_layers: int, path: Path) -> str:
+    """The Hugging Face name of the GGUF tensor `name`; GGUFError for a tensor a dense llama model does not have."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = _BLOCK_RE.fullmatch(name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        i = int(m.group(1))
+        if i >= n_layers:
+            raise GGUFError(f"{path}: tensor {name} is for block {i}, but block_count is {n_layers}")
+        return f"model.layers.{i}.{_BLOCK_NAMES[m.group(2)]}.weight"
+    raise GGUFError(
+        f"{path}: unknown tensor {name!r} for a llama model (known: token_embd, output_norm, output, rope_freqs and "
+        f"blk.N.{{{','.join(_BLOCK_NAMES)}}}.weight)"
+    )
+
+
+def gguf_name(name: str) -> str:
+    """The GGUF name of the Hugging Face tensor `name` (for error messages); the inverse of `hf_name`."""
+    for g, h in _GLOBAL_NAMES.items():
+        if h == name:
+            return g
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    for g, h in _BLOCK_NAMES.items():
+        if m and m.group(2) == h:
+            return f"blk.{m.group(1)}.{g}.weight"
+    return name
+
+
+def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    per = {
+        "self_attn.q_proj": (q, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, q),
+        "mlp.gate_proj": (f, h),
+        "mlp.up_proj": (f, h),
+        "mlp.down_proj": (h, f),
+        "input_layernorm": (h,),
+        "post_attention_layernorm": (h,),
+    }
+    for i in range(cfg.num_hidden_layers):
+        for k, s in per.items():
+            shapes[f"model.layers.{i}.{k}.weight"] = s
+    return shapes

@@ -1,0 +1,177 @@
+"""Lazy loading of a local Hugging Face model: the skeleton lives on the meta device and one module's weights at a
+time are read from the safetensors shards (or a GGUF file, converted once to such a folder)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+class ModelLoadError(ValueError):
+    """A model folder, file or tensor that cannot be used; the message names it."""
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A folder with config.json + *.safetensors, or a .gguf file (converted once into a cached folder)."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file or folder")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{p}: expected a Hugging Face folder or a .gguf file")
+        from .gguf import cached_gguf_to_hf
+        return Path(cached_gguf_to_hf(p))
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"{p}: no config.json (not a Hugging Face model folder)")
+    if not list(p.glob("*.safetensors")):
+        bins = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
+        hint = f" (found {bins[0]}: convert it to safetensors; dcc does not unpickle weights)" if bins else ""
+        raise ModelLoadError(f"{p}: no *.safetensors weights{hint}")
+    return p
+
+
+class TensorIndex:
+    """Where each tensor of a folder lives; opens shards on demand and checks every tensor it reads."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.key_to_file: dict[str, Path] = {}
+        index = folder / "model.safetensors.index.json"
+        files = sorted(folder.glob("*.safetensors"))
+        if index.is_file():
+            try:
+                wm = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise ModelLoadError(f"{index}: unreadable index ({e})") from None
+            self.key_to_file = {k: folder / v for k, v in wm.items()}
+        else:
+            for f in files:
+                for k in self._open(f).keys():
+                    self.key_to_file[k] = f
+        self._handles: dict[Path, object] = {}
+
+    @staticmethod
+    def _open(f: Path):
+        if not f.is_file():
+            raise ModelLoadError(f"{f}: missing safetensors shard")
+        try:
+            return safe_open(str(f), framework="pt")
+        except Exception as e:  # safetensors raises its own error types for truncation/corruption
+            raise ModelLoadError(f"{f}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        f = self.key_to_file[key]
+        h = self._handles.get(f)
+        if h is None:
+            h = self._handles[f] = self._open(f)
+        try:
+            t = h.get_tensor(key)
+        except Exception as e:
+            raise ModelLoadError(f"{f}: tensor {key} cannot be read ({str(e).splitlines()[0]})") from None
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelLoadError(f"{f}: tensor {key} has {bad} NaN/inf values")
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The repeated units: the longest ModuleList whose children all share one class (no per-architecture table)."""
+    best: tuple[str, torch.nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
+            if len({type(c) for c in mod}) == 1 and (best is None or len(mod) > len(best[1])):
+                best = (name, mod)
+    if best is None:
+        raise ModelLoadError(f"{type(model).__name__}: found no repeated blocks (no ModuleList of one module class)")
+    return best
+
+
+def rebuild_buffers(mod: torch.nn.Module, config, device, names: list[str]) -> None:
+    """Non-persistent buffers (e.g. RoPE inv_freq) are computed at construction: build the module again for real
+    and take its buffers and derived attributes (such as attention_scaling)."""
+    fresh = type(mod)(config=config)
+    for n in names:
+        mod._buffers[n] = fresh._buffers[n].to(device)
+    for k, v in vars(fresh).items():
+        if not k.startswith("_") and not isinstance(v, (torch.Tensor, torch.nn.Module)):
+            setattr(mod, k, v)
+
+
+class LazyModel:
+    """A transformers causal LM whose parameters are materialised per module prefix and released afterwards."""
+
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.path = resolve_model_path(path)
+        self.dtype, self.device = dtype, torch.device(device)
+        try:
+            self.config = AutoConfig.from_pretrained(str(self.path))
+        except Exception as e:
+            raise ModelLoadError(f"{self.path / 'config.json'}: {str(e).splitlines()[0]}") from None
+        self.index = TensorIndex(self.path)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(self.config, attn_implementation="sdpa", dtype=dtype)
+        self.model.eval()
+        self.blocks_prefix, self.blocks = find_blocks(self.model)
+        self.tied = self._tied_keys()
+
+    def _tied_keys(self) -> dict[str, str]:
+        tied = getattr(self.model, "_tied_weights_keys", None) or {}
+        if not isinstance(tied, dict) or not getattr(self.config, "tie_word_embeddings", False):
+            return {}
+        return {k: v for k, v in tied.items() if k not in self.index.key_to_file}
+
+    def block_prefix(self, i: int) -> str:
+        return f"{self.blocks_prefix}.{i}"
+
+    def materialize(self, prefix: str) -> torch.nn.Module:
+        """Read every parameter/buffer under `prefix` ('' = everything outside the blocks) onto the device."""
+        module = self.model.get_submodule(prefix) if prefix else self.model
+        for name, mod in module.named_modules():
+            full = f"{prefix}.{name}".strip(".") if name else prefix
+            if not prefix and (full == self.blocks_prefix or full.startswith(self.blocks_prefix + ".")):
+                continue
+            for pname, param in list(mod.named_parameters(recurse=False)):
+                key = f"{full}.{pname}".lstrip(".")
+                src = self.tied.get(key, key)
+                if src not in self.index.key_to_file:
+                    raise ModelLoadError(f"{self.path}: tensor {key} missing from the checkpoint")
+                t = self.index.get(src, self.dtype).to(self.device)
+                if tuple(t.shape) != tuple(param.shape):
+                    raise ModelLoadError(
+                        f"{self.path}: tensor {src} has shape {tuple(t.shape)}, the config expects {tuple(param.shape)}")
+                mod._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
+            self._restore_buffers(full, mod)
+        return module
+
+    def _restore_buffers(self, full: str, mod: torch.nn.Module) -> None:
+        metas = [n for n, b in mod.named_buffers(recurse=False) if b is not None and b.is_meta]
+        if not metas:
+            return
+        keys = [f"{full}.{n}".lstrip(".") for n in metas]
+        if all(k in self.index.key_to_file for k in keys):
+            for n, k in zip(metas, keys):
+                mod._buffers[n] = self.index.get(k).to(self.device)
+            return
+        try:
+            rebuild_buffers(mod, self.config, self.device, metas)
+        except Exception as e:
+            raise ModelLoadError(f"{self.path}: cannot rebuild buffers {keys} of {full} ({e})") from None
+
+    def release(self, prefix: str) -> None:
+        """Drop a module's tensors (back to meta) so memory stays one block at a time."""
+        module = self.model.get_submodule(prefix)
+        module.to("meta")
+
+    def materialize_all(self) -> torch.nn.Module:
+        self.materialize("")
+        for i in range(len(self.blocks)):
+            self.materialize(self.block_prefix(i))
+        return self.model

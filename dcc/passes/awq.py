@@ -1,0 +1,85 @@
+"""AWQ scale search (Lin et al., 2024): per smoothing group, s = mean|x|^a (optionally / mean|w|^(1-a)), chosen on a
+grid by the output error of the group's fake-quantized consumers, then absorbed into the producer (norm or linear)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ir.formats import fake_quantize
+from ._scaling import apply_scale, scale_groups
+from .base import Pass, PassConfig, PassResult, register
+
+
+@dataclass(frozen=True)
+class AwqConfig(PassConfig):
+    """grid: number of exponents a in [0, 1) tried; duo: also try s = x^a / w^(1-a) (AutoAWQ's duo scaling);
+    max_tokens: calibration tokens used to score a candidate (the statistics use all of them)."""
+    grid: int = 20
+    duo: bool = True
+    max_tokens: int = 1024
+
+    def __post_init__(self):
+        if self.grid < 1:
+            raise ValueError(f"awq: grid must be >= 1, got {self.grid}")
+        if self.max_tokens < 16:
+            raise ValueError(f"awq: max_tokens must be >= 16, got {self.max_tokens}")
+
+
+def _candidates(x_stat: torch.Tensor, w_stat: torch.Tensor, grid: int, duo: bool):
+    for i in range(grid):
+        a = i / grid
+        yield a, 0.0, x_stat.pow(a)
+        if duo and i > 0:
+            yield a, 1 - a, x_stat.pow(a) / w_stat.pow(1 - a).clamp(min=1e-4)
+
+
+@torch.no_grad()
+def search_group(block, g, x: torch.Tensor, config: AwqConfig):
+    """Best producer-channel scale for group g on inputs x [T, K]; returns (s, a, b, loss, loss at s=1)."""
+    lins = [block.linears[c] for c in g.consumers if block.linears[c].spec is not None]
+    ws = [block.linear_module(l.name).weight.data.float() for l in lins]
+    xs = x[: config.max_tokens]
+    refs = [xs @ w.T for w in ws]
+    x_stat = g.collapse(x.abs().mean(0).double())
+    # weight statistic: mean over consumers of |w| normalised per group of input features (AWQ's w_mean)
+    w_stat = g.collapse(torch.stack([(w.abs() / w.abs().amax(1, keepdim=True).clamp(min=1e-8)).mean(0)
+                                     for w in ws]).mean(0).double())
+    best = None
+    for a, b, s in _candidates(x_stat.clamp(min=1e-8), w_stat.clamp(min=1e-8), config.grid, config.duo):
+        s = s.clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()   # AWQ's normalisation keeps scales around 1
+        sc = g.expand(s).float()
+        loss = 0.0
+        for l, w, ref in zip(lins, ws, refs):
+            wq = fake_quantize(w * sc, l.spec) / sc
+            loss += float(((xs @ wq.T - ref) ** 2).mean())
+        if a == 0.0:
+            base = loss
+        if best is None or loss < best[3]:
+            best = (s, a, b, loss)
+    return (*best, base)
+
+
+@register
+class Awq(Pass):
+    Config = AwqConfig
+    uses_activations = True
+    ensures = ("smoothed",)
+
+    def run(self, block, config, ctx) -> PassResult:
+        groups, skipped = scale_groups(block)
+        for s in skipped:
+            ctx.log(f"awq: skipped {s}")
+        details, changed = {}, False
+        for g in groups:
+            s, a, b, loss, base = search_group(block, g, ctx.inputs(g.consumers[0]), config)
+            if a > 0.0:
+                apply_scale(block, g, s)
+                ctx.invalidate()
+                changed = True
+            details[f"{g.producer}->{','.join(g.consumers)}"] = {
+                "alpha": round(a, 3), "beta": round(b, 3), "loss": loss, "loss_rtn": base,
+                "gain": round(base / loss, 3) if loss > 0 else None}
+        msg = f"{len(groups)} groups scaled" + (f", {len(skipped)} skipped" if skipped else "")
+        return PassResult(changed, msg, {"groups": details, "skipped": skipped})

@@ -1,0 +1,49 @@
+"""CPU reference execution of an artifact: a transformers model whose quantized linears carry the decoded 16-bit
+weights (exactly what TinyChat's kernels reconstruct), run in float32 on the CPU."""
+from __future__ import annotations
+
+import torch
+
+from ..models.loader import rebuild_buffers
+from .artifact import Artifact
+
+
+def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Instantiate the artifact's architecture and fill it: decoded weights for quantized layers, stored tensors
+    for the rest (16-bit values, computed in compute_dtype)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg_dict = dict(art.config)
+    cfg_dict.pop("quantization_config", None)
+    model_type = cfg_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in cfg_dict.items() if k != "transformers_version"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=compute_dtype)
+    model.eval()
+    quant = art.quantized_layers()
+    keys = set(art.tensors.keys())
+    for mname, mod in model.named_modules():
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            full = f"{mname}.{pname}" if mname else pname
+            if pname == "weight" and mname in quant:
+                t = art.decode(mname)
+            elif full in keys:
+                t = art.tensors.get(full)
+            elif config.tie_word_embeddings and p is model.get_output_embeddings().weight:
+                continue   # tied: filled from the embeddings below
+            else:
+                raise ValueError(f"{art.path}: tensor {full} missing from the artifact")
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"{art.path}: tensor {full} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+            mod._parameters[pname] = torch.nn.Parameter(t.to(compute_dtype).to(device), requires_grad=False)
+    if config.tie_word_embeddings and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    _restore_buffers(model, config, device)
+    return model
+
+
+def _restore_buffers(model, config, device) -> None:
+    for mod in model.modules():
+        metas = [n for n, b in mod.named_buffers(recurse=False) if b is not None and b.is_meta]
+        if metas:
+            rebuild_buffers(mod, config, device, metas)

@@ -1,0 +1,30 @@
+"""The TinyChat target's face to the compiler: spec, pipeline, layer rule, emitter and config for given options."""
+from __future__ import annotations
+
+from .emit import FORMAT, TinyChatEmitter as Emitter, engines_for  # noqa: F401  (re-exported)
+from .pipeline import make_spec_assigner, pipeline, weight_spec
+
+
+def spec_for(opts):
+    return weight_spec(opts.bits, opts.group_size, opts.dtype)
+
+
+def steps_for(opts):
+    return pipeline(opts.algo)
+
+
+def assigner_for(opts, spec):
+    return make_spec_assigner(spec, opts.unsupported)
+
+
+def hf_config(lm, spec, opts, emitter) -> dict:
+    """The source config with dtype, tie flag and a quantization_config saying what the tensors are."""
+    cfg = lm.config.to_dict()
+    cfg["dtype"] = opts.dtype
+    cfg["tie_word_embeddings"] = bool(emitter.tied)
+    cfg["quantization_config"] = {
+        "quant_method": "awq", "version": "tinychat-v2", "format": FORMAT, "producer": "dcc",
+        "bits": spec.bits, "group_size": spec.group_size, "zero_point": True,
+        "modules_in_16bit": sorted(k for k, v in emitter.layers.items() if "skip_reason" in v),
+    }
+    return cfg

@@ -1,0 +1,74 @@
+"""TinyChat (AWQ W4A16) target: the pass pipelines per algorithm, as literal lists, and the per-layer spec rule."""
+from __future__ import annotations
+
+from ...compiler.pass_manager import Step
+from ...ir.formats import QuantSpec
+from ...passes.awq import AwqConfig
+from ...passes.clip import ClipConfig
+from ...passes.gptq import GptqConfig
+from ...passes.rtn import RtnConfig
+from .layout import LayoutError, check_shape
+
+ALGOS = ("rtn", "awq", "gptq", "awq+gptq")
+
+
+def pipeline(algo: str) -> list[Step]:
+    """The passes run on every block, in order."""
+    if algo == "rtn":
+        return [
+            # quantization
+            Step("rtn", RtnConfig()),
+        ]
+    if algo == "awq":
+        return [
+            # smoothing: activation-aware scales folded into the producers
+            Step("awq", AwqConfig()),
+            # range: per-group clip ratios
+            Step("clip", ClipConfig()),
+            # quantization
+            Step("rtn", RtnConfig()),
+        ]
+    if algo == "gptq":
+        return [
+            # quantization with error feedback
+            Step("gptq", GptqConfig()),
+        ]
+    if algo == "awq+gptq":
+        return [
+            Step("awq", AwqConfig()),
+            Step("gptq", GptqConfig()),
+        ]
+    raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
+
+
+def weight_spec(bits: int = 4, group_size: int = 128, scale_dtype: str = "float16") -> QuantSpec:
+    """TinyChat's numerics: unsigned codes with a zero point, scales in the activation dtype, and the kernel's
+    dequantisation w = fp16(q*s + fp16(-s*z)) (one fused multiply-add), which the fake quantization reproduces."""
+    return QuantSpec(dtype=f"int{bits}", symmetric=False, group_size=group_size, scale_dtype=scale_dtype,
+                     zero_mode="scaled")
+
+
+def make_spec_assigner(spec: QuantSpec, on_unsupported: str = "error"):
+    """Returns assign(block): give every linear the spec, or (on_unsupported='keep') keep layers whose shape the
+    layout cannot take in 16-bit with the reason recorded; 'error' raises naming every such layer of the block."""
+    if on_unsupported not in ("error", "keep"):
+        raise ValueError(f"on_unsupported must be 'error' or 'keep', got {on_unsupported!r}")
+
+    def assign(block) -> None:
+        problems = []
+        for name, lin in block.linears.items():
+            try:
+                check_shape(f"{block.prefix}.{name}", lin.out_features, lin.in_features, spec.group_size)
+                if spec.bits != 4:
+                    raise LayoutError(f"{block.prefix}.{name}: the TinyChat layout packs 4-bit codes, not {spec.bits}")
+                lin.spec = spec
+            except LayoutError as e:
+                if on_unsupported == "error":
+                    problems.append(str(e))
+                lin.spec, lin.skip_reason = None, str(e)
+        if problems:
+            raise LayoutError(f"{len(problems)} layers cannot take this layout: {problems[0]}"
+                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                              + "; use --group-size 64 (dcc runtime only) or --unsupported keep (16-bit)")
+
+    return assign
