@@ -35,7 +35,8 @@ def tokenize_file(path: str | Path, tokenizer) -> torch.Tensor:
             raise DataError(f"{path}: the model has no tokenizer, so this file must hold whitespace-separated "
                             f"token ids") from None
         return torch.tensor(ids, dtype=torch.long)
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    # the whole text at once (GPTQ-style); verbose=False: it is longer than the model context on purpose
+    return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
 
 
 def windows(ids: torch.Tensor, n: int | None, length: int, source: str = "data") -> torch.Tensor:
@@ -54,8 +55,9 @@ def windows(ids: torch.Tensor, n: int | None, length: int, source: str = "data")
 
 
 def check_vocab(ids: torch.Tensor, vocab_size: int, source: str) -> None:
-    if ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
-        raise DataError(f"{source}: token id {int(ids.max())} is outside the model's vocabulary of {vocab_size}")
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.numel():
+        raise DataError(f"{source}: token id {int(bad[0])} is outside the model's vocabulary of {vocab_size}")
 
 
 def load_tokenizer(folder: str | Path):

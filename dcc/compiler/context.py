@@ -19,6 +19,8 @@ class BlockContext:
         self._float_out: torch.Tensor | None = None
         self.messages: list[str] = []
         self.block_error: float | None = None
+        self.reference: torch.Tensor | None = None   # float output of the block just before quantization
+        self._last_out: torch.Tensor | None = None
 
     def forward(self, module: torch.nn.Module | None = None) -> torch.Tensor:
         """Run the block (as its weights are now) on the calibration inputs."""
@@ -35,6 +37,25 @@ class BlockContext:
     def invalidate(self) -> None:
         """Weights changed: linear inputs must be collected again before a pass reads them."""
         self._acts = None
+        self._last_out = None
+
+    def current_output(self) -> torch.Tensor:
+        """The block's output with its current weights (reuses the last collection's forward when still valid)."""
+        if self._last_out is None:
+            self._acts = self._collect()
+        return self._last_out
+
+    def rescale_inputs(self, linears: list[str], s: torch.Tensor) -> None:
+        """A pass divided these linears' input channels by s exactly (smoothing): update the cached inputs instead of
+        running the block again. Without a cache there is nothing to update."""
+        if self._acts is None:
+            return
+        seen = {}
+        for name in linears:
+            x = self._acts[name]
+            if id(x) not in seen:
+                seen[id(x)] = x / s.to(x.dtype)
+            self._acts[name] = seen[id(x)]
 
     def inputs(self, linear: str) -> torch.Tensor:
         """[tokens, in_features] float32 inputs that `linear` sees with the block's current weights."""
@@ -43,24 +64,28 @@ class BlockContext:
         return self._acts[linear]
 
     def _collect(self) -> dict[str, torch.Tensor]:
-        acts, hooks, by_id = {}, [], {}
+        acts, hooks, seen = {}, [], []   # seen: (input tensor, its flattened float32 copy)
+
+        def hook(m, inp, out, name):
+            x = inp[0]
+            # q/k/v read one tensor: keep one flattened copy of it. Identity (`is`), not the address: a freed
+            # 16-bit input's memory can be reused by a later, different input of the same shape.
+            for src, flat in seen:
+                if src is x:
+                    acts[name] = flat
+                    return
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            if self.max_tokens and flat.shape[0] > self.max_tokens:
+                flat = flat[: self.max_tokens]
+            seen.append((x, flat))
+            acts[name] = flat
+
         for name in self.block.linears:
             mod = self.block.linear_module(name)
-
-            def hook(m, inp, out, name=name):
-                x = inp[0]
-                # q/k/v read one tensor: keep one flattened copy of it
-                key = (x.data_ptr(), tuple(x.shape))
-                if key not in by_id:
-                    flat = x.detach().reshape(-1, x.shape[-1]).float()
-                    if self.max_tokens and flat.shape[0] > self.max_tokens:
-                        flat = flat[: self.max_tokens]
-                    by_id[key] = flat
-                acts[name] = by_id[key]
-
-            hooks.append(mod.register_forward_hook(hook))
+            hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name)))
         try:
             out = self.forward()
+            self._last_out = out
             if self._float_out is None:
                 self._float_out = out
         finally:

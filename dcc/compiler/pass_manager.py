@@ -65,10 +65,13 @@ def run_block(block, steps: list[Step], ctx, timing: PassTiming, dumper=None, de
         dumper.dump(block, 0, "capture", None)
     for i, step in enumerate(steps):
         p = get_pass(step.name)()
+        if "quantized" in p.ensures and ctx.reference is None:
+            # the float function as the quantizers receive it (after rotation/smoothing, which preserve it)
+            ctx.reference = ctx.current_output()
         t0 = time.perf_counter()
         try:
             res = p.run(block, step.config, ctx)
-            if res.changed:
+            if res.changed and not res.keep_activations:
                 ctx.invalidate()
             if debug:
                 verify_block(block, f"pass {step.name} on block {block.prefix}")

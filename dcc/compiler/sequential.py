@@ -94,12 +94,13 @@ def compile_blocks(lm, steps: list[Step], ids: torch.Tensor, assign_specs, on_bl
         analyse(block, gm, params)
         assign_specs(block)
         ctx = BlockContext(block, args, kwargs, dev, seed + i, max_tokens=max_tokens, verbose=verbose)
-        ref = ctx.block_io()[2]
         run_block(block, steps, ctx, timing, dumper, debug)
         messages += ctx.messages
         out = ctx.forward()
-        # how far the compiled block's output is from the float block's, on the same (already quantized) inputs
-        ctx.block_error = round(float((out - ref).float().norm() / ref.float().norm().clamp(min=1e-30)), 6)
+        if ctx.reference is not None:
+            # how far the quantized block's output is from the float block's, on the same (quantized) inputs
+            ref = ctx.reference.float()
+            ctx.block_error = round(float((out.float() - ref).norm() / ref.norm().clamp(min=1e-30)), 6)
         args = (out,) + tuple(args[1:])  # quantized outputs feed the next block
         if on_block is not None:
             on_block(block, ctx)

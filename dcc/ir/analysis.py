@@ -118,7 +118,8 @@ def analyse(block, gm, params: dict[str, str], strict: bool = True) -> None:
         if n.op != "call_function":
             continue
         op = _op(n)
-        if op in ("addmm", "mm", "matmul", "bmm") and any(a.name in params for a in n.all_input_nodes):
+        if op in ("addmm", "mm", "matmul", "bmm") and any(
+                _param(_through(a, _HEAD_OPS | {"t", "numpy_T", "mT"}), params) for a in n.all_input_nodes):
             raise AnalysisError(f"{where}: node {n.name} ({op}) multiplies by a parameter outside nn.Linear "
                                 f"(Conv1D-style or fused weights are not supported yet)")
         if op == "linear":

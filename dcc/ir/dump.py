@@ -56,12 +56,12 @@ def render_text(rec: dict) -> str:
     if rec["residual"]:
         out.append(f"residual writers {rec['residual']['writers']} readers {rec['residual']['readers']}")
     out.append("")
-    out.append(f"{'linear':32} {'shape':>12} {'spec':28} {'absmax':>10} {'std':>9}  stats")
+    out.append(f"{'linear':32} {'shape':>12} {'spec':36} {'absmax':>10} {'std':>9}  stats")
     for n, l in rec["linears"].items():
         extra = {k: v for k, v in l.items() if k not in ("shape", "bias", "spec", "quantized", "skip_reason",
                                                           "absmax", "std")}
-        spec = (l["spec"] or f"16-bit ({l['skip_reason'] or 'no spec'})")[:28]
-        out.append(f"{n:32} {'x'.join(map(str, l['shape'])):>12} {spec:28} {l['absmax']:>10.4g} {l['std']:>9.4g}  "
+        spec = l["spec"] or f"16-bit ({l['skip_reason'] or 'no spec'})"
+        out.append(f"{n:32} {'x'.join(map(str, l['shape'])):>12} {spec:36} {l['absmax']:>10.4g} {l['std']:>9.4g}  "
                    f"{json.dumps(extra) if extra else ''}")
     out.append("")
     out.append(f"{'node':28} {'kind':10} {'op':30} {'shape':20} {'dtype':9} module")

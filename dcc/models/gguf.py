@@ -41,7 +41,7 @@ _MARKER = "dcc_gguf_source.json"
 
 
 def _convert_into(path: Path, out: Path, dtype: torch.dtype, max_shard_bytes: int, progress: bool) -> None:
-    from safetensors.torch import save_file
+    """Write the Hugging Face folder of the GGUF file at `path` into the (empty) folder `out`."""
     from transformers import GenerationConfig
 
     reader = open_reader(path)
@@ -79,45 +79,7 @@ def _convert_into(path: Path, out: Path, dtype: torch.dtype, max_shard_bytes: in
         if shape != expected[h]:
             raise GGUFError(f"{path}: tensor {g} has shape {list(shape)}, expected {list(expected[h])} for this config")
 
-    order = sorted(hf_of.items(), key=lambda gh: shard_order(gh[1]))
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = [(g, int(np.prod(expected[h], dtype=np.int64)) * itemsize) for g, h in order]
-    shards = plan_shards(sizes, max_shard_bytes)
-    files = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=len(order), desc=f"converting {path.name}", unit="tensor", leave=False, disable=not progress or None
-    )
-    weight_map: dict[str, str] = {}
-    try:
-        for fname, names in zip(files, shards):
-            tensors: dict[str, torch.Tensor] = {}
-            for g in names:
-                h = hf_of[g]
-                a = dequantize(by_gguf[g], path)
-                if h.endswith("self_attn.q_proj.weight"):
-                    a = unpermute_rope_rows(a, cfg.num_attention_heads)
-                elif h.endswith("self_attn.k_proj.weight"):
-                    a = unpermute_rope_rows(a, cfg.num_key_value_heads)
-                if not (a.flags.writeable and a.flags.c_contiguous):  # e.g. a read-only view of the memory map
-                    a = np.array(a, order="C", copy=True)
-                tensors[h] = torch.from_numpy(a).to(dtype)
-                weight_map[h] = fname
-                bar.update(1)
-            save_file(tensors, str(out / fname), metadata={"format": "pt"})
-            del tensors
-    finally:
-        bar.close()
-    if len(files) > 1:
-        total = sum(n for _, n in sizes)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _write_weights(path, out, by_gguf, hf_of, cfg, dtype, max_shard_bytes, progress)
 
     cfg.save_pretrained(str(out))
     try:
@@ -136,6 +98,60 @@ def _convert_into(path: Path, out: Path, dtype: torch.dtype, max_shard_bytes: in
         "converter_version": CONVERTER_VERSION,
     }
     (out / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+
+def _write_weights(
+    path: Path,
+    out: Path,
+    by_gguf: dict,
+    hf_of: dict[str, str],
+    cfg,
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+    progress: bool,
+) -> None:
+    """Dequantize the GGUF tensors `by_gguf` (named `hf_of`) into safetensors shards in `out`, q/k rows un-permuted."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    expected = expected_shapes(cfg)
+    order = sorted(hf_of.items(), key=lambda gh: shard_order(gh[1]))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = [(g, int(np.prod(expected[h], dtype=np.int64)) * itemsize) for g, h in order]
+    shards = plan_shards(sizes, max_shard_bytes)
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    bar = tqdm(
+        total=len(order), desc=f"converting {path.name}", unit="tensor", leave=False, disable=not progress or None
+    )
+    weight_map: dict[str, str] = {}
+    try:
+        for fname, names in zip(files, shards):
+            tensors: dict[str, torch.Tensor] = {}
+            for g in names:
+                h = hf_of[g]
+                a = dequantize(by_gguf[g], path)
+                if h.endswith("self_attn.q_proj.weight"):
+                    a = unpermute_rope_rows(a, cfg.num_attention_heads)
+                elif h.endswith("self_attn.k_proj.weight"):
+                    a = unpermute_rope_rows(a, cfg.num_key_value_heads)
+                if not (a.flags.writeable and a.flags.c_contiguous):  # e.g. a read-only view of the memory map
+                    a = np.array(a, order="C", copy=True)  # torch.from_numpy warns on (and shares) read-only memory
+                tensors[h] = torch.from_numpy(a).to(dtype)
+                weight_map[h] = fname
+                bar.update(1)
+            save_file(tensors, str(out / fname), metadata={"format": "pt"})
+            del tensors
+    finally:
+        bar.close()
+    if len(files) > 1:
+        total = sum(n for _, n in sizes)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def gguf_to_hf(

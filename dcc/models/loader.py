@@ -2,8 +2,10 @@
 time are read from the safetensors shards (or a GGUF file, converted once to such a folder)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -92,10 +94,34 @@ def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     return best
 
 
-def rebuild_buffers(mod: torch.nn.Module, config, device, names: list[str]) -> None:
-    """Non-persistent buffers (e.g. RoPE inv_freq) are computed at construction: build the module again for real
-    and take its buffers and derived attributes (such as attention_scaling)."""
-    fresh = type(mod)(config=config)
+_DONORS: dict[int, torch.nn.Module] = {}
+
+
+def _donor(config) -> torch.nn.Module:
+    """A real (CPU) model of the same config with one block and a 16-token vocabulary: its buffers are the ones a
+    full construction would compute, at the cost of a tiny allocation."""
+    if id(config) not in _DONORS:
+        from transformers import AutoModelForCausalLM
+        small = copy.deepcopy(config)
+        for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+            if hasattr(small, attr):
+                setattr(small, attr, 1)
+        if hasattr(small, "layer_types") and isinstance(small.layer_types, list):
+            small.layer_types = small.layer_types[:1]
+        small.vocab_size = 16
+        _DONORS[id(config)] = AutoModelForCausalLM.from_config(small, attn_implementation="sdpa")
+    return _DONORS[id(config)]
+
+
+def rebuild_buffers(mod: torch.nn.Module, config, device, names: list[str], path: str = "") -> None:
+    """Non-persistent buffers (RoPE inv_freq, Gemma's embed_scale) are computed at construction, so a model built on
+    the meta device lacks them: rebuild the module for real (or take it from a one-block donor model, for modules
+    whose constructor does not take the config) and copy its buffers and derived attributes."""
+    try:
+        fresh = type(mod)(config=config)
+    except TypeError:
+        donor_path = re.sub(r"\.(\d+)(\.|$)", r".0\2", path)   # block i -> the donor's block 0
+        fresh = _donor(config).get_submodule(donor_path)
     for n in names:
         mod._buffers[n] = fresh._buffers[n].to(device)
     for k, v in vars(fresh).items():
@@ -161,7 +187,7 @@ class LazyModel:
                 mod._buffers[n] = self.index.get(k).to(self.device)
             return
         try:
-            rebuild_buffers(mod, self.config, self.device, metas)
+            rebuild_buffers(mod, self.config, self.device, metas, full)
         except Exception as e:
             raise ModelLoadError(f"{self.path}: cannot rebuild buffers {keys} of {full} ({e})") from None
 

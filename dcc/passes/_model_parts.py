@@ -15,7 +15,7 @@ class _PassThrough(nn.Module):
     def __init__(self, block: nn.Module, index: int, log: list, as_tuple: bool):
         super().__init__()
         object.__setattr__(self, "_orig", block)   # not a submodule: its parameters stay out of this module
-        self.index, self.log, self.as_tuple = index, log, as_tuple
+        self._dcc_index, self._dcc_log, self._dcc_as_tuple = index, log, as_tuple
 
     def __getattr__(self, name):
         # models read attributes of their layers (e.g. attention_type for the mask): answer from the real block
@@ -26,8 +26,8 @@ class _PassThrough(nn.Module):
 
     def forward(self, *args, **kwargs):
         h = args[0] if args else kwargs["hidden_states"]
-        self.log.append(("block", self.index, h.detach()))
-        return (h,) if self.as_tuple else h
+        self._dcc_log.append(("block", self._dcc_index, h.detach()))
+        return (h,) if self._dcc_as_tuple else h
 
 
 @dataclass
@@ -173,11 +173,12 @@ def call_block(block, ctx, hidden: torch.Tensor | None = None) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def check_preserved(ref: torch.Tensor, out: torch.Tensor, where: str) -> float:
-    """Relative L2 distance of out from ref; raises if it is above rounding noise for the dtype."""
+def check_preserved(ref: torch.Tensor, out: torch.Tensor, where: str, what: str = "the block's output") -> float:
+    """Relative L2 distance of out from ref; raises if it is above rounding noise for the dtype (16-bit weights
+    rounded after a transform move a block's output by about 1e-2, a structural mistake by far more)."""
     err = float((out.double() - ref.double()).norm() / ref.double().norm().clamp(min=1e-30))
-    tol = 1e-3 if ref.dtype in (torch.float32, torch.float64) else 3e-2
+    tol = 1e-3 if ref.dtype in (torch.float32, torch.float64) else 5e-2
     if not err <= tol:
-        raise ValueError(f"{where}: the block's output changed by {err:.2e} (relative L2, tolerance {tol:g}), so "
-                         f"this transform does not preserve the function of this architecture")
+        raise ValueError(f"{where}: {what} changed by {err:.2e} (relative L2, tolerance {tol:g}), so this "
+                         f"transform does not preserve the function of this architecture")
     return err

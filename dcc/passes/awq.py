@@ -6,18 +6,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir.formats import fake_quantize
+from ..ir.formats import fake_quantize_fast
 from ._scaling import apply_scale, scale_groups
 from .base import Pass, PassConfig, PassResult, register
 
 
 @dataclass(frozen=True)
 class AwqConfig(PassConfig):
-    """grid: number of exponents a in [0, 1) tried; duo: also try s = x^a / w^(1-a) (AutoAWQ's duo scaling);
-    max_tokens: calibration tokens used to score a candidate (the statistics use all of them)."""
+    """grid: number of exponents a in [0, 1) tried; duo: s = x^a / w^(1-a) (AutoAWQ's duo scaling) instead of
+    s = x^a (the paper's, and DeepCompressor's beta = 0); max_tokens: calibration tokens used to score a candidate
+    (the statistics use all of them)."""
     grid: int = 20
-    duo: bool = True
-    max_tokens: int = 1024
+    duo: bool = False
+    max_tokens: int = 512
 
     def __post_init__(self):
         if self.grid < 1:
@@ -29,9 +30,10 @@ class AwqConfig(PassConfig):
 def _candidates(x_stat: torch.Tensor, w_stat: torch.Tensor, grid: int, duo: bool):
     for i in range(grid):
         a = i / grid
-        yield a, 0.0, x_stat.pow(a)
         if duo and i > 0:
             yield a, 1 - a, x_stat.pow(a) / w_stat.pow(1 - a).clamp(min=1e-4)
+        else:
+            yield a, 0.0, x_stat.pow(a)
 
 
 @torch.no_grad()
@@ -39,8 +41,8 @@ def search_group(block, g, x: torch.Tensor, config: AwqConfig):
     """Best producer-channel scale for group g on inputs x [T, K]; returns (s, a, b, loss, loss at s=1)."""
     lins = [block.linears[c] for c in g.consumers if block.linears[c].spec is not None]
     ws = [block.linear_module(l.name).weight.data.float() for l in lins]
-    xs = x[: config.max_tokens]
-    refs = [xs @ w.T for w in ws]
+    # score on an evenly spaced subset of the tokens (the windows are consecutive text; a prefix would see one)
+    xs = x[torch.linspace(0, x.shape[0] - 1, min(config.max_tokens, x.shape[0])).long()]
     x_stat = g.collapse(x.abs().mean(0).double())
     # weight statistic: mean over consumers of |w| normalised per group of input features (AWQ's w_mean)
     w_stat = g.collapse(torch.stack([(w.abs() / w.abs().amax(1, keepdim=True).clamp(min=1e-8)).mean(0)
@@ -51,9 +53,9 @@ def search_group(block, g, x: torch.Tensor, config: AwqConfig):
         s = s / (s.max() * s.min()).sqrt()   # AWQ's normalisation keeps scales around 1
         sc = g.expand(s).float()
         loss = 0.0
-        for l, w, ref in zip(lins, ws, refs):
-            wq = fake_quantize(w * sc, l.spec) / sc
-            loss += float(((xs @ wq.T - ref) ** 2).mean())
+        for l, w in zip(lins, ws):
+            dw = fake_quantize_fast(w * sc, l.spec) / sc - w
+            loss += float((xs @ dw.T).pow(2).mean())
         if a == 0.0:
             base = loss
         if best is None or loss < best[3]:
@@ -76,10 +78,11 @@ class Awq(Pass):
             s, a, b, loss, base = search_group(block, g, ctx.inputs(g.consumers[0]), config)
             if a > 0.0:
                 apply_scale(block, g, s)
-                ctx.invalidate()
+                ctx.rescale_inputs(g.consumers, g.expand(s).float())   # the consumers now read x / s
                 changed = True
             details[f"{g.producer}->{','.join(g.consumers)}"] = {
                 "alpha": round(a, 3), "beta": round(b, 3), "loss": loss, "loss_rtn": base,
                 "gain": round(base / loss, 3) if loss > 0 else None}
         msg = f"{len(groups)} groups scaled" + (f", {len(skipped)} skipped" if skipped else "")
-        return PassResult(changed, msg, {"groups": details, "skipped": skipped})
+        # function-preserving, and the cached inputs were rescaled exactly: no need to run the block again
+        return PassResult(changed, msg, {"groups": details, "skipped": skipped}, keep_activations=True)

@@ -42,6 +42,7 @@ class PassResult:
     message: str = ""
     details: dict[str, Any] = field(default_factory=dict)
     facts: tuple[str, ...] = ()   # facts established (checked against later passes' `requires`)
+    keep_activations: bool = False   # the pass updated the cached calibration inputs itself (exact rescaling)
 
 
 class Context(Protocol):

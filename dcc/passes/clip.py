@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir.formats import fake_quantize
+from ..ir.formats import fake_quantize_fast
 from .base import Pass, PassConfig, PassResult, quantizable, register
 
 
@@ -14,7 +14,7 @@ from .base import Pass, PassConfig, PassResult, quantizable, register
 class ClipConfig(PassConfig):
     """grid: ratios 1, 1 - (1-min_ratio)/grid, ..., min_ratio (+1/grid); skip_qk: leave q and k unclipped, as AWQ
     does, because their error shows in attention scores that this objective does not see."""
-    grid: int = 20
+    grid: int = 10
     min_ratio: float = 0.5
     skip_qk: bool = True
 
@@ -37,7 +37,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec, config: ClipConfig):
     best_err = best_r = None
     for i in range(config.grid):
         r = 1.0 - i * (1.0 - config.min_ratio) / config.grid
-        d = (fake_quantize(w, spec, r) - w).view(n, g, gs)
+        d = (fake_quantize_fast(w, spec, r) - w).view(n, g, gs)
         err = torch.einsum("ngi,gij,ngj->ng", d, gram, d)               # exact ||d_g x_g||^2 / T per (row, group)
         if best_err is None:
             best_err, best_r, base = err, torch.ones_like(err), err

@@ -34,7 +34,7 @@ def _add_bias(mod: nn.Linear, extra: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def fold_norm(block, g) -> dict | None:
-    """y = (offset + w) * n(x) + b read by W: W <- W diag(offset + w), bias <- bias + W b; then w = 1 - offset, b = 0."""
+    """y = (offset + w) * n(x) + b read by W: W <- W diag(offset + w), bias <- bias + W b; w = 1 - offset, b = 0."""
     gain = block.param(g.weight).data.double() + g.offset if g.weight is not None else None
     bias = block.param(g.bias).data.double() if g.bias is not None else None
     if (gain is None or bool((gain == 1).all())) and (bias is None or not bool(bias.any())):
@@ -93,11 +93,13 @@ class FuseNorms(Pass):
         weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
         if weight is None:
             return PassResult(False, f"final norm {name} has no gain")
-        hidden = weight.shape[0]
-        gain = weight.data.double() + norm_offset(norm, hidden)
+        offset = norm_offset(norm, weight.shape[0])
+        gain = weight.data.double() + offset
+        b = bias.data.double() if bias is not None else None
+        if bool((gain == 1).all()) and (b is None or not bool(b.any())):
+            return PassResult(False, f"final norm {name} already has unit gain")
         head = untie_head(lm)
         w = head.weight.data.double()
-        b = bias.data.double() if bias is not None else None
         where = "none"
         if b is not None and bool(b.any()):
             if head.bias is not None or bool((gain == 0).any()):
@@ -108,5 +110,5 @@ class FuseNorms(Pass):
                 bias.data = (b / gain).to(bias.dtype)   # (gain n + b) = gain (n + b / gain)
                 where = "kept in the norm as b / gain"
         head.weight.data = (w * gain.to(w.device).view(1, -1)).to(head.weight.dtype)
-        weight.data = (weight.data.double() - gain + 1.0).to(weight.dtype)   # offset + w == 1
+        weight.data.fill_(1.0 - offset)   # offset + w == 1
         return PassResult(True, f"folded final norm {name} into the head", {"norm": name, "bias": where})

@@ -31,6 +31,11 @@ class GptqConfig(PassConfig):
             raise ValueError("gptq: act_order needs static_groups (a group's scale must not change mid-sweep)")
 
 
+def _clip_col(clip, g: int):
+    """The clip ratio(s) of group g as a [N, 1] tensor or a scalar."""
+    return clip[:, g:g + 1] if isinstance(clip, torch.Tensor) and clip.dim() == 2 else clip
+
+
 def _inverse_hessian_chol(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 after damping; adds more damping if H is not positive definite."""
     mean_diag = float(torch.diagonal(h).mean())
@@ -67,6 +72,16 @@ def gptq_quantize(w: torch.Tensor, x: torch.Tensor, spec, config: GptqConfig, cl
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             g = col // gs if spec.group_size > 0 else 0
+            if not config.static_groups and spec.group_size > 0 and col % gs == 0:
+                # dynamic groups (no act-order): the group's range from the weights as updated so far
+                if i + gs > w1.shape[1]:
+                    raise ValueError(f"gptq: block_size {config.block_size} must be a multiple of the group size "
+                                     f"{gs} for dynamic groups")
+                cols = w1[:, i:i + gs].float()
+                gsc, gz = compute_qparams(cols, dataclasses.replace(spec, group_size=0), _clip_col(clip, g))
+                scale[:, g:g + 1] = gsc
+                if zero is not None:
+                    zero[:, g:g + 1] = gz
             s = scale[:, g:g + 1] if scale.numel() > 1 else scale.expand(n, 1)
             z = None if zero is None else (zero[:, g:g + 1] if zero.numel() > 1 else zero.expand(n, 1))
             q = quantize(w1[:, i:i + 1].float(), col_spec, s, z)

@@ -115,13 +115,10 @@ class Rotate(Pass):
         if config.verify:
             # the first block must see exactly the rotated stream: nothing else (position embeddings, a projection)
             # may write into it before the first block
-            h0 = trace.block_input().double()
-            h1 = trace_outside_blocks(lm).block_input().double()
-            err = float((h1 - h0 @ R.to(h0.device)).norm() / h0.norm().clamp(min=1e-30))
-            if err > 1e-4:
-                raise ValueError(f"rotate: the first block's input is not the rotated embedding output (relative "
-                                 f"error {err:.2e}): something else writes into the residual stream before the first "
-                                 f"block (position embeddings?); not supported")
+            h0 = trace.block_input()
+            h1 = trace_outside_blocks(lm).block_input()
+            err = check_preserved((h0.double() @ R.to(h0.device)).to(h0.dtype), h1, "rotate",
+                                  "the first block's input (embeddings, then anything else before the first block)")
         return PassResult(True, f"rotated the embeddings ({config.kind}, {hidden})", {"input_rel_err": err})
 
     def run(self, block, config, ctx) -> PassResult:
@@ -131,7 +128,7 @@ class Rotate(Pass):
                              f"(post-norms?); cannot rotate it")
         readers = _check_norms(block)
         hidden = block.linears[res.writers[0]].out_features
-        R = _rotation(hidden, config.kind, config.seed)
+        R = _rotation(hidden, config.kind, config.seed).to(block.linear_module(res.writers[0]).weight.device)
         ref = None
         if config.verify:   # the old block on un-rotated inputs, rotated: what the new block must compute
             x = ctx.args[0]
@@ -155,7 +152,7 @@ class Rotate(Pass):
         if ref is not None:
             details["output_rel_err"] = check_preserved(ref, call_block(block, ctx), f"rotate on block {block.prefix}")
         return PassResult(True, f"rotated {len(inputs)} readers, {len(res.writers)} writers, {len(heads)} v->o",
-                          details)
+                          details, facts=self.ensures)
 
     @torch.no_grad()
     def model_epilogue(self, lm, config, ctx) -> PassResult:

@@ -1,5 +1,6 @@
 """SmoothQuant (Xiao et al., 2023): per smoothing group, s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha) moves the
-activation outliers of x into the consumers' weights; absorbed into the producer (norm or linear). Function-preserving."""
+activation outliers of x into the consumers' weights; s is absorbed into the producer (norm or linear).
+Function-preserving."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -22,6 +22,7 @@ def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, devic
     model.eval()
     quant = art.quantized_layers()
     keys = set(art.tensors.keys())
+    used = {f"{q}.{t}" for q in quant for t in ("qweight", "scales", "scaled_zeros")}
     for mname, mod in model.named_modules():
         for pname, p in list(mod.named_parameters(recurse=False)):
             full = f"{mname}.{pname}" if mname else pname
@@ -29,6 +30,7 @@ def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, devic
                 t = art.decode(mname)
             elif full in keys:
                 t = art.tensors.get(full)
+                used.add(full)
             elif config.tie_word_embeddings and p is model.get_output_embeddings().weight:
                 continue   # tied: filled from the embeddings below
             else:
@@ -36,6 +38,10 @@ def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, devic
             if tuple(t.shape) != tuple(p.shape):
                 raise ValueError(f"{art.path}: tensor {full} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
             mod._parameters[pname] = torch.nn.Parameter(t.to(compute_dtype).to(device), requires_grad=False)
+    extra = sorted(keys - used)
+    if extra:
+        raise ValueError(f"{art.path}: tensor {extra[0]} has no place in {type(model).__name__}"
+                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     if config.tie_word_embeddings and model.get_output_embeddings() is not None:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     _restore_buffers(model, config, device)
@@ -43,7 +49,7 @@ def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, devic
 
 
 def _restore_buffers(model, config, device) -> None:
-    for mod in model.modules():
+    for path, mod in model.named_modules():
         metas = [n for n, b in mod.named_buffers(recurse=False) if b is not None and b.is_meta]
         if metas:
-            rebuild_buffers(mod, config, device, metas)
+            rebuild_buffers(mod, config, device, metas, path)

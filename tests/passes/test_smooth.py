@@ -1,5 +1,9 @@
 """smooth: Before/After on tiny saved Llama (GQA), Gemma and OPT (LayerNorm + bias, ReLU MLP) models; the smoothed
 model computes the same logits, and at alpha = 0.5 every smoothed channel's activation and weight maxima meet."""
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,7 +11,24 @@ from dcc.compiler.pass_manager import Step
 from dcc.passes.base import get_pass
 from dcc.passes.fuse_norms import FuseNormsConfig
 from dcc.passes.smooth import Smooth, SmoothConfig, smooth_scale
-from test_fuse_norms import assert_same_logits, calib_ids, logits, run_and_rebuild, saved_model
+
+
+def _helpers():
+    """The tiny-model helpers of test_fuse_norms.py, loaded by path (pytest imports tests with importlib mode)."""
+    name = "_dcc_test_fuse_norms_helpers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("test_fuse_norms.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+_h = _helpers()
+assert_same_logits = _h.assert_same_logits
+calib_ids = _h.calib_ids
+logits = _h.logits
+run_and_rebuild = _h.run_and_rebuild
+saved_model = _h.saved_model
 
 
 def test_registered_and_config():

@@ -1,0 +1,202 @@
+"""gptq: Before/After against RTN on correlated inputs (low rank + noise), where spreading the rounding error over
+the not-yet-quantized columns pays off; plus the pass on a tiny Llama layer and the config contract."""
+import copy
+
+import pytest
+import torch
+import transformers as T
+
+from dcc.compiler.context import BlockContext
+from dcc.compiler.pass_manager import PassTiming, Step, run_block
+from dcc.ir.analysis import analyse
+from dcc.ir.capture import capture, typed_nodes
+from dcc.ir.formats import QuantSpec, fake_quantize
+from dcc.ir.graph import Block
+from dcc.passes.base import get_pass
+from dcc.passes.gptq import Gptq, GptqConfig, gptq_quantize
+from dcc.passes.rtn import RtnConfig
+
+SPEC = QuantSpec("int4", symmetric=False, group_size=32, scale_dtype="float16", zero_mode="scaled")
+VOCAB = 128
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _correlated(t=512, k=128, n=64, rank=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, rank, generator=g) @ torch.randn(rank, k, generator=g) + 0.1 * torch.randn(t, k, generator=g)
+    w = torch.randn(n, k, generator=g) * 0.02
+    return w, x
+
+
+def _out_err(x, w, wq):
+    return float((x @ wq.T - x @ w.T).norm())
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+def test_config_validation():
+    assert get_pass("gptq") is Gptq
+    for bad in ({"damp": -0.1}, {"damp": 1.0}, {"block_size": 0}, {"act_order": True, "static_groups": False}):
+        with pytest.raises(ValueError, match="gptq"):
+            GptqConfig(**bad)
+    GptqConfig(act_order=False, static_groups=False)   # valid: no reordering, no need for static groups
+    GptqConfig(damp=0.0)
+
+
+def test_config_round_trip_and_unknown_key():
+    cfg = GptqConfig(damp=0.05, block_size=16, act_order=False, static_groups=True)
+    d = cfg.to_dict()
+    assert d == {"damp": 0.05, "block_size": 16, "act_order": False, "static_groups": True}
+    assert GptqConfig.from_dict(d) == cfg
+    assert GptqConfig.from_dict({}) == GptqConfig()
+    with pytest.raises(ValueError, match="unknown option.*percdamp"):
+        GptqConfig.from_dict({"percdamp": 0.01})
+    step = Step("gptq", cfg)
+    assert Step.from_dict(step.to_dict()) == step
+
+
+# --------------------------------------------------------------------------------------- gptq_quantize
+
+@pytest.mark.parametrize("spec", [
+    SPEC,
+    QuantSpec("int4", symmetric=True, group_size=0),
+    QuantSpec("int3", symmetric=False, group_size=-1),
+], ids=lambda s: s.short())
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs(spec, act_order):
+    w, x = _correlated()
+    qt = gptq_quantize(w, x, spec, GptqConfig(act_order=act_order, block_size=32))
+    assert qt.spec == spec and qt.codes.shape == w.shape and qt.codes.dtype == torch.int16
+    assert int(qt.codes.min()) >= spec.qmin and int(qt.codes.max()) <= spec.qmax
+    wq = qt.dequantize()
+    assert bool(torch.isfinite(wq).all())
+    e_gptq, e_rtn = _out_err(x, w, wq), _out_err(x, w, fake_quantize(w, spec))
+    assert e_gptq < 0.5 * e_rtn, (e_gptq, e_rtn)
+    # GPTQ trades weight error for output error: the weights themselves are further from w than RTN's
+    assert float((wq - w).norm()) > float((fake_quantize(w, spec) - w).norm())
+
+
+def test_gptq_scales_are_static_groups_of_the_float_weight():
+    from dcc.ir.formats import compute_qparams
+
+    w, x = _correlated()
+    qt = gptq_quantize(w, x, SPEC, GptqConfig())
+    s, z = compute_qparams(w, SPEC)
+    assert torch.equal(qt.scale, s) and torch.equal(qt.zero, z)
+
+
+def test_gptq_act_order_helps_and_block_size_does_not_matter():
+    w, x = _correlated(seed=3)
+    x[:, :16] *= 10.0      # a few very active input channels: act-order quantizes them first
+    cfg = GptqConfig(act_order=True)
+    a = gptq_quantize(w, x, SPEC, cfg)
+    b = gptq_quantize(w, x, SPEC, GptqConfig(act_order=True, block_size=7))
+    # lazy batch updates are an exact reordering of the same arithmetic (up to float64 rounding)
+    assert float((a.codes != b.codes).float().mean()) < 0.01
+    plain = gptq_quantize(w, x, SPEC, GptqConfig(act_order=False))
+    assert _out_err(x, w, a.dequantize()) < _out_err(x, w, plain.dequantize())
+
+
+def test_gptq_dead_input_columns():
+    spec = QuantSpec("int4", symmetric=False, group_size=32)    # integer zero mode: the zero code decodes to 0
+    w, x = _correlated()
+    dead = [5, 40, 41, 100]
+    x[:, dead] = 0.0
+    qt = gptq_quantize(w, x, spec, GptqConfig())
+    wq = qt.dequantize()
+    assert bool(torch.isfinite(wq).all())
+    assert int(qt.codes.min()) >= 0 and int(qt.codes.max()) <= 15
+    # a column no input ever reaches is set to zero and quantized to the zero point
+    groups = torch.tensor(dead) // 32
+    assert torch.equal(qt.codes[:, dead], qt.zero[:, groups])
+    assert bool((wq[:, dead] == 0).all())
+    assert _out_err(x, w, wq) < _out_err(x, w, fake_quantize(w, spec))
+
+
+def test_gptq_all_inputs_dead_is_exact_zero_output():
+    w, _ = _correlated()
+    x = torch.zeros(64, w.shape[1])
+    qt = gptq_quantize(w, x, QuantSpec("int4", symmetric=True, group_size=32), GptqConfig())
+    assert bool((qt.codes == 0).all()) and bool((qt.dequantize() == 0).all())
+
+
+def test_gptq_dynamic_groups_differ_from_static():
+    w, x = _correlated()
+    static = gptq_quantize(w, x, SPEC, GptqConfig(act_order=False, static_groups=True))
+    dynamic = gptq_quantize(w, x, SPEC, GptqConfig(act_order=False, static_groups=False))
+    # dynamic groups take each group's scale from the error-updated weights when the sweep reaches the group
+    assert not torch.equal(static.scale[:, 1:], dynamic.scale[:, 1:])
+
+
+# ---------------------------------------------------------------------------------------------- the pass
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def template():
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = T.LlamaForCausalLM(cfg).eval()
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight[[3, 17, 40]] = 20.0
+    caught = {}
+
+    def hook(mod, args, kwargs):
+        caught["args"], caught["kwargs"] = args, kwargs
+        raise _Stop
+
+    h = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    kwargs = {k: v for k, v in caught["kwargs"].items() if k not in ("past_key_values", "past_key_value")}
+    kwargs["use_cache"] = False
+    args = caught["args"] or (kwargs.pop("hidden_states"),)
+    gm, params = capture(layer, args, kwargs)
+    return layer, gm, params, args, kwargs
+
+
+def _run(template, steps):
+    layer, gm, params, args, kwargs = template
+    block = Block(0, "model.layers.0", copy.deepcopy(layer))
+    block.gm, block.nodes = gm, typed_nodes(gm, params)
+    analyse(block, gm, params)
+    for lin in block.linears.values():
+        lin.spec = SPEC
+    ctx = BlockContext(block, args, kwargs, torch.device("cpu"))
+    ref = ctx.block_io()[2].clone()
+    results = run_block(block, steps, ctx, PassTiming())
+    out = ctx.forward()
+    return block, results, float((out - ref).norm() / ref.norm())
+
+
+def test_gptq_pass_on_a_block_beats_rtn(template):
+    block, results, err_gptq = _run(template, [Step("gptq", GptqConfig())])
+    _, _, err_rtn = _run(template, [Step("rtn", RtnConfig())])
+    assert results[0].changed is True
+    assert set(results[0].details["sqnr_db"]) == set(block.linears)
+    for name, lin in block.linears.items():
+        qt = lin.qtensor
+        assert qt is not None and qt.spec == SPEC
+        w = block.linear_module(name).weight.data
+        assert torch.equal(w, qt.dequantize(w.dtype))
+        assert int(qt.codes.min()) >= 0 and int(qt.codes.max()) <= 15
+    assert err_gptq < err_rtn, (err_gptq, err_rtn)
