@@ -1,8 +1,5 @@
 """rotate: after fuse_norms, the residual stream of tiny saved Llama / Gemma models is rotated (embeddings, every block,
 the head, optionally v -> o per head); the rebuilt model computes the same logits. Misuse fails loudly."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,22 +12,7 @@ from dcc.passes.rotate import Rotate, RotateConfig
 from dcc.passes.smooth import SmoothConfig
 
 
-def _helpers():
-    """The tiny-model helpers of test_fuse_norms.py, loaded by path (pytest imports tests with importlib mode)."""
-    name = "_dcc_test_fuse_norms_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("test_fuse_norms.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-_h = _helpers()
-assert_same_logits = _h.assert_same_logits
-compile_model = _h.compile_model
-logits = _h.logits
-run_and_rebuild = _h.run_and_rebuild
-saved_model = _h.saved_model
+from tiny_models import assert_same_logits, compile_model, logits, run_and_rebuild, saved_model
 
 FUSE = Step("fuse_norms", FuseNormsConfig())
 

@@ -1,8 +1,5 @@
 """smooth: Before/After on tiny saved Llama (GQA), Gemma and OPT (LayerNorm + bias, ReLU MLP) models; the smoothed
 model computes the same logits, and at alpha = 0.5 every smoothed channel's activation and weight maxima meet."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,22 +10,7 @@ from dcc.passes.fuse_norms import FuseNormsConfig
 from dcc.passes.smooth import Smooth, SmoothConfig, smooth_scale
 
 
-def _helpers():
-    """The tiny-model helpers of test_fuse_norms.py, loaded by path (pytest imports tests with importlib mode)."""
-    name = "_dcc_test_fuse_norms_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("test_fuse_norms.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-_h = _helpers()
-assert_same_logits = _h.assert_same_logits
-calib_ids = _h.calib_ids
-logits = _h.logits
-run_and_rebuild = _h.run_and_rebuild
-saved_model = _h.saved_model
+from tiny_models import assert_same_logits, calib_ids, logits, run_and_rebuild, saved_model
 
 
 def test_registered_and_config():
