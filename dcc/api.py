@@ -67,10 +67,13 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
     spec = lower.spec_for(opts)
     steps = lower.steps_for(opts)
     assign = lower.assigner_for(opts, spec)
+    kept = lower.preflight(lm, spec, opts.unsupported)
     ids = calibration_ids(lm, opts)
     n_blocks = len(lm.blocks)
     log(f"dcc {__version__}: {lm.path.name} ({type(lm.model).__name__}, {n_blocks} blocks at {lm.blocks_prefix}) "
         f"-> {opts.target} {spec.short()}, algo {opts.algo}")
+    if kept:
+        log(f"{len(kept)} linears cannot take this layout and stay 16-bit (--unsupported keep); first: {kept[0]}")
     log(f"calibration: {ids.shape[0]} x {ids.shape[1]} tokens from {opts.calib}; estimated peak memory "
         f"{estimate_memory_mb(lm, ids.numel()):.0f} MB (one block at a time)")
     from .targets.artifact import ArtifactWriter
@@ -84,9 +87,6 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
         res = compile_blocks(lm, steps, ids, assign, on_block=emitter.on_block, dumper=dumper, device=opts.device,
                              seed=opts.seed, debug=opts.debug, progress=opts.progress, verbose=opts.verbose)
         emitter.finish(lm)
-        kept = {k: v["skip_reason"] for k, v in emitter.layers.items() if "skip_reason" in v}
-        if kept:
-            log(f"{len(kept)} of {len(emitter.layers)} linears kept in 16-bit; first: {next(iter(kept.values()))}")
         manifest = {
             "format": "dcc-artifact", "version": 1, "target": opts.target,
             "engines": lower.engines_for(spec.group_size),

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .emit import FORMAT, TinyChatEmitter as Emitter, engines_for  # noqa: F401  (re-exported)
-from .pipeline import make_spec_assigner, pipeline, weight_spec
+from .pipeline import make_spec_assigner, pipeline, preflight, weight_spec  # noqa: F401
 
 
 def spec_for(opts):

@@ -1,6 +1,8 @@
 """TinyChat (AWQ W4A16) target: the pass pipelines per algorithm, as literal lists, and the per-layer spec rule."""
 from __future__ import annotations
 
+import torch
+
 from ...compiler.pass_manager import Step
 from ...ir.formats import QuantSpec
 from ...passes.awq import AwqConfig
@@ -46,6 +48,26 @@ def weight_spec(bits: int = 4, group_size: int = 128, scale_dtype: str = "float1
     dequantisation w = fp16(q*s + fp16(-s*z)) (one fused multiply-add), which the fake quantization reproduces."""
     return QuantSpec(dtype=f"int{bits}", symmetric=False, group_size=group_size, scale_dtype=scale_dtype,
                      zero_mode="scaled")
+
+
+def preflight(lm, spec: QuantSpec, on_unsupported: str) -> list[str]:
+    """Check every block's linears against the layout before any work (shapes are known on the meta device).
+    Returns the reasons for layers that will stay 16-bit; raises naming the first bad layer under 'error'."""
+    problems = []
+    for i, block in enumerate(lm.blocks):
+        for name, mod in block.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                full = f"{lm.block_prefix(i)}.{name}"
+                try:
+                    check_shape(full, mod.out_features, mod.in_features, spec.group_size)
+                    if spec.bits != 4:
+                        raise LayoutError(f"{full}: the TinyChat layout packs 4-bit codes, not {spec.bits}")
+                except LayoutError as e:
+                    problems.append(str(e))
+    if problems and on_unsupported == "error":
+        raise LayoutError(f"{problems[0]}" + (f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else "")
+                          + "; use --group-size 64 (dcc runtime only) or --unsupported keep (16-bit)")
+    return problems
 
 
 def make_spec_assigner(spec: QuantSpec, on_unsupported: str = "error"):
