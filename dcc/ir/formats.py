@@ -213,19 +213,13 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor
     g = _grouped(w.detach().to(torch.float32), spec)
     if spec.group_size == -1:
         g = g.reshape(1, 1, -1)
-    clip_t = torch.as_tensor(clip, dtype=torch.float32)
-    try:
-        clip_t = torch.broadcast_to(clip_t, shape)
-    except RuntimeError as e:
-        raise ValueError(f"clip of shape {tuple(clip_t.shape)} does not broadcast to scale shape {shape}") from e
-    if bool((clip_t <= 0).any()) or not bool(torch.isfinite(clip_t).all()):
-        raise ValueError("clip ratios must be finite and > 0")
+    c_lo, c_hi = _clip_pair(clip, shape, spec)
     if spec.symmetric:  # int sym and all fp formats
-        s = g.abs().amax(-1) * clip_t / spec.qmax
+        s = g.abs().amax(-1) * c_hi / spec.qmax
         lo = None
     else:  # the range always includes 0 so that 0 is exactly representable (padding, pruned weights)
-        lo = g.amin(-1).clamp(max=0) * clip_t
-        hi = g.amax(-1).clamp(min=0) * clip_t
+        lo = g.amin(-1).clamp(max=0) * c_lo
+        hi = g.amax(-1).clamp(min=0) * c_hi
         s = (hi - lo) / spec.qmax
     s32, s = s, s.to(spec.torch_scale_dtype)
     if not bool(torch.isfinite(s).all()):
@@ -237,6 +231,24 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor
         return s, None
     z = torch.round(-lo / s.to(torch.float32)).clamp(0, spec.qmax)  # -lo/s in float32, half-to-even
     return s, z.to(torch.int16)
+
+
+def _clip_pair(clip, shape: tuple[int, int], spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """clip: a ratio (scalar or broadcastable to [N, G]) shrinking both ends of the range, or an [N, G, 2] tensor of
+    separate (min, max) ratios (asymmetric specs only). Returns both as [N, G] tensors."""
+    c = torch.as_tensor(clip, dtype=torch.float32)
+    pair = c.dim() == 3
+    if pair and (spec.symmetric or c.shape[-1] != 2):
+        raise ValueError(f"a (min, max) clip pair of shape {tuple(c.shape)} needs an asymmetric spec and shape [N, G, 2]")
+    try:
+        lo = torch.broadcast_to(c[..., 0] if pair else c, shape)
+        hi = torch.broadcast_to(c[..., 1] if pair else c, shape)
+    except RuntimeError as e:
+        raise ValueError(f"clip of shape {tuple(c.shape)} does not broadcast to scale shape {shape}") from e
+    for t in (lo, hi):
+        if bool((t <= 0).any()) or not bool(torch.isfinite(t).all()):
+            raise ValueError("clip ratios must be finite and > 0")
+    return lo, hi
 
 
 def _check_params(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor | None):
@@ -332,13 +344,13 @@ def fake_quantize_fast(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Ten
     n, k = w.shape
     g = w.float().reshape(1, 1, -1) if spec.group_size == -1 else w.float().reshape(n, spec.num_groups(k), -1)
     c = torch.as_tensor(clip, dtype=torch.float32)
-    c = c.unsqueeze(-1) if c.dim() == 2 else c
+    c_lo, c_hi = (c[..., 0:1], c[..., 1:2]) if c.dim() == 3 else ((c.unsqueeze(-1),) * 2 if c.dim() == 2 else (c, c))
     if spec.symmetric:
-        s = g.abs().amax(-1, keepdim=True) * c / spec.qmax
+        s = g.abs().amax(-1, keepdim=True) * c_hi / spec.qmax
         z = None
     else:
-        lo = g.amin(-1, keepdim=True).clamp(max=0) * c
-        s = (g.amax(-1, keepdim=True).clamp(min=0) * c - lo) / spec.qmax
+        lo = g.amin(-1, keepdim=True).clamp(max=0) * c_lo
+        s = (g.amax(-1, keepdim=True).clamp(min=0) * c_hi - lo) / spec.qmax
     s = s.to(spec.torch_scale_dtype).float()
     s = torch.where(s == 0, torch.ones_like(s), s)
     if spec.symmetric:

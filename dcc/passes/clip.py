@@ -13,10 +13,12 @@ from .base import Pass, PassConfig, PassResult, quantizable, register
 @dataclass(frozen=True)
 class ClipConfig(PassConfig):
     """grid: ratios 1, 1 - (1-min_ratio)/grid, ..., min_ratio (+1/grid); skip_qk: leave q and k unclipped, as AWQ
-    does, because their error shows in attention scores that this objective does not see."""
+    does, because their error shows in attention scores that this objective does not see; asymmetric: for
+    asymmetric specs, then refine the min and the max ratio separately (one coordinate pass each)."""
     grid: int = 10
     min_ratio: float = 0.5
     skip_qk: bool = True
+    asymmetric: bool = True
 
     def __post_init__(self):
         if self.grid < 1:
@@ -33,21 +35,31 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec, config: ClipConfig):
     g = k // gs
     xg = x.view(-1, g, gs)
     gram = torch.einsum("tgi,tgj->gij", xg, xg) / x.shape[0]          # [G, gs, gs]
-    wg = w.view(n, g, gs)
-    best_err = best_r = None
-    for i in range(config.grid):
-        r = 1.0 - i * (1.0 - config.min_ratio) / config.grid
-        d = (fake_quantize_fast(w, spec, r) - w).view(n, g, gs)
-        err = torch.einsum("ngi,gij,ngj->ng", d, gram, d)               # exact ||d_g x_g||^2 / T per (row, group)
-        if best_err is None:
-            best_err, best_r, base = err, torch.ones_like(err), err
-        else:
+    ratios = [1.0 - i * (1.0 - config.min_ratio) / config.grid for i in range(config.grid)]
+
+    def error(clip):
+        d = (fake_quantize_fast(w, spec, clip) - w).view(n, g, gs)
+        return torch.einsum("ngi,gij,ngj->ng", d, gram, d)             # exact ||d_g x_g||^2 / T per (row, group)
+
+    base = best_err = error(1.0)
+    if spec.group_size < 0:   # one range for the whole tensor: the best common ratio
+        errs = [(float(error(r).sum()), r) for r in ratios]
+        e, r = min(errs)
+        return torch.full((1, 1), r), float(base.sum()), e
+    best = torch.ones(n, g, 2)                                         # (min ratio, max ratio) per (row, group)
+    sweeps = [(0, 1)] + ([(0,), (1,)] if config.asymmetric and not spec.symmetric else [])
+    for ends in sweeps:   # both ends together, then each end alone with the other at its best
+        for r in ratios[1:]:
+            cand = best.clone()
+            for e in ends:
+                cand[..., e] = r
+            err = error(cand)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_r = torch.where(better, torch.full_like(err, r), best_r)
-    if spec.group_size < 0:   # one range for the whole tensor: take the best common ratio
-        best_r = best_r.median().expand(1, 1)
-    return best_r, float(base.sum()), float(best_err.sum())
+            best = torch.where(better.unsqueeze(-1), cand, best)
+    if not (config.asymmetric and not spec.symmetric):
+        best = best[..., 1]
+    return best, float(base.sum()), float(best_err.sum())
 
 
 @register
@@ -64,7 +76,7 @@ class Clip(Pass):
             w = block.linear_module(lin.name).weight.data.float()
             ratios, before, after = search_clip(w, ctx.inputs(lin.name), lin.spec, config)
             lin.stats["clip"] = ratios
-            details[lin.name] = {"mean_ratio": round(float(ratios.mean()), 4),
+            details[lin.name] = {"mean_ratio": round(float(ratios.float().mean()), 4),
                                  "err_reduction": round(before / after, 3) if after > 0 else None}
         # clip ratios only change how later quantization rounds; the float weights are untouched
         return PassResult(False, f"clip ratios for {len(details)} linears", details)
