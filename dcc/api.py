@@ -26,6 +26,7 @@ class CompileOptions:
     group_size: int = 128
     dtype: str = "float16"
     calib: str | None = None
+    recipe: str | None = None
     calib_chunks: int = 16
     calib_seq_len: int = 256
     unsupported: str = "error"
@@ -47,6 +48,25 @@ def estimate_memory_mb(lm: LazyModel, tokens: int) -> float:
     return (block + outer + acts * 2) / 2**20
 
 
+def load_recipe(path: str) -> list:
+    """A YAML recipe: `passes: [{pass: awq, config: {grid: 20}}, {pass: clip}, {pass: rtn}]`."""
+    import yaml
+    from .compiler.pass_manager import Step
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: no such recipe file")
+    try:
+        doc = yaml.safe_load(p.read_text())
+        steps = [Step.from_dict(d) for d in doc["passes"]]
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise ValueError(f"{p}: not a recipe (expected 'passes: [{{pass: NAME, config: {{...}}}}, ...]': {e})") from None
+    except ValueError as e:
+        raise ValueError(f"{p}: {e}") from None
+    if not steps:
+        raise ValueError(f"{p}: the recipe lists no passes")
+    return steps
+
+
 def calibration_ids(lm: LazyModel, opts: CompileOptions) -> torch.Tensor:
     if not opts.calib:
         raise ValueError("--calib is required: a text file (or token ids for models without a tokenizer)")
@@ -63,9 +83,9 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
                          f"(qserve and nunchaku are planned)")
     from .targets.tinychat import lower
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[opts.dtype]
-    lm = LazyModel(model)
+    lm = LazyModel(model, device=opts.device)
     spec = lower.spec_for(opts)
-    steps = lower.steps_for(opts)
+    steps = load_recipe(opts.recipe) if opts.recipe else lower.steps_for(opts)
     assign = lower.assigner_for(opts, spec)
     kept = lower.preflight(lm, spec, opts.unsupported)
     ids = calibration_ids(lm, opts)
@@ -90,7 +110,7 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
         manifest = {
             "format": "dcc-artifact", "version": 1, "target": opts.target,
             "engines": lower.engines_for(spec.group_size),
-            "recipe": {"algo": opts.algo, "weight": spec.to_dict(), "pipeline": [s.to_dict() for s in steps],
+            "recipe": {"algo": f"recipe {Path(opts.recipe).name}" if opts.recipe else opts.algo, "weight": spec.to_dict(), "pipeline": [s.to_dict() for s in steps],
                        "seed": opts.seed, "unsupported": opts.unsupported,
                        "calibration": {"file": Path(opts.calib).name, "sha256": _sha(opts.calib),
                                        "chunks": int(ids.shape[0]), "seq_len": int(ids.shape[1])}},

@@ -22,6 +22,9 @@ from .main import _fail, friendly, main
               help="Calibration text file (UTF-8; token ids separated by spaces for models without a tokenizer).")
 @click.option("--calib-chunks", default=16, show_default=True, help="Number of calibration windows.")
 @click.option("--calib-seq-len", default=256, show_default=True, help="Tokens per calibration window.")
+@click.option("--recipe", type=click.Path(), default=None,
+              help="YAML pass list replacing --algo, e.g. 'passes: [{pass: awq}, {pass: clip, config: {grid: 20}}, "
+                   "{pass: rtn}]' (see `dcc passes`).")
 @click.option("--bits", default=4, show_default=True, help="Weight bits (TinyChat packs 4).")
 @click.option("--group-size", default=128, show_default=True,
               help="Input features per scale. 128: TinyChat's kernels; 64 and 32: dcc's runtime only.")
@@ -38,14 +41,14 @@ from .main import _fail, friendly, main
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Print what each pass does to each block.")
 @friendly
-def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, bits, group_size, dtype, unsupported,
+def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, recipe, bits, group_size, dtype, unsupported,
                 dump_dir, seed, device, force, debug, quiet, verbose):
     """Compile MODEL (a Hugging Face folder or a .gguf file) into an engine-ready artifact folder.
 
     Blocks are captured with torch.export and compiled one at a time on the calibration data; the artifact is
     written to a temporary folder and renamed into place when complete."""
     from ..api import CompileOptions, compile_model
-    opts = CompileOptions(target=target, algo=algo, bits=bits, group_size=group_size, dtype=dtype, calib=calib,
+    opts = CompileOptions(target=target, algo=algo, recipe=recipe, bits=bits, group_size=group_size, dtype=dtype, calib=calib,
                           calib_chunks=calib_chunks, calib_seq_len=calib_seq_len, unsupported=unsupported,
                           seed=seed, device=device, dump_dir=dump_dir, force=force, debug=debug,
                           progress=not quiet, verbose=verbose)
@@ -155,3 +158,20 @@ def eval_cmd(artifact, ppl_file, seq_len, n_windows, baseline, device, as_json, 
         click.echo(f"{k:9} perplexity {r['ppl']:.3f} ({r['windows']} windows x {r['seq_len']} tokens)")
     if as_json:
         Path(as_json).write_text(json.dumps(results, indent=1) + "\n")
+
+
+@main.command()
+@friendly
+def passes():
+    """The registered passes (recipe tokens), what each does and its options with defaults."""
+    import dataclasses
+    from ..passes import load_all
+    from ..passes.base import REGISTRY
+    load_all()
+    for name in sorted(REGISTRY):
+        p = REGISTRY[name]
+        doc = " ".join((__import__(p.__module__, fromlist=["_"]).__doc__ or "").strip().split("\n\n")[0].split())
+        click.echo(f"{name}: {doc}")
+        for f in dataclasses.fields(p.Config):
+            default = f.default if f.default is not dataclasses.MISSING else "(required)"
+            click.echo(f"    {f.name} = {default!r}")

@@ -13,27 +13,31 @@ from .base import Pass, PassConfig, PassResult, register
 
 @dataclass(frozen=True)
 class AwqConfig(PassConfig):
-    """grid: number of exponents a in [0, 1) tried; duo: s = x^a / w^(1-a) (AutoAWQ's duo scaling) instead of
-    s = x^a (the paper's, and DeepCompressor's beta = 0); max_tokens: calibration tokens used to score a candidate
-    (the statistics use all of them)."""
+    """grid: number of exponents a in [0, 1) tried; patterns: "x" for s = x^a (the paper's, DeepCompressor's
+    beta = 0) and/or "duo" for s = x^a / w^(1-a) (AutoAWQ's duo scaling), each group taking the best candidate of all;
+    max_tokens: calibration tokens used to score a candidate (the statistics use all of them)."""
     grid: int = 20
-    duo: bool = False
+    patterns: tuple[str, ...] = ("duo",)
     max_tokens: int = 512
 
     def __post_init__(self):
+        object.__setattr__(self, "patterns", tuple(self.patterns))
+        if not self.patterns or set(self.patterns) - {"x", "duo"}:
+            raise ValueError(f"awq: patterns must be a non-empty subset of ('x', 'duo'), got {self.patterns}")
         if self.grid < 1:
             raise ValueError(f"awq: grid must be >= 1, got {self.grid}")
         if self.max_tokens < 16:
             raise ValueError(f"awq: max_tokens must be >= 16, got {self.max_tokens}")
 
 
-def _candidates(x_stat: torch.Tensor, w_stat: torch.Tensor, grid: int, duo: bool):
-    for i in range(grid):
+def _candidates(x_stat: torch.Tensor, w_stat: torch.Tensor, grid: int, patterns: tuple[str, ...]):
+    yield 0.0, 0.0, torch.ones_like(x_stat)   # s = 1: plain quantization, the baseline every candidate must beat
+    for i in range(1, grid):
         a = i / grid
-        if duo and i > 0:
-            yield a, 1 - a, x_stat.pow(a) / w_stat.pow(1 - a).clamp(min=1e-4)
-        else:
+        if "x" in patterns:
             yield a, 0.0, x_stat.pow(a)
+        if "duo" in patterns:
+            yield a, 1 - a, x_stat.pow(a) / w_stat.pow(1 - a).clamp(min=1e-4)
 
 
 @torch.no_grad()
@@ -42,13 +46,13 @@ def search_group(block, g, x: torch.Tensor, config: AwqConfig):
     lins = [block.linears[c] for c in g.consumers if block.linears[c].spec is not None]
     ws = [block.linear_module(l.name).weight.data.float() for l in lins]
     # score on an evenly spaced subset of the tokens (the windows are consecutive text; a prefix would see one)
-    xs = x[torch.linspace(0, x.shape[0] - 1, min(config.max_tokens, x.shape[0])).long()]
+    xs = x[torch.linspace(0, x.shape[0] - 1, min(config.max_tokens, x.shape[0]), device=x.device).long()]
     x_stat = g.collapse(x.abs().mean(0).double())
     # weight statistic: mean over consumers of |w| normalised per group of input features (AWQ's w_mean)
     w_stat = g.collapse(torch.stack([(w.abs() / w.abs().amax(1, keepdim=True).clamp(min=1e-8)).mean(0)
                                      for w in ws]).mean(0).double())
     best = None
-    for a, b, s in _candidates(x_stat.clamp(min=1e-8), w_stat.clamp(min=1e-8), config.grid, config.duo):
+    for a, b, s in _candidates(x_stat.clamp(min=1e-8), w_stat.clamp(min=1e-8), config.grid, config.patterns):
         s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()   # AWQ's normalisation keeps scales around 1
         sc = g.expand(s).float()

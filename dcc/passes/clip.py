@@ -45,8 +45,8 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec, config: ClipConfig):
     if spec.group_size < 0:   # one range for the whole tensor: the best common ratio
         errs = [(float(error(r).sum()), r) for r in ratios]
         e, r = min(errs)
-        return torch.full((1, 1), r), float(base.sum()), e
-    best = torch.ones(n, g, 2)                                         # (min ratio, max ratio) per (row, group)
+        return torch.full((1, 1), r, device=w.device), float(base.sum()), e
+    best = torch.ones(n, g, 2, device=w.device)                                         # (min ratio, max ratio) per (row, group)
     sweeps = [(0, 1)] + ([(0,), (1,)] if config.asymmetric and not spec.symmetric else [])
     for ends in sweeps:   # both ends together, then each end alone with the other at its best
         for r in ratios[1:]:

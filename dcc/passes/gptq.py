@@ -40,7 +40,7 @@ def _clip_col(clip, g: int):
 def _inverse_hessian_chol(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 after damping; adds more damping if H is not positive definite."""
     mean_diag = float(torch.diagonal(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(10):
         try:
             l = torch.linalg.cholesky(h + (damp + 0.01 * attempt) * mean_diag * eye)
@@ -98,12 +98,12 @@ def gptq_quantize(w: torch.Tensor, x: torch.Tensor, spec, config: GptqConfig, cl
     scale, zero = compute_qparams(w.float(), spec, clip)   # static groups: fixed before the sweep
     gs = k if spec.group_size <= 0 else spec.group_size
     cols = _Columns(spec, scale, zero, n)
-    perm = torch.argsort(torch.diagonal(h), descending=True) if config.act_order else torch.arange(k)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if config.act_order else torch.arange(k, device=h.device)
     w, h = w[:, perm], h[perm][:, perm]
     u = _inverse_hessian_chol(h, config.damp).float()
     group_of = (perm // gs).tolist() if spec.group_size > 0 else [0] * k
     perm_l = perm.tolist()
-    qcols = torch.zeros(n, k, dtype=torch.float32)
+    qcols = torch.zeros(n, k, dtype=torch.float32, device=w.device)
     with _one_thread():
         _sweep(w, u, cols, scale, zero, spec, config, clip, perm_l, group_of, gs, qcols)
     return QuantizedTensor(qcols.to(torch.int16), scale, zero, spec)
@@ -126,7 +126,7 @@ def _sweep(w, u, cols, scale, zero, spec, config, clip, perm_l, group_of, gs, qc
     n, k = w.shape
     for i1 in range(0, k, config.block_size):
         i2 = min(i1 + config.block_size, k)
-        w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype), u[i1:i2, i1:i2]
+        w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device), u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col, g = perm_l[i1 + i], group_of[i1 + i]
             if not config.static_groups and spec.group_size > 0 and col % gs == 0:

@@ -173,3 +173,27 @@ def test_dump_dir_writes_listing_json_and_onnx(ids_files, tmp_path):
     import onnx
     g = onnx.load(str(dumps / "model.layers.0.onnx")).graph
     assert sum(n.op_type == "linear" for n in g.node) == 7
+
+
+def test_recipe_file_replaces_algo(ids_files, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - {pass: clip, config: {grid: 4}}\n  - {pass: rtn}\n")
+    out = tmp_path / "o"
+    code, text = run("compile", STORIES, "--recipe", recipe, "--group-size", "64", "--unsupported", "keep",
+                     "--calib", ids_files[0], "--calib-chunks", "2", "--calib-seq-len", "64", "-o", out, "-q")
+    assert code == 0, text
+    m = json.loads((out / "dcc.json").read_text())
+    assert [s["pass"] for s in m["recipe"]["pipeline"]] == ["clip", "rtn"]
+    assert m["recipe"]["pipeline"][0]["config"]["grid"] == 4
+    recipe.write_text("passes:\n  - {pass: nosuchpass}\n")
+    code, text = run("compile", STORIES, "--recipe", recipe, "--group-size", "64", "--unsupported", "keep",
+                     "--calib", ids_files[0], "-o", tmp_path / "o2", "-q")
+    assert code == 2 and "nosuchpass" in error_line(text) and "r.yaml" in error_line(text)
+
+
+def test_passes_lists_every_registered_pass():
+    code, text = run("passes")
+    assert code == 0
+    for name in ("rtn", "awq", "clip", "gptq", "smooth", "fuse_norms", "rotate"):
+        assert f"\n{name}: " in "\n" + text
+    assert "    damp = 0.01" in text

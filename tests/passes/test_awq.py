@@ -109,7 +109,7 @@ def _run(template, names):
 
 def test_config_validation_and_round_trip():
     assert get_pass("awq") is Awq
-    cfg = AwqConfig(grid=8, duo=False, max_tokens=64)
+    cfg = AwqConfig(grid=8, patterns=("x",), max_tokens=64)
     assert AwqConfig.from_dict(cfg.to_dict()) == cfg
     for bad in ({"grid": 0}, {"max_tokens": 8}):
         with pytest.raises(ValueError, match="awq"):

@@ -1,0 +1,48 @@
+// Host API of the W4A16 kernels (TinyChat "v2" layout). All pointers are device pointers; every function only
+// enqueues work on `stream` and throws std::runtime_error on a bad argument or a CUDA/cuBLAS error.
+//
+// Shapes: x [M, K] row-major, qweight int16 [N/4, K], scales / scaled_zeros [Kg, N] (Kg = K/G padded as the
+// layout says; only rows < K/G are read), bias [N] or null, out [M, N] row-major, all 16-bit tensors of one
+// dtype. Requirements (checked): N % 4 == 0, K % 64 == 0, K % G == 0, G in {32, 64, 128}; x, qweight and the
+// dequantised-weight buffer 16-byte aligned.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include <cuda_runtime.h>
+
+namespace dcc_w4a16 {
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// Fused dequantise + tensor-core product, weights read once per 8*mtiles rows of x. mtiles in {1, 2, 4, 8}
+// (0 = pick the smallest that covers M, up to 8); M larger than 8*mtiles is processed in chunks.
+void gemv(DType dt, const void* x, const void* qweight, const void* scales, const void* scaled_zeros,
+          const void* bias, void* out, int M, int N, int K, int group_size, int mtiles, cudaStream_t stream);
+
+// w [N, K] row-major = rnd(q*s + sz), bit-identical to decode_weight.
+void dequantize(DType dt, const void* qweight, const void* scales, const void* scaled_zeros, void* w, int N, int K,
+                int group_size, cudaStream_t stream);
+
+// out[m, n] += bias[n] (16-bit, rounded once from fp32).
+void add_bias(DType dt, void* out, const void* bias, int M, int N, cudaStream_t stream);
+
+// Dequantise into `w_scratch` ([N, K], 16-bit) then out = x @ w^T through cuBLAS (fp32 accumulation), then bias.
+void gemm_dequant_cublas(DType dt, const void* x, const void* qweight, const void* scales, const void* scaled_zeros,
+                         const void* bias, void* out, void* w_scratch, int M, int N, int K, int group_size,
+                         cudaStream_t stream);
+
+// out[M, N] = x[M, K] @ w[N, K]^T through cuBLAS (no quantisation; used by gemm_dequant_cublas).
+void cublas_gemm_nt(DType dt, const void* x, const void* w, void* out, int M, int N, int K, cudaStream_t stream);
+
+// cuBLAS is opened with dlopen at first use (no link-time dependency). `path` may name the library; empty tries
+// the already-loaded libcublas.so.13/.12 and then the loader's search path. Returns "" on success, else why not.
+std::string cublas_init(const std::string& path);
+bool cublas_ready();
+
+// Throws if a shape/group/alignment rule is broken.
+void check_problem(int M, int N, int K, int group_size);
+
+}  // namespace dcc_w4a16
