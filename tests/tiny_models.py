@@ -1,11 +1,19 @@
 """Tiny random-init models saved as Hugging Face folders, and helpers to run passes on them and compare logits
-(shared by the pass tests; tests/ is on pytest's pythonpath)."""
+(shared by the pass tests; tests/ is on pytest's pythonpath). Also the plain tiny configs, saved checkpoints and
+captured decoder layers of the IR, loader and quantization-pass tests (second half of the file)."""
+import copy
+
 import pytest
 import torch
 import transformers as T
 from torch import nn
-from dcc.compiler.pass_manager import Step
+from dcc.compiler.context import BlockContext
+from dcc.compiler.pass_manager import PassTiming, Step, run_block
 from dcc.compiler.sequential import compile_blocks
+from dcc.ir.analysis import analyse
+from dcc.ir.capture import capture, typed_nodes
+from dcc.ir.formats import QuantSpec
+from dcc.ir.graph import Block
 from dcc.models.loader import LazyModel
 from dcc.passes._model_parts import find_final_norm, norm_offset
 from dcc.passes.base import get_pass
@@ -15,15 +23,10 @@ VOCAB = 100
 
 
 def tiny_config(arch: str, **kw):
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=64, initializer_range=0.1)
-    if arch == "llama":
-        return T.LlamaConfig(**{**common, "num_key_value_heads": 2, "intermediate_size": 128, **kw})
-    if arch == "gemma":
-        return T.GemmaConfig(**{**common, "num_key_value_heads": 2, "intermediate_size": 128, "head_dim": 16, **kw})
-    if arch == "opt":
-        return T.OPTConfig(**{**common, "ffn_dim": 128, "word_embed_proj_dim": common["hidden_size"], **kw})
-    raise ValueError(arch)
+    """A config of the models whose norms have non-trivial gains (see tiny_model); kw overrides any field."""
+    if arch not in ("llama", "gemma", "opt"):
+        raise ValueError(arch)
+    return decoder_config(arch, **{"initializer_range": 0.1, **({"head_dim": 16} if arch == "gemma" else {}), **kw})
 
 
 @torch.no_grad()
@@ -63,8 +66,8 @@ def lazy(path) -> LazyModel:
     return lm
 
 
-def calib_ids(seed: int = 1):
-    return torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(seed))
+def calib_ids(seed: int = 1, vocab: int = VOCAB, shape=(2, 16)):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
 def compile_model(path, steps):
@@ -116,3 +119,123 @@ def run_and_rebuild(path, steps):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Plain (default-initialised) tiny models, saved checkpoints and captured decoder layers: the rtn, clip, gptq and awq
+# pass tests, the IR analysis tests, the loader and the pass manager tests.
+
+INT4_G32 = QuantSpec("int4", symmetric=False, group_size=32, scale_dtype="float16", zero_mode="scaled")
+OUTLIERS = [3, 17, 40]   # the input channels outlier_layer gives a 20x norm gain
+CONFIG_CLASSES = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "mistral": T.MistralConfig, "gemma": T.GemmaConfig,
+                  "qwen3": T.Qwen3Config, "opt": T.OPTConfig}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention.
+    Import it into a test module (`from tiny_models import one_thread`) to apply it to that module's tests."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def decoder_config(family: str, vocab: int = VOCAB, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                   head_dim=None, layers: int = 2, **kw):
+    """A tiny config of `family` (a key of CONFIG_CLASSES) with an MLP twice as wide as `hidden` and 64 positions;
+    OPT has no kv_heads or head_dim (its word embeddings are `hidden` wide); kw overrides any field."""
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  max_position_embeddings=64)
+    if family == "opt":
+        return T.OPTConfig(**{**common, "ffn_dim": 2 * hidden, "word_embed_proj_dim": hidden, **kw})
+    extra = {} if head_dim is None else {"head_dim": head_dim}
+    return CONFIG_CLASSES[family](**{**common, "num_key_value_heads": kv_heads, "intermediate_size": 2 * hidden,
+                                     **extra, **kw})
+
+
+def save_tiny(path, config, seed: int = 0) -> nn.Module:
+    """Seed, build a default-initialised model of `config`, save it to `path` (a Hugging Face folder); the model."""
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    return model.model.decoder.layers if model.config.model_type == "opt" else model.model.layers
+
+
+class _Stop(Exception):
+    pass
+
+
+def first_block_inputs(model, layer, ids):
+    """(args, kwargs) of a decoder layer, caught with a forward pre-hook (as sequential.block_inputs)."""
+    caught = {}
+
+    def hook(mod, args, kwargs):
+        caught["args"], caught["kwargs"] = args, kwargs
+        raise _Stop
+
+    h = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    kwargs = {k: v for k, v in caught["kwargs"].items() if k not in ("past_key_values", "past_key_value")}
+    kwargs["use_cache"] = False
+    args = caught["args"] or (kwargs.pop("hidden_states"),)
+    return args, kwargs
+
+
+def capture_first_layer(config, ids, outlier_gain=None, seed: int = 0):
+    """Layer 0 of a seeded random model of `config` (sdpa attention), captured on its inputs for `ids`:
+    (layer, gm, params, args, kwargs). With outlier_gain, every norm gain of the layer is set to it at OUTLIERS."""
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    layer = decoder_layers(model)[0]
+    if outlier_gain is not None:
+        with torch.no_grad():
+            for name, mod in layer.named_modules():
+                if "norm" in name and getattr(mod, "weight", None) is not None:
+                    mod.weight[OUTLIERS] = outlier_gain
+    args, kwargs = first_block_inputs(model, layer, ids)
+    gm, params = capture(layer, args, kwargs)
+    return layer, gm, params, args, kwargs
+
+
+def outlier_layer(family: str = "llama"):
+    """A captured layer 0 of a one-layer model (vocab 128, hidden 64) whose norms have a 20x gain at the OUTLIERS
+    channels, with its calibration inputs (a 4 x 32 batch): (layer, gm, params, args, kwargs); copied for every run."""
+    cfg = decoder_config(family, vocab=128, layers=1, head_dim=16 if family == "gemma" else None)
+    # Gemma's gain is (1 + w): an effective gain of 20 everywhere the norm output has an outlier
+    return capture_first_layer(cfg, calib_ids(1, vocab=128, shape=(4, 32)),
+                               outlier_gain=19.0 if family == "gemma" else 20.0)
+
+
+def analysed_block(module, gm, params, prefix: str = "model.layers.0") -> Block:
+    block = Block(0, prefix, module)
+    block.gm, block.nodes = gm, typed_nodes(gm, params)
+    analyse(block, gm, params)
+    return block
+
+
+def fresh_block(template, spec=INT4_G32):
+    """A float copy of a captured layer (outlier_layer) as an analysed Block with `spec` on every linear, and its
+    calibration context."""
+    layer, gm, params, args, kwargs = template
+    block = analysed_block(copy.deepcopy(layer), gm, params)
+    for lin in block.linears.values():
+        lin.spec = spec
+    return block, BlockContext(block, args, kwargs, torch.device("cpu"))
+
+
+def run_on_copy(template, steps):
+    """Run the steps on fresh_block(template): (block, results, relative error of the block output vs the float
+    block)."""
+    block, ctx = fresh_block(template)
+    ref = ctx.block_io()[2].clone()
+    results = run_block(block, steps, ctx, PassTiming())
+    out = ctx.forward()
+    return block, results, float((out - ref).norm() / ref.norm())

@@ -67,6 +67,10 @@ class TensorIndex:
     def keys(self) -> list[str]:
         return list(self.key_to_file)
 
+    def close(self) -> None:
+        """Drop the shards' memory maps: the pages read so far leave this process's resident memory."""
+        self._handles.clear()
+
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         f = self.key_to_file[key]
         h = self._handles.get(f)
@@ -160,6 +164,7 @@ class LazyModel:
     def materialize(self, prefix: str) -> torch.nn.Module:
         """Read every parameter/buffer under `prefix` ('' = everything outside the blocks) onto the device."""
         module = self.model.get_submodule(prefix) if prefix else self.model
+        loaded: dict[str, torch.nn.Parameter] = {}
         for name, mod in module.named_modules():
             full = f"{prefix}.{name}".strip(".") if name else prefix
             if not prefix and (full == self.blocks_prefix or full.startswith(self.blocks_prefix + ".")):
@@ -167,14 +172,18 @@ class LazyModel:
             for pname, param in list(mod.named_parameters(recurse=False)):
                 key = f"{full}.{pname}".lstrip(".")
                 src = self.tied.get(key, key)
+                if src in loaded:   # a tied weight (head = embeddings): one tensor, shared as in transformers
+                    mod._parameters[pname] = loaded[src]
+                    continue
                 if src not in self.index.key_to_file:
                     raise ModelLoadError(f"{self.path}: tensor {key} missing from the checkpoint")
                 t = self.index.get(src, self.dtype).to(self.device)
                 if tuple(t.shape) != tuple(param.shape):
                     raise ModelLoadError(
                         f"{self.path}: tensor {src} has shape {tuple(t.shape)}, the config expects {tuple(param.shape)}")
-                mod._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
+                mod._parameters[pname] = loaded[src] = torch.nn.Parameter(t, requires_grad=False)
             self._restore_buffers(full, mod)
+        self.index.close()   # keep only the copies, not the mapped shards, resident
         return module
 
     def _restore_buffers(self, full: str, mod: torch.nn.Module) -> None:

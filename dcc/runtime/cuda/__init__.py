@@ -1,0 +1,29 @@
+"""dcc's CUDA runtime: W4A16 kernels (csrc/w4a16) that execute TinyChat-layout artifacts on the GPU.
+
+The extension is compiled with nvcc on first use (see build.py) and cached; importing this package needs only torch
+and does not build anything, so a CPU-only install is unaffected.
+
+    from dcc.runtime.cuda import w4a16_linear, dequantize, available
+    y = w4a16_linear(x, qweight, scales, scaled_zeros, group_size=128)   # x [M, K] fp16/bf16 on the GPU
+"""
+from __future__ import annotations
+
+from .build import HINT, CudaRuntimeUnavailable, build, load
+from .ops import FUSED_MAX_M, dequantize, w4a16_linear
+
+__all__ = ["HINT", "CudaRuntimeUnavailable", "FUSED_MAX_M", "available", "build", "dequantize", "load",
+           "require", "w4a16_linear"]
+
+
+def require() -> None:
+    """Build/import the extension now; raises CudaRuntimeUnavailable with a one-line reason if it cannot."""
+    load()
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") if the CUDA runtime can be used here, else (False, the one-line reason)."""
+    try:
+        load()
+    except CudaRuntimeUnavailable as e:
+        return False, str(e).splitlines()[0]
+    return True, ""

@@ -1,0 +1,167 @@
+"""Build the W4A16 CUDA extension (csrc/w4a16) with nvcc on first use and import it.
+
+The module is compiled for the visible GPU's architecture and cached in $DCC_CACHE/cuda/<key> (default
+~/.cache/dcc/cuda/<key>), where the key hashes the sources, the nvcc version, the architecture, the Python ABI and the
+flags; a later call with the same key imports the cached module. Nothing here runs at install time, and nothing
+links against libtorch: the extension needs only nvcc, the CUDA runtime headers and pybind11's headers."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+MODULE = "dcc_w4a16_ext"
+HINT = "the CUDA runtime needs nvcc and a GPU; use --device cpu"
+CXX_FLAGS = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", "-lineinfo"]
+
+
+class CudaRuntimeUnavailable(RuntimeError):
+    """nvcc, a GPU, pybind11 or Python's headers are missing, or the build failed; the message is one line."""
+
+
+def _unavailable(why: str) -> CudaRuntimeUnavailable:
+    return CudaRuntimeUnavailable(f"{HINT} ({why})")
+
+
+def source_dir() -> Path:
+    """csrc/w4a16 of the checkout (or $DCC_CSRC/w4a16)."""
+    env = os.environ.get("DCC_CSRC")
+    base = Path(env) if env else Path(__file__).resolve().parents[3] / "csrc"
+    return base / "w4a16"
+
+
+def sources() -> list[Path]:
+    d = source_dir()
+    files = sorted(p for p in d.glob("*") if p.suffix in (".cu", ".cpp", ".cuh", ".h"))
+    if not any(p.suffix in (".cu", ".cpp") for p in files):
+        raise _unavailable(f"no CUDA sources in {d}")
+    return files
+
+
+def find_nvcc() -> str:
+    cands = []
+    for var in ("DCC_NVCC",):
+        if os.environ.get(var):
+            cands.append(os.environ[var])
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            cands.append(str(Path(os.environ[var]) / "bin" / "nvcc"))
+    which = shutil.which("nvcc")
+    if which:
+        cands.append(which)
+    cands.append("/usr/local/cuda/bin/nvcc")
+    for c in cands:
+        if Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    raise _unavailable("nvcc not found: set CUDA_HOME or put nvcc on PATH")
+
+
+def nvcc_version(nvcc: str) -> str:
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise _unavailable(f"{nvcc} --version failed: {e}") from None
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown"
+
+
+def gpu_arch() -> str:
+    """'90' for an H100: $DCC_CUDA_ARCH, else the current torch device's compute capability."""
+    env = os.environ.get("DCC_CUDA_ARCH")
+    if env:
+        return env.replace("sm_", "").replace(".", "")
+    try:
+        import torch
+    except ImportError:
+        raise _unavailable("torch is not installed") from None
+    if not torch.cuda.is_available():
+        raise _unavailable("no CUDA GPU visible to torch")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        raise _unavailable(f"GPU compute capability {major}.{minor} < 8.0 (needs bf16 mma.sync)")
+    return f"{major}{minor}"
+
+
+def include_flags() -> list[str]:
+    try:
+        import pybind11
+    except ImportError:
+        raise _unavailable("pybind11 is not installed (pip install pybind11)") from None
+    py_inc = sysconfig.get_paths()["include"]
+    if not (Path(py_inc) / "Python.h").is_file():
+        raise _unavailable(f"Python.h not found in {py_inc} (install the Python development headers)")
+    return ["-I" + pybind11.get_include(), "-I" + py_inc]
+
+
+def cache_root() -> Path:
+    base = os.environ.get("DCC_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "dcc") / "cuda"
+
+
+def build_key(files: list[Path], nvcc_ver: str, arch: str) -> str:
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    ext = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    h.update("|".join([nvcc_ver, arch, ext, sys.version, " ".join(CXX_FLAGS)]).encode())
+    return h.hexdigest()[:20]
+
+
+def _run(cmd: list[str]) -> None:
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        msg = (p.stderr or p.stdout).strip()
+        raise CudaRuntimeUnavailable(f"{HINT} (nvcc failed: {' '.join(cmd[:2])} ...)\n{msg}")
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile (if not cached) and return the path of the extension module."""
+    files = sources()
+    nvcc = find_nvcc()
+    arch = gpu_arch()
+    incs = include_flags()
+    key = build_key(files, nvcc_version(nvcc), arch)
+    out_dir = cache_root() / key
+    target = out_dir / (MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+    if target.is_file():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gencode = [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        srcs = [p for p in files if p.suffix in (".cu", ".cpp")]
+        objs = [Path(tmp) / (p.name + ".o") for p in srcs]
+        cmds = [[nvcc, *CXX_FLAGS, *gencode, *incs, "-c", str(s), "-o", str(o)] for s, o in zip(srcs, objs)]
+        if verbose:
+            print(f"dcc: building the CUDA runtime for sm_{arch} into {out_dir}", file=sys.stderr)
+        with ThreadPoolExecutor(max_workers=min(len(cmds), os.cpu_count() or 1)) as pool:
+            for f in [pool.submit(_run, c) for c in cmds]:
+                f.result()
+        tmp_target = Path(tmp) / target.name
+        _run([nvcc, "-shared", *gencode, "-Xcompiler", "-fPIC", *map(str, objs), "-o", str(tmp_target), "-ldl"])
+        os.replace(tmp_target, target)  # atomic: concurrent builders end with one complete file
+    return target
+
+
+_MODULE = None
+
+
+def load(verbose: bool = False):
+    """The extension module, built on first use."""
+    global _MODULE
+    if _MODULE is None:
+        path = build(verbose=verbose)
+        spec = importlib.util.spec_from_file_location(MODULE, path)
+        mod = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(mod)
+        except ImportError as e:
+            raise _unavailable(f"cannot import {path}: {e}") from None
+        _MODULE = mod
+    return _MODULE

@@ -1,0 +1,106 @@
+"""Torch-facing W4A16 ops on the GPU for TinyChat-layout tensors (qweight int16 [N/4, K], scales and scaled_zeros
+[Kg, N]); they pass data_ptr()s and the current stream to the extension, which never links libtorch."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ...targets.tinychat.layout import padded_groups
+from .build import load
+
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+# M <= FUSED_MAX_M: the fused dequant + mma.sync kernel (weights read once per 64 rows of x); larger M: dequantise
+# into a scratch [N, K] buffer and run one cuBLAS GEMM. Set from bench/gpu_w4a16.py on an H100 (csrc/NOTES.md).
+FUSED_MAX_M = int(os.environ.get("DCC_W4A16_FUSED_MAX_M", "64"))
+
+
+def _check_layout(qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor, group_size: int,
+                  device: torch.device | None = None) -> tuple[int, int]:
+    if qweight.dtype != torch.int16 or qweight.dim() != 2:
+        raise ValueError(f"qweight must be int16 [N/4, K], got {qweight.dtype} {tuple(qweight.shape)}")
+    n, k = 4 * qweight.shape[0], qweight.shape[1]
+    if group_size not in (32, 64, 128) or k % group_size or k % 64 or n == 0:
+        raise ValueError(f"qweight [{n // 4}, {k}] with group size {group_size}: K must be a positive multiple of 64 "
+                         f"and of the group size (32, 64 or 128)")
+    kg = padded_groups(k // group_size, group_size)
+    for name, t in (("scales", scales), ("scaled_zeros", scaled_zeros)):
+        if tuple(t.shape) != (kg, n):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected [{kg}, {n}]")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} must be float16 or bfloat16, got {t.dtype}")
+    if scales.dtype != scaled_zeros.dtype:
+        raise ValueError(f"scales ({scales.dtype}) and scaled_zeros ({scaled_zeros.dtype}) differ in dtype")
+    dev = device if device is not None else qweight.device
+    for name, t in (("qweight", qweight), ("scales", scales), ("scaled_zeros", scaled_zeros)):
+        if not t.is_cuda or t.device != dev:
+            raise ValueError(f"{name} must be a CUDA tensor on {dev}, got {t.device}")
+    return n, k
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (a view at an odd offset is copied)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor,
+                 group_size: int, bias: torch.Tensor | None = None, *, path: str = "auto") -> torch.Tensor:
+    """y = x @ W^T (+ bias) for x [..., K] fp16/bf16 on the GPU, W the decoded TinyChat weight (decode_weight);
+    fp32 accumulation, output in x's dtype. path: "auto", "fused" (dequant in registers + mma.sync) or "gemm"
+    (dequantise to a scratch buffer + cuBLAS)."""
+    if not x.is_cuda:
+        raise ValueError(f"x must be a CUDA tensor, got {x.device}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
+    n, k = _check_layout(qweight, scales, scaled_zeros, group_size, x.device)
+    if scales.dtype != x.dtype:
+        raise ValueError(f"x is {x.dtype} but the scales are {scales.dtype}: cast x (the kernels take one dtype)")
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
+    lead = x.shape[:-1]
+    x2 = _dense(x.reshape(-1, k))
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    b = 0
+    if bias is not None:
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected [{n}]")
+        bias = _dense(bias.to(device=x.device, dtype=x.dtype))
+        b = bias.data_ptr()
+    if m == 0:
+        return out.reshape(*lead, n)
+    qweight, scales, scaled_zeros = _dense(qweight), scales.contiguous(), scaled_zeros.contiguous()
+    ext = load()
+    dt = _DTYPES[x.dtype]
+    if path == "auto":
+        path = "fused" if m <= FUSED_MAX_M else "gemm"
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        if path == "fused":
+            ext.gemv(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), scaled_zeros.data_ptr(), b, out.data_ptr(),
+                     m, n, k, group_size, dt, 0, stream)
+        elif path == "gemm":
+            w = torch.empty(n, k, dtype=x.dtype, device=x.device)  # stream-ordered reuse by the caching allocator
+            ext.gemm(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), scaled_zeros.data_ptr(), b, out.data_ptr(),
+                     w.data_ptr(), m, n, k, group_size, dt, stream)
+        else:
+            raise ValueError(f"path must be auto, fused or gemm, got {path!r}")
+    return out.reshape(*lead, n)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor, group_size: int,
+               in_features: int) -> torch.Tensor:
+    """The [N, K] weight on the GPU, bit-identical to dcc.targets.tinychat.layout.decode_weight."""
+    n, k = _check_layout(qweight, scales, scaled_zeros, group_size)
+    if k != in_features:
+        raise ValueError(f"qweight has K = {k}, expected in_features = {in_features}")
+    qweight = _dense(qweight)
+    scales, scaled_zeros = scales.contiguous(), scaled_zeros.contiguous()
+    w = torch.empty(n, k, dtype=scales.dtype, device=qweight.device)
+    ext = load()
+    with torch.cuda.device(qweight.device):
+        ext.dequantize(qweight.data_ptr(), scales.data_ptr(), scaled_zeros.data_ptr(), w.data_ptr(), n, k, group_size,
+                       _DTYPES[scales.dtype], torch.cuda.current_stream(qweight.device).cuda_stream)
+    return w
