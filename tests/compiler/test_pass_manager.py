@@ -9,13 +9,12 @@ import torch
 from dcc.compiler.context import BlockContext
 from dcc.compiler.pass_manager import PassError, PassTiming, Step, check_pipeline, run_block, verify_block
 from dcc.ir.dump import Dumper
-from dcc.ir.formats import QuantSpec
 from dcc.ir.graph import Block, Linear
 from dcc.passes import base
 from dcc.passes.base import Pass, PassConfig, PassResult, get_pass, register
 from dcc.passes.rtn import RtnConfig
 
-SPEC = QuantSpec("int4", symmetric=False, group_size=32, scale_dtype="float16", zero_mode="scaled")
+from tiny_models import INT4_G32 as SPEC
 
 
 @dataclass(frozen=True)

@@ -1,103 +1,46 @@
 """Dataflow analysis on captured blocks: tiny random-init decoder layers of six families, hand-written blocks that the
 analysis must refuse, typed nodes and the IR dumps (text, JSON, ONNX)."""
+import functools
 import json
 
 import pytest
 import torch
-import transformers as T
 
 from dcc.compiler.context import BlockContext
 from dcc.compiler.pass_manager import PassTiming, Step, run_block
 from dcc.ir.analysis import analyse
-from dcc.ir.capture import capture, typed_nodes
+from dcc.ir.capture import capture
 from dcc.ir.dump import Dumper
-from dcc.ir.formats import QuantSpec
 from dcc.ir.graph import AnalysisError, Block
 from dcc.passes.rtn import RtnConfig
 
+from tiny_models import (INT4_G32, analysed_block, calib_ids, capture_first_layer, decoder_config,  # noqa: F401
+                         one_thread)
+
 VOCAB = 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class _Stop(Exception):
-    pass
-
-
-def _first_block_inputs(model, layer, ids):
-    """(args, kwargs) of the first decoder layer, caught with a forward pre-hook (as sequential.block_inputs)."""
-    caught = {}
-
-    def hook(mod, args, kwargs):
-        caught["args"], caught["kwargs"] = args, kwargs
-        raise _Stop
-
-    h = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    kwargs = {k: v for k, v in caught["kwargs"].items() if k not in ("past_key_values", "past_key_value")}
-    kwargs["use_cache"] = False
-    args = caught["args"] or (kwargs.pop("hidden_states"),)
-    return args, kwargs
-
-
-def _llama_like(cls, hidden, heads, kv_heads, head_dim=None, **extra):
-    kw = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-              num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64, **extra)
-    if head_dim is not None:
-        kw["head_dim"] = head_dim
-    return cls(**kw)
-
 
 # family -> (config, expected activation of the MLP)
 CONFIGS = {
-    "llama": lambda: (_llama_like(T.LlamaConfig, 64, 4, 2), "silu"),
-    "qwen2": lambda: (_llama_like(T.Qwen2Config, 32, 4, 1), "silu"),
-    "mistral": lambda: (_llama_like(T.MistralConfig, 64, 8, 4), "silu"),
-    "gemma": lambda: (_llama_like(T.GemmaConfig, 32, 4, 4, head_dim=16), "gelu"),
+    "llama": lambda: (decoder_config("llama", vocab=VOCAB, hidden=64, heads=4, kv_heads=2), "silu"),
+    "qwen2": lambda: (decoder_config("qwen2", vocab=VOCAB, hidden=32, heads=4, kv_heads=1), "silu"),
+    "mistral": lambda: (decoder_config("mistral", vocab=VOCAB, hidden=64, heads=8, kv_heads=4), "silu"),
+    "gemma": lambda: (decoder_config("gemma", vocab=VOCAB, hidden=32, heads=4, kv_heads=4, head_dim=16), "gelu"),
     # head_dim * heads (64) differs from hidden (32): the head geometry must come from the captured shapes
-    "qwen3": lambda: (_llama_like(T.Qwen3Config, 32, 4, 2, head_dim=16), "silu"),
-    "opt": lambda: (T.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                                num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32), "relu"),
+    "qwen3": lambda: (decoder_config("qwen3", vocab=VOCAB, hidden=32, heads=4, kv_heads=2, head_dim=16), "silu"),
+    "opt": lambda: (decoder_config("opt", vocab=VOCAB, hidden=32, heads=4), "relu"),
 }
 
 
 def _captured(family, batch=2, seq=8):
     cfg, act = CONFIGS[family]()
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
-    layers = model.model.decoder.layers if family == "opt" else model.model.layers
-    ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
-    args, kwargs = _first_block_inputs(model, layers[0], ids)
-    gm, params = capture(layers[0], args, kwargs)
-    block = Block(0, "model.layers.0", layers[0])
-    block.gm = gm
-    block.nodes = typed_nodes(gm, params)
-    analyse(block, gm, params)
+    layer, gm, params, args, kwargs = capture_first_layer(cfg, calib_ids(1, vocab=VOCAB, shape=(batch, seq)))
+    block = analysed_block(layer, gm, params)
     return block, cfg, act, (args, kwargs)
 
 
 @pytest.fixture(scope="module")
 def captured():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = _captured(family)
-        return cache[family]
-    return get
+    return functools.cache(_captured)
 
 
 def _names(family):
@@ -290,7 +233,7 @@ def test_dumper_writes_text_json_per_step_and_onnx(captured, tmp_path):
     import onnx
 
     block, _, _, (args, kwargs) = captured("llama")
-    spec = QuantSpec("int4", symmetric=False, group_size=32, scale_dtype="float16", zero_mode="scaled")
+    spec = INT4_G32
     for lin in block.linears.values():
         lin.spec = spec
     float_state = {k: v.clone() for k, v in block.module.state_dict().items()}

@@ -5,35 +5,23 @@ import shutil
 
 import pytest
 import torch
-import transformers as T
 from safetensors.torch import load_file, save_file
 
 from dcc.models.loader import LazyModel, ModelLoadError, find_blocks, resolve_model_path
 
+from tiny_models import decoder_config, one_thread, save_tiny  # noqa: F401 (one_thread: autouse fixture)
+
 VOCAB = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _config(**kw):
-    return T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
+    return decoder_config("llama", vocab=VOCAB, hidden=32, **kw)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(_config()).eval()
     path = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(path)
-    return path, model
+    return path, save_tiny(path, _config())
 
 
 @pytest.fixture
@@ -120,9 +108,7 @@ def test_dtype_conversion(saved):
 
 
 def test_tied_embeddings(tmp_path):
-    torch.manual_seed(1)
-    model = T.LlamaForCausalLM(_config(tie_word_embeddings=True)).eval()
-    model.save_pretrained(tmp_path)
+    model = save_tiny(tmp_path, _config(tie_word_embeddings=True), seed=1)
     assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
     lm = LazyModel(tmp_path)
     assert lm.tied == {"lm_head.weight": "model.embed_tokens.weight"}

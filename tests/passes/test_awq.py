@@ -1,110 +1,31 @@
 """awq: Before/After on tiny decoder layers whose inputs have outlier channels (a norm gain with a few 20x entries).
 The scales must leave the float block unchanged, and with quantization they must beat plain RTN."""
-import copy
+import functools
 
 import pytest
 import torch
-import transformers as T
 
 from dcc.compiler.context import BlockContext
-from dcc.compiler.pass_manager import PassTiming, Step, run_block
+from dcc.compiler.pass_manager import Step
 from dcc.ir.analysis import analyse
-from dcc.ir.capture import capture, typed_nodes
-from dcc.ir.formats import QuantSpec
+from dcc.ir.capture import capture
 from dcc.ir.graph import Block
 from dcc.passes.awq import Awq, AwqConfig
 from dcc.passes.base import get_pass
 
-SPEC = QuantSpec("int4", symmetric=False, group_size=32, scale_dtype="float16", zero_mode="scaled")
-VOCAB = 128
-OUTLIERS = [3, 17, 40]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class _Stop(Exception):
-    pass
-
-
-def _config(family):
-    if family == "opt":
-        return T.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4,
-                           max_position_embeddings=64, word_embed_proj_dim=64)
-    cls = {"llama": T.LlamaConfig, "gemma": T.GemmaConfig}[family]
-    extra = {"head_dim": 16} if family == "gemma" else {}
-    return cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, **extra)
-
-
-def _template(family):
-    """A captured layer 0 with outlier input channels and its calibration inputs; copied for every run."""
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(_config(family), attn_implementation="sdpa").eval()
-    layer = (model.model.decoder.layers if family == "opt" else model.model.layers)[0]
-    with torch.no_grad():
-        for name, mod in layer.named_modules():
-            if "norm" in name and getattr(mod, "weight", None) is not None:
-                # Gemma's gain is (1 + w): an effective gain of 20 everywhere the norm output has an outlier
-                mod.weight[OUTLIERS] = 19.0 if family == "gemma" else 20.0
-    caught = {}
-
-    def hook(mod, args, kwargs):
-        caught["args"], caught["kwargs"] = args, kwargs
-        raise _Stop
-
-    h = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    kwargs = {k: v for k, v in caught["kwargs"].items() if k not in ("past_key_values", "past_key_value")}
-    kwargs["use_cache"] = False
-    args = caught["args"] or (kwargs.pop("hidden_states"),)
-    gm, params = capture(layer, args, kwargs)
-    return layer, gm, params, args, kwargs
+from tiny_models import INT4_G32 as SPEC, one_thread, outlier_layer, run_on_copy  # noqa: F401 (one_thread)
 
 
 @pytest.fixture(scope="module")
 def templates():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = _template(family)
-        return cache[family]
-    return get
-
-
-def _fresh(template):
-    """A float copy of the layer as an analysed Block with int4 g32 specs, and its calibration context."""
-    layer, gm, params, args, kwargs = template
-    block = Block(0, "model.layers.0", copy.deepcopy(layer))
-    block.gm, block.nodes = gm, typed_nodes(gm, params)
-    analyse(block, gm, params)
-    for lin in block.linears.values():
-        lin.spec = SPEC
-    return block, BlockContext(block, args, kwargs, torch.device("cpu"))
+    """family -> a captured layer 0 whose norms have 20x gains at tiny_models.OUTLIERS (made once, copied per run)."""
+    return functools.cache(outlier_layer)
 
 
 def _run(template, names):
     """Run the passes; returns (relative error of the block output vs the float block, results, block)."""
-    block, ctx = _fresh(template)
-    _, _, ref = ctx.block_io()
-    ref = ref.clone()
-    results = run_block(block, [Step(n, get_pass(n).Config()) for n in names], ctx, PassTiming())
-    out = ctx.forward()
-    return float((out - ref).norm() / ref.norm()), results, block
+    block, results, err = run_on_copy(template, [Step(n, get_pass(n).Config()) for n in names])
+    return err, results, block
 
 
 def test_config_validation_and_round_trip():

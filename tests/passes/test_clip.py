@@ -1,78 +1,21 @@
 """clip: Before/After on a tiny Llama layer with outlier input channels. Ratios come from the grid, lie in
 [min_ratio, 1], leave the float weights alone, and never increase a layer's output error."""
-import copy
-
 import pytest
 import torch
-import transformers as T
 
-from dcc.compiler.context import BlockContext
 from dcc.compiler.pass_manager import PassTiming, Step, run_block
-from dcc.ir.analysis import analyse
-from dcc.ir.capture import capture, typed_nodes
 from dcc.ir.formats import QuantSpec, compute_qparams, fake_quantize
-from dcc.ir.graph import Block
 from dcc.passes.base import get_pass
 from dcc.passes.clip import Clip, ClipConfig, search_clip
 from dcc.passes.rtn import RtnConfig
 
-SPEC = QuantSpec("int4", symmetric=False, group_size=32, scale_dtype="float16", zero_mode="scaled")
-VOCAB = 128
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class _Stop(Exception):
-    pass
+from tiny_models import INT4_G32 as SPEC, fresh_block, one_thread, outlier_layer  # noqa: F401 (one_thread)
 
 
 @pytest.fixture(scope="module")
 def template():
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = T.LlamaForCausalLM(cfg).eval()
-    layer = model.model.layers[0]
-    with torch.no_grad():
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norm.weight[[3, 17, 40]] = 20.0
-    caught = {}
-
-    def hook(mod, args, kwargs):
-        caught["args"], caught["kwargs"] = args, kwargs
-        raise _Stop
-
-    h = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    kwargs = {k: v for k, v in caught["kwargs"].items() if k not in ("past_key_values", "past_key_value")}
-    kwargs["use_cache"] = False
-    args = caught["args"] or (kwargs.pop("hidden_states"),)
-    gm, params = capture(layer, args, kwargs)
-    return layer, gm, params, args, kwargs
-
-
-def _fresh(template):
-    layer, gm, params, args, kwargs = template
-    block = Block(0, "model.layers.0", copy.deepcopy(layer))
-    block.gm, block.nodes = gm, typed_nodes(gm, params)
-    analyse(block, gm, params)
-    for lin in block.linears.values():
-        lin.spec = SPEC
-    return block, BlockContext(block, args, kwargs, torch.device("cpu"))
+    """Layer 0 of a one-layer Llama whose norm gains are 20 at input channels 3, 17 and 40 (tiny_models.OUTLIERS)."""
+    return outlier_layer("llama")
 
 
 def _group_errors(w, x, spec, clip):
@@ -94,7 +37,7 @@ def test_config_validation_and_round_trip():
 
 
 def test_clip_ratios_in_range_and_weights_untouched(template):
-    block, ctx = _fresh(template)
+    block, ctx = fresh_block(template)
     before = {n: block.linear_module(n).weight.data.clone() for n in block.linears}
     cfg = ClipConfig(grid=10, min_ratio=0.6)
     res = Clip().run(block, cfg, ctx)
@@ -118,7 +61,7 @@ def test_clip_ratios_in_range_and_weights_untouched(template):
 
 
 def test_clip_never_increases_layer_output_error(template):
-    block, ctx = _fresh(template)
+    block, ctx = fresh_block(template)
     Clip().run(block, ClipConfig(), ctx)
     for name, lin in block.linears.items():
         if "clip" not in lin.stats:
@@ -140,7 +83,7 @@ def test_clip_never_increases_layer_output_error(template):
 
 
 def test_clip_then_rtn_quantizes_with_the_ratios(template):
-    block, ctx = _fresh(template)
+    block, ctx = fresh_block(template)
     run_block(block, [Step("clip", ClipConfig(skip_qk=False)), Step("rtn", RtnConfig())], ctx, PassTiming())
     shrunk = 0
     for name, lin in block.linears.items():

@@ -1,32 +1,15 @@
 """gptq: Before/After against RTN on correlated inputs (low rank + noise), where spreading the rounding error over
 the not-yet-quantized columns pays off; plus the pass on a tiny Llama layer and the config contract."""
-import copy
-
 import pytest
 import torch
-import transformers as T
 
-from dcc.compiler.context import BlockContext
-from dcc.compiler.pass_manager import PassTiming, Step, run_block
-from dcc.ir.analysis import analyse
-from dcc.ir.capture import capture, typed_nodes
+from dcc.compiler.pass_manager import Step
 from dcc.ir.formats import QuantSpec, fake_quantize
-from dcc.ir.graph import Block
 from dcc.passes.base import get_pass
 from dcc.passes.gptq import Gptq, GptqConfig, gptq_quantize
 from dcc.passes.rtn import RtnConfig
 
-SPEC = QuantSpec("int4", symmetric=False, group_size=32, scale_dtype="float16", zero_mode="scaled")
-VOCAB = 128
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tiny_models import INT4_G32 as SPEC, one_thread, outlier_layer, run_on_copy  # noqa: F401 (one_thread)
 
 
 def _correlated(t=512, k=128, n=64, rank=8, seed=0):
@@ -138,59 +121,15 @@ def test_gptq_dynamic_groups_differ_from_static():
 
 # ---------------------------------------------------------------------------------------------- the pass
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.fixture(scope="module")
 def template():
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = T.LlamaForCausalLM(cfg).eval()
-    layer = model.model.layers[0]
-    with torch.no_grad():
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norm.weight[[3, 17, 40]] = 20.0
-    caught = {}
-
-    def hook(mod, args, kwargs):
-        caught["args"], caught["kwargs"] = args, kwargs
-        raise _Stop
-
-    h = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    kwargs = {k: v for k, v in caught["kwargs"].items() if k not in ("past_key_values", "past_key_value")}
-    kwargs["use_cache"] = False
-    args = caught["args"] or (kwargs.pop("hidden_states"),)
-    gm, params = capture(layer, args, kwargs)
-    return layer, gm, params, args, kwargs
-
-
-def _run(template, steps):
-    layer, gm, params, args, kwargs = template
-    block = Block(0, "model.layers.0", copy.deepcopy(layer))
-    block.gm, block.nodes = gm, typed_nodes(gm, params)
-    analyse(block, gm, params)
-    for lin in block.linears.values():
-        lin.spec = SPEC
-    ctx = BlockContext(block, args, kwargs, torch.device("cpu"))
-    ref = ctx.block_io()[2].clone()
-    results = run_block(block, steps, ctx, PassTiming())
-    out = ctx.forward()
-    return block, results, float((out - ref).norm() / ref.norm())
+    """Layer 0 of a one-layer Llama whose norm gains are 20 at input channels 3, 17 and 40 (tiny_models.OUTLIERS)."""
+    return outlier_layer("llama")
 
 
 def test_gptq_pass_on_a_block_beats_rtn(template):
-    block, results, err_gptq = _run(template, [Step("gptq", GptqConfig())])
-    _, _, err_rtn = _run(template, [Step("rtn", RtnConfig())])
+    block, results, err_gptq = run_on_copy(template, [Step("gptq", GptqConfig())])
+    _, _, err_rtn = run_on_copy(template, [Step("rtn", RtnConfig())])
     assert results[0].changed is True
     assert set(results[0].details["sqnr_db"]) == set(block.linears)
     for name, lin in block.linears.items():

@@ -1,41 +1,29 @@
 """rtn: Before/After on a tiny saved Llama compiled block by block through the sequential compiler."""
 import pytest
 import torch
-import transformers as T
 from safetensors.torch import load_file
 
 from dcc.compiler.sequential import compile_blocks
 from dcc.compiler.pass_manager import Step
-from dcc.ir.formats import QuantSpec, quantize_tensor
+from dcc.ir.formats import quantize_tensor
 from dcc.models.loader import LazyModel
 from dcc.passes.base import get_pass
 from dcc.passes.rtn import Rtn, RtnConfig
 
-SPEC = QuantSpec("int4", symmetric=False, group_size=32, scale_dtype="float16", zero_mode="scaled")
+from tiny_models import INT4_G32 as SPEC, calib_ids, decoder_config, one_thread, save_tiny  # noqa: F401 (one_thread)
+
 VOCAB = 128
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     path = tmp_path_factory.mktemp("tiny_llama_rtn")
-    T.LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    save_tiny(path, decoder_config("llama", vocab=VOCAB))
     return path
 
 
 def _ids():
-    return torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    return calib_ids(1, vocab=VOCAB)
 
 
 def _assign_all(block):
