@@ -24,6 +24,7 @@ class CompileOptions:
     algo: str = "awq"
     bits: int = 4
     group_size: int = 128
+    zero: str = "float"
     dtype: str = "float16"
     calib: str | None = None
     recipe: str | None = None

@@ -61,6 +61,18 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
   return j == 0 ? v.x : (j == 1 ? v.y : (j == 2 ? v.z : v.w));
 }
 
+// Pair 4i + j of a 16-byte chunk (j a compile-time constant, i may be a run-time value).
+template <typename T>
+__device__ __forceinline__ typename Half2Of<T>::T2 dequant_pair_ij(const uint4& chunk, int i, int j,
+                                                                  typename Half2Of<T>::T2 s2,
+                                                                  typename Half2Of<T>::T2 sz2) {
+  using H = Half2Of<T>;
+  using T2 = typename H::T2;
+  const uint32_t bits = ((word_of(chunk, j) >> (4 * i)) & 0x000F000Fu) | H::kMagic;
+  const T2 q = __hsub2(bits_as<T2>(bits), H::magic());
+  return __hfma2(q, s2, sz2);
+}
+
 // Pair p (0..15, a compile-time constant after unrolling) of a 16-byte chunk, dequantised: the two weights for
 // k0 + 2p, k0 + 2p + 1, each rnd(q*s + sz).
 template <typename T>

@@ -11,33 +11,51 @@ namespace dcc_w4a16 {
 
 namespace {
 
-// One thread per 16-byte qweight chunk (row n, 32 consecutive k); grid-stride. Reads are coalesced (consecutive
-// threads, consecutive chunks); each thread writes its 64 contiguous output bytes as four 16-byte stores.
-template <typename T>
+// Four threads per 16-byte qweight chunk (row n, 32 consecutive k): thread q of the four writes the 16 output bytes
+// k0 + 8q .. k0 + 8q + 7 (pairs 4q .. 4q+3, i.e. nibble q of the chunk's four 32-bit words). A warp thus stores 512
+// bytes as four fully used 128-byte runs (row n, k0 .. k0 + 63) and reads 128 contiguous qweight bytes (each
+// chunk 4 times, from L1). ITEMS quarter-chunks per thread, all loads issued first.
+template <typename T, int ITEMS>
 __global__ void __launch_bounds__(256)
     dequant_kernel(const uint4* __restrict__ qw, const T* __restrict__ scales, const T* __restrict__ szeros,
                    T* __restrict__ w, int N, int K, int gshift) {
   using H = Half2Of<T>;
   using T2 = typename H::T2;
-  const int K8 = K >> 3;
-  const size_t total = (size_t)(N >> 2) * K8;
-  for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
-    const int n4 = (int)(idx / K8), c = (int)(idx % K8);
-    const int n = 4 * n4 + ((c >> 1) & 3);
-    const int k0 = 64 * (c >> 3) + 32 * (c & 1);
-    const uint4 v = ld_stream_u4(qw + idx);
-    const size_t si = (size_t)(k0 >> gshift) * N + n;
-    const T2 s2 = H::broadcast(scales[si]);
-    const T2 z2 = H::broadcast(szeros[si]);
-    uint4* dst = reinterpret_cast<uint4*>(w + (size_t)n * K + k0);
+  const unsigned K8 = (unsigned)K >> 3;
+  const unsigned total = (unsigned)(N >> 2) * K8 * 4;  // < 2^32: checked by the launcher
+  const unsigned stride = gridDim.x * blockDim.x;
+  for (unsigned base = blockIdx.x * blockDim.x + threadIdx.x; base < total; base += stride * ITEMS) {
+    uint4 v[ITEMS];
+    T s[ITEMS], z[ITEMS];
+    size_t dst[ITEMS];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      uint4 o;
-      o.x = as_bits(dequant_pair<T>(v, 4 * q + 0, s2, z2));
-      o.y = as_bits(dequant_pair<T>(v, 4 * q + 1, s2, z2));
-      o.z = as_bits(dequant_pair<T>(v, 4 * q + 2, s2, z2));
-      o.w = as_bits(dequant_pair<T>(v, 4 * q + 3, s2, z2));
-      dst[q] = o;
+    for (int i = 0; i < ITEMS; ++i) {
+      const unsigned e = base + i * stride;
+      if (e < total) {
+        const unsigned chunk = e >> 2;
+        const unsigned n4 = chunk / K8, c = chunk - n4 * K8;
+        const unsigned n = 4 * n4 + ((c >> 1) & 3);
+        const unsigned k0 = 64 * (c >> 3) + 32 * (c & 1);
+        v[i] = __ldg(qw + chunk);
+        const size_t si = (size_t)(k0 >> gshift) * N + n;
+        s[i] = scales[si];
+        z[i] = szeros[si];
+        dst[i] = (size_t)n * K + k0 + 8 * (e & 3);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const unsigned e = base + i * stride;
+      if (e < total) {
+        const int q = (int)(e & 3);
+        const T2 s2 = H::broadcast(s[i]), z2 = H::broadcast(z[i]);
+        uint4 o;
+        o.x = as_bits(dequant_pair_ij<T>(v[i], q, 0, s2, z2));
+        o.y = as_bits(dequant_pair_ij<T>(v[i], q, 1, s2, z2));
+        o.z = as_bits(dequant_pair_ij<T>(v[i], q, 2, s2, z2));
+        o.w = as_bits(dequant_pair_ij<T>(v[i], q, 3, s2, z2));
+        *reinterpret_cast<uint4*>(w + dst[i]) = o;
+      }
     }
   }
 }
@@ -64,7 +82,7 @@ int grid_for(size_t work, int threads) {
   int dev = 0, sms = 132;
   if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   const size_t want = (work + threads - 1) / threads;
-  const size_t cap = (size_t)sms * 16;  // 16 blocks of 256 per SM: full occupancy, then grid-stride
+  const size_t cap = (size_t)sms * 8;  // 8 blocks of 256 per SM: full occupancy, then grid-stride
   return (int)(want < cap ? (want ? want : 1) : cap);
 }
 
@@ -76,15 +94,18 @@ void dequantize(DType dt, const void* qweight, const void* scales, const void* s
   check_aligned(qweight, "qweight");
   check_aligned(w, "w");
   const int gshift = log2_group(group_size);
-  const size_t chunks = (size_t)(N / 4) * (K / 8);
-  const int grid = grid_for(chunks, 256);
+  constexpr int kItems = 4;
+  const size_t quarters = (size_t)(N / 4) * (K / 8) * 4;
+  if (quarters + (size_t)256 * 132 * 8 * kItems >= (size_t)1 << 32)
+    throw std::invalid_argument("dcc w4a16: dequantize supports N*K < 2^34");
+  const int grid = grid_for((quarters + kItems - 1) / kItems, 256);
   if (dt == DType::kFloat16)
-    dequant_kernel<__half><<<grid, 256, 0, stream>>>(static_cast<const uint4*>(qweight),
+    dequant_kernel<__half, kItems><<<grid, 256, 0, stream>>>(static_cast<const uint4*>(qweight),
                                                      static_cast<const __half*>(scales),
                                                      static_cast<const __half*>(scaled_zeros),
                                                      static_cast<__half*>(w), N, K, gshift);
   else
-    dequant_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(static_cast<const uint4*>(qweight),
+    dequant_kernel<__nv_bfloat16, kItems><<<grid, 256, 0, stream>>>(static_cast<const uint4*>(qweight),
                                                             static_cast<const __nv_bfloat16*>(scales),
                                                             static_cast<const __nv_bfloat16*>(scaled_zeros),
                                                             static_cast<__nv_bfloat16*>(w), N, K, gshift);

@@ -25,7 +25,7 @@ namespace {
 constexpr int kRowsPerBlock = 16;
 constexpr int kKPerIter = 128;
 
-template <typename T, int MT, int WARPS, int U>
+template <typename T, int MT, int WARPS, int U, bool XPRE>
 __global__ void __launch_bounds__(WARPS * 32)
     fused_w4a16_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const T* __restrict__ scales,
                        const T* __restrict__ szeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N,
@@ -50,52 +50,66 @@ __global__ void __launch_bounds__(WARPS * 32)
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
 
   const uint4 zero4 = make_uint4(0, 0, 0, 0);
-  const T2 zero2 = H::broadcast(H::from_float(0.f));
 
-  for (int it0 = warp; it0 < KI; it0 += WARPS * U) {
-    // Issue every weight and scale load of U iterations before using any (memory-level parallelism).
-    uint4 wa[U], wb[U];
-    T2 sa[U], za[U], sb[U], zb[U];
+  // A ring of U iterations of loads per warp: the prologue issues U iterations, and each slot is refilled with the
+  // iteration U ahead right after it is consumed. Loads issued before the loop (or refilled for the next trip)
+  // cannot be sunk by the compiler next to their use, so U iterations stay in flight. With XPRE the activations
+  // ride in the ring too (else they are loaded, from L1/L2, when the slot is consumed).
+  uint4 wa[U], wb[U];
+  T sa[U], za[U], sb[U], zb[U];
+  uint4 xr[XPRE ? U : 1][MT][4];
+  const T zero = H::from_float(0.f);
+  auto load_x = [&](uint4 (&dst)[MT][4], int it) {
+    const int k0 = it * kKPerIter + 32 * t;
+    const bool ok = k0 < K;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int it = it0 + u * WARPS;
-      const int k0 = it * kKPerIter + 32 * t;
-      const bool ok = k0 < K;
-      const size_t grp = (size_t)(k0 >> gshift) * N;
-      wa[u] = (ok && okA) ? ld_stream_u4(qA + 16 * (size_t)it) : zero4;
-      wb[u] = (ok && okB) ? ld_stream_u4(qB + 16 * (size_t)it) : zero4;
-      sa[u] = (ok && okA) ? H::broadcast(scales[grp + nA]) : zero2;
-      za[u] = (ok && okA) ? H::broadcast(szeros[grp + nA]) : zero2;
-      sb[u] = (ok && okB) ? H::broadcast(scales[grp + nB]) : zero2;
-      zb[u] = (ok && okB) ? H::broadcast(szeros[grp + nB]) : zero2;
+    for (int mt = 0; mt < MT; ++mt) {
+      const int m = g + 8 * mt;
+      const T* xp = x + (size_t)m * K + k0;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) dst[mt][q] = (ok && m < M) ? ld_cached_u4(xp + 8 * q) : zero4;
     }
+  };
+  auto issue = [&](int u, int it) {
+    const int k0 = it * kKPerIter + 32 * t;  // it >= KI gives k0 >= K: nothing loaded
+    const bool ok = k0 < K;
+    const size_t grp = (size_t)(k0 >> gshift) * N;
+    wa[u] = (ok && okA) ? ld_stream_u4(qA + 16 * (size_t)it) : zero4;
+    wb[u] = (ok && okB) ? ld_stream_u4(qB + 16 * (size_t)it) : zero4;
+    sa[u] = (ok && okA) ? scales[grp + nA] : zero;
+    za[u] = (ok && okA) ? szeros[grp + nA] : zero;
+    sb[u] = (ok && okB) ? scales[grp + nB] : zero;
+    zb[u] = (ok && okB) ? szeros[grp + nB] : zero;
+    if constexpr (XPRE) load_x(xr[u], it);
+  };
+  const int n_it = warp < KI ? (KI - warp + WARPS - 1) / WARPS : 0;  // this warp's iterations: warp + j*WARPS
+#pragma unroll
+  for (int u = 0; u < U; ++u) issue(u, warp + u * WARPS);
+
+  for (int j0 = 0; j0 < n_it; j0 += U) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int it = it0 + u * WARPS;
-      const int k0 = it * kKPerIter + 32 * t;
-      const bool ok = k0 < K;
-      uint4 xv[MT][4];
+      if (j0 + u < n_it) {
+        if constexpr (!XPRE) load_x(xr[0], warp + (j0 + u) * WARPS);
+        const uint4 (&xv)[MT][4] = xr[XPRE ? u : 0];
+        const T2 sa2 = H::broadcast(sa[u]), za2 = H::broadcast(za[u]);
+        const T2 sb2 = H::broadcast(sb[u]), zb2 = H::broadcast(zb[u]);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int m = g + 8 * mt;
-        const T* xp = x + (size_t)m * K + k0;
+        for (int s = 0; s < 8; ++s) {
+          const uint32_t a0 = as_bits(dequant_pair<T>(wa[u], 2 * s, sa2, za2));
+          const uint32_t a1 = as_bits(dequant_pair<T>(wb[u], 2 * s, sb2, zb2));
+          const uint32_t a2 = as_bits(dequant_pair<T>(wa[u], 2 * s + 1, sa2, za2));
+          const uint32_t a3 = as_bits(dequant_pair<T>(wb[u], 2 * s + 1, sb2, zb2));
 #pragma unroll
-        for (int q = 0; q < 4; ++q) xv[mt][q] = (ok && m < M) ? ld_cached_u4(xp + 8 * q) : zero4;
-      }
-#pragma unroll
-      for (int s = 0; s < 8; ++s) {
-        const uint32_t a0 = as_bits(dequant_pair<T>(wa[u], 2 * s, sa[u], za[u]));
-        const uint32_t a1 = as_bits(dequant_pair<T>(wb[u], 2 * s, sb[u], zb[u]));
-        const uint32_t a2 = as_bits(dequant_pair<T>(wa[u], 2 * s + 1, sa[u], za[u]));
-        const uint32_t a3 = as_bits(dequant_pair<T>(wb[u], 2 * s + 1, sb[u], zb[u]));
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          // x pair p = 32-bit word p of the 64-byte run: uint4 p/4, component p%4.
-          const uint32_t b0 = word_of(xv[mt][(2 * s) >> 2], (2 * s) & 3);
-          const uint32_t b1 = word_of(xv[mt][(2 * s + 1) >> 2], (2 * s + 1) & 3);
-          mma_16816<T>(acc[mt], a0, a1, a2, a3, b0, b1);
+          for (int mt = 0; mt < MT; ++mt) {
+            // x pair p = 32-bit word p of the 64-byte run: uint4 p/4, component p%4.
+            const uint32_t b0 = word_of(xv[mt][(2 * s) >> 2], (2 * s) & 3);
+            const uint32_t b1 = word_of(xv[mt][(2 * s + 1) >> 2], (2 * s + 1) & 3);
+            mma_16816<T>(acc[mt], a0, a1, a2, a3, b0, b1);
+          }
         }
       }
+      if (j0 + U + u < n_it) issue(u, warp + (j0 + U + u) * WARPS);
     }
   }
 
@@ -121,17 +135,15 @@ __global__ void __launch_bounds__(WARPS * 32)
   }
 }
 
-constexpr int kWarps = 8;
 
-template <typename T, int MT>
+template <typename T, int MT, int WARPS, int U, bool XPRE>
 void launch_fused(const void* x, const void* qweight, const void* scales, const void* szeros, const void* bias,
                   void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
-  constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
   const dim3 grid((N + kRowsPerBlock - 1) / kRowsPerBlock);
   const int rows = 8 * MT;
   for (int m0 = 0; m0 < M; m0 += rows) {
     const int mc = M - m0 < rows ? M - m0 : rows;
-    fused_w4a16_kernel<T, MT, kWarps, U><<<grid, kWarps * 32, 0, stream>>>(
+    fused_w4a16_kernel<T, MT, WARPS, U, XPRE><<<grid, WARPS * 32, 0, stream>>>(
         static_cast<const T*>(x) + (size_t)m0 * K, static_cast<const uint4*>(qweight), static_cast<const T*>(scales),
         static_cast<const T*>(szeros), static_cast<const T*>(bias), static_cast<T*>(out) + (size_t)m0 * N, mc, N, K,
         gshift);
@@ -143,12 +155,39 @@ template <typename T>
 void dispatch_fused(int mtiles, const void* x, const void* qweight, const void* scales, const void* szeros,
                     const void* bias, void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
   switch (mtiles) {
-    case 1: return launch_fused<T, 1>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
-    case 2: return launch_fused<T, 2>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
-    case 4: return launch_fused<T, 4>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
-    case 8: return launch_fused<T, 8>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+    case 1: return launch_fused<T, 1, 8, 2, false>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+    case 2: return launch_fused<T, 2, 8, 2, false>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+    case 4: return launch_fused<T, 4, 8, 2, false>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+    case 8: return launch_fused<T, 8, 8, 2, false>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
     default: throw std::invalid_argument("dcc w4a16: mtiles must be 1, 2, 4 or 8");
   }
+}
+
+// Benchmark-only alternatives: block shapes (warps per block, iterations in flight per warp, activations in the
+// load ring or not) for M <= 8 (variants 0-7) and M <= 16 (8-9).
+constexpr const char* kVariantNames[] = {"w8_u2",       "w16_u2",       "w4_u2_xpre", "w8_u2_xpre", "w8_u4_xpre",
+                                         "w16_u2_xpre", "w16_u1_xpre",  "w4_u4_xpre", "mt2_w8_u2",  "mt2_w8_u2_xpre"};
+constexpr int kVariantMaxM[] = {8, 8, 8, 8, 8, 8, 8, 8, 16, 16};
+
+template <typename T>
+void dispatch_variant(int variant, const void* x, const void* qweight, const void* scales, const void* szeros,
+                      const void* bias, void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
+#define DCC_V(MT, W, U, XP) \
+  return launch_fused<T, MT, W, U, XP>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream)
+  switch (variant) {
+    case 0: DCC_V(1, 8, 2, false);
+    case 1: DCC_V(1, 16, 2, false);
+    case 2: DCC_V(1, 4, 2, true);
+    case 3: DCC_V(1, 8, 2, true);
+    case 4: DCC_V(1, 8, 4, true);
+    case 5: DCC_V(1, 16, 2, true);
+    case 6: DCC_V(1, 16, 1, true);
+    case 7: DCC_V(1, 4, 4, true);
+    case 8: DCC_V(2, 8, 2, false);
+    case 9: DCC_V(2, 8, 2, true);
+    default: throw std::invalid_argument("dcc w4a16: unknown gemv variant " + std::to_string(variant));
+  }
+#undef DCC_V
 }
 
 }  // namespace
@@ -174,6 +213,34 @@ void gemv(DType dt, const void* x, const void* qweight, const void* scales, cons
     dispatch_fused<__half>(mtiles, x, qweight, scales, scaled_zeros, bias, out, M, N, K, gshift, stream);
   else
     dispatch_fused<__nv_bfloat16>(mtiles, x, qweight, scales, scaled_zeros, bias, out, M, N, K, gshift, stream);
+}
+
+static_assert(sizeof(kVariantNames) / sizeof(kVariantNames[0]) == kNumGemvVariants, "variant table");
+static_assert(sizeof(kVariantMaxM) / sizeof(kVariantMaxM[0]) == kNumGemvVariants, "variant table");
+
+const char* gemv_variant_name(int variant) {
+  return variant >= 0 && variant < kNumGemvVariants ? kVariantNames[variant] : "";
+}
+
+int gemv_variant_max_m(int variant) { return variant >= 0 && variant < kNumGemvVariants ? kVariantMaxM[variant] : 0; }
+
+void gemv_variant(int variant, DType dt, const void* x, const void* qweight, const void* scales,
+                  const void* scaled_zeros, const void* bias, void* out, int M, int N, int K, int group_size,
+                  cudaStream_t stream) {
+  check_problem(M, N, K, group_size);
+  check_aligned(x, "x");
+  check_aligned(qweight, "qweight");
+  if (variant < 0 || variant >= kNumGemvVariants)
+    throw std::invalid_argument("dcc w4a16: unknown gemv variant " + std::to_string(variant));
+  if (M > kVariantMaxM[variant])
+    throw std::invalid_argument("dcc w4a16: gemv variant " + std::to_string(variant) + " takes M <= " +
+                                std::to_string(kVariantMaxM[variant]));
+  if (M == 0) return;
+  const int gshift = log2_group(group_size);
+  if (dt == DType::kFloat16)
+    dispatch_variant<__half>(variant, x, qweight, scales, scaled_zeros, bias, out, M, N, K, gshift, stream);
+  else
+    dispatch_variant<__nv_bfloat16>(variant, x, qweight, scales, scaled_zeros, bias, out, M, N, K, gshift, stream);
 }
 
 }  // namespace dcc_w4a16

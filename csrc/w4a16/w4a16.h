@@ -22,6 +22,14 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 void gemv(DType dt, const void* x, const void* qweight, const void* scales, const void* scaled_zeros,
           const void* bias, void* out, int M, int N, int K, int group_size, int mtiles, cudaStream_t stream);
 
+// Benchmark-only: alternative block shapes of the fused kernel for M <= gemv_variant_max_m(variant).
+constexpr int kNumGemvVariants = 10;
+const char* gemv_variant_name(int variant);
+int gemv_variant_max_m(int variant);
+void gemv_variant(int variant, DType dt, const void* x, const void* qweight, const void* scales,
+                  const void* scaled_zeros, const void* bias, void* out, int M, int N, int K, int group_size,
+                  cudaStream_t stream);
+
 // w [N, K] row-major = rnd(q*s + sz), bit-identical to decode_weight.
 void dequantize(DType dt, const void* qweight, const void* scales, const void* scaled_zeros, void* w, int N, int K,
                 int group_size, cudaStream_t stream);

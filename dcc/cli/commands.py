@@ -28,6 +28,9 @@ from .main import _fail, friendly, main
 @click.option("--bits", default=4, show_default=True, help="Weight bits (TinyChat packs 4).")
 @click.option("--group-size", default=128, show_default=True,
               help="Input features per scale. 128: TinyChat's kernels; 64 and 32: dcc's runtime only.")
+@click.option("--zero", type=click.Choice(["float", "integer"]), default="float", show_default=True,
+              help="float: each group's 16-bit offset is free, so the grid spans the group's [min, max] (TinyChat's "
+                   "kernel adds any scaled_zeros); integer: AWQ's integer zero point, scaled_zeros = -s*z.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default="float16", show_default=True,
               help="Scales and unquantized tensors.")
 @click.option("--unsupported", type=click.Choice(["error", "keep"]), default="error", show_default=True,
@@ -41,15 +44,16 @@ from .main import _fail, friendly, main
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Print what each pass does to each block.")
 @friendly
-def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, recipe, bits, group_size, dtype, unsupported,
-                dump_dir, seed, device, force, debug, quiet, verbose):
+def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, recipe, bits, group_size, zero, dtype,
+                unsupported, dump_dir, seed, device, force, debug, quiet, verbose):
     """Compile MODEL (a Hugging Face folder or a .gguf file) into an engine-ready artifact folder.
 
     Blocks are captured with torch.export and compiled one at a time on the calibration data; the artifact is
     written to a temporary folder and renamed into place when complete."""
     from ..api import CompileOptions, compile_model
-    opts = CompileOptions(target=target, algo=algo, recipe=recipe, bits=bits, group_size=group_size, dtype=dtype, calib=calib,
-                          calib_chunks=calib_chunks, calib_seq_len=calib_seq_len, unsupported=unsupported,
+    opts = CompileOptions(target=target, algo=algo, recipe=recipe, bits=bits, group_size=group_size, zero=zero,
+                          dtype=dtype, calib=calib, calib_chunks=calib_chunks, calib_seq_len=calib_seq_len,
+                          unsupported=unsupported,
                           seed=seed, device=device, dump_dir=dump_dir, force=force, debug=debug,
                           progress=not quiet, verbose=verbose)
     compile_model(model, out, opts, log=lambda m: click.echo(m, err=True))

@@ -13,7 +13,7 @@ import torch
 INT_DTYPES = {f"int{b}" for b in range(2, 9)}
 FP_DTYPES = {"fp8_e4m3", "fp8_e5m2", "fp4_e2m1"}
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-ZERO_MODES = {"integer", "scaled"}
+ZERO_MODES = {"integer", "scaled", "float"}
 _SCALE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
@@ -114,7 +114,8 @@ class QuantSpec:
         elif self.symmetric:
             parts = [self.dtype, "sym"]
         else:
-            parts = ["u" + self.dtype, "asym"] + (["scaled-zero"] if self.zero_mode == "scaled" else [])
+            parts = ["u" + self.dtype, "asym"] + ({"scaled": ["scaled-zero"], "float": ["float-zero"]}
+                                                  .get(self.zero_mode, []))
         gran = {0: "per-channel", -1: "per-tensor"}.get(self.group_size, f"g{self.group_size}")
         return " ".join(parts + [gran, _SCALE_SHORT[self.scale_dtype]])
 
@@ -217,6 +218,13 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor
     if spec.symmetric:  # int sym and all fp formats
         s = g.abs().amax(-1) * c_hi / spec.qmax
         lo = None
+    elif spec.zero_mode == "float":
+        # float zero (Q4_1 / TinyChat's free scaled_zeros): the grid spans [min, max] itself, shrunk toward the
+        # middle by the clip ratios; the zero is the grid's first level, a value in scale_dtype
+        lo, hi = g.amin(-1), g.amax(-1)
+        mid = (lo + hi) / 2
+        lo, hi = mid - (mid - lo) * c_lo, mid + (hi - mid) * c_hi
+        s = (hi - lo) / spec.qmax
     else:  # the range always includes 0 so that 0 is exactly representable (padding, pruned weights)
         lo = g.amin(-1).clamp(max=0) * c_lo
         hi = g.amax(-1).clamp(min=0) * c_hi
@@ -229,6 +237,8 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor
     s = torch.where(s == 0, torch.where(s32 == 0, torch.ones_like(s), tiny), s)
     if lo is None:
         return s, None
+    if spec.zero_mode == "float":
+        return s, lo.to(spec.torch_scale_dtype)
     z = torch.round(-lo / s.to(torch.float32)).clamp(0, spec.qmax)  # -lo/s in float32, half-to-even
     return s, z.to(torch.int16)
 
@@ -269,7 +279,9 @@ def quantize(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.
     x = g / scale.to(torch.float32).unsqueeze(-1)  # w / s in float32 (one rounding)
     if spec.is_fp:
         return fp_encode(x, spec.dtype).reshape(w.shape)
-    if zero is not None:
+    if zero is not None and spec.zero_mode == "float":   # (w - z) / s: the grid starts at the float zero
+        x = (g - zero.to(torch.float32).unsqueeze(-1)) / scale.to(torch.float32).unsqueeze(-1)
+    elif zero is not None:
         x = x + zero.to(torch.float32).unsqueeze(-1)  # asym: round(w/s + z), the sum also in float32
     q = torch.round(x).clamp(spec.qmin, spec.qmax)  # half-to-even, then clamp to the code range
     return q.to(torch.int16).reshape(w.shape)
@@ -285,6 +297,9 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
         out = fp_decode(q, spec.dtype) * s.to(torch.float32)
     elif spec.symmetric:
         out = q.to(torch.float32) * s.to(torch.float32)
+    elif spec.zero_mode == "float":   # the kernel's fma q*s + z in scale_dtype: exact in float64, one rounding
+        out = (q.to(torch.float64) * s.to(torch.float64) + zero.unsqueeze(-1).to(torch.float64)
+               ).to(spec.torch_scale_dtype)
     elif spec.zero_mode == "integer":  # (q - z) * s: |q - z| < 256, exact in float32 for fp16/bf16 scales
         out = (q.to(torch.float32) - zero.unsqueeze(-1).to(torch.float32)) * s.to(torch.float32)
     else:
@@ -348,6 +363,11 @@ def fake_quantize_fast(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Ten
     if spec.symmetric:
         s = g.abs().amax(-1, keepdim=True) * c_hi / spec.qmax
         z = None
+    elif spec.zero_mode == "float":
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        mid = (lo + hi) / 2
+        lo, hi = mid - (mid - lo) * c_lo, mid + (hi - mid) * c_hi
+        s = (hi - lo) / spec.qmax
     else:
         lo = g.amin(-1, keepdim=True).clamp(max=0) * c_lo
         s = (g.amax(-1, keepdim=True).clamp(min=0) * c_hi - lo) / spec.qmax
@@ -355,5 +375,8 @@ def fake_quantize_fast(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Ten
     s = torch.where(s == 0, torch.ones_like(s), s)
     if spec.symmetric:
         return (torch.round(g / s).clamp(spec.qmin, spec.qmax) * s).reshape(w.shape)
+    if spec.zero_mode == "float":
+        z = lo.to(spec.torch_scale_dtype).float()
+        return (torch.round((g - z) / s).clamp(0, spec.qmax) * s + z).reshape(w.shape)
     z = torch.round(-lo / s).clamp(0, spec.qmax)
     return ((torch.round(g / s + z).clamp(spec.qmin, spec.qmax) - z) * s).reshape(w.shape)

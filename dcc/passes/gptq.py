@@ -67,16 +67,21 @@ class _Columns:
         if zero is not None and sp.zero_mode == "scaled":   # sz = -(z * s) stored in the scale dtype
             self.sz64 = (-(zero.to(torch.float64) * scale.to(torch.float64))).to(sp.torch_scale_dtype) \
                 .to(torch.float64).expand(self.n, -1)
+        if zero is not None and sp.zero_mode == "float":    # the zero is itself the 16-bit offset
+            self.sz64 = zero.to(torch.float64).expand(self.n, -1)
 
     def __call__(self, wcol: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         sp = self.spec
-        x = wcol.float() / self.s32[:, g]
-        if self.z32 is not None:
-            x = x + self.z32[:, g]
+        if self.z32 is not None and sp.zero_mode == "float":
+            x = (wcol.float() - self.z32[:, g]) / self.s32[:, g]
+        else:
+            x = wcol.float() / self.s32[:, g]
+            if self.z32 is not None:
+                x = x + self.z32[:, g]
         q = torch.round(x).clamp(sp.qmin, sp.qmax)
         if self.z32 is None:
             deq = q.double() * self.s64[:, g]
-        elif sp.zero_mode == "scaled":   # one rounding of q*s + sz to the scale dtype, as the kernel's fma
+        elif sp.zero_mode in ("scaled", "float"):   # one rounding of q*s + sz to the scale dtype (the kernel's fma)
             deq = (q.double() * self.s64[:, g] + self.sz64[:, g]).to(sp.torch_scale_dtype).double()
         else:
             deq = ((q - self.z32[:, g]) * self.s32[:, g]).double()

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dcc.ir.formats import (FP_DTYPES, INT_DTYPES, QuantizedTensor, QuantSpec, compute_qparams, dequantize,
+from dcc.ir.formats import (FP_DTYPES, INT_DTYPES, fake_quantize_fast, QuantizedTensor, QuantSpec, compute_qparams, dequantize,
                             fake_quantize, fp_decode, fp_encode, quant_error, quantize, quantize_tensor, round_to_fp)
 
 E2M1_GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -378,3 +378,22 @@ def test_fp_quantize_tensor(dtype, group_size):
         expect = float(absmax) / spec.qmax  # e5m2 with fp16 scales lands in fp16 subnormals: absolute slack
         assert float(qt.scale) == pytest.approx(expect, rel=2.0 ** -11, abs=2.0 ** -25)
     assert quant_error(w, qt.dequantize())["sqnr_db"] > (15 if dtype == "fp4_e2m1" else 25)
+
+
+def test_float_zero_grid_spans_min_to_max_and_decodes_by_one_fma():
+    """zero_mode "float": the zero is a 16-bit offset (GGUF Q4_1's m, TinyChat's free scaled_zeros)."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.rand(8, 64, generator=g) * 0.05 + 0.01          # all positive: the integer-zero grid must include 0
+    spec = QuantSpec("int4", symmetric=False, group_size=32, scale_dtype="float16", zero_mode="float")
+    qt = quantize_tensor(w, spec)
+    assert qt.zero.dtype == torch.float16
+    # the grid starts at the group minimum (rounded to fp16) and the codes use the whole range
+    assert torch.equal(qt.zero, w.view(8, 2, 32).amin(-1).half())
+    assert int(qt.codes.min()) == 0 and int(qt.codes.max()) == 15
+    ref = (qt.codes.double().view(8, 2, 32) * qt.scale.double().unsqueeze(-1)
+           + qt.zero.double().unsqueeze(-1)).half().float().view(8, 64)
+    assert torch.equal(qt.dequantize(), ref)
+    integer = QuantSpec("int4", symmetric=False, group_size=32, scale_dtype="float16", zero_mode="scaled")
+    err = lambda s: float((fake_quantize(w, s) - w).pow(2).sum())  # noqa: E731
+    assert err(spec) < err(integer)   # a range away from 0 is where the float zero pays
+    assert torch.allclose(fake_quantize_fast(w, spec), qt.dequantize(), atol=2e-5)

@@ -46,10 +46,11 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor,
-                 group_size: int, bias: torch.Tensor | None = None, *, path: str = "auto") -> torch.Tensor:
+                 group_size: int, bias: torch.Tensor | None = None, *, path: str = "auto",
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x [..., K] fp16/bf16 on the GPU, W the decoded TinyChat weight (decode_weight);
     fp32 accumulation, output in x's dtype. path: "auto", "fused" (dequant in registers + mma.sync) or "gemm"
-    (dequantise to a scratch buffer + cuBLAS)."""
+    (dequantise to a scratch buffer + cuBLAS). out: an optional contiguous [..., N] tensor to write into."""
     if not x.is_cuda:
         raise ValueError(f"x must be a CUDA tensor, got {x.device}")
     if x.dtype not in _DTYPES:
@@ -62,7 +63,11 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, s
     lead = x.shape[:-1]
     x2 = _dense(x.reshape(-1, k))
     m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    elif (tuple(out.shape) not in ((m, n), (*lead, n)) or out.dtype != x.dtype or out.device != x.device
+          or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(*lead, n)} on {x.device}")
     b = 0
     if bias is not None:
         if tuple(bias.shape) != (n,):

@@ -37,7 +37,8 @@ class TinyChatEmitter:
             if lin.qtensor is not None:
                 qt = lin.qtensor
                 self.writer.add(f"{full}.qweight", pack_qweight(qt.codes))
-                scales, szeros = pack_scales(qt.scale, qt.zero, qt.spec.group_size, self.dtype)
+                scales, szeros = pack_scales(qt.scale, qt.zero, qt.spec.group_size, self.dtype,
+                                             float_zero=qt.spec.zero_mode == "float")
                 self.writer.add(f"{full}.scales", scales)
                 self.writer.add(f"{full}.scaled_zeros", szeros)
                 # the fake-quant weight that was evaluated, as the 16-bit values the kernel reconstructs

@@ -122,20 +122,27 @@ def _check_integral(zero: torch.Tensor) -> None:
 
 
 def pack_scales(scale: torch.Tensor, zero: torch.Tensor, group_size: int,
-                dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+                dtype: torch.dtype = torch.float16, float_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """scale [N, G] (values already in dtype) and integer zero points [N, G] -> (scales [Kg, N],
     scaled_zeros [Kg, N]) in dtype: transposed to group-major, rows G..Kg-1 zero, scaled_zeros = -(s*z) rounded
-    once to dtype (s*z is exact in float64)."""
+    once to dtype (s*z is exact in float64). float_zero: `zero` already is the 16-bit offset the kernel adds
+    (w = q*s + zero, the kernel's fma allows any value), stored as is."""
     if scale.dim() != 2 or tuple(zero.shape) != tuple(scale.shape):
         raise ValueError(f"scale and zero must both be [N, G], got {tuple(scale.shape)} and {tuple(zero.shape)}")
     if not scale.dtype.is_floating_point:
         raise ValueError(f"scale must be floating point, got {scale.dtype}")
-    _check_integral(zero)
+    if not float_zero:
+        _check_integral(zero)
     n, g = scale.shape
     s = scale.to(dtype)
     if not torch.equal(s.to(torch.float64), scale.to(torch.float64)):
         raise ValueError(f"scale is not exactly representable in {dtype}: round it (before quantizing) first")
-    sz = (-(zero.to(torch.float64) * s.to(torch.float64))).to(dtype)
+    if float_zero:
+        sz = zero.to(dtype)
+        if not torch.equal(sz.to(torch.float64), zero.to(torch.float64)):
+            raise ValueError(f"float zero is not exactly representable in {dtype}")
+    else:
+        sz = (-(zero.to(torch.float64) * s.to(torch.float64))).to(dtype)
     kg = padded_groups(g, group_size)
     scales = torch.zeros(kg, n, dtype=dtype, device=scale.device)
     scaled_zeros = torch.zeros(kg, n, dtype=dtype, device=scale.device)

@@ -6,7 +6,7 @@ from .pipeline import make_spec_assigner, pipeline, preflight, weight_spec  # no
 
 
 def spec_for(opts):
-    return weight_spec(opts.bits, opts.group_size, opts.dtype)
+    return weight_spec(opts.bits, opts.group_size, opts.dtype, getattr(opts, "zero", "float"))
 
 
 def steps_for(opts):

@@ -43,11 +43,16 @@ def pipeline(algo: str) -> list[Step]:
     raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
 
 
-def weight_spec(bits: int = 4, group_size: int = 128, scale_dtype: str = "float16") -> QuantSpec:
-    """TinyChat's numerics: unsigned codes with a zero point, scales in the activation dtype, and the kernel's
-    dequantisation w = fp16(q*s + fp16(-s*z)) (one fused multiply-add), which the fake quantization reproduces."""
+def weight_spec(bits: int = 4, group_size: int = 128, scale_dtype: str = "float16",
+                zero: str = "float") -> QuantSpec:
+    """TinyChat's numerics: unsigned codes, scales in the activation dtype, and the kernel's dequantisation
+    w = fp16(q*s + sz), one fused multiply-add, which the fake quantization reproduces. The kernel takes any 16-bit
+    sz: zero="float" uses that freedom (the grid spans the group's [min, max], like GGUF's Q4_1); zero="integer" is
+    AWQ's convention, sz = -(s*z) with an integer z."""
+    if zero not in ("float", "integer"):
+        raise ValueError(f"zero must be 'float' or 'integer', got {zero!r}")
     return QuantSpec(dtype=f"int{bits}", symmetric=False, group_size=group_size, scale_dtype=scale_dtype,
-                     zero_mode="scaled")
+                     zero_mode="float" if zero == "float" else "scaled")
 
 
 def preflight(lm, spec: QuantSpec, on_unsupported: str) -> list[str]:

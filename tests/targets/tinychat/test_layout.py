@@ -268,3 +268,16 @@ def test_check_shape_reports_every_problem():
         check_shape("lm.fc", 6, 96, 128)
     msg = str(ei.value)
     assert "out_features 6" in msg and "multiple of 64" in msg and "group size 128" in msg
+
+
+def test_float_zero_is_stored_as_the_scaled_zero_and_decodes_exactly():
+    from dcc.ir.formats import QuantSpec, quantize_tensor
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(12, 128, generator=g) * 0.02
+    qt = quantize_tensor(w, QuantSpec("int4", False, 64, "float16", "float"))
+    scales, szeros = pack_scales(qt.scale, qt.zero, 64, torch.float16, float_zero=True)
+    assert torch.equal(szeros[:2].t(), qt.zero)
+    dec = decode_weight(pack_qweight(qt.codes), scales, szeros, 64, 128)
+    assert torch.equal(dec.float(), qt.dequantize())
+    with pytest.raises(ValueError):
+        pack_scales(qt.scale, qt.zero.float() + 1e-4, 64, torch.float16, float_zero=True)
