@@ -145,6 +145,8 @@ def bench(args, copy_tbs, peak_tflops):
             paths = ["auto"]
             if m in (16, 64, 256, 1024):
                 paths += ["fused", "gemm"]
+            if m in (256, 4096):
+                paths += ["gemm_ext"]
             if args.variants and m in (1, 4, 16):
                 nv = len(ext.gemv_variant_names())
                 paths += [f"v{v}" for v in range(nv)
@@ -227,6 +229,7 @@ def smoke():
                 ext.gemv_variant(v, x.data_ptr(), qw.data_ptr(), s.data_ptr(), sz.data_ptr(), 0, out.data_ptr(),
                                  min(m, ext.gemv_variant_max_m(v)), n, k, g, name, st)
             rt.w4a16_linear(x, qw, s, sz, g, b, path="gemm")
+            rt.w4a16_linear(x, qw, s, sz, g, b, path="gemm_ext")
             rt.dequantize(qw, s, sz, g, k)
     torch.cuda.synchronize()
     log("smoke: all kernels ran")

@@ -5,8 +5,10 @@
 // up to 8 rows of x form the 8-column B operand (8*MT rows with MT B tiles). A block owns 16 output rows
 // (n_base .. n_base+15); its WARPS warps split K. In one iteration a warp covers 16 rows x 128 k: lane (g, t)
 // (g = lane/4, t = lane%4) loads the 16-byte chunk of rows n_base+g and n_base+8+g for k0 = 128*it + 32*t, i.e.
-// qweight[n4, 64*kt + 16*r + 8*h .. +8] with kt = k0/64, h = t%2 -- for one n4 the 16 lanes g%4..., t cover 256
-// contiguous bytes, so each load instruction reads two fully used 256-byte segments.
+// qweight[n4, 64*kt + 16*r + 8*h .. +8] with kt = k0/64, h = t%2 -- the 16 lanes of one n4 (4 rows x 4 t) cover
+// 256 contiguous bytes, so each load instruction reads two fully used 256-byte segments.
+// Default launch for M <= 8: 16 warps per block, activations loaded with the weights ("w16_u1_xpre"); M <= 16:
+// two B tiles; up to 64: 4 or 8 B tiles (M above 8*MT runs in chunks). See csrc/NOTES.md for the measurements.
 // The k order inside an mma is free as long as A and B agree: in mma s (0..7) lane (g, t) supplies, as logical
 // k columns {2t, 2t+1} and {2t+8, 2t+9}, the physical pairs 2s and 2s+1 of its own chunk (k0 + 4s .. k0 + 4s + 3),
 // for rows g and g+8 (A) and for x row m = g (B). All 16 rows of a tile use the same k0 for a given t, so the
@@ -136,6 +138,134 @@ __global__ void __launch_bounds__(WARPS * 32)
 }
 
 
+// Experiment (GEMV v3 in csrc/NOTES.md; reachable through gemv_variant only, not the default: it measured no faster
+// than the v2 default). M <= MP (MP in {1, 2, 4, 8}), one B tile: the same product as fused_w4a16_kernel<T, 1, ...>,
+// but the activations of an iteration (MP rows x 128 k) are spread over the warp's 32 lanes, 2*MP words per lane,
+// and each lane fetches its B fragment with 16 shuffles when the slot is consumed. That keeps 2*MP registers per
+// ring slot instead of 16, so two iterations fit in flight at 16 warps per block.
+// Lane L = m*(32/MP) + tt*(8/MP) + q holds words 16*tt + 2*MP*q + r (r < 2*MP) of row m of the 128-k run, i.e.
+// x[m, 128*it + 32*tt + 4*MP*q + 2r, +1]: lane (g, t) finds word p of its run (g, t) in register p % (2*MP) of lane
+// g*(32/MP) + t*(8/MP) + p / (2*MP).
+// Register cap: 32 resident warps per SM (64 registers at 16 warps per block), so that N/16 blocks of a
+// 4096-row layer (256 blocks on 132 SMs) are all resident at once.
+template <typename T, int MP, int WARPS, int U>
+__global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32))
+    gemv_shfl_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const T* __restrict__ scales,
+                     const T* __restrict__ szeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
+                     int gshift) {
+  using H = Half2Of<T>;
+  using T2 = typename H::T2;
+  constexpr int XW = 2 * MP;  // words per lane per iteration
+  __shared__ float4 red[WARPS][32];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int n_base = blockIdx.x * kRowsPerBlock;
+  const int nA = n_base + g, nB = n_base + 8 + g;
+  const bool okA = nA < N, okB = nB < N;
+  const int K8 = K >> 3;
+  const uint4* qA = qw + (size_t)(nA >> 2) * K8 + 2 * (nA & 3) + (t & 1) + 8 * (t >> 1);
+  const uint4* qB = qw + (size_t)(nB >> 2) * K8 + 2 * (nB & 3) + (t & 1) + 8 * (t >> 1);
+  const int KI = (K + kKPerIter - 1) / kKPerIter;
+  // this lane's share of the activations
+  const int xm = lane / (32 / MP), xrem = lane % (32 / MP);
+  const int xt = xrem / (8 / MP), xq = xrem % (8 / MP);
+  const T* xbase = x + (size_t)xm * K + 32 * xt + 4 * MP * xq;
+  const bool xrow_ok = xm < M;
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  const uint4 zero4 = make_uint4(0, 0, 0, 0);
+  const T zero = H::from_float(0.f);
+
+  uint4 wa[U], wb[U];
+  T sa[U], za[U], sb[U], zb[U];
+  uint32_t xw[U][XW];
+  auto issue = [&](int u, int it) {
+    const int k0 = it * kKPerIter + 32 * t;
+    const bool ok = k0 < K;
+    const size_t grp = (size_t)(k0 >> gshift) * N;
+    wa[u] = (ok && okA) ? ld_stream_u4(qA + 16 * (size_t)it) : zero4;
+    wb[u] = (ok && okB) ? ld_stream_u4(qB + 16 * (size_t)it) : zero4;
+    sa[u] = (ok && okA) ? scales[grp + nA] : zero;
+    za[u] = (ok && okA) ? szeros[grp + nA] : zero;
+    sb[u] = (ok && okB) ? scales[grp + nB] : zero;
+    zb[u] = (ok && okB) ? szeros[grp + nB] : zero;
+    const bool xok = xrow_ok && it * kKPerIter + 32 * xt < K;
+    const T* xp = xbase + (size_t)it * kKPerIter;
+    if constexpr (MP == 1) {
+      const uint2 v = xok ? __ldg(reinterpret_cast<const uint2*>(xp)) : make_uint2(0, 0);
+      xw[u][0] = v.x;
+      xw[u][1] = v.y;
+    } else {
+#pragma unroll
+      for (int c = 0; c < XW / 4; ++c) {
+        const uint4 v = xok ? ld_cached_u4(xp + 8 * c) : zero4;
+        xw[u][4 * c + 0] = v.x;
+        xw[u][4 * c + 1] = v.y;
+        xw[u][4 * c + 2] = v.z;
+        xw[u][4 * c + 3] = v.w;
+      }
+    }
+  };
+  const int n_it = warp < KI ? (KI - warp + WARPS - 1) / WARPS : 0;
+#pragma unroll
+  for (int u = 0; u < U; ++u) issue(u, warp + u * WARPS);
+
+  const bool brow_ok = g < M;
+  const int src_base = g * (32 / MP) + t * (8 / MP);
+  for (int j0 = 0; j0 < n_it; j0 += U) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (j0 + u < n_it) {  // warp-uniform: every lane takes part in the shuffles
+        const T2 sa2 = H::broadcast(sa[u]), za2 = H::broadcast(za[u]);
+        const T2 sb2 = H::broadcast(sb[u]), zb2 = H::broadcast(zb[u]);
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+          const int p0 = 2 * s, p1 = 2 * s + 1;
+          uint32_t b0 = __shfl_sync(0xffffffffu, xw[u][p0 % XW], (src_base + p0 / XW) & 31);
+          uint32_t b1 = __shfl_sync(0xffffffffu, xw[u][p1 % XW], (src_base + p1 / XW) & 31);
+          b0 = brow_ok ? b0 : 0u;
+          b1 = brow_ok ? b1 : 0u;
+          const uint32_t a0 = as_bits(dequant_pair<T>(wa[u], p0, sa2, za2));
+          const uint32_t a1 = as_bits(dequant_pair<T>(wb[u], p0, sb2, zb2));
+          const uint32_t a2 = as_bits(dequant_pair<T>(wa[u], p1, sa2, za2));
+          const uint32_t a3 = as_bits(dequant_pair<T>(wb[u], p1, sb2, zb2));
+          mma_16816<T>(acc, a0, a1, a2, a3, b0, b1);
+        }
+      }
+      if (j0 + U + u < n_it) issue(u, warp + (j0 + U + u) * WARPS);
+    }
+  }
+
+  red[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  __syncthreads();
+  const float* redf = reinterpret_cast<const float*>(&red[0][0]);
+  for (int e = threadIdx.x; e < kRowsPerBlock * 8; e += WARPS * 32) {
+    const int nl = e & 15, m = e >> 4;
+    const int src_lane = 4 * (nl & 7) + (m >> 1);
+    const int c = ((nl >> 3) << 1) | (m & 1);
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sum += redf[(w * 32 + src_lane) * 4 + c];
+    const int n = n_base + nl;
+    if (m < M && n < N) {
+      if (bias != nullptr) sum += H::to_float(bias[n]);
+      out[(size_t)m * N + n] = H::from_float(sum);
+    }
+  }
+}
+
+template <typename T, int MP, int WARPS, int U>
+void launch_shfl(const void* x, const void* qweight, const void* scales, const void* szeros, const void* bias,
+                 void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
+  if (M > MP) throw std::invalid_argument("dcc w4a16: shuffle GEMV kernel takes M <= " + std::to_string(MP));
+  const dim3 grid((N + kRowsPerBlock - 1) / kRowsPerBlock);
+  gemv_shfl_kernel<T, MP, WARPS, U><<<grid, WARPS * 32, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const uint4*>(qweight), static_cast<const T*>(scales),
+      static_cast<const T*>(szeros), static_cast<const T*>(bias), static_cast<T*>(out), M, N, K, gshift);
+  check_cuda(cudaGetLastError(), "shuffle GEMV kernel launch");
+}
+
 template <typename T, int MT, int WARPS, int U, bool XPRE>
 void launch_fused(const void* x, const void* qweight, const void* scales, const void* szeros, const void* bias,
                   void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
@@ -155,38 +285,45 @@ template <typename T>
 void dispatch_fused(int mtiles, const void* x, const void* qweight, const void* scales, const void* szeros,
                     const void* bias, void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
   switch (mtiles) {
-    case 1: return launch_fused<T, 1, 8, 2, false>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
-    case 2: return launch_fused<T, 2, 8, 2, false>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+    // M <= 8: 16 warps per block, one iteration in flight per warp, activations in the ring ("w16_u1_xpre",
+    // GEMV v2 in csrc/NOTES.md: the fastest or within noise of it on every shape measured, in two runs).
+    case 1: return launch_fused<T, 1, 16, 1, true>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+    case 2: return launch_fused<T, 2, 8, 2, true>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
     case 4: return launch_fused<T, 4, 8, 2, false>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
     case 8: return launch_fused<T, 8, 8, 2, false>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
     default: throw std::invalid_argument("dcc w4a16: mtiles must be 1, 2, 4 or 8");
   }
 }
 
-// Benchmark-only alternatives: block shapes (warps per block, iterations in flight per warp, activations in the
-// load ring or not) for M <= 8 (variants 0-7) and M <= 16 (8-9).
-constexpr const char* kVariantNames[] = {"w8_u2",       "w16_u2",       "w4_u2_xpre", "w8_u2_xpre", "w8_u4_xpre",
-                                         "w16_u2_xpre", "w16_u1_xpre",  "w4_u4_xpre", "mt2_w8_u2",  "mt2_w8_u2_xpre"};
-constexpr int kVariantMaxM[] = {8, 8, 8, 8, 8, 8, 8, 8, 16, 16};
+// Benchmark-only alternatives (csrc/NOTES.md): warps per block (w), iterations in flight per warp (u), activations
+// loaded when consumed / in the ring (xpre) / spread over the lanes (sP: M <= P); mt2 = two B tiles (M <= 16).
+constexpr const char* kVariantNames[] = {"w8_u2",     "w16_u1_xpre", "s1_w16_u2", "s1_w8_u2",
+                                         "s1_w16_u1", "s2_w16_u2",   "s4_w16_u2", "s4_w16_u1",
+                                         "s8_w16_u1", "mt2_w8_u2",   "mt2_w8_u2_xpre", "mt2_w16_u1_xpre"};
+constexpr int kVariantMaxM[] = {8, 8, 1, 1, 1, 2, 4, 4, 8, 16, 16, 16};
 
 template <typename T>
 void dispatch_variant(int variant, const void* x, const void* qweight, const void* scales, const void* szeros,
                       const void* bias, void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
 #define DCC_V(MT, W, U, XP) \
   return launch_fused<T, MT, W, U, XP>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream)
+#define DCC_S(MP, W, U) return launch_shfl<T, MP, W, U>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream)
   switch (variant) {
     case 0: DCC_V(1, 8, 2, false);
-    case 1: DCC_V(1, 16, 2, false);
-    case 2: DCC_V(1, 4, 2, true);
-    case 3: DCC_V(1, 8, 2, true);
-    case 4: DCC_V(1, 8, 4, true);
-    case 5: DCC_V(1, 16, 2, true);
-    case 6: DCC_V(1, 16, 1, true);
-    case 7: DCC_V(1, 4, 4, true);
-    case 8: DCC_V(2, 8, 2, false);
-    case 9: DCC_V(2, 8, 2, true);
+    case 1: DCC_V(1, 16, 1, true);
+    case 2: DCC_S(1, 16, 2);
+    case 3: DCC_S(1, 8, 2);
+    case 4: DCC_S(1, 16, 1);
+    case 5: DCC_S(2, 16, 2);
+    case 6: DCC_S(4, 16, 2);
+    case 7: DCC_S(4, 16, 1);
+    case 8: DCC_S(8, 16, 1);
+    case 9: DCC_V(2, 8, 2, false);
+    case 10: DCC_V(2, 8, 2, true);
+    case 11: DCC_V(2, 16, 1, true);
     default: throw std::invalid_argument("dcc w4a16: unknown gemv variant " + std::to_string(variant));
   }
+#undef DCC_S
 #undef DCC_V
 }
 

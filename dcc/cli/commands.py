@@ -91,13 +91,25 @@ def inspect(artifact, as_json):
     click.echo(f"{nq} of {len(m['layers'])} linears quantized")
 
 
+def _check_device(device: str) -> None:
+    """cpu: the reference; cuda: dcc's kernels (built with nvcc on first use)."""
+    if device not in ("cpu", "cuda"):
+        _fail(f"--device {device}: use cpu or cuda")
+    if device == "cuda":
+        from ..runtime import cuda as rt
+        ok, why = rt.available()
+        if not ok:
+            _fail(why)
+
+
 @main.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--model", type=click.Path(), default=None,
               help="The source model: also report per-layer output error and logit drift against it.")
 @click.option("--tokens", default=128, show_default=True, help="Tokens per sequence for the output comparison.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu (reference); cuda needs the GPU runtime.")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu: decode and run in torch; cuda: run every quantized layer through dcc's W4A16 kernels.")
 @click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the report as JSON here.")
 @friendly
 def validate(artifact, model, tokens, seed, device, as_json):
@@ -105,10 +117,13 @@ def validate(artifact, model, tokens, seed, device, as_json):
     with --model, report each layer's output error and the logit drift against the float model."""
     from ..runtime.artifact import load_artifact
     from ..runtime.validate import check_exact, compare_with_float, sample_ids
-    if device != "cpu":
-        _fail(f"--device {device}: the GPU runtime is not built yet; use --device cpu")
+    _check_device(device)
     art = load_artifact(artifact)
-    exact = check_exact(art)
+    if device == "cuda":
+        from ..runtime.cuda.model import check_exact_cuda, compare_with_float_cuda
+        exact, compare = check_exact_cuda(art), compare_with_float_cuda
+    else:
+        exact, compare = check_exact(art), compare_with_float
     bad = [k for k, ok in exact.items() if not ok]
     report = {"exact": exact}
     click.echo(f"decoded weights equal the fake-quant weights: {len(exact) - len(bad)}/{len(exact)} layers")
@@ -116,7 +131,7 @@ def validate(artifact, model, tokens, seed, device, as_json):
         from ..models.loader import LazyModel
         lm = LazyModel(model)
         fm = lm.materialize_all()
-        cmp = compare_with_float(art, fm, sample_ids(lm.config.vocab_size, 2, tokens, seed))
+        cmp = compare(art, fm, sample_ids(lm.config.vocab_size, 2, tokens, seed))
         report["float"] = cmp
         click.echo(f"{'layer':44} {'output rel err':>14}")
         for k, v in cmp["layers"].items():
@@ -135,7 +150,7 @@ def validate(artifact, model, tokens, seed, device, as_json):
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per non-overlapping window.")
 @click.option("--windows", "n_windows", default=None, type=int, help="Evaluate only the first N windows.")
 @click.option("--baseline", type=click.Path(), default=None, help="Also evaluate this source model (float).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu (reference) or cuda (dcc's W4A16 kernels).")
 @click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the results as JSON here.")
 @click.option("-q", "--quiet", is_flag=True)
 @friendly
@@ -146,14 +161,18 @@ def eval_cmd(artifact, ppl_file, seq_len, n_windows, baseline, device, as_json, 
     from ..runtime.artifact import load_artifact
     from ..runtime.evaluate import perplexity
     from ..runtime.reference import build_model
-    if device != "cpu":
-        _fail(f"--device {device}: the GPU runtime is not built yet; use --device cpu")
+    _check_device(device)
     art = load_artifact(artifact)
     tok = load_tokenizer(art.path)
     ids = tokenize_file(ppl_file, tok)
     check_vocab(ids, art.config["vocab_size"], ppl_file)
     w = windows(ids, n_windows, seq_len, ppl_file)
-    results = {"artifact": perplexity(build_model(art), w, progress=not quiet, desc="artifact")}
+    if device == "cuda":
+        from ..runtime.cuda.model import build_cuda_model
+        model = build_cuda_model(art)
+    else:
+        model = build_model(art)
+    results = {"artifact": perplexity(model, w, device=device, progress=not quiet, desc="artifact")}
     if baseline:
         from ..models.loader import LazyModel
         results["baseline"] = perplexity(LazyModel(baseline).materialize_all(), w, progress=not quiet,

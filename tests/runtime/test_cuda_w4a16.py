@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.gpu,
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = (torch.float16, torch.bfloat16)
 GROUPS = (64, 128)
-MS = (1, 3, 7, 8, 9, 33, 257)
+MS = (1, 2, 3, 7, 8, 9, 33, 257)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def check_linear(rt, m, n, k, g, dtype, path, seed, bias=False):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("g", GROUPS)
-@pytest.mark.parametrize("path", ["fused", "gemm", "auto"])
+@pytest.mark.parametrize("path", ["fused", "gemm", "gemm_ext", "auto"])
 def test_linear_random_shapes(rt, dtype, g, path):
     # N: multiples of 64; K: multiples of the group size, including K % 128 == 64 (a half 128-k step) for g = 64.
     rng = torch.Generator().manual_seed(_seed("shapes", str(dtype), g, path))
@@ -104,12 +104,12 @@ def test_linear_random_shapes(rt, dtype, g, path):
                                      (1, 4, 64, 64), (2, 20, 192, 64), (16, 4092, 128, 128), (64, 256, 8192, 128)])
 def test_linear_edge_shapes(rt, dtype, m, n, k, g):
     # N not a multiple of 16 (partial row tile), tiny K (idle warps), long K (many iterations per warp), real sizes.
-    for path in ("fused", "gemm"):
+    for path in ("fused", "gemm", "gemm_ext"):
         check_linear(rt, m, n, k, g, dtype, path, seed=_seed("edge", str(dtype), m, n, k, g, path))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("path", ["fused", "gemm"])
+@pytest.mark.parametrize("path", ["fused", "gemm", "gemm_ext"])
 def test_linear_bias_and_batch_dims(rt, dtype, path):
     for m in (1, 6, 40):
         check_linear(rt, m, 192, 256, 128, dtype, path, seed=_seed("bias", str(dtype), path, m), bias=True)
@@ -129,7 +129,7 @@ def test_all_mtiles_and_streams(rt, dtype):
     n, k, g = 320, 640, 64
     qw, s, sz = make_layer(n, k, g, dtype, gen)
     side = torch.cuda.Stream()
-    for mt, m in itertools.product((1, 2, 4, 8), (1, 8, 13, 70)):
+    for mt, m in itertools.product((1, 2, 4, 8), (1, 2, 3, 8, 13, 70)):
         x = torch.randn(m, k, generator=gen).to(dtype).cuda()
         out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
         side.wait_stream(torch.cuda.current_stream())
@@ -148,7 +148,7 @@ def test_gemv_variants(rt, dtype):
     gen = torch.Generator().manual_seed(_seed("variants", str(dtype)))
     n, k, g = 448, 1152, 128
     qw, s, sz = make_layer(n, k, g, dtype, gen)
-    for v, m in itertools.product(range(len(ext.gemv_variant_names())), (1, 4, 8, 16)):
+    for v, m in itertools.product(range(len(ext.gemv_variant_names())), (1, 2, 3, 4, 7, 8, 13, 16)):
         if m > ext.gemv_variant_max_m(v):
             continue
         x = torch.randn(m, k, generator=gen).to(dtype).cuda()

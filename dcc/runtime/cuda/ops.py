@@ -12,7 +12,8 @@ from .build import load
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 # M <= FUSED_MAX_M: the fused dequant + mma.sync kernel (weights read once per 64 rows of x); larger M: dequantise
-# into a scratch [N, K] buffer and run one cuBLAS GEMM. Set from bench/gpu_w4a16.py on an H100 (csrc/NOTES.md).
+# into a scratch [N, K] buffer and run one cuBLAS GEMM. Set from bench/gpu_w4a16.py on an H100 (csrc/NOTES.md):
+# at M = 64 the fused kernel wins on 14336x4096 and 4096x14336 and is within 10% on 4096x4096; at 256 the GEMM wins.
 FUSED_MAX_M = int(os.environ.get("DCC_W4A16_FUSED_MAX_M", "64"))
 
 
@@ -49,8 +50,9 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, s
                  group_size: int, bias: torch.Tensor | None = None, *, path: str = "auto",
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x [..., K] fp16/bf16 on the GPU, W the decoded TinyChat weight (decode_weight);
-    fp32 accumulation, output in x's dtype. path: "auto", "fused" (dequant in registers + mma.sync) or "gemm"
-    (dequantise to a scratch buffer + cuBLAS). out: an optional contiguous [..., N] tensor to write into."""
+    fp32 accumulation, output in x's dtype. path: "auto", "fused" (dequant in registers + mma.sync), "gemm"
+    (dequantise to a scratch buffer + PyTorch's cuBLAS matmul) or "gemm_ext" (the same through the extension's
+    own cublasGemmEx call). out: an optional contiguous [..., N] tensor to write into."""
     if not x.is_cuda:
         raise ValueError(f"x must be a CUDA tensor, got {x.device}")
     if x.dtype not in _DTYPES:
@@ -86,12 +88,21 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, s
         if path == "fused":
             ext.gemv(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), scaled_zeros.data_ptr(), b, out.data_ptr(),
                      m, n, k, group_size, dt, 0, stream)
-        elif path == "gemm":
+        elif path in ("gemm", "gemm_ext"):
             w = torch.empty(n, k, dtype=x.dtype, device=x.device)  # stream-ordered reuse by the caching allocator
-            ext.gemm(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), scaled_zeros.data_ptr(), b, out.data_ptr(),
-                     w.data_ptr(), m, n, k, group_size, dt, stream)
+            if path == "gemm_ext":  # the extension's own cuBLAS call (what a non-torch caller gets)
+                ext.gemm(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), scaled_zeros.data_ptr(), b,
+                         out.data_ptr(), w.data_ptr(), m, n, k, group_size, dt, stream)
+            else:  # PyTorch's cuBLAS/cuBLASLt choice, bias fused in the epilogue: a few % faster (NOTES.md)
+                ext.dequantize(qweight.data_ptr(), scales.data_ptr(), scaled_zeros.data_ptr(), w.data_ptr(), n, k,
+                               group_size, dt, stream)
+                o2 = out.view(m, n)
+                if bias is None:
+                    torch.mm(x2, w.t(), out=o2)
+                else:
+                    torch.addmm(bias, x2, w.t(), out=o2)
         else:
-            raise ValueError(f"path must be auto, fused or gemm, got {path!r}")
+            raise ValueError(f"path must be auto, fused, gemm or gemm_ext, got {path!r}")
     return out.reshape(*lead, n)
 
 
