@@ -15,7 +15,7 @@ class ClipConfig(PassConfig):
     """grid: ratios 1, 1 - (1-min_ratio)/grid, ..., min_ratio (+1/grid); skip_qk: leave q and k unclipped, as AWQ
     does, because their error shows in attention scores that this objective does not see; asymmetric: for
     asymmetric specs, then refine the min and the max ratio separately (one coordinate pass each)."""
-    grid: int = 10
+    grid: int = 20
     min_ratio: float = 0.5
     skip_qk: bool = True
     asymmetric: bool = True

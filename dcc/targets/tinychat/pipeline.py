@@ -38,6 +38,8 @@ def pipeline(algo: str) -> list[Step]:
     if algo == "awq+gptq":
         return [
             Step("awq", AwqConfig()),
+            Step("clip", ClipConfig()),
+            # GPTQ's static groups take the clip ratios
             Step("gptq", GptqConfig()),
         ]
     raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
