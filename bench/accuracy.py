@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--algos", default="rtn,awq,gptq,awq+gptq")
     ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--zero", default="float", choices=["float", "integer"])
     ap.add_argument("--out", default="bench/results/accuracy.json")
     args = ap.parse_args()
 
@@ -63,7 +64,7 @@ def main() -> None:
     for bits in map(int, args.bits.split(",")):
         for algo in args.algos.split(","):
             opts = CompileOptions(algo=algo, bits=bits, group_size=args.group_size, calib=args.calib,
-                                  progress=False, force=True)
+                                  zero=args.zero, progress=False, force=True)
             if bits == 4:
                 with tempfile.TemporaryDirectory() as d:
                     t = time.perf_counter()
@@ -74,14 +75,14 @@ def main() -> None:
             else:
                 ppl, secs = fake_quant_ppl(args.model, opts, w)
                 where = "fake-quant (no 3-bit layout)"
-            rows.append({"method": algo, "bits": bits, "ppl": ppl, "measured_on": where, "compile_s": secs})
+            rows.append({"method": algo, "zero": args.zero, "bits": bits, "ppl": ppl, "measured_on": where, "compile_s": secs})
             print(f"{algo} w{bits}: {ppl:.2f} ({secs:.0f}s)", flush=True)
     print()
-    print(f"| method | bits | group | WikiText-2 ppl ({args.windows}x{args.seq_len}) | measured on | compile s |")
-    print("|---|---|---|---|---|---|")
+    print(f"| method | zero | bits | group | WikiText-2 ppl ({args.windows}x{args.seq_len}) | measured on | compile s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         g = "-" if r["bits"] == 16 else args.group_size
-        print(f"| {r['method']} | {r['bits']} | {g} | {r['ppl']:.2f} | {r['measured_on']} | {r['compile_s']:.1f} |")
+        print(f"| {r['method']} | {r.get('zero', '-')} | {r['bits']} | {g} | {r['ppl']:.2f} | {r['measured_on']} | {r['compile_s']:.1f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
     print(f"\nwrote {args.out}")

@@ -111,7 +111,8 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
         manifest = {
             "format": "dcc-artifact", "version": 1, "target": opts.target,
             "engines": lower.engines_for(spec.group_size),
-            "recipe": {"algo": f"recipe {Path(opts.recipe).name}" if opts.recipe else opts.algo, "weight": spec.to_dict(), "pipeline": [s.to_dict() for s in steps],
+            "recipe": {"algo": f"recipe {Path(opts.recipe).name}" if opts.recipe else opts.algo,
+                       "weight": spec.to_dict(), "pipeline": [s.to_dict() for s in steps],
                        "seed": opts.seed, "unsupported": opts.unsupported,
                        "calibration": {"file": Path(opts.calib).name, "sha256": _sha(opts.calib),
                                        "chunks": int(ids.shape[0]), "seq_len": int(ids.shape[1])}},

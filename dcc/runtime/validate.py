@@ -35,11 +35,14 @@ def _capture_outputs(model, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor],
     return outs, logits
 
 
-def compare_with_float(art: Artifact, float_model, ids: torch.Tensor) -> dict:
-    """Per-layer relative output error and logit agreement of the artifact against the float model on `ids`."""
-    qmodel = build_model(art)
+def compare_with_float(art: Artifact, float_model, ids: torch.Tensor, qmodel=None) -> dict:
+    """Per-layer relative output error and logit agreement of the artifact (run by `qmodel`, default the CPU
+    reference; it may live on another device) against the float model (CPU) on `ids`."""
+    qmodel = build_model(art) if qmodel is None else qmodel
+    dev = next(qmodel.parameters()).device
     f_out, f_logits = _capture_outputs(float_model, ids)
-    q_out, q_logits = _capture_outputs(qmodel, ids)
+    q_out, q_logits = _capture_outputs(qmodel, ids.to(dev))
+    q_out, q_logits = {k: v.cpu() for k, v in q_out.items()}, q_logits.cpu()
     layers = {}
     for name in art.manifest["layers"]:
         if name in f_out and name in q_out:

@@ -85,20 +85,5 @@ def check_exact_cuda(art, device: str = "cuda") -> dict[str, bool]:
 
 def compare_with_float_cuda(art, float_model, ids: torch.Tensor, device: str = "cuda") -> dict:
     """dcc.runtime.validate.compare_with_float with the artifact running on the GPU kernels (float model on CPU)."""
-    from ..validate import _capture_outputs
-
-    qmodel = build_cuda_model(art, device)
-    f_out, f_logits = _capture_outputs(float_model, ids)
-    q_out, q_logits = _capture_outputs(qmodel, ids.to(device))
-    q_out = {k: v.cpu() for k, v in q_out.items()}
-    q_logits = q_logits.cpu()
-    layers = {}
-    for name in art.manifest["layers"]:
-        if name in f_out and name in q_out:
-            ref, got = f_out[name].double(), q_out[name].double()
-            layers[name] = float((got - ref).norm() / ref.norm().clamp(min=1e-30))
-    lp_f, lp_q = f_logits.log_softmax(-1), q_logits.log_softmax(-1)
-    kl = float((lp_f.exp() * (lp_f - lp_q)).sum(-1).mean())
-    top1 = float((f_logits.argmax(-1) == q_logits.argmax(-1)).float().mean())
-    return {"layers": layers, "kl": kl, "top1_agreement": top1,
-            "logits_rel_err": float((q_logits - f_logits).norm() / f_logits.norm())}
+    from ..validate import compare_with_float
+    return compare_with_float(art, float_model, ids, qmodel=build_cuda_model(art, device))
