@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -23,17 +22,15 @@ def run_once(model: str, calib: str, algo: str, group_size: int, threads: int) -
         cmd = [sys.executable, "-m", "dcc", "compile", model, "--algo", algo, "--group-size", str(group_size),
                "--calib", calib, "-o", str(Path(d) / "a"), "-q"]
         env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t
         if p.returncode != 0:
             raise SystemExit(f"compile failed: {p.stderr.strip().splitlines()[-1]}")
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    m = re.search(r"compiled \d+ blocks in ([\d.]+)s \(passes: (.*?)\)", p.stderr)
+    m = re.search(r"compiled \d+ blocks in ([\d.]+)s \(passes: (.*?)\); peak RSS (\d+) MB", p.stderr)
     passes = dict((k, float(v)) for k, v in re.findall(r"([\w+]+) ([\d.]+)s", m.group(2))) if m else {}
     return {"algo": algo, "wall_s": round(wall, 1), "blocks_s": float(m.group(1)) if m else None,
-            "passes_s": passes, "peak_rss_mb": round(max(peak, before) / 1024, 0)}
+            "passes_s": passes, "peak_rss_mb": float(m.group(3)) if m else None}   # the compile's own getrusage
 
 
 def main() -> None:
