@@ -128,6 +128,8 @@ def bench(args, copy_tbs, peak_tflops):
     results = []
     shapes = SHAPES[:1] if args.quick else SHAPES
     ms = (1, 16, 4096) if args.quick else MS
+    if args.ms:
+        ms = tuple(int(v) for v in args.ms.split(","))
     for (n, k) in shapes:
         qw, s, sz = make_layer(n, k, G, seed=n * 7 + k)
         qbytes = qw.numel() * 2 + s.numel() * 2 + sz.numel() * 2
@@ -239,6 +241,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one shape, three M")
     ap.add_argument("--variants", action="store_true", help="also time the GEMV block-shape variants at M=1")
+    ap.add_argument("--ms", default="", help="comma-separated M values to time (default: all)")
     ap.add_argument("--smoke", action="store_true", help="only run every kernel once on small odd shapes")
     args = ap.parse_args()
     if not torch.cuda.is_available():

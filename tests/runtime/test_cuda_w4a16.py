@@ -146,7 +146,11 @@ def test_gemv_variants(rt, dtype):
     """The benchmark's alternative block shapes compute the same function."""
     ext = rt.load()
     gen = torch.Generator().manual_seed(_seed("variants", str(dtype)))
-    n, k, g = 448, 1152, 128
+    for (n, k, g) in ((448, 1152, 128), (132, 1088, 64)):  # K % 128 == 64 and N % 16 != 0 in the second
+        _check_variants(ext, gen, dtype, n, k, g)
+
+
+def _check_variants(ext, gen, dtype, n, k, g):
     qw, s, sz = make_layer(n, k, g, dtype, gen)
     for v, m in itertools.product(range(len(ext.gemv_variant_names())), (1, 2, 3, 4, 7, 8, 13, 16)):
         if m > ext.gemv_variant_max_m(v):
