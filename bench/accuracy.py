@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--algos", default="rtn,awq,gptq,awq+gptq")
     ap.add_argument("--bits", default="4,3")
-    ap.add_argument("--zero", default="float", choices=["float", "integer"])
+    ap.add_argument("--zero", default="float", choices=["auto", "float", "integer"])
     ap.add_argument("--out", default="bench/results/accuracy.json")
     args = ap.parse_args()
 

@@ -24,7 +24,7 @@ class CompileOptions:
     algo: str = "awq"
     bits: int = 4
     group_size: int = 128
-    zero: str = "float"
+    zero: str = "auto"
     dtype: str = "float16"
     calib: str | None = None
     recipe: str | None = None

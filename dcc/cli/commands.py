@@ -28,9 +28,10 @@ from .main import _fail, friendly, main
 @click.option("--bits", default=4, show_default=True, help="Weight bits (TinyChat packs 4).")
 @click.option("--group-size", default=128, show_default=True,
               help="Input features per scale. 128: TinyChat's kernels; 64 and 32: dcc's runtime only.")
-@click.option("--zero", type=click.Choice(["float", "integer"]), default="float", show_default=True,
+@click.option("--zero", type=click.Choice(["auto", "float", "integer"]), default="auto", show_default=True,
               help="float: each group's 16-bit offset is free, so the grid spans the group's [min, max] (TinyChat's "
-                   "kernel adds any scaled_zeros); integer: AWQ's integer zero point, scaled_zeros = -s*z.")
+                   "kernel adds any scaled_zeros); integer: AWQ's integer zero point, scaled_zeros = -s*z; auto: "
+                   "integer for --algo rtn, float otherwise (what measured best).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default="float16", show_default=True,
               help="Scales and unquantized tensors.")
 @click.option("--unsupported", type=click.Choice(["error", "keep"]), default="error", show_default=True,
