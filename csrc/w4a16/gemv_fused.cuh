@@ -1,0 +1,163 @@
+// The fused W4A16 kernel template for small M and its launcher, shared by gemv.cu (the default dispatch) and
+// gemv_variants.cu (the benchmark-only alternatives).
+//
+// Fused W4A16 kernel for small M: dequantise the 4-bit weights in registers and multiply on the tensor cores
+// (mma.sync m16n8k16, fp32 accumulation), reading each weight byte once per launch.
+//
+// Mapping. The product is computed transposed, out^T[N, M] = W[N, K] * x^T[K, M]: W is the 16-row A operand and
+// up to 8 rows of x form the 8-column B operand (8*MT rows with MT B tiles). A block owns 16 output rows
+// (n_base .. n_base+15); its WARPS warps split K. In one iteration a warp covers 16 rows x 128 k: lane (g, t)
+// (g = lane/4, t = lane%4) loads the 16-byte chunk of rows n_base+g and n_base+8+g for k0 = 128*it + 32*t, i.e.
+// qweight[n4, 64*kt + 16*r + 8*h .. +8] with kt = k0/64, h = t%2 -- the 16 lanes of one n4 (4 rows x 4 t) cover
+// 256 contiguous bytes, so each load instruction reads two fully used 256-byte segments.
+// Default launch for M <= 8: 16 warps per block, activations loaded with the weights ("w16_u1_xpre"); M <= 16:
+// two B tiles; up to 64: 4 or 8 B tiles (M above 8*MT runs in chunks). See csrc/NOTES.md for the measurements.
+// The k order inside an mma is free as long as A and B agree: in mma s (0..7) lane (g, t) supplies, as logical
+// k columns {2t, 2t+1} and {2t+8, 2t+9}, the physical pairs 2s and 2s+1 of its own chunk (k0 + 4s .. k0 + 4s + 3),
+// for rows g and g+8 (A) and for x row m = g (B). All 16 rows of a tile use the same k0 for a given t, so the
+// mapping is consistent, and every k of the 128 is used exactly once.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+#include "common.cuh"
+#include "util.h"
+#include "w4a16.h"
+
+namespace dcc_w4a16 {
+
+namespace {
+
+constexpr int kRowsPerBlock = 16;
+constexpr int kKPerIter = 128;
+
+
+template <typename T, int MT, int WARPS, int U, bool XPRE>
+__global__ void __launch_bounds__(WARPS * 32)
+    fused_w4a16_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const T* __restrict__ scales,
+                       const T* __restrict__ szeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N,
+                       int K, int gshift) {
+  using H = Half2Of<T>;
+  using T2 = typename H::T2;
+  __shared__ float4 red[WARPS][MT][32];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int n_base = blockIdx.x * kRowsPerBlock;
+  const int nA = n_base + g, nB = n_base + 8 + g;
+  const bool okA = nA < N, okB = nB < N;  // N % 4 == 0: a whole n4 is in or out
+  const int K8 = K >> 3;                  // 16-byte chunks per qweight row
+  // chunk of iteration `it` for row n: n4*K8 + 8*(k0/64) + 2*r + h, k0/64 = 2*it + t/2
+  const uint4* qA = qw + (size_t)(nA >> 2) * K8 + 2 * (nA & 3) + (t & 1) + 8 * (t >> 1);
+  const uint4* qB = qw + (size_t)(nB >> 2) * K8 + 2 * (nB & 3) + (t & 1) + 8 * (t >> 1);
+  const int KI = (K + kKPerIter - 1) / kKPerIter;
+
+  float acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+
+  const uint4 zero4 = make_uint4(0, 0, 0, 0);
+
+  // A ring of U iterations of loads per warp: the prologue issues U iterations, and each slot is refilled with the
+  // iteration U ahead right after it is consumed. Loads issued before the loop (or refilled for the next trip)
+  // cannot be sunk by the compiler next to their use, so U iterations stay in flight. With XPRE the activations
+  // ride in the ring too (else they are loaded, from L1/L2, when the slot is consumed).
+  uint4 wa[U], wb[U];
+  T sa[U], za[U], sb[U], zb[U];
+  uint4 xr[XPRE ? U : 1][MT][4];
+  const T zero = H::from_float(0.f);
+  auto load_x = [&](uint4 (&dst)[MT][4], int it) {
+    const int k0 = it * kKPerIter + 32 * t;
+    const bool ok = k0 < K;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int m = g + 8 * mt;
+      const T* xp = x + (size_t)m * K + k0;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) dst[mt][q] = (ok && m < M) ? ld_cached_u4(xp + 8 * q) : zero4;
+    }
+  };
+  auto issue = [&](int u, int it) {
+    const int k0 = it * kKPerIter + 32 * t;  // it >= KI gives k0 >= K: nothing loaded
+    const bool ok = k0 < K;
+    const size_t grp = (size_t)(k0 >> gshift) * N;
+    wa[u] = (ok && okA) ? ld_stream_u4(qA + 16 * (size_t)it) : zero4;
+    wb[u] = (ok && okB) ? ld_stream_u4(qB + 16 * (size_t)it) : zero4;
+    sa[u] = (ok && okA) ? scales[grp + nA] : zero;
+    za[u] = (ok && okA) ? szeros[grp + nA] : zero;
+    sb[u] = (ok && okB) ? scales[grp + nB] : zero;
+    zb[u] = (ok && okB) ? szeros[grp + nB] : zero;
+    if constexpr (XPRE) load_x(xr[u], it);
+  };
+  const int n_it = warp < KI ? (KI - warp + WARPS - 1) / WARPS : 0;  // this warp's iterations: warp + j*WARPS
+#pragma unroll
+  for (int u = 0; u < U; ++u) issue(u, warp + u * WARPS);
+
+  for (int j0 = 0; j0 < n_it; j0 += U) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (j0 + u < n_it) {
+        if constexpr (!XPRE) load_x(xr[0], warp + (j0 + u) * WARPS);
+        const uint4 (&xv)[MT][4] = xr[XPRE ? u : 0];
+        const T2 sa2 = H::broadcast(sa[u]), za2 = H::broadcast(za[u]);
+        const T2 sb2 = H::broadcast(sb[u]), zb2 = H::broadcast(zb[u]);
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+          const uint32_t a0 = as_bits(dequant_pair<T>(wa[u], 2 * s, sa2, za2));
+          const uint32_t a1 = as_bits(dequant_pair<T>(wb[u], 2 * s, sb2, zb2));
+          const uint32_t a2 = as_bits(dequant_pair<T>(wa[u], 2 * s + 1, sa2, za2));
+          const uint32_t a3 = as_bits(dequant_pair<T>(wb[u], 2 * s + 1, sb2, zb2));
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            // x pair p = 32-bit word p of the 64-byte run: uint4 p/4, component p%4.
+            const uint32_t b0 = word_of(xv[mt][(2 * s) >> 2], (2 * s) & 3);
+            const uint32_t b1 = word_of(xv[mt][(2 * s + 1) >> 2], (2 * s + 1) & 3);
+            mma_16816<T>(acc[mt], a0, a1, a2, a3, b0, b1);
+          }
+        }
+      }
+      if (j0 + U + u < n_it) issue(u, warp + (j0 + U + u) * WARPS);
+    }
+  }
+
+  // Reduce the WARPS partial sums of the block (split K) and write [M, N] with the row index fastest.
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) red[warp][mt][lane] = make_float4(acc[mt][0], acc[mt][1], acc[mt][2], acc[mt][3]);
+  __syncthreads();
+  const float* redf = reinterpret_cast<const float*>(&red[0][0][0]);
+  for (int e = threadIdx.x; e < kRowsPerBlock * 8 * MT; e += WARPS * 32) {
+    const int nl = e & 15, m = e >> 4;
+    const int mt = m >> 3, mm = m & 7;
+    // C fragment: c0/c1 = (row g, cols 2t, 2t+1), c2/c3 = (row g+8, same cols); rows are n, cols are m.
+    const int src_lane = 4 * (nl & 7) + (mm >> 1);
+    const int c = ((nl >> 3) << 1) | (mm & 1);
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sum += redf[((w * MT + mt) * 32 + src_lane) * 4 + c];
+    const int n = n_base + nl;
+    if (m < M && n < N) {
+      if (bias != nullptr) sum += H::to_float(bias[n]);
+      out[(size_t)m * N + n] = H::from_float(sum);
+    }
+  }
+}
+
+template <typename T, int MT, int WARPS, int U, bool XPRE>
+void launch_fused(const void* x, const void* qweight, const void* scales, const void* szeros, const void* bias,
+                  void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
+  const dim3 grid((N + kRowsPerBlock - 1) / kRowsPerBlock);
+  const int rows = 8 * MT;
+  for (int m0 = 0; m0 < M; m0 += rows) {
+    const int mc = M - m0 < rows ? M - m0 : rows;
+    fused_w4a16_kernel<T, MT, WARPS, U, XPRE><<<grid, WARPS * 32, 0, stream>>>(
+        static_cast<const T*>(x) + (size_t)m0 * K, static_cast<const uint4*>(qweight), static_cast<const T*>(scales),
+        static_cast<const T*>(szeros), static_cast<const T*>(bias), static_cast<T*>(out) + (size_t)m0 * N, mc, N, K,
+        gshift);
+    check_cuda(cudaGetLastError(), "fused w4a16 kernel launch");
+  }
+}
+
+}  // namespace
+
+}  // namespace dcc_w4a16
