@@ -33,14 +33,18 @@ void check_problem(int M, int N, int K, int group_size) {
     throw std::invalid_argument("dcc w4a16: K = " + std::to_string(K) + " is not a multiple of the group size");
 }
 
-void gemv(DType dt, const void* x, const void* qweight, const void* scales, const void* scaled_zeros,
-          const void* bias, void* out, int M, int N, int K, int group_size, int mtiles, cudaStream_t stream) {
+int check_gemv_call(int M, int N, int K, int group_size, const void* x, const void* qweight) {
   check_problem(M, N, K, group_size);
   check_aligned(x, "x");
   check_aligned(qweight, "qweight");
+  return log2_group(group_size);
+}
+
+void gemv(DType dt, const void* x, const void* qweight, const void* scales, const void* scaled_zeros,
+          const void* bias, void* out, int M, int N, int K, int group_size, int mtiles, cudaStream_t stream) {
+  const int gshift = check_gemv_call(M, N, K, group_size, x, qweight);
   if (M == 0) return;
   if (mtiles == 0) mtiles = M <= 8 ? 1 : (M <= 16 ? 2 : (M <= 32 ? 4 : 8));
-  const int gshift = log2_group(group_size);
   if (dt == DType::kFloat16)
     dispatch_fused<__half>(mtiles, x, qweight, scales, scaled_zeros, bias, out, M, N, K, gshift, stream);
   else

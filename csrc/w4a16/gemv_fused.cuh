@@ -33,6 +33,29 @@ constexpr int kRowsPerBlock = 16;
 constexpr int kKPerIter = 128;
 
 
+// The block's epilogue: sum the WARPS partial C fragments (split K) staged in shared memory as
+// red[WARPS][MT][32 lanes][4] and write out[M, N] (+ bias), one fp32 rounding to T per element.
+template <typename T, int MT, int WARPS>
+__device__ __forceinline__ void reduce_store(const float* redf, const T* __restrict__ bias, T* __restrict__ out,
+                                             int M, int N, int n_base) {
+  using H = Half2Of<T>;
+  for (int e = threadIdx.x; e < kRowsPerBlock * 8 * MT; e += WARPS * 32) {
+    const int nl = e & 15, m = e >> 4;
+    const int mt = m >> 3, mm = m & 7;
+    // C fragment: c0/c1 = (row g, cols 2t, 2t+1), c2/c3 = (row g+8, same cols); rows are n, cols are m.
+    const int src_lane = 4 * (nl & 7) + (mm >> 1);
+    const int c = ((nl >> 3) << 1) | (mm & 1);
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sum += redf[((w * MT + mt) * 32 + src_lane) * 4 + c];
+    const int n = n_base + nl;
+    if (m < M && n < N) {
+      if (bias != nullptr) sum += H::to_float(bias[n]);
+      out[(size_t)m * N + n] = H::from_float(sum);
+    }
+  }
+}
+
 template <typename T, int MT, int WARPS, int U, bool XPRE>
 __global__ void __launch_bounds__(WARPS * 32)
     fused_w4a16_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const T* __restrict__ scales,
@@ -125,22 +148,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) red[warp][mt][lane] = make_float4(acc[mt][0], acc[mt][1], acc[mt][2], acc[mt][3]);
   __syncthreads();
-  const float* redf = reinterpret_cast<const float*>(&red[0][0][0]);
-  for (int e = threadIdx.x; e < kRowsPerBlock * 8 * MT; e += WARPS * 32) {
-    const int nl = e & 15, m = e >> 4;
-    const int mt = m >> 3, mm = m & 7;
-    // C fragment: c0/c1 = (row g, cols 2t, 2t+1), c2/c3 = (row g+8, same cols); rows are n, cols are m.
-    const int src_lane = 4 * (nl & 7) + (mm >> 1);
-    const int c = ((nl >> 3) << 1) | (mm & 1);
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) sum += redf[((w * MT + mt) * 32 + src_lane) * 4 + c];
-    const int n = n_base + nl;
-    if (m < M && n < N) {
-      if (bias != nullptr) sum += H::to_float(bias[n]);
-      out[(size_t)m * N + n] = H::from_float(sum);
-    }
-  }
+  reduce_store<T, MT, WARPS>(reinterpret_cast<const float*>(&red[0][0][0]), bias, out, M, N, n_base);
 }
 
 template <typename T, int MT, int WARPS, int U, bool XPRE>

@@ -111,20 +111,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32))
 
   red[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
   __syncthreads();
-  const float* redf = reinterpret_cast<const float*>(&red[0][0]);
-  for (int e = threadIdx.x; e < kRowsPerBlock * 8; e += WARPS * 32) {
-    const int nl = e & 15, m = e >> 4;
-    const int src_lane = 4 * (nl & 7) + (m >> 1);
-    const int c = ((nl >> 3) << 1) | (m & 1);
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) sum += redf[(w * 32 + src_lane) * 4 + c];
-    const int n = n_base + nl;
-    if (m < M && n < N) {
-      if (bias != nullptr) sum += H::to_float(bias[n]);
-      out[(size_t)m * N + n] = H::from_float(sum);
-    }
-  }
+  reduce_store<T, 1, WARPS>(reinterpret_cast<const float*>(&red[0][0]), bias, out, M, N, n_base);
 }
 
 
@@ -230,20 +217,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
 
   red[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
   __syncthreads();
-  const float* redf = reinterpret_cast<const float*>(&red[0][0]);
-  for (int e = threadIdx.x; e < kRowsPerBlock * 8; e += WARPS * 32) {
-    const int nl = e & 15, m = e >> 4;
-    const int src_lane = 4 * (nl & 7) + (m >> 1);
-    const int c = ((nl >> 3) << 1) | (m & 1);
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) sum += redf[(w * 32 + src_lane) * 4 + c];
-    const int n = n_base + nl;
-    if (m < M && n < N) {
-      if (bias != nullptr) sum += H::to_float(bias[n]);
-      out[(size_t)m * N + n] = H::from_float(sum);
-    }
-  }
+  reduce_store<T, 1, WARPS>(reinterpret_cast<const float*>(&red[0][0]), bias, out, M, N, n_base);
 }
 
 constexpr int kXsMaxM = 4;
@@ -346,16 +320,13 @@ int gemv_variant_max_m(int variant) { return variant >= 0 && variant < kNumGemvV
 void gemv_variant(int variant, DType dt, const void* x, const void* qweight, const void* scales,
                   const void* scaled_zeros, const void* bias, void* out, int M, int N, int K, int group_size,
                   cudaStream_t stream) {
-  check_problem(M, N, K, group_size);
-  check_aligned(x, "x");
-  check_aligned(qweight, "qweight");
+  const int gshift = check_gemv_call(M, N, K, group_size, x, qweight);
   if (variant < 0 || variant >= kNumGemvVariants)
     throw std::invalid_argument("dcc w4a16: unknown gemv variant " + std::to_string(variant));
   if (M > kVariantMaxM[variant])
     throw std::invalid_argument("dcc w4a16: gemv variant " + std::to_string(variant) + " takes M <= " +
                                 std::to_string(kVariantMaxM[variant]));
   if (M == 0) return;
-  const int gshift = log2_group(group_size);
   if (dt == DType::kFloat16)
     dispatch_variant<__half>(variant, x, qweight, scales, scaled_zeros, bias, out, M, N, K, gshift, stream);
   else

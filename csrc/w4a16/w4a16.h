@@ -52,5 +52,7 @@ bool cublas_ready();
 
 // Throws if a shape/group/alignment rule is broken.
 void check_problem(int M, int N, int K, int group_size);
+// check_problem plus 16-byte alignment of x and qweight; returns log2(group_size).
+int check_gemv_call(int M, int N, int K, int group_size, const void* x, const void* qweight);
 
 }  // namespace dcc_w4a16
