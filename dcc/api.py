@@ -14,7 +14,7 @@ from .compiler.calib_data import check_vocab, load_tokenizer, tokenize_file, win
 from .compiler.sequential import compile_blocks
 from .models.loader import LazyModel
 
-TARGETS = ("tinychat",)
+TARGETS = ("tinychat", "qserve")
 
 
 @dataclass
@@ -23,8 +23,9 @@ class CompileOptions:
     target: str = "tinychat"
     algo: str = "awq"
     bits: int = 4
-    group_size: int = 128
+    group_size: int | None = None   # None: the target's default (tinychat 128, qserve per channel)
     zero: str = "auto"
+    kv_bits: str | int = "auto"     # qserve: KV cache bits (4, 8, 16); auto: 4 for W4A8, 16 for W8A8
     dtype: str = "float16"
     calib: str | None = None
     recipe: str | None = None
@@ -38,6 +39,7 @@ class CompileOptions:
     debug: bool = False
     progress: bool = True
     verbose: bool = False
+    steps: list | None = None       # Python API only: an explicit pass list (e.g. a benchmark's ablation)
 
 
 def estimate_memory_mb(lm: LazyModel, tokens: int) -> float:
@@ -80,13 +82,13 @@ def calibration_ids(lm: LazyModel, opts: CompileOptions) -> torch.Tensor:
 def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path:
     """Compile `model` (HF folder or GGUF) for opts.target into the artifact folder `out`; returns its path."""
     if opts.target not in TARGETS:
-        raise ValueError(f"unknown target {opts.target!r}; available: {', '.join(TARGETS)} "
-                         f"(qserve and nunchaku are planned)")
-    from .targets.tinychat import lower
+        raise ValueError(f"unknown target {opts.target!r}; available: {', '.join(TARGETS)} (nunchaku is planned)")
+    import importlib
+    lower = importlib.import_module(f".targets.{opts.target}.lower", __package__)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[opts.dtype]
     lm = LazyModel(model, device=opts.device)
     spec = lower.spec_for(opts)
-    steps = load_recipe(opts.recipe) if opts.recipe else lower.steps_for(opts)
+    steps = opts.steps if opts.steps is not None else load_recipe(opts.recipe) if opts.recipe else lower.steps_for(opts)
     assign = lower.assigner_for(opts, spec)
     kept = lower.preflight(lm, spec, opts.unsupported)
     ids = calibration_ids(lm, opts)
@@ -110,8 +112,9 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
         emitter.finish(lm)
         manifest = {
             "format": "dcc-artifact", "version": 1, "target": opts.target,
-            "engines": lower.engines_for(spec.group_size),
-            "recipe": {"algo": f"recipe {Path(opts.recipe).name}" if opts.recipe else opts.algo,
+            "engines": lower.engines_for(spec, emitter),
+            "recipe": {"algo": f"recipe {Path(opts.recipe).name}" if opts.recipe
+                       else "custom pipeline" if opts.steps is not None else opts.algo,
                        "weight": spec.to_dict(), "pipeline": [s.to_dict() for s in steps],
                        "seed": opts.seed, "unsupported": opts.unsupported,
                        "calibration": {"file": Path(opts.calib).name, "sha256": _sha(opts.calib),
@@ -121,6 +124,9 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
             "versions": {"dcc": __version__, "torch": torch.__version__.split("+")[0],
                          "transformers": _version("transformers"), "python": platform.python_version()},
             "dtype": opts.dtype, "tied_embeddings": emitter.tied,
+            "runtime": {"activations": "int8-per-token" if opts.target == "qserve" else None,
+                        "kv_bits": getattr(emitter, "kv_bits", None),
+                        "kv_cache": getattr(emitter, "kv_cache", {})},
             "layers": emitter.layers, "blocks": emitter.blocks,
         }
         config = lower.hf_config(lm, spec, opts, emitter)
@@ -131,6 +137,10 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
     times = ", ".join(f"{k} {v:.1f}s" for k, v in res.timing.seconds.items())
     log(f"compiled {n_blocks} blocks in {res.seconds:.1f}s (passes: {times}); peak RSS {res.peak_rss_mb:.0f} MB")
     log(f"wrote {path} (loads in: {', '.join(manifest['engines'])})")
+    notes = getattr(emitter, "kernel_notes", [])
+    if notes:
+        log(f"note: {len(notes)} layers have shapes the engine's own GEMM kernels do not cover "
+            f"(listed in config.json), first: {notes[0]}")
     return path
 
 

@@ -9,14 +9,20 @@ import click
 
 from .main import _fail, friendly, main
 
+# passes after which a linear computes a rotated / rescaled / permuted version of the float layer's output
+BASIS_CHANGING = {"rotate", "smooth", "smooth_attention", "reorder", "awq"}
+
 
 @main.command("compile")
 @click.argument("model", type=click.Path())
-@click.option("--target", type=click.Choice(["tinychat"]), default="tinychat", show_default=True,
-              help="Engine layout to emit (TinyChat W4A16; QServe and Nunchaku are planned).")
-@click.option("--algo", type=click.Choice(["rtn", "awq", "gptq", "awq+gptq"]), default="awq", show_default=True,
-              help="rtn: round to nearest; awq: activation-aware scales + clip search; gptq: Hessian error feedback "
-                   "(act-order, static groups); awq+gptq: AWQ scales then GPTQ.")
+@click.option("--target", type=click.Choice(["tinychat", "qserve"]), default="tinychat", show_default=True,
+              help="Engine layout to emit: tinychat (AWQ W4A16) or qserve (W4A8KV4 QoQ, or W8A8 with --bits 8). "
+                   "Nunchaku is planned.")
+@click.option("--algo", type=click.Choice(["awq", "awq+gptq", "gptq", "rtn", "qoq", "qoq-rtn", "smoothquant"]),
+              default=None, help="tinychat: rtn, awq (default: activation-aware scales + clip search), gptq (Hessian "
+              "error feedback, act-order, static groups), awq+gptq. qserve: qoq (default: fuse norms, Hadamard "
+              "rotation, reorder for groups, searched smoothing, SmoothAttention, GPTQ), qoq-rtn (the same with "
+              "round to nearest), gptq, rtn, smoothquant (W8A8: SmoothQuant alpha 0.5 + RTN).")
 @click.option("-o", "--output", "out", type=click.Path(), required=True, help="Artifact folder to create.")
 @click.option("--calib", type=click.Path(), required=True,
               help="Calibration text file (UTF-8; token ids separated by spaces for models without a tokenizer).")
@@ -25,9 +31,13 @@ from .main import _fail, friendly, main
 @click.option("--recipe", type=click.Path(), default=None,
               help="YAML pass list replacing --algo, e.g. 'passes: [{pass: awq}, {pass: clip, config: {grid: 20}}, "
                    "{pass: rtn}]' (see `dcc passes`).")
-@click.option("--bits", default=4, show_default=True, help="Weight bits (TinyChat packs 4).")
-@click.option("--group-size", default=128, show_default=True,
-              help="Input features per scale. 128: TinyChat's kernels; 64 and 32: dcc's runtime only.")
+@click.option("--bits", default=4, show_default=True, help="Weight bits: 4 (both targets) or 8 (qserve W8A8).")
+@click.option("--group-size", type=int, default=None,
+              help="Input features per scale. tinychat: 128 (default, TinyChat's kernels); 64 and 32: dcc's runtime "
+                   "only. qserve: 0 = per channel (default), 128 = QoQ progressive groups; 64: dcc's runtime only.")
+@click.option("--kv-bits", type=click.Choice(["auto", "4", "8", "16"]), default="auto", show_default=True,
+              help="qserve: KV cache precision simulated in calibration and evaluation (per token and head, after "
+                   "RoPE); auto: 4 for W4A8, 16 for W8A8.")
 @click.option("--zero", type=click.Choice(["auto", "float", "integer"]), default="auto", show_default=True,
               help="float: each group's 16-bit offset is free, so the grid spans the group's [min, max] (TinyChat's "
                    "kernel adds any scaled_zeros); integer: AWQ's integer zero point, scaled_zeros = -s*z; auto: "
@@ -45,14 +55,21 @@ from .main import _fail, friendly, main
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Print what each pass does to each block.")
 @friendly
-def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, recipe, bits, group_size, zero, dtype,
+def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, recipe, bits, group_size, kv_bits, zero,
+                dtype,
                 unsupported, dump_dir, seed, device, force, debug, quiet, verbose):
     """Compile MODEL (a Hugging Face folder or a .gguf file) into an engine-ready artifact folder.
 
     Blocks are captured with torch.export and compiled one at a time on the calibration data; the artifact is
     written to a temporary folder and renamed into place when complete."""
     from ..api import CompileOptions, compile_model
+    algos = {"tinychat": ("rtn", "awq", "gptq", "awq+gptq"), "qserve": ("qoq", "qoq-rtn", "gptq", "rtn", "smoothquant")}
+    algo = algo or {"tinychat": "awq", "qserve": "qoq"}[target]
+    if algo not in algos[target]:
+        raise click.BadParameter(f"{algo!r} is not an algorithm of target {target} ({', '.join(algos[target])})",
+                                 param_hint="--algo")
     opts = CompileOptions(target=target, algo=algo, recipe=recipe, bits=bits, group_size=group_size, zero=zero,
+                          kv_bits=kv_bits,
                           dtype=dtype, calib=calib, calib_chunks=calib_chunks, calib_seq_len=calib_seq_len,
                           unsupported=unsupported,
                           seed=seed, device=device, dump_dir=dump_dir, force=force, debug=debug,
@@ -80,14 +97,19 @@ def inspect(artifact, as_json):
     c = r["calibration"]
     click.echo(f"calibration {c['file']} {c['chunks']}x{c['seq_len']} tokens, seed {r['seed']}; "
                f"dcc {m['versions']['dcc']}, torch {m['versions']['torch']}")
-    click.echo(f"{'layer':44} {'shape':>11} {'format':20} {'SQNR dB':>8} {'out err':>9}")
+    rt = m.get("runtime") or {}
+    if rt.get("activations") or rt.get("kv_bits"):
+        click.echo(f"run time: activations {rt.get('activations') or '16-bit'}, KV cache "
+                   f"{rt.get('kv_bits') or 16}-bit")
+    click.echo(f"{'layer':44} {'shape':>11} {'format':28} {'SQNR dB':>8} {'out err':>9}")
     nq = 0
     for name, e in m["layers"].items():
-        fmt = "16-bit (kept)" if "skip_reason" in e else f"int{e['spec']['dtype'][3:]} g{e['spec']['group_size']}"
+        gs = e.get("spec", {}).get("group_size", 0)
+        fmt = "16-bit (kept)" if "skip_reason" in e else e["format"] + (f" g{gs}" if gs > 0 else "")
         nq += "skip_reason" not in e
         sq = e.get("weight_sqnr_db")
         oe = e.get("output_rel_err")
-        click.echo(f"{name:44} {'x'.join(map(str, e['shape'])):>11} {fmt:20} "
+        click.echo(f"{name:44} {'x'.join(map(str, e['shape'])):>11} {fmt:28} "
                    f"{sq if sq is not None else '-':>8} {oe if oe is not None else '-':>9}")
     click.echo(f"{nq} of {len(m['layers'])} linears quantized")
 
@@ -139,6 +161,10 @@ def validate(artifact, model, tokens, seed, device, as_json):
             click.echo(f"{k:44} {v:14.4e}")
         click.echo(f"logits: KL {cmp['kl']:.4e}, top-1 agreement {cmp['top1_agreement'] * 100:.1f}%, "
                    f"relative error {cmp['logits_rel_err']:.3e}")
+        moved = sorted({s["pass"] for s in art.manifest["recipe"]["pipeline"]} & BASIS_CHANGING)
+        if moved:
+            click.echo(f"note: {', '.join(moved)} changed the layers' bases on purpose (function-preserving), so a "
+                       f"layer's output is not comparable to the float layer's; the logit metrics are")
     if as_json:
         Path(as_json).write_text(json.dumps(report, indent=1) + "\n")
     if bad:

@@ -2,9 +2,12 @@
 with forward hooks and collected again whenever a pass has changed the weights."""
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
+
+from ..ir.simulate import attention_module, simulate
 
 
 class BlockContext:
@@ -22,11 +25,22 @@ class BlockContext:
         self.reference: torch.Tensor | None = None   # float output of the block just before quantization
         self._last_out: torch.Tensor | None = None
 
-    def forward(self, module: torch.nn.Module | None = None) -> torch.Tensor:
-        """Run the block (as its weights are now) on the calibration inputs."""
-        with torch.no_grad():
-            out = (module or self.block.module)(*self.args, **self.kwargs)
+    def forward(self, module: torch.nn.Module | None = None, simulate: bool = False,
+                samples: int | None = None) -> torch.Tensor:
+        """Run the block (as its weights are now) on the calibration inputs; simulate: as the engine runs it
+        (int8 activations, quantized KV cache, where the target set them); samples: on the first n sequences."""
+        args, kwargs = self.args, self.kwargs
+        if samples is not None and samples < args[0].shape[0]:
+            args, kwargs = _first_samples(args, kwargs, args[0].shape[0], samples)
+        with torch.no_grad(), (self.simulation() if simulate else contextlib.nullcontext()):
+            out = (module or self.block.module)(*args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
+
+    def simulation(self):
+        """A context in which the block computes what the engine computes at run time (see ir.simulate)."""
+        act = {n: l.act for n, l in self.block.linears.items() if l.act}
+        kv = {attention_module(a.q): a.kv_bits for a in self.block.attentions if a.kv_bits}
+        return simulate(self.block.module, act=act, kv=kv)
 
     def block_io(self):
         """(args, kwargs, float outputs): the outputs as the block computed them before any pass ran."""
@@ -97,3 +111,15 @@ class BlockContext:
         self.messages.append(msg)
         if self.verbose:
             print(f"  [{self.block.prefix}] {msg}", file=sys.stderr)
+
+
+def _first_samples(args: tuple, kwargs: dict, batch: int, n: int) -> tuple[tuple, dict]:
+    """Slice every tensor whose first dimension is the batch (hidden states, masks) to its first n rows; tensors
+    shared by the batch (RoPE tables with batch 1, positions) stay as they are."""
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+            return v[:n]
+        if isinstance(v, tuple):
+            return tuple(cut(t) for t in v)
+        return v
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}

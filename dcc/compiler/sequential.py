@@ -96,7 +96,7 @@ def compile_blocks(lm, steps: list[Step], ids: torch.Tensor, assign_specs, on_bl
         ctx = BlockContext(block, args, kwargs, dev, seed + i, max_tokens=max_tokens, verbose=verbose)
         run_block(block, steps, ctx, timing, dumper, debug)
         messages += ctx.messages
-        out = ctx.forward()
+        out = ctx.forward(simulate=True)   # as the engine computes it (run-time activation/KV quantization)
         if ctx.reference is not None:
             # how far the quantized block's output is from the float block's, on the same (quantized) inputs
             ref = ctx.reference.float()

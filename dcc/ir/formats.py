@@ -10,10 +10,12 @@ from typing import NamedTuple
 
 import torch
 
+from . import progressive
+
 INT_DTYPES = {f"int{b}" for b in range(2, 9)}
 FP_DTYPES = {"fp8_e4m3", "fp8_e5m2", "fp4_e2m1"}
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-ZERO_MODES = {"integer", "scaled", "float"}
+ZERO_MODES = {"integer", "scaled", "float", "offset"}
 _SCALE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
@@ -50,6 +52,7 @@ class QuantSpec:
     group_size: int = 128
     scale_dtype: str = "float16"
     zero_mode: str = "integer"
+    progressive: bool = False   # QoQ two levels: int8 per channel (fp16 scale), then these groups (int8 scale/zero)
 
     def __post_init__(self):
         if self.dtype not in INT_DTYPES | FP_DTYPES:
@@ -63,6 +66,12 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.scale_dtype {self.scale_dtype!r} is not one of {sorted(SCALE_DTYPES)}")
         if self.zero_mode not in ZERO_MODES:
             raise ValueError(f"QuantSpec.zero_mode {self.zero_mode!r} is not one of {sorted(ZERO_MODES)}")
+        if not isinstance(self.progressive, bool):
+            raise ValueError(f"QuantSpec.progressive must be a bool, got {self.progressive!r}")
+        if self.progressive and (self.is_fp or self.symmetric or self.bits > 4 or self.group_size <= 0
+                                 or self.zero_mode != "integer"):
+            raise ValueError("QuantSpec.progressive needs an asymmetric int2..int4 dtype with groups (group_size > 0) "
+                             "and zero_mode 'integer' (the level-1 zero is an int8)")
         if self.is_fp and not self.symmetric:  # fp formats have no zero point: normalise so equal specs compare equal
             object.__setattr__(self, "symmetric", True)
 
@@ -114,8 +123,11 @@ class QuantSpec:
         elif self.symmetric:
             parts = [self.dtype, "sym"]
         else:
-            parts = ["u" + self.dtype, "asym"] + ({"scaled": ["scaled-zero"], "float": ["float-zero"]}
-                                                  .get(self.zero_mode, []))
+            parts = ["u" + self.dtype, "asym"] + ({"scaled": ["scaled-zero"], "float": ["float-zero"],
+                                                   "offset": ["float-zero"]}.get(self.zero_mode, []))
+        if self.progressive:
+            parts = ["u" + self.dtype, "progressive (int8 per-channel, then"]
+            return " ".join(parts + [f"g{self.group_size} int8 scale/zero)", _SCALE_SHORT[self.scale_dtype]])
         gran = {0: "per-channel", -1: "per-tensor"}.get(self.group_size, f"g{self.group_size}")
         return " ".join(parts + [gran, _SCALE_SHORT[self.scale_dtype]])
 
@@ -210,6 +222,8 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor
     """
     if not w.is_floating_point():
         raise ValueError(f"expected a floating-point weight, got {w.dtype}")
+    if spec.progressive:
+        raise ValueError("a progressive spec has two scale levels: use progressive_qparams")
     shape = _scale_shape(w, spec)
     g = _grouped(w.detach().to(torch.float32), spec)
     if spec.group_size == -1:
@@ -218,7 +232,7 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor
     if spec.symmetric:  # int sym and all fp formats
         s = g.abs().amax(-1) * c_hi / spec.qmax
         lo = None
-    elif spec.zero_mode == "float":
+    elif spec.zero_mode in ("float", "offset"):
         # float zero (Q4_1 / TinyChat's free scaled_zeros): the grid spans [min, max] itself, shrunk toward the
         # middle by the clip ratios; the zero is the grid's first level, a value in scale_dtype
         lo, hi = g.amin(-1), g.amax(-1)
@@ -237,7 +251,7 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor
     s = torch.where(s == 0, torch.where(s32 == 0, torch.ones_like(s), tiny), s)
     if lo is None:
         return s, None
-    if spec.zero_mode == "float":
+    if spec.zero_mode in ("float", "offset"):
         return s, lo.to(spec.torch_scale_dtype)
     z = torch.round(-lo / s.to(torch.float32)).clamp(0, spec.qmax)  # -lo/s in float32, half-to-even
     return s, z.to(torch.int16)
@@ -262,6 +276,8 @@ def _clip_pair(clip, shape: tuple[int, int], spec: QuantSpec) -> tuple[torch.Ten
 
 
 def _check_params(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor | None):
+    if spec.progressive:
+        raise ValueError("a progressive spec has two scale levels: use quantize_tensor / QuantizedTensor.dequantize")
     shape = _scale_shape(w, spec)
     if tuple(scale.shape) != shape:
         raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {shape}")
@@ -279,7 +295,7 @@ def quantize(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.
     x = g / scale.to(torch.float32).unsqueeze(-1)  # w / s in float32 (one rounding)
     if spec.is_fp:
         return fp_encode(x, spec.dtype).reshape(w.shape)
-    if zero is not None and spec.zero_mode == "float":   # (w - z) / s: the grid starts at the float zero
+    if zero is not None and spec.zero_mode in ("float", "offset"):   # (w - z) / s: the grid starts at the float zero
         x = (g - zero.to(torch.float32).unsqueeze(-1)) / scale.to(torch.float32).unsqueeze(-1)
     elif zero is not None:
         x = x + zero.to(torch.float32).unsqueeze(-1)  # asym: round(w/s + z), the sum also in float32
@@ -300,6 +316,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     elif spec.zero_mode == "float":   # the kernel's fma q*s + z in scale_dtype: exact in float64, one rounding
         out = (q.to(torch.float64) * s.to(torch.float64) + zero.unsqueeze(-1).to(torch.float64)
                ).to(spec.torch_scale_dtype)
+    elif spec.zero_mode == "offset":   # q*s + z applied by a GEMM epilogue, never rounded to 16 bits: float64, once
+        out = q.to(torch.float64) * s.to(torch.float64) + zero.unsqueeze(-1).to(torch.float64)
     elif spec.zero_mode == "integer":  # (q - z) * s: |q - z| < 256, exact in float32 for fp16/bf16 scales
         out = (q.to(torch.float32) - zero.unsqueeze(-1).to(torch.float32)) * s.to(torch.float32)
     else:
@@ -317,18 +335,37 @@ class QuantizedTensor:
     scale: torch.Tensor
     zero: torch.Tensor | None
     spec: QuantSpec
+    scale0: torch.Tensor | None = None   # progressive specs: the level-0 per-channel scale [N, 1]; scale/zero: level 1
 
     @property
     def shape(self) -> torch.Size:
         return self.codes.shape
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.spec.progressive:
+            return progressive.dequantize(self.codes, self.scale0, self.scale, self.zero, self.spec.group_size, dtype)
         return dequantize(self.codes, self.scale, self.zero, self.spec, dtype)
 
 
 def quantize_tensor(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor = 1.0) -> QuantizedTensor:
+    if spec.progressive:
+        return _quantize_progressive(w, spec, clip)
     scale, zero = compute_qparams(w, spec, clip)
     return QuantizedTensor(quantize(w, spec, scale, zero), scale, zero, spec)
+
+
+def progressive_qparams(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor = 1.0):
+    """(s1 [N, 1], x0 [N, K], s2 [N, G], z [N, G]) of a progressive spec; clip shrinks each level-1 group's range."""
+    s1, x0 = progressive.level0(w, spec.bits, spec.torch_scale_dtype)
+    c_lo, c_hi = _clip_pair(clip, _scale_shape(w, spec), spec)
+    s2, z = progressive.level1_params(x0, spec.group_size, spec.bits, c_lo, c_hi)
+    return s1, x0, s2, z
+
+
+def _quantize_progressive(w: torch.Tensor, spec: QuantSpec, clip) -> QuantizedTensor:
+    s1, x0, s2, z = progressive_qparams(w, spec, clip)
+    codes = progressive.level1_codes(x0, s2, z, spec.group_size, spec.bits)
+    return QuantizedTensor(codes, s2, z, spec, scale0=s1)
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -354,7 +391,7 @@ def fake_quantize_fast(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Ten
     float32 without validation. For zero_mode "scaled" this differs from the exact decode by at most one rounding to
     scale_dtype per element, which can flip a near-tie between candidates (about 0.2% of clip choices, each within
     ~1% in error); the final quantization always uses quantize_tensor."""
-    if spec.is_fp:
+    if spec.is_fp or spec.progressive:
         return fake_quantize(w, spec, clip)
     n, k = w.shape
     g = w.float().reshape(1, 1, -1) if spec.group_size == -1 else w.float().reshape(n, spec.num_groups(k), -1)
@@ -363,7 +400,7 @@ def fake_quantize_fast(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Ten
     if spec.symmetric:
         s = g.abs().amax(-1, keepdim=True) * c_hi / spec.qmax
         z = None
-    elif spec.zero_mode == "float":
+    elif spec.zero_mode in ("float", "offset"):
         lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
         mid = (lo + hi) / 2
         lo, hi = mid - (mid - lo) * c_lo, mid + (hi - mid) * c_hi
@@ -375,7 +412,7 @@ def fake_quantize_fast(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Ten
     s = torch.where(s == 0, torch.ones_like(s), s)
     if spec.symmetric:
         return (torch.round(g / s).clamp(spec.qmin, spec.qmax) * s).reshape(w.shape)
-    if spec.zero_mode == "float":
+    if spec.zero_mode in ("float", "offset"):
         z = lo.to(spec.torch_scale_dtype).float()
         return (torch.round((g - z) / s).clamp(0, spec.qmax) * s + z).reshape(w.shape)
     z = torch.round(-lo / s).clamp(0, spec.qmax)

@@ -37,6 +37,7 @@ class Linear:
     spec: QuantSpec | None = None   # what quantize passes target (None: keep in float)
     qtensor: QuantizedTensor | None = None
     skip_reason: str | None = None  # why it stays in float, said in dumps and the manifest
+    act: str | None = None          # run-time input quantization the engine applies ("int8": per token)
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,6 +65,7 @@ class Attention:
     rope: bool                # q/k pass through a rotary embedding before attention
     q_node: str               # graph node feeding attention's query (after RoPE)
     k_node: str
+    kv_bits: int | None = None    # the engine's KV cache precision (per token and head, after RoPE), None: 16-bit
 
 
 @dataclass

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir.formats import QuantizedTensor, compute_qparams
+from ..ir.formats import QuantizedTensor, compute_qparams, progressive_qparams
+from ..ir.progressive import protective_range
 from .base import Pass, PassConfig, PassResult, quantizable, register
 from .rtn import quantize_linear
 
@@ -67,12 +68,12 @@ class _Columns:
         if zero is not None and sp.zero_mode == "scaled":   # sz = -(z * s) stored in the scale dtype
             self.sz64 = (-(zero.to(torch.float64) * scale.to(torch.float64))).to(sp.torch_scale_dtype) \
                 .to(torch.float64).expand(self.n, -1)
-        if zero is not None and sp.zero_mode == "float":    # the zero is itself the 16-bit offset
+        if zero is not None and sp.zero_mode in ("float", "offset"):    # the zero is itself the 16-bit offset
             self.sz64 = zero.to(torch.float64).expand(self.n, -1)
 
     def __call__(self, wcol: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         sp = self.spec
-        if self.z32 is not None and sp.zero_mode == "float":
+        if self.z32 is not None and sp.zero_mode in ("float", "offset"):
             x = (wcol.float() - self.z32[:, g]) / self.s32[:, g]
         else:
             x = wcol.float() / self.s32[:, g]
@@ -81,11 +82,28 @@ class _Columns:
         q = torch.round(x).clamp(sp.qmin, sp.qmax)
         if self.z32 is None:
             deq = q.double() * self.s64[:, g]
+        elif sp.zero_mode == "offset":   # q*s + z applied exactly by an epilogue: float64, one rounding to float32
+            deq = q.double() * self.s64[:, g] + self.sz64[:, g]
         elif sp.zero_mode in ("scaled", "float"):   # one rounding of q*s + sz to the scale dtype (the kernel's fma)
             deq = (q.double() * self.s64[:, g] + self.sz64[:, g]).to(sp.torch_scale_dtype).double()
         else:
             deq = ((q - self.z32[:, g]) * self.s32[:, g]).double()
         return q, deq.float()
+
+
+class _ProgressiveColumns:
+    """Per-column quantization for QoQ's two-level spec with static groups: x0 = clamp(w / s1, -P, P), then
+    q = round((x0 + z) / s2) clamped, and the weight s1 * (q * s2 - z), as formats.quantize_tensor computes them."""
+
+    def __init__(self, spec, s1: torch.Tensor, s2: torch.Tensor, z: torch.Tensor):
+        self.qmax, self.p = spec.qmax, float(protective_range(spec.bits))
+        self.s1 = s1.to(torch.float32).view(-1)
+        self.s2, self.z = s2.to(torch.float32), z.to(torch.float32)
+
+    def __call__(self, wcol: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = (wcol.float() / self.s1).clamp(-self.p, self.p)
+        q = torch.round((x0 + self.z[:, g]) / self.s2[:, g]).clamp(0, self.qmax)
+        return q, (q * self.s2[:, g] - self.z[:, g]) * self.s1   # exact: an 8-bit integer times a 16-bit scale
 
 
 @torch.no_grad()
@@ -100,9 +118,16 @@ def gptq_quantize(w: torch.Tensor, x: torch.Tensor, spec, config: GptqConfig, cl
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    scale, zero = compute_qparams(w.float(), spec, clip)   # static groups: fixed before the sweep
     gs = k if spec.group_size <= 0 else spec.group_size
-    cols = _Columns(spec, scale, zero, n)
+    s1 = None
+    if spec.progressive:   # static groups: both levels fixed from the whole weight before the sweep
+        if not config.static_groups:
+            raise ValueError("gptq: a progressive (two-level) spec needs static_groups")
+        s1, _, scale, zero = progressive_qparams(w, spec, clip)
+        cols = _ProgressiveColumns(spec, s1, scale, zero)
+    else:
+        scale, zero = compute_qparams(w.float(), spec, clip)   # static groups: fixed before the sweep
+        cols = _Columns(spec, scale, zero, n)
     perm = torch.argsort(torch.diagonal(h), descending=True) if config.act_order else torch.arange(k, device=h.device)
     w, h = w[:, perm], h[perm][:, perm]
     u = _inverse_hessian_chol(h, config.damp).float()
@@ -111,7 +136,7 @@ def gptq_quantize(w: torch.Tensor, x: torch.Tensor, spec, config: GptqConfig, cl
     qcols = torch.zeros(n, k, dtype=torch.float32, device=w.device)
     with _one_thread():
         _sweep(w, u, cols, scale, zero, spec, config, clip, perm_l, group_of, gs, qcols)
-    return QuantizedTensor(qcols.to(torch.int16), scale, zero, spec)
+    return QuantizedTensor(qcols.to(torch.int16), scale, zero, spec, scale0=s1)
 
 
 @contextlib.contextmanager

@@ -1,12 +1,14 @@
-"""SmoothQuant (Xiao et al., 2023): per smoothing group, s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha) moves the
-activation outliers of x into the consumers' weights; s is absorbed into the producer (norm or linear).
-Function-preserving."""
+"""SmoothQuant (Xiao et al., 2023): per smoothing group, s_j = max|x_j|^alpha / max|W_:,j|^beta moves the activation
+outliers of x into the consumers' weights; s is absorbed into the producer (norm or linear) found by the dataflow
+analysis. alpha/beta are given, or searched per group on the block's output error with the weights, activations and
+KV cache quantized as the target runs them (as DeepCompressor's grid search). Function-preserving in float."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
+from ..ir.formats import fake_quantize_fast
 from ._model_parts import call_block, check_preserved
 from ._scaling import apply_scale, scale_groups
 from .base import Pass, PassConfig, PassResult, register
@@ -16,26 +18,89 @@ GROUP_KINDS = ("norm", "vo", "mlp")
 
 @dataclass(frozen=True)
 class SmoothConfig(PassConfig):
-    """alpha: migration strength in [0, 1] (0: s = 1 / max|W|, 1: s = max|x|); groups: which kinds of producer ->
-    consumers groups to smooth ("norm": norm -> q/k/v or up/gate, "vo": v_proj -> o_proj, "mlp": up -> down);
-    verify: check that the block's output is unchanged. Example: SmoothConfig(alpha=0.85, groups=("norm",))."""
+    """alpha: migration strength in [0, 1] (0: s = 1 / max|W|^beta, 1: s = max|x|); beta: weight exponent (None:
+    1 - alpha, SmoothQuant's rule); groups: which producer -> consumers groups to smooth ("norm": norm -> q/k/v or
+    up/gate, "vo": v_proj -> o_proj, "mlp": up -> down); search: instead of alpha, try alpha = 0, 1/grid, ...,
+    (grid - 1)/grid (beta = 1 - alpha, or the given beta) and no smoothing, and keep per group the one with the
+    smallest block output error, measured on `samples` calibration sequences with quantized weights (the
+    linears' specs) and the target's run-time activation/KV quantization; verify: check that the float block's
+    output is unchanged. Example: SmoothConfig(alpha=0.85, groups=("norm",)) or SmoothConfig(search=True)."""
     alpha: float = 0.5
+    beta: float | None = None
     groups: tuple[str, ...] = GROUP_KINDS
+    search: bool = False
+    grid: int = 10
+    samples: int = 4
     verify: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "groups", tuple(self.groups))   # a YAML list becomes a tuple
-        if not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"smooth: alpha must be in [0, 1], got {self.alpha!r}")
+        for f in ("alpha",) + (("beta",) if self.beta is not None else ()):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"smooth: {f} must be in [0, 1], got {v!r}")
         unknown = [g for g in self.groups if g not in GROUP_KINDS]
         if unknown or not self.groups:
             raise ValueError(f"smooth: groups must be a non-empty subset of {GROUP_KINDS}, got {self.groups!r}")
+        if not isinstance(self.grid, int) or self.grid < 1 or not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"smooth: grid and samples must be ints >= 1, got {self.grid!r}, {self.samples!r}")
+
+    def exponents(self, alpha: float) -> tuple[float, float]:
+        return alpha, (1.0 - alpha) if self.beta is None else self.beta
 
 
-def smooth_scale(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s = x^alpha / w^(1 - alpha), both statistics and s clamped at 1e-5 (dead channels would give 0 or inf)."""
-    s = x_max.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1.0 - alpha)
+def smooth_scale(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float, beta: float | None = None) -> torch.Tensor:
+    """s = x^alpha / w^beta (beta defaults to 1 - alpha), both statistics and s clamped at 1e-5 (dead channels would
+    give 0 or inf)."""
+    beta = 1.0 - alpha if beta is None else beta
+    s = x_max.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(beta)
     return s.clamp(min=1e-5)
+
+
+def _fake_quant(w: torch.Tensor, lin) -> torch.Tensor:
+    return fake_quantize_fast(w.float(), lin.spec, lin.stats.get("clip", 1.0)).to(w.dtype)
+
+
+class _Scorer:
+    """Block output error with every quantizable linear fake-quantized (cached per linear until its float weight
+    changes) and the run-time activation/KV simulation on, against the float block's output."""
+
+    def __init__(self, block, ctx, samples: int):
+        self.block, self.ctx, self.samples = block, ctx, samples
+        self.lins = {n: l for n, l in block.linears.items() if l.spec is not None}
+        self.cache: dict[str, torch.Tensor] = {}
+        self.ref = ctx.forward(samples=samples).double()
+
+    def error(self, changed: list[str]) -> float:
+        floats = {}
+        for n in self.lins:
+            mod = self.block.linear_module(n)
+            floats[n] = mod.weight.data
+            if n in changed or n not in self.cache:
+                self.cache[n] = _fake_quant(mod.weight.data, self.lins[n])
+            mod.weight.data = self.cache[n]
+        try:
+            out = self.ctx.forward(simulate=True, samples=self.samples).double()
+        finally:
+            for n, w in floats.items():
+                self.block.linear_module(n).weight.data = w
+        return float(((out - self.ref) ** 2).mean())
+
+    def forget(self, names: list[str]) -> None:
+        for n in names:
+            self.cache.pop(n, None)
+
+
+def _group_params(block, g) -> list[torch.Tensor]:
+    """The tensors apply_scale changes for group g (saved and restored around each search candidate)."""
+    ps = [block.linear_module(c).weight for c in g.consumers]
+    if g.kind == "norm":
+        ng = next(n for n in block.norms if n.norm == g.producer)
+        ps += [block.param(p) for p in (ng.weight, ng.bias) if p is not None]
+    else:
+        prod = block.linear_module(g.producer)
+        ps += [p for p in (prod.weight, prod.bias) if p is not None]
+    return ps
 
 
 @register
@@ -56,17 +121,46 @@ class Smooth(Pass):
         # A group's input is its producer's output, which only that group's scaling changes (the others preserve
         # the function), so every statistic can be read from one collection before any group is scaled.
         x_max = {g.producer: ctx.inputs(g.consumers[0]).abs().amax(0).double() for g in groups}
+        scorer = _Scorer(block, ctx, config.samples) if config.search else None
         details = {}
         for g in groups:
             w_max = torch.stack([block.linear_module(c).weight.data.abs().amax(0).double() for c in g.consumers])
             x = g.collapse(x_max[g.producer].to(w_max.device))
-            s = smooth_scale(x, g.collapse(w_max.amax(0)), config.alpha)
+            w_c = g.collapse(w_max.amax(0))
+            alpha, err = config.alpha, None
+            if scorer is not None:
+                alpha, err = self._search(block, g, x, w_c, config, scorer)
+            if alpha is None:   # no smoothing won the search
+                details[f"{g.producer}->{','.join(g.consumers)}"] = {"kind": g.kind, "alpha": None, "error": err}
+                continue
+            s = smooth_scale(x, w_c, *config.exponents(alpha))
             apply_scale(block, g, s)
+            if scorer is not None:
+                scorer.forget([g.producer] + g.consumers)
             details[f"{g.producer}->{','.join(g.consumers)}"] = {
-                "kind": g.kind, "s_min": float(s.min()), "s_max": float(s.max()),
+                "kind": g.kind, "alpha": alpha, "beta": config.exponents(alpha)[1], "error": err,
+                "s_min": float(s.min()), "s_max": float(s.max()),
                 "x_absmax": float(x.max()), "x_absmax_after": float((x / s).max())}
         ctx.invalidate()
         if ref is not None:
             details["output_rel_err"] = check_preserved(ref, call_block(block, ctx), f"smooth on block {block.prefix}")
-        msg = f"{len(groups)} groups smoothed (alpha {config.alpha})" + (f", {len(skipped)} skipped" if skipped else "")
+        chosen = [d["alpha"] for d in details.values() if isinstance(d, dict) and "alpha" in d]
+        how = f"alpha searched: {chosen}" if config.search else f"alpha {config.alpha}"
+        msg = f"{len(groups)} groups smoothed ({how})" + (f", {len(skipped)} skipped" if skipped else "")
         return PassResult(True, msg, {"groups": details, "skipped": skipped}, facts=self.ensures)
+
+    @staticmethod
+    def _search(block, g, x, w_c, config, scorer) -> tuple[float | None, float]:
+        """(best alpha or None for no smoothing, its error): each candidate is applied, scored and undone."""
+        params = _group_params(block, g)
+        saved = [p.data.clone() for p in params]
+        changed = [g.producer] + g.consumers
+        best = (scorer.error(changed), None)
+        for i in range(config.grid):
+            alpha = i / config.grid
+            apply_scale(block, g, smooth_scale(x, w_c, *config.exponents(alpha)))
+            best = min(best, (scorer.error(changed), alpha), key=lambda t: t[0])
+            for p, d in zip(params, saved):
+                p.data = d.clone()
+        scorer.forget(changed)
+        return best[1], round(best[0], 9)

@@ -26,7 +26,13 @@ def _decode_tinychat(tensors, prefix: str, entry: dict) -> torch.Tensor:
                                          tensors.get(f"{prefix}.scaled_zeros"), g, k)
 
 
-DECODERS = {"tinychat-w4a16-v2": _decode_tinychat}
+def _decode_qserve(tensors, prefix: str, entry: dict) -> torch.Tensor:
+    from . import qserve
+    return qserve.decode(tensors, prefix, entry)
+
+
+DECODERS = {"tinychat-w4a16-v2": _decode_tinychat, "qserve-w4a8-per-channel": _decode_qserve,
+            "qserve-w4a8-group": _decode_qserve, "qserve-w8a8": _decode_qserve}
 
 
 @dataclass
@@ -44,7 +50,8 @@ class Artifact:
         return {k: v for k, v in self.manifest["layers"].items() if "skip_reason" not in v}
 
     def decode(self, layer: str) -> torch.Tensor:
-        """The [N, K] weight of a quantized layer, exactly as the kernel reconstructs it (16-bit)."""
+        """The [N, K] weight of a quantized layer, exactly as the kernel reconstructs it (16-bit for TinyChat; float32
+        for QServe, whose GEMM applies the scales to integers and never forms a 16-bit weight)."""
         entry = self.manifest["layers"][layer]
         fmt = entry.get("format")
         if fmt not in DECODERS:

@@ -1,10 +1,13 @@
 """CPU reference execution of an artifact: a transformers model whose quantized linears carry the decoded 16-bit
-weights (exactly what TinyChat's kernels reconstruct), run in float32 on the CPU."""
+weights (exactly what TinyChat's kernels reconstruct), or compute what QServe's W4A8/W8A8 GEMMs compute (int8
+activations, integer GEMM, fp16 epilogue) with its KV cache quantization, run in float32 on the CPU."""
 from __future__ import annotations
 
 import torch
 
+from ..ir.simulate import install_kv
 from ..models.loader import rebuild_buffers
+from . import qserve
 from .artifact import Artifact
 
 
@@ -22,8 +25,13 @@ def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, devic
     model.eval()
     quant = art.quantized_layers()
     keys = set(art.tensors.keys())
-    used = {f"{q}.{t}" for q in quant for t in ("qweight", "scales", "scaled_zeros")}
+    used = {f"{q}.{t}" for q, e in quant.items() for t in qserve.TENSORS.get(e["format"], _TINYCHAT_TENSORS)}
+    for mname, e in quant.items():
+        if e["format"].startswith("qserve"):
+            _swap_in(model, art, mname, e, used)
     for mname, mod in model.named_modules():
+        if isinstance(mod, qserve.QServeLinear):
+            continue
         for pname, p in list(mod.named_parameters(recurse=False)):
             full = f"{mname}.{pname}" if mname else pname
             if pname == "weight" and mname in quant:
@@ -45,7 +53,29 @@ def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, devic
     if config.tie_word_embeddings and model.get_output_embeddings() is not None:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     _restore_buffers(model, config, device)
-    return model
+    kv = art.manifest.get("runtime", {}).get("kv_cache") or {}
+    if kv:   # the engine's KV cache precision: these attentions read K/V through the cache's quantization
+        install_kv(model, kv)
+    return model.to(device)
+
+
+_TINYCHAT_TENSORS = ("qweight", "scales", "scaled_zeros")
+
+
+def _swap_in(model, art, mname: str, entry: dict, used: set) -> None:
+    """Replace nn.Linear `mname` by the QServe reference layer built from its stored tensors."""
+    parent, _, attr = mname.rpartition(".")
+    old = model.get_submodule(mname)
+    n, k = entry["shape"]
+    try:
+        tensors = {t: art.tensors.get(f"{mname}.{t}") for t in qserve.TENSORS[entry["format"]]}
+    except KeyError as e:
+        raise ValueError(f"{art.path}: layer {mname} is missing tensor {e}") from None
+    bias = None
+    if old.bias is not None:
+        bias = art.tensors.get(f"{mname}.bias")
+        used.add(f"{mname}.bias")
+    setattr(model.get_submodule(parent), attr, qserve.QServeLinear(entry["format"], tensors, n, k, bias))
 
 
 def _restore_buffers(model, config, device) -> None:

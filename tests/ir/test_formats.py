@@ -43,7 +43,7 @@ def test_fp_specs_are_symmetric():
                                   QuantSpec("fp8_e5m2", group_size=-1)])
 def test_spec_dict_round_trip(spec):
     d = spec.to_dict()
-    assert set(d) == {"dtype", "symmetric", "group_size", "scale_dtype", "zero_mode"}
+    assert set(d) == {"dtype", "symmetric", "group_size", "scale_dtype", "zero_mode", "progressive"}
     assert QuantSpec.from_dict(d) == spec
     assert hash(QuantSpec.from_dict(dict(d))) == hash(spec)
 

@@ -139,3 +139,30 @@ def test_gptq_pass_on_a_block_beats_rtn(template):
         assert torch.equal(w, qt.dequantize(w.dtype))
         assert int(qt.codes.min()) >= 0 and int(qt.codes.max()) <= 15
     assert err_gptq < err_rtn, (err_gptq, err_rtn)
+
+
+def test_gptq_progressive_two_levels():
+    """QoQ's two-level spec: both levels static from the float weight; codes stay inside the kernel's bounds and
+    GPTQ beats RTN of the same spec."""
+    from dcc.ir.formats import progressive_qparams, quantize_tensor
+
+    spec = QuantSpec("int4", symmetric=False, group_size=64, progressive=True)
+    w, x = _correlated()
+    qt = gptq_quantize(w, x, spec, GptqConfig(block_size=32))
+    s1, _, s2, z = progressive_qparams(w, spec)
+    assert torch.equal(qt.scale0, s1) and torch.equal(qt.scale, s2) and torch.equal(qt.zero, z)
+    wq = qt.dequantize()   # raises if any q*s2 - z left int8
+    e_gptq, e_rtn = _out_err(x, w, wq), _out_err(x, w, quantize_tensor(w, spec).dequantize())
+    assert e_gptq < 0.6 * e_rtn, (e_gptq, e_rtn)
+    with pytest.raises(ValueError, match="static_groups"):
+        gptq_quantize(w, x, spec, GptqConfig(act_order=False, static_groups=False))
+
+
+def test_gptq_offset_zero_matches_rtn_decode():
+    """zero_mode 'offset' (QServe per-channel: q*s - szero in the epilogue) decodes exactly as formats does."""
+    spec = QuantSpec("int4", symmetric=False, group_size=0, zero_mode="offset")
+    w, x = _correlated()
+    qt = gptq_quantize(w, x, spec, GptqConfig(block_size=32))
+    from dcc.ir.formats import dequantize
+    assert torch.equal(qt.dequantize(), dequantize(qt.codes, qt.scale, qt.zero, spec))
+    assert _out_err(x, w, qt.dequantize()) < _out_err(x, w, fake_quantize(w, spec))

@@ -83,3 +83,48 @@ def test_smooth_after_fuse_norms_on_layernorm(tmp_path):
     assert_same_logits(logits(model), logits(out))
     g = blocks[0].norms[0]
     assert not torch.allclose(states[0][g.weight], torch.ones(64))
+
+
+# ------------------------------------------------------------------------------------------ alpha/beta search
+
+def test_beta_and_config_round_trip():
+    c = SmoothConfig(alpha=0.3, beta=0.7, search=True, grid=5, samples=2, groups=("vo", "mlp"))
+    assert SmoothConfig.from_dict(c.to_dict()) == c and c.exponents(0.3) == (0.3, 0.7)
+    assert SmoothConfig(alpha=0.3).exponents(0.3) == (0.3, 0.7) and SmoothConfig(beta=0.0).exponents(0.6) == (0.6, 0.0)
+    x, w = torch.tensor([4.0]), torch.tensor([16.0])
+    torch.testing.assert_close(smooth_scale(x, w, 0.5, 0.25), torch.tensor([1.0]))   # 4^0.5 / 16^0.25
+    for bad in ({"beta": 1.5}, {"grid": 0}, {"samples": 0}, {"alpha": True}):
+        with pytest.raises(ValueError, match="smooth"):
+            SmoothConfig(**bad)
+
+
+def _w4a8_block():
+    from dcc.ir.formats import QuantSpec
+    from tiny_models import fresh_block, outlier_layer
+    spec = QuantSpec("int4", symmetric=False, group_size=0, zero_mode="offset")
+    block, ctx = fresh_block(outlier_layer(), spec)
+    for lin in block.linears.values():
+        lin.act = "int8"
+    return block, ctx
+
+
+def test_search_picks_the_smallest_quantized_block_error():
+    from dcc.passes.smooth import _Scorer
+    block, ctx = _w4a8_block()
+    ref = ctx.forward().clone()
+    res = Smooth().run(block, SmoothConfig(search=True, grid=4, samples=2, groups=("vo", "mlp")), ctx)
+    groups = res.details["groups"]
+    assert {d["kind"] for k, d in groups.items() if k != "output_rel_err"} == {"vo", "mlp"}
+    assert groups["output_rel_err"] < 1e-4                   # still the same float function
+    torch.testing.assert_close(ctx.forward(), ref, rtol=1e-4, atol=1e-4)
+    # the chosen configuration scores at most what any other alpha (and no smoothing) scores: re-score them
+    errs = {}
+    for alpha in (None, 0.0, 0.25, 0.5, 0.75):
+        b, c = _w4a8_block()
+        if alpha is not None:
+            Smooth().run(b, SmoothConfig(alpha=alpha, groups=("vo", "mlp"), verify=False), c)
+        errs[alpha] = _Scorer(b, c, 2).error(list(b.linears))
+    b, c = _w4a8_block()
+    Smooth().run(b, SmoothConfig(search=True, grid=4, samples=2, groups=("vo", "mlp"), verify=False), c)
+    searched = _Scorer(b, c, 2).error(list(b.linears))
+    assert searched <= min(errs.values()) * 1.0001, (searched, errs)

@@ -27,6 +27,17 @@ class TinyChatEmitter:
     def _plain(self, name: str, t: torch.Tensor) -> None:
         self.writer.add(name, t.to(self.dtype) if t.is_floating_point() else t)
 
+    def quantized(self, full: str, lin, mod, entry: dict) -> None:
+        """Write one quantized linear's tensors and fill its manifest entry (targets override this)."""
+        qt = lin.qtensor
+        self.writer.add(f"{full}.qweight", pack_qweight(qt.codes))
+        scales, szeros = pack_scales(qt.scale, qt.zero, qt.spec.group_size, self.dtype,
+                                     float_zero=qt.spec.zero_mode == "float")
+        self.writer.add(f"{full}.scales", scales)
+        self.writer.add(f"{full}.scaled_zeros", szeros)
+        # the fake-quant weight that was evaluated, as the 16-bit values the kernel reconstructs
+        entry.update(format=FORMAT, spec=qt.spec.to_dict(), weight_sha256=sha256_tensor(mod.weight.data.to(self.dtype)))
+
     def on_block(self, block, ctx=None) -> None:
         done = set()
         for name, lin in block.linears.items():
@@ -35,15 +46,7 @@ class TinyChatEmitter:
             entry = {"shape": [lin.out_features, lin.in_features], **{k: v for k, v in lin.stats.items()
                                                                       if not isinstance(v, torch.Tensor)}}
             if lin.qtensor is not None:
-                qt = lin.qtensor
-                self.writer.add(f"{full}.qweight", pack_qweight(qt.codes))
-                scales, szeros = pack_scales(qt.scale, qt.zero, qt.spec.group_size, self.dtype,
-                                             float_zero=qt.spec.zero_mode == "float")
-                self.writer.add(f"{full}.scales", scales)
-                self.writer.add(f"{full}.scaled_zeros", szeros)
-                # the fake-quant weight that was evaluated, as the 16-bit values the kernel reconstructs
-                entry.update(format=FORMAT, spec=qt.spec.to_dict(),
-                             weight_sha256=sha256_tensor(mod.weight.data.to(self.dtype)))
+                self.quantized(full, lin, mod, entry)
             else:
                 self._plain(f"{full}.weight", mod.weight.data)
                 entry.update(format="float16" if self.dtype == torch.float16 else "bfloat16",

@@ -1,12 +1,20 @@
 """The TinyChat target's face to the compiler: spec, pipeline, layer rule, emitter and config for given options."""
 from __future__ import annotations
 
-from .emit import FORMAT, TinyChatEmitter as Emitter, engines_for  # noqa: F401  (re-exported)
+from .emit import FORMAT, TinyChatEmitter as Emitter, engines_for as _engines  # noqa: F401  (re-exported)
 from .pipeline import make_spec_assigner, pipeline, preflight, weight_spec  # noqa: F401
 
 
+DEFAULT_GROUP_SIZE = 128   # TinyChat's kernels
+
+
 def spec_for(opts):
-    return weight_spec(opts.bits, opts.group_size, opts.dtype, zero_for(getattr(opts, "zero", "auto"), opts.algo))
+    gs = DEFAULT_GROUP_SIZE if opts.group_size is None else opts.group_size
+    return weight_spec(opts.bits, gs, opts.dtype, zero_for(getattr(opts, "zero", "auto"), opts.algo))
+
+
+def engines_for(spec, emitter=None) -> list[str]:
+    return _engines(spec.group_size)
 
 
 def zero_for(zero: str, algo: str) -> str:

@@ -1,0 +1,162 @@
+"""SmoothAttention (QServe/QoQ, Lin et al., 2024): per KV head and channel, lambda = max|K|^alpha / max|Q|^beta on the
+post-RoPE queries and keys; q_proj rows are multiplied and k_proj rows divided by lambda, so Q K^T is unchanged while
+K's outlier channels (what the 4-bit KV cache quantizes per token and head) flatten. Function-preserving in float."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ir.simulate import attention_module, simulate
+from ._model_parts import call_block, check_preserved, norm_offset
+from .base import Pass, PassConfig, PassResult, register
+
+
+@dataclass(frozen=True)
+class SmoothAttentionConfig(PassConfig):
+    """alpha: exponent of K's channel absmax, in [0, 1] (0.5: K's channel ranges become their square roots);
+    beta: exponent of Q's, in [0, 1] (QoQ uses 0: the queries are not quantized); verify: check that the float block's
+    output is unchanged. Example: SmoothAttentionConfig(alpha=0.5, beta=0.0)."""
+    alpha: float = 0.5
+    beta: float = 0.0
+    verify: bool = True
+
+    def __post_init__(self):
+        for f in ("alpha", "beta"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"smooth_attention: {f} must be in [0, 1], got {v!r}")
+        if not isinstance(self.verify, bool):
+            raise ValueError(f"smooth_attention: verify must be a bool, got {self.verify!r}")
+
+
+def attention_scale(q_max: torch.Tensor, k_max: torch.Tensor, alpha: float, beta: float, rope: bool) -> torch.Tensor:
+    """lambda [..., head_dim] from the channel absmaxes of Q and K (same shape). With rotate_half RoPE, channel i is
+    rotated with channel i + d/2, and RoPE commutes only with a scaling equal on both: the pair's statistics are
+    maxed before the power. A channel whose statistic is 0 (with a non-zero exponent) keeps lambda = 1 rather than
+    0 or inf; statistics and lambda are clamped (1e-5, and lambda <= 1e5) so that no folded row becomes 0 or inf."""
+    q, k = q_max.double(), k_max.double()
+    if rope:
+        h = q.shape[-1] // 2
+        q, k = (torch.maximum(t[..., :h], t[..., h:]).tile(2) for t in (q, k))   # [max(i, i+h)] * 2
+    lam = (k.clamp(min=1e-5).pow(alpha) / q.clamp(min=1e-5).pow(beta)).clamp(1e-5, 1e5)
+    dead = ((k == 0) & (alpha > 0)) | ((q == 0) & (beta > 0))
+    return torch.where(dead, torch.ones_like(lam), lam)
+
+
+def _norm_gain(block, node_name: str) -> tuple[str, str] | None:
+    """A per-head norm between a q/k linear and attention (Qwen3's q_norm): (its module path, its gain's parameter
+    path), found by walking the graph back from the attention's input to the linear. None: no norm on the way."""
+    nodes = {n.name: n for n in block.nodes}
+    todo, seen, norm, gains = [node_name], set(), None, {}
+    while todo:
+        n = nodes.get(todo.pop())
+        if n is None or n.name in seen or n.kind in ("linear", "input"):
+            continue
+        seen.add(n.name)
+        norm = norm or (n.module if n.kind == "norm" else None)
+        for p in (nodes.get(i) for i in n.inputs):
+            if n.kind == "mul" and p is not None and p.kind == "param" and p.shape and len(p.shape) == 1:
+                gains[n.module] = p.target   # a 1-D parameter multiplied in: the gain, if it is the norm's
+        todo.extend(n.inputs)
+    if norm is None:
+        return None
+    if norm not in gains:
+        raise ValueError(f"a norm without a gain ({norm}) sits between a q/k linear and attention: nothing can "
+                         f"absorb lambda")
+    return norm, gains[norm]
+
+
+@torch.no_grad()
+def _scale_rows(lin, s: torch.Tensor) -> None:
+    """Output rows (and bias) of a linear times s, in float64."""
+    lin.weight.data = (lin.weight.data.double() * s.view(-1, 1).to(lin.weight.device)).to(lin.weight.dtype)
+    if lin.bias is not None:
+        lin.bias.data = (lin.bias.data.double() * s.to(lin.bias.device)).to(lin.bias.dtype)
+
+
+@torch.no_grad()
+def _scale_gain(block, gain: tuple[str, str], s: torch.Tensor) -> None:
+    """A norm gain used as (offset + w): the effective gain is what gets scaled."""
+    w = block.param(gain[1])
+    off = norm_offset(block.module.get_submodule(gain[0]), w.shape[0])
+    w.data = ((w.data.double() + off) * s.to(w.device) - off).to(w.dtype)
+
+
+def collect_qk(block, ctx, attentions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per attention (keyed by its q linear): channel absmax of post-RoPE Q [heads, d] and K [kv_heads, d] over the
+    calibration data, from one forward of the block with observers on its attention calls."""
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def observer(key):
+        def fn(query, k):
+            q_max, k_max = query.detach().abs().amax((0, 2)).double(), k.detach().abs().amax((0, 2)).double()
+            old = stats.get(key)
+            stats[key] = (q_max, k_max) if old is None else (old[0].maximum(q_max), old[1].maximum(k_max))
+        return fn
+
+    observers = {}
+    for a in attentions:   # simulate can route transformers' attention modules (they hold a config); others get none
+        path = attention_module(a.q)
+        if hasattr(getattr(block.module.get_submodule(path), "config", None), "_attn_implementation"):
+            observers[path] = observer(a.q)
+    with simulate(block.module, observers=observers):
+        ctx.forward()
+    return stats
+
+
+@register
+class SmoothAttention(Pass):
+    """Without RoPE any per-channel lambda preserves Q K^T (no pairing); where a per-head norm sits between q/k_proj
+    and attention (Qwen3's q_norm/k_norm), lambda is one vector for every head and goes into the norms' gains."""
+    Config = SmoothAttentionConfig
+    uses_activations = True
+    ensures = ("attention_smoothed",)
+
+    @torch.no_grad()
+    def run(self, block, config, ctx) -> PassResult:
+        if not block.attentions:
+            return PassResult(False, "no attention to smooth")
+        ref = call_block(block, ctx) if config.verify else None
+        stats = collect_qk(block, ctx, block.attentions)
+        details, skipped = {}, []
+        for a in block.attentions:
+            if a.q not in stats:
+                skipped.append(f"{attention_module(a.q)}: it did not run through transformers' attention interface, "
+                               f"so there are no post-RoPE statistics")
+                continue
+            q_max, k_max = stats[a.q]
+            kv, rep, d = a.num_kv_heads, a.num_heads // a.num_kv_heads, a.head_dim
+            if tuple(q_max.shape) != (a.num_heads, d) or tuple(k_max.shape) != (kv, d):
+                raise ValueError(f"{a.q}: attention saw Q {tuple(q_max.shape)} / K {tuple(k_max.shape)} per head, "
+                                 f"the graph says {a.num_heads} / {kv} heads of {d}")
+            try:
+                gains = {a.q: _norm_gain(block, a.q_node), a.k: _norm_gain(block, a.k_node)}
+            except ValueError as e:
+                skipped.append(f"{attention_module(a.q)}: {e}")
+                continue
+            q_kv = q_max.view(kv, rep, d).amax(1)      # Q's statistic per KV head: over the query heads reading it
+            if any(gains.values()):   # a norm gain is one [d] vector shared by every head: so must lambda be
+                lam = attention_scale(q_kv.amax(0), k_max.amax(0), config.alpha, config.beta, a.rope).expand(kv, d)
+            else:
+                lam = attention_scale(q_kv, k_max, config.alpha, config.beta, a.rope)
+            for name, s in ((a.q, lam.unsqueeze(1).expand(kv, rep, d)), (a.k, 1.0 / lam)):
+                if gains[name] is not None:
+                    _scale_gain(block, gains[name], s.reshape(-1, d)[0])
+                else:
+                    _scale_rows(block.linear_module(name), s.reshape(-1))
+            details[attention_module(a.q)] = {
+                "fold": "norm gains" if any(gains.values()) else "q/k rows", "rope": a.rope,
+                "lambda_min": float(lam.min()), "lambda_max": float(lam.max()),
+                "k_absmax": float(k_max.max()), "k_absmax_after": float((k_max / lam).max())}
+        for s in skipped:
+            ctx.log(f"smooth_attention: skipped {s}")
+        if not details:
+            return PassResult(False, "no attention smoothed", {"skipped": skipped})
+        ctx.invalidate()
+        out = {"attentions": details, "skipped": skipped}
+        if ref is not None:
+            out["output_rel_err"] = check_preserved(ref, call_block(block, ctx),
+                                                    f"smooth_attention on block {block.prefix}")
+        msg = f"{len(details)} attention(s) smoothed (alpha {config.alpha}, beta {config.beta})"
+        return PassResult(True, msg + (f", {len(skipped)} skipped" if skipped else ""), out, facts=self.ensures)
