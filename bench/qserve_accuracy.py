@@ -25,11 +25,12 @@ from dcc.runtime.evaluate import perplexity
 from dcc.runtime.reference import build_model
 from dcc.targets.qserve.pipeline import pipeline, qoq_steps
 
-ALL_ON = dict(rotate=True, smooth=True, smooth_attention=True, reorder=True, gptq=True)
+ALL_ON = dict(rotate=True, smooth=True, smooth_attention=True, reorder=True, clip=True, gptq=True)
 
 
 def rows_for(which: set[str]):
-    """(name, bits, group, kv bits, steps) per row."""
+    """(name, bits, group, kv bits, steps) per row. Every QoQ phase is switched off in turn on the W4A8KV4 rows;
+    the W4A8 rows (16-bit cache) show RTN, QoQ and QoQ without rotation."""
     rows = []
     if "w8a8" in which:
         rows += [("W8A8 RTN", 8, 0, 16, pipeline("rtn", 8, 0, None)),
@@ -38,18 +39,16 @@ def rows_for(which: set[str]):
                                                                    gptq=False))]
     for kv in (16, 4):
         for gs in (64, 0):
-            tag = f"W4A8{'KV4' if kv == 4 else ''} {'g64' if gs else 'per-channel'}"
-            if f"{'kv4' if kv == 4 else 'w4a8'}-{'g64' if gs else 'chn'}" not in which:
+            key = f"{'kv4' if kv == 4 else 'w4a8'}-{'g64' if gs else 'chn'}"
+            if key not in which:
                 continue
+            tag = f"W4A8{'KV4' if kv == 4 else ''} {'g64' if gs else 'per-channel'}"
+            base = {**ALL_ON, "smooth_attention": kv == 4}
             rows.append((f"{tag} RTN", 4, gs, kv, pipeline("rtn", 4, gs, None)))
-            rows.append((f"{tag} QoQ", 4, gs, kv, qoq_steps(grouped=gs > 0, smooth_attention=kv == 4)))
-            for off in ("rotate", "smooth", "smooth_attention", "gptq") + (("reorder",) if gs else ()):
-                if off == "smooth_attention" and kv != 4:
-                    continue
-                sw = {**ALL_ON, off: False}
-                if kv != 4:
-                    sw["smooth_attention"] = False
-                rows.append((f"{tag} QoQ without {off}", 4, gs, kv, qoq_steps(grouped=gs > 0, **sw)))
+            rows.append((f"{tag} QoQ", 4, gs, kv, qoq_steps(grouped=gs > 0, **base)))
+            offs = ("rotate", "smooth", "smooth_attention", "clip", "gptq") + (("reorder",) if gs else ())
+            for off in offs if kv == 4 else ("rotate",):
+                rows.append((f"{tag} QoQ without {off}", 4, gs, kv, qoq_steps(grouped=gs > 0, **{**base, off: False})))
     return rows
 
 

@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from ..ir.capture import first_samples
 from ..ir.simulate import attention_module, simulate
 
 
@@ -31,7 +32,7 @@ class BlockContext:
         (int8 activations, quantized KV cache, where the target set them); samples: on the first n sequences."""
         args, kwargs = self.args, self.kwargs
         if samples is not None and samples < args[0].shape[0]:
-            args, kwargs = _first_samples(args, kwargs, args[0].shape[0], samples)
+            args, kwargs = first_samples(args, kwargs, args[0].shape[0], samples)
         with torch.no_grad(), (self.simulation() if simulate else contextlib.nullcontext()):
             out = (module or self.block.module)(*args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
@@ -112,14 +113,3 @@ class BlockContext:
         if self.verbose:
             print(f"  [{self.block.prefix}] {msg}", file=sys.stderr)
 
-
-def _first_samples(args: tuple, kwargs: dict, batch: int, n: int) -> tuple[tuple, dict]:
-    """Slice every tensor whose first dimension is the batch (hidden states, masks) to its first n rows; tensors
-    shared by the batch (RoPE tables with batch 1, positions) stay as they are."""
-    def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
-            return v[:n]
-        if isinstance(v, tuple):
-            return tuple(cut(t) for t in v)
-        return v
-    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}

@@ -66,3 +66,15 @@ def typed_nodes(gm, params: dict[str, str]) -> list[Node]:
         inputs = [a.name for a in n.all_input_nodes]
         out.append(Node(n.name, kind, target, inputs, shape, dtype, module))
     return out
+
+
+def first_samples(args: tuple, kwargs: dict, batch: int, n: int) -> tuple[tuple, dict]:
+    """Slice every tensor whose first dimension is the batch (hidden states, masks) to its first n rows; tensors
+    shared by the batch (RoPE tables with batch 1, positions) stay as they are."""
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+            return v[:n]
+        if isinstance(v, tuple):
+            return tuple(cut(t) for t in v)
+        return v
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..ir.capture import first_samples
+
 
 class _PassThrough(nn.Module):
     """Stands in for a block (possibly on the meta device): returns its hidden states and records that it ran."""
@@ -165,11 +167,18 @@ def untie_head(lm) -> nn.Module | None:
     return head
 
 
-def call_block(block, ctx, hidden: torch.Tensor | None = None) -> torch.Tensor:
-    """The block's output on the calibration inputs, optionally with other hidden states in place of args[0]."""
-    args = ctx.args if hidden is None else (hidden,) + tuple(ctx.args[1:])
+VERIFY_SAMPLES = 2   # sequences a function-preservation check runs on: a structural mistake shows on any input
+
+
+def call_block(block, ctx, hidden: torch.Tensor | None = None, samples: int | None = VERIFY_SAMPLES) -> torch.Tensor:
+    """The block's output on the first `samples` calibration sequences (None: all), optionally with other hidden
+    states (for the full batch) in place of args[0]."""
+    args, kwargs = (ctx.args if hidden is None else (hidden,) + tuple(ctx.args[1:])), ctx.kwargs
+    batch = args[0].shape[0]
+    if samples is not None and samples < batch:
+        args, kwargs = first_samples(args, kwargs, batch, samples)
     with torch.no_grad():
-        out = block.module(*args, **ctx.kwargs)
+        out = block.module(*args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 

@@ -19,12 +19,15 @@ class ClipConfig(PassConfig):
     min_ratio: float = 0.5
     skip_qk: bool = True
     asymmetric: bool = True
+    max_tokens: int | None = None
 
     def __post_init__(self):
         if self.grid < 1:
             raise ValueError(f"clip: grid must be >= 1, got {self.grid}")
         if not 0.0 < self.min_ratio < 1.0:
             raise ValueError(f"clip: min_ratio must be in (0, 1), got {self.min_ratio}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ValueError(f"clip: max_tokens must be None or an int >= 1, got {self.max_tokens!r}")
 
 
 @torch.no_grad()
@@ -33,13 +36,20 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec, config: ClipConfig):
     n, k = w.shape
     gs = k if spec.group_size <= 0 else spec.group_size
     g = k // gs
+    if config.max_tokens and x.shape[0] > config.max_tokens:   # evenly spaced tokens (every sequence, all positions)
+        x = x[torch.linspace(0, x.shape[0] - 1, config.max_tokens, device=x.device).long()]
     xg = x.view(-1, g, gs)
-    gram = torch.einsum("tgi,tgj->gij", xg, xg) / x.shape[0]          # [G, gs, gs]
+    t = x.shape[0]
+    # ||d_g x_g||^2 / T per (row, group), exactly: through the Gram matrix (N*K*gs per candidate) when groups are
+    # small, through the tokens themselves (N*K*T) when a group is wider than the token count (per channel)
+    gram = torch.einsum("tgi,tgj->gij", xg, xg) / t if gs <= t else None          # [G, gs, gs]
     ratios = [1.0 - i * (1.0 - config.min_ratio) / config.grid for i in range(config.grid)]
 
     def error(clip):
         d = (fake_quantize_fast(w, spec, clip) - w).view(n, g, gs)
-        return torch.einsum("ngi,gij,ngj->ng", d, gram, d)             # exact ||d_g x_g||^2 / T per (row, group)
+        if gram is not None:
+            return torch.einsum("ngi,gij,ngj->ng", d, gram, d)
+        return torch.einsum("ngi,tgi->ngt", d, xg).pow(2).sum(-1) / t
 
     base = best_err = error(1.0)
     if spec.group_size < 0:   # one range for the whole tensor: the best common ratio

@@ -6,6 +6,7 @@ import torch
 
 from ...compiler.pass_manager import Step
 from ...ir.formats import QuantSpec
+from ...passes.clip import ClipConfig
 from ...passes.fuse_norms import FuseNormsConfig
 from ...passes.gptq import GptqConfig
 from ...passes.reorder import ReorderConfig
@@ -20,7 +21,7 @@ GROUP_SIZES = (0, 64, 128)   # 0: per channel; 128: QServe's g128 kernel; 64: dc
 
 
 def qoq_steps(w8: bool = False, grouped: bool = False, rotate: bool = True, smooth: bool = True,
-              smooth_attention: bool = True, reorder: bool = True, gptq: bool = True) -> list[Step]:
+              smooth_attention: bool = True, reorder: bool = True, clip: bool = True, gptq: bool = True) -> list[Step]:
     """QoQ as a list of switchable phases (the benchmark's ablation rows use the switches)."""
     steps = [
         # QServe's W4A8 loader ignores every *norm* weight: the gains must live in the linears
@@ -35,10 +36,14 @@ def qoq_steps(w8: bool = False, grouped: bool = False, rotate: bool = True, smoo
     if smooth:
         # per group, alpha searched on the block output error under W4A8KV4; norms cannot absorb a scale in W4A8
         # (their weights are ignored), so only v -> o and up -> down are smoothed there
-        steps.append(Step("smooth", SmoothConfig(search=True, groups=("norm", "vo", "mlp") if w8 else ("vo", "mlp"))))
+        steps.append(Step("smooth", SmoothConfig(search=True, samples=2,
+                                                 groups=("norm", "vo", "mlp") if w8 else ("vo", "mlp"))))
     if smooth_attention:
         # post-RoPE keys flattened for the 4-bit cache, queries scaled up to compensate
         steps.append(Step("smooth_attention", SmoothAttentionConfig()))
+    if clip and not w8:
+        # weight ranges: per row (and group) the shrink of [min, max] with the smallest output error
+        steps.append(Step("clip", ClipConfig(grid=20, max_tokens=1024)))
     # quantization: GPTQ's error feedback or round to nearest, on the target's (progressive) spec
     steps.append(Step("gptq", GptqConfig()) if gptq else Step("rtn", RtnConfig()))
     return steps
