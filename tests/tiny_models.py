@@ -239,3 +239,16 @@ def run_on_copy(template, steps):
     results = run_block(block, steps, ctx, PassTiming())
     out = ctx.forward()
     return block, results, float((out - ref).norm() / ref.norm())
+
+
+def sampled_id_files(model_path, d, seqs: int = 8, length: int = 256):
+    """calib.txt / eval.txt of token ids the float model samples itself (real-looking text for a model without a
+    tokenizer): the first half of the sequences calibrate, the second half evaluate."""
+    from dcc.models.loader import LazyModel
+    model = LazyModel(model_path).materialize_all()
+    torch.manual_seed(0)
+    out = model.generate(torch.ones(seqs, 1, dtype=torch.long), do_sample=True, max_new_tokens=length - 1,
+                         min_new_tokens=length - 1, pad_token_id=0)
+    (d / "calib.txt").write_text(" ".join(map(str, out[:seqs // 2].flatten().tolist())))
+    (d / "eval.txt").write_text(" ".join(map(str, out[seqs // 2:].flatten().tolist())))
+    return d / "calib.txt", d / "eval.txt"

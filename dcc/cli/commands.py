@@ -150,6 +150,16 @@ def validate(artifact, model, tokens, seed, device, as_json):
     bad = [k for k, ok in exact.items() if not ok]
     report = {"exact": exact}
     click.echo(f"decoded weights equal the fake-quant weights: {len(exact) - len(bad)}/{len(exact)} layers")
+    if art.manifest["target"] == "qserve":
+        from ..targets.qserve import schema
+        spec = next((e["spec"] for e in art.quantized_layers().values()), {})
+        fmt = art.config["quantization_config"]["format"]
+        problems = schema.check(art.tensors, art.config, fmt, spec.get("group_size", 0))
+        report["qserve_loader"] = problems
+        click.echo("QServe's loader: every tensor it reads is present with its dtype and shape" if not problems else
+                   f"QServe's loader would not take this artifact: {len(problems)} problems, first: {problems[0]}")
+        if problems and "qserve" in art.manifest["engines"]:
+            _fail(f"{art.path}: the manifest says QServe loads it, but {problems[0]}", 1)
     if model:
         from ..models.loader import LazyModel
         lm = LazyModel(model)

@@ -51,3 +51,32 @@ def test_smollm2_group_128_stops_and_names_a_576_wide_layer(tmp_path):
     assert code == 2
     line = [x for x in text.splitlines() if x.startswith("dcc: error:")][0]
     assert "model.layers.0.self_attn.q_proj" in line and "576" in line and "--group-size 64" in line
+
+
+def test_smollm2_qserve_w4a8kv4_per_channel(tmp_path):
+    """The QServe target on the real model: per channel (576 = 18 x 32 packs; 128 does not divide it), every layer
+    quantized, QServe's loader keys present, decoded == compiled, and the artifact's own W4A8KV4 perplexity."""
+    out = tmp_path / "qs"
+    code, text = run("compile", GGUF, "--target", "qserve", "--algo", "qoq-rtn", "--calib", PTB, "--calib-chunks",
+                     "4", "--calib-seq-len", "128", "-o", out, "-q")
+    assert code == 0, text
+    m = json.loads((out / "dcc.json").read_text())
+    assert m["engines"] == ["qserve", "dcc-runtime"] and len(m["layers"]) == 210
+    assert {v["format"] for v in m["layers"].values()} == {"qserve-w4a8-per-channel"}
+    code, text = run("validate", out)
+    assert code == 0 and "210/210 layers" in text and "QServe's loader: every tensor" in text, text
+    js = tmp_path / "ppl.json"
+    code, text = run("eval", out, "--ppl", WIKI, "--windows", "2", "--seq-len", "256", "--baseline", GGUF,
+                     "--json", js, "-q")
+    assert code == 0, text
+    r = json.loads(js.read_text())
+    base, art = r["baseline"]["ppl"], r["artifact"]["ppl"]
+    assert base < art < 2 * base, (base, art)
+
+
+def test_smollm2_qserve_g128_names_a_576_wide_layer(tmp_path):
+    code, text = run("compile", GGUF, "--target", "qserve", "--group-size", "128", "--calib", PTB, "-o",
+                     tmp_path / "x", "-q")
+    assert code == 2
+    line = [x for x in text.splitlines() if x.startswith("dcc: error:")][0]
+    assert "model.layers.0.self_attn.q_proj" in line and "576" in line and "128" in line

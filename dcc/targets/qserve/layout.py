@@ -145,14 +145,19 @@ def int8_codes_g128(qweight: torch.Tensor, s2_scales: torch.Tensor, s2_zeros: to
     """The int8 weight w8 = q*s2 + s2_zeros [N, K] (int16) that the g128 kernel feeds to its int8 mma. The kernel
     reads s2 as an unsigned byte, multiplies q*s2 inside one byte of a uint32 (so q*s2 must be 0..255 or it carries
     into the neighbour) and adds the zero bytewise with __vadd4 (wrapping mod 256), which equals the true sum only if
-    that lies in [-128, 127]. Raises LayoutError where a checkpoint breaks either bound."""
-    check_shape("qweight", n, k, GROUP_SIZE)
-    g = k // GROUP_SIZE
+    that lies in [-128, 127]. Raises LayoutError where a checkpoint breaks either bound. The group size is read
+    from s2's shape [K/G, N]: 128 for QServe's kernel, 64 for dcc's g64 artifacts (same math, dcc's runtime only)."""
+    check_shape("qweight", n, k, 0)
+    g = s2_scales.shape[0] if s2_scales.dim() == 2 else 0
+    if g <= 0 or k % g or (k // g) % 32:
+        raise LayoutError(f"s2_scales has shape {tuple(s2_scales.shape)}: K = {k} is not [K/G, N] for a group size "
+                          f"G that is a multiple of 32")
+    gsize = k // g
     for what, t in (("s2_scales", s2_scales), ("s2_zeros", s2_zeros)):
         _shape_2d(t, what, (g, n))
         if t.dtype != torch.int8:
             raise LayoutError(f"{what} must be int8, got {t.dtype}")
-    q = unpack_qweight(qweight, n, k).to(torch.int32).reshape(n, g, GROUP_SIZE)
+    q = unpack_qweight(qweight, n, k).to(torch.int32).reshape(n, g, gsize)
     s2 = (unpack_s2(s2_scales).to(torch.int32) & 0xFF).unsqueeze(-1)
     prod = q * s2
     if int(prod.max()) > 255:

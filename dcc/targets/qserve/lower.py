@@ -22,6 +22,8 @@ def group_size_for(opts) -> int:
 
 
 def spec_for(opts):
+    if opts.dtype != "float16":
+        raise ValueError(f"--dtype {opts.dtype}: QServe's kernels take fp16 activations and scales; use --dtype float16")
     return weight_spec(opts.bits, group_size_for(opts))
 
 
