@@ -12,10 +12,20 @@ template <typename T>
 void dispatch_fused(int mtiles, const void* x, const void* qweight, const void* scales, const void* szeros,
                     const void* bias, void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
   switch (mtiles) {
-    // M <= 8: 16 warps per block, one iteration in flight per warp, activations in the ring ("w16_u1_xpre",
-    // GEMV v2 in csrc/NOTES.md: the fastest or within noise of it on every shape measured, in two runs).
-    case 1: return launch_fused<T, 1, 16, 1, true>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
-    case 2: return launch_fused<T, 2, 8, 2, true>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+    // M <= 8: GEMV v6 (gemv_lean_kernel, 16 warps, one iteration in flight per warp) where the shape has no partial
+    // tiles, on a persistent grid (v7) when there are more row tiles than resident blocks; else v2 ("w16_u1_xpre"
+    // with FASTDQ). See csrc/NOTES.md.
+    case 1:
+      if (lean_fits(M, N, K, 1)) {
+        if (N / 16 > lean_persist_slots<T, 16>())  // more row tiles than resident blocks: persistent grid (v7)
+          return launch_lean_persist<T, 16>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+        return launch_lean<T, 16, 1, 1>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+      }
+      return launch_fused<T, 1, 16, 1, true, true>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+    // M <= 16: two B tiles, dequant_chunk (FASTDQ: the same weights with fewer instructions, NOTES.md v2f).
+    case 2:
+      return launch_fused<T, 2, 8, 2, true, true>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+    // M <= 32 / 64: the dequantisation of dequant_pair (FASTDQ measured no better at M = 64, see NOTES.md).
     case 4: return launch_fused<T, 4, 8, 2, false>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
     case 8: return launch_fused<T, 8, 8, 2, false>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
     default: throw std::invalid_argument("dcc w4a16: mtiles must be 1, 2, 4 or 8");

@@ -39,7 +39,8 @@ template <typename T, int MT, int WARPS>
 __device__ __forceinline__ void reduce_store(const float* redf, const T* __restrict__ bias, T* __restrict__ out,
                                              int M, int N, int n_base) {
   using H = Half2Of<T>;
-  for (int e = threadIdx.x; e < kRowsPerBlock * 8 * MT; e += WARPS * 32) {
+  const int cols = M < 8 * MT ? M : 8 * MT;  // only the columns m < M are stored: sum only those
+  for (int e = threadIdx.x; e < kRowsPerBlock * cols; e += WARPS * 32) {
     const int nl = e & 15, m = e >> 4;
     const int mt = m >> 3, mm = m & 7;
     // C fragment: c0/c1 = (row g, cols 2t, 2t+1), c2/c3 = (row g+8, same cols); rows are n, cols are m.
@@ -56,7 +57,7 @@ __device__ __forceinline__ void reduce_store(const float* redf, const T* __restr
   }
 }
 
-template <typename T, int MT, int WARPS, int U, bool XPRE>
+template <typename T, int MT, int WARPS, int U, bool XPRE, bool FASTDQ = false>
 __global__ void __launch_bounds__(WARPS * 32)
     fused_w4a16_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const T* __restrict__ scales,
                        const T* __restrict__ szeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N,
@@ -125,12 +126,17 @@ __global__ void __launch_bounds__(WARPS * 32)
         const uint4 (&xv)[MT][4] = xr[XPRE ? u : 0];
         const T2 sa2 = H::broadcast(sa[u]), za2 = H::broadcast(za[u]);
         const T2 sb2 = H::broadcast(sb[u]), zb2 = H::broadcast(zb[u]);
+        uint32_t da[16], db[16];  // FASTDQ: the chunks dequantised by dequant_chunk (same values, fewer instructions)
+        if constexpr (FASTDQ) {
+          dequant_chunk<T>(wa[u], sa2, za2, da);
+          dequant_chunk<T>(wb[u], sb2, zb2, db);
+        }
 #pragma unroll
         for (int s = 0; s < 8; ++s) {
-          const uint32_t a0 = as_bits(dequant_pair<T>(wa[u], 2 * s, sa2, za2));
-          const uint32_t a1 = as_bits(dequant_pair<T>(wb[u], 2 * s, sb2, zb2));
-          const uint32_t a2 = as_bits(dequant_pair<T>(wa[u], 2 * s + 1, sa2, za2));
-          const uint32_t a3 = as_bits(dequant_pair<T>(wb[u], 2 * s + 1, sb2, zb2));
+          const uint32_t a0 = FASTDQ ? da[2 * s] : as_bits(dequant_pair<T>(wa[u], 2 * s, sa2, za2));
+          const uint32_t a1 = FASTDQ ? db[2 * s] : as_bits(dequant_pair<T>(wb[u], 2 * s, sb2, zb2));
+          const uint32_t a2 = FASTDQ ? da[2 * s + 1] : as_bits(dequant_pair<T>(wa[u], 2 * s + 1, sa2, za2));
+          const uint32_t a3 = FASTDQ ? db[2 * s + 1] : as_bits(dequant_pair<T>(wb[u], 2 * s + 1, sb2, zb2));
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             // x pair p = 32-bit word p of the 64-byte run: uint4 p/4, component p%4.
@@ -151,19 +157,230 @@ __global__ void __launch_bounds__(WARPS * 32)
   reduce_store<T, MT, WARPS>(reinterpret_cast<const float*>(&red[0][0][0]), bias, out, M, N, n_base);
 }
 
-template <typename T, int MT, int WARPS, int U, bool XPRE>
+template <typename T, int MT, int WARPS, int U, bool XPRE, bool FASTDQ = false>
 void launch_fused(const void* x, const void* qweight, const void* scales, const void* szeros, const void* bias,
                   void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
   const dim3 grid((N + kRowsPerBlock - 1) / kRowsPerBlock);
   const int rows = 8 * MT;
   for (int m0 = 0; m0 < M; m0 += rows) {
     const int mc = M - m0 < rows ? M - m0 : rows;
-    fused_w4a16_kernel<T, MT, WARPS, U, XPRE><<<grid, WARPS * 32, 0, stream>>>(
+    fused_w4a16_kernel<T, MT, WARPS, U, XPRE, FASTDQ><<<grid, WARPS * 32, 0, stream>>>(
         static_cast<const T*>(x) + (size_t)m0 * K, static_cast<const uint4*>(qweight), static_cast<const T*>(scales),
         static_cast<const T*>(szeros), static_cast<const T*>(bias), static_cast<T*>(out) + (size_t)m0 * N, mc, N, K,
         gshift);
     check_cuda(cudaGetLastError(), "fused w4a16 kernel launch");
   }
+}
+
+// GEMV v6 (csrc/NOTES.md): the v2 mapping for M <= 8 with fewer instructions per weight, for "full" shapes only
+// (K % 128 == 0, N % (16*RT) == 0: no bounds checks). Each lane walks four pointers (qweight, scales, scaled zeros,
+// x) by a fixed stride per iteration instead of recomputing addresses; loads are unpredicated (B columns >= M read
+// row M-1 of x: valid memory, and those columns of the product are never stored), so no registers are zeroed; the
+// dequantisation is dequant_chunk. RT row tiles per warp (16*RT rows per block) share each iteration's activations.
+// Same products, k order and reduction order as fused_w4a16_kernel<T, 1, WARPS, ...>.
+template <typename T, int WARPS, int U, int RT>
+__global__ void __launch_bounds__(WARPS * 32)
+    gemv_lean_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const T* __restrict__ scales,
+                     const T* __restrict__ szeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
+                     int gshift) {
+  using H = Half2Of<T>;
+  using T2 = typename H::T2;
+  __shared__ float4 red[RT][WARPS][32];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int n_base = blockIdx.x * (16 * RT);
+  const int nA = n_base + g;
+  const int K8 = K >> 3;
+  const int KI = K >> 7;
+  const size_t tile_q = (size_t)4 * K8;  // 16 rows of qweight, in 16-byte chunks
+  const uint4* pq = qw + (size_t)(nA >> 2) * K8 + 2 * (nA & 3) + (t & 1) + 8 * (t >> 1) + 16 * warp;
+  const size_t s_it = (size_t)(128 >> gshift) * N;  // scales rows per iteration
+  const size_t s_off = (size_t)((32 * t) >> gshift) * N + (size_t)warp * s_it + nA;
+  const T* ps = scales + s_off;
+  const T* pz = szeros + s_off;
+  const T* px = x + (size_t)(g < M ? g : M - 1) * K + 32 * t + 128 * warp;
+  const int n_it = warp < KI ? (KI - warp + WARPS - 1) / WARPS : 0;
+
+  float acc[RT][4];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
+
+  uint4 wa[U][RT], wb[U][RT], xr[U][4];
+  T sa[U][RT], sb[U][RT], za[U][RT], zb[U][RT];
+  auto issue = [&](int u) {
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      wa[u][r] = ld_stream_u4(pq + r * tile_q);
+      wb[u][r] = ld_stream_u4(pq + r * tile_q + 2 * K8);
+      sa[u][r] = ps[16 * r];
+      sb[u][r] = ps[16 * r + 8];
+      za[u][r] = pz[16 * r];
+      zb[u][r] = pz[16 * r + 8];
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) xr[u][q] = ld_cached_u4(px + 8 * q);
+    pq += 16 * WARPS;
+    ps += s_it * WARPS;
+    pz += s_it * WARPS;
+    px += 128 * WARPS;
+  };
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (u < n_it) issue(u);
+
+  for (int j0 = 0; j0 < n_it; j0 += U) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (j0 + u < n_it) {
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          uint32_t da[16], db[16];
+          dequant_chunk<T>(wa[u][r], H::broadcast(sa[u][r]), H::broadcast(za[u][r]), da);
+          dequant_chunk<T>(wb[u][r], H::broadcast(sb[u][r]), H::broadcast(zb[u][r]), db);
+#pragma unroll
+          for (int s = 0; s < 8; ++s)
+            mma_16816<T>(acc[r], da[2 * s], db[2 * s], da[2 * s + 1], db[2 * s + 1],
+                         word_of(xr[u][s >> 1], (2 * s) & 3), word_of(xr[u][s >> 1], (2 * s + 1) & 3));
+        }
+        if (j0 + U + u < n_it) issue(u);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < RT; ++r) red[r][warp][lane] = make_float4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+    reduce_store<T, 1, WARPS>(reinterpret_cast<const float*>(&red[r][0][0]), bias, out, M, N, n_base + 16 * r);
+}
+
+// GEMV v7 (csrc/NOTES.md): gemv_lean_kernel (RT = 1, U = 1) with a persistent grid, for layers of many row tiles
+// (N = 14336 has 896 tiles: 3.4 rounds of the 264 resident blocks of the non-persistent kernel, each block 2
+// iterations per warp). Block b takes the tiles b, b + gridDim.x, ...; each warp's ring slot is refilled across the
+// tile boundary (the next tile's first loads are in flight while the block reduces the current tile), and the
+// reduction buffer is double-buffered so that one __syncthreads per tile suffices (buffer i&1 was last read before
+// the previous tile's barrier). Same products and reduction order as gemv_lean_kernel.
+template <typename T, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, (2048 / 2) / (WARPS * 32))
+    gemv_lean_persist_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const T* __restrict__ scales,
+                             const T* __restrict__ szeros, const T* __restrict__ bias, T* __restrict__ out, int M,
+                             int N, int K, int gshift) {
+  using H = Half2Of<T>;
+  __shared__ float4 red[2][WARPS][32];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int tiles = N >> 4;
+  const int my_tiles = ((int)blockIdx.x < tiles) ? (tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x : 0;
+  const int nA = blockIdx.x * 16 + g;
+  const int K8 = K >> 3;
+  const int KI = K >> 7;
+  const int n_it = warp < KI ? (KI - warp + WARPS - 1) / WARPS : 0;
+  const uint4* pq = qw + (size_t)(nA >> 2) * K8 + 2 * (nA & 3) + (t & 1) + 8 * (t >> 1) + 16 * warp;
+  const size_t s_it = (size_t)(128 >> gshift) * N;
+  const size_t s_off = (size_t)((32 * t) >> gshift) * N + (size_t)warp * s_it + nA;
+  const T* ps = scales + s_off;
+  const T* pz = szeros + s_off;
+  const T* px = x + (size_t)(g < M ? g : M - 1) * K + 32 * t + 128 * warp;
+  // From the item after a tile's last one to the next tile's first: gridDim.x tiles on, back to iteration `warp`.
+  const ptrdiff_t q_jump = (ptrdiff_t)gridDim.x * 4 * K8 - (ptrdiff_t)16 * WARPS * n_it;
+  const ptrdiff_t s_jump = (ptrdiff_t)gridDim.x * 16 - (ptrdiff_t)(s_it * WARPS) * n_it;
+  const ptrdiff_t x_jump = -(ptrdiff_t)128 * WARPS * n_it;
+
+  uint4 wa, wb, xr[4];
+  T sa, sb, za, zb;
+  int left = my_tiles * n_it, j_iss = 0;
+  auto issue = [&]() {
+    wa = ld_stream_u4(pq);
+    wb = ld_stream_u4(pq + 2 * K8);
+    sa = ps[0];
+    sb = ps[8];
+    za = pz[0];
+    zb = pz[8];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) xr[q] = ld_cached_u4(px + 8 * q);
+    pq += 16 * WARPS;
+    ps += s_it * WARPS;
+    pz += s_it * WARPS;
+    px += 128 * WARPS;
+    if (++j_iss == n_it) {
+      j_iss = 0;
+      pq += q_jump;
+      ps += s_jump;
+      pz += s_jump;
+      px += x_jump;
+    }
+    --left;
+  };
+  if (left > 0) issue();
+
+  for (int i = 0; i < my_tiles; ++i) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int j = 0; j < n_it; ++j) {
+      uint32_t da[16], db[16];
+      dequant_chunk<T>(wa, H::broadcast(sa), H::broadcast(za), da);
+      dequant_chunk<T>(wb, H::broadcast(sb), H::broadcast(zb), db);
+#pragma unroll
+      for (int s = 0; s < 8; ++s)
+        mma_16816<T>(acc, da[2 * s], db[2 * s], da[2 * s + 1], db[2 * s + 1], word_of(xr[s >> 1], (2 * s) & 3),
+                     word_of(xr[s >> 1], (2 * s + 1) & 3));
+      if (left > 0) issue();
+    }
+    red[i & 1][warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    __syncthreads();
+    reduce_store<T, 1, WARPS>(reinterpret_cast<const float*>(&red[i & 1][0][0]), bias, out, M, N,
+                              ((int)blockIdx.x + i * (int)gridDim.x) * 16);
+  }
+}
+
+// Whether gemv_lean_kernel takes this problem (M <= 8 rows of x per launch, no partial tiles).
+inline bool lean_fits(int M, int N, int K, int RT) { return M >= 1 && M <= 8 && K % 128 == 0 && N % (16 * RT) == 0; }
+
+template <typename T, int WARPS, int U, int RT>
+void launch_lean(const void* x, const void* qweight, const void* scales, const void* szeros, const void* bias,
+                 void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
+  if (!lean_fits(M, N, K, RT))
+    throw std::invalid_argument(
+        "dcc w4a16: lean GEMV kernel does not fit this problem (needs M <= 8, K % 128 == 0, N % " +
+        std::to_string(16 * RT) + " == 0)");
+  gemv_lean_kernel<T, WARPS, U, RT><<<N / (16 * RT), WARPS * 32, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const uint4*>(qweight), static_cast<const T*>(scales),
+      static_cast<const T*>(szeros), static_cast<const T*>(bias), static_cast<T*>(out), M, N, K, gshift);
+  check_cuda(cudaGetLastError(), "lean GEMV kernel launch");
+}
+
+// Resident blocks of gemv_lean_persist_kernel<T, WARPS> on the current device (SMs x blocks per SM), cached per
+// device (a benign race: every writer stores the same value).
+template <typename T, int WARPS>
+int lean_persist_slots() {
+  static int cached[64] = {};
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev < 0 || dev >= 64) throw std::runtime_error("dcc w4a16: device index out of range");
+  if (cached[dev] == 0) {
+    int sms = 0, bps = 0;
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "SM count");
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, gemv_lean_persist_kernel<T, WARPS>, WARPS * 32, 0),
+               "occupancy");
+    cached[dev] = sms * (bps > 0 ? bps : 1);
+  }
+  return cached[dev];
+}
+
+// Persistent grid: the resident blocks, at most one per row tile.
+template <typename T, int WARPS>
+void launch_lean_persist(const void* x, const void* qweight, const void* scales, const void* szeros, const void* bias,
+                         void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
+  if (!lean_fits(M, N, K, 1))
+    throw std::invalid_argument("dcc w4a16: lean GEMV kernel does not fit this problem (needs M <= 8, K % 128 == 0, "
+                                "N % 16 == 0)");
+  const int tiles = N / 16, slots = lean_persist_slots<T, WARPS>();
+  gemv_lean_persist_kernel<T, WARPS><<<tiles < slots ? tiles : slots, WARPS * 32, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const uint4*>(qweight), static_cast<const T*>(scales),
+      static_cast<const T*>(szeros), static_cast<const T*>(bias), static_cast<T*>(out), M, N, K, gshift);
+  check_cuda(cudaGetLastError(), "persistent lean GEMV kernel launch");
 }
 
 }  // namespace

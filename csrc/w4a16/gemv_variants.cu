@@ -1,5 +1,6 @@
 // Benchmark-only GEMV alternatives (csrc/NOTES.md: v1 settings, v3 lane-spread activations, v4 activations in
-// shared memory), reachable through gemv_variant; none measured faster than the default in gemv.cu.
+// shared memory, v2f/v6/v7 block shapes, v5 cp.async rings via gemv_pipe), reachable through gemv_variant by name;
+// the default dispatch (gemv.cu) uses l_w16_u1 / lp_w16 / w16_u1_xpre_fdq for M <= 8.
 #include <stdexcept>
 #include <string>
 
@@ -269,8 +270,11 @@ constexpr const char* kVariantNames[] = {"w8_u2",     "w16_u1_xpre", "s1_w16_u2"
                                          "s1_w16_u1", "s2_w16_u2",   "s4_w16_u2", "s4_w16_u1",
                                          "s8_w16_u1", "mt2_w8_u2",   "mt2_w8_u2_xpre", "mt2_w16_u1_xpre",
                                          "xs_w16_u2", "xs_w16_u4", "xs_w8_u4",  "xs_w8_u2",
-                                         "xs_w16_u3", "xs_w16_u2_xf", "xs_w8_u2_xf"};
-constexpr int kVariantMaxM[] = {8, 8, 1, 1, 1, 2, 4, 4, 8, 16, 16, 16, 4, 4, 4, 4, 4, 4, 4};
+                                         "xs_w16_u3", "xs_w16_u2_xf", "xs_w8_u2_xf", "w16_u1_xpre_fdq",
+                                         "l_w16_u1",  "l_w16_u2",  "l_w8_u2",   "l_w16_u1_r2",
+                                         "l_w8_u2_r2", "l_w32_u1_r2", "lp_w16",    "lp_w32"};
+constexpr int kVariantMaxM[] = {8, 8, 1, 1, 1, 2, 4, 4, 8, 16, 16, 16, 4, 4, 4, 4, 4, 4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 8};
+constexpr int kNumOwnVariants = sizeof(kVariantMaxM) / sizeof(kVariantMaxM[0]);  // then the gemv_pipe configs
 
 template <typename T>
 void dispatch_variant(int variant, const void* x, const void* qweight, const void* scales, const void* szeros,
@@ -278,6 +282,7 @@ void dispatch_variant(int variant, const void* x, const void* qweight, const voi
 #define DCC_V(MT, W, U, XP) \
   return launch_fused<T, MT, W, U, XP>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream)
 #define DCC_X(W, U, B, XR) return launch_xs<T, W, U, B, XR>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream)
+#define DCC_L(W, U, RT) return launch_lean<T, W, U, RT>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream)
 #define DCC_S(MP, W, U) return launch_shfl<T, MP, W, U>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream)
   switch (variant) {
     case 0: DCC_V(1, 8, 2, false);
@@ -299,23 +304,38 @@ void dispatch_variant(int variant, const void* x, const void* qweight, const voi
     case 16: DCC_X(16, 3, 1, 0);
     case 17: DCC_X(16, 2, 2, 2);
     case 18: DCC_X(8, 2, 4, 2);
+    case 19: return launch_fused<T, 1, 16, 1, true, true>(x, qweight, scales, szeros, bias, out, M, N, K, gshift,
+                                                          stream);
+    case 20: DCC_L(16, 1, 1);
+    case 21: DCC_L(16, 2, 1);
+    case 22: DCC_L(8, 2, 1);
+    case 23: DCC_L(16, 1, 2);
+    case 24: DCC_L(8, 2, 2);
+    case 25: DCC_L(32, 1, 2);
+    case 26: return launch_lean_persist<T, 16>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+    case 27: return launch_lean_persist<T, 32>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
     default: throw std::invalid_argument("dcc w4a16: unknown gemv variant " + std::to_string(variant));
   }
 #undef DCC_X
+#undef DCC_L
 #undef DCC_S
 #undef DCC_V
 }
 
 }  // namespace
 
-static_assert(sizeof(kVariantNames) / sizeof(kVariantNames[0]) == kNumGemvVariants, "variant table");
-static_assert(sizeof(kVariantMaxM) / sizeof(kVariantMaxM[0]) == kNumGemvVariants, "variant table");
+static_assert(sizeof(kVariantNames) / sizeof(kVariantNames[0]) == kNumOwnVariants, "variant table");
+static_assert(kNumOwnVariants + kNumPipeConfigs == kNumGemvVariants, "variant table");
 
 const char* gemv_variant_name(int variant) {
-  return variant >= 0 && variant < kNumGemvVariants ? kVariantNames[variant] : "";
+  if (variant >= kNumOwnVariants) return gemv_pipe_name(variant - kNumOwnVariants);
+  return variant >= 0 ? kVariantNames[variant] : "";
 }
 
-int gemv_variant_max_m(int variant) { return variant >= 0 && variant < kNumGemvVariants ? kVariantMaxM[variant] : 0; }
+int gemv_variant_max_m(int variant) {
+  if (variant >= kNumOwnVariants) return gemv_pipe_max_m(variant - kNumOwnVariants);
+  return variant >= 0 ? kVariantMaxM[variant] : 0;
+}
 
 void gemv_variant(int variant, DType dt, const void* x, const void* qweight, const void* scales,
                   const void* scaled_zeros, const void* bias, void* out, int M, int N, int K, int group_size,
@@ -323,10 +343,17 @@ void gemv_variant(int variant, DType dt, const void* x, const void* qweight, con
   const int gshift = check_gemv_call(M, N, K, group_size, x, qweight);
   if (variant < 0 || variant >= kNumGemvVariants)
     throw std::invalid_argument("dcc w4a16: unknown gemv variant " + std::to_string(variant));
-  if (M > kVariantMaxM[variant])
+  if (M > gemv_variant_max_m(variant))
     throw std::invalid_argument("dcc w4a16: gemv variant " + std::to_string(variant) + " takes M <= " +
-                                std::to_string(kVariantMaxM[variant]));
+                                std::to_string(gemv_variant_max_m(variant)));
   if (M == 0) return;
+  if (variant >= kNumOwnVariants) {
+    if (!gemv_pipe(variant - kNumOwnVariants, dt, x, qweight, scales, scaled_zeros, bias, out, M, N, K, gshift,
+                   stream))
+      throw std::invalid_argument(std::string("dcc w4a16: gemv variant ") + gemv_variant_name(variant) +
+                                  " does not fit this problem (shared memory for K = " + std::to_string(K) + ")");
+    return;
+  }
   if (dt == DType::kFloat16)
     dispatch_variant<__half>(variant, x, qweight, scales, scaled_zeros, bias, out, M, N, K, gshift, stream);
   else

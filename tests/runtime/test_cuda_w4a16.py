@@ -148,20 +148,33 @@ def test_gemv_variants(rt, dtype):
     gen = torch.Generator().manual_seed(_seed("variants", str(dtype)))
     for (n, k, g) in ((448, 1152, 128), (132, 1088, 64)):  # K % 128 == 64 and N % 16 != 0 in the second
         _check_variants(ext, gen, dtype, n, k, g)
+    # The persistent kernels (p_*): more row tiles than resident blocks (several tiles per block, the ring running
+    # across tile boundaries), a partial last tile, K % 128 == 64, and a long K.
+    for (n, k, g) in ((8196, 1088, 64), (1040, 14336, 128)):
+        _check_variants(ext, gen, dtype, n, k, g, prefix="p_")
+    # the l_* and lp_* kernels' shapes (lp_*: 8192 rows = 512 tiles, more than the resident blocks)
+    for (n, k, g) in ((1024, 1152, 128), (2048, 2048, 64), (96, 14336, 128), (8192, 640, 32)):
+        _check_variants(ext, gen, dtype, n, k, g, prefix="l")
 
 
-def _check_variants(ext, gen, dtype, n, k, g):
+def _check_variants(ext, gen, dtype, n, k, g, prefix=""):
     qw, s, sz = make_layer(n, k, g, dtype, gen)
-    for v, m in itertools.product(range(len(ext.gemv_variant_names())), (1, 2, 3, 4, 7, 8, 13, 16)):
-        if m > ext.gemv_variant_max_m(v):
+    names = ext.gemv_variant_names()
+    for v, m in itertools.product(range(len(names)), (1, 2, 3, 4, 7, 8, 13, 16)):
+        if m > ext.gemv_variant_max_m(v) or not names[v].startswith(prefix):
             continue
         x = torch.randn(m, k, generator=gen).to(dtype).cuda()
         out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-        ext.gemv_variant(v, x.data_ptr(), qw.data_ptr(), s.data_ptr(), sz.data_ptr(), 0, out.data_ptr(), m, n, k, g,
-                         "float16" if dtype == torch.float16 else "bfloat16", torch.cuda.current_stream().cuda_stream)
+        try:
+            ext.gemv_variant(v, x.data_ptr(), qw.data_ptr(), s.data_ptr(), sz.data_ptr(), 0, out.data_ptr(), m, n, k,
+                             g, "float16" if dtype == torch.float16 else "bfloat16",
+                             torch.cuda.current_stream().cuda_stream)
+        except ValueError as e:  # shape-restricted variants (l_*: K % 128 == 0; p_*_m4: shared memory) say so
+            assert "does not fit" in str(e), str(e)
+            continue
         torch.cuda.synchronize()
-        assert bool(torch.isfinite(out).all()), f"variant {v}"
-        assert rel_err(out, reference(x, qw, s, sz, g)) < TOL[dtype], f"variant {v} M={m}"
+        assert bool(torch.isfinite(out).all()), f"variant {v} {names[v]} N={n} K={k} M={m}"
+        assert rel_err(out, reference(x, qw, s, sz, g)) < TOL[dtype], f"variant {v} {names[v]} N={n} K={k} M={m}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
