@@ -391,8 +391,13 @@ def fake_quantize_fast(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Ten
     float32 without validation. For zero_mode "scaled" this differs from the exact decode by at most one rounding to
     scale_dtype per element, which can flip a near-tie between candidates (about 0.2% of clip choices, each within
     ~1% in error); the final quantization always uses quantize_tensor."""
-    if spec.is_fp or spec.progressive:
+    if spec.is_fp:
         return fake_quantize(w, spec, clip)
+    if spec.progressive:   # the same levels as quantize_tensor, without the kernel-bound checks of the final decode
+        s1, x0, s2, z = progressive_qparams(w, spec, clip)
+        q = progressive.level1_codes(x0, s2, z, spec.group_size, spec.bits).float().view(w.shape[0], -1, spec.group_size)
+        w8 = q * s2.float().unsqueeze(-1) - z.float().unsqueeze(-1)
+        return (w8.reshape(w.shape) * s1.float()).to(w.dtype)
     n, k = w.shape
     g = w.float().reshape(1, 1, -1) if spec.group_size == -1 else w.float().reshape(n, spec.num_groups(k), -1)
     c = torch.as_tensor(clip, dtype=torch.float32)

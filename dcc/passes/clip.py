@@ -1,5 +1,6 @@
 """Weight range clipping (AWQ's clip search): per output row and group, the shrink ratio of the quantization range
-that minimises the group's output error ||(Q_r(W_g) - W_g) x_g||^2, scored exactly with each group's Gram matrix."""
+that minimises the group's output error ||(Q_r(W_g) - W_g) x_g||^2, scored exactly with each group's Gram matrix
+(or, for groups wider than the token count, e.g. per channel, with the tokens themselves)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ from .base import Pass, PassConfig, PassResult, quantizable, register
 class ClipConfig(PassConfig):
     """grid: ratios 1, 1 - (1-min_ratio)/grid, ..., min_ratio (+1/grid); skip_qk: leave q and k unclipped, as AWQ
     does, because their error shows in attention scores that this objective does not see; asymmetric: for
-    asymmetric specs, then refine the min and the max ratio separately (one coordinate pass each)."""
+    asymmetric specs, then refine the min and the max ratio separately (one coordinate pass each); max_tokens: score
+    on this many evenly spaced calibration tokens (None: all)."""
     grid: int = 20
     min_ratio: float = 0.5
     skip_qk: bool = True

@@ -98,3 +98,10 @@ def test_spec_validation():
             QuantSpec(**{**dict(dtype="int4", group_size=128, progressive=True), **bad})
     assert "progressive" in PROG.short()
     assert QuantSpec.from_dict(PROG.to_dict()) == PROG
+
+
+def test_fast_fake_quant_matches_exact_path():
+    from dcc.ir.formats import fake_quantize_fast
+    w = _adversarial(seed=7)
+    clip = torch.rand(w.shape[0], 2, 2, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.5
+    assert torch.equal(fake_quantize_fast(w, PROG, clip), quantize_tensor(w, PROG, clip).dequantize())
