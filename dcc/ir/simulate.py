@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 from typing import Callable
 
-import torch
 from torch import nn
 
 from .actquant import fake_quantize_kv, fake_quantize_tokens_int8

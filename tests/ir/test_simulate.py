@@ -6,7 +6,7 @@ import torch
 from dcc.ir.actquant import fake_quantize_tokens_int8
 from dcc.ir.simulate import simulate
 
-from tiny_models import decoder_config, tiny_model  # noqa: F401
+from tiny_models import decoder_config
 
 
 def _model():

@@ -10,7 +10,6 @@ import torch
 from dcc.api import CompileOptions, compile_model
 from dcc.runtime.artifact import load_artifact
 from dcc.runtime.qserve import QServeLinear
-from dcc.runtime.reference import build_model
 from dcc.runtime.validate import check_exact, compare_with_float, sample_ids
 from dcc.targets.qserve import layout, schema
 
