@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir.formats import fake_quantize_fast
 from ._model_parts import call_block, check_preserved
+from ._scoring import BlockScorer
 from ._scaling import apply_scale, scale_groups
 from .base import Pass, PassConfig, PassResult, register
 
@@ -57,40 +57,6 @@ def smooth_scale(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float, beta: f
     return s.clamp(min=1e-5)
 
 
-def _fake_quant(w: torch.Tensor, lin) -> torch.Tensor:
-    return fake_quantize_fast(w.float(), lin.spec, lin.stats.get("clip", 1.0)).to(w.dtype)
-
-
-class _Scorer:
-    """Block output error with every quantizable linear fake-quantized (cached per linear until its float weight
-    changes) and the run-time activation/KV simulation on, against the float block's output."""
-
-    def __init__(self, block, ctx, samples: int):
-        self.block, self.ctx, self.samples = block, ctx, samples
-        self.lins = {n: l for n, l in block.linears.items() if l.spec is not None}
-        self.cache: dict[str, torch.Tensor] = {}
-        self.ref = ctx.forward(samples=samples).double()
-
-    def error(self, changed: list[str]) -> float:
-        floats = {}
-        for n in self.lins:
-            mod = self.block.linear_module(n)
-            floats[n] = mod.weight.data
-            if n in changed or n not in self.cache:
-                self.cache[n] = _fake_quant(mod.weight.data, self.lins[n])
-            mod.weight.data = self.cache[n]
-        try:
-            out = self.ctx.forward(simulate=True, samples=self.samples).double()
-        finally:
-            for n, w in floats.items():
-                self.block.linear_module(n).weight.data = w
-        return float(((out - self.ref) ** 2).mean())
-
-    def forget(self, names: list[str]) -> None:
-        for n in names:
-            self.cache.pop(n, None)
-
-
 def _group_params(block, g) -> list[torch.Tensor]:
     """The tensors apply_scale changes for group g (saved and restored around each search candidate)."""
     ps = [block.linear_module(c).weight for c in g.consumers]
@@ -121,7 +87,7 @@ class Smooth(Pass):
         # A group's input is its producer's output, which only that group's scaling changes (the others preserve
         # the function), so every statistic can be read from one collection before any group is scaled.
         x_max = {g.producer: ctx.inputs(g.consumers[0]).abs().amax(0).double() for g in groups}
-        scorer = _Scorer(block, ctx, config.samples) if config.search else None
+        scorer = BlockScorer(block, ctx, config.samples) if config.search else None
         details = {}
         for g in groups:
             w_max = torch.stack([block.linear_module(c).weight.data.abs().amax(0).double() for c in g.consumers])

@@ -1,6 +1,8 @@
 """SmoothAttention (QServe/QoQ, Lin et al., 2024): per KV head and channel, lambda = max|K|^alpha / max|Q|^beta on the
 post-RoPE queries and keys; q_proj rows are multiplied and k_proj rows divided by lambda, so Q K^T is unchanged while
-K's outlier channels (what the 4-bit KV cache quantizes per token and head) flatten. Function-preserving in float."""
+K's outlier channels (what the 4-bit KV cache quantizes per token and head) flatten. Function-preserving in float.
+alpha is given, or searched per attention on the block's output error with the weights fake-quantized and the
+run-time int8 activations and KV cache simulated (the smoothing pass's scorer)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,16 +11,23 @@ import torch
 
 from ..ir.simulate import attention_module, simulate
 from ._model_parts import call_block, check_preserved, norm_offset
+from ._scoring import BlockScorer
 from .base import Pass, PassConfig, PassResult, register
 
 
 @dataclass(frozen=True)
 class SmoothAttentionConfig(PassConfig):
     """alpha: exponent of K's channel absmax, in [0, 1] (0.5: K's channel ranges become their square roots);
-    beta: exponent of Q's, in [0, 1] (QoQ uses 0: the queries are not quantized); verify: check that the float block's
-    output is unchanged. Example: SmoothAttentionConfig(alpha=0.5, beta=0.0)."""
+    beta: exponent of Q's, in [0, 1] (QoQ uses 0: the queries are not quantized); search: instead of alpha, try
+    alpha = 0 (no smoothing), 1/grid, ..., 1 per attention and keep the one with the smallest block output error on
+    `samples` calibration sequences under the target's weight, activation and KV-cache quantization; verify: check
+    that the float block's output is unchanged. Example: SmoothAttentionConfig(alpha=0.5, beta=0.0) or
+    SmoothAttentionConfig(search=True)."""
     alpha: float = 0.5
     beta: float = 0.0
+    search: bool = False
+    grid: int = 10
+    samples: int = 2
     verify: bool = True
 
     def __post_init__(self):
@@ -26,8 +35,12 @@ class SmoothAttentionConfig(PassConfig):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"smooth_attention: {f} must be in [0, 1], got {v!r}")
-        if not isinstance(self.verify, bool):
-            raise ValueError(f"smooth_attention: verify must be a bool, got {self.verify!r}")
+        if not isinstance(self.verify, bool) or not isinstance(self.search, bool):
+            raise ValueError(f"smooth_attention: verify and search must be bools, got {self.verify!r}, "
+                             f"{self.search!r}")
+        if not isinstance(self.grid, int) or self.grid < 1 or not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"smooth_attention: grid and samples must be ints >= 1, got {self.grid!r}, "
+                             f"{self.samples!r}")
 
 
 def attention_scale(q_max: torch.Tensor, k_max: torch.Tensor, alpha: float, beta: float, rope: bool) -> torch.Tensor:
@@ -119,7 +132,7 @@ class SmoothAttention(Pass):
             return PassResult(False, "no attention to smooth")
         ref = call_block(block, ctx) if config.verify else None
         stats = collect_qk(block, ctx, block.attentions)
-        details, skipped = {}, []
+        details, skipped, scorer = {}, [], None
         for a in block.attentions:
             if a.q not in stats:
                 skipped.append(f"{attention_module(a.q)}: it did not run through transformers' attention interface, "
@@ -136,17 +149,23 @@ class SmoothAttention(Pass):
                 skipped.append(f"{attention_module(a.q)}: {e}")
                 continue
             q_kv = q_max.view(kv, rep, d).amax(1)      # Q's statistic per KV head: over the query heads reading it
-            if any(gains.values()):   # a norm gain is one [d] vector shared by every head: so must lambda be
-                lam = attention_scale(q_kv.amax(0), k_max.amax(0), config.alpha, config.beta, a.rope).expand(kv, d)
-            else:
-                lam = attention_scale(q_kv, k_max, config.alpha, config.beta, a.rope)
-            for name, s in ((a.q, lam.unsqueeze(1).expand(kv, rep, d)), (a.k, 1.0 / lam)):
-                if gains[name] is not None:
-                    _scale_gain(block, gains[name], s.reshape(-1, d)[0])
-                else:
-                    _scale_rows(block.linear_module(name), s.reshape(-1))
+            shared = any(gains.values())   # a norm gain is one [d] vector shared by every head: so must lambda be
+
+            def lam_for(alpha: float, a=a, q_kv=q_kv, k_max=k_max, shared=shared, kv=kv, d=d) -> torch.Tensor:
+                if shared:
+                    return attention_scale(q_kv.amax(0), k_max.amax(0), alpha, config.beta, a.rope).expand(kv, d)
+                return attention_scale(q_kv, k_max, alpha, config.beta, a.rope)
+
+            alpha, err = config.alpha, None
+            if config.search:
+                scorer = scorer or BlockScorer(block, ctx, config.samples)
+                alpha, err = self._search(block, a, gains, lam_for, config.grid, scorer)
+            lam = lam_for(alpha)
+            _apply(block, a, gains, lam)
+            if scorer is not None:
+                scorer.forget([a.q, a.k])
             details[attention_module(a.q)] = {
-                "fold": "norm gains" if any(gains.values()) else "q/k rows", "rope": a.rope,
+                "fold": "norm gains" if shared else "q/k rows", "rope": a.rope, "alpha": alpha, "error": err,
                 "lambda_min": float(lam.min()), "lambda_max": float(lam.max()),
                 "k_absmax": float(k_max.max()), "k_absmax_after": float((k_max / lam).max())}
         for s in skipped:
@@ -158,5 +177,48 @@ class SmoothAttention(Pass):
         if ref is not None:
             out["output_rel_err"] = check_preserved(ref, call_block(block, ctx),
                                                     f"smooth_attention on block {block.prefix}")
-        msg = f"{len(details)} attention(s) smoothed (alpha {config.alpha}, beta {config.beta})"
+        how = (f"alpha searched: {[d['alpha'] for d in details.values()]}" if config.search
+               else f"alpha {config.alpha}")
+        msg = f"{len(details)} attention(s) smoothed ({how}, beta {config.beta})"
         return PassResult(True, msg + (f", {len(skipped)} skipped" if skipped else ""), out, facts=self.ensures)
+
+    @staticmethod
+    def _search(block, a, gains, lam_for, grid: int, scorer) -> tuple[float, float]:
+        """(best alpha, its error) over alpha = 0 (lambda = 1 when beta = 0), 1/grid, ..., 1: each candidate is folded,
+        scored and undone. Row scaling leaves per-row (and per-group) weight quantization unchanged up to the fp16
+        scales, so what the score sees is mostly the 4-bit cache's error on the rescaled keys."""
+        params = _qk_params(block, a, gains)
+        saved = [p.data.clone() for p in params]
+        best = None
+        for i in range(grid + 1):
+            alpha = i / grid
+            _apply(block, a, gains, lam_for(alpha))
+            err = scorer.error([a.q, a.k])
+            best = min(best or (err, alpha), (err, alpha), key=lambda t: t[0])
+            for p, d in zip(params, saved):
+                p.data = d.clone()
+        scorer.forget([a.q, a.k])
+        return best[1], round(best[0], 9)
+
+
+def _qk_params(block, a, gains) -> list[torch.Tensor]:
+    """The tensors _apply changes (saved and restored around each search candidate)."""
+    out = []
+    for name in (a.q, a.k):
+        if gains[name] is not None:
+            out.append(block.param(gains[name][1]))
+        else:
+            lin = block.linear_module(name)
+            out += [p for p in (lin.weight, lin.bias) if p is not None]
+    return out
+
+
+def _apply(block, a, gains, lam: torch.Tensor) -> None:
+    """Fold lambda [kv_heads, d]: q rows (every query head of a KV head) times lambda, k rows divided by it."""
+    kv, d = lam.shape
+    rep = a.num_heads // a.num_kv_heads
+    for name, s in ((a.q, lam.unsqueeze(1).expand(kv, rep, d)), (a.k, 1.0 / lam)):
+        if gains[name] is not None:
+            _scale_gain(block, gains[name], s.reshape(-1, d)[0])
+        else:
+            _scale_rows(block.linear_module(name), s.reshape(-1))

@@ -109,7 +109,7 @@ def _w4a8_block():
 
 
 def test_search_picks_the_smallest_quantized_block_error():
-    from dcc.passes.smooth import _Scorer
+    from dcc.passes._scoring import BlockScorer
     block, ctx = _w4a8_block()
     ref = ctx.forward().clone()
     res = Smooth().run(block, SmoothConfig(search=True, grid=4, samples=2, groups=("vo", "mlp")), ctx)
@@ -123,8 +123,8 @@ def test_search_picks_the_smallest_quantized_block_error():
         b, c = _w4a8_block()
         if alpha is not None:
             Smooth().run(b, SmoothConfig(alpha=alpha, groups=("vo", "mlp"), verify=False), c)
-        errs[alpha] = _Scorer(b, c, 2).error(list(b.linears))
+        errs[alpha] = BlockScorer(b, c, 2).error(list(b.linears))
     b, c = _w4a8_block()
     Smooth().run(b, SmoothConfig(search=True, grid=4, samples=2, groups=("vo", "mlp"), verify=False), c)
-    searched = _Scorer(b, c, 2).error(list(b.linears))
+    searched = BlockScorer(b, c, 2).error(list(b.linears))
     assert searched <= min(errs.values()) * 1.0001, (searched, errs)

@@ -178,3 +178,39 @@ def test_compiler_preserves_logits(tmp_path):
     assert_same_logits(logits(model), logits(out))
     p = blocks[1].prefix
     assert not torch.equal(states[1]["self_attn.k_proj.weight"], model.get_parameter(f"{p}.self_attn.k_proj.weight"))
+
+
+def _kv4_block():
+    """The Llama layer with planted K outliers, W4A8 weights (per channel) and a 4-bit KV cache, as QServe runs it."""
+    from dcc.ir.formats import QuantSpec
+    block, ctx = _block("llama", k_outliers=30.0)
+    spec = QuantSpec("int4", symmetric=False, group_size=0, zero_mode="offset")
+    for lin in block.linears.values():
+        lin.spec, lin.act = spec, "int8"
+    for a in block.attentions:
+        a.kv_bits = 4
+    return block, ctx
+
+
+def test_search_picks_the_smallest_kv4_block_error():
+    from dcc.passes._scoring import BlockScorer
+    block, ctx = _kv4_block()
+    ref = ctx.forward().clone()
+    res = SmoothAttention().run(block, SmoothAttentionConfig(search=True, grid=4, samples=2), ctx)
+    (d,) = [v for v in res.details["attentions"].values()]
+    assert d["alpha"] in (0.0, 0.25, 0.5, 0.75, 1.0) and d["error"] is not None
+    torch.testing.assert_close(ctx.forward(), ref, rtol=1e-4, atol=1e-4)   # still the same float function
+    errs = {}
+    for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):   # every fixed alpha of the grid, re-scored on a fresh block
+        b, c = _kv4_block()
+        SmoothAttention().run(b, SmoothAttentionConfig(alpha=alpha, verify=False), c)
+        errs[alpha] = BlockScorer(b, c, 2).error(list(b.linears))
+    assert errs[d["alpha"]] == pytest.approx(min(errs.values()), rel=1e-6), (d, errs)
+    assert min(errs.values()) < errs[0.0]   # the planted outliers make some smoothing pay under a 4-bit cache
+
+
+def test_search_config_is_checked():
+    assert SmoothAttentionConfig.from_dict(SmoothAttentionConfig(search=True, grid=5).to_dict()).grid == 5
+    for bad in ({"search": 1}, {"grid": 0}, {"samples": 0}, {"grid": 2.5}):
+        with pytest.raises(ValueError, match="smooth_attention"):
+            SmoothAttentionConfig(**bad)

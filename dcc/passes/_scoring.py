@@ -1,0 +1,42 @@
+"""Scoring for the passes that search a parameter (smoothing strength, SmoothAttention's alpha): the block's output
+error, against the float block, with every quantizable linear fake-quantized to its spec and the target's run-time
+activation and KV-cache quantization simulated."""
+from __future__ import annotations
+
+import torch
+
+from ..ir.formats import fake_quantize_fast
+
+
+def _fake_quant(w: torch.Tensor, lin) -> torch.Tensor:
+    return fake_quantize_fast(w.float(), lin.spec, lin.stats.get("clip", 1.0)).to(w.dtype)
+
+
+class BlockScorer:
+    """Block output error with every quantizable linear fake-quantized (cached per linear until its float weight
+    changes) and the run-time activation/KV simulation on, against the float block's output."""
+
+    def __init__(self, block, ctx, samples: int):
+        self.block, self.ctx, self.samples = block, ctx, samples
+        self.lins = {n: l for n, l in block.linears.items() if l.spec is not None}
+        self.cache: dict[str, torch.Tensor] = {}
+        self.ref = ctx.forward(samples=samples).double()
+
+    def error(self, changed: list[str]) -> float:
+        floats = {}
+        for n in self.lins:
+            mod = self.block.linear_module(n)
+            floats[n] = mod.weight.data
+            if n in changed or n not in self.cache:
+                self.cache[n] = _fake_quant(mod.weight.data, self.lins[n])
+            mod.weight.data = self.cache[n]
+        try:
+            out = self.ctx.forward(simulate=True, samples=self.samples).double()
+        finally:
+            for n, w in floats.items():
+                self.block.linear_module(n).weight.data = w
+        return float(((out - self.ref) ** 2).mean())
+
+    def forget(self, names: list[str]) -> None:
+        for n in names:
+            self.cache.pop(n, None)
