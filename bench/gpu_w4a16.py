@@ -229,8 +229,10 @@ def smoke():
     """Small odd shapes through every kernel instantiation (for compute-sanitizer: bounds and initialisation)."""
     ext = rt.load()
     for dtype, name in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16")):
-        # the last shape fits the lean (l_*) and persistent (lp_*, default for M <= 8 there) kernels: 512 row tiles
-        for (m, n, k, g) in ((3, 20, 192, 64), (9, 36, 320, 32), (70, 52, 128, 128), (5, 8192, 256, 64)):
+        # the last two shapes fit the lean (l_*) and persistent (lp*, default for M <= 8 there) kernels: 512 row tiles,
+        # and 364 (100 past an H100's 264 resident blocks: the tail split of v8)
+        for (m, n, k, g) in ((3, 20, 192, 64), (9, 36, 320, 32), (70, 52, 128, 128), (5, 8192, 256, 64),
+                             (3, 5824, 1024, 128)):
             qw, s, sz = make_layer(n, k, g, dtype, seed=m)
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             b = torch.randn(n, device="cuda", dtype=dtype)

@@ -272,8 +272,9 @@ constexpr const char* kVariantNames[] = {"w8_u2",     "w16_u1_xpre", "s1_w16_u2"
                                          "xs_w16_u2", "xs_w16_u4", "xs_w8_u4",  "xs_w8_u2",
                                          "xs_w16_u3", "xs_w16_u2_xf", "xs_w8_u2_xf", "w16_u1_xpre_fdq",
                                          "l_w16_u1",  "l_w16_u2",  "l_w8_u2",   "l_w16_u1_r2",
-                                         "l_w8_u2_r2", "l_w32_u1_r2", "lp_w16",    "lp_w32"};
-constexpr int kVariantMaxM[] = {8, 8, 1, 1, 1, 2, 4, 4, 8, 16, 16, 16, 4, 4, 4, 4, 4, 4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 8};
+                                         "l_w8_u2_r2", "l_w32_u1_r2", "lp_w16",    "lp_w32",
+                                         "lp8_w16"};
+constexpr int kVariantMaxM[] = {8, 8, 1, 1, 1, 2, 4, 4, 8, 16, 16, 16, 4, 4, 4, 4, 4, 4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8};
 constexpr int kNumOwnVariants = sizeof(kVariantMaxM) / sizeof(kVariantMaxM[0]);  // then the gemv_pipe configs
 
 template <typename T>
@@ -312,8 +313,10 @@ void dispatch_variant(int variant, const void* x, const void* qweight, const voi
     case 23: DCC_L(16, 1, 2);
     case 24: DCC_L(8, 2, 2);
     case 25: DCC_L(32, 1, 2);
-    case 26: return launch_lean_persist<T, 16>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
-    case 27: return launch_lean_persist<T, 32>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+    // v7 (the default for N/16 > resident blocks), and v8: v7 + the last round's tiles split in K
+    case 26: return launch_lean_persist<T, 16>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream, false);
+    case 27: return launch_lean_persist<T, 32>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream, false);
+    case 28: return launch_lean_persist<T, 16>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream, true);
     default: throw std::invalid_argument("dcc w4a16: unknown gemv variant " + std::to_string(variant));
   }
 #undef DCC_X
