@@ -13,11 +13,17 @@ void dispatch_fused(int mtiles, const void* x, const void* qweight, const void* 
                     const void* bias, void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
   switch (mtiles) {
     // M <= 8: GEMV v6 (gemv_lean_kernel, 16 warps, one iteration in flight per warp) where the shape has no partial
-    // tiles, on a persistent grid (v7) when there are more row tiles than resident blocks; else v2 ("w16_u1_xpre"
-    // with FASTDQ). See csrc/NOTES.md.
+    // tiles (4-warp blocks or the persistent grid v7 when there are more row tiles than resident blocks); else v2
+    // ("w16_u1_xpre" with FASTDQ). See csrc/NOTES.md.
     case 1:
       if (lean_fits(M, N, K, 1)) {
-        if (N / 16 > lean_persist_slots<T, 16>())  // more row tiles than resident blocks: persistent grid (v7)
+        const int tiles = N / 16, slots = lean_persist_slots<T, 16>();
+        // at least twice as many row tiles as resident 16-warp blocks (N = 14336 on an H100: 896 vs 264): 4-warp
+        // blocks, all resident in one wave, 8 iterations per warp at K = 4096 (NOTES.md run 8: 13.6-14.0 us vs
+        // 14.7 us for v7); between 1 and 2 rounds: the persistent grid (v7); else one 16-warp block per tile (v6)
+        if (tiles >= 2 * slots)
+          return launch_lean<T, 4, 1, 1>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+        if (tiles > slots)
           return launch_lean_persist<T, 16>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
         return launch_lean<T, 16, 1, 1>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
       }

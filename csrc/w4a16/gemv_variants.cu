@@ -1,6 +1,6 @@
 // Benchmark-only GEMV alternatives (csrc/NOTES.md: v1 settings, v3 lane-spread activations, v4 activations in
 // shared memory, v2f/v6/v7 block shapes, v5 cp.async rings via gemv_pipe), reachable through gemv_variant by name;
-// the default dispatch (gemv.cu) uses l_w16_u1 / lp_w16 / w16_u1_xpre_fdq for M <= 8.
+// the default dispatch (gemv.cu) uses l_w16_u1 / l_w4_u1 / lp_w16 / w16_u1_xpre_fdq for M <= 8.
 #include <stdexcept>
 #include <string>
 
@@ -273,8 +273,9 @@ constexpr const char* kVariantNames[] = {"w8_u2",     "w16_u1_xpre", "s1_w16_u2"
                                          "xs_w16_u3", "xs_w16_u2_xf", "xs_w8_u2_xf", "w16_u1_xpre_fdq",
                                          "l_w16_u1",  "l_w16_u2",  "l_w8_u2",   "l_w16_u1_r2",
                                          "l_w8_u2_r2", "l_w32_u1_r2", "lp_w16",    "lp_w32",
-                                         "lp8_w16"};
-constexpr int kVariantMaxM[] = {8, 8, 1, 1, 1, 2, 4, 4, 8, 16, 16, 16, 4, 4, 4, 4, 4, 4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8};
+                                         "lp8_w16",   "l_w8_u1",   "l_w4_u1",   "lp_w8"};
+constexpr int kVariantMaxM[] = {8, 8, 1, 1, 1, 2, 4, 4, 8, 16, 16, 16, 4, 4, 4, 4, 4, 4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8,
+                                8, 8, 8};
 constexpr int kNumOwnVariants = sizeof(kVariantMaxM) / sizeof(kVariantMaxM[0]);  // then the gemv_pipe configs
 
 template <typename T>
@@ -317,6 +318,10 @@ void dispatch_variant(int variant, const void* x, const void* qweight, const voi
     case 26: return launch_lean_persist<T, 16>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream, false);
     case 27: return launch_lean_persist<T, 32>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream, false);
     case 28: return launch_lean_persist<T, 16>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream, true);
+    // fewer warps per tile: more iterations per warp (K = 4096: 4 / 8 instead of 2), more blocks resident
+    case 29: DCC_L(8, 1, 1);
+    case 30: DCC_L(4, 1, 1);
+    case 31: return launch_lean_persist<T, 8>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
     default: throw std::invalid_argument("dcc w4a16: unknown gemv variant " + std::to_string(variant));
   }
 #undef DCC_X

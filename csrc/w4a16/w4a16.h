@@ -23,7 +23,7 @@ void gemv(DType dt, const void* x, const void* qweight, const void* scales, cons
           const void* bias, void* out, int M, int N, int K, int group_size, int mtiles, cudaStream_t stream);
 
 // Benchmark-only: alternative block shapes of the fused kernel for M <= gemv_variant_max_m(variant).
-constexpr int kNumGemvVariants = 38;
+constexpr int kNumGemvVariants = 41;
 const char* gemv_variant_name(int variant);
 int gemv_variant_max_m(int variant);
 void gemv_variant(int variant, DType dt, const void* x, const void* qweight, const void* scales,
