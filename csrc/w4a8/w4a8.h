@@ -1,0 +1,28 @@
+// Host API of the W4A8 kernels for QServe-layout checkpoints (research/targets.md 1A). Shared by the mma.sync kernels
+// (gemm_mma.cu, quant_act.cu) and the Hopper wgmma kernel (gemm_wgmma.cu).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace dcc_w4a8 {
+
+// All pointers are device pointers; functions only enqueue on `stream`, return cudaSuccess or an error (no exceptions).
+// xq int8 [M,K] row-major; ascale, asum fp16 [M]; qweight int8 [N, K/2] QServe layout; s1_scales fp16 [N];
+// s1_szeros fp16 [N] (group == 0) else null; s2_scales, s2_zeros int8 [K/group, N] (group 64 or 128) else null;
+// out fp16 [M, N] row-major. workspace: device scratch of ws_bytes bytes (may be null when ws_bytes == 0).
+cudaError_t quant_act(const void* x, void* xq, void* ascale, void* asum, int M, int K, cudaStream_t stream);
+cudaError_t gemm_mma(const void* xq, const void* ascale, const void* asum, const void* qweight, const void* s1_scales,
+                     const void* s1_szeros, const void* s2_scales, const void* s2_zeros, void* out,
+                     int M, int N, int K, int group, void* workspace, size_t ws_bytes, cudaStream_t stream);
+size_t gemm_mma_workspace(int M, int N, int K, int group);
+// Hopper (sm_90a) wgmma kernel; cudaErrorNotSupported where not compiled for sm_90a or shape unsupported.
+cudaError_t gemm_wgmma(const void* xq, const void* ascale, const void* asum, const void* qweight, const void* s1_scales,
+                       const void* s1_szeros, const void* s2_scales, const void* s2_zeros, void* out,
+                       int M, int N, int K, int group, void* workspace, size_t ws_bytes, cudaStream_t stream);
+size_t gemm_wgmma_workspace(int M, int N, int K, int group);
+bool gemm_wgmma_supported(int M, int N, int K, int group);   // compiled for sm_90a and shape OK
+
+}  // namespace dcc_w4a8
