@@ -56,6 +56,9 @@ def rows_for(which: set[str], ablate_all: bool = False):
                 offs += ("smooth", "clip") + (("reorder",) if gs else ())
             for off in offs:
                 rows.append((f"{tag} QoQ without {off}", 4, gs, kv, qoq_steps(grouped=gs > 0, **{**base, off: False})))
+            if kv == 4:   # SmoothAttention at QoQ's fixed alpha 0.5 instead of the per-layer search
+                rows.append((f"{tag} QoQ, SmoothAttention alpha 0.5 (not searched)", 4, gs, kv,
+                             qoq_steps(grouped=gs > 0, **base, attention_search=False)))
     return rows
 
 

@@ -21,8 +21,10 @@ GROUP_SIZES = (0, 64, 128)   # 0: per channel; 128: QServe's g128 kernel; 64: dc
 
 
 def qoq_steps(w8: bool = False, grouped: bool = False, rotate: bool = True, smooth: bool = True,
-              smooth_attention: bool = True, reorder: bool = True, clip: bool = True, gptq: bool = True) -> list[Step]:
-    """QoQ as a list of switchable phases (the benchmark's ablation rows use the switches)."""
+              smooth_attention: bool = True, reorder: bool = True, clip: bool = True, gptq: bool = True,
+              attention_search: bool = True) -> list[Step]:
+    """QoQ as a list of switchable phases (the benchmark's ablation rows use the switches); attention_search False:
+    SmoothAttention at QoQ's fixed alpha 0.5."""
     steps = [
         # QServe's W4A8 loader ignores every *norm* weight: the gains must live in the linears
         Step("fuse_norms", FuseNormsConfig()),
@@ -41,7 +43,8 @@ def qoq_steps(w8: bool = False, grouped: bool = False, rotate: bool = True, smoo
     if smooth_attention:
         # post-RoPE keys flattened for the 4-bit cache, queries scaled up to compensate; alpha in {0, 0.2, ..., 1}
         # searched per layer on the block output under W4A8KV4 (SmolLM2 g64 KV4: 37.32 vs 38.54 at QoQ's fixed 0.5)
-        steps.append(Step("smooth_attention", SmoothAttentionConfig(search=True, grid=5, samples=2)))
+        steps.append(Step("smooth_attention", SmoothAttentionConfig(search=True, grid=5, samples=2)
+                          if attention_search else SmoothAttentionConfig(alpha=0.5)))
     if clip and not w8:
         # weight ranges: per row (and group) the shrink of [min, max] with the smallest output error
         steps.append(Step("clip", ClipConfig(grid=20, max_tokens=1024)))
