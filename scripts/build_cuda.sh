@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile-check the CUDA sources in csrc/ for sm_80 and sm_90: object files only, no GPU needed.
+# Compile-check the CUDA sources in csrc/ for sm_80 and sm_90 (csrc/w4a8 also for sm_90a, where its wgmma kernel
+# lives): object files only, no GPU needed.
 # Exits non-zero on a build error; prints a skip message and exits 0 when nvcc is absent.
 #   NVCC=/path/to/nvcc  BUILD_DIR=build/cuda-check  VERBOSE=1 (ptxas register/spill report)
 set -euo pipefail
@@ -28,7 +29,7 @@ FLAGS=(-std=c++17 -O3 -Xcompiler -fPIC -Xcompiler -Wall -Werror all-warnings)
 PYBIND_INC=""
 if PYBIND_INC=$("$PY" -m pybind11 --includes 2>/dev/null); then :; else PYBIND_INC=""; fi
 
-echo "build_cuda.sh: $("$NVCC" --version | tail -n 1) -> $OUT (sm_80, sm_90)"
+echo "build_cuda.sh: $("$NVCC" --version | tail -n 1) -> $OUT (sm_80, sm_90; csrc/w4a8 also sm_90a)"
 status=0
 for src in csrc/*/*.cu csrc/*/*.cpp; do
   [ -e "$src" ] || continue
@@ -41,8 +42,10 @@ for src in csrc/*/*.cu csrc/*/*.cpp; do
     # shellcheck disable=SC2206
     extra=($PYBIND_INC)
   fi
+  gencode=("${GENCODE[@]}")
+  [ "$(basename "$(dirname "$src")")" = w4a8 ] && gencode+=(-gencode arch=compute_90a,code=sm_90a)
   obj="$OUT/$(basename "$(dirname "$src")")_$(basename "$src").o"
-  if "$NVCC" "${FLAGS[@]}" "${GENCODE[@]}" "${extra[@]}" -c "$src" -o "$obj"; then
+  if "$NVCC" "${FLAGS[@]}" "${gencode[@]}" "${extra[@]}" -c "$src" -o "$obj"; then
     echo "  ok    $src"
   else
     echo "  FAIL  $src"

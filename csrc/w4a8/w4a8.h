@@ -25,4 +25,15 @@ cudaError_t gemm_wgmma(const void* xq, const void* ascale, const void* asum, con
 size_t gemm_wgmma_workspace(int M, int N, int K, int group);
 bool gemm_wgmma_supported(int M, int N, int K, int group);   // compiled for sm_90a and shape OK
 
+// Beyond the shared contract (tests and benchmarks): gemm_mma with its kernel forced. kernel & 0xF: 0 = the automatic
+// choice (gemm_mma), 1 = split-K kernel (M <= 32 only), 2 = tiled multistage kernel, 3 = stream-K kernel (M <= 16,
+// N <= 65536); (kernel >> 4) & 0xF: block-shape variant (split-K 0..5, M <= 16 for 1..5; stream-K 0..3);
+// kernel >> 8: forced number of K splits of the split-K kernel (0 auto). gemm_mma's workspace must be all zero
+// before its first use (its first 64 KB hold the split-K arrival counters, which every call leaves zero again).
+cudaError_t gemm_mma_kernel(int kernel, const void* xq, const void* ascale, const void* asum, const void* qweight,
+                            const void* s1_scales, const void* s1_szeros, const void* s2_scales, const void* s2_zeros,
+                            void* out, int M, int N, int K, int group, void* workspace, size_t ws_bytes,
+                            cudaStream_t stream);
+size_t gemm_mma_kernel_workspace(int kernel, int M, int N, int K, int group);
+
 }  // namespace dcc_w4a8

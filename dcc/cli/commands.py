@@ -114,13 +114,15 @@ def inspect(artifact, as_json):
     click.echo(f"{nq} of {len(m['layers'])} linears quantized")
 
 
-def _check_device(device: str) -> None:
-    """cpu: the reference; cuda: dcc's kernels (built with nvcc on first use)."""
+def _check_device(device: str, art=None) -> None:
+    """cpu: the reference; cuda: dcc's kernels (built with nvcc on first use): W4A8 for QServe artifacts, else
+    W4A16."""
     if device not in ("cpu", "cuda"):
         _fail(f"--device {device}: use cpu or cuda")
     if device == "cuda":
         from ..runtime import cuda as rt
-        ok, why = rt.available()
+        qserve = art is not None and art.manifest.get("target") == "qserve"
+        ok, why = rt.available("w4a8" if qserve else "w4a16")
         if not ok:
             _fail(why)
 
@@ -132,7 +134,8 @@ def _check_device(device: str) -> None:
 @click.option("--tokens", default=128, show_default=True, help="Tokens per sequence for the output comparison.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True,
-              help="cpu: decode and run in torch; cuda: run every quantized layer through dcc's W4A16 kernels.")
+              help="cpu: decode and run in torch; cuda: run every quantized layer through dcc's kernels (W4A16 or "
+                   "QServe W4A8).")
 @click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the report as JSON here.")
 @friendly
 def validate(artifact, model, tokens, seed, device, as_json):
@@ -140,16 +143,25 @@ def validate(artifact, model, tokens, seed, device, as_json):
     with --model, report each layer's output error and the logit drift against the float model."""
     from ..runtime.artifact import load_artifact
     from ..runtime.validate import check_exact, compare_with_float, sample_ids
-    _check_device(device)
+    if device not in ("cpu", "cuda"):
+        _check_device(device)
     art = load_artifact(artifact)
+    _check_device(device, art)
     if device == "cuda":
         from ..runtime.cuda.model import check_exact_cuda, compare_with_float_cuda
-        exact, compare = check_exact_cuda(art), compare_with_float_cuda
+        kernels = {}
+        exact, compare = check_exact_cuda(art, kernels=kernels), compare_with_float_cuda
     else:
-        exact, compare = check_exact(art), compare_with_float
+        kernels, (exact, compare) = {}, (check_exact(art), compare_with_float)
     bad = [k for k, ok in exact.items() if not ok]
     report = {"exact": exact}
     click.echo(f"decoded weights equal the fake-quant weights: {len(exact) - len(bad)}/{len(exact)} layers")
+    if kernels:   # QServe on the GPU: each layer's kernel output against the CPU reference layer
+        report["kernels"] = kernels
+        worst = min(v["bit_equal"] for v in kernels.values())
+        click.echo(f"GPU W4A8 kernels vs CPU reference: {sum(v['ok'] for v in kernels.values())}/{len(kernels)} "
+                   f"layers agree; outputs bit-equal >= {worst * 100:.2f}% per layer, max "
+                   f"{max(v['max_ulp'] for v in kernels.values())} fp16 ulp")
     if art.manifest["target"] == "qserve":
         from ..targets.qserve import schema
         spec = next((e["spec"] for e in art.quantized_layers().values()), {})
@@ -187,7 +199,8 @@ def validate(artifact, model, tokens, seed, device, as_json):
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per non-overlapping window.")
 @click.option("--windows", "n_windows", default=None, type=int, help="Evaluate only the first N windows.")
 @click.option("--baseline", type=click.Path(), default=None, help="Also evaluate this source model (float).")
-@click.option("--device", default="cpu", show_default=True, help="cpu (reference) or cuda (dcc's W4A16 kernels).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu (reference) or cuda (dcc's W4A16 / W4A8 kernels).")
 @click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the results as JSON here.")
 @click.option("-q", "--quiet", is_flag=True)
 @friendly
@@ -198,8 +211,10 @@ def eval_cmd(artifact, ppl_file, seq_len, n_windows, baseline, device, as_json, 
     from ..runtime.artifact import load_artifact
     from ..runtime.evaluate import perplexity
     from ..runtime.reference import build_model
-    _check_device(device)
+    if device not in ("cpu", "cuda"):
+        _check_device(device)
     art = load_artifact(artifact)
+    _check_device(device, art)
     tok = load_tokenizer(art.path)
     ids = tokenize_file(ppl_file, tok)
     check_vocab(ids, art.config["vocab_size"], ppl_file)

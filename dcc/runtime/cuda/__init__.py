@@ -1,4 +1,5 @@
-"""dcc's CUDA runtime: W4A16 kernels (csrc/w4a16) that execute TinyChat-layout artifacts on the GPU.
+"""dcc's CUDA runtime: W4A16 kernels (csrc/w4a16) that execute TinyChat-layout artifacts on the GPU, and W4A8 kernels
+(csrc/w4a8, w4a8_ops.py) for QServe-layout artifacts.
 
 The extension is compiled with nvcc on first use (see build.py) and cached; importing this package needs only torch
 and does not build anything, so a CPU-only install is unaffected.
@@ -15,15 +16,16 @@ __all__ = ["HINT", "CudaRuntimeUnavailable", "FUSED_MAX_M", "available", "build"
            "require", "w4a16_linear"]
 
 
-def require() -> None:
-    """Build/import the extension now; raises CudaRuntimeUnavailable with a one-line reason if it cannot."""
-    load()
+def require(name: str = "w4a16") -> None:
+    """Build/import the extension `name` (w4a16 or w4a8) now; raises CudaRuntimeUnavailable with a one-line reason
+    if it cannot."""
+    load(name=name)
 
 
-def available() -> tuple[bool, str]:
-    """(True, "") if the CUDA runtime can be used here, else (False, the one-line reason)."""
+def available(name: str = "w4a16") -> tuple[bool, str]:
+    """(True, "") if the CUDA runtime `name` (w4a16 or w4a8) can be used here, else (False, the one-line reason)."""
     try:
-        load()
+        load(name=name)
     except CudaRuntimeUnavailable as e:
         return False, str(e).splitlines()[0]
     return True, ""

@@ -1,6 +1,8 @@
-"""Build the W4A16 CUDA extension (csrc/w4a16) with nvcc on first use and import it.
+"""Build dcc's CUDA extensions with nvcc on first use and import them: csrc/w4a16 (module dcc_w4a16_ext, the
+TinyChat W4A16 kernels) and csrc/w4a8 (module dcc_w4a8_ext, the QServe W4A8 kernels; for sm_90 it is compiled for
+sm_90a, since its Hopper kernel uses wgmma).
 
-The module is compiled for the visible GPU's architecture and cached in $DCC_CACHE/cuda/<key> (default
+Each module is compiled for the visible GPU's architecture and cached in $DCC_CACHE/cuda/<key> (default
 ~/.cache/dcc/cuda/<key>), where the key hashes the sources, the nvcc version, the architecture, the Python ABI and the
 flags; a later call with the same key imports the cached module. Nothing here runs at install time, and nothing
 links against libtorch: the extension needs only nvcc, the CUDA runtime headers and pybind11's headers."""
@@ -17,7 +19,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-MODULE = "dcc_w4a16_ext"
+MODULES = {"w4a16": "dcc_w4a16_ext", "w4a8": "dcc_w4a8_ext"}
+MODULE = MODULES["w4a16"]
 HINT = "the CUDA runtime needs nvcc and a GPU; use --device cpu"
 CXX_FLAGS = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", "-lineinfo"]
 
@@ -30,15 +33,21 @@ def _unavailable(why: str) -> CudaRuntimeUnavailable:
     return CudaRuntimeUnavailable(f"{HINT} ({why})")
 
 
-def source_dir() -> Path:
-    """csrc/w4a16 of the checkout (or $DCC_CSRC/w4a16)."""
+def _check_name(name: str) -> str:
+    if name not in MODULES:
+        raise ValueError(f"unknown CUDA extension {name!r}: one of {', '.join(MODULES)}")
+    return name
+
+
+def source_dir(name: str = "w4a16") -> Path:
+    """csrc/<name> of the checkout (or $DCC_CSRC/<name>)."""
     env = os.environ.get("DCC_CSRC")
     base = Path(env) if env else Path(__file__).resolve().parents[3] / "csrc"
-    return base / "w4a16"
+    return base / _check_name(name)
 
 
-def sources() -> list[Path]:
-    d = source_dir()
+def sources(name: str = "w4a16") -> list[Path]:
+    d = source_dir(name)
     files = sorted(p for p in d.glob("*") if p.suffix in (".cu", ".cpp", ".cuh", ".h"))
     if not any(p.suffix in (".cu", ".cpp") for p in files):
         raise _unavailable(f"no CUDA sources in {d}")
@@ -105,12 +114,21 @@ def cache_root() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "dcc") / "cuda"
 
 
-def build_key(files: list[Path], nvcc_ver: str, arch: str) -> str:
+def gencode(name: str, arch: str) -> list[str]:
+    """nvcc -gencode flags: the GPU's own architecture; the W4A8 module on sm_90 targets sm_90a (wgmma exists only
+    there, and sm_90a code runs on every sm_90 GPU; its wgmma file compiles to a stub for other targets)."""
+    if _check_name(name) == "w4a8" and arch == "90":
+        return ["-gencode=arch=compute_90a,code=sm_90a"]
+    return [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+
+
+def build_key(files: list[Path], nvcc_ver: str, arch: str, name: str = "w4a16") -> str:
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     ext = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    h.update("|".join([nvcc_ver, arch, ext, sys.version, " ".join(CXX_FLAGS)]).encode())
+    h.update("|".join([nvcc_ver, arch, ext, sys.version, " ".join(CXX_FLAGS), MODULES[name],
+                       " ".join(gencode(name, arch))]).encode())
     return h.hexdigest()[:20]
 
 
@@ -121,47 +139,46 @@ def _run(cmd: list[str]) -> None:
         raise CudaRuntimeUnavailable(f"{HINT} (nvcc failed: {' '.join(cmd[:2])} ...)\n{msg}")
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile (if not cached) and return the path of the extension module."""
-    files = sources()
+def build(verbose: bool = False, name: str = "w4a16") -> Path:
+    """Compile (if not cached) and return the path of the extension module `name` (w4a16 or w4a8)."""
+    files = sources(name)
     nvcc = find_nvcc()
     arch = gpu_arch()
     incs = include_flags()
-    key = build_key(files, nvcc_version(nvcc), arch)
+    key = build_key(files, nvcc_version(nvcc), arch, name)
     out_dir = cache_root() / key
-    target = out_dir / (MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+    target = out_dir / (MODULES[name] + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
     if target.is_file():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
-    gencode = [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    gencode_flags = gencode(name, arch)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         srcs = [p for p in files if p.suffix in (".cu", ".cpp")]
         objs = [Path(tmp) / (p.name + ".o") for p in srcs]
-        cmds = [[nvcc, *CXX_FLAGS, *gencode, *incs, "-c", str(s), "-o", str(o)] for s, o in zip(srcs, objs)]
+        cmds = [[nvcc, *CXX_FLAGS, *gencode_flags, *incs, "-c", str(s), "-o", str(o)] for s, o in zip(srcs, objs)]
         if verbose:
-            print(f"dcc: building the CUDA runtime for sm_{arch} into {out_dir}", file=sys.stderr)
+            print(f"dcc: building the CUDA runtime {name} for sm_{arch} into {out_dir}", file=sys.stderr)
         with ThreadPoolExecutor(max_workers=min(len(cmds), os.cpu_count() or 1)) as pool:
             for f in [pool.submit(_run, c) for c in cmds]:
                 f.result()
         tmp_target = Path(tmp) / target.name
-        _run([nvcc, "-shared", *gencode, "-Xcompiler", "-fPIC", *map(str, objs), "-o", str(tmp_target), "-ldl"])
+        _run([nvcc, "-shared", *gencode_flags, "-Xcompiler", "-fPIC", *map(str, objs), "-o", str(tmp_target), "-ldl"])
         os.replace(tmp_target, target)  # atomic: concurrent builders end with one complete file
     return target
 
 
-_MODULE = None
+_LOADED: dict[str, object] = {}
 
 
-def load(verbose: bool = False):
-    """The extension module, built on first use."""
-    global _MODULE
-    if _MODULE is None:
-        path = build(verbose=verbose)
-        spec = importlib.util.spec_from_file_location(MODULE, path)
+def load(verbose: bool = False, name: str = "w4a16"):
+    """The extension module `name` (w4a16 or w4a8), built on first use."""
+    if name not in _LOADED:
+        path = build(verbose=verbose, name=name)
+        spec = importlib.util.spec_from_file_location(MODULES[name], path)
         mod = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(mod)
         except ImportError as e:
             raise _unavailable(f"cannot import {path}: {e}") from None
-        _MODULE = mod
-    return _MODULE
+        _LOADED[name] = mod
+    return _LOADED[name]

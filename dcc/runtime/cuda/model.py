@@ -1,6 +1,6 @@
-"""Run a dcc artifact on the GPU: its quantized linears execute the TinyChat layout through the W4A16 kernels
-(no decoded weights kept), everything else runs in the artifact's 16-bit dtype. Also the GPU counterparts of
-dcc.runtime.validate's checks, for `dcc validate --device cuda`."""
+"""Run a dcc artifact on the GPU: TinyChat-layout linears execute through the W4A16 kernels (no decoded weights
+kept; everything else runs in the artifact's 16-bit dtype), QServe artifacts through the W4A8 kernels
+(qserve_model.py). Also the GPU counterparts of dcc.runtime.validate's checks, for `dcc validate --device cuda`."""
 from __future__ import annotations
 
 import torch
@@ -56,9 +56,18 @@ def _layer_tensors(art, name: str, device) -> tuple[torch.Tensor, torch.Tensor, 
     return t[0], t[1], t[2], int(entry["spec"]["group_size"])
 
 
+def _is_qserve(art) -> bool:
+    return art.manifest.get("target") == "qserve"
+
+
 def build_cuda_model(art, device: str = "cuda"):
-    """The artifact's model on `device` in art.dtype, quantized linears as W4A16Linear."""
+    """The artifact's model on `device`: TinyChat artifacts in art.dtype with W4A16Linear layers; QServe artifacts
+    as the float32 CPU reference with W4A8Linear layers (qserve_model.build_qserve_cuda_model)."""
     from ..reference import build_model
+
+    if _is_qserve(art):
+        from .qserve_model import build_qserve_cuda_model
+        return build_qserve_cuda_model(art, device)
 
     model = build_model(_NoDecode(art), compute_dtype=art.dtype, device=device)
     for name in art.quantized_layers():
@@ -71,9 +80,19 @@ def build_cuda_model(art, device: str = "cuda"):
     return model
 
 
-def check_exact_cuda(art, device: str = "cuda") -> dict[str, bool]:
-    """layer -> the GPU-dequantised weight equals the compile-time fake-quant weight, bit for bit."""
+def check_exact_cuda(art, device: str = "cuda", kernels: dict | None = None) -> dict[str, bool]:
+    """layer -> the GPU-dequantised weight equals the compile-time fake-quant weight, bit for bit. QServe: the
+    decoded weight equals it (CPU decode) and the W4A8/W8A8 GPU layer agrees with the CPU reference layer on random
+    activations; the per-layer kernel figures go into `kernels` if given (qserve_model.check_layers_cuda)."""
     from ...targets.artifact import sha256_tensor
+
+    if _is_qserve(art):
+        from ..validate import check_exact
+        from .qserve_model import check_layers_cuda
+        exact, k = check_exact(art), check_layers_cuda(art, device)
+        if kernels is not None:
+            kernels.update(k)
+        return {name: ok and k[name]["ok"] for name, ok in exact.items()}
 
     out = {}
     for name, entry in art.quantized_layers().items():

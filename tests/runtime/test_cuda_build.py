@@ -1,0 +1,42 @@
+"""CPU-side checks of dcc.runtime.cuda.build (no GPU, no nvcc needed): which sources, module name and -gencode each
+CUDA extension gets, and that the build cache key tells them apart."""
+from __future__ import annotations
+
+import importlib
+import re
+
+import pytest
+
+build = importlib.import_module("dcc.runtime.cuda.build")   # the package re-exports a function named build
+
+
+def test_gencode_per_module():
+    assert build.gencode("w4a16", "90") == ["-gencode=arch=compute_90,code=sm_90"]
+    assert build.gencode("w4a8", "90") == ["-gencode=arch=compute_90a,code=sm_90a"]   # wgmma needs sm_90a
+    assert build.gencode("w4a8", "80") == ["-gencode=arch=compute_80,code=sm_80"]
+    with pytest.raises(ValueError, match="unknown CUDA extension"):
+        build.gencode("w4a4", "90")
+
+
+@pytest.mark.parametrize("name", sorted(build.MODULES))
+def test_sources_and_module_name(name):
+    files = build.sources(name)
+    assert all(p.parent == build.source_dir(name) for p in files)
+    binding = [p for p in files if p.name == "bindings.cpp"]
+    assert binding, f"csrc/{name} has no bindings.cpp"
+    assert re.search(rf"PYBIND11_MODULE\({build.MODULES[name]},", binding[0].read_text())
+
+
+def test_w4a8_sources_and_contract():
+    names = {p.name for p in build.sources("w4a8")}
+    assert {"w4a8.h", "gemm_wgmma.cu", "quant_act.cu", "bindings.cpp"} <= names
+    header = (build.source_dir("w4a8") / "w4a8.h").read_text()
+    for fn in ("quant_act", "gemm_mma", "gemm_mma_workspace", "gemm_wgmma", "gemm_wgmma_workspace",
+               "gemm_wgmma_supported"):
+        assert re.search(rf"\b{fn}\(", header), fn
+
+
+def test_build_key_separates_modules():
+    k16 = build.build_key(build.sources("w4a16"), "nvcc 13", "90", "w4a16")
+    k8 = build.build_key(build.sources("w4a8"), "nvcc 13", "90", "w4a8")
+    assert k16 != k8 and k16 == build.build_key(build.sources("w4a16"), "nvcc 13", "90")

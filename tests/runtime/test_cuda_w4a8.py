@@ -1,0 +1,215 @@
+"""GPU tests of the W4A8 CUDA runtime (csrc/w4a8 through dcc.runtime.cuda.w4a8_ops) for QServe-layout tensors.
+
+Activation quantization must be bit-identical to dcc.ir.actquant (codes, scales; the sum equals fp16 of the exact
+sum). The GEMM gets fresh random codes, scales and activations per check (codes packed by dcc.targets.qserve.layout,
+progressive bounds q*s2 <= 255 and (q-z)*s2 in int8 respected), a NaN-poisoned output, and is compared with the
+exact result: an integer GEMM in float64 (exact below 2^53) and the epilogue in float64, cast to fp16 as
+dcc.runtime.qserve does. Every kernel (split-K, tiled, the automatic choice, and wgmma where built) is checked."""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from dcc.ir.actquant import quantize_tokens_int8
+from dcc.targets.qserve.layout import int8_codes_g128, pack_qweight, pack_s2
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+MS = (1, 3, 8, 9, 16, 17, 32, 33, 64, 65, 130, 257)
+SHAPES = {0: ((32, 32), (96, 160), (192, 576), (576, 192), (1536, 576), (576, 1536)),
+          64: ((32, 64), (96, 192), (192, 576), (1536, 576)),
+          128: ((32, 128), (192, 384), (576, 1536), (1536, 1536))}
+KERNELS = ("streamk", "splitk", "tile", "auto", "wgmma")
+_STATS: list[dict] = []
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from dcc.runtime import cuda
+    from dcc.runtime.cuda import w4a8_ops
+
+    try:
+        cuda.require("w4a8")
+    except cuda.CudaRuntimeUnavailable as e:
+        if "nvcc failed" in str(e):  # a build error in csrc/ is a failure, not a skip
+            raise
+        pytest.skip(str(e).splitlines()[0])
+    yield w4a8_ops
+    if _STATS:  # summary of every GEMM check: printed, and written where DCC_W4A8_TEST_REPORT points
+        n = sum(s["n"] for s in _STATS)
+        eq = sum(s["equal"] for s in _STATS)
+        summary = {"checks": len(_STATS), "outputs": n, "bit_equal": eq / n,
+                   "max_ulp": max(s["max_ulp"] for s in _STATS),
+                   "kernels": sorted({s["kernel"] for s in _STATS})}
+        print("\nW4A8 GEMM summary:", json.dumps(summary))
+        if os.environ.get("DCC_W4A8_TEST_REPORT"):
+            with open(os.environ["DCC_W4A8_TEST_REPORT"], "w") as f:
+                json.dump({"summary": summary, "checks": _STATS}, f, indent=1)
+
+
+def _gen(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF)
+
+
+def make_layer(n: int, k: int, group: int, gen: torch.Generator) -> dict:
+    """Random QServe tensors (CPU) and the integer weight the GEMM multiplies: codes (group 0) or w8 (groups)."""
+    codes = torch.randint(0, 16, (n, k), generator=gen)
+    s1 = (0.0005 + 0.01 * torch.rand(n, generator=gen, dtype=torch.float64)).to(torch.float16)
+    t = {"qweight": pack_qweight(codes), "s1_scales": s1, "s1_szeros": None, "s2_scales": None, "s2_zeros": None}
+    if group == 0:
+        z = torch.randint(0, 16, (n,), generator=gen)
+        t["s1_szeros"] = (z * s1.double()).to(torch.float16)
+        t["ints"] = codes
+    else:
+        ng = k // group
+        s2 = torch.randint(1, 17, (n, ng), generator=gen)
+        # zero points that keep (q - z)*s2 in [-128, 127] for every q in 0..15 (QServe's progressive bound)
+        lo, hi = (15 - 127 // s2).clamp(min=0), (128 // s2).clamp(max=15)
+        z = lo + (torch.rand(n, ng, generator=gen) * (hi - lo + 1)).floor().long().clamp(max=hi - lo)
+        t["s2_scales"], t["s2_zeros"] = pack_s2(s2), pack_s2(-z * s2)
+        t["ints"] = int8_codes_g128(t["qweight"], t["s2_scales"], t["s2_zeros"], n, k)   # raises if a bound breaks
+    return t
+
+
+def make_x(m: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """fp16 activations with per-token magnitudes over 2^-6..2^6 and a few outlier channels."""
+    x = torch.randn(m, k, generator=gen) * torch.exp2(torch.randint(-6, 7, (m, 1), generator=gen).float())
+    x[:, torch.randint(0, k, (max(1, k // 64),), generator=gen)] *= 16
+    return x.to(torch.float16)
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def ordered(t):
+        v = t.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(v >= 0, v, -(v & 0x7FFF))
+    return (ordered(a) - ordered(b)).abs()
+
+
+def test_quant_act_bit_identical(ops):
+    gen = _gen("quant")
+    for m, k in ((1, 32), (3, 576), (17, 1536), (64, 4096), (5, 14336), (2, 40), (4, 7)):
+        x = make_x(m, k, gen).cuda()
+        x[0, :] = 0                                          # an all-zero token: codes 0, scale 0
+        if k >= 8:                                           # ties: amax 127 -> inv 1.0, x*inv = 2.5 etc.
+            x[-1, :8] = torch.tensor([127, 2.5, 3.5, -2.5, -0.5, 0.5, 1.5, -127], dtype=torch.float16)
+            x[-1, 8:] = 0
+        xq, scale, ssum = ops.quantize_act(x)
+        ref = quantize_tokens_int8(x.cpu().float())
+        assert torch.equal(xq.cpu().float(), ref.codes), (m, k)
+        assert torch.equal(scale.cpu().view(torch.int16), ref.scale.view(-1).view(torch.int16)), (m, k)
+        # fp16 of the exact sum (the float64 sum is exact here), rounded once as numpy does
+        exact_sum = torch.from_numpy(x.cpu().double().sum(-1).numpy().astype(np.float16))
+        assert torch.equal(ssum.cpu().view(torch.int16), exact_sum.view(torch.int16)), (m, k)
+        assert int(ulps(ssum.cpu(), ref.sum.view(-1)).max()) <= 1
+        if k >= 8:
+            assert xq[-1, :8].tolist() == [127, 2, 4, -2, 0, 0, 2, -127]
+
+
+def _reference(lay: dict, xq, scale, ssum) -> torch.Tensor:
+    psum = xq.double() @ lay["ints"].cuda().double().t()        # exact: integers below 2^53
+    out = psum * lay["s1_scales"].cuda().double() * scale.double().view(-1, 1)
+    if lay["s1_szeros"] is not None:
+        out = out - lay["s1_szeros"].cuda().double() * ssum.double().view(-1, 1)
+    return out.to(torch.float16)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("group,n,k", [(g, n, k) for g, shapes in SHAPES.items() for n, k in shapes])
+def test_gemm_exact(ops, group, n, k, kernel):
+    ext = ops.ext()
+    checked = 0
+    for m in MS:
+        if (kernel == "splitk" and m > 32) or (kernel == "streamk" and m > 16):
+            continue
+        if kernel == "wgmma" and not ext.gemm_wgmma_supported(m, n, k, group):
+            continue
+        gen = _gen(group, n, k, kernel, m)
+        lay = make_layer(n, k, group, gen)
+        dev = {name: (None if v is None else v.cuda()) for name, v in lay.items() if name != "ints"}
+        xq, scale, ssum = ops.quantize_act(make_x(m, k, gen).cuda(), with_sum=group == 0)
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        ops.gemm(xq, scale, ssum, dev["qweight"], dev["s1_scales"], dev["s1_szeros"], dev["s2_scales"],
+                 dev["s2_zeros"], group, path=kernel, out=out)
+        ref = _reference(lay, xq, scale, ssum)
+        assert bool(torch.isfinite(out).all()), f"unwritten or non-finite outputs at M={m}"
+        d = ulps(out, ref)
+        equal, worst = int((d == 0).sum()), int(d.max())
+        _STATS.append({"kernel": kernel, "group": group, "M": m, "N": n, "K": k, "n": d.numel(), "equal": equal,
+                       "max_ulp": worst})
+        assert worst <= 1 and equal >= 0.999 * d.numel(), (m, worst, equal / d.numel())
+        checked += 1
+    if checked == 0:
+        pytest.skip(f"{kernel} takes none of these shapes here")
+
+
+@pytest.mark.parametrize("group", (0, 64, 128))
+def test_linear_matches_cpu_reference(ops, group):
+    """w4a8_linear (quantization + GEMM on the GPU) against dcc.runtime.qserve.QServeLinear on the CPU."""
+    from dcc.runtime.qserve import QServeLinear
+
+    n, k = 192, 576 if group != 128 else 768
+    gen = _gen("linear", group)
+    lay = make_layer(n, k, group, gen)
+    fmt = "qserve-w4a8-per-channel" if group == 0 else "qserve-w4a8-group"
+    names = ("qweight", "s1_scales", "s1_szeros") if group == 0 else ("qweight", "s1_scales", "s2_scales",
+                                                                        "s2_zeros")
+    ref_layer = QServeLinear(fmt, {t: lay[t] for t in names}, n, k, None)
+    rows = same = 0
+    for m in (1, 5, 16, 40, 300):
+        x = make_x(m, k, gen)
+        ref = ref_layer(x.float()).to(torch.float16)
+        got = ops.w4a8_linear(x.cuda(), *(None if lay[t] is None else lay[t].cuda() for t in
+                                          ("qweight", "s1_scales", "s1_szeros", "s2_scales", "s2_zeros")), group)
+        assert bool(torch.isfinite(got).all())
+        # the CPU sums each token in float32, the GPU exactly: where the fp16 sums agree (all rows for groups,
+        # which do not use the sum) the outputs must be bit-identical
+        agree = torch.ones(m, dtype=torch.bool) if group else \
+            ops.quantize_act(x.cuda())[2].cpu().view(torch.int16) == quantize_tokens_int8(x.float()).sum.view(
+                -1).to(torch.float16).view(torch.int16)
+        assert torch.equal(got.cpu()[agree].view(torch.int16), ref[agree].view(torch.int16))
+        rows, same = rows + m, same + int(agree.sum())
+    assert same >= 0.9 * rows
+
+
+def test_bad_arguments(ops):
+    q = torch.zeros(64, 32, dtype=torch.int8, device="cuda")
+    s1 = torch.ones(64, dtype=torch.float16, device="cuda")
+    x = torch.zeros(2, 64, dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match="s1_szeros"):
+        ops.w4a8_linear(x, q, s1, None, None, None, 0)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        ops.w4a8_linear(x, torch.zeros(48, 32, dtype=torch.int8, device="cuda"), s1[:48], s1[:48], None, None, 0)
+    with pytest.raises(ValueError, match="features"):
+        ops.w4a8_linear(x[:, :32], q, s1, s1, None, None, 0)
+    with pytest.raises(ValueError, match="group"):
+        ops.w4a8_linear(x, q, s1, None, None, None, 32)
+    with pytest.raises(ValueError, match="s2_scales"):
+        ops.w4a8_linear(x, q, s1, None, torch.zeros(1, 64, dtype=torch.int16, device="cuda"),
+                        torch.zeros(1, 64, dtype=torch.int8, device="cuda"), 64)
+
+
+@pytest.mark.parametrize("group", (0, 64))
+def test_kernel_variants_exact(ops, group):
+    """The split-K and stream-K kernels' benchmark block shapes and forced split counts (kernel codes of
+    gemm_mma_kernel), repeated calls included (the workspace must come back zero)."""
+    codes = [1 | (v << 4) for v in range(1, 6)] + [1 | (s << 8) for s in (1, 2, 3, 7)]
+    codes += [1 | (4 << 4) | (1 << 8), 1 | (4 << 4) | (2 << 8)]
+    codes += [3 | (v << 4) for v in range(4)] * 2
+    for n, k in ((192, 576), (1536, 576), (32, 4096)):
+        for m in (1, 9, 16):
+            gen = _gen("variants", group, n, k, m)
+            lay = make_layer(n, k, group, gen)
+            dev = {name: (None if v is None else v.cuda()) for name, v in lay.items() if name != "ints"}
+            xq, scale, ssum = ops.quantize_act(make_x(m, k, gen).cuda(), with_sum=group == 0)
+            ref = _reference(lay, xq, scale, ssum)
+            for code in codes:
+                out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+                ops.gemm(xq, scale, ssum, dev["qweight"], dev["s1_scales"], dev["s1_szeros"], dev["s2_scales"],
+                         dev["s2_zeros"], group, path=code, out=out)
+                assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), (hex(code), m, n, k)
