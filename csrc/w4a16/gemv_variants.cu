@@ -4,7 +4,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "gemv_fused.cuh"
+#include "gemv_persist.cuh"
 
 namespace dcc_w4a16 {
 
