@@ -17,18 +17,26 @@
 //    lies in [0, 255] for every byte, so one 32-bit multiply-add on 4 packed bytes has no carries, and XOR 0x80 per
 //    byte gives the int8 (csrc/w4a8/common.cuh, Level2). The s2 word of lane g holds channels g, g+8, g+16, g+24
 //    of the 32-channel block (QServe's [4,8] -> [8,4] reorder), i.e. rows g, g+8 (low) and g+16, g+24 (high).
-//  - Pipelining: per k32 step: ld.shared + unpack, wgmma.fence, 2 wgmmas, commit, wait_group 1 (the previous
-//    step's wgmmas done: its A registers are free and, at a stage's first step, the previous stage can be released).
+//  - Pipelining: per k32 step: wgmma.fence, 2 wgmmas, commit, then ld.shared + unpack of the next step's weights
+//    (overlapping the running wgmmas), then wait_group 1 (the previous step retired: its A registers are free and,
+//    at a stage's first step, the previous stage is released to the producer). Persistent grid (one CTA per SM,
+//    tiles strided by the grid, m fastest): the producer prefetches the next tile's stages during the epilogue.
+//    Consumers get 232 registers (setmaxnreg), the producer warpgroup 40.
 //  - Numerics: psum is the exact int32 sum (s8 x s8 -> s32 tensor-core accumulation). Epilogue per output:
-//    a = s1[n]*ascale[m] and b = szeros[n]*asum[m] are exact in float (products of two fp16), psum*a - b is
-//    computed with one double fma (psum*a is exact in double: <= 47 bits), so v is the exact result rounded once
-//    to double; then double -> float -> fp16, the same rounding chain as the mma.sync kernels (common.cuh) and the
-//    CPU reference. Outputs go through shared memory for 16-byte coalesced stores; tokens >= M are masked (the TMA
-//    load fills rows past M with zeros).
-//  - Split-K (few output tiles, e.g. M = 128): S CTAs per output tile accumulate int32 partials into a workspace
-//    with red.global.add; the last CTA to arrive (counter) applies the epilogue and re-zeroes its workspace tile.
-// Requirements (gemm_wgmma_supported): sm_90a device code present, N % 256 == 0, K % 128 == 0, group 0/64/128,
-// K/128 a multiple of the split count.
+//    a = s1[n]*ascale[m] and b = szeros[n]*asum[m] are exact in float (products of two fp16); for |psum| < 2^22
+//    psum is exact in float (magic-number conversion), so fmaf(psum, a, -b) is the exact result rounded once to
+//    float, then rounded to fp16. The reference chain (mma.sync kernels in common.cuh, the CPU reference) rounds
+//    the exact value to double, then float, then fp16: identical except where the double rounding lands on a
+//    float tie (probability ~2^-29 per output; never seen). Larger |psum| takes the double path (exact_out), which
+//    is that reference chain; DCC_WGMMA_EPI=0 builds the double path for every output (same speed on the H100).
+//    Outputs go through shared memory for 16-byte coalesced stores; tokens >= M are masked (the TMA load fills
+//    rows past M with zeros).
+//  - Split-K (few output tiles, e.g. M = 128): S CTAs per output tile (grid.y) each write their int32 partials in
+//    fragment order (coalesced 16-byte stores) to a workspace slot; the last to arrive (an arrival counter, reset
+//    by it) adds the others' slots (integer: order-independent) and runs the epilogue. S is the largest power of
+//    two <= 8 with tiles * S <= SMs and >= 8 k stages per split; without workspace the call runs unsplit.
+// Requirements (gemm_wgmma_supported): sm_90a device code present, N % 256 == 0, K % 128 == 0, group 0/64/128;
+// any M >= 1. Env (benchmarks only): DCC_W4A8_WGMMA_SPLITS forces S, DCC_W4A8_WGMMA_PERSISTENT=0 one CTA per tile.
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
@@ -58,7 +66,7 @@ constexpr int kS2Bytes = 2 * 2 * kTileN;              // up to 2 groups x (scale
 constexpr int kStageBytes = kActBytes + kWBytes + 2048;   // 34816 = 34 x 1024 (keeps every stage 1024-aligned)
 constexpr int kEpiStride = 128 + 8;                   // halves per token row of a warpgroup's output tile
 constexpr int kEpiBytes = 2 * kTileM * kEpiStride * 2;    // both warpgroups
-constexpr int kScaleBytes = 2 * 2 * kTileM * 4;           // per warpgroup: ascale, asum as float
+constexpr int kScaleBytes = 2 * 2 * kTileM * (8 + 4);     // per warpgroup: ascale, asum as double and float
 constexpr int kBarBytes = 2 * kStages * 8 + 16;
 constexpr int kSmemBytes = 1024 + kStages * kStageBytes + kEpiBytes + kScaleBytes + kBarBytes;
 static_assert(kS2Bytes <= 2048, "s2 region");
@@ -106,6 +114,27 @@ __device__ __forceinline__ void unpack(const uint4 w, uint32_t s2w, uint32_t z2w
 }
 #endif
 
+#if defined(DCC_WGMMA_DEVICE)
+// Exact epilogue value rounded as the reference does: fp16(float(double(psum*s1*as - sz*asum))). s1d/szd: channel
+// scales, asd/amd: token scale and sum, all exact doubles of fp16 values. psum*s1*as is exact in double (<= 47
+// significant bits) and the fma rounds once. int32 -> double by the 2^52 magic number (no I2F.F64).
+template <int kGroup>
+__device__ __forceinline__ __half exact_out(int psum, double s1d, double szd, double asd, double amd) {
+  const double pd = __hiloint2double(0x43300000, psum ^ 0x80000000) - 4503601774854144.0;   // 2^52 + 2^31
+  double v = (pd * s1d) * asd;
+  if (kGroup == 0) v = fma(-szd, amd, v);
+  return __float2half_rn(__double2float_rn(v));
+}
+
+#endif
+
+#ifndef DCC_WGMMA_PIPE
+#define DCC_WGMMA_PIPE 1
+#endif
+#ifndef DCC_WGMMA_EPI
+#define DCC_WGMMA_EPI 1
+#endif
+
 template <int kGroup>
 __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_constant__ CUtensorMap tmap,
                                                                  const WgParams p) {
@@ -114,16 +143,14 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* stages = smem;
   __half* epi = reinterpret_cast<__half*>(smem + kStages * kStageBytes);
-  float* scl = reinterpret_cast<float*>(smem + kStages * kStageBytes + kEpiBytes);
+  double* scl = reinterpret_cast<double*>(smem + kStages * kStageBytes + kEpiBytes);
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes + kEpiBytes + kScaleBytes);
   __shared__ int s_last;
   const uint32_t full0 = smem_addr(bars), empty0 = smem_addr(bars + kStages);
 
-  const int tile = blockIdx.x;
-  const int m_tile = tile % p.num_m_tiles, n_tile = tile / p.num_m_tiles;
+  const int num_tiles = p.num_m_tiles * (p.N / kTileN);
   const int split = blockIdx.y;
-  const int m0 = m_tile * kTileM, n0 = n_tile * kTileN;
-  const int KT = p.K / kTileK / p.splits;   // stages of this split
+  const int KT = p.K / kTileK / p.splits;   // stages of one tile (this split)
   const int kt0 = split * KT;
 
   if (threadIdx.x == 0) {
@@ -137,30 +164,34 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp >= 8) {
-    // ---------------- producer ----------------
+    // ---------------- producer: one thread streams every tile's stages through the ring ----------------
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (warp == 8 && lane == 0) {
       constexpr int gps = kGroup == 0 ? 0 : kTileK / kGroup;   // groups per stage
       constexpr uint32_t bytes = kActBytes + kWBytes + gps * 2 * kTileN;
       const size_t kblocks = static_cast<size_t>(p.K / 32);
-      for (int it = 0; it < KT; ++it) {
-        const int s = it % kStages;
-        mbar_wait(empty0 + 8 * s, ((it / kStages) & 1) ^ 1);
-        const uint32_t full = full0 + 8 * s;
-        mbar_arrive_expect_tx(full, bytes);
-        const uint32_t st = smem_addr(stages + s * kStageBytes);
-        const int kt = kt0 + it;
-        tma_load_2d(st, &tmap, kt * kTileK, m0, full);
+      int g_it = 0;
+      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        const int m0 = (tile % p.num_m_tiles) * kTileM, n0 = (tile / p.num_m_tiles) * kTileN;
+        for (int it = 0; it < KT; ++it, ++g_it) {
+          const int s = g_it % kStages;
+          mbar_wait(empty0 + 8 * s, ((g_it / kStages) & 1) ^ 1);
+          const uint32_t full = full0 + 8 * s;
+          mbar_arrive_expect_tx(full, bytes);
+          const uint32_t st = smem_addr(stages + s * kStageBytes);
+          const int kt = kt0 + it;
+          tma_load_2d(st, &tmap, kt * kTileK, m0, full);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const uint8_t* src = p.qweight + ((static_cast<size_t>(n0 / 32 + i) * kblocks) + kt * 4) * 512;
-          bulk_load(st + kActBytes + i * 2048, src, 2048, full);
-        }
+          for (int i = 0; i < 8; ++i) {
+            const uint8_t* src = p.qweight + ((static_cast<size_t>(n0 / 32 + i) * kblocks) + kt * 4) * 512;
+            bulk_load(st + kActBytes + i * 2048, src, 2048, full);
+          }
 #pragma unroll
-        for (int gi = 0; gi < gps; ++gi) {
-          const size_t row = static_cast<size_t>(kt * kTileK / (kGroup > 0 ? kGroup : 1) + gi) * p.N + n0;
-          bulk_load(st + kActBytes + kWBytes + gi * 512, p.s2s + row, kTileN, full);
-          bulk_load(st + kActBytes + kWBytes + gi * 512 + 256, p.s2z + row, kTileN, full);
+          for (int gi = 0; gi < gps; ++gi) {
+            const size_t row = static_cast<size_t>(kt * kTileK / (kGroup > 0 ? kGroup : 1) + gi) * p.N + n0;
+            bulk_load(st + kActBytes + kWBytes + gi * 512, p.s2s + row, kTileN, full);
+            bulk_load(st + kActBytes + kWBytes + gi * 512 + 256, p.s2z + row, kTileN, full);
+          }
         }
       }
     }
@@ -171,132 +202,173 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
   const int wg = warp / 4, wq = warp % 4;
   const int g = lane / 4, t = lane % 4;
-  int acc_lo[64], acc_hi[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc_lo[i] = acc_hi[i] = 0;
-
+  const int tid = threadIdx.x % 128;
+  const int bar_id = 1 + wg;
   const uint32_t stage0 = smem_addr(stages);
   const uint32_t w_off = kActBytes + (wg * 4 + wq) * 2048 + lane * 16;
   const uint32_t s2_off = kActBytes + kWBytes + (wg * 128 + wq * 32 + 4 * g);
-
-  for (int it = 0; it < KT; ++it) {
-    const int s = it % kStages;
-    mbar_wait(full0 + 8 * s, (it / kStages) & 1);
-    const uint32_t st = stage0 + s * kStageBytes;
-    const uint64_t desc = desc_sw128(st);
-    uint32_t s2w[2] = {0, 0}, z2w[2] = {0, 0};
-    if constexpr (kGroup > 0) {
-#pragma unroll
-      for (int gi = 0; gi < kTileK / kGroup; ++gi) {
-        s2w[gi] = lds32(st + s2_off + gi * 512);
-        z2w[gi] = lds32(st + s2_off + gi * 512 + 256);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint4 w = lds128(st + w_off + j * 512);
-      uint32_t lo[4], hi[4];
-      const int gi = kGroup > 0 ? (j * 32) / (kGroup > 0 ? kGroup : 128) : 0;
-      unpack<kGroup>(w, s2w[gi], z2w[gi], lo, hi);
-      wgmma_fence();
-      wgmma_m64n128k32_s8(acc_lo, lo, desc + (j * 32 >> 4));
-      wgmma_m64n128k32_s8(acc_hi, hi, desc + (j * 32 >> 4));
-      wgmma_commit();
-      wgmma_wait<1>();
-      if (j == 0 && it > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((it - 1) % kStages));
-    }
-  }
-  wgmma_wait<0>();
-
-  const int tid = threadIdx.x % 128;
-  const int bar_id = 1 + wg;
   // channels of this thread within the warpgroup's 128: lo rows g, g+8 -> 32wq + g (+8); hi -> 32wq + 16 + g (+8)
   const int cbase = 32 * wq + g;
-  const int nbase = n0 + wg * 128;
-
-  if (p.splits > 1) {
-    // accumulate int32 partials; the last CTA of the tile finishes
-    int32_t* part = p.partial + static_cast<size_t>(m0) * p.N + nbase;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int tok = 8 * i + 2 * t + (r & 1), c = cbase + 8 * (r >> 1);
-        if (m0 + tok < p.M) {
-          atomicAdd(part + static_cast<size_t>(tok) * p.N + c, acc_lo[4 * i + r]);
-          atomicAdd(part + static_cast<size_t>(tok) * p.N + c + 16, acc_hi[4 * i + r]);
-        }
-      }
-    }
-    __threadfence();
-    named_bar_sync(3, 256);
-    if (threadIdx.x == 0) {
-      const uint32_t prev = atomicAdd(p.counters + tile, 1u);
-      s_last = prev == static_cast<uint32_t>(p.splits - 1);
-      if (s_last) p.counters[tile] = 0;
-    }
-    named_bar_sync(3, 256);
-    if (!s_last) return;
-    __threadfence();
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int tok = 8 * i + 2 * t + (r & 1), c = cbase + 8 * (r >> 1);
-        if (m0 + tok < p.M) {
-          int32_t* a = part + static_cast<size_t>(tok) * p.N + c;
-          acc_lo[4 * i + r] = __ldcg(a);
-          acc_hi[4 * i + r] = __ldcg(a + 16);
-          __stcg(a, 0);
-          __stcg(a + 16, 0);
-        }
-      }
-    }
-  }
-
-  // ---------------- epilogue ----------------
-  float* as = scl + wg * 2 * kTileM;
-  float* am = as + kTileM;
-  {
-    const int m = m0 + tid;
-    as[tid] = m < p.M ? __half2float(p.ascale[m]) : 0.f;
-    am[tid] = (kGroup == 0 && m < p.M) ? __half2float(p.asum[m]) : 0.f;
-  }
-  float s1v[4], szv[4];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {   // q: 0 -> lo row g, 1 -> lo g+8, 2 -> hi g, 3 -> hi g+8
-    const int c = cbase + 8 * (q & 1) + 16 * (q >> 1);
-    s1v[q] = __half2float(p.s1[nbase + c]);
-    szv[q] = kGroup == 0 ? __half2float(p.szeros[nbase + c]) : 0.f;
-  }
-  named_bar_sync(bar_id, 128);
+  double* asd = scl + wg * 2 * kTileM;   // token scale / sum as double (exact path) ...
+  double* amd = asd + kTileM;
+  float* asf = reinterpret_cast<float*>(scl + 4 * kTileM) + wg * 2 * kTileM;   // ... and as float
+  float* amf = asf + kTileM;
   __half* T = epi + wg * kTileM * kEpiStride;
+  int g_it = 0;
+
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const int m0 = (tile % p.num_m_tiles) * kTileM, n0 = (tile / p.num_m_tiles) * kTileN;
+    const int nbase = n0 + wg * 128;
+    int acc_lo[64], acc_hi[64];
 #pragma unroll
-  for (int i = 0; i < 16; ++i) {
+    for (int i = 0; i < 64; ++i) acc_lo[i] = acc_hi[i] = 0;
+
+    for (int it = 0; it < KT; ++it, ++g_it) {
+      const int s = g_it % kStages;
+      mbar_wait(full0 + 8 * s, (g_it / kStages) & 1);
+      const uint32_t st = stage0 + s * kStageBytes;
+      const uint64_t desc = desc_sw128(st);
+      uint32_t s2w[2] = {0, 0}, z2w[2] = {0, 0};
+      if constexpr (kGroup > 0) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int tok = 8 * i + 2 * t + (r & 1);
-      const float a_s = as[tok], a_m = am[tok];
+        for (int gi = 0; gi < kTileK / kGroup; ++gi) {
+          s2w[gi] = lds32(st + s2_off + gi * 512);
+          z2w[gi] = lds32(st + s2_off + gi * 512 + 256);
+        }
+      }
+#if DCC_WGMMA_PIPE == 1
+      // Software pipeline over the stage's four k32 steps: the next step's weights are loaded and unpacked while
+      // this step's wgmmas run; wait_group 1 then retires the previous step (its A registers become free).
+      uint32_t lo[4], hi[4];
+      unpack<kGroup>(lds128(st + w_off), s2w[0], z2w[0], lo, hi);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int q = (r >> 1) + 2 * h;
-        const int c = cbase + 8 * (r >> 1) + 16 * h;
-        const int psum = h ? acc_hi[4 * i + r] : acc_lo[4 * i + r];
-        const float a = s1v[q] * a_s;   // exact (fp16 x fp16)
-        double v = static_cast<double>(a) * static_cast<double>(psum);
-        if (kGroup == 0) v -= static_cast<double>(szv[q] * a_m);   // exact operands, one rounding
-        T[tok * kEpiStride + c] = __float2half_rn(__double2float_rn(v));
+      for (int j = 0; j < 4; ++j) {
+        wgmma_fence();
+        wgmma_m64n128k32_s8(acc_lo, lo, desc + (j * 32 >> 4));
+        wgmma_m64n128k32_s8(acc_hi, hi, desc + (j * 32 >> 4));
+        wgmma_commit();
+        if (j < 3) {
+          const int gi = kGroup > 0 ? ((j + 1) * 32) / (kGroup > 0 ? kGroup : 128) : 0;
+          unpack<kGroup>(lds128(st + w_off + (j + 1) * 512), s2w[gi], z2w[gi], lo, hi);
+        }
+        wgmma_wait<1>();
+        if (j == 0 && it > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((g_it - 1) % kStages));
       }
     }
-  }
-  named_bar_sync(bar_id, 128);
-  const uint32_t T0 = smem_addr(T);
+#else
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint4 w = lds128(st + w_off + j * 512);
+        uint32_t lo[4], hi[4];
+        const int gi = kGroup > 0 ? (j * 32) / (kGroup > 0 ? kGroup : 128) : 0;
+        unpack<kGroup>(w, s2w[gi], z2w[gi], lo, hi);
+        wgmma_fence();
+        wgmma_m64n128k32_s8(acc_lo, lo, desc + (j * 32 >> 4));
+        wgmma_m64n128k32_s8(acc_hi, hi, desc + (j * 32 >> 4));
+        wgmma_commit();
+        wgmma_wait<1>();
+        if (j == 0 && it > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((g_it - 1) % kStages));
+      }
+    }
+#endif
+    wgmma_wait<0>();
+    if (lane == 0) mbar_arrive(empty0 + 8 * ((g_it - 1) % kStages));   // the tile's last stage
+
+    if (p.splits > 1) {
+      // int32 partials of this split, in fragment order (coalesced 16-byte stores); the last CTA of the tile to
+      // arrive adds the other splits' partials (integer: any order gives the same sum) and runs the epilogue.
+      const int ctid = threadIdx.x;   // 0..255
+      int4* base = reinterpret_cast<int4*>(p.partial) + static_cast<size_t>(tile) * p.splits * 256 * 32;
+      int4* mine = base + static_cast<size_t>(split) * 256 * 32;
+#pragma unroll
+      for (int v = 0; v < 16; ++v) {
+        __stcg(mine + v * 256 + ctid, make_int4(acc_lo[4 * v], acc_lo[4 * v + 1], acc_lo[4 * v + 2], acc_lo[4 * v + 3]));
+        __stcg(mine + (16 + v) * 256 + ctid,
+               make_int4(acc_hi[4 * v], acc_hi[4 * v + 1], acc_hi[4 * v + 2], acc_hi[4 * v + 3]));
+      }
+      __threadfence();
+      named_bar_sync(3, 256);
+      if (threadIdx.x == 0) {
+        const uint32_t prev = atomicAdd(p.counters + tile, 1u);
+        s_last = prev == static_cast<uint32_t>(p.splits - 1);
+        if (s_last) p.counters[tile] = 0;   // ready for the next call
+      }
+      named_bar_sync(3, 256);
+      if (!s_last) continue;
+      __threadfence();
+      for (int z = 0; z < p.splits; ++z) {
+        if (z == split) continue;
+        const int4* other = base + static_cast<size_t>(z) * 256 * 32;
+#pragma unroll
+        for (int v = 0; v < 16; ++v) {
+          const int4 a = __ldcg(other + v * 256 + ctid), b = __ldcg(other + (16 + v) * 256 + ctid);
+          acc_lo[4 * v] += a.x; acc_lo[4 * v + 1] += a.y; acc_lo[4 * v + 2] += a.z; acc_lo[4 * v + 3] += a.w;
+          acc_hi[4 * v] += b.x; acc_hi[4 * v + 1] += b.y; acc_hi[4 * v + 2] += b.z; acc_hi[4 * v + 3] += b.w;
+        }
+      }
+    }
+
+    // ---------------- epilogue ----------------
+    {
+      const int m = m0 + tid;
+      const float sf = m < p.M ? __half2float(p.ascale[m]) : 0.f;
+      const float mf = (kGroup == 0 && m < p.M) ? __half2float(p.asum[m]) : 0.f;
+      asd[tid] = sf;
+      amd[tid] = mf;
+      asf[tid] = sf;
+      amf[tid] = mf;
+    }
+    float s1f[4], szf[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {   // q: 0 -> lo row g, 1 -> lo g+8, 2 -> hi g, 3 -> hi g+8
+      const int c = cbase + 8 * (q & 1) + 16 * (q >> 1);
+      s1f[q] = __half2float(p.s1[nbase + c]);
+      szf[q] = kGroup == 0 ? __half2float(p.szeros[nbase + c]) : 0.f;
+    }
+    named_bar_sync(bar_id, 128);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+#pragma unroll
+      for (int rp = 0; rp < 2; ++rp) {       // accumulator pair (r = 2rp, 2rp+1): tokens tok, tok+1, same row
+        const int tok = 8 * i + 2 * t;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int q = rp + 2 * h;
+          const int c = cbase + 8 * rp + 16 * h;
+          const int p0 = h ? acc_hi[4 * i + 2 * rp] : acc_lo[4 * i + 2 * rp];
+          const int p1 = h ? acc_hi[4 * i + 2 * rp + 1] : acc_lo[4 * i + 2 * rp + 1];
+#if DCC_WGMMA_EPI == 0
+          const __half o0 = exact_out<kGroup>(p0, s1f[q], szf[q], asd[tok], amd[tok]);
+          const __half o1 = exact_out<kGroup>(p1, s1f[q], szf[q], asd[tok + 1], amd[tok + 1]);
+#else
+          // float path: a = s1*as and b = sz*asum are exact (fp16 x fp16), psum is exact in float below 2^22, so
+          // fma(psum, a, -b) is the exact value rounded once to float: the same float as the double path (up to
+          // a double-rounding tie of probability ~2^-29), then one rounding to fp16. Larger |psum|: double path.
+          const float pf0 = __int_as_float(0x4B400000 + p0) - 12582912.f;   // 1.5 * 2^23 magic: exact, |p| < 2^22
+          const float pf1 = __int_as_float(0x4B400000 + p1) - 12582912.f;
+          const float v0 = fmaf(pf0, s1f[q] * asf[tok], -(szf[q] * amf[tok]));
+          const float v1 = fmaf(pf1, s1f[q] * asf[tok + 1], -(szf[q] * amf[tok + 1]));
+          __half2 o = __floats2half2_rn(v0, v1);
+          if (__builtin_expect(static_cast<uint32_t>(p0 + (1 << 22)) >= (1u << 23) ||
+                               static_cast<uint32_t>(p1 + (1 << 22)) >= (1u << 23), 0))
+            o = __halves2half2(exact_out<kGroup>(p0, s1f[q], szf[q], asd[tok], amd[tok]),
+                               exact_out<kGroup>(p1, s1f[q], szf[q], asd[tok + 1], amd[tok + 1]));
+          const __half o0 = __low2half(o), o1 = __high2half(o);
+#endif
+          T[tok * kEpiStride + c] = o0;
+          T[(tok + 1) * kEpiStride + c] = o1;
+        }
+      }
+    }
+    named_bar_sync(bar_id, 128);
+    const uint32_t T0 = smem_addr(T);
 #pragma unroll 4
-  for (int e = tid; e < kTileM * 16; e += 128) {
-    const int row = e / 16, chunk = e % 16;
-    if (m0 + row < p.M) {
-      const uint4 v = lds128(T0 + (row * kEpiStride + chunk * 8) * 2);
-      *reinterpret_cast<uint4*>(p.out + static_cast<size_t>(m0 + row) * p.N + nbase + chunk * 8) = v;
+    for (int e = tid; e < kTileM * 16; e += 128) {
+      const int row = e / 16, chunk = e % 16;
+      if (m0 + row < p.M) {
+        const uint4 v = lds128(T0 + (row * kEpiStride + chunk * 8) * 2);
+        *reinterpret_cast<uint4*>(p.out + static_cast<size_t>(m0 + row) * p.N + nbase + chunk * 8) = v;
+      }
     }
   }
 #endif
@@ -365,7 +437,7 @@ int sm_count() {
   return n;
 }
 
-// K splits: only when the output tiles fill less than half of the GPU; each split keeps >= 4 stages.
+// K splits (measured on the H100 at M = 128, 256: csrc/w4a8/NOTES.md): as many as fit in one wave, each >= 8 stages.
 int choose_splits(int M, int N, int K) {
   if (const char* e = std::getenv("DCC_W4A8_WGMMA_SPLITS")) {
     const int s = std::atoi(e);
@@ -374,20 +446,21 @@ int choose_splits(int M, int N, int K) {
   const int tiles = ((M + kTileM - 1) / kTileM) * (N / kTileN);
   const int kt = K / kTileK;
   int best = 1;
-  for (int s = 2; s <= 8; ++s) {
-    if (kt % s || kt / s < 4) continue;
-    if (tiles * s > sm_count()) break;
+  for (int s = 2; s <= 8; s *= 2) {   // the largest power of two that fits one wave and keeps >= 8 stages a split
+    if (kt % s || kt / s < 8 || tiles * s > sm_count()) break;
     best = s;
   }
-  return tiles * 2 > sm_count() ? 1 : best;
+  return best;
 }
 
 constexpr size_t kCounterBytes = 64 * 1024;   // 16384 tile counters
 
+// Split-K workspace: [counters][tiles][splits][256 threads][128 int32] (fragment-order partial sums).
 size_t workspace_for(int M, int N, int K) {
-  if (choose_splits(M, N, K) <= 1) return 0;
-  const size_t mpad = static_cast<size_t>((M + kTileM - 1) / kTileM) * kTileM;
-  return kCounterBytes + mpad * N * sizeof(int32_t);
+  const int s = choose_splits(M, N, K);
+  if (s <= 1) return 0;
+  const size_t tiles = static_cast<size_t>((M + kTileM - 1) / kTileM) * (N / kTileN);
+  return kCounterBytes + tiles * s * 256 * 128 * sizeof(int32_t);
 }
 
 bool shape_ok(int M, int N, int K, int group) {
@@ -455,7 +528,12 @@ cudaError_t gemm_wgmma(const void* xq, const void* ascale, const void* asum, con
                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return cudaErrorInvalidValue;
 
-  const dim3 grid(p.num_m_tiles * (N / kTileN), p.splits);
+  // persistent grid (at most one CTA per SM; the producer prefetches the next tile during the epilogue)
+  const int tiles = p.num_m_tiles * (N / kTileN);
+  int ctas = tiles < sm_count() ? tiles : sm_count();
+  if (const char* e = std::getenv("DCC_W4A8_WGMMA_PERSISTENT"))
+    if (e[0] == '0') ctas = tiles;
+  const dim3 grid(ctas, p.splits);
   switch (group) {
     case 0: w4a8_wgmma_kernel<0><<<grid, kThreads, kSmemBytes, stream>>>(tmap, p); break;
     case 64: w4a8_wgmma_kernel<64><<<grid, kThreads, kSmemBytes, stream>>>(tmap, p); break;
