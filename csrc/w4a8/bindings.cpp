@@ -90,4 +90,6 @@ PYBIND11_MODULE(dcc_w4a8_ext, m) {
         py::arg("group"));
   m.def("gemm_wgmma_supported", &dcc_w4a8::gemm_wgmma_supported, py::arg("M"), py::arg("N"), py::arg("K"),
         py::arg("group"));
+  m.def("gemm_wgmma_preferred", &dcc_w4a8::gemm_wgmma_preferred, py::arg("M"), py::arg("N"), py::arg("K"),
+        py::arg("group"), "Supported and expected faster than the mma.sync kernels (the automatic choice).");
 }

@@ -80,10 +80,19 @@ __device__ __forceinline__ uint2 codes8(const uint4& v, float inv) {
 
 // K % 8 == 0 and K <= kThreads * 8 * NC: each thread loads its NC 16-byte chunks at once (independent loads in
 // flight, not one round trip per loop iteration) and keeps them in registers for the second pass.
+// Programmatic dependent launch (sm_90+): a GEMM launched after this kernel with the PDL attribute (gemm_wgmma) may
+// start once every block of this grid runs, and prefetch its weights; it waits for this grid before reading xq.
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 template <int NC>
 __global__ void __launch_bounds__(kThreads) quant_act_regs(const __half* __restrict__ x, int8_t* __restrict__ xq,
                                                            __half* __restrict__ ascale, __half* __restrict__ asum,
                                                            int K) {
+  allow_dependents();
   const int m = blockIdx.x;
   const __half* row = x + static_cast<size_t>(m) * K;
   int8_t* qrow = xq + static_cast<size_t>(m) * K;
@@ -109,6 +118,7 @@ __global__ void __launch_bounds__(kThreads) quant_act_regs(const __half* __restr
 __global__ void __launch_bounds__(kThreads) quant_act_loop(const __half* __restrict__ x, int8_t* __restrict__ xq,
                                                            __half* __restrict__ ascale, __half* __restrict__ asum,
                                                            int K) {
+  allow_dependents();
   const int m = blockIdx.x;
   const __half* row = x + static_cast<size_t>(m) * K;
   int8_t* qrow = xq + static_cast<size_t>(m) * K;

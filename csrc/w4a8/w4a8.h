@@ -24,6 +24,9 @@ cudaError_t gemm_wgmma(const void* xq, const void* ascale, const void* asum, con
                        int M, int N, int K, int group, void* workspace, size_t ws_bytes, cudaStream_t stream);
 size_t gemm_wgmma_workspace(int M, int N, int K, int group);
 bool gemm_wgmma_supported(int M, int N, int K, int group);   // compiled for sm_90a and shape OK
+// Supported and expected faster than the mma.sync kernels (csrc/w4a8/NOTES.md): M >= 8, or M < 8 where the
+// 16-token configuration's CTAs (tiles x K splits) fill at least 3/4 of the SMs.
+bool gemm_wgmma_preferred(int M, int N, int K, int group);
 
 // Beyond the shared contract (tests and benchmarks): gemm_mma with its kernel forced. kernel & 0xF: 0 = the automatic
 // choice (gemm_mma), 1 = split-K kernel (M <= 32 only), 2 = tiled multistage kernel, 3 = stream-K kernel (M <= 16,

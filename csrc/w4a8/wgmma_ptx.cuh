@@ -100,5 +100,61 @@ __device__ __forceinline__ void wgmma_m64n128k32_s8(int (&d)[64], const uint32_t
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
 }
 
+// d[64x16 s32] += A[64x32 s8, registers] * B[32x16 s8, smem K-major]: the small-M configuration (<= 16 tokens).
+// Fragments as wgmma_m64n128k32_s8 with column blocks i = 0, 1.
+__device__ __forceinline__ void wgmma_m64n16k32_s8(int (&d)[8], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7},"
+      " {%8, %9, %10, %11}, %12, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+// Dispatch on the token tile (the wgmma N) at compile time.
+template <int kTok>
+__device__ __forceinline__ void wgmma_s8(int (&d)[kTok / 2], const uint32_t (&a)[4], uint64_t desc) {
+  static_assert(kTok == 16 || kTok == 128, "token tile");
+  if constexpr (kTok == 16) wgmma_m64n16k32_s8(d, a, desc);
+  else wgmma_m64n128k32_s8(d, a, desc);
+}
+
+// ---- programmatic dependent launch ----
+// Wait until the grids this one depends on have completed and their memory is visible (a no-op when the launch
+// was not programmatic).
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+// Allow the dependent grid to launch once every CTA of this grid has executed this (or exited).
+__device__ __forceinline__ void grid_launch_dependents() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+
+// ---- cluster (split-K across the CTAs of a cluster) ----
+// Every thread of every CTA of the cluster arrives (release: its shared-memory writes become visible to the
+// cluster) and waits (acquire). Not .aligned: the producer warp's lanes reach it at different times.
+__device__ __forceinline__ void cluster_sync_all() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// The shared::cluster address of `addr` (a shared::cta address of this CTA) in the CTA of rank `rank`.
+__device__ __forceinline__ uint32_t mapa(uint32_t addr, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ int4 ld_cluster128(uint32_t addr) {
+  int4 v;
+  asm volatile("ld.shared::cluster.v4.s32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ void sts128(uint32_t addr, int4 v) {
+  asm volatile("st.shared.v4.s32 [%0], {%1, %2, %3, %4};\n" :: "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
 }  // namespace wgk
 }  // namespace dcc_w4a8

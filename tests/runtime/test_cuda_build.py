@@ -32,7 +32,7 @@ def test_w4a8_sources_and_contract():
     assert {"w4a8.h", "gemm_wgmma.cu", "quant_act.cu", "bindings.cpp"} <= names
     header = (build.source_dir("w4a8") / "w4a8.h").read_text()
     for fn in ("quant_act", "gemm_mma", "gemm_mma_workspace", "gemm_wgmma", "gemm_wgmma_workspace",
-               "gemm_wgmma_supported"):
+               "gemm_wgmma_supported", "gemm_wgmma_preferred"):
         assert re.search(rf"\b{fn}\(", header), fn
 
 

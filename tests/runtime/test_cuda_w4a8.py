@@ -22,9 +22,10 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 MS = (1, 3, 8, 9, 16, 17, 32, 33, 64, 65, 130, 257)
-SHAPES = {0: ((32, 32), (96, 160), (192, 576), (576, 192), (1536, 576), (576, 1536)),
-          64: ((32, 64), (96, 192), (192, 576), (1536, 576)),
-          128: ((32, 128), (192, 384), (576, 1536), (1536, 1536))}
+# the last shapes of each group also suit the wgmma kernel (N % 256, K % 128), with K splits at small and large M
+SHAPES = {0: ((32, 32), (96, 160), (192, 576), (576, 192), (1536, 576), (576, 1536), (512, 1024), (256, 2048)),
+          64: ((32, 64), (96, 192), (192, 576), (1536, 576), (512, 640)),
+          128: ((32, 128), (192, 384), (576, 1536), (1536, 1536), (768, 1024))}
 KERNELS = ("streamk", "splitk", "tile", "auto", "wgmma")
 _STATS: list[dict] = []
 
@@ -146,6 +147,57 @@ def test_gemm_exact(ops, group, n, k, kernel):
         checked += 1
     if checked == 0:
         pytest.skip(f"{kernel} takes none of these shapes here")
+
+
+def _check_wgmma(ops, lay, group, m, k, gen, note, calls=2):
+    """One layer through the wgmma kernel, `calls` times into NaN-poisoned outputs (nothing may carry over between
+    calls), against the exact reference."""
+    dev = {name: (None if v is None else v.cuda()) for name, v in lay.items() if name != "ints"}
+    n = lay["s1_scales"].numel()
+    xq, scale, ssum = ops.quantize_act(make_x(m, k, gen).cuda(), with_sum=group == 0)
+    ref = _reference(lay, xq, scale, ssum)
+    for _ in range(calls):
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        ops.gemm(xq, scale, ssum, dev["qweight"], dev["s1_scales"], dev["s1_szeros"], dev["s2_scales"],
+                 dev["s2_zeros"], group, path="wgmma", out=out)
+        d = ulps(out, ref)
+        assert bool(torch.isfinite(out).all()), (note, m)
+        assert int(d.max()) <= 1 and int((d == 0).sum()) >= 0.999 * d.numel(), (note, m, int(d.max()))
+
+
+@pytest.mark.parametrize("splits", (1, 2, 4, 8))
+@pytest.mark.parametrize("group", (0, 64, 128))
+def test_wgmma_forced_splits_exact(ops, monkeypatch, group, splits):
+    """The wgmma kernel with its K split count (= cluster size) forced by DCC_W4A8_WGMMA_SPLITS (where the GPU and
+    the tile configuration allow it): 10 k stages in 4 or 8 splits are uneven (2/3/2/3, 1/1/1/2/...), 5 per split
+    reuse the ring; M = 1..16 on the 16-token tile, 17 and 160 (2 m tiles) on the 128-token tile."""
+    ext = ops.ext()
+    n, k = 512, 1280
+    if not ext.gemm_wgmma_supported(16, n, k, group):
+        pytest.skip("the wgmma kernel is not built for this GPU")
+    monkeypatch.setenv("DCC_W4A8_WGMMA_SPLITS", str(splits))
+    gen = _gen("splits", group, splits)
+    lay = make_layer(n, k, group, gen)
+    for m in (1, 5, 16, 17, 160):
+        _check_wgmma(ops, lay, group, m, k, gen, f"splits={splits}")
+
+
+@pytest.mark.parametrize("group", (0, 128))
+@pytest.mark.parametrize("m", (16, 257))
+def test_wgmma_persistent_exact(ops, monkeypatch, group, m):
+    """Unsplit, with more than twice as many tiles as SMs: each CTA of the persistent grid runs several tiles and
+    the producer refills the ring for the next tile while the consumers finish the last (16- and 128-token tiles;
+    257 leaves a 1-token m tile)."""
+    ext = ops.ext()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    m_tiles = 1 if m <= 16 else 3   # 16- or 128-token tiles; 256 channels each
+    n = 256 * -(-(2 * sms + 1) // m_tiles)
+    k = 256
+    if not ext.gemm_wgmma_supported(m, n, k, group):
+        pytest.skip("the wgmma kernel is not built for this GPU")
+    monkeypatch.setenv("DCC_W4A8_WGMMA_SPLITS", "1")
+    gen = _gen("persistent", group, m)
+    _check_wgmma(ops, make_layer(n, k, group, gen), group, m, k, gen, f"n={n}")
 
 
 @pytest.mark.parametrize("group", (0, 64, 128))

@@ -9,9 +9,11 @@ import torch
 
 from .build import load
 
-# M >= WGMMA_MIN_M (and a shape the wgmma kernel takes): gemm_wgmma; else gemm_mma. 128 is a first guess (the
-# mma.sync kernels are weak from M = 128 on: csrc/w4a8/NOTES.md); bench/gpu_w4a8.py times both once wgmma lands.
-WGMMA_MIN_M = int(os.environ.get("DCC_W4A8_WGMMA_MIN_M", "128"))
+# Automatic choice: gemm_wgmma where M >= WGMMA_MIN_M and the extension prefers it (gemm_wgmma_preferred: an sm_90a
+# build, N % 256 == 0, K % 128 == 0, and M >= 8 or, at M < 8, a layer wide enough that its CTAs fill most SMs;
+# csrc/w4a8/NOTES.md has the measurements), else the mma.sync kernels. DCC_W4A8_WGMMA_MIN_M (benchmarks) moves
+# the boundary.
+WGMMA_MIN_M = int(os.environ.get("DCC_W4A8_WGMMA_MIN_M", "1"))
 
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
 
@@ -102,7 +104,7 @@ def gemm(xq, ascale, asum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, g
         out = torch.empty(m, n, dtype=torch.float16, device=xq.device)
     e = ext()
     if path == "auto":
-        path = "wgmma" if m >= WGMMA_MIN_M and e.gemm_wgmma_supported(m, n, k, group) else "mma"
+        path = "wgmma" if m >= WGMMA_MIN_M and e.gemm_wgmma_preferred(m, n, k, group) else "mma"
     codes = {"mma": 0, "splitk": 1, "tile": 2, "streamk": 3}
     kernel = path if isinstance(path, int) else codes.get(path)   # an int: a raw kernel code
     if kernel is None and path != "wgmma":
