@@ -83,7 +83,9 @@ EncodeTiledFn encode_fn() {
 
 template <int kGroup, class C>
 bool set_smem() {
-  return cudaFuncSetAttribute(w4a8_wgmma_kernel<kGroup, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  return cudaFuncSetAttribute(w4a8_wgmma_kernel<kGroup, C, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              C::kSmemBytes) == cudaSuccess &&
+         cudaFuncSetAttribute(w4a8_wgmma_kernel<kGroup, C, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               C::kSmemBytes) == cudaSuccess;
 }
 
@@ -96,7 +98,10 @@ bool kernel_ready() {
   std::call_once(once, [] {
     cudaFuncAttributes a{};
     ready = 0;
-    if (cudaFuncGetAttributes(&a, w4a8_wgmma_kernel<kGroup, CfgLarge>) != cudaSuccess) { cudaGetLastError(); return; }
+    if (cudaFuncGetAttributes(&a, w4a8_wgmma_kernel<kGroup, CfgLarge, false>) != cudaSuccess) {
+      cudaGetLastError();
+      return;
+    }
     if (a.binaryVersion < 90 || a.numRegs < 64) return;
     if (!set_smem<kGroup, CfgLarge>() || !set_smem<kGroup, CfgSmall>()) { cudaGetLastError(); return; }
     if (encode_fn() == nullptr) return;
@@ -177,7 +182,7 @@ int max_clusters(int S) {
     cudaLaunchAttribute attr[2];
     const cudaLaunchConfig_t cfg = launch_config<C>(dim3(1, S), S, false, nullptr, attr);
     int n = 0;
-    if (cudaOccupancyMaxActiveClusters(&n, w4a8_wgmma_kernel<0, C>, &cfg) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&n, w4a8_wgmma_kernel<0, C, true>, &cfg) != cudaSuccess) {
       cudaGetLastError();
       n = 0;
     }
@@ -237,10 +242,17 @@ cudaError_t launch(WgParams p, int group, const void* xq, cudaStream_t stream) {
   if (p.splits > 1) ctas = tiles;
   cudaLaunchAttribute attr[2];
   const cudaLaunchConfig_t cfg = launch_config<C>(dim3(ctas, p.splits), p.splits, pdl_enabled(), stream, attr);
+  if (p.splits > 1) {
+    switch (group) {
+      case 0: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<0, C, true>, tmap, p);
+      case 64: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<64, C, true>, tmap, p);
+      default: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<128, C, true>, tmap, p);
+    }
+  }
   switch (group) {
-    case 0: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<0, C>, tmap, p);
-    case 64: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<64, C>, tmap, p);
-    default: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<128, C>, tmap, p);
+    case 0: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<0, C, false>, tmap, p);
+    case 64: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<64, C, false>, tmap, p);
+    default: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<128, C, false>, tmap, p);
   }
 }
 

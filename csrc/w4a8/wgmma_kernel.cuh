@@ -115,7 +115,9 @@ __device__ __forceinline__ void epilogue_direct(const int (&acc_lo)[kTok / 2], c
 }
 #endif
 
-template <int kGroup, class C>
+// kSplit: split-K over a cluster (grid.y = cluster size = p.splits > 1, one tile per CTA); else a persistent grid
+// with the staged epilogue. Separate instantiations keep each variant's registers and code to what it runs.
+template <int kGroup, class C, bool kSplit>
 __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_constant__ CUtensorMap tmap,
                                                                  const WgParams p) {
 #if defined(DCC_WGMMA_DEVICE)
@@ -199,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
         }
       }
     }
-    if (p.splits > 1) {   // the consumers' two cluster barriers (every thread of the cluster takes part)
+    if constexpr (kSplit) {   // the consumers' two cluster barriers (every thread of the cluster takes part)
       cluster_sync_all();
       cluster_sync_all();
     }
@@ -290,7 +292,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
       if (lane == 0) mbar_arrive(empty0 + 8 * ((g_it - 1) % kStages));   // the tile's last stage
     }
 
-    if (p.splits > 1) {
+    if constexpr (kSplit) {
       // Split-K over the S CTAs of a cluster (grid.y; one tile per CTA in this mode): each CTA stores its int32
       // partials in its own shared memory (the stage ring: every stage was consumed and its wgmmas retired), a
       // cluster barrier publishes them, and CTA rank r sums all S partials of consumer warps [8r/S, 8(r+1)/S)
@@ -325,63 +327,63 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
         epilogue_direct<kGroup, kTok>(acc_lo, acc_hi, p, m0, nbase + cbase, t);
       }
       cluster_sync_all();
-      continue;
-    }
-
-    // ---------------- epilogue ----------------
-    if (tid < kTok) {
-      const int m = m0 + tid;
-      const float sf = m < p.M ? __half2float(p.ascale[m]) : 0.f;
-      const float mf = (kGroup == 0 && m < p.M) ? __half2float(p.asum[m]) : 0.f;
-      asd[tid] = sf;
-      amd[tid] = mf;
-      asf[tid] = sf;
-      amf[tid] = mf;
-    }
-    float s1f[4], szf[4];
+    } else {
+      // ---------------- epilogue (unsplit: through shared memory, 16-byte stores) ----------------
+      if (tid < kTok) {
+        const int m = m0 + tid;
+        const float sf = m < p.M ? __half2float(p.ascale[m]) : 0.f;
+        const float mf = (kGroup == 0 && m < p.M) ? __half2float(p.asum[m]) : 0.f;
+        asd[tid] = sf;
+        amd[tid] = mf;
+        asf[tid] = sf;
+        amf[tid] = mf;
+      }
+      float s1f[4], szf[4];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {   // q: 0 -> lo row g, 1 -> lo g+8, 2 -> hi g, 3 -> hi g+8
-      const int c = cbase + 8 * (q & 1) + 16 * (q >> 1);
-      s1f[q] = __half2float(p.s1[nbase + c]);
-      szf[q] = kGroup == 0 ? __half2float(p.szeros[nbase + c]) : 0.f;
-    }
-    named_bar_sync(bar_id, 128);
+      for (int q = 0; q < 4; ++q) {   // q: 0 -> lo row g, 1 -> lo g+8, 2 -> hi g, 3 -> hi g+8
+        const int c = cbase + 8 * (q & 1) + 16 * (q >> 1);
+        s1f[q] = __half2float(p.s1[nbase + c]);
+        szf[q] = kGroup == 0 ? __half2float(p.szeros[nbase + c]) : 0.f;
+      }
+      named_bar_sync(bar_id, 128);
 #pragma unroll
-    for (int i = 0; i < kTok / 8; ++i) {
+      for (int i = 0; i < kTok / 8; ++i) {
 #pragma unroll
-      for (int rp = 0; rp < 2; ++rp) {       // accumulator pair (r = 2rp, 2rp+1): tokens tok, tok+1, same row
-        const int tok = 8 * i + 2 * t;
+        for (int rp = 0; rp < 2; ++rp) {       // accumulator pair (r = 2rp, 2rp+1): tokens tok, tok+1, same row
+          const int tok = 8 * i + 2 * t;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int q = rp + 2 * h;
-          const int c = cbase + 8 * rp + 16 * h;
-          const int p0 = h ? acc_hi[4 * i + 2 * rp] : acc_lo[4 * i + 2 * rp];
-          const int p1 = h ? acc_hi[4 * i + 2 * rp + 1] : acc_lo[4 * i + 2 * rp + 1];
-          // float path: a = s1*as and b = sz*asum are exact (fp16 x fp16), psum is exact in float below 2^22, so
-          // fma(psum, a, -b) is the exact value rounded once to float: the same float as the double path (up to
-          // a double-rounding tie of probability ~2^-29), then one rounding to fp16. Larger |psum|: double path.
-          const float pf0 = __int_as_float(0x4B400000 + p0) - 12582912.f;   // 1.5 * 2^23 magic: exact, |p| < 2^22
-          const float pf1 = __int_as_float(0x4B400000 + p1) - 12582912.f;
-          const float v0 = fmaf(pf0, s1f[q] * asf[tok], -(szf[q] * amf[tok]));
-          const float v1 = fmaf(pf1, s1f[q] * asf[tok + 1], -(szf[q] * amf[tok + 1]));
-          __half2 o = __floats2half2_rn(v0, v1);
-          if (__builtin_expect(static_cast<uint32_t>(p0 + (1 << 22)) >= (1u << 23) ||
-                               static_cast<uint32_t>(p1 + (1 << 22)) >= (1u << 23), 0))
-            o = __halves2half2(exact_out<kGroup>(p0, s1f[q], szf[q], asd[tok], amd[tok]),
-                               exact_out<kGroup>(p1, s1f[q], szf[q], asd[tok + 1], amd[tok + 1]));
-          T[tok * kEpiStride + c] = __low2half(o);
-          T[(tok + 1) * kEpiStride + c] = __high2half(o);
+          for (int h = 0; h < 2; ++h) {
+            const int q = rp + 2 * h;
+            const int c = cbase + 8 * rp + 16 * h;
+            const int p0 = h ? acc_hi[4 * i + 2 * rp] : acc_lo[4 * i + 2 * rp];
+            const int p1 = h ? acc_hi[4 * i + 2 * rp + 1] : acc_lo[4 * i + 2 * rp + 1];
+            // float path: a = s1*as and b = sz*asum are exact (fp16 x fp16), psum is exact in float below 2^22, so
+            // fma(psum, a, -b) is the exact value rounded once to float: the same float as the double path (up to
+            // a double-rounding tie of probability ~2^-29), then one rounding to fp16. Larger |psum|: double path.
+            // 1.5 * 2^23 magic number: exact for |p| < 2^22
+            const float pf0 = __int_as_float(0x4B400000 + p0) - 12582912.f;
+            const float pf1 = __int_as_float(0x4B400000 + p1) - 12582912.f;
+            const float v0 = fmaf(pf0, s1f[q] * asf[tok], -(szf[q] * amf[tok]));
+            const float v1 = fmaf(pf1, s1f[q] * asf[tok + 1], -(szf[q] * amf[tok + 1]));
+            __half2 o = __floats2half2_rn(v0, v1);
+            if (__builtin_expect(static_cast<uint32_t>(p0 + (1 << 22)) >= (1u << 23) ||
+                                 static_cast<uint32_t>(p1 + (1 << 22)) >= (1u << 23), 0))
+              o = __halves2half2(exact_out<kGroup>(p0, s1f[q], szf[q], asd[tok], amd[tok]),
+                                 exact_out<kGroup>(p1, s1f[q], szf[q], asd[tok + 1], amd[tok + 1]));
+            T[tok * kEpiStride + c] = __low2half(o);
+            T[(tok + 1) * kEpiStride + c] = __high2half(o);
+          }
         }
       }
-    }
-    named_bar_sync(bar_id, 128);
-    const uint32_t T0 = smem_addr(T);
+      named_bar_sync(bar_id, 128);
+      const uint32_t T0 = smem_addr(T);
 #pragma unroll 4
-    for (int e = tid; e < kTok * 16; e += 128) {
-      const int row = e / 16, chunk = e % 16;
-      if (m0 + row < p.M) {
-        const uint4 v = lds128(T0 + (row * kEpiStride + chunk * 8) * 2);
-        *reinterpret_cast<uint4*>(p.out + static_cast<size_t>(m0 + row) * p.N + nbase + chunk * 8) = v;
+      for (int e = tid; e < kTok * 16; e += 128) {
+        const int row = e / 16, chunk = e % 16;
+        if (m0 + row < p.M) {
+          const uint4 v = lds128(T0 + (row * kEpiStride + chunk * 8) * 2);
+          *reinterpret_cast<uint4*>(p.out + static_cast<size_t>(m0 + row) * p.N + nbase + chunk * 8) = v;
+        }
       }
     }
   }
