@@ -9,7 +9,8 @@
 //    m64n128k32 wgmmas, one on the low-nibble slabs (channels 32w + 0..15) and one on the high (32w + 16..31). The
 //    row -> channel permutation is undone in the epilogue.
 //  - CTA tile: 256 channels (2 consumer warpgroups x 128) x T tokens, k stage 128; T = 128 with a 4-stage ring for
-//    M > 16, T = 16 with an 8-stage ring for M <= 16 (wgmma_kernel.cuh, WgCfg). One producer warp (lane 0)
+//    large M, T = 64 with 6 stages for medium M (use_mid), T = 16 with 8 stages for M <= 16 (wgmma_kernel.cuh,
+//    WgCfg). One producer warp (lane 0)
 //    fills the shared-memory ring guarded by mbarriers: the activation tile [T tokens][128 k] by a 2D TMA
 //    load with 128-byte swizzle (the wgmma B layout: K-major, SW128), the weight tiles by 8 bulk copies of 2 KB
 //    (each 32-channel block's four 32x32 tiles of the stage are contiguous), and for groups the stage's s2 rows
@@ -18,7 +19,7 @@
 //    lies in [0, 255] for every byte, so one 32-bit multiply-add on 4 packed bytes has no carries, and XOR 0x80 per
 //    byte gives the int8 (csrc/w4a8/common.cuh, Level2). The s2 word of lane g holds channels g, g+8, g+16, g+24
 //    of the 32-channel block (QServe's [4,8] -> [8,4] reorder), i.e. rows g, g+8 (low) and g+16, g+24 (high).
-//  - Pipelining (CfgLarge): per k32 step: wgmma.fence, 2 wgmmas, commit, then ld.shared + unpack of the next step's
+//  - Pipelining (CfgLarge, CfgMid): per k32 step: wgmma.fence, 2 wgmmas, commit, then ld.shared + unpack of the next step's
 //    weights (overlapping the running wgmmas), then wait_group 1 (the previous step retired: its A registers are
 //    free and, at a stage's first step, the previous stage is released to the producer). CfgSmall unpacks a whole
 //    stage and issues its 8 wgmmas as one group. Persistent grid (one CTA per SM, tiles strided by the grid, m
@@ -33,14 +34,14 @@
 //    float, then rounded to fp16. The reference chain (mma.sync kernels in common.cuh, the CPU reference) rounds
 //    the exact value to double, then float, then fp16: identical except where the double rounding lands on a
 //    float tie (probability ~2^-29 per output; never seen). Larger |psum| takes the double path (exact_out), which
-//    is that reference chain. Unsplit CfgLarge outputs go through shared memory for 16-byte coalesced stores;
+//    is that reference chain. Unsplit outputs go through shared memory for 16-byte coalesced stores;
 //    tokens >= M are masked (the TMA load fills rows past M with zeros).
 //  - Split-K (few output tiles): S in {2, 4, 8} CTAs per output tile form a thread-block cluster (grid.y); each
 //    keeps its int32 partials in its shared memory, and after a cluster barrier CTA rank r adds the partials of
 //    consumer warps [8r/S, 8(r+1)/S) from all S CTAs over distributed shared memory (integer: order-independent)
 //    and writes their outputs. No global workspace, no arrival counters. S (choose_splits_cfg): the largest with
-//    tiles * S <= SMs, every cluster resident at once (cudaOccupancyMaxActiveClusters), and >= 4 (CfgLarge) or
-//    >= 2 (CfgSmall) k stages per split.
+//    tiles * S <= SMs, every cluster resident at once (cudaOccupancyMaxActiveClusters), and >= 4 (CfgLarge,
+//    CfgMid) or >= 2 (CfgSmall) k stages per split.
 // Requirements (gemm_wgmma_supported): sm_90a device code present, N % 256 == 0, K % 128 == 0, group 0/64/128;
 // any M >= 1. gemm_wgmma_preferred: where the automatic choice takes it. Env (benchmarks and tests only):
 // DCC_W4A8_WGMMA_SPLITS forces S, DCC_W4A8_WGMMA_PERSISTENT=0 one CTA per tile.
@@ -103,7 +104,10 @@ bool kernel_ready() {
       return;
     }
     if (a.binaryVersion < 90 || a.numRegs < 64) return;
-    if (!set_smem<kGroup, CfgLarge>() || !set_smem<kGroup, CfgSmall>()) { cudaGetLastError(); return; }
+    if (!set_smem<kGroup, CfgLarge>() || !set_smem<kGroup, CfgMid>() || !set_smem<kGroup, CfgSmall>()) {
+      cudaGetLastError();
+      return;
+    }
     if (encode_fn() == nullptr) return;
     ready = 1;
   });
@@ -136,11 +140,21 @@ int sm_count() {
   return n;
 }
 
-constexpr int kTileN = 256, kTileK = 128;   // both configurations
+constexpr int kTileN = 256, kTileK = 128;   // every configuration
 constexpr int kSmallMaxM = 16;    // M <= 16: CfgSmall
 
 template <class C>
 int tiles_of(int M, int N) { return ((M + C::kTok - 1) / C::kTok) * (N / kTileN); }
+
+// CfgMid (64-token tiles) where CfgLarge's tiles would occupy fewer than half the SMs, for 16 < M <= 64, or up to
+// M = 256 where K <= 8192: twice the CTAs per layer (or, where clusters run short, fewer k stages per split's
+// reduction) and less tensor work on partial tiles; else CfgLarge. At K = 14336, M = 128, the 64-token tiles get
+// no more CTAs (the GPU holds too few clusters of 4) and each streams twice the weights (NOTES.md).
+// DCC_W4A8_WGMMA_MID=1 / 0 (benchmarks, tests) forces CfgMid / CfgLarge for every M > 16.
+bool use_mid(int M, int N, int K) {
+  if (const char* e = std::getenv("DCC_W4A8_WGMMA_MID")) return e[0] == '1';
+  return (M <= 64 || (M <= 256 && K <= 8192)) && 2 * tiles_of<CfgLarge>(M, N) < sm_count();
+}
 
 // Launch configuration: a cluster of `cluster` CTAs along y where > 1; programmatic dependent launch (the kernel
 // prefetches weights while the previous kernel in the stream finishes) unless pdl is false. attr: 2 entries.
@@ -306,6 +320,10 @@ cudaError_t gemm_wgmma(const void* xq, const void* ascale, const void* asum, con
   if (M <= kSmallMaxM) {
     p.num_m_tiles = (M + CfgSmall::kTok - 1) / CfgSmall::kTok;
     return launch<CfgSmall>(p, group, xq, stream);
+  }
+  if (use_mid(M, N, K)) {
+    p.num_m_tiles = (M + CfgMid::kTok - 1) / CfgMid::kTok;
+    return launch<CfgMid>(p, group, xq, stream);
   }
   p.num_m_tiles = (M + CfgLarge::kTok - 1) / CfgLarge::kTok;
   return launch<CfgLarge>(p, group, xq, stream);

@@ -1,7 +1,8 @@
 // Device side of the Hopper W4A8 GEMM (included by gemm_wgmma.cu only, inside namespace dcc_w4a8 and its anonymous
-// namespace; the design is described at the top of gemm_wgmma.cu). One kernel template, two tile configurations:
-// WgCfg<128, 4> (256 channels x 128 tokens, 4 stages: M > 16) and WgCfg<16, 8> (256 channels x 16 tokens,
-// 8 stages: M <= 16, where the kernel streams weights and the wgmma N of 16 wastes tensor work nobody waits for).
+// namespace; the design is described at the top of gemm_wgmma.cu). One kernel template, three tile configurations
+// of 256 channels: WgCfg<128, 4> (128 tokens, 4 stages: large M), WgCfg<64, 6> (64 tokens, 6 stages: medium M, twice
+// the CTAs per layer) and WgCfg<16, 8> (16 tokens, 8 stages: M <= 16, where the kernel streams weights and the wgmma
+// N of 16 wastes tensor work nobody waits for).
 #pragma once
 
 template <int kTok_, int kStages_>
@@ -22,6 +23,7 @@ struct WgCfg {
   static_assert(kSmemBytes <= 232448, "shared memory");
 };
 using CfgLarge = WgCfg<128, 4>;
+using CfgMid = WgCfg<64, 6>;
 using CfgSmall = WgCfg<16, 8>;
 constexpr int kThreads = 384;      // 2 consumer warpgroups + 1 producer warpgroup (one thread issues the copies)
 

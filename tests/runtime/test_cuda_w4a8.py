@@ -170,7 +170,8 @@ def _check_wgmma(ops, lay, group, m, k, gen, note, calls=2):
 def test_wgmma_forced_splits_exact(ops, monkeypatch, group, splits):
     """The wgmma kernel with its K split count (= cluster size) forced by DCC_W4A8_WGMMA_SPLITS (where the GPU and
     the tile configuration allow it): 10 k stages in 4 or 8 splits are uneven (2/3/2/3, 1/1/1/2/...), 5 per split
-    reuse the ring; M = 1..16 on the 16-token tile, 17 and 160 (2 m tiles) on the 128-token tile."""
+    reuse the ring; M = 1..16 on the 16-token tile, 17, 65 and 160 (1-3 m tiles) on the 64-token tile, 300 (3 m
+    tiles) on the 128-token tile."""
     ext = ops.ext()
     n, k = 512, 1280
     if not ext.gemm_wgmma_supported(16, n, k, group):
@@ -178,24 +179,25 @@ def test_wgmma_forced_splits_exact(ops, monkeypatch, group, splits):
     monkeypatch.setenv("DCC_W4A8_WGMMA_SPLITS", str(splits))
     gen = _gen("splits", group, splits)
     lay = make_layer(n, k, group, gen)
-    for m in (1, 5, 16, 17, 160):
+    for m in (1, 5, 16, 17, 65, 160, 300):
         _check_wgmma(ops, lay, group, m, k, gen, f"splits={splits}")
 
 
 @pytest.mark.parametrize("group", (0, 128))
-@pytest.mark.parametrize("m", (16, 257))
+@pytest.mark.parametrize("m", (16, 100, 257))
 def test_wgmma_persistent_exact(ops, monkeypatch, group, m):
     """Unsplit, with more than twice as many tiles as SMs: each CTA of the persistent grid runs several tiles and
-    the producer refills the ring for the next tile while the consumers finish the last (16- and 128-token tiles;
-    257 leaves a 1-token m tile)."""
+    the producer refills the ring for the next tile while the consumers finish the last (16-, 64- and 128-token
+    tiles; 100 and 257 leave partial m tiles)."""
     ext = ops.ext()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    m_tiles = 1 if m <= 16 else 3   # 16- or 128-token tiles; 256 channels each
+    m_tiles = {16: 1, 100: 2, 257: 3}[m]   # 16-, 64- and 128-token tiles; 256 channels each
     n = 256 * -(-(2 * sms + 1) // m_tiles)
     k = 256
     if not ext.gemm_wgmma_supported(m, n, k, group):
         pytest.skip("the wgmma kernel is not built for this GPU")
     monkeypatch.setenv("DCC_W4A8_WGMMA_SPLITS", "1")
+    monkeypatch.setenv("DCC_W4A8_WGMMA_MID", "1" if m == 100 else "0")   # this many tiles would choose CfgLarge
     gen = _gen("persistent", group, m)
     _check_wgmma(ops, make_layer(n, k, group, gen), group, m, k, gen, f"n={n}")
 
