@@ -27,7 +27,9 @@
 //    (setmaxnreg), the producer warpgroup 40.
 //  - Programmatic dependent launch (DCC_W4A8_PDL=0 disables it): the kernel may start while the previous kernel in
 //    the stream (the activation quantization) finishes; the producer requests the first ring's weights before
-//    griddepcontrol.wait, the activations and token scales are read only after it.
+//    griddepcontrol.wait, the activations and token scales are read only after it. Safe because only kernels
+//    that never write weights (quant_act, this GEMM) trigger their dependents early; any other predecessor
+//    triggers implicitly when it completes.
 //  - Numerics: psum is the exact int32 sum (s8 x s8 -> s32 tensor-core accumulation). Epilogue per output:
 //    a = s1[n]*ascale[m] and b = szeros[n]*asum[m] are exact in float (products of two fp16); for |psum| < 2^22
 //    psum is exact in float (magic-number conversion), so fmaf(psum, a, -b) is the exact result rounded once to
