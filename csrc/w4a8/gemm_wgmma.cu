@@ -142,8 +142,10 @@ int sm_count() {
   return n;
 }
 
-constexpr int kTileN = 256, kTileK = 128;   // every configuration
-constexpr int kSmallMaxM = 16;    // M <= 16: CfgSmall
+constexpr int kTileN = CfgLarge::kTileN, kTileK = CfgLarge::kTileK;   // every configuration
+static_assert(CfgMid::kTileN == kTileN && CfgSmall::kTileN == kTileN && CfgMid::kTileK == kTileK &&
+                  CfgSmall::kTileK == kTileK, "one channel tile and k stage for every configuration");
+constexpr int kSmallMaxM = CfgSmall::kTok;   // M <= 16: CfgSmall
 
 template <class C>
 int tiles_of(int M, int N) { return ((M + C::kTok - 1) / C::kTok) * (N / kTileN); }
@@ -248,10 +250,11 @@ cudaError_t launch(WgParams p, int group, const void* xq, cudaStream_t stream) {
                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return cudaErrorInvalidValue;
+  p.num_m_tiles = (p.M + C::kTok - 1) / C::kTok;
   p.splits = choose_splits_cfg<C>(p.M, p.N, p.K);
   // split: one tile per CTA, a cluster of S CTAs per tile; else a persistent grid (at most one CTA per SM; the
   // producer prefetches the next tile during the epilogue)
-  const int tiles = p.num_m_tiles * (p.N / kTileN);
+  const int tiles = tiles_of<C>(p.M, p.N);
   int ctas = tiles < sm_count() ? tiles : sm_count();
   if (const char* e = std::getenv("DCC_W4A8_WGMMA_PERSISTENT"))
     if (e[0] == '0') ctas = tiles;
@@ -319,15 +322,8 @@ cudaError_t gemm_wgmma(const void* xq, const void* ascale, const void* asum, con
   p.K = K;
   (void)workspace;
   (void)ws_bytes;
-  if (M <= kSmallMaxM) {
-    p.num_m_tiles = (M + CfgSmall::kTok - 1) / CfgSmall::kTok;
-    return launch<CfgSmall>(p, group, xq, stream);
-  }
-  if (use_mid(M, N, K)) {
-    p.num_m_tiles = (M + CfgMid::kTok - 1) / CfgMid::kTok;
-    return launch<CfgMid>(p, group, xq, stream);
-  }
-  p.num_m_tiles = (M + CfgLarge::kTok - 1) / CfgLarge::kTok;
+  if (M <= kSmallMaxM) return launch<CfgSmall>(p, group, xq, stream);
+  if (use_mid(M, N, K)) return launch<CfgMid>(p, group, xq, stream);
   return launch<CfgLarge>(p, group, xq, stream);
 }
 
