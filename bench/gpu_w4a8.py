@@ -86,7 +86,7 @@ def paths_for(m, n, k, group, all_kernels):
     e = ops.ext()
     paths = ["auto"]
     if m <= 16:
-        paths += ["streamk"]
+        paths += ["streamk"] + (["gemv"] if e.gemm_gemv_available() else [])
     if all_kernels or m <= 16:
         paths += ["splitk", "tile"] if m <= 32 else ["tile"]
     if e.gemm_wgmma_supported(m, n, k, group):

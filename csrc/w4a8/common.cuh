@@ -174,5 +174,9 @@ int num_sms();
 // Stream-K kernel (gemm_streamk.cu), M <= kStreamkMaxM, N <= kStreamkMaxN; variant: block shape (0 default).
 cudaError_t launch_streamk(const GemmArgs& p, void* workspace, size_t ws_bytes, cudaStream_t stream, int variant);
 constexpr int kNumStreamkVariants = 4;
+// Cluster GEMV (gemm_gemv.cu; sm_90+), M <= gemv_max_m(); variant: block shape (0 = chosen per layer); force_s > 0:
+// that many K splits (a power of two <= 8). cudaErrorNotSupported where it is not built or the GPU is older.
+cudaError_t launch_gemv(const GemmArgs& p, cudaStream_t stream, int variant, int force_s);
+int gemv_max_m();
 
 }  // namespace dcc_w4a8

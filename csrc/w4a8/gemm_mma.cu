@@ -42,11 +42,13 @@ int streamk_limit() {
   return lim;
 }
 
-// kernel code: bits 0-3 kind (0 auto, 1 split-K, 2 tiled, 3 stream-K), bits 4-7 variant (block shape), bits 8+
-// forced split count (split-K). pick: the kind, auto resolved by M and N.
+// kernel code: bits 0-3 kind (0 auto, 1 split-K, 2 tiled, 3 stream-K, 4 GEMV), bits 4-7 variant (block shape),
+// bits 8+ forced split count (split-K, GEMV). pick: the kind, auto resolved by M and N: the cluster GEMV at
+// M <= 16 where the GPU runs it (sm_90+), else the older kernels.
 int pick(int kernel, int M, int N) {
   const int kind = kernel & 0xF;
   if (kind != 0) return kind;
+  if (M <= gemv_max_m() && gemm_gemv_available()) return 4;
   if (M <= streamk_limit() && N <= kStreamkMaxN) return 3;
   return M <= splitk_limit() ? 1 : 2;
 }
@@ -62,7 +64,7 @@ bool valid(int M, int N, int K, int group) {
 // splits; 14336x4096: 15.2 vs 16.4). Grouped, that shape holds 1 CTA per SM (82 registers), so 14336 rows are 3.4
 // waves and slower (23.6 vs 16.9 us): the wave bound sends that case to the default shape.
 int tuned(int kernel, int M, int N, int K, int group) {
-  if (kernel != 0 || M > 8 || M > splitk_limit()) return kernel;
+  if (kernel != 0 || M > 8 || M > splitk_limit() || gemm_gemv_available()) return kernel;
   const int tiles_n = N / 32, resident = splitk_variant_occupancy(4, 1, group > 0) * num_sms();
   if (4 * tiles_n >= 3 * num_sms() && tiles_n <= 2 * resident && K / 32 <= splitk_slice_tiles(M))
     return 1 | (4 << 4) | (1 << 8);
@@ -77,6 +79,7 @@ size_t gemm_mma_kernel_workspace(int kernel, int M, int N, int K, int group) {
   const int kind = pick(kernel, M, N), variant = (kernel >> 4) & 0xF, force_s = kernel >> 8;
   if (kind == 1 && M > splitk_max_m()) return 0;
   if (kind == 3) return kSlotsOffset;
+  if (kind == 4) return 0;   // reduces over distributed shared memory
   return kind == 1 ? splitk_workspace(M, N, K, group, variant, force_s) : tile_workspace(M, N, K, group);
 }
 
@@ -86,7 +89,7 @@ cudaError_t gemm_mma_kernel(int kernel, const void* xq, const void* ascale, cons
                             const void* s1_scales, const void* s1_szeros, const void* s2_scales, const void* s2_zeros,
                             void* out, int M, int N, int K, int group, void* workspace, size_t ws_bytes,
                             cudaStream_t stream) {
-  if (!valid(M, N, K, group) || kernel < 0 || (kernel & 0xF) > 3) return cudaErrorInvalidValue;
+  if (!valid(M, N, K, group) || kernel < 0 || (kernel & 0xF) > 4) return cudaErrorInvalidValue;
   kernel = tuned(kernel, M, N, K, group);
   const int kind = pick(kernel, M, N), variant = (kernel >> 4) & 0xF, force_s = kernel >> 8;
   if (kind == 1 && M > splitk_max_m()) return cudaErrorInvalidValue;
@@ -114,6 +117,7 @@ cudaError_t gemm_mma_kernel(int kernel, const void* xq, const void* ascale, cons
   p.group = group;
   p.S = 1;
   if (kind == 3) return launch_streamk(p, workspace, ws_bytes, stream, variant);
+  if (kind == 4) return launch_gemv(p, stream, variant, force_s);
   return kind == 1 ? launch_splitk(p, workspace, ws_bytes, stream, variant, force_s)
                    : launch_tile(p, workspace, ws_bytes, stream);
 }

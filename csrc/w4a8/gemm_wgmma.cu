@@ -287,13 +287,20 @@ bool gemm_wgmma_supported(int M, int N, int K, int group) {
 
 bool gemm_wgmma_preferred(int M, int N, int K, int group) {
   if (!gemm_wgmma_supported(M, N, K, group)) return false;
+  // M <= 16 where the cluster GEMV (gemm_gemv.cu) runs (measured on the H200, NOTES.md): it wins on layers small
+  // enough to be latency-bound (<= 16 MB of weights: 4096x4096) at every M <= 16, per channel at M <= 8 on every
+  // layer, and grouped at M < 8 where this kernel's CTAs would not fill the GPU (4096x14336); this kernel's bulk
+  // streaming wins on the large layers at 8 < M <= 16 and grouped on 14336x4096.
+  if (M <= kSmallMaxM && gemm_gemv_available() &&
+      (static_cast<long long>(N) * K / 2 <= (16LL << 20) || (group == 0 && M <= 8)))
+    return false;
   if (M >= 8) return true;
   // At M < 8 both kernels only stream weights; the wgmma kernel's per-CTA stream (one producer thread's bulk
   // copies) reaches the DRAM rate only with most SMs streaming, which the mma.sync split-K kernel's many small CTAs
   // get at any shape. From M = 8 the mma.sync kernel's time grows with M and the wgmma kernel's does not (measured
   // on the H200: NOTES.md).
   const int ctas = tiles_of<CfgSmall>(M, N) * choose_splits_cfg<CfgSmall>(M, N, K);
-  return 4 * ctas >= 3 * sm_count();
+  return 4 * ctas >= 3 * sm_count();   // else the cluster GEMV (or, where it is not built, the split-K kernel)
 }
 
 cudaError_t gemm_wgmma(const void* xq, const void* ascale, const void* asum, const void* qweight,

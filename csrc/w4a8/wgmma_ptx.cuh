@@ -1,8 +1,11 @@
-// PTX wrappers for the Hopper (sm_90a) W4A8 kernel in gemm_wgmma.cu: mbarrier, TMA / bulk copies, wgmma.
+// PTX wrappers for the Hopper (sm_90a) W4A8 kernel in gemm_wgmma.cu: mbarrier, TMA / bulk copies, wgmma (cluster and
+// PDL wrappers: sm90_ptx.cuh).
 // Only included from device code compiled for sm_90a (guarded by the includer).
 #pragma once
 
 #include <cstdint>
+
+#include "sm90_ptx.cuh"
 
 namespace dcc_w4a8 {
 namespace wgk {
@@ -11,48 +14,15 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void fence_barrier_init() {
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
-}
-// Wait until the phase of parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n}\n" :: "r"(bar), "r"(parity) : "memory");
-}
-
 // 2D tiled TMA load (box from the tensor map) into shared memory, completing on an mbarrier (tx bytes).
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
       :: "r"(dst), "l"(tmap), "r"(c0), "r"(c1), "r"(bar) : "memory");
 }
-// 1D bulk copy global -> shared (16-byte aligned, size a multiple of 16), completing on an mbarrier.
-__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-      :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
-
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
   return v;
 }
 
@@ -137,38 +107,21 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[kTok / 2], const uint32_t (&a)
   else wgmma_m64n128k32_s8(d, a, desc);
 }
 
-// ---- programmatic dependent launch ----
-// Wait until the grids this one depends on have completed and their memory is visible (a no-op when the launch
-// was not programmatic).
-__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-// Allow the dependent grid to launch once every CTA of this grid has executed this (or exited).
-__device__ __forceinline__ void grid_launch_dependents() {
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-}
+// mbarriers, bulk copies, clusters and programmatic dependent launch (sm90_ptx.cuh), for the kernel's `using namespace wgk`.
+using sm90::grid_dependency_wait;
+using sm90::grid_launch_dependents;
+using sm90::cluster_sync_all;
+using sm90::cluster_rank;
+using sm90::mapa;
+using sm90::ld_cluster128;
+using sm90::mbar_init;
+using sm90::fence_barrier_init;
+using sm90::mbar_arrive_expect_tx;
+using sm90::mbar_arrive;
+using sm90::mbar_wait;
+using sm90::bulk_load;
+using sm90::lds32;
 
-// ---- cluster (split-K across the CTAs of a cluster) ----
-// Every thread of every CTA of the cluster arrives (release: its shared-memory writes become visible to the
-// cluster) and waits (acquire). Not .aligned: the producer warp's lanes reach it at different times.
-__device__ __forceinline__ void cluster_sync_all() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-// The shared::cluster address of `addr` (a shared::cta address of this CTA) in the CTA of rank `rank`.
-__device__ __forceinline__ uint32_t mapa(uint32_t addr, uint32_t rank) {
-  uint32_t r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
-  return r;
-}
-__device__ __forceinline__ int4 ld_cluster128(uint32_t addr) {
-  int4 v;
-  asm volatile("ld.shared::cluster.v4.s32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
-  return v;
-}
 __device__ __forceinline__ void sts128(uint32_t addr, int4 v) {
   asm volatile("st.shared.v4.s32 [%0], {%1, %2, %3, %4};\n" :: "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");

@@ -29,10 +29,10 @@ def test_sources_and_module_name(name):
 
 def test_w4a8_sources_and_contract():
     names = {p.name for p in build.sources("w4a8")}
-    assert {"w4a8.h", "gemm_wgmma.cu", "quant_act.cu", "bindings.cpp"} <= names
+    assert {"w4a8.h", "gemm_wgmma.cu", "gemm_gemv.cu", "quant_act.cu", "bindings.cpp"} <= names
     header = (build.source_dir("w4a8") / "w4a8.h").read_text()
     for fn in ("quant_act", "gemm_mma", "gemm_mma_workspace", "gemm_wgmma", "gemm_wgmma_workspace",
-               "gemm_wgmma_supported", "gemm_wgmma_preferred"):
+               "gemm_wgmma_supported", "gemm_wgmma_preferred", "gemm_gemv_available"):
         assert re.search(rf"\b{fn}\(", header), fn
 
 

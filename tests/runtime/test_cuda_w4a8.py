@@ -4,7 +4,8 @@ Activation quantization must be bit-identical to dcc.ir.actquant (codes, scales;
 sum). The GEMM gets fresh random codes, scales and activations per check (codes packed by dcc.targets.qserve.layout,
 progressive bounds q*s2 <= 255 and (q-z)*s2 in int8 respected), a NaN-poisoned output, and is compared with the
 exact result: an integer GEMM in float64 (exact below 2^53) and the epilogue in float64, cast to fp16 as
-dcc.runtime.qserve does. Every kernel (split-K, tiled, the automatic choice, and wgmma where built) is checked."""
+dcc.runtime.qserve does. Every kernel (split-K, tiled, the automatic choice, and wgmma and the cluster GEMV where
+built) is checked."""
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ MS = (1, 3, 8, 9, 16, 17, 32, 33, 64, 65, 130, 257)
 SHAPES = {0: ((32, 32), (96, 160), (192, 576), (576, 192), (1536, 576), (576, 1536), (512, 1024), (256, 2048)),
           64: ((32, 64), (96, 192), (192, 576), (1536, 576), (512, 640)),
           128: ((32, 128), (192, 384), (576, 1536), (1536, 1536), (768, 1024))}
-KERNELS = ("streamk", "splitk", "tile", "auto", "wgmma")
+KERNELS = ("streamk", "splitk", "tile", "auto", "wgmma", "gemv")
 _STATS: list[dict] = []
 
 
@@ -126,7 +127,9 @@ def test_gemm_exact(ops, group, n, k, kernel):
     ext = ops.ext()
     checked = 0
     for m in MS:
-        if (kernel == "splitk" and m > 32) or (kernel == "streamk" and m > 16):
+        if (kernel == "splitk" and m > 32) or (kernel in ("streamk", "gemv") and m > 16):
+            continue
+        if kernel == "gemv" and not ext.gemm_gemv_available():
             continue
         if kernel == "wgmma" and not ext.gemm_wgmma_supported(m, n, k, group):
             continue
@@ -267,3 +270,34 @@ def test_kernel_variants_exact(ops, group):
                 ops.gemm(xq, scale, ssum, dev["qweight"], dev["s1_scales"], dev["s1_szeros"], dev["s2_scales"],
                          dev["s2_zeros"], group, path=code, out=out)
                 assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), (hex(code), m, n, k)
+
+
+# Row tiles per CTA of the cluster GEMV's block shapes, variants 1..7 (kShapes in csrc/w4a8/gemm_gemv.cu)
+GEMV_ROWS = {1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 6: 4, 7: 4}
+
+
+@pytest.mark.parametrize("group", (0, 64, 128))
+def test_gemv_variants_exact(ops, group):
+    """The cluster GEMV with every block shape and K split count (= cluster size) forced, twice per call into
+    NaN-poisoned outputs: uneven splits (18 k tiles in 4 or 8), warps without tiles (K = 256 over 16 warps), one
+    and two token groups with partial ones (M = 1, 3, 9, 16), and 3 row tiles (N = 96: one-row shapes only)."""
+    ext = ops.ext()
+    if not ext.gemm_gemv_available():
+        pytest.skip("the cluster GEMV is not built for this GPU (sm_90+)")
+    shapes = ((128, 1152), (384, 640), (96, 256)) if group != 64 else ((128, 576), (384, 640), (96, 256))
+    for n, k in shapes:
+        for m in (1, 3, 9, 16):
+            gen = _gen("gemv", group, n, k, m)
+            lay = make_layer(n, k, group, gen)
+            dev = {name: (None if v is None else v.cuda()) for name, v in lay.items() if name != "ints"}
+            xq, scale, ssum = ops.quantize_act(make_x(m, k, gen).cuda(), with_sum=group == 0)
+            ref = _reference(lay, xq, scale, ssum)
+            for v, rows in GEMV_ROWS.items():
+                for s in (0, 1, 2, 4, 8):
+                    if n % (32 * rows) or s > k // 32:
+                        continue
+                    for _ in range(2):
+                        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+                        ops.gemm(xq, scale, ssum, dev["qweight"], dev["s1_scales"], dev["s1_szeros"],
+                                 dev["s2_scales"], dev["s2_zeros"], group, path=4 | (v << 4) | (s << 8), out=out)
+                        assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), (v, s, m, n, k)

@@ -1,0 +1,211 @@
+// Cluster GEMV: the W4A8 kernel for M <= 16 on Hopper (sm_90: thread-block clusters, programmatic dependent launch).
+//
+// At M <= 16 the GEMM only streams weights (4096x4096: 8.4 MB), and a kernel that reads that little from DRAM is
+// bound by latency, not bandwidth: a pure read of 8.4 MB takes 3.6 us at best on an H200 (2.3 TB/s; 29.4 MB: 8.2 us,
+// 3.6 TB/s; csrc/w4a8/NOTES.md), and every load that waits for an earlier one to return adds another ~2 us. So the
+// kernel is built to have all of its weight loads in flight at once, in one wave of CTAs:
+//  - "swap AB" on mma.sync m16n8k32 (as the split-K kernel): a lane's 16 bytes of a 32x32 qweight tile are the A
+//    fragments of two 16-row slabs; tokens are the B operand (8 per mma, MT = 1 or 2 groups).
+//  - CTA = kRows 32-channel row tiles x a K range; warp w takes row tile w % kRows and every (kWarps/kRows)-th k
+//    tile of the range from w / kRows, with kU tiles in flight in registers (weights and s2 words): with kU >= the
+//    warp's tiles, every weight load of the CTA is issued before the first mma.
+//  - Activations: at M <= 8 a lane's two activation words per tile (token g) are loaded with its weights. At
+//    8 < M <= 16 they would be four loads per 16-byte weight load (4096x4096: 6.9 us at M = 16 against 4.2 at
+//    M = 1), so the CTA's slice (M rows x its K range) is staged in shared memory by one bulk copy per row, issued
+//    after the weight loads, and B fragments come from there (rows padded by 16 bytes: conflict-free).
+//  - Split-K: S CTAs of a row block form a cluster; their int32 sums are added over distributed shared memory
+//    (integer: the same bits in any order) by the S CTAs in parallel, each writing 1/S of the outputs. No global
+//    workspace.
+//  - Programmatic dependent launch: the weight (and s2) loads are issued before griddepcontrol.wait, the
+//    activations, token scales and outputs only after it (the previous kernel, quant_act, writes the activations).
+//  - Epilogue: common.cuh's exact epilogue (bit-identical to the split-K kernel and the CPU reference).
+// The block shape and S come from choose() below (measured on an H200; NOTES.md). gemm_mma_kernel kind 4.
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "gemv_kernel.cuh"
+
+namespace dcc_w4a8 {
+namespace {
+
+using gemv::gemv_kernel;
+
+// Block shapes (warps, tiles in flight per warp, row tiles per CTA); variant v of kind 4 is kShapes[v - 1].
+struct Shape {
+  int warps, ring, rows;
+};
+constexpr Shape kShapes[] = {{16, 8, 1}, {16, 4, 1}, {8, 4, 1}, {8, 8, 1}, {4, 8, 1}, {16, 8, 4}, {16, 4, 4}};
+constexpr int kNumShapes = sizeof(kShapes) / sizeof(kShapes[0]);
+
+using KernelFn = void (*)(GemmArgs);
+
+template <int W, int U, int R>
+KernelFn pick_fn(int MT, bool grouped) {
+  if (MT == 1) return grouped ? gemv_kernel<1, true, W, U, R> : gemv_kernel<1, false, W, U, R>;
+  return grouped ? gemv_kernel<2, true, W, U, R> : gemv_kernel<2, false, W, U, R>;
+}
+
+KernelFn kernel_of(int shape, int MT, bool grouped) {
+  switch (shape) {
+    case 0: return pick_fn<16, 8, 1>(MT, grouped);
+    case 1: return pick_fn<16, 4, 1>(MT, grouped);
+    case 2: return pick_fn<8, 4, 1>(MT, grouped);
+    case 3: return pick_fn<8, 8, 1>(MT, grouped);
+    case 4: return pick_fn<4, 8, 1>(MT, grouped);
+    case 5: return pick_fn<16, 8, 4>(MT, grouped);
+    default: return pick_fn<16, 4, 4>(MT, grouped);
+  }
+}
+
+bool pdl_on() {   // DCC_W4A8_PDL=0 (benchmarks) launches plainly
+  const char* e = std::getenv("DCC_W4A8_PDL");
+  return !(e && e[0] == '0');
+}
+
+cudaLaunchConfig_t config(dim3 grid, int threads, int S, bool pdl, cudaStream_t stream, cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = S;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.numAttrs = 1;
+  if (pdl) {
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    cfg.numAttrs = 2;
+  }
+  return cfg;
+}
+
+// Dynamic shared memory of a launch: the M activation rows of the longest K range where they are staged (M > 8).
+int smem_bytes(int M, int K, int S) { return M > 8 ? M * gemv::slice_stride((K / 32 + S - 1) / S) : 0; }
+constexpr int kMaxSmem = 160 * 1024;   // bound on the staged activation slice (the GPU allows ~227 KB)
+
+// CTAs (S == 1) or CTAs in clusters of S the GPU holds at once for a kernel with `smem` dynamic bytes; the
+// kernel's shared-memory limit is raised on first use.
+int resident_ctas(KernelFn fn, int threads, int S, int smem) {
+  if (cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  int n = 0;
+  if (S == 1) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, threads, smem) != cudaSuccess) n = 0;
+    n *= num_sms();
+  } else {
+    cudaLaunchAttribute attr[2];
+    cudaLaunchConfig_t cfg = config(dim3(S), threads, S, false, nullptr, attr);
+    cfg.dynamicSmemBytes = smem;
+    if (cudaOccupancyMaxActiveClusters(&n, fn, &cfg) != cudaSuccess) n = 0;
+    n *= S;
+  }
+  cudaGetLastError();
+  return n;
+}
+
+struct Choice {
+  int shape, S;
+};
+
+// Ranking of a feasible (shape, S), smaller is better (measured on an H200, NOTES.md): one wave of CTAs first (a
+// second wave waits a whole DRAM round trip); then every weight load of a warp issued at once (one round of its
+// ring), with the fewest splits; else the most warps per SM (each warp consumes its tiles in order, so the warps
+// streaming side by side set the rate), then the fewest rounds and splits. Infeasible: rank.waves < 0.
+struct Rank {
+  long long waves;
+  int multi_round, warps_neg, rounds, S;
+  bool operator<(const Rank& o) const {
+    return std::tie(waves, multi_round, warps_neg, rounds, S) <
+           std::tie(o.waves, o.multi_round, o.warps_neg, o.rounds, o.S);
+  }
+};
+
+Rank rank(int shape, int S, int M, int N, int K, bool grouped) {
+  const Shape& sh = kShapes[shape];
+  const int MT = M <= 8 ? 1 : 2, ktiles = K / 32;
+  if (N % (32 * sh.rows) || S > ktiles || smem_bytes(M, K, S) > kMaxSmem) return {-1, 0, 0, 0, 0};
+  const long long ctas = 1LL * S * (N / 32 / sh.rows);
+  const int resident = resident_ctas(kernel_of(shape, MT, grouped), sh.warps * 32, S, smem_bytes(M, K, S));
+  if (resident <= 0) return {-1, 0, 0, 0, 0};
+  const long long waves = (ctas + resident - 1) / resident;
+  const int wk = sh.warps / sh.rows;
+  const int tiles = (ktiles + S - 1) / S;                 // of the longest split
+  const int rounds = ((tiles + wk - 1) / wk + sh.ring - 1) / sh.ring;
+  const long long warps_per_sm = 1000LL * (ctas < resident ? ctas : resident) * sh.warps / num_sms();
+  if (rounds == 1) return {waves, 0, 0, 1, S};
+  return {waves, 1, -static_cast<int>(warps_per_sm), rounds, S};
+}
+
+Choice choose_uncached(int M, int N, int K, bool grouped, int force_shape, int force_s) {
+  Choice best{-1, 0};
+  Rank best_rank{};
+  for (int shape = 0; shape < kNumShapes; ++shape) {
+    if (force_shape >= 0 && shape != force_shape) continue;
+    for (int S = 1; S <= 8; S *= 2) {
+      if (force_s > 0 && S != force_s) continue;
+      const Rank r = rank(shape, S, M, N, K, grouped);
+      if (r.waves >= 0 && (best.shape < 0 || r < best_rank)) {
+        best = {shape, S};
+        best_rank = r;
+      }
+    }
+  }
+  return best;
+}
+
+// The choice per call signature, cached: the occupancy queries behind it cost tens of microseconds of host time.
+Choice choose(int M, int N, int K, bool grouped, int force_shape, int force_s) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, int, bool, int, int>, Choice> cache;
+  const auto key = std::make_tuple(M, N, K, grouped, force_shape, force_s);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it == cache.end()) it = cache.emplace(key, choose_uncached(M, N, K, grouped, force_shape, force_s)).first;
+  return it->second;
+}
+
+}  // namespace
+
+bool gemm_gemv_available() {
+  static int ok = -1;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    int dev = 0, major = 0;
+    cudaFuncAttributes a{};
+    ok = cudaGetDevice(&dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 &&
+         cudaFuncGetAttributes(&a, gemv_kernel<1, false, 16, 8, 1>) == cudaSuccess && a.binaryVersion >= 90 &&
+         a.numRegs >= 16;   // a stub (compiled for an older target) has almost no registers
+    cudaGetLastError();
+  });
+  return ok == 1;
+}
+
+int gemv_max_m() { return 16; }
+
+cudaError_t launch_gemv(const GemmArgs& args, cudaStream_t stream, int variant, int force_s) {
+  if (!gemm_gemv_available()) return cudaErrorNotSupported;
+  if (args.M < 1 || args.M > gemv_max_m() || variant < 0 || variant > kNumShapes || force_s < 0 || force_s > 8 ||
+      (force_s & (force_s - 1)))
+    return cudaErrorInvalidValue;
+  const bool grouped = args.group > 0;
+  const Choice c = choose(args.M, args.N, args.K, grouped, variant - 1, force_s);
+  if (c.shape < 0) return cudaErrorInvalidValue;   // a forced shape or S the layer or the GPU cannot take
+  GemmArgs p = args;
+  p.S = c.S;
+  const Shape& sh = kShapes[c.shape];
+  const int MT = p.M <= 8 ? 1 : 2;
+  cudaLaunchAttribute attr[2];
+  cudaLaunchConfig_t cfg = config(dim3(c.S, p.N / 32 / sh.rows), sh.warps * 32, c.S, pdl_on(), stream, attr);
+  cfg.dynamicSmemBytes = smem_bytes(p.M, p.K, c.S);
+  return cudaLaunchKernelEx(&cfg, kernel_of(c.shape, MT, grouped), p);
+}
+
+}  // namespace dcc_w4a8

@@ -1,0 +1,204 @@
+// Device side of the cluster GEMV kernel for M <= 16 (gemm_gemv.cu launches it; the scheme is described there).
+// Included inside namespace dcc_w4a8 by gemm_gemv.cu (and by a standalone timing harness).
+#pragma once
+
+#include <cstdint>
+
+#include "common.cuh"
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#include "sm90_ptx.cuh"
+#define DCC_GEMV_DEVICE 1
+#endif
+
+namespace dcc_w4a8 {
+namespace gemv {
+
+constexpr int kRedStride = 36;   // int32 per token row of the warp-sum buffer (36: lanes hit 32 distinct banks)
+
+// Static shared memory of one CTA: the warps' sums [kWarps][8*MT tokens][36], the CTA's sums [kRows][M][32]
+// (which the other CTAs of the cluster read) and the activation slice's mbarrier. The activation slice itself is
+// dynamic: M rows of slice_stride(K range) bytes.
+template <int MT, int kWarps, int kRows>
+struct Smem {
+  int32_t red[kWarps * 8 * MT * kRedStride];
+  int32_t part[kRows * 8 * MT * 32];
+  uint64_t xbar;
+};
+
+// Bytes per staged activation row for `tiles` k tiles: + 16 so that the 8 rows of a B fragment read fall into
+// distinct banks (row stride = 4, 12, 20 or 28 words mod 32).
+__host__ __device__ constexpr int slice_stride(int tiles) { return tiles * 32 + 16; }
+
+// One 16-byte weight load per lane per 32x32 tile (the A fragments of its two 16-row slabs), for groups the lane's
+// s2 scale / zero words, and where the activations are not staged (MT = 1) the lane's two activation words.
+template <bool kGrouped>
+struct Slot {
+  uint4 w;
+  uint32_t s2, z2;
+  uint32_t b0, b1;
+};
+
+// Grid (S, N/(32*kRows)), cluster (S, 1, 1), M <= 8*MT tokens: CTA (z, rb) takes the kRows 32-channel row tiles
+// from nt = rb*kRows over the k tiles [z*KT/S, (z+1)*KT/S); warp w takes row tile w % kRows and every kWK-th k tile
+// of that range from w / kRows (kWK = kWarps / kRows), with kU tiles in flight in registers. M <= 8 (MT = 1): the
+// lane's activation words (token g only) are loaded with its weights. 8 < M <= 16: four words per lane per tile
+// would outnumber the weight loads, so the CTA's activation slice (M rows x its k range) is staged in shared
+// memory by bulk copies after the weight loads are issued, and the B fragments are read from there.
+template <int MT, bool kGrouped, int kWarps, int kU, int kRows>
+__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
+#if defined(DCC_GEMV_DEVICE)
+  static_assert(kWarps % kRows == 0, "warps per row tile");
+  constexpr int kWK = kWarps / kRows;
+  constexpr bool kStage = MT > 1;   // activations through shared memory
+  extern __shared__ __align__(16) uint8_t xs[];
+  __shared__ __align__(16) Smem<MT, kWarps, kRows> sm;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int kw = warp / kRows;
+  const int split = blockIdx.x, nt = blockIdx.y * kRows + warp % kRows;
+  const int ktiles = p.K / 32;
+  const int kb = static_cast<int>(static_cast<long long>(split) * ktiles / p.S);
+  const int ke = static_cast<int>(static_cast<long long>(split + 1) * ktiles / p.S);
+  const int cnt = (ke - kb - kw + kWK - 1) / kWK;   // tiles of this warp: kb + kw + i*kWK
+
+  // Weights first (they do not depend on the previous kernel in the stream): kU loads per lane in flight.
+  const uint8_t* wptr = p.qweight + (static_cast<size_t>(nt) * ktiles + kb + kw) * 512 + lane * 16;
+  const int gshift = kGrouped ? (p.group == 64 ? 1 : 2) : 0;   // k tiles per group = 1 << gshift
+  const uint8_t* s2s = p.s2s + nt * 32 + g * 4;
+  const uint8_t* s2z = p.s2z + nt * 32 + g * 4;
+  Slot<kGrouped> ring[kU];
+  auto load = [&](Slot<kGrouped>& s, int i) {
+    s.w = ldg_stream(wptr + static_cast<size_t>(i) * kWK * 512);
+    if constexpr (kGrouped) {
+      const size_t off = static_cast<size_t>((kb + kw + i * kWK) >> gshift) * p.N;
+      s.s2 = ldg_u32(s2s + off);
+      s.z2 = ldg_u32(s2z + off);
+    }
+  };
+  // MT = 1: token g's activation words of tile i (k 4t.. and 16+4t..), zero past M
+  const int8_t* xrow = !kStage && g < p.M ? p.xq + static_cast<size_t>(g) * p.K + (kb + kw) * 32 + 4 * t : nullptr;
+  auto load_x = [&](Slot<kGrouped>& s, int i) {
+    if (xrow) {
+      const int8_t* q = xrow + static_cast<size_t>(i) * kWK * 32;
+      s.b0 = ldg_u32(q);
+      s.b1 = ldg_u32(q + 16);
+    } else {
+      s.b0 = s.b1 = 0;
+    }
+  };
+#pragma unroll
+  for (int u = 0; u < kU; ++u)
+    if (u < cnt) load(ring[u], u);
+
+  // Activation slice: one bulk copy per token row, issued by thread 0 once the previous kernel (which writes the
+  // activations; programmatic dependent launch) has completed. Rows past M are never read (zero B fragments).
+  const int stride = slice_stride(ke - kb);
+  const uint32_t xbar = smem_u32(&sm.xbar), xs0 = smem_u32(xs);
+  if (threadIdx.x == 0) {
+    sm90::mbar_init(xbar, 1);
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+  sm90::grid_launch_dependents();
+  sm90::grid_dependency_wait();   // before the activations, token scales and our outputs (the last kernel's data)
+  if (kStage && threadIdx.x == 0) {
+    const uint32_t bytes = (ke - kb) * 32;
+    sm90::mbar_arrive_expect_tx(xbar, bytes * p.M);
+    for (int m = 0; m < p.M; ++m)
+      sm90::bulk_load(xs0 + m * stride, p.xq + static_cast<size_t>(m) * p.K + kb * 32, bytes, xbar);
+  }
+  // B fragment words of the lane: token 8j + g, k 4t.. (b0) and 16 + 4t.. (b1) of the slice's k tile
+  bool xok[MT];
+  uint32_t xaddr[MT];
+#pragma unroll
+  for (int j = 0; j < MT; ++j) {
+    xok[j] = 8 * j + g < p.M;
+    xaddr[j] = xs0 + (8 * j + g) * stride + kw * 32 + 4 * t;
+  }
+
+  int acc[2][MT][4];
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[s][j][i] = 0;
+
+  if constexpr (kStage) {
+    sm90::mbar_wait(xbar, 0);
+  } else {
+#pragma unroll
+    for (int u = 0; u < kU; ++u)
+      if (u < cnt) load_x(ring[u], u);
+  }
+  for (int i0 = 0; i0 < cnt; i0 += kU) {
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int i = i0 + u;
+      if (i < cnt) {
+        const Slot<kGrouped> cur = ring[u];
+        if (i + kU < cnt) {   // refill the slot just taken
+          load(ring[u], i + kU);
+          if constexpr (!kStage) load_x(ring[u], i + kU);
+        }
+        Level2 l2;
+        if constexpr (kGrouped) l2 = level2(cur.s2, cur.z2);
+        uint32_t lo[4], hi[4];
+        unpack_tile<kGrouped>(cur.w, l2, lo, hi);
+#pragma unroll
+        for (int j = 0; j < MT; ++j) {
+          uint32_t b0 = cur.b0, b1 = cur.b1;
+          if constexpr (kStage) {
+            const uint32_t a = xaddr[j] + i * kWK * 32;
+            b0 = xok[j] ? sm90::lds32(a) : 0u;
+            b1 = xok[j] ? sm90::lds32(a + 16) : 0u;
+          }
+          mma_s8(acc[0][j], lo, b0, b1);
+          mma_s8(acc[1][j], hi, b0, b1);
+        }
+      }
+    }
+  }
+
+  // The warps' sums: red[warp][token][row] (c0/c1: row g, tokens 2t, 2t+1; c2/c3: row g+8; slab s: rows 16s..).
+  const int toks = p.M;
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = 16 * s + g + 8 * (i / 2), tok = 8 * j + 2 * t + (i % 2);
+        sm.red[(warp * 8 * MT + tok) * kRedStride + row] = acc[s][j][i];
+      }
+  __syncthreads();
+  // Output e of the CTA: row tile e / (32*toks), token (e / 32) % toks, row e % 32.
+  const int n0 = blockIdx.y * kRows * 32;
+  auto chan = [&](int e) { return n0 + (e / (32 * toks)) * 32 + e % 32; };
+  auto tokn = [&](int e) { return (e / 32) % toks; };
+  for (int e = threadIdx.x; e < kRows * toks * 32; e += blockDim.x) {
+    const int rt = e / (32 * toks), tok = tokn(e), row = e % 32;
+    int v = 0;
+#pragma unroll
+    for (int w = 0; w < kWK; ++w) v += sm.red[((w * kRows + rt) * 8 * MT + tok) * kRedStride + row];
+    if (p.S == 1) p.out[static_cast<size_t>(tok) * p.N + chan(e)] = epilogue(v, tok, chan(e), p);
+    else sm.part[e] = v;
+  }
+  if (p.S == 1) return;
+  // Split-K over the cluster: CTA rank r adds the S CTAs' sums of outputs [r*E/S, (r+1)*E/S) over distributed
+  // shared memory (integer: the same bits in any order) and writes them; the second barrier keeps every CTA's
+  // shared memory alive until the remote reads are done.
+  sm90::cluster_sync_all();
+  const int E = kRows * toks * 32, r = static_cast<int>(sm90::cluster_rank());
+  const int e0 = r * E / p.S, e1 = (r + 1) * E / p.S;
+  const uint32_t part = smem_u32(sm.part);
+  for (int e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
+    int v = 0;
+    for (int z = 0; z < p.S; ++z) v += sm90::ld_cluster32(sm90::mapa(part + 4 * e, z));
+    p.out[static_cast<size_t>(tokn(e)) * p.N + chan(e)] = epilogue(v, tokn(e), chan(e), p);
+  }
+  sm90::cluster_sync_all();
+#endif
+}
+
+}  // namespace gemv
+}  // namespace dcc_w4a8
