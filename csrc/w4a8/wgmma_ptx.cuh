@@ -1,4 +1,4 @@
-// PTX wrappers for the Hopper (sm_90a) W4A8 kernel in gemm_wgmma.cu: mbarrier, TMA / bulk copies, wgmma (cluster and
+// PTX wrappers for the Hopper (sm_90a) W4A8 kernel in gemm_wgmma.cu: TMA, wgmma (mbarriers, bulk copies, cluster and
 // PDL wrappers: sm90_ptx.cuh).
 // Only included from device code compiled for sm_90a (guarded by the includer).
 #pragma once
