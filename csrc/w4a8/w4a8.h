@@ -24,7 +24,8 @@ cudaError_t gemm_wgmma(const void* xq, const void* ascale, const void* asum, con
                        int M, int N, int K, int group, void* workspace, size_t ws_bytes, cudaStream_t stream);
 size_t gemm_wgmma_workspace(int M, int N, int K, int group);
 bool gemm_wgmma_supported(int M, int N, int K, int group);   // compiled for sm_90a and shape OK
-// Supported and expected faster than the mma.sync kernels (csrc/w4a8/NOTES.md): M >= 8, or M < 8 where the
+// Supported and expected faster than the mma.sync kernels (csrc/w4a8/NOTES.md): where the cluster GEMV runs, not
+// at M <= 16 on layers of <= 16 MB of weights nor per channel at M <= 8; otherwise M >= 8, or M < 8 where the
 // 16-token configuration's CTAs (tiles x K splits) fill at least 3/4 of the SMs.
 bool gemm_wgmma_preferred(int M, int N, int K, int group);
 // The cluster GEMV kernel (gemm_mma's choice for M <= 16; gemm_gemv.cu) is built and this GPU runs it (sm_90+).
@@ -34,8 +35,8 @@ bool gemm_gemv_available();
 // choice (gemm_mma), 1 = split-K kernel (M <= 32 only), 2 = tiled multistage kernel, 3 = stream-K kernel (M <= 16,
 // N <= 65536), 4 = cluster GEMV (M <= 16, sm_90+); (kernel >> 4) & 0xF: block-shape variant (split-K 0..5, M <= 16
 // for 1..5; stream-K 0..3; GEMV 0 = chosen per layer, 1..7); kernel >> 8: forced number of K splits of the split-K
-// or GEMV kernel (0 auto). gemm_mma's workspace must be all zero
-// before its first use (its first 64 KB hold the split-K arrival counters, which every call leaves zero again).
+// or GEMV kernel (0 auto). gemm_mma's workspace must be all zero before its first use (its first 64 KB hold the
+// split-K arrival counters, which every call leaves zero again).
 cudaError_t gemm_mma_kernel(int kernel, const void* xq, const void* ascale, const void* asum, const void* qweight,
                             const void* s1_scales, const void* s1_szeros, const void* s2_scales, const void* s2_zeros,
                             void* out, int M, int N, int K, int group, void* workspace, size_t ws_bytes,
