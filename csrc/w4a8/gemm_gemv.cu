@@ -12,10 +12,14 @@
 //  - Activations: at M <= 8 a lane's two activation words per tile (token g) are loaded with its weights. At
 //    8 < M <= 16 they would be four loads per 16-byte weight load (4096x4096: 6.9 us at M = 16 against 4.2 at
 //    M = 1), so the CTA's slice (M rows x its K range) is staged in shared memory by one bulk copy per row, issued
-//    after the weight loads, and B fragments come from there (rows padded by 16 bytes: conflict-free).
-//  - Split-K: S CTAs of a row block form a cluster; their int32 sums are added over distributed shared memory
-//    (integer: the same bits in any order) by the S CTAs in parallel, each writing 1/S of the outputs. No global
-//    workspace.
+//    after the weight loads, and B fragments come from there (one ldmatrix.x4 per tile; rows padded by 16 bytes:
+//    conflict-free). Every 32-channel CTA reads the whole slice, so at M = 16 the activations read from L2 equal
+//    the weights (4096x4096: 8 MB); shapes with C = 2 pair the CTAs of two row blocks in a cluster and multicast
+//    each row to both (half the L2 reads: 6.6 -> 5.5 us). Clusters of 4 would halve it again, but the H200 holds
+//    only 30 clusters of 4 one-CTA-per-SM CTAs (120 SMs), so 128 CTAs take two waves.
+//  - Split-K: S CTAs of a row block form a cluster (S x C with shared activations); their int32 sums are added
+//    over distributed shared memory (integer: the same bits in any order) by the S CTAs in parallel, each writing
+//    1/S of the outputs. No global workspace.
 //  - Programmatic dependent launch: the weight (and s2) loads are issued before griddepcontrol.wait, the
 //    activations, token scales and outputs only after it (the previous kernel, quant_act, writes the activations).
 //  - Epilogue: common.cuh's exact epilogue (bit-identical to the split-K kernel and the CPU reference).
@@ -33,39 +37,47 @@ namespace {
 
 using gemv::gemv_kernel;
 
-// Block shapes (warps, tiles in flight per warp, row tiles per CTA); variant v of kind 4 is kShapes[v - 1].
+// Block shapes (warps, tiles in flight per warp, row tiles per CTA, CTAs sharing the activations where they are
+// staged, M > 8); variant v of kind 4 is kShapes[v - 1]. At M <= 8 a shape runs with C = 1.
 struct Shape {
-  int warps, ring, rows;
+  int warps, ring, rows, C;
 };
-constexpr Shape kShapes[] = {{16, 8, 1}, {16, 4, 1}, {8, 4, 1}, {8, 8, 1}, {4, 8, 1}, {16, 8, 4}, {16, 4, 4}};
+constexpr Shape kShapes[] = {{16, 8, 1, 1}, {16, 4, 1, 1}, {8, 4, 1, 1}, {8, 8, 1, 1}, {4, 8, 1, 1},
+                             {16, 8, 4, 1}, {16, 4, 4, 1}, {16, 8, 1, 2}, {16, 4, 1, 2}, {16, 4, 4, 2}};
 constexpr int kNumShapes = sizeof(kShapes) / sizeof(kShapes[0]);
+static_assert(kNumShapes <= 15, "variant bits 4-7 of the kernel code");
 
 using KernelFn = void (*)(GemmArgs);
 
-template <int W, int U, int R>
+template <int W, int U, int R, int C>
 KernelFn pick_fn(int MT, bool grouped) {
-  if (MT == 1) return grouped ? gemv_kernel<1, true, W, U, R> : gemv_kernel<1, false, W, U, R>;
-  return grouped ? gemv_kernel<2, true, W, U, R> : gemv_kernel<2, false, W, U, R>;
+  if (MT == 1) return grouped ? gemv_kernel<1, true, W, U, R, 1> : gemv_kernel<1, false, W, U, R, 1>;
+  return grouped ? gemv_kernel<2, true, W, U, R, C> : gemv_kernel<2, false, W, U, R, C>;
 }
 
-KernelFn kernel_of(int shape, int MT, bool grouped) {
-  switch (shape) {
-    case 0: return pick_fn<16, 8, 1>(MT, grouped);
-    case 1: return pick_fn<16, 4, 1>(MT, grouped);
-    case 2: return pick_fn<8, 4, 1>(MT, grouped);
-    case 3: return pick_fn<8, 8, 1>(MT, grouped);
-    case 4: return pick_fn<4, 8, 1>(MT, grouped);
-    case 5: return pick_fn<16, 8, 4>(MT, grouped);
-    default: return pick_fn<16, 4, 4>(MT, grouped);
+template <int I>
+KernelFn kernel_at(int shape, int MT, bool grouped) {
+  if constexpr (I < kNumShapes) {
+    constexpr Shape sh = kShapes[I];
+    if (shape == I) return pick_fn<sh.warps, sh.ring, sh.rows, sh.C>(MT, grouped);
+    return kernel_at<I + 1>(shape, MT, grouped);
+  } else {
+    return nullptr;
   }
 }
+
+KernelFn kernel_of(int shape, int MT, bool grouped) { return kernel_at<0>(shape, MT, grouped); }
+
+// CTAs of a cluster that share the staged activations (multicast)
+int share_of(int shape, int M) { return M > 8 ? kShapes[shape].C : 1; }
 
 bool pdl_on() {   // DCC_W4A8_PDL=0 (benchmarks) launches plainly
   const char* e = std::getenv("DCC_W4A8_PDL");
   return !(e && e[0] == '0');
 }
 
-cudaLaunchConfig_t config(dim3 grid, int threads, int S, bool pdl, cudaStream_t stream, cudaLaunchAttribute* attr) {
+cudaLaunchConfig_t config(dim3 grid, int threads, int S, int C, bool pdl, cudaStream_t stream,
+                          cudaLaunchAttribute* attr) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
@@ -73,7 +85,7 @@ cudaLaunchConfig_t config(dim3 grid, int threads, int S, bool pdl, cudaStream_t 
   cfg.attrs = attr;
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = S;
-  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.y = C;
   attr[0].val.clusterDim.z = 1;
   cfg.numAttrs = 1;
   if (pdl) {
@@ -88,23 +100,23 @@ cudaLaunchConfig_t config(dim3 grid, int threads, int S, bool pdl, cudaStream_t 
 int smem_bytes(int M, int K, int S) { return M > 8 ? M * gemv::slice_stride((K / 32 + S - 1) / S) : 0; }
 constexpr int kMaxSmem = 160 * 1024;   // bound on the staged activation slice (the GPU allows ~227 KB)
 
-// CTAs (S == 1) or CTAs in clusters of S the GPU holds at once for a kernel with `smem` dynamic bytes; the
-// kernel's shared-memory limit is raised on first use.
-int resident_ctas(KernelFn fn, int threads, int S, int smem) {
+// CTAs (S == C == 1) or CTAs in clusters of S x C the GPU holds at once for a kernel with `smem` dynamic bytes;
+// the kernel's shared-memory limit is raised on first use.
+int resident_ctas(KernelFn fn, int threads, int S, int C, int smem) {
   if (cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem) != cudaSuccess) {
     cudaGetLastError();
     return 0;
   }
   int n = 0;
-  if (S == 1) {
+  if (S * C == 1) {
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, threads, smem) != cudaSuccess) n = 0;
     n *= num_sms();
   } else {
     cudaLaunchAttribute attr[2];
-    cudaLaunchConfig_t cfg = config(dim3(S), threads, S, false, nullptr, attr);
+    cudaLaunchConfig_t cfg = config(dim3(S, C), threads, S, C, false, nullptr, attr);
     cfg.dynamicSmemBytes = smem;
     if (cudaOccupancyMaxActiveClusters(&n, fn, &cfg) != cudaSuccess) n = 0;
-    n *= S;
+    n *= S * C;
   }
   cudaGetLastError();
   return n;
@@ -117,30 +129,32 @@ struct Choice {
 // Ranking of a feasible (shape, S), smaller is better (measured on an H200, NOTES.md): one wave of CTAs first (a
 // second wave waits a whole DRAM round trip); then every weight load of a warp issued at once (one round of its
 // ring), with the fewest splits; else the most warps per SM (each warp consumes its tiles in order, so the warps
-// streaming side by side set the rate), then the fewest rounds and splits. Infeasible: rank.waves < 0.
+// streaming side by side set the rate), then the fewest rounds and splits; then the most CTAs sharing the
+// activations. Infeasible: rank.waves < 0.
 struct Rank {
   long long waves;
-  int multi_round, warps_neg, rounds, S;
+  int multi_round, warps_neg, rounds, S, share_neg;
   bool operator<(const Rank& o) const {
-    return std::tie(waves, multi_round, warps_neg, rounds, S) <
-           std::tie(o.waves, o.multi_round, o.warps_neg, o.rounds, o.S);
+    return std::tie(waves, multi_round, warps_neg, rounds, S, share_neg) <
+           std::tie(o.waves, o.multi_round, o.warps_neg, o.rounds, o.S, o.share_neg);
   }
 };
 
 Rank rank(int shape, int S, int M, int N, int K, bool grouped) {
   const Shape& sh = kShapes[shape];
-  const int MT = M <= 8 ? 1 : 2, ktiles = K / 32;
-  if (N % (32 * sh.rows) || S > ktiles || smem_bytes(M, K, S) > kMaxSmem) return {-1, 0, 0, 0, 0};
+  const int MT = M <= 8 ? 1 : 2, ktiles = K / 32, C = share_of(shape, M);
+  const Rank bad{-1, 0, 0, 0, 0, 0};
+  if (N % (32 * sh.rows * C) || S > ktiles || S * C > 8 || smem_bytes(M, K, S) > kMaxSmem) return bad;
   const long long ctas = 1LL * S * (N / 32 / sh.rows);
-  const int resident = resident_ctas(kernel_of(shape, MT, grouped), sh.warps * 32, S, smem_bytes(M, K, S));
-  if (resident <= 0) return {-1, 0, 0, 0, 0};
+  const int resident = resident_ctas(kernel_of(shape, MT, grouped), sh.warps * 32, S, C, smem_bytes(M, K, S));
+  if (resident <= 0) return bad;
   const long long waves = (ctas + resident - 1) / resident;
   const int wk = sh.warps / sh.rows;
   const int tiles = (ktiles + S - 1) / S;                 // of the longest split
   const int rounds = ((tiles + wk - 1) / wk + sh.ring - 1) / sh.ring;
   const long long warps_per_sm = 1000LL * (ctas < resident ? ctas : resident) * sh.warps / num_sms();
-  if (rounds == 1) return {waves, 0, 0, 1, S};
-  return {waves, 1, -static_cast<int>(warps_per_sm), rounds, S};
+  if (rounds == 1) return {waves, 0, 0, 1, S, -C};
+  return {waves, 1, -static_cast<int>(warps_per_sm), rounds, S, -C};
 }
 
 Choice choose_uncached(int M, int N, int K, bool grouped, int force_shape, int force_s) {
@@ -181,7 +195,7 @@ bool gemm_gemv_available() {
     cudaFuncAttributes a{};
     ok = cudaGetDevice(&dev) == cudaSuccess &&
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 &&
-         cudaFuncGetAttributes(&a, gemv_kernel<1, false, 16, 8, 1>) == cudaSuccess && a.binaryVersion >= 90 &&
+         cudaFuncGetAttributes(&a, gemv_kernel<1, false, 16, 8, 1, 1>) == cudaSuccess && a.binaryVersion >= 90 &&
          a.numRegs >= 16;   // a stub (compiled for an older target) has almost no registers
     cudaGetLastError();
   });
@@ -203,7 +217,8 @@ cudaError_t launch_gemv(const GemmArgs& args, cudaStream_t stream, int variant, 
   const Shape& sh = kShapes[c.shape];
   const int MT = p.M <= 8 ? 1 : 2;
   cudaLaunchAttribute attr[2];
-  cudaLaunchConfig_t cfg = config(dim3(c.S, p.N / 32 / sh.rows), sh.warps * 32, c.S, pdl_on(), stream, attr);
+  cudaLaunchConfig_t cfg = config(dim3(c.S, p.N / 32 / sh.rows), sh.warps * 32, c.S, share_of(c.shape, p.M),
+                                  pdl_on(), stream, attr);
   cfg.dynamicSmemBytes = smem_bytes(p.M, p.K, c.S);
   return cudaLaunchKernelEx(&cfg, kernel_of(c.shape, MT, grouped), p);
 }

@@ -38,16 +38,17 @@ struct Slot {
   uint32_t b0, b1;
 };
 
-// Grid (S, N/(32*kRows)), cluster (S, 1, 1), M <= 8*MT tokens: CTA (z, rb) takes the kRows 32-channel row tiles
+// Grid (S, N/(32*kRows)), cluster (S, kC, 1), M <= 8*MT tokens: CTA (z, rb) takes the kRows 32-channel row tiles
 // from nt = rb*kRows over the k tiles [z*KT/S, (z+1)*KT/S); warp w takes row tile w % kRows and every kWK-th k tile
 // of that range from w / kRows (kWK = kWarps / kRows), with kU tiles in flight in registers. M <= 8 (MT = 1): the
 // lane's activation words (token g only) are loaded with its weights. 8 < M <= 16: four words per lane per tile
 // would outnumber the weight loads, so the CTA's activation slice (M rows x its k range) is staged in shared
 // memory by bulk copies after the weight loads are issued, and the B fragments are read from there.
-template <int MT, bool kGrouped, int kWarps, int kU, int kRows>
+template <int MT, bool kGrouped, int kWarps, int kU, int kRows, int kC>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
 #if defined(DCC_GEMV_DEVICE)
   static_assert(kWarps % kRows == 0, "warps per row tile");
+  static_assert(kC == 1 || MT > 1, "activations are shared across the cluster only where they are staged");
   constexpr int kWK = kWarps / kRows;
   constexpr bool kStage = MT > 1;   // activations through shared memory
   extern __shared__ __align__(16) uint8_t xs[];
@@ -90,30 +91,39 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
     if (u < cnt) load(ring[u], u);
 
   // Activation slice: one bulk copy per token row, issued by thread 0 once the previous kernel (which writes the
-  // activations; programmatic dependent launch) has completed. Rows past M are never read (zero B fragments).
+  // activations; programmatic dependent launch) has completed. With kC > 1 the kC CTAs of the cluster that share
+  // this K range (cluster ranks split + S*c) share the copies: CTA c issues rows c, c + kC, .. multicast to all kC,
+  // so L2 serves each row once per cluster, not once per CTA (all CTAs read the same rows at the same moment, and
+  // that traffic, not the weights, set the time at M = 16). Their mbarriers must be initialised before a peer's
+  // copy lands: hence the cluster barrier.
   const int stride = slice_stride(ke - kb);
   const uint32_t xbar = smem_u32(&sm.xbar), xs0 = smem_u32(xs);
   if (threadIdx.x == 0) {
     sm90::mbar_init(xbar, 1);
     sm90::fence_barrier_init();
   }
-  __syncthreads();
+  if constexpr (kC > 1) sm90::cluster_sync_all();
+  else __syncthreads();
   sm90::grid_launch_dependents();
   sm90::grid_dependency_wait();   // before the activations, token scales and our outputs (the last kernel's data)
   if (kStage && threadIdx.x == 0) {
     const uint32_t bytes = (ke - kb) * 32;
-    sm90::mbar_arrive_expect_tx(xbar, bytes * p.M);
-    for (int m = 0; m < p.M; ++m)
-      sm90::bulk_load(xs0 + m * stride, p.xq + static_cast<size_t>(m) * p.K + kb * 32, bytes, xbar);
+    sm90::mbar_arrive_expect_tx(xbar, bytes * p.M);   // every CTA receives all M rows
+    const int8_t* src = p.xq + kb * 32;
+    if constexpr (kC == 1 || !sm90::kMulticast) {
+      for (int m = 0; m < p.M; ++m) sm90::bulk_load(xs0 + m * stride, src + static_cast<size_t>(m) * p.K, bytes, xbar);
+    } else {
+      uint16_t mask = 0;
+      for (int c = 0; c < kC; ++c) mask |= static_cast<uint16_t>(1u << (split + p.S * c));
+      for (int m = blockIdx.y % kC; m < p.M; m += kC)
+        sm90::bulk_load_multicast(xs0 + m * stride, src + static_cast<size_t>(m) * p.K, bytes, xbar, mask);
+    }
   }
-  // B fragment words of the lane: token 8j + g, k 4t.. (b0) and 16 + 4t.. (b1) of the slice's k tile
-  bool xok[MT];
-  uint32_t xaddr[MT];
-#pragma unroll
-  for (int j = 0; j < MT; ++j) {
-    xok[j] = 8 * j + g < p.M;
-    xaddr[j] = xs0 + (8 * j + g) * stride + kw * 32 + 4 * t;
-  }
+  // MT = 2: one ldmatrix.x4 per tile gives the lane its four B fragment words (token 8j + g, k 4t.. and 16 + 4t..
+  // for j = 0, 1): lanes 0-7 / 8-15 / 16-23 / 24-31 address the rows of tokens 0-7 (k bytes 0-15 / 16-31) and
+  // tokens 8-15 (0-15 / 16-31). Rows past M point at row M - 1: their sums are garbage and never written.
+  const int xtok = min(8 * (lane / 16) + lane % 8, p.M - 1);
+  const uint32_t xaddr = xs0 + xtok * stride + kw * 32 + 16 * ((lane / 8) % 2);
 
   int acc[2][MT][4];
 #pragma unroll
@@ -144,16 +154,12 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
         if constexpr (kGrouped) l2 = level2(cur.s2, cur.z2);
         uint32_t lo[4], hi[4];
         unpack_tile<kGrouped>(cur.w, l2, lo, hi);
+        uint32_t b[4] = {cur.b0, cur.b1, 0u, 0u};
+        if constexpr (kStage) sm90::ldsm_x4(b, xaddr + i * kWK * 32);
 #pragma unroll
         for (int j = 0; j < MT; ++j) {
-          uint32_t b0 = cur.b0, b1 = cur.b1;
-          if constexpr (kStage) {
-            const uint32_t a = xaddr[j] + i * kWK * 32;
-            b0 = xok[j] ? sm90::lds32(a) : 0u;
-            b1 = xok[j] ? sm90::lds32(a + 16) : 0u;
-          }
-          mma_s8(acc[0][j], lo, b0, b1);
-          mma_s8(acc[1][j], hi, b0, b1);
+          mma_s8(acc[0][j], lo, b[2 * j], b[2 * j + 1]);
+          mma_s8(acc[1][j], hi, b[2 * j], b[2 * j + 1]);
         }
       }
     }
@@ -184,16 +190,16 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
     else sm.part[e] = v;
   }
   if (p.S == 1) return;
-  // Split-K over the cluster: CTA rank r adds the S CTAs' sums of outputs [r*E/S, (r+1)*E/S) over distributed
-  // shared memory (integer: the same bits in any order) and writes them; the second barrier keeps every CTA's
-  // shared memory alive until the remote reads are done.
+  // Split-K over the cluster: the CTA of split r adds the S CTAs' sums (cluster ranks z + S*c, c its row block in
+  // the cluster) of outputs [r*E/S, (r+1)*E/S) over distributed shared memory (integer: the same bits in any order)
+  // and writes them; the second barrier keeps every CTA's shared memory alive until the remote reads are done.
   sm90::cluster_sync_all();
-  const int E = kRows * toks * 32, r = static_cast<int>(sm90::cluster_rank());
+  const int E = kRows * toks * 32, r = split, rank0 = p.S * (blockIdx.y % kC);
   const int e0 = r * E / p.S, e1 = (r + 1) * E / p.S;
   const uint32_t part = smem_u32(sm.part);
   for (int e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
     int v = 0;
-    for (int z = 0; z < p.S; ++z) v += sm90::ld_cluster32(sm90::mapa(part + 4 * e, z));
+    for (int z = 0; z < p.S; ++z) v += sm90::ld_cluster32(sm90::mapa(part + 4 * e, rank0 + z));
     p.out[static_cast<size_t>(tokn(e)) * p.N + chan(e)] = epilogue(v, tokn(e), chan(e), p);
   }
   sm90::cluster_sync_all();

@@ -37,6 +37,28 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
       :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
 
+// The same copy written to the same shared-memory offset (and signalled on the mbarrier at the same offset) in
+// every CTA of the cluster whose rank bit is set in `mask`. Only built for sm_90a (kMulticast; ptxas advises
+// against it on plain sm_90), where callers fall back to one copy per CTA.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr bool kMulticast = true;
+#else
+constexpr bool kMulticast = false;
+#endif
+__device__ __forceinline__ void bulk_load_multicast(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
+                                                    uint16_t mask) {
+  if constexpr (kMulticast)
+    asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, [%3], "
+      "%4;\n" :: "r"(dst), "l"(src), "r"(bytes), "r"(bar), "h"(mask) : "memory");
+}
+
+// ldmatrix .x4 (four 8x8 b16 matrices) from a shared::cta address.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   uint32_t v;
   asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));

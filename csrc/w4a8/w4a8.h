@@ -34,7 +34,7 @@ bool gemm_gemv_available();
 // Beyond the shared contract (tests and benchmarks): gemm_mma with its kernel forced. kernel & 0xF: 0 = the automatic
 // choice (gemm_mma), 1 = split-K kernel (M <= 32 only), 2 = tiled multistage kernel, 3 = stream-K kernel (M <= 16,
 // N <= 65536), 4 = cluster GEMV (M <= 16, sm_90+); (kernel >> 4) & 0xF: block-shape variant (split-K 0..5, M <= 16
-// for 1..5; stream-K 0..3; GEMV 0 = chosen per layer, 1..7); kernel >> 8: forced number of K splits of the split-K
+// for 1..5; stream-K 0..3; GEMV 0 = chosen per layer, 1..10); kernel >> 8: forced number of K splits of the split-K
 // or GEMV kernel (0 auto). gemm_mma's workspace must be all zero before its first use (its first 64 KB hold the
 // split-K arrival counters, which every call leaves zero again).
 cudaError_t gemm_mma_kernel(int kernel, const void* xq, const void* ascale, const void* asum, const void* qweight,

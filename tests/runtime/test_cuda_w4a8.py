@@ -272,19 +272,24 @@ def test_kernel_variants_exact(ops, group):
                 assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), (hex(code), m, n, k)
 
 
-# Row tiles per CTA of the cluster GEMV's block shapes, variants 1..7 (kShapes in csrc/w4a8/gemm_gemv.cu)
-GEMV_ROWS = {1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 6: 4, 7: 4}
+# (row tiles per CTA, CTAs sharing staged activations at M > 8) of the cluster GEMV's block shapes, variants 1..10
+# (kShapes in csrc/w4a8/gemm_gemv.cu)
+GEMV_SHAPES = {1: (1, 1), 2: (1, 1), 3: (1, 1), 4: (1, 1), 5: (1, 1), 6: (4, 1), 7: (4, 1), 8: (1, 2), 9: (1, 2),
+               10: (4, 2)}
 
 
 @pytest.mark.parametrize("group", (0, 64, 128))
 def test_gemv_variants_exact(ops, group):
-    """The cluster GEMV with every block shape and K split count (= cluster size) forced, twice per call into
-    NaN-poisoned outputs: uneven splits (18 k tiles in 4 or 8), warps without tiles (K = 256 over 16 warps), one
-    and two token groups with partial ones (M = 1, 3, 9, 16), and 3 row tiles (N = 96: one-row shapes only)."""
+    """The cluster GEMV with every block shape and K split count forced, twice per call into NaN-poisoned outputs:
+    uneven splits (18 k tiles in 4 or 8), warps without tiles (K = 256 over 16 warps), one and two token groups
+    with partial ones (M = 1, 3, 9, 16), activations multicast to 2 CTAs (M > 8; clusters of splits x sharing
+    CTAs up to 8), and 3 row tiles (N = 96: one-row shapes without sharing only)."""
     ext = ops.ext()
     if not ext.gemm_gemv_available():
         pytest.skip("the cluster GEMV is not built for this GPU (sm_90+)")
-    shapes = ((128, 1152), (384, 640), (96, 256)) if group != 64 else ((128, 576), (384, 640), (96, 256))
+    shapes = ((128, 1152), (256, 640), (384, 640), (96, 256))
+    if group == 64:
+        shapes = ((128, 576),) + shapes[1:]
     for n, k in shapes:
         for m in (1, 3, 9, 16):
             gen = _gen("gemv", group, n, k, m)
@@ -292,9 +297,10 @@ def test_gemv_variants_exact(ops, group):
             dev = {name: (None if v is None else v.cuda()) for name, v in lay.items() if name != "ints"}
             xq, scale, ssum = ops.quantize_act(make_x(m, k, gen).cuda(), with_sum=group == 0)
             ref = _reference(lay, xq, scale, ssum)
-            for v, rows in GEMV_ROWS.items():
+            for v, (rows, share) in GEMV_SHAPES.items():
+                share = share if m > 8 else 1
                 for s in (0, 1, 2, 4, 8):
-                    if n % (32 * rows) or s > k // 32:
+                    if n % (32 * rows * share) or s > k // 32 or s * share > 8:
                         continue
                     for _ in range(2):
                         out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
