@@ -38,7 +38,8 @@
 //    float tie (probability ~2^-29 per output; never seen). Larger |psum| takes the double path (exact_out), which
 //    is that reference chain. Unsplit outputs go through shared memory for 16-byte coalesced stores;
 //    tokens >= M are masked (the TMA load fills rows past M with zeros).
-//  - Split-K (few output tiles): S in {2, 4, 8} CTAs per output tile form a thread-block cluster (grid.y); each
+//  - Split-K (few output tiles): S in {2, 4, 8} (16-token tile: 2..8) CTAs per output tile form a thread-block
+//    cluster (grid.y); each
 //    keeps its int32 partials in its shared memory, and after a cluster barrier CTA rank r adds the partials of
 //    consumer warps [8r/S, 8(r+1)/S) from all S CTAs over distributed shared memory (integer: order-independent)
 //    and writes their outputs. No global workspace, no arrival counters. S (choose_splits_cfg): the largest with
@@ -194,8 +195,8 @@ bool pdl_enabled() {   // DCC_W4A8_PDL=0 (benchmarks) launches plainly
 // Clusters of S CTAs (one per SM) the GPU holds at once; 0 where it cannot run them (cached per configuration).
 template <class C>
 int max_clusters(int S) {
-  static int cache[4] = {-1, -1, -1, -1};   // S = 1, 2, 4, 8
-  const int slot = S == 1 ? 0 : S == 2 ? 1 : S == 4 ? 2 : 3;
+  static int cache[9] = {-1, -1, -1, -1, -1, -1, -1, -1, -1};   // S = 1..8
+  const int slot = S;
   if (cache[slot] < 0) {
     cudaLaunchAttribute attr[2];
     const cudaLaunchConfig_t cfg = launch_config<C>(dim3(1, S), S, false, nullptr, attr);
@@ -209,24 +210,26 @@ int max_clusters(int S) {
   return cache[slot];
 }
 
-// K splits = cluster size S in {1, 2, 4, 8} (csrc/w4a8/NOTES.md): the largest with tiles * S <= SMs, every tile's
-// cluster resident at once, and >= 2 (CfgSmall, which only streams weights) or >= 4 (CfgLarge) k stages per
-// split. DCC_W4A8_WGMMA_SPLITS (benchmarks, tests) forces S where the GPU can run it.
+// K splits = cluster size S (csrc/w4a8/NOTES.md): the largest with tiles * S <= SMs, every tile's cluster
+// resident at once, and >= 2 (CfgSmall, which only streams weights) or >= 4 (CfgLarge) k stages per split. S is a
+// power of two (2, 4, 8) except on the 16-token tile, which only streams weights and takes any S <= 8: the GPU
+// holds 15 clusters of 8 but 16 of 7, so a layer of 16 tiles (4096 channels) streams on 112 SMs, not 64.
+// DCC_W4A8_WGMMA_SPLITS (benchmarks, tests) forces S in 1..8 where the GPU can run it.
 template <class C>
 int choose_splits_cfg(int M, int N, int K) {
   const int kt = K / kTileK, tiles = tiles_of<C>(M, N);
   if (const char* e = std::getenv("DCC_W4A8_WGMMA_SPLITS")) {
     const int s = std::atoi(e);
     if (s == 1) return 1;
-    if ((s == 2 || s == 4 || s == 8) && s <= kt && tiles * s <= sm_count() &&
-        max_clusters<C>(s) > 0)
-      return s;
+    if (s >= 2 && s <= 8 && s <= kt && tiles * s <= sm_count() && max_clusters<C>(s) > 0) return s;
   }
-  const int min_stages = C::kTok <= 16 ? 2 : 4;
+  const bool any_s = C::kTok <= 16;
+  const int min_stages = any_s ? 2 : 4;
   int best = 1;
-  for (int s = 2; s <= 8; s *= 2) {
-    if (kt / s < min_stages || tiles * s > sm_count() || max_clusters<C>(s) < tiles) break;
-    best = s;
+  for (int s = 2; s <= 8; s = any_s ? s + 1 : 2 * s) {
+    if (kt / s < min_stages || tiles * s > sm_count()) break;
+    if (max_clusters<C>(s) >= tiles) best = s;
+    else if (!any_s) break;
   }
   return best;
 }

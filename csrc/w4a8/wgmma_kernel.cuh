@@ -38,7 +38,7 @@ struct WgParams {
   __half* out;
   int M, N, K;
   int num_m_tiles;
-  int splits;           // K splits = cluster size (1, 2, 4, 8); split z takes k stages [z*KT/S, (z+1)*KT/S)
+  int splits;           // K splits = cluster size (1..8); split z takes k stages [z*KT/S, (z+1)*KT/S)
 };
 
 #if defined(DCC_WGMMA_DEVICE)

@@ -168,13 +168,13 @@ def _check_wgmma(ops, lay, group, m, k, gen, note, calls=2):
         assert int(d.max()) <= 1 and int((d == 0).sum()) >= 0.999 * d.numel(), (note, m, int(d.max()))
 
 
-@pytest.mark.parametrize("splits", (1, 2, 4, 8))
+@pytest.mark.parametrize("splits", (1, 2, 3, 4, 7, 8))
 @pytest.mark.parametrize("group", (0, 64, 128))
 def test_wgmma_forced_splits_exact(ops, monkeypatch, group, splits):
     """The wgmma kernel with its K split count (= cluster size) forced by DCC_W4A8_WGMMA_SPLITS (where the GPU and
-    the tile configuration allow it): 10 k stages in 4 or 8 splits are uneven (2/3/2/3, 1/1/1/2/...), 5 per split
-    reuse the ring; M = 1..16 on the 16-token tile, 17, 65 and 160 (1-3 m tiles) on the 64-token tile, 300 (3 m
-    tiles) on the 128-token tile."""
+    the tile configuration allow it): 10 k stages in 3, 4, 7 or 8 splits are uneven (3/3/4, 2/3/2/3, 1/1/2/..., with
+    consumer warps shared unevenly by the 3 or 7 CTAs of the reduction), 5 per split reuse the ring; M = 1..16 on the
+    16-token tile, 17, 65 and 160 (1-3 m tiles) on the 64-token tile, 300 (3 m tiles) on the 128-token tile."""
     ext = ops.ext()
     n, k = 512, 1280
     if not ext.gemm_wgmma_supported(16, n, k, group):
