@@ -292,8 +292,9 @@ bool gemm_wgmma_preferred(int M, int N, int K, int group) {
   if (!gemm_wgmma_supported(M, N, K, group)) return false;
   // M <= 16 where the cluster GEMV (gemm_gemv.cu) runs (measured on the H200, NOTES.md): it wins on layers small
   // enough to be latency-bound (<= 16 MB of weights: 4096x4096) at every M <= 16, per channel at M <= 8 on every
-  // layer, and grouped at M < 8 where this kernel's CTAs would not fill the GPU (4096x14336); this kernel's bulk
-  // streaming wins on the large layers at 8 < M <= 16 and grouped on 14336x4096.
+  // layer, and grouped at M < 8 where this kernel's CTAs would not fill the GPU; this kernel's bulk streaming wins
+  // on the large layers at 8 < M <= 16 and grouped on 14336x4096 (4096x14336 grouped, M = 1: a tie, 15.9 us each,
+  // since 16 tiles x 7 splits fill 112 SMs).
   if (M <= kSmallMaxM && gemm_gemv_available() &&
       (static_cast<long long>(N) * K / 2 <= (16LL << 20) || (group == 0 && M <= 8)))
     return false;
