@@ -39,12 +39,11 @@
 //    is that reference chain. Unsplit outputs go through shared memory for 16-byte coalesced stores;
 //    tokens >= M are masked (the TMA load fills rows past M with zeros).
 //  - Split-K (few output tiles): S in {2, 4, 8} (16-token tile: 2..8) CTAs per output tile form a thread-block
-//    cluster (grid.y); each
-//    keeps its int32 partials in its shared memory, and after a cluster barrier CTA rank r adds the partials of
-//    consumer warps [8r/S, 8(r+1)/S) from all S CTAs over distributed shared memory (integer: order-independent)
-//    and writes their outputs. No global workspace, no arrival counters. S (choose_splits_cfg): the largest with
-//    tiles * S <= SMs, every cluster resident at once (cudaOccupancyMaxActiveClusters), and >= 4 (CfgLarge,
-//    CfgMid) or >= 2 (CfgSmall) k stages per split.
+//    cluster (grid.y); each keeps its int32 partials in its shared memory, and after a cluster barrier CTA rank r
+//    adds the partials of consumer warps [8r/S, 8(r+1)/S) from all S CTAs over distributed shared memory (integer:
+//    order-independent) and writes their outputs. No global workspace, no arrival counters. S
+//    (choose_splits_cfg): the largest with tiles * S <= SMs, every cluster resident at once
+//    (cudaOccupancyMaxActiveClusters), and >= 4 (CfgLarge, CfgMid) or >= 2 (CfgSmall) k stages per split.
 // Requirements (gemm_wgmma_supported): sm_90a device code present, N % 256 == 0, K % 128 == 0, group 0/64/128;
 // any M >= 1. gemm_wgmma_preferred: where the automatic choice takes it. Env (benchmarks and tests only):
 // DCC_W4A8_WGMMA_SPLITS forces S, DCC_W4A8_WGMMA_PERSISTENT=0 one CTA per tile.
