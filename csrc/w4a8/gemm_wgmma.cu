@@ -14,7 +14,9 @@
 //    fills the shared-memory ring guarded by mbarriers: the activation tile [T tokens][128 k] by a 2D TMA
 //    load with 128-byte swizzle (the wgmma B layout: K-major, SW128), the weight tiles by 8 bulk copies of 2 KB
 //    (each 32-channel block's four 32x32 tiles of the stage are contiguous), and for groups the stage's s2 rows
-//    (2 x 256 bytes per group). Consumers read their 16 bytes per k32 step with one ld.shared.v4.
+//    (2 x 256 bytes per group). Consumers read their 16 bytes per k32 step with one ld.shared.v4. The 16-token
+//    tile keeps its weights in a separate region [8 blocks][8 slots][2 KB] and brings four stages per block in one
+//    8 KB copy (weight groups, WgCfg::kWGroup: 4096x14336 M = 16: 14.1 -> 13.6 us, g128 16.6 -> 15.5).
 //  - Grouped (progressive, G = 64 or 128): w8 = q*s2 + z2 with z2 = -z*s2 (int8). w8 + 128 = q*s2 + (z2 + 128)
 //    lies in [0, 255] for every byte, so one 32-bit multiply-add on 4 packed bytes has no carries, and XOR 0x80 per
 //    byte gives the int8 (csrc/w4a8/common.cuh, Level2). The s2 word of lane g holds channels g, g+8, g+16, g+24
@@ -211,8 +213,9 @@ int max_clusters(int S) {
 
 // K splits = cluster size S (csrc/w4a8/NOTES.md): the largest with tiles * S <= SMs, every tile's cluster
 // resident at once, and >= 2 (CfgSmall, which only streams weights) or >= 4 (CfgLarge) k stages per split. S is a
-// power of two (2, 4, 8) except on the 16-token tile, which only streams weights and takes any S <= 8: the GPU
-// holds 15 clusters of 8 but 16 of 7, so a layer of 16 tiles (4096 channels) streams on 112 SMs, not 64.
+// power of two (2, 4, 8) except on the 16-token tile, which only streams weights and takes any S <= 8: the H200
+// holds only 15 clusters of 8 one-SM CTAs, so a layer of 16 tiles (4096 channels) fell from S = 8 to 4 (64 SMs);
+// now it takes the largest S whose 16 clusters fit (6 on the H200, 96 SMs: 15 clusters of 7 fit).
 // DCC_W4A8_WGMMA_SPLITS (benchmarks, tests) forces S in 1..8 where the GPU can run it.
 template <class C>
 int choose_splits_cfg(int M, int N, int K) {
@@ -291,9 +294,9 @@ bool gemm_wgmma_preferred(int M, int N, int K, int group) {
   if (!gemm_wgmma_supported(M, N, K, group)) return false;
   // M <= 16 where the cluster GEMV (gemm_gemv.cu) runs (measured on the H200, NOTES.md): it wins on layers small
   // enough to be latency-bound (<= 16 MB of weights: 4096x4096) at every M <= 16, per channel at M <= 8 on every
-  // layer, and grouped at M < 8 where this kernel's CTAs would not fill the GPU; this kernel's bulk streaming wins
-  // on the large layers at 8 < M <= 16 and grouped on 14336x4096 (4096x14336 grouped, M = 1: a tie, 15.9 us each,
-  // since 16 tiles x 7 splits fill 112 SMs).
+  // layer, and grouped at M < 8 where this kernel's CTAs would not fill most of the GPU; this kernel's bulk
+  // streaming wins on the large layers at 8 < M <= 16 and grouped on 14336x4096 and 4096x14336 (M = 1: 12.9 vs
+  // 18.1 us on 112 SMs, 14.7 vs 15.8 us on 96).
   if (M <= kSmallMaxM && gemm_gemv_available() &&
       (static_cast<long long>(N) * K / 2 <= (16LL << 20) || (group == 0 && M <= 8)))
     return false;
@@ -303,7 +306,7 @@ bool gemm_wgmma_preferred(int M, int N, int K, int group) {
   // get at any shape. From M = 8 the mma.sync kernel's time grows with M and the wgmma kernel's does not (measured
   // on the H200: NOTES.md).
   const int ctas = tiles_of<CfgSmall>(M, N) * choose_splits_cfg<CfgSmall>(M, N, K);
-  return 4 * ctas >= 3 * sm_count();   // else the cluster GEMV (or, where it is not built, the split-K kernel)
+  return 10 * ctas >= 7 * sm_count();   // else the cluster GEMV (or, where it is not built, the split-K kernel)
 }
 
 cudaError_t gemm_wgmma(const void* xq, const void* ascale, const void* asum, const void* qweight,

@@ -26,7 +26,7 @@ size_t gemm_wgmma_workspace(int M, int N, int K, int group);
 bool gemm_wgmma_supported(int M, int N, int K, int group);   // compiled for sm_90a and shape OK
 // Supported and expected faster than the mma.sync kernels (csrc/w4a8/NOTES.md): where the cluster GEMV runs, not
 // at M <= 16 on layers of <= 16 MB of weights nor per channel at M <= 8; otherwise M >= 8, or M < 8 where the
-// 16-token configuration's CTAs (tiles x K splits) fill at least 3/4 of the SMs.
+// 16-token configuration's CTAs (tiles x K splits) fill at least 70% of the SMs.
 bool gemm_wgmma_preferred(int M, int N, int K, int group);
 // The cluster GEMV kernel (gemm_mma's choice for M <= 16; gemm_gemv.cu) is built and this GPU runs it (sm_90+).
 bool gemm_gemv_available();

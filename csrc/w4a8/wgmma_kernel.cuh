@@ -5,26 +5,34 @@
 // N of 16 wastes tensor work nobody waits for).
 #pragma once
 
-template <int kTok_, int kStages_>
+template <int kTok_, int kStages_, int kWGroup_ = 1>
 struct WgCfg {
   static constexpr int kTok = kTok_;                 // tokens per CTA tile (the wgmma N)
   static constexpr int kStages = kStages_;
+  // Stages whose weights one bulk copy per 32-channel block brings (kWGroup x 2 KB: a block's k tiles are
+  // contiguous). 1: the weights live in the stage; > 1: in a separate region [8 blocks][kStages][2 KB], so that
+  // kWGroup consecutive ring slots of a block are contiguous.
+  static constexpr int kWGroup = kWGroup_;
   static constexpr int kTileN = 256;                 // output channels per CTA (2 consumer warpgroups x 128)
   static constexpr int kTileK = 128;                 // k per pipeline stage
   static constexpr int kActBytes = kTok * kTileK;    // 128B-swizzled [kTok tokens][128 k]
   static constexpr int kWBytes = kTileN * kTileK / 2;   // 16 KB: [8 channel blocks][4 k tiles][512 B]
-  static constexpr int kStageBytes = kActBytes + kWBytes + 2048;   // + s2 region; a multiple of 1024 (SW128 base)
+  static constexpr int kS2Off = kActBytes + (kWGroup == 1 ? kWBytes : 0);   // s2 region (2 KB) in the stage
+  static constexpr int kStageBytes = kS2Off + 2048;   // a multiple of 1024 (SW128 base)
+  static constexpr int kWRegionBytes = kWGroup == 1 ? 0 : kStages * kWBytes;
   static constexpr int kEpiStride = 128 + 8;         // halves per token row of a warpgroup's output tile
   static constexpr int kEpiBytes = 2 * kTok * kEpiStride * 2;
   static constexpr int kScaleBytes = 2 * 2 * kTok * (8 + 4);   // per warpgroup: ascale, asum as double and float
   static constexpr int kBarBytes = 2 * kStages * 8 + 16;
-  static constexpr int kSmemBytes = 1024 + kStages * kStageBytes + kEpiBytes + kScaleBytes + kBarBytes;
+  static constexpr int kSmemBytes =
+      1024 + kStages * kStageBytes + kWRegionBytes + kEpiBytes + kScaleBytes + kBarBytes;
   static_assert(kStageBytes % 1024 == 0, "stage alignment");
+  static_assert(kStages % kWGroup == 0, "weight groups tile the ring");
   static_assert(kSmemBytes <= 232448, "shared memory");
 };
 using CfgLarge = WgCfg<128, 4>;
 using CfgMid = WgCfg<64, 6>;
-using CfgSmall = WgCfg<16, 8>;
+using CfgSmall = WgCfg<16, 8, 4>;   // 8 KB weight copies
 constexpr int kThreads = 384;      // 2 consumer warpgroups + 1 producer warpgroup (one thread issues the copies)
 
 struct WgParams {
@@ -125,13 +133,17 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
 #if defined(DCC_WGMMA_DEVICE)
   constexpr int kTok = C::kTok, kStages = C::kStages, kTileN = C::kTileN, kTileK = C::kTileK;
   constexpr int kActBytes = C::kActBytes, kWBytes = C::kWBytes, kStageBytes = C::kStageBytes;
+  constexpr int kWGroup = C::kWGroup, kS2Off = C::kS2Off;
+  static_assert(kWGroup == 1 || kTok <= 16, "weight groups are read by the few-token stage loop only");
   constexpr int kEpiStride = C::kEpiStride, kAcc = kTok / 2;   // accumulators per thread per nibble slab
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* stages = smem;
-  __half* epi = reinterpret_cast<__half*>(smem + kStages * kStageBytes);
-  double* scl = reinterpret_cast<double*>(smem + kStages * kStageBytes + C::kEpiBytes);
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes + C::kEpiBytes + C::kScaleBytes);
+  uint8_t* wregion = smem + kStages * kStageBytes;   // kWGroup > 1: [8 blocks][kStages][2 KB]
+  uint8_t* after = wregion + C::kWRegionBytes;
+  __half* epi = reinterpret_cast<__half*>(after);
+  double* scl = reinterpret_cast<double*>(after + C::kEpiBytes);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(after + C::kEpiBytes + C::kScaleBytes);
   const uint32_t full0 = smem_addr(bars), empty0 = smem_addr(bars + kStages);
 
   const int num_tiles = p.num_m_tiles * (p.N / kTileN);
@@ -158,21 +170,35 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (warp == 8 && lane == 0) {
       constexpr int gps = kGroup == 0 ? 0 : kTileK / kGroup;   // groups per stage
-      constexpr uint32_t bytes = kActBytes + kWBytes + gps * 2 * kTileN;
+      constexpr uint32_t bytes = kActBytes + gps * 2 * kTileN;   // per stage, weights apart
       const size_t kblocks = static_cast<size_t>(p.K / 32);
-      // weights (and s2 rows) of k stage kt of the 256 channels from n0 into stage buffer st
-      auto load_weights = [&](uint32_t st, int kt, int n0, uint32_t full) {
+      // s2 rows (and, at the first stage of a weight group, the weights of its `len` stages) of k stage kt of the
+      // 256 channels from n0 into ring slot s (stage buffer st): bytes + kWBytes * len in all.
+      auto load_weights = [&](uint32_t st, int s, int kt, int len, int n0, uint32_t full) {
+        const uint32_t wdst = kWGroup == 1 ? st + kActBytes : smem_addr(wregion) + s * 2048;
+        constexpr uint32_t wstride = kWGroup == 1 ? 2048 : kStages * 2048;   // between 32-channel blocks
+        if (len > 0) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const uint8_t* src = p.qweight + ((static_cast<size_t>(n0 / 32 + i) * kblocks) + kt * 4) * 512;
-          bulk_load(st + kActBytes + i * 2048, src, 2048, full);
+          for (int i = 0; i < 8; ++i) {
+            const uint8_t* src = p.qweight + ((static_cast<size_t>(n0 / 32 + i) * kblocks) + kt * 4) * 512;
+            bulk_load(wdst + i * wstride, src, 2048 * len, full);
+          }
         }
 #pragma unroll
         for (int gi = 0; gi < gps; ++gi) {
           const size_t row = static_cast<size_t>(kt * kTileK / (kGroup > 0 ? kGroup : 1) + gi) * p.N + n0;
-          bulk_load(st + kActBytes + kWBytes + gi * 512, p.s2s + row, kTileN, full);
-          bulk_load(st + kActBytes + kWBytes + gi * 512 + 256, p.s2z + row, kTileN, full);
+          bulk_load(st + kS2Off + gi * 512, p.s2s + row, kTileN, full);
+          bulk_load(st + kS2Off + gi * 512 + 256, p.s2z + row, kTileN, full);
         }
+      };
+      // Stages whose weights the copy issued at stage `it` (ring slot s) of a tile brings: a group starts at a
+      // tile's first stage and at every kWGroup-aligned slot, and stops at the tile's end and at the next aligned
+      // slot (so its slots are contiguous and never wrap); 0 inside a group.
+      auto group_len = [&](int it, int s) -> int {
+        if (kWGroup == 1) return 1;
+        if (it > 0 && s % kWGroup != 0) return 0;
+        const int to_slot = kWGroup - s % kWGroup, to_end = KT - it;
+        return to_slot < to_end ? to_slot : to_end;
       };
       // Programmatic dependent launch: the weights do not depend on the kernel before this one, so the first ring
       // of the first tile is requested before waiting for it; the activations (its output) only after.
@@ -181,8 +207,10 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
         const int m0 = (blockIdx.x % p.num_m_tiles) * kTok, n0 = (blockIdx.x / p.num_m_tiles) * kTileN;
         pre = KT < kStages ? KT : kStages;
         for (int it = 0; it < pre; ++it) {   // fresh ring: every stage is free
-          mbar_arrive_expect_tx(full0 + 8 * it, bytes);   // the TMA box counts in full, rows past M included
-          load_weights(smem_addr(stages + it * kStageBytes), kt0 + it, n0, full0 + 8 * it);
+          // expect_tx before the copies: the TMA box counts in full, rows past M included
+          const int len = group_len(it, it);
+          mbar_arrive_expect_tx(full0 + 8 * it, bytes + kWBytes * len);
+          load_weights(smem_addr(stages + it * kStageBytes), it, kt0 + it, len, n0, full0 + 8 * it);
         }
         grid_dependency_wait();
         for (int it = 0; it < pre; ++it)
@@ -194,12 +222,16 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
         for (int it = 0; it < KT; ++it, ++g_it) {
           if (g_it < pre) continue;
           const int s = g_it % kStages;
-          mbar_wait(empty0 + 8 * s, ((g_it / kStages) & 1) ^ 1);
+          const uint32_t parity = ((g_it / kStages) & 1) ^ 1;
+          mbar_wait(empty0 + 8 * s, parity);
+          const int len = group_len(it, s);
+          // a group's copy fills slots s .. s+len-1 (same ring round): the consumers release slots in order
+          if (len > 1) mbar_wait(empty0 + 8 * (s + len - 1), parity);
           const uint32_t full = full0 + 8 * s;
-          mbar_arrive_expect_tx(full, bytes);
+          mbar_arrive_expect_tx(full, bytes + kWBytes * len);
           const uint32_t st = smem_addr(stages + s * kStageBytes);
           tma_load_2d(st, &tmap, (kt0 + it) * kTileK, m0, full);
-          load_weights(st, kt0 + it, n0, full);
+          load_weights(st, s, kt0 + it, len, n0, full);
         }
       }
     }
@@ -218,8 +250,11 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
   const int tid = threadIdx.x % 128;
   const int bar_id = 1 + wg;
   const uint32_t stage0 = smem_addr(stages);
+  // the warp's 2 KB of weights of ring slot s: stage0 + s * kStageBytes + w_off (kWGroup == 1) or
+  // wreg + s * 2048 (weight groups; a consumer that waited for slot s has waited for its group's first slot)
   const uint32_t w_off = kActBytes + (wg * 4 + wq) * 2048 + lane * 16;
-  const uint32_t s2_off = kActBytes + kWBytes + (wg * 128 + wq * 32 + 4 * g);
+  const uint32_t wreg = smem_addr(wregion) + (wg * 4 + wq) * (kStages * 2048) + lane * 16;
+  const uint32_t s2_off = kS2Off + (wg * 128 + wq * 32 + 4 * g);
   // channels of this thread within the warpgroup's 128: lo rows g, g+8 -> 32wq + g (+8); hi -> 32wq + 16 + g (+8)
   const int cbase = 32 * wq + g;
   double* asd = scl + wg * 2 * kTok;   // token scale / sum as double (exact path) ...
@@ -258,7 +293,8 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int gi = kGroup > 0 ? (j * 32) / (kGroup > 0 ? kGroup : 128) : 0;
-          unpack<kGroup>(lds128(st + w_off + j * 512), s2w[gi], z2w[gi], lo[j], hi[j]);
+          const uint32_t wa = kWGroup == 1 ? st + w_off : wreg + s * 2048;
+          unpack<kGroup>(lds128(wa + j * 512), s2w[gi], z2w[gi], lo[j], hi[j]);
         }
         wgmma_fence();
 #pragma unroll
