@@ -215,7 +215,8 @@ int max_clusters(int S) {
 // resident at once, and >= 2 (CfgSmall, which only streams weights) or >= 4 (CfgLarge) k stages per split. S is a
 // power of two (2, 4, 8) except on the 16-token tile, which only streams weights and takes any S <= 8: the H200
 // holds only 15 clusters of 8 one-SM CTAs, so a layer of 16 tiles (4096 channels) fell from S = 8 to 4 (64 SMs);
-// now it takes the largest S whose 16 clusters fit (6 on the H200, 96 SMs: 15 clusters of 7 fit).
+// now it takes the largest S whose 16 clusters fit (6 on the H200, 96 SMs; inferred: fewer than 16 clusters of 7
+// fit).
 // DCC_W4A8_WGMMA_SPLITS (benchmarks, tests) forces S in 1..8 where the GPU can run it.
 template <class C>
 int choose_splits_cfg(int M, int N, int K) {

@@ -189,6 +189,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
     if (p.S == 1) p.out[static_cast<size_t>(tok) * p.N + chan(e)] = epilogue(v, tok, chan(e), p);
     else sm.part[e] = v;
   }
+  // Leaving without a cluster barrier is safe with kC > 1 too: every multicast copy into this CTA's shared memory
+  // landed before its first mma (it waited for all M rows), and nothing else is read across CTAs when S == 1.
   if (p.S == 1) return;
   // Split-K over the cluster: the CTA of split r adds the S CTAs' sums (cluster ranks z + S*c, c its row block in
   // the cluster) of outputs [r*E/S, (r+1)*E/S) over distributed shared memory (integer: the same bits in any order)
