@@ -170,7 +170,6 @@ size_t tile_workspace(int M, int N, int K, int group);
 int splitk_max_m();
 int splitk_slice_tiles(int M);   // the most k tiles one split-K CTA can stage for this M
 int splitk_variant_occupancy(int variant, int MT, bool grouped);   // CTAs per SM of a split-K block shape
-int num_sms();
 // Stream-K kernel (gemm_streamk.cu), M <= kStreamkMaxM, N <= kStreamkMaxN; variant: block shape (0 default).
 cudaError_t launch_streamk(const GemmArgs& p, void* workspace, size_t ws_bytes, cudaStream_t stream, int variant);
 constexpr int kNumStreamkVariants = 4;

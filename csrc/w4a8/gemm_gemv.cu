@@ -25,7 +25,6 @@
 //  - Epilogue: common.cuh's exact epilogue (bit-identical to the split-K kernel and the CPU reference).
 // The block shape and S come from choose() below (measured on an H200; NOTES.md). gemm_mma_kernel kind 4.
 #include <cstdint>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -70,11 +69,6 @@ KernelFn kernel_of(int shape, int MT, bool grouped) { return kernel_at<0>(shape,
 
 // CTAs of a cluster that share the staged activations (multicast)
 int share_of(int shape, int M) { return M > 8 ? kShapes[shape].C : 1; }
-
-bool pdl_on() {   // DCC_W4A8_PDL=0 (benchmarks) launches plainly
-  const char* e = std::getenv("DCC_W4A8_PDL");
-  return !(e && e[0] == '0');
-}
 
 cudaLaunchConfig_t config(dim3 grid, int threads, int S, int C, bool pdl, cudaStream_t stream,
                           cudaLaunchAttribute* attr) {
@@ -218,7 +212,7 @@ cudaError_t launch_gemv(const GemmArgs& args, cudaStream_t stream, int variant, 
   const int MT = p.M <= 8 ? 1 : 2;
   cudaLaunchAttribute attr[2];
   cudaLaunchConfig_t cfg = config(dim3(c.S, p.N / 32 / sh.rows), sh.warps * 32, c.S, share_of(c.shape, p.M),
-                                  pdl_on(), stream, attr);
+                                  pdl_enabled(), stream, attr);
   cfg.dynamicSmemBytes = smem_bytes(p.M, p.K, c.S);
   return cudaLaunchKernelEx(&cfg, kernel_of(c.shape, MT, grouped), p);
 }

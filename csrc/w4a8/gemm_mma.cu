@@ -18,6 +18,11 @@ int num_sms() {
   return sms;
 }
 
+bool pdl_enabled() {
+  const char* e = std::getenv("DCC_W4A8_PDL");
+  return !(e && e[0] == '0');
+}
+
 namespace {
 
 // M <= this: split-K kernel; larger: tiled kernel. DCC_W4A8_SPLITK_MAX_M overrides (0..32).

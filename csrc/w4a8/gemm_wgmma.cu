@@ -134,16 +134,6 @@ bool ready_for(int group) {
   }
 }
 
-int sm_count() {
-  static int n = 0;
-  if (n == 0) {
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) n = 132;
-  }
-  return n;
-}
-
 constexpr int kTileN = CfgLarge::kTileN, kTileK = CfgLarge::kTileK;   // every configuration
 static_assert(CfgMid::kTileN == kTileN && CfgSmall::kTileN == kTileN && CfgMid::kTileK == kTileK &&
                   CfgSmall::kTileK == kTileK, "one channel tile and k stage for every configuration");
@@ -159,7 +149,7 @@ int tiles_of(int M, int N) { return ((M + C::kTok - 1) / C::kTok) * (N / kTileN)
 // DCC_W4A8_WGMMA_MID=1 / 0 (benchmarks, tests) forces CfgMid / CfgLarge for every M > 16.
 bool use_mid(int M, int N, int K) {
   if (const char* e = std::getenv("DCC_W4A8_WGMMA_MID")) return e[0] == '1';
-  return (M <= 64 || (M <= 256 && K <= 8192)) && 2 * tiles_of<CfgLarge>(M, N) < sm_count();
+  return (M <= 64 || (M <= 256 && K <= 8192)) && 2 * tiles_of<CfgLarge>(M, N) < num_sms();
 }
 
 // Launch configuration: a cluster of `cluster` CTAs along y where > 1; programmatic dependent launch (the kernel
@@ -186,11 +176,6 @@ cudaLaunchConfig_t launch_config(dim3 grid, int cluster, bool pdl, cudaStream_t 
     ++cfg.numAttrs;
   }
   return cfg;
-}
-
-bool pdl_enabled() {   // DCC_W4A8_PDL=0 (benchmarks) launches plainly
-  const char* e = std::getenv("DCC_W4A8_PDL");
-  return !(e && e[0] == '0');
 }
 
 // Clusters of S CTAs (one per SM) the GPU holds at once; 0 where it cannot run them (cached per configuration).
@@ -224,13 +209,13 @@ int choose_splits_cfg(int M, int N, int K) {
   if (const char* e = std::getenv("DCC_W4A8_WGMMA_SPLITS")) {
     const int s = std::atoi(e);
     if (s == 1) return 1;
-    if (s >= 2 && s <= 8 && s <= kt && tiles * s <= sm_count() && max_clusters<C>(s) > 0) return s;
+    if (s >= 2 && s <= 8 && s <= kt && tiles * s <= num_sms() && max_clusters<C>(s) > 0) return s;
   }
   const bool any_s = C::kTok <= 16;
   const int min_stages = any_s ? 2 : 4;
   int best = 1;
   for (int s = 2; s <= 8; s = any_s ? s + 1 : 2 * s) {
-    if (kt / s < min_stages || tiles * s > sm_count()) break;
+    if (kt / s < min_stages || tiles * s > num_sms()) break;
     if (max_clusters<C>(s) >= tiles) best = s;
     else if (!any_s) break;
   }
@@ -261,7 +246,7 @@ cudaError_t launch(WgParams p, int group, const void* xq, cudaStream_t stream) {
   // split: one tile per CTA, a cluster of S CTAs per tile; else a persistent grid (at most one CTA per SM; the
   // producer prefetches the next tile during the epilogue)
   const int tiles = tiles_of<C>(p.M, p.N);
-  int ctas = tiles < sm_count() ? tiles : sm_count();
+  int ctas = tiles < num_sms() ? tiles : num_sms();
   if (const char* e = std::getenv("DCC_W4A8_WGMMA_PERSISTENT"))
     if (e[0] == '0') ctas = tiles;
   if (p.splits > 1) ctas = tiles;
@@ -307,7 +292,7 @@ bool gemm_wgmma_preferred(int M, int N, int K, int group) {
   // get at any shape. From M = 8 the mma.sync kernel's time grows with M and the wgmma kernel's does not (measured
   // on the H200: NOTES.md).
   const int ctas = tiles_of<CfgSmall>(M, N) * choose_splits_cfg<CfgSmall>(M, N, K);
-  return 10 * ctas >= 7 * sm_count();   // else the cluster GEMV (or, where it is not built, the split-K kernel)
+  return 10 * ctas >= 7 * num_sms();   // else the cluster GEMV (or, where it is not built, the split-K kernel)
 }
 
 cudaError_t gemm_wgmma(const void* xq, const void* ascale, const void* asum, const void* qweight,
