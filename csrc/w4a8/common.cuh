@@ -64,6 +64,11 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
 }
+// cp.async of 16 bytes of which the first `bytes` (0..16) are read and the rest zero-filled.
+__device__ __forceinline__ void cp_async_n(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :: "r"(smem_u32(dst)), "l"(src), "r"(bytes) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
@@ -126,12 +131,31 @@ __device__ __forceinline__ void unpack_tile(const uint4 w, const Level2& l2, uin
 // float, as the CPU reference does (torch's float64 -> float16 cast goes through float32): the kernel's outputs are
 // then bit-identical to dcc.runtime.qserve.QServeLinear given the same int8 activations, and differ from
 // fp16(exact) by at most one ulp in the rare case where the float rounding lands on an fp16 tie.
-__device__ __forceinline__ __half epilogue(int psum, int m, int n, const GemmArgs& p) {
-  double v = static_cast<double>(psum) * static_cast<double>(__half2float(p.s1[n])) *
-             static_cast<double>(__half2float(p.ascale[m]));
-  if (p.group == 0)
-    v = fma(-static_cast<double>(__half2float(p.szeros[n])), static_cast<double>(__half2float(p.asum[m])), v);
+__device__ __forceinline__ __half epilogue_vals(int psum, __half s1, __half sz, __half as, __half am,
+                                               bool per_channel) {
+  double v = static_cast<double>(psum) * static_cast<double>(__half2float(s1)) * static_cast<double>(__half2float(as));
+  if (per_channel) v = fma(-static_cast<double>(__half2float(sz)), static_cast<double>(__half2float(am)), v);
   return __float2half_rn(__double2float_rn(v));
+}
+
+__device__ __forceinline__ __half epilogue(int psum, int m, int n, const GemmArgs& p) {
+  const bool pc = p.group == 0;
+  return epilogue_vals(psum, p.s1[n], pc ? p.szeros[n] : __half(), p.ascale[m], pc ? p.asum[m] : __half(), pc);
+}
+
+// 2-byte loads kept where they are written (asm volatile; ptxas would otherwise sink them to their use), so that a
+// kernel can request its epilogue scales early and their DRAM latency overlaps the weight stream instead of
+// following it: .nc for the layer's constants, a plain load for what the previous kernel wrote (token scales).
+__device__ __forceinline__ __half ldg_h(const __half* p) {
+  uint16_t v;
+  asm volatile("ld.global.nc.u16 %0, [%1];\n" : "=h"(v) : "l"(p));
+  return __ushort_as_half(v);
+}
+
+__device__ __forceinline__ __half ld_h(const __half* p) {
+  uint16_t v;
+  asm volatile("ld.global.u16 %0, [%1];\n" : "=h"(v) : "l"(p));
+  return __ushort_as_half(v);
 }
 
 // Split-K: this CTA has written its int32 partials for the tile (rows m0.., columns n0..) into slot blockIdx's

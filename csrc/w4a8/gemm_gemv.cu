@@ -19,10 +19,12 @@
 //    only 30 clusters of 4 one-CTA-per-SM CTAs (120 SMs), so 128 CTAs take two waves.
 //  - Split-K: S CTAs of a row block form a cluster (S x C with shared activations); their int32 sums are added
 //    over distributed shared memory (integer: the same bits in any order) by the S CTAs in parallel, each writing
-//    1/S of the outputs. No global workspace.
+//    1/S of the outputs; a CTA issues all its remote loads before using any (one round trip). No global workspace.
 //  - Programmatic dependent launch: the weight (and s2) loads are issued before griddepcontrol.wait, the
 //    activations, token scales and outputs only after it (the previous kernel, quant_act, writes the activations).
-//  - Epilogue: common.cuh's exact epilogue (bit-identical to the split-K kernel and the CPU reference).
+//  - Epilogue: common.cuh's exact epilogue (bit-identical to the split-K kernel and the CPU reference). Its scales
+//    are copied into shared memory by cp.async when the kernel starts (channels at once, tokens after the
+//    dependency wait), so that their DRAM latency overlaps the weight stream (gemv_kernel.cuh, scales_aligned).
 // The block shape and S come from choose() below (measured on an H200; NOTES.md). gemm_mma_kernel kind 4.
 #include <cstdint>
 #include <map>

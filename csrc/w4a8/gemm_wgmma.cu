@@ -24,9 +24,10 @@
 //  - Pipelining (CfgLarge, CfgMid): per k32 step: wgmma.fence, 2 wgmmas, commit, then ld.shared + unpack of the next step's
 //    weights (overlapping the running wgmmas), then wait_group 1 (the previous step retired: its A registers are
 //    free and, at a stage's first step, the previous stage is released to the producer). CfgSmall unpacks a whole
-//    stage and issues its 8 wgmmas as one group. Persistent grid (one CTA per SM, tiles strided by the grid, m
-//    fastest): the producer prefetches the next tile's stages during the epilogue. Consumers get 232 registers
-//    (setmaxnreg), the producer warpgroup 40.
+//    stage and issues its 8 wgmmas as one group, double-buffered across stages (two register sets, wait_group 1).
+//    It requests its epilogue scales (channels and tokens) before its k loop. Persistent grid (one CTA per SM,
+//    tiles strided by the grid, m fastest): the producer prefetches the next tile's stages during the epilogue.
+//    Consumers get 232 registers (setmaxnreg), the producer warpgroup 40.
 //  - Programmatic dependent launch (DCC_W4A8_PDL=0 disables it): the kernel may start while the previous kernel in
 //    the stream (the activation quantization) finishes; the producer requests the first ring's weights before
 //    griddepcontrol.wait, the activations and token scales are read only after it. Safe because only kernels
@@ -41,9 +42,11 @@
 //    is that reference chain. Unsplit outputs go through shared memory for 16-byte coalesced stores;
 //    tokens >= M are masked (the TMA load fills rows past M with zeros).
 //  - Split-K (few output tiles): S in {2, 4, 8} (16-token tile: 2..8) CTAs per output tile form a thread-block
-//    cluster (grid.y); each keeps its int32 partials in its shared memory, and after a cluster barrier CTA rank r
-//    adds the partials of consumer warps [8r/S, 8(r+1)/S) from all S CTAs over distributed shared memory (integer:
-//    order-independent) and writes their outputs. No global workspace, no arrival counters. S
+//    cluster (grid.y); CTA rank r writes the outputs of consumer warps [8r/S, 8(r+1)/S), the sum of the S CTAs'
+//    int32 partials of those warps (integer: order-independent). 16-token tile: the other CTAs push their partials
+//    into the owner's receive region (st.shared::cluster) before one cluster barrier; larger tiles: each CTA keeps
+//    them in its ring, and the owners read them over distributed shared memory between two barriers. No global
+//    workspace, no arrival counters. S
 //    (choose_splits_cfg): the largest with tiles * S <= SMs, every cluster resident at once
 //    (cudaOccupancyMaxActiveClusters), and >= 4 (CfgLarge, CfgMid) or >= 2 (CfgSmall) k stages per split.
 // Requirements (gemm_wgmma_supported): sm_90a device code present, N % 256 == 0, K % 128 == 0, group 0/64/128;
@@ -57,6 +60,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common.cuh"   // ldg_h, ld_h
 #include "w4a8.h"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -86,12 +90,15 @@ EncodeTiledFn encode_fn() {
   return fn;
 }
 
+template <int kGroup, class C, int kMode>
+bool set_smem_mode() {
+  return cudaFuncSetAttribute(w4a8_wgmma_kernel<kGroup, C, kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              C::kSmemBytes) == cudaSuccess;
+}
+
 template <int kGroup, class C>
 bool set_smem() {
-  return cudaFuncSetAttribute(w4a8_wgmma_kernel<kGroup, C, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              C::kSmemBytes) == cudaSuccess &&
-         cudaFuncSetAttribute(w4a8_wgmma_kernel<kGroup, C, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              C::kSmemBytes) == cudaSuccess;
+  return set_smem_mode<kGroup, C, kPersistent>() && set_smem_mode<kGroup, C, kCluster>();
 }
 
 template <int kGroup>
@@ -103,7 +110,7 @@ bool kernel_ready() {
   std::call_once(once, [] {
     cudaFuncAttributes a{};
     ready = 0;
-    if (cudaFuncGetAttributes(&a, w4a8_wgmma_kernel<kGroup, CfgLarge, false>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&a, w4a8_wgmma_kernel<kGroup, CfgLarge, kPersistent>) != cudaSuccess) {
       cudaGetLastError();
       return;
     }
@@ -187,7 +194,7 @@ int max_clusters(int S) {
     cudaLaunchAttribute attr[2];
     const cudaLaunchConfig_t cfg = launch_config<C>(dim3(1, S), S, false, nullptr, attr);
     int n = 0;
-    if (cudaOccupancyMaxActiveClusters(&n, w4a8_wgmma_kernel<0, C, true>, &cfg) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&n, w4a8_wgmma_kernel<0, C, kCluster>, &cfg) != cudaSuccess) {
       cudaGetLastError();
       n = 0;
     }
@@ -254,15 +261,15 @@ cudaError_t launch(WgParams p, int group, const void* xq, cudaStream_t stream) {
   const cudaLaunchConfig_t cfg = launch_config<C>(dim3(ctas, p.splits), p.splits, pdl_enabled(), stream, attr);
   if (p.splits > 1) {
     switch (group) {
-      case 0: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<0, C, true>, tmap, p);
-      case 64: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<64, C, true>, tmap, p);
-      default: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<128, C, true>, tmap, p);
+      case 0: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<0, C, kCluster>, tmap, p);
+      case 64: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<64, C, kCluster>, tmap, p);
+      default: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<128, C, kCluster>, tmap, p);
     }
   }
   switch (group) {
-    case 0: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<0, C, false>, tmap, p);
-    case 64: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<64, C, false>, tmap, p);
-    default: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<128, C, false>, tmap, p);
+    case 0: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<0, C, kPersistent>, tmap, p);
+    case 64: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<64, C, kPersistent>, tmap, p);
+    default: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<128, C, kPersistent>, tmap, p);
   }
 }
 

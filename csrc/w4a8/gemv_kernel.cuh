@@ -22,8 +22,22 @@ template <int MT, int kWarps, int kRows>
 struct Smem {
   int32_t red[kWarps * 8 * MT * kRedStride];
   int32_t part[kRows * 8 * MT * 32];
+  __half sc[2][kRows * 32];   // the CTA's channel scales s1 and szeros (see scales_aligned)
+  __half tk[2][16];           // token scales and sums
   uint64_t xbar;
 };
+
+// The epilogue's scales, copied into shared memory by cp.async when the kernel starts (the channels' right away,
+// the tokens' after the dependency wait): their DRAM latency then overlaps the weight stream instead of following
+// the reduction, and no registers are held for them (a 16-warp CTA must stay within 64 registers to run two per
+// SM). 16-byte copies (the CTA's channels are 32-aligned; token rows past M are zero-filled, not read); false where
+// a pointer is not 16-byte aligned, and the epilogue then reads global memory.
+template <bool kGrouped>
+__device__ __forceinline__ bool scales_aligned(const GemmArgs& p) {
+  uintptr_t a = reinterpret_cast<uintptr_t>(p.s1) | reinterpret_cast<uintptr_t>(p.ascale);
+  if (!kGrouped) a |= reinterpret_cast<uintptr_t>(p.szeros) | reinterpret_cast<uintptr_t>(p.asum);
+  return (a & 15) == 0;
+}
 
 // Bytes per staged activation row for `tiles` k tiles: + 16 so that the 8 rows of a B fragment read fall into
 // distinct banks (row stride = 4, 12, 20 or 28 words mod 32).
@@ -90,6 +104,14 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
   for (int u = 0; u < kU; ++u)
     if (u < cnt) load(ring[u], u);
 
+  const int n0 = blockIdx.y * kRows * 32;
+  const bool pre = scales_aligned<kGrouped>(p);
+  if (pre) {   // channel scales: kRows * 4 chunks of 16 bytes per array (threads 0.., and 32.. for szeros)
+    const int c = threadIdx.x % 32, arr = threadIdx.x / 32;
+    if (c < kRows * 4 && arr < (kGrouped ? 1 : 2))
+      cp_async16(&sm.sc[arr][c * 8], (arr ? p.szeros : p.s1) + n0 + c * 8, true);
+  }
+
   // Activation slice: one bulk copy per token row, issued by thread 0 once the previous kernel (which writes the
   // activations; programmatic dependent launch) has completed. With kC > 1 the kC CTAs of the cluster that share
   // this K range (cluster ranks split + S*c) share the copies: CTA c issues rows c, c + kC, .. multicast to all kC,
@@ -106,6 +128,12 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
   else __syncthreads();
   sm90::grid_launch_dependents();
   sm90::grid_dependency_wait();   // before the activations, token scales and our outputs (the last kernel's data)
+  if (pre && threadIdx.x >= 64 && threadIdx.x < (kGrouped ? 66 : 68)) {   // token scales (64, 65), sums (66, 67)
+    const int c = (threadIdx.x - 64) % 2, arr = (threadIdx.x - 64) / 2;
+    const int valid = min(max(p.M - 8 * c, 0), 8);   // tokens of this chunk below M
+    cp_async_n(&sm.tk[arr][c * 8], (arr ? p.asum : p.ascale) + 8 * c, 2 * valid);
+  }
+  cp_async_commit();
   if (kStage && threadIdx.x == 0) {
     const uint32_t bytes = (ke - kb) * 32;
     sm90::mbar_arrive_expect_tx(xbar, bytes * p.M);   // every CTA receives all M rows
@@ -176,17 +204,22 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
         const int row = 16 * s + g + 8 * (i / 2), tok = 8 * j + 2 * t + (i % 2);
         sm.red[(warp * 8 * MT + tok) * kRedStride + row] = acc[s][j][i];
       }
+  cp_async_wait<0>();   // this thread's scale copies; the barrier publishes everyone's
   __syncthreads();
   // Output e of the CTA: row tile e / (32*toks), token (e / 32) % toks, row e % 32.
-  const int n0 = blockIdx.y * kRows * 32;
   auto chan = [&](int e) { return n0 + (e / (32 * toks)) * 32 + e % 32; };
   auto tokn = [&](int e) { return (e / 32) % toks; };
+  auto out_val = [&](int v, int e) {
+    if (!pre) return epilogue(v, tokn(e), chan(e), p);
+    const int c = chan(e) - n0, m = tokn(e);
+    return epilogue_vals(v, sm.sc[0][c], sm.sc[1][c], sm.tk[0][m], sm.tk[1][m], !kGrouped);
+  };
   for (int e = threadIdx.x; e < kRows * toks * 32; e += blockDim.x) {
     const int rt = e / (32 * toks), tok = tokn(e), row = e % 32;
     int v = 0;
 #pragma unroll
     for (int w = 0; w < kWK; ++w) v += sm.red[((w * kRows + rt) * 8 * MT + tok) * kRedStride + row];
-    if (p.S == 1) p.out[static_cast<size_t>(tok) * p.N + chan(e)] = epilogue(v, tok, chan(e), p);
+    if (p.S == 1) p.out[static_cast<size_t>(tok) * p.N + chan(e)] = out_val(v, e);
     else sm.part[e] = v;
   }
   // Leaving without a cluster barrier is safe with kC > 1 too: every multicast copy into this CTA's shared memory
@@ -200,9 +233,17 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
   const int e0 = r * E / p.S, e1 = (r + 1) * E / p.S;
   const uint32_t part = smem_u32(sm.part);
   for (int e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
-    int v = 0;
-    for (int z = 0; z < p.S; ++z) v += sm90::ld_cluster32(sm90::mapa(part + 4 * e, rank0 + z));
-    p.out[static_cast<size_t>(tokn(e)) * p.N + chan(e)] = epilogue(v, tokn(e), chan(e), p);
+    // this CTA's own sum from its shared memory; the others' over DSMEM, every load issued before any is used
+    // (one round trip, not one per split)
+    int rv[8];
+#pragma unroll
+    for (int z = 0; z < 8; ++z)
+      if (z < p.S && z != split) rv[z] = sm90::ld_cluster32(sm90::mapa(part + 4 * e, rank0 + z));
+    int v = sm.part[e];
+#pragma unroll
+    for (int z = 0; z < 8; ++z)
+      if (z < p.S && z != split) v += rv[z];
+    p.out[static_cast<size_t>(tokn(e)) * p.N + chan(e)] = out_val(v, e);
   }
   sm90::cluster_sync_all();
 #endif

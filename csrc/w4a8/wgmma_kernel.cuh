@@ -5,6 +5,8 @@
 // N of 16 wastes tensor work nobody waits for).
 #pragma once
 
+#include <type_traits>
+
 template <int kTok_, int kStages_, int kWGroup_ = 1>
 struct WgCfg {
   static constexpr int kTok = kTok_;                 // tokens per CTA tile (the wgmma N)
@@ -24,8 +26,10 @@ struct WgCfg {
   static constexpr int kEpiBytes = 2 * kTok * kEpiStride * 2;
   static constexpr int kScaleBytes = 2 * 2 * kTok * (8 + 4);   // per warpgroup: ascale, asum as double and float
   static constexpr int kBarBytes = 2 * kStages * 8 + 16;
+  // few tokens: the split-K receive region, (S - 1) x ceil(8 / S) slots of 2 KB (at most 12, at S = 7)
+  static constexpr int kRecvBytes = kTok <= 16 ? 12 * 2048 : 0;
   static constexpr int kSmemBytes =
-      1024 + kStages * kStageBytes + kWRegionBytes + kEpiBytes + kScaleBytes + kBarBytes;
+      1024 + kStages * kStageBytes + kWRegionBytes + kEpiBytes + kScaleBytes + kBarBytes + kRecvBytes;
   static_assert(kStageBytes % 1024 == 0, "stage alignment");
   static_assert(kStages % kWGroup == 0, "weight groups tile the ring");
   static_assert(kSmemBytes <= 232448, "shared memory");
@@ -47,6 +51,25 @@ struct WgParams {
   int M, N, K;
   int num_m_tiles;
   int splits;           // K splits = cluster size (1..8); split z takes k stages [z*KT/S, (z+1)*KT/S)
+};
+
+// How the CTAs share the work: kPersistent (tiles strided over a persistent grid, whole K per tile) or kCluster
+// (split-K over the S CTAs of a cluster, one tile per CTA, reduction over distributed shared memory).
+enum WgMode { kPersistent = 0, kCluster = 1 };
+
+// The (tile, k range) pieces of one CTA's work, in order: k stages [kb, kb + len) of tile `tile`. Producer and
+// consumers walk the same sequence (the producer's first ring may span several tiles).
+struct Segments {
+  int tile, kb, len, kt_all, num_tiles;
+  __device__ __forceinline__ Segments(const WgParams& p, int num_tiles_) : num_tiles(num_tiles_) {
+    kt_all = p.K / 128;
+    const int split = blockIdx.y;
+    kb = split * kt_all / p.splits;
+    len = (split + 1) * kt_all / p.splits - kb;   // >= 1
+    tile = blockIdx.x;
+  }
+  __device__ __forceinline__ bool valid() const { return tile < num_tiles; }
+  __device__ __forceinline__ void next() { tile += gridDim.x; }
 };
 
 #if defined(DCC_WGMMA_DEVICE)
@@ -86,48 +109,97 @@ __device__ __forceinline__ __half exact_out(int psum, double s1d, double szd, do
   return __float2half_rn(__double2float_rn(v));
 }
 
-// Outputs of one thread's fragments straight to global memory (the split-K path, where one CTA writes only some
-// warps' channels): the same rounding as the staged epilogue in the kernel. c0 = the channel of row g of the lo
-// slab; the thread's rows are c0 + 8rp + 16h, its tokens m0 + 8i + 2t (+1).
+// Outputs of one thread's fragments straight to global memory (the split-K paths, where one CTA writes only some
+// warps' channels or only some tiles): the same rounding as the staged epilogue in the kernel. c0 = the channel of
+// row g of the lo slab; the thread's rows are c0 + 8rp + 16h, its tokens m0 + 8i + 2t + e. kTok <= 16: their
+// scales were loaded when the tile started (s1h/szh[rp + 2h], ash/amh[2i + e]); larger tiles load them here.
+// token scales a thread loads ahead (kTok <= 16), per array
+__host__ __device__ constexpr int pre_toks(int tok) { return tok <= 16 ? tok / 4 : 1; }
+
 template <int kGroup, int kTok>
 __device__ __forceinline__ void epilogue_direct(const int (&acc_lo)[kTok / 2], const int (&acc_hi)[kTok / 2],
-                                                const WgParams& p, int m0, int c0, int t) {
+                                                const WgParams& p, int m0, int c0, int t, const __half (&s1h)[4],
+                                                const __half (&szh)[4], const __half (&ash)[pre_toks(kTok)],
+                                                const __half (&amh)[pre_toks(kTok)]) {
   float s1f[4], szf[4];
 #pragma unroll
   for (int q = 0; q < 4; ++q) {   // q = rp + 2h
     const int c = c0 + 8 * (q & 1) + 16 * (q >> 1);
-    s1f[q] = __half2float(p.s1[c]);
-    szf[q] = kGroup == 0 ? __half2float(p.szeros[c]) : 0.f;
+    s1f[q] = __half2float(kTok <= 16 ? s1h[q] : p.s1[c]);
+    szf[q] = kGroup == 0 ? __half2float(kTok <= 16 ? szh[q] : p.szeros[c]) : 0.f;
   }
+  if constexpr (kTok > 16) {   // one output at a time (registers: a staged array of 128 outputs would spill)
 #pragma unroll
-  for (int i = 0; i < kTok / 8; ++i) {
+    for (int i = 0; i < kTok / 8; ++i) {
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {   // token m0 + 8i + 2t + e: accumulators 4i + 2rp + e
-      const int m = m0 + 8 * i + 2 * t + e;
-      if (m >= p.M) continue;
-      const float as = __half2float(p.ascale[m]), am = kGroup == 0 ? __half2float(p.asum[m]) : 0.f;
-      __half* orow = p.out + static_cast<size_t>(m) * p.N;
+      for (int e = 0; e < 2; ++e) {   // token m0 + 8i + 2t + e: accumulators 4i + 2rp + e
+        const int m = m0 + 8 * i + 2 * t + e;
+        if (m >= p.M) continue;
+        const float as = __half2float(p.ascale[m]), am = kGroup == 0 ? __half2float(p.asum[m]) : 0.f;
+        __half* orow = p.out + static_cast<size_t>(m) * p.N;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int rp = q & 1, h = q >> 1;
+          const int ps = h ? acc_hi[4 * i + 2 * rp + e] : acc_lo[4 * i + 2 * rp + e];
+          __half o;
+          if (static_cast<uint32_t>(ps + (1 << 22)) < (1u << 23)) {   // see the staged epilogue
+            const float pf = __int_as_float(0x4B400000 + ps) - 12582912.f;
+            o = __float2half_rn(fmaf(pf, s1f[q] * as, -(szf[q] * am)));
+          } else {
+            o = exact_out<kGroup>(ps, s1f[q], szf[q], as, am);
+          }
+          orow[c0 + 8 * rp + 16 * h] = o;
+        }
+      }
+    }
+    return;
+  } else {
+    // Float path for every output first, with no branch between them (so that the outputs' dependency chains
+    // interleave: a branch per output made this a chain of 16 latencies at one warp per scheduler); the rare
+    // |psum| >= 2^22 (see the staged epilogue) then takes the double path.
+    constexpr int kOut = kTok / 8 * 2 * 4;   // outputs per thread: (i, e, q) -> (2i + e) * 4 + q
+    __half o[kOut];
+    bool fast = true;
+#pragma unroll
+    for (int j = 0; j < kTok / 4; ++j) {   // token m0 + 8(j/2) + 2t + j%2: accumulators 4(j/2) + 2rp + j%2
+      const float as = __half2float(ash[j]), am = kGroup == 0 ? __half2float(amh[j]) : 0.f;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const int rp = q & 1, h = q >> 1;
-        const int ps = h ? acc_hi[4 * i + 2 * rp + e] : acc_lo[4 * i + 2 * rp + e];
-        __half o;
-        if (static_cast<uint32_t>(ps + (1 << 22)) < (1u << 23)) {   // see the staged epilogue
-          const float pf = __int_as_float(0x4B400000 + ps) - 12582912.f;
-          o = __float2half_rn(fmaf(pf, s1f[q] * as, -(szf[q] * am)));
-        } else {
-          o = exact_out<kGroup>(ps, s1f[q], szf[q], as, am);
-        }
-        orow[c0 + 8 * rp + 16 * h] = o;
+        const int a = 4 * (j / 2) + 2 * (q & 1) + j % 2;
+        const int ps = q >> 1 ? acc_hi[a] : acc_lo[a];
+        fast &= static_cast<uint32_t>(ps + (1 << 22)) < (1u << 23);
+        const float pf = __int_as_float(0x4B400000 + ps) - 12582912.f;
+        o[j * 4 + q] = __float2half_rn(fmaf(pf, s1f[q] * as, -(szf[q] * am)));
       }
+    }
+    if (__builtin_expect(!fast, 0)) {
+#pragma unroll
+      for (int j = 0; j < kTok / 4; ++j) {
+        const float as = __half2float(ash[j]), am = kGroup == 0 ? __half2float(amh[j]) : 0.f;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int a = 4 * (j / 2) + 2 * (q & 1) + j % 2;
+          const int ps = q >> 1 ? acc_hi[a] : acc_lo[a];
+          if (static_cast<uint32_t>(ps + (1 << 22)) >= (1u << 23))
+            o[j * 4 + q] = exact_out<kGroup>(ps, s1f[q], szf[q], as, am);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kTok / 4; ++j) {
+      const int m = m0 + 8 * (j / 2) + 2 * t + j % 2;
+      if (m >= p.M) continue;
+      __half* orow = p.out + static_cast<size_t>(m) * p.N + c0;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) orow[8 * (q & 1) + 16 * (q >> 1)] = o[j * 4 + q];
     }
   }
 }
 #endif
 
-// kSplit: split-K over a cluster (grid.y = cluster size = p.splits > 1, one tile per CTA); else a persistent grid
-// with the staged epilogue. Separate instantiations keep each variant's registers and code to what it runs.
-template <int kGroup, class C, bool kSplit>
+// kMode (WgMode): how the CTAs share tiles and k stages. Separate instantiations keep each variant's registers and
+// code to what it runs.
+template <int kGroup, class C, int kMode>
 __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_constant__ CUtensorMap tmap,
                                                                  const WgParams p) {
 #if defined(DCC_WGMMA_DEVICE)
@@ -145,12 +217,9 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
   double* scl = reinterpret_cast<double*>(after + C::kEpiBytes);
   uint64_t* bars = reinterpret_cast<uint64_t*>(after + C::kEpiBytes + C::kScaleBytes);
   const uint32_t full0 = smem_addr(bars), empty0 = smem_addr(bars + kStages);
+  const uint32_t recv0 = smem_addr(after + C::kEpiBytes + C::kScaleBytes + C::kBarBytes);   // 16-byte aligned
 
   const int num_tiles = p.num_m_tiles * (p.N / kTileN);
-  const int split = blockIdx.y;
-  const int kt_all = p.K / kTileK;
-  const int kt0 = split * kt_all / p.splits;
-  const int KT = (split + 1) * kt_all / p.splits - kt0;   // stages of one tile (this split), >= 1
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -160,13 +229,16 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
     fence_barrier_init();
   }
   __syncthreads();
+  // few-token split: the peers' shared memory is written (pushed) later; this barrier phase, waited for just before
+  // that, guarantees that they have all started
+  if constexpr (kMode == kCluster && kTok <= 16) cluster_arrive_relaxed();
   // Let the next kernel in the stream launch (programmatic dependent launch) once every CTA of this grid runs: its
   // CTAs take SMs as this grid's CTAs leave and prefetch what does not depend on this grid's outputs.
   grid_launch_dependents();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp >= 8) {
-    // ---------------- producer: one thread streams every tile's stages through the ring ----------------
+    // ---------------- producer: one thread streams every segment's stages through the ring ----------------
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (warp == 8 && lane == 0) {
       constexpr int gps = kGroup == 0 ? 0 : kTileK / kGroup;   // groups per stage
@@ -191,53 +263,59 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
           bulk_load(st + kS2Off + gi * 512 + 256, p.s2z + row, kTileN, full);
         }
       };
-      // Stages whose weights the copy issued at stage `it` (ring slot s) of a tile brings: a group starts at a
-      // tile's first stage and at every kWGroup-aligned slot, and stops at the tile's end and at the next aligned
-      // slot (so its slots are contiguous and never wrap); 0 inside a group.
-      auto group_len = [&](int it, int s) -> int {
+      // Stages whose weights the copy issued at stage `it` (ring slot s) of a segment of KT stages brings: a group
+      // starts at a segment's first stage and at every kWGroup-aligned slot, and stops at the segment's end and at
+      // the next aligned slot (so its slots are contiguous and never wrap); 0 inside a group.
+      auto group_len = [&](int it, int s, int KT) -> int {
         if (kWGroup == 1) return 1;
         if (it > 0 && s % kWGroup != 0) return 0;
         const int to_slot = kWGroup - s % kWGroup, to_end = KT - it;
         return to_slot < to_end ? to_slot : to_end;
       };
       // Programmatic dependent launch: the weights do not depend on the kernel before this one, so the first ring
-      // of the first tile is requested before waiting for it; the activations (its output) only after.
+      // (across segments) is requested before waiting for it; the activations (its output) only after.
       int pre = 0;
-      if (static_cast<int>(blockIdx.x) < num_tiles) {
-        const int m0 = (blockIdx.x % p.num_m_tiles) * kTok, n0 = (blockIdx.x / p.num_m_tiles) * kTileN;
-        pre = KT < kStages ? KT : kStages;
-        for (int it = 0; it < pre; ++it) {   // fresh ring: every stage is free
+      for (Segments sg(p, num_tiles); sg.valid() && pre < kStages; sg.next()) {
+        const int n0 = (sg.tile / p.num_m_tiles) * kTileN;
+        for (int it = 0; it < sg.len && pre < kStages; ++it, ++pre) {   // fresh ring: every stage is free
           // expect_tx before the copies: the TMA box counts in full, rows past M included
-          const int len = group_len(it, it);
-          mbar_arrive_expect_tx(full0 + 8 * it, bytes + kWBytes * len);
-          load_weights(smem_addr(stages + it * kStageBytes), it, kt0 + it, len, n0, full0 + 8 * it);
+          const int len = group_len(it, pre, sg.len);
+          mbar_arrive_expect_tx(full0 + 8 * pre, bytes + kWBytes * len);
+          load_weights(smem_addr(stages + pre * kStageBytes), pre, sg.kb + it, len, n0, full0 + 8 * pre);
         }
-        grid_dependency_wait();
-        for (int it = 0; it < pre; ++it)
-          tma_load_2d(smem_addr(stages + it * kStageBytes), &tmap, (kt0 + it) * kTileK, m0, full0 + 8 * it);
+      }
+      grid_dependency_wait();
+      {
+        int g_it = 0;
+        for (Segments sg(p, num_tiles); sg.valid() && g_it < pre; sg.next()) {
+          const int m0 = (sg.tile % p.num_m_tiles) * kTok;
+          for (int it = 0; it < sg.len && g_it < pre; ++it, ++g_it)
+            tma_load_2d(smem_addr(stages + g_it * kStageBytes), &tmap, (sg.kb + it) * kTileK, m0, full0 + 8 * g_it);
+        }
       }
       int g_it = 0;
-      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-        const int m0 = (tile % p.num_m_tiles) * kTok, n0 = (tile / p.num_m_tiles) * kTileN;
-        for (int it = 0; it < KT; ++it, ++g_it) {
+      for (Segments sg(p, num_tiles); sg.valid(); sg.next()) {
+        const int m0 = (sg.tile % p.num_m_tiles) * kTok, n0 = (sg.tile / p.num_m_tiles) * kTileN;
+        for (int it = 0; it < sg.len; ++it, ++g_it) {
           if (g_it < pre) continue;
           const int s = g_it % kStages;
           const uint32_t parity = ((g_it / kStages) & 1) ^ 1;
           mbar_wait(empty0 + 8 * s, parity);
-          const int len = group_len(it, s);
+          const int len = group_len(it, s, sg.len);
           // a group's copy fills slots s .. s+len-1 (same ring round): the consumers release slots in order
           if (len > 1) mbar_wait(empty0 + 8 * (s + len - 1), parity);
           const uint32_t full = full0 + 8 * s;
           mbar_arrive_expect_tx(full, bytes + kWBytes * len);
           const uint32_t st = smem_addr(stages + s * kStageBytes);
-          tma_load_2d(st, &tmap, (kt0 + it) * kTileK, m0, full);
-          load_weights(st, s, kt0 + it, len, n0, full);
+          tma_load_2d(st, &tmap, (sg.kb + it) * kTileK, m0, full);
+          load_weights(st, s, sg.kb + it, len, n0, full);
         }
       }
     }
-    if constexpr (kSplit) {   // the consumers' two cluster barriers (every thread of the cluster takes part)
+    if constexpr (kMode == kCluster) {   // the consumers' cluster barriers (every thread of the cluster takes part)
+      if constexpr (kTok <= 16) cluster_wait();
       cluster_sync_all();
-      cluster_sync_all();
+      if constexpr (kTok > 16) cluster_sync_all();
     }
     return;
   }
@@ -264,109 +342,189 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
   __half* T = epi + wg * kTok * kEpiStride;
   int g_it = 0;
 
-  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+  for (Segments sg(p, num_tiles); sg.valid(); sg.next()) {
+    const int tile = sg.tile, KT = sg.len;
     const int m0 = (tile % p.num_m_tiles) * kTok, n0 = (tile / p.num_m_tiles) * kTileN;
     const int nbase = n0 + wg * 128;
     int acc_lo[kAcc], acc_hi[kAcc];
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) acc_lo[i] = acc_hi[i] = 0;
-
-    for (int it = 0; it < KT; ++it, ++g_it) {
-      const int s = g_it % kStages;
-      mbar_wait(full0 + 8 * s, (g_it / kStages) & 1);
-      const uint32_t st = stage0 + s * kStageBytes;
-      const uint64_t desc = desc_sw128(st);
-      uint32_t s2w[2] = {0, 0}, z2w[2] = {0, 0};
-      if constexpr (kGroup > 0) {
+    // Few tokens: this thread's channel scales (rows cbase + 8rp + 16h, index rp + 2h) and token scales and sums
+    // (tokens m0 + 8i + 2t + e, index 2i + e) are requested before the k loop, so that their DRAM latency overlaps
+    // the weight stream instead of following it (the consumers passed the dependency wait: the token scales are
+    // the previous kernel's output).
+    __half s1h[4], szh[4], ash[pre_toks(kTok)], amh[pre_toks(kTok)];
+    if constexpr (kTok <= 16) {
 #pragma unroll
-        for (int gi = 0; gi < kTileK / kGroup; ++gi) {
-          s2w[gi] = lds32(st + s2_off + gi * 512);
-          z2w[gi] = lds32(st + s2_off + gi * 512 + 256);
-        }
+      for (int q = 0; q < 4; ++q) {
+        const int c = nbase + cbase + 8 * (q & 1) + 16 * (q >> 1);
+        s1h[q] = ldg_h(p.s1 + c);
+        szh[q] = kGroup == 0 ? ldg_h(p.szeros + c) : __half();
       }
-      if constexpr (kTok <= 16) {
-        // Few tokens: a wgmma is short and the kernel streams weights, so a chain of dependent waits per k32 step
-        // would bound it by wgmma latency. Unpack the whole stage (4 steps x 2 slabs = 32 registers), issue its 8
-        // wgmmas as one group, and retire the group before the registers are reused; the other warpgroup's work
-        // and the producer's copies overlap the wait.
-        uint32_t lo[4][4], hi[4][4];
+#pragma unroll
+      for (int j = 0; j < kTok / 4; ++j) {
+        const int m = m0 + 8 * (j / 2) + 2 * t + j % 2;
+        ash[j] = m < p.M ? ld_h(p.ascale + m) : __half();
+        amh[j] = kGroup == 0 && m < p.M ? ld_h(p.asum + m) : __half();
+      }
+    }
+
+    if constexpr (kTok <= 16) {
+      // Few tokens: a wgmma is short and the kernel streams weights. Per stage, unpack the whole stage (4 k32 steps
+      // x 2 slabs = 32 registers) and issue its 8 wgmmas as one group; the groups are double-buffered (two register
+      // sets, the k loop unrolled by two so that the set index is a constant): wait_group 1 retires the previous
+      // stage's group while this one runs, so a stage's smem reads and unpacking overlap the previous stage's
+      // wgmmas instead of following them (H200: 0.5-1.5% on the large layers; a stage takes ~0.3 us of consumer
+      // time, below the ~0.4 us at which its weights arrive once the first ring is used up).
+      uint32_t fr[2][2][4][4];   // [register set][lo / hi slab][k32 step][4]
+      auto stage = [&](auto set_c, int it) {
+        constexpr int set = decltype(set_c)::value;
+        const int s = g_it % kStages;
+        mbar_wait(full0 + 8 * s, (g_it / kStages) & 1);
+        const uint32_t st = stage0 + s * kStageBytes;
+        uint32_t s2w[2] = {0, 0}, z2w[2] = {0, 0};
+        if constexpr (kGroup > 0) {
+#pragma unroll
+          for (int gi = 0; gi < kTileK / kGroup; ++gi) {
+            s2w[gi] = lds32(st + s2_off + gi * 512);
+            z2w[gi] = lds32(st + s2_off + gi * 512 + 256);
+          }
+        }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int gi = kGroup > 0 ? (j * 32) / (kGroup > 0 ? kGroup : 128) : 0;
           const uint32_t wa = kWGroup == 1 ? st + w_off : wreg + s * 2048;
-          unpack<kGroup>(lds128(wa + j * 512), s2w[gi], z2w[gi], lo[j], hi[j]);
+          unpack<kGroup>(lds128(wa + j * 512), s2w[gi], z2w[gi], fr[set][0][j], fr[set][1][j]);
         }
+        const uint64_t desc = desc_sw128(st);
         wgmma_fence();
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          wgmma_s8<kTok>(acc_lo, lo[j], desc + (j * 32 >> 4));
-          wgmma_s8<kTok>(acc_hi, hi[j], desc + (j * 32 >> 4));
+          wgmma_s8<kTok>(acc_lo, fr[set][0][j], desc + (j * 32 >> 4));
+          wgmma_s8<kTok>(acc_hi, fr[set][1][j], desc + (j * 32 >> 4));
         }
         wgmma_commit();
-        wgmma_wait<0>();
-        if (lane == 0) mbar_arrive(empty0 + 8 * s);
-        continue;
+        wgmma_wait<1>();   // the previous stage's group retired: its register set and its ring slot are free
+        if (it > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((g_it - 1) % kStages));
+        ++g_it;
+      };
+      int it = 0;
+      for (; it + 1 < KT; it += 2) {
+        stage(std::integral_constant<int, 0>(), it);
+        stage(std::integral_constant<int, 1>(), it + 1);
       }
-      // Software pipeline over the stage's four k32 steps: the next step's weights are loaded and unpacked while
-      // this step's wgmmas run; wait_group 1 then retires the previous step (its A registers become free).
-      uint32_t lo[4], hi[4];
-      unpack<kGroup>(lds128(st + w_off), s2w[0], z2w[0], lo, hi);
+      if (it < KT) stage(std::integral_constant<int, 0>(), it);
+      wgmma_wait<0>();
+      if (lane == 0) mbar_arrive(empty0 + 8 * ((g_it - 1) % kStages));   // the segment's last stage
+    } else {
+      for (int it = 0; it < KT; ++it, ++g_it) {
+        const int s = g_it % kStages;
+        mbar_wait(full0 + 8 * s, (g_it / kStages) & 1);
+        const uint32_t st = stage0 + s * kStageBytes;
+        const uint64_t desc = desc_sw128(st);
+        uint32_t s2w[2] = {0, 0}, z2w[2] = {0, 0};
+        if constexpr (kGroup > 0) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        wgmma_fence();
-        wgmma_s8<kTok>(acc_lo, lo, desc + (j * 32 >> 4));
-        wgmma_s8<kTok>(acc_hi, hi, desc + (j * 32 >> 4));
-        wgmma_commit();
-        if (j < 3) {
-          const int gi = kGroup > 0 ? ((j + 1) * 32) / (kGroup > 0 ? kGroup : 128) : 0;
-          unpack<kGroup>(lds128(st + w_off + (j + 1) * 512), s2w[gi], z2w[gi], lo, hi);
+          for (int gi = 0; gi < kTileK / kGroup; ++gi) {
+            s2w[gi] = lds32(st + s2_off + gi * 512);
+            z2w[gi] = lds32(st + s2_off + gi * 512 + 256);
+          }
         }
-        wgmma_wait<1>();
-        if (j == 0 && it > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((g_it - 1) % kStages));
+        // Software pipeline over the stage's four k32 steps: the next step's weights are loaded and unpacked while
+        // this step's wgmmas run; wait_group 1 then retires the previous step (its A registers become free).
+        uint32_t lo[4], hi[4];
+        unpack<kGroup>(lds128(st + w_off), s2w[0], z2w[0], lo, hi);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          wgmma_fence();
+          wgmma_s8<kTok>(acc_lo, lo, desc + (j * 32 >> 4));
+          wgmma_s8<kTok>(acc_hi, hi, desc + (j * 32 >> 4));
+          wgmma_commit();
+          if (j < 3) {
+            const int gi = kGroup > 0 ? ((j + 1) * 32) / (kGroup > 0 ? kGroup : 128) : 0;
+            unpack<kGroup>(lds128(st + w_off + (j + 1) * 512), s2w[gi], z2w[gi], lo, hi);
+          }
+          wgmma_wait<1>();
+          if (j == 0 && it > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((g_it - 1) % kStages));
+        }
       }
-    }
-    if constexpr (kTok > 16) {
       wgmma_wait<0>();
       if (lane == 0) mbar_arrive(empty0 + 8 * ((g_it - 1) % kStages));   // the tile's last stage
     }
 
-    if constexpr (kSplit) {
-      // Split-K over the S CTAs of a cluster (grid.y; one tile per CTA in this mode): each CTA stores its int32
-      // partials in its own shared memory (the stage ring: every stage was consumed and its wgmmas retired), a
-      // cluster barrier publishes them, and CTA rank r sums all S partials of consumer warps [8r/S, 8(r+1)/S)
-      // over distributed shared memory (integer: exact in any order) and writes those warps' outputs. A second
-      // barrier keeps every CTA's shared memory alive until the remote reads are done. First, both consumer
-      // warpgroups must be done with the ring (their last wgmmas retired): one may finish its k loop while the
-      // other still reads the last stages.
+    if constexpr (kMode == kCluster) {
+      // Split-K over the S CTAs of a cluster (grid.y; one tile per CTA in this mode): CTA rank r writes the outputs
+      // of consumer warps [8r/S, 8(r+1)/S) (its "own" warps), summing the S CTAs' int32 partials of those warps
+      // (integer: exact in any order).
       constexpr int kV = kAcc / 4;   // int4 per thread per nibble slab
-      const int ctid = threadIdx.x;   // 0..255
-      named_bar_sync(3, 256);
-#pragma unroll
-      for (int v = 0; v < kV; ++v) {
-        sts128(stage0 + (v * 256 + ctid) * 16, make_int4(acc_lo[4 * v], acc_lo[4 * v + 1], acc_lo[4 * v + 2],
-                                                         acc_lo[4 * v + 3]));
-        sts128(stage0 + ((kV + v) * 256 + ctid) * 16, make_int4(acc_hi[4 * v], acc_hi[4 * v + 1],
-                                                                acc_hi[4 * v + 2], acc_hi[4 * v + 3]));
-      }
-      cluster_sync_all();
-      if (warp * p.splits / 8 == static_cast<int>(cluster_rank())) {
-#pragma unroll
-        for (int i = 0; i < kAcc; ++i) acc_lo[i] = acc_hi[i] = 0;
-        for (int z = 0; z < p.splits; ++z) {
-          const uint32_t base = mapa(stage0, z);
+      auto add = [&](const int4& a, const int4& b, int v) {
+        acc_lo[4 * v] += a.x; acc_lo[4 * v + 1] += a.y; acc_lo[4 * v + 2] += a.z; acc_lo[4 * v + 3] += a.w;
+        acc_hi[4 * v] += b.x; acc_hi[4 * v + 1] += b.y; acc_hi[4 * v + 2] += b.z; acc_hi[4 * v + 3] += b.w;
+      };
+      const int S = p.splits, rank = static_cast<int>(cluster_rank()), owner = warp * S / 8;
+      if constexpr (kTok <= 16) {
+        // Few tokens (push): a warp that another CTA owns stores its partials straight into that CTA's receive
+        // region (st.shared::cluster; slot [sender][owned warp][v][lane], 2 KB each), one cluster barrier
+        // (release / acquire) publishes them, and the owner adds them from its own shared memory to the partials
+        // still in its registers. One barrier and no remote loads: the pull version (stores to its own shared
+        // memory, a barrier, remote loads, a second barrier) spent ~1.3 us after the k loop (H200 trace, NOTES.md).
+        const int own_max = (8 + S - 1) / S;   // warps per owner, at most
+        cluster_wait();   // every CTA of the cluster has started (the arrive at the kernel's start)
+        if (owner != rank) {
+          const int w0 = (8 * owner + S - 1) / S, j = rank < owner ? rank : rank - 1;
+          const uint32_t dst = mapa(recv0, owner) + ((j * own_max + warp - w0) * 2 * kV * 32 + lane) * 16;
 #pragma unroll
           for (int v = 0; v < kV; ++v) {
-            const int4 a = ld_cluster128(base + (v * 256 + ctid) * 16);
-            const int4 b = ld_cluster128(base + ((kV + v) * 256 + ctid) * 16);
-            acc_lo[4 * v] += a.x; acc_lo[4 * v + 1] += a.y; acc_lo[4 * v + 2] += a.z; acc_lo[4 * v + 3] += a.w;
-            acc_hi[4 * v] += b.x; acc_hi[4 * v + 1] += b.y; acc_hi[4 * v + 2] += b.z; acc_hi[4 * v + 3] += b.w;
+            st_cluster128(dst + v * 512, make_int4(acc_lo[4 * v], acc_lo[4 * v + 1], acc_lo[4 * v + 2],
+                                                   acc_lo[4 * v + 3]));
+            st_cluster128(dst + (kV + v) * 512, make_int4(acc_hi[4 * v], acc_hi[4 * v + 1], acc_hi[4 * v + 2],
+                                                          acc_hi[4 * v + 3]));
           }
         }
-        epilogue_direct<kGroup, kTok>(acc_lo, acc_hi, p, m0, nbase + cbase, t);
+        cluster_sync_all();
+        if (owner == rank) {
+          const int w0 = (8 * rank + S - 1) / S;
+          for (int j = 0; j < S - 1; ++j) {
+            const uint32_t src = recv0 + ((j * own_max + warp - w0) * 2 * kV * 32 + lane) * 16;
+#pragma unroll
+            for (int v = 0; v < kV; ++v) {
+              const uint4 a = lds128(src + v * 512), b = lds128(src + (kV + v) * 512);
+              add(make_int4(a.x, a.y, a.z, a.w), make_int4(b.x, b.y, b.z, b.w), v);
+            }
+          }
+          epilogue_direct<kGroup, kTok>(acc_lo, acc_hi, p, m0, nbase + cbase, t, s1h, szh, ash, amh);
+        }
+      } else {
+        // Larger tiles (pull): each CTA stores its partials in its own shared memory (the stage ring: every stage
+        // was consumed and its wgmmas retired, once both consumer warpgroups are done with it), a cluster barrier
+        // publishes them, the owners read all S over distributed shared memory, and a second barrier keeps every
+        // CTA's shared memory alive until the remote reads are done.
+        const int ctid = threadIdx.x;   // 0..255
+        named_bar_sync(3, 256);
+#pragma unroll
+        for (int v = 0; v < kV; ++v) {
+          sts128(stage0 + (v * 256 + ctid) * 16, make_int4(acc_lo[4 * v], acc_lo[4 * v + 1], acc_lo[4 * v + 2],
+                                                           acc_lo[4 * v + 3]));
+          sts128(stage0 + ((kV + v) * 256 + ctid) * 16, make_int4(acc_hi[4 * v], acc_hi[4 * v + 1],
+                                                                  acc_hi[4 * v + 2], acc_hi[4 * v + 3]));
+        }
+        cluster_sync_all();
+        if (owner == rank) {
+#pragma unroll
+          for (int i = 0; i < kAcc; ++i) acc_lo[i] = acc_hi[i] = 0;
+          for (int z = 0; z < S; ++z) {
+            const uint32_t base = mapa(stage0, z);
+#pragma unroll
+            for (int v = 0; v < kV; ++v)
+              add(ld_cluster128(base + (v * 256 + ctid) * 16), ld_cluster128(base + ((kV + v) * 256 + ctid) * 16), v);
+          }
+          epilogue_direct<kGroup, kTok>(acc_lo, acc_hi, p, m0, nbase + cbase, t, s1h, szh, ash, amh);
+        }
+        cluster_sync_all();
       }
-      cluster_sync_all();
-    } else {
-      // ---------------- epilogue (unsplit: through shared memory, 16-byte stores) ----------------
+    }
+    if constexpr (kMode == kPersistent) {
+      // ---------------- epilogue (whole tile: through shared memory, 16-byte stores) ----------------
       if (tid < kTok) {
         const int m = m0 + tid;
         const float sf = m < p.M ? __half2float(p.ascale[m]) : 0.f;
@@ -380,8 +538,13 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
 #pragma unroll
       for (int q = 0; q < 4; ++q) {   // q: 0 -> lo row g, 1 -> lo g+8, 2 -> hi g, 3 -> hi g+8
         const int c = cbase + 8 * (q & 1) + 16 * (q >> 1);
-        s1f[q] = __half2float(p.s1[nbase + c]);
-        szf[q] = kGroup == 0 ? __half2float(p.szeros[nbase + c]) : 0.f;
+        if constexpr (kTok <= 16) {   // loaded when the tile started
+          s1f[q] = __half2float(s1h[q]);
+          szf[q] = kGroup == 0 ? __half2float(szh[q]) : 0.f;
+        } else {
+          s1f[q] = __half2float(p.s1[nbase + c]);
+          szf[q] = kGroup == 0 ? __half2float(p.szeros[nbase + c]) : 0.f;
+        }
       }
       named_bar_sync(bar_id, 128);
 #pragma unroll

@@ -111,9 +111,12 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[kTok / 2], const uint32_t (&a)
 using sm90::grid_dependency_wait;
 using sm90::grid_launch_dependents;
 using sm90::cluster_sync_all;
+using sm90::cluster_arrive_relaxed;
+using sm90::cluster_wait;
 using sm90::cluster_rank;
 using sm90::mapa;
 using sm90::ld_cluster128;
+using sm90::st_cluster128;
 using sm90::mbar_init;
 using sm90::fence_barrier_init;
 using sm90::mbar_arrive_expect_tx;

@@ -168,7 +168,7 @@ def _check_wgmma(ops, lay, group, m, k, gen, note, calls=2):
         assert int(d.max()) <= 1 and int((d == 0).sum()) >= 0.999 * d.numel(), (note, m, int(d.max()))
 
 
-@pytest.mark.parametrize("splits", (1, 2, 3, 4, 7, 8))
+@pytest.mark.parametrize("splits", (1, 2, 3, 4, 6, 7, 8))
 @pytest.mark.parametrize("group", (0, 64, 128))
 def test_wgmma_forced_splits_exact(ops, monkeypatch, group, splits):
     """The wgmma kernel with its K split count (= cluster size) forced by DCC_W4A8_WGMMA_SPLITS (where the GPU and
@@ -307,3 +307,37 @@ def test_gemv_variants_exact(ops, group):
                         ops.gemm(xq, scale, ssum, dev["qweight"], dev["s1_scales"], dev["s1_szeros"],
                                  dev["s2_scales"], dev["s2_zeros"], group, path=4 | (v << 4) | (s << 8), out=out)
                         assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), (v, s, m, n, k)
+
+
+def _at_offset(t: torch.Tensor, elems: int) -> torch.Tensor:
+    """The same values in a view that starts `elems` elements into a fresh buffer (misaligned for elems = 1)."""
+    buf = torch.empty(t.numel() + elems, dtype=t.dtype, device=t.device)
+    view = buf[elems:]
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("group", (0, 128))
+def test_gemv_scales_misaligned_exact(ops, group):
+    """The cluster GEMV copies its epilogue scales into shared memory with 16-byte cp.async where every scale
+    pointer is 16-byte aligned, and reads them from global memory otherwise: both paths, over one and two token
+    chunks with partial ones (M = 1, 7, 9, 16), with split and unsplit K (the default shape, forced S = 2)."""
+    ext = ops.ext()
+    if not ext.gemm_gemv_available():
+        pytest.skip("the cluster GEMV is not built for this GPU (sm_90+)")
+    n, k = 256, 640
+    for m in (1, 7, 9, 16):
+        gen = _gen("gemv-align", group, m)
+        lay = make_layer(n, k, group, gen)
+        dev = {name: (None if v is None else v.cuda()) for name, v in lay.items() if name != "ints"}
+        xq, scale, ssum = ops.quantize_act(make_x(m, k, gen).cuda(), with_sum=group == 0)
+        ref = _reference(lay, xq, scale, ssum)
+        for off in (0, 1):   # elements: 1 = 2 bytes past a 16-byte boundary
+            sc, sm = _at_offset(scale, off), None if ssum is None else _at_offset(ssum, off)
+            s1 = _at_offset(dev["s1_scales"], off)
+            sz = None if dev["s1_szeros"] is None else _at_offset(dev["s1_szeros"], off)
+            for s in (0, 2):
+                out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+                ops.gemm(xq, sc, sm, dev["qweight"], s1, sz, dev["s2_scales"], dev["s2_zeros"], group,
+                         path=4 | (s << 8), out=out)
+                assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), (m, off, s)
