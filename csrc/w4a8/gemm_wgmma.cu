@@ -9,7 +9,7 @@
 //    m64n128k32 wgmmas, one on the low-nibble slabs (channels 32w + 0..15) and one on the high (32w + 16..31). The
 //    row -> channel permutation is undone in the epilogue.
 //  - CTA tile: 256 channels (2 consumer warpgroups x 128) x T tokens, k stage 128; T = 128 with a 4-stage ring for
-//    large M, T = 64 with 6 stages for medium M (use_mid), T = 16 with 8 stages for M <= 16 (wgmma_kernel.cuh,
+//    large M, T = 64 with 6 stages for medium M (use_mid), T = 16 with 8 stages for M <= 16 (wgmma_cfg.cuh,
 //    WgCfg). One producer warp (lane 0)
 //    fills the shared-memory ring guarded by mbarriers: the activation tile [T tokens][128 k] by a 2D TMA
 //    load with 128-byte swizzle (the wgmma B layout: K-major, SW128), the weight tiles by 8 bulk copies of 2 KB
@@ -21,13 +21,13 @@
 //    lies in [0, 255] for every byte, so one 32-bit multiply-add on 4 packed bytes has no carries, and XOR 0x80 per
 //    byte gives the int8 (csrc/w4a8/common.cuh, Level2). The s2 word of lane g holds channels g, g+8, g+16, g+24
 //    of the 32-channel block (QServe's [4,8] -> [8,4] reorder), i.e. rows g, g+8 (low) and g+16, g+24 (high).
-//  - Pipelining (CfgLarge, CfgMid): per k32 step: wgmma.fence, 2 wgmmas, commit, then ld.shared + unpack of the next step's
-//    weights (overlapping the running wgmmas), then wait_group 1 (the previous step retired: its A registers are
-//    free and, at a stage's first step, the previous stage is released to the producer). CfgSmall unpacks a whole
-//    stage and issues its 8 wgmmas as one group, double-buffered across stages (two register sets, wait_group 1).
-//    It requests its epilogue scales (channels and tokens) before its k loop. Persistent grid (one CTA per SM,
-//    tiles strided by the grid, m fastest): the producer prefetches the next tile's stages during the epilogue.
-//    Consumers get 232 registers (setmaxnreg), the producer warpgroup 40.
+//  - Pipelining (CfgLarge, CfgMid): per k32 step: wgmma.fence, 2 wgmmas, commit, then ld.shared + unpack of the
+//    next step's weights (overlapping the running wgmmas), then wait_group 1 (the previous step retired: its A
+//    registers are free and, at a stage's first step, the previous stage is released to the producer). CfgSmall
+//    unpacks a whole stage and issues its 8 wgmmas as one group, double-buffered across stages (two register sets,
+//    wait_group 1). It requests its epilogue scales (channels and tokens) before its k loop. Persistent grid (one
+//    CTA per SM, tiles strided by the grid, m fastest): the producer prefetches the next tile's stages during the
+//    epilogue. Consumers get 232 registers (setmaxnreg), the producer warpgroup 40.
 //  - Programmatic dependent launch (DCC_W4A8_PDL=0 disables it): the kernel may start while the previous kernel in
 //    the stream (the activation quantization) finishes; the producer requests the first ring's weights before
 //    griddepcontrol.wait, the activations and token scales are read only after it. Safe because only kernels
