@@ -55,10 +55,9 @@ enum WgMode { kPersistent = 0, kCluster = 1 };
 // The (tile, k range) pieces of one CTA's work, in order: k stages [kb, kb + len) of tile `tile`. Producer and
 // consumers walk the same sequence (the producer's first ring may span several tiles).
 struct Segments {
-  int tile, kb, len, kt_all, num_tiles;
+  int tile, kb, len, num_tiles;
   __device__ __forceinline__ Segments(const WgParams& p, int num_tiles_) : num_tiles(num_tiles_) {
-    kt_all = p.K / 128;
-    const int split = blockIdx.y;
+    const int kt_all = p.K / CfgLarge::kTileK, split = blockIdx.y;   // every configuration's k stage
     kb = split * kt_all / p.splits;
     len = (split + 1) * kt_all / p.splits - kb;   // >= 1
     tile = blockIdx.x;
