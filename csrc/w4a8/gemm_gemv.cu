@@ -17,9 +17,12 @@
 //    the weights (4096x4096: 8 MB); shapes with C = 2 pair the CTAs of two row blocks in a cluster and multicast
 //    each row to both (half the L2 reads: 6.6 -> 5.5 us). Clusters of 4 would halve it again, but the H200 holds
 //    only 30 clusters of 4 one-CTA-per-SM CTAs (120 SMs), so 128 CTAs take two waves.
-//  - Split-K: S CTAs of a row block form a cluster (S x C with shared activations); their int32 sums are added
-//    over distributed shared memory (integer: the same bits in any order) by the S CTAs in parallel, each writing
-//    1/S of the outputs; a CTA issues all its remote loads before using any (one round trip). No global workspace.
+//  - Split-K: S CTAs of a row block form a cluster (S x C with shared activations); each writes 1/S of the
+//    outputs, and the others push their int32 sums of those into its shared memory (st.shared::cluster) before one
+//    cluster barrier; it adds them (integer: the same bits in any order). No remote loads, no global workspace.
+//    The pushes need every CTA of the cluster running: the cluster barrier at the start where C > 1, else a
+//    relaxed arrive at the start (a release one would wait for the weight loads in flight) and its wait just
+//    before the pushes.
 //  - Programmatic dependent launch: the weight (and s2) loads are issued before griddepcontrol.wait, the
 //    activations, token scales and outputs only after it (the previous kernel, quant_act, writes the activations).
 //  - Epilogue: common.cuh's exact epilogue (bit-identical to the split-K kernel and the CPU reference). Its scales

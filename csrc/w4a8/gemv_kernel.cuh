@@ -15,13 +15,14 @@ namespace gemv {
 
 constexpr int kRedStride = 36;   // int32 per token row of the warp-sum buffer (36: lanes hit 32 distinct banks)
 
-// Static shared memory of one CTA: the warps' sums [kWarps][8*MT tokens][36], the CTA's sums [kRows][M][32]
-// (which the other CTAs of the cluster read) and the activation slice's mbarrier. The activation slice itself is
-// dynamic: M rows of slice_stride(K range) bytes.
+// Static shared memory of one CTA: the warps' sums [kWarps][8*MT tokens][36], the split-K sums of the outputs
+// it writes (1/S of [kRows][M][32]) from each of the S CTAs of its K range ([split][E/S]; the others push theirs),
+// and the activation slice's mbarrier. The activation slice itself is dynamic: M rows of slice_stride(K range)
+// bytes.
 template <int MT, int kWarps, int kRows>
 struct Smem {
   int32_t red[kWarps * 8 * MT * kRedStride];
-  int32_t part[kRows * 8 * MT * 32];
+  int32_t part[kRows * 8 * MT * 32];   // [split][E/S] (S a power of two: E/S exact)
   __half sc[2][kRows * 32];   // the CTA's channel scales s1 and szeros (see scales_aligned)
   __half tk[2][16];           // token scales and sums
   uint64_t xbar;
@@ -117,15 +118,25 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
   // this K range (cluster ranks split + S*c) share the copies: CTA c issues rows c, c + kC, .. multicast to all kC,
   // so L2 serves each row once per cluster, not once per CTA (all CTAs read the same rows at the same moment, and
   // that traffic, not the weights, set the time at M = 16). Their mbarriers must be initialised before a peer's
-  // copy lands: hence the cluster barrier.
+  // copy lands: hence the cluster barrier. Its arrive is relaxed: a release arrive waits for this thread's loads in
+  // flight, the whole weight ring (2 us at 4096x4096, M = 16), and the activations were then requested only once
+  // the weights had landed. Relaxed, each CTA finishes 1 us earlier; GEMMs in a row are no faster (the weight
+  // stream and the activation reads share L2; H200: 5.43-5.62 against 5.46-5.51 us), but activation quantization
+  // + GEMM is (8.19 -> 7.65 us).
   const int stride = slice_stride(ke - kb);
   const uint32_t xbar = smem_u32(&sm.xbar), xs0 = smem_u32(xs);
   if (threadIdx.x == 0) {
     sm90::mbar_init(xbar, 1);
     sm90::fence_barrier_init();
   }
-  if constexpr (kC > 1) sm90::cluster_sync_all();
-  else __syncthreads();
+  if constexpr (kC > 1) {
+    sm90::cluster_sync_relaxed();
+  } else {
+    __syncthreads();
+    // split-K pushes into the peers' shared memory at the end: this phase, waited for just before, guarantees
+    // that they have all started
+    if (p.S > 1) sm90::cluster_arrive_relaxed();
+  }
   sm90::grid_launch_dependents();
   sm90::grid_dependency_wait();   // before the activations, token scales and our outputs (the last kernel's data)
   if (pre && threadIdx.x >= 64 && threadIdx.x < (kGrouped ? 66 : 68)) {   // token scales (64, 65), sums (66, 67)
@@ -206,7 +217,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
       }
   cp_async_wait<0>();   // this thread's scale copies; the barrier publishes everyone's
   __syncthreads();
-  // Output e of the CTA: row tile e / (32*toks), token (e / 32) % toks, row e % 32.
+  // Output e of the CTA: row tile e / (32*toks), token (e / 32) % toks, row e % 32. Split-K over the cluster: the
+  // CTA of split r writes outputs [r*E/S, (r+1)*E/S); the others push their sums of those into its part region
+  // (st.shared::cluster) before one cluster barrier, and it adds them from its own shared memory (integer: the
+  // same bits in any order). Nothing is read across CTAs after the barrier, so no second one.
   auto chan = [&](int e) { return n0 + (e / (32 * toks)) * 32 + e % 32; };
   auto tokn = [&](int e) { return (e / 32) % toks; };
   auto out_val = [&](int v, int e) {
@@ -214,38 +228,32 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
     const int c = chan(e) - n0, m = tokn(e);
     return epilogue_vals(v, sm.sc[0][c], sm.sc[1][c], sm.tk[0][m], sm.tk[1][m], !kGrouped);
   };
-  for (int e = threadIdx.x; e < kRows * toks * 32; e += blockDim.x) {
+  const int E = kRows * toks * 32, Es = E / p.S, rank0 = p.S * (blockIdx.y % kC);
+  if (kC == 1 && p.S > 1) sm90::cluster_wait();   // every peer runs (the arrive at the start)
+  const uint32_t part0 = smem_u32(sm.part);
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
     const int rt = e / (32 * toks), tok = tokn(e), row = e % 32;
     int v = 0;
 #pragma unroll
     for (int w = 0; w < kWK; ++w) v += sm.red[((w * kRows + rt) * 8 * MT + tok) * kRedStride + row];
-    if (p.S == 1) p.out[static_cast<size_t>(tok) * p.N + chan(e)] = out_val(v, e);
-    else sm.part[e] = v;
+    if (p.S == 1) {
+      p.out[static_cast<size_t>(tok) * p.N + chan(e)] = out_val(v, e);
+    } else {
+      const int owner = e / Es, slot = split * Es + e - owner * Es;
+      if (owner == split) sm.part[slot] = v;
+      else sm90::st_cluster32(sm90::mapa(part0 + 4 * slot, rank0 + owner), v);
+    }
   }
   // Leaving without a cluster barrier is safe with kC > 1 too: every multicast copy into this CTA's shared memory
   // landed before its first mma (it waited for all M rows), and nothing else is read across CTAs when S == 1.
   if (p.S == 1) return;
-  // Split-K over the cluster: the CTA of split r adds the S CTAs' sums (cluster ranks z + S*c, c its row block in
-  // the cluster) of outputs [r*E/S, (r+1)*E/S) over distributed shared memory (integer: the same bits in any order)
-  // and writes them; the second barrier keeps every CTA's shared memory alive until the remote reads are done.
-  sm90::cluster_sync_all();
-  const int E = kRows * toks * 32, r = split, rank0 = p.S * (blockIdx.y % kC);
-  const int e0 = r * E / p.S, e1 = (r + 1) * E / p.S;
-  const uint32_t part = smem_u32(sm.part);
-  for (int e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
-    // this CTA's own sum from its shared memory; the others' over DSMEM, every load issued before any is used
-    // (one round trip, not one per split)
-    int rv[8];
-#pragma unroll
-    for (int z = 0; z < 8; ++z)
-      if (z < p.S && z != split) rv[z] = sm90::ld_cluster32(sm90::mapa(part + 4 * e, rank0 + z));
-    int v = sm.part[e];
-#pragma unroll
-    for (int z = 0; z < 8; ++z)
-      if (z < p.S && z != split) v += rv[z];
+  sm90::cluster_sync_all();   // release: our pushes have landed; acquire: the peers' are visible
+  for (int i = threadIdx.x; i < Es; i += blockDim.x) {
+    int v = 0;
+    for (int z = 0; z < p.S; ++z) v += sm.part[z * Es + i];
+    const int e = split * Es + i;
     p.out[static_cast<size_t>(tokn(e)) * p.N + chan(e)] = out_val(v, e);
   }
-  sm90::cluster_sync_all();
 #endif
 }
 

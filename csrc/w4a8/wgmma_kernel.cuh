@@ -337,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
           }
           epilogue_direct<kGroup, kTok>(acc_lo, acc_hi, p, m0, nbase + cbase, t, s1h, szh, ash, amh);
         }
-        cluster_sync_all();
+        cluster_sync_relaxed();   // the remote values are used; the output stores need not land first
       }
     }
     if constexpr (kMode == kPersistent) {

@@ -111,6 +111,7 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[kTok / 2], const uint32_t (&a)
 using sm90::grid_dependency_wait;
 using sm90::grid_launch_dependents;
 using sm90::cluster_sync_all;
+using sm90::cluster_sync_relaxed;
 using sm90::cluster_arrive_relaxed;
 using sm90::cluster_wait;
 using sm90::cluster_rank;
