@@ -220,7 +220,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
   // Output e of the CTA: row tile e / (32*toks), token (e / 32) % toks, row e % 32. Split-K over the cluster: the
   // CTA of split r writes outputs [r*E/S, (r+1)*E/S); the others push their sums of those into its part region
   // (st.shared::cluster) before one cluster barrier, and it adds them from its own shared memory (integer: the
-  // same bits in any order). Nothing is read across CTAs after the barrier, so no second one.
+  // same bits in any order). Nothing is read across CTAs after the barrier, so no second one. The CTA of split z is
+  // cluster rank z + S*c, c its row block in the cluster.
   auto chan = [&](int e) { return n0 + (e / (32 * toks)) * 32 + e % 32; };
   auto tokn = [&](int e) { return (e / 32) % toks; };
   auto out_val = [&](int v, int e) {
