@@ -92,7 +92,8 @@ __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.w
 // its end, the outputs' global stores). For "my mbarriers are initialised" (after fence_barrier_init, which
 // orders the init) and "I am done reading your shared memory" (once the values read have been used).
 __device__ __forceinline__ void cluster_sync_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed;\nbarrier.cluster.wait;\n" ::: "memory");
+  cluster_arrive_relaxed();
+  cluster_wait();
 }
 __device__ __forceinline__ uint32_t cluster_rank() {
   uint32_t r;
