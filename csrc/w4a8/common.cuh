@@ -137,6 +137,19 @@ __device__ __forceinline__ __half epilogue_vals(int psum, __half s1, __half sz, 
   return __float2half_rn(__double2float_rn(v));
 }
 
+// The same value by a shorter dependency chain where |psum| < 2^22 (as the wgmma kernel's epilogue): psum is exact
+// in float (magic-number conversion), s1*as and sz*asum are exact in float (fp16 x fp16: 22 significant bits), so
+// one fma rounds the exact value once to float. That is the float the double path gives, except where that path's
+// two roundings (to double, then to float) differ from one, which needs the exact value to sit on a float rounding
+// tie after the double rounding (probability ~2^-29). Larger |psum|: the double path.
+__device__ __forceinline__ __half epilogue_fast(int psum, __half s1, __half sz, __half as, __half am,
+                                               bool per_channel) {
+  if (static_cast<uint32_t>(psum + (1 << 22)) >= (1u << 23)) return epilogue_vals(psum, s1, sz, as, am, per_channel);
+  const float pf = __int_as_float(0x4B400000 + psum) - 12582912.f;   // 1.5 * 2^23 + psum, exact below 2^22
+  const float b = per_channel ? __half2float(sz) * __half2float(am) : 0.f;
+  return __float2half_rn(fmaf(pf, __half2float(s1) * __half2float(as), -b));
+}
+
 __device__ __forceinline__ __half epilogue(int psum, int m, int n, const GemmArgs& p) {
   const bool pc = p.group == 0;
   return epilogue_vals(psum, p.s1[n], pc ? p.szeros[n] : __half(), p.ascale[m], pc ? p.asum[m] : __half(), pc);

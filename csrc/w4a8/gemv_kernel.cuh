@@ -15,17 +15,17 @@ namespace gemv {
 
 constexpr int kRedStride = 36;   // int32 per token row of the warp-sum buffer (36: lanes hit 32 distinct banks)
 
-// Static shared memory of one CTA: the warps' sums [kWarps][8*MT tokens][36], the split-K sums of the outputs
+// Static shared memory of one CTA: the sums of its warps [kRows][8*MT tokens][36], the split-K sums of the outputs
 // it writes (1/S of [kRows][M][32]) from each of the S CTAs of its K range ([split][E/S]; the others push theirs),
-// and the activation slice's mbarrier. The activation slice itself is dynamic: M rows of slice_stride(K range)
+// and the activation slice's two mbarriers (token rows 0-7 and 8-15). The activation slice itself is dynamic: M rows of slice_stride(K range)
 // bytes.
 template <int MT, int kWarps, int kRows>
 struct Smem {
-  int32_t red[kWarps * 8 * MT * kRedStride];
+  int32_t red[kRows * 8 * MT * kRedStride];   // zeroed at the start; each warp adds its sums (red.shared.add)
   int32_t part[kRows * 8 * MT * 32];   // [split][E/S] (S a power of two: E/S exact)
   __half sc[2][kRows * 32];   // the CTA's channel scales s1 and szeros (see scales_aligned)
   __half tk[2][16];           // token scales and sums
-  uint64_t xbar;
+  uint64_t xbar[2];   // activation rows 0-7 and 8-15
 };
 
 // The epilogue's scales, copied into shared memory by cp.async when the kernel starts (the channels' right away,
@@ -71,10 +71,11 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int kw = warp / kRows;
   const int split = blockIdx.x, nt = blockIdx.y * kRows + warp % kRows;
-  const int ktiles = p.K / 32;
-  const int kb = static_cast<int>(static_cast<long long>(split) * ktiles / p.S);
-  const int ke = static_cast<int>(static_cast<long long>(split + 1) * ktiles / p.S);
-  const int cnt = (ke - kb - kw + kWK - 1) / kWK;   // tiles of this warp: kb + kw + i*kWK
+  // S is a power of two (gemm_gemv.cu): shifts, not divisions. A runtime division is a chain of ~20 dependent
+  // instructions, and every warp runs it before its first load (here) and before its outputs (below).
+  const int ktiles = p.K / 32, lg_s = __ffs(p.S) - 1;
+  const int kb = (split * ktiles) >> lg_s, ke = ((split + 1) * ktiles) >> lg_s;
+  int cnt = (ke - kb - kw + kWK - 1) / kWK;   // tiles of this warp: kb + kw + i*kWK
 
   // Weights first (they do not depend on the previous kernel in the stream): kU loads per lane in flight.
   const uint8_t* wptr = p.qweight + (static_cast<size_t>(nt) * ktiles + kb + kw) * 512 + lane * 16;
@@ -106,6 +107,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
     if (u < cnt) load(ring[u], u);
 
   const int n0 = blockIdx.y * kRows * 32;
+  for (int i = threadIdx.x; i < kRows * 8 * MT * kRedStride; i += blockDim.x) sm.red[i] = 0;   // (barrier below)
   const bool pre = scales_aligned<kGrouped>(p);
   if (pre) {   // channel scales: kRows * 4 chunks of 16 bytes per array (threads 0.., and 32.. for szeros)
     const int c = threadIdx.x % 32, arr = threadIdx.x / 32;
@@ -124,12 +126,14 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
   // stream and the activation reads share L2; H200: 5.43-5.62 against 5.46-5.51 us), but activation quantization
   // + GEMM is (8.19 -> 7.65 us).
   const int stride = slice_stride(ke - kb);
-  const uint32_t xbar = smem_u32(&sm.xbar), xs0 = smem_u32(xs);
+  const uint32_t xbar0 = smem_u32(&sm.xbar[0]), xbar1 = smem_u32(&sm.xbar[1]), xs0 = smem_u32(xs);
   if (threadIdx.x == 0) {
-    sm90::mbar_init(xbar, 1);
+    sm90::mbar_init(xbar0, 1);
+    sm90::mbar_init(xbar1, 1);
     sm90::fence_barrier_init();
   }
   if constexpr (kC > 1) {
+    __syncthreads();   // the zeroed sums (the relaxed cluster barrier orders nothing)
     sm90::cluster_sync_relaxed();
   } else {
     __syncthreads();
@@ -147,15 +151,19 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
   cp_async_commit();
   if (kStage && threadIdx.x == 0) {
     const uint32_t bytes = (ke - kb) * 32;
-    sm90::mbar_arrive_expect_tx(xbar, bytes * p.M);   // every CTA receives all M rows
+    // every CTA receives all M rows: rows 0-7 complete xbar0, rows 8.. xbar1 (M > 8 here)
+    sm90::mbar_arrive_expect_tx(xbar0, bytes * 8);
+    sm90::mbar_arrive_expect_tx(xbar1, bytes * (p.M - 8));
     const int8_t* src = p.xq + kb * 32;
     if constexpr (kC == 1 || !sm90::kMulticast) {
-      for (int m = 0; m < p.M; ++m) sm90::bulk_load(xs0 + m * stride, src + static_cast<size_t>(m) * p.K, bytes, xbar);
+      for (int m = 0; m < p.M; ++m)
+        sm90::bulk_load(xs0 + m * stride, src + static_cast<size_t>(m) * p.K, bytes, m < 8 ? xbar0 : xbar1);
     } else {
       uint16_t mask = 0;
       for (int c = 0; c < kC; ++c) mask |= static_cast<uint16_t>(1u << (split + p.S * c));
       for (int m = blockIdx.y % kC; m < p.M; m += kC)
-        sm90::bulk_load_multicast(xs0 + m * stride, src + static_cast<size_t>(m) * p.K, bytes, xbar, mask);
+        sm90::bulk_load_multicast(xs0 + m * stride, src + static_cast<size_t>(m) * p.K, bytes, m < 8 ? xbar0 : xbar1,
+                                  mask);
     }
   }
   // MT = 2: one ldmatrix.x4 per tile gives the lane its four B fragment words (token 8j + g, k 4t.. and 16 + 4t..
@@ -173,7 +181,62 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
       for (int i = 0; i < 4; ++i) acc[s][j][i] = 0;
 
   if constexpr (kStage) {
-    sm90::mbar_wait(xbar, 0);
+    if (kU == 8 && cnt <= kU) {
+      // Every weight tile of the warp is in registers (one round): unpack them while the activation slice is in
+      // flight (the weights land first: the slice is requested after them), then do the mma work of tokens 0-7 as
+      // soon as their rows have landed and that of tokens 8-15 after. The unpacked tiles take 64 registers: the
+      // 8-tile shapes run one 16-warp CTA per SM anyway, while the 4-tile ones keep the 64 registers of two per SM
+      // by unpacking in the loop (below). B fragments (ldmatrix .x2: one token half) are read one tile ahead of
+      // their mma; ldmatrix and mma are asm volatile, so their order is the order written here.
+      uint32_t a[kU][2][4];
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+        if (u < cnt) {
+          Level2 l2;
+          if constexpr (kGrouped) l2 = level2(ring[u].s2, ring[u].z2);
+          unpack_tile<kGrouped>(ring[u].w, l2, a[u][0], a[u][1]);
+        }
+#pragma unroll
+      for (int j = 0; j < MT; ++j) {
+        sm90::mbar_wait(j ? xbar1 : xbar0, 0);
+        // lanes 0-15 address tokens 8j + lane % 8 (k bytes 0-15 / 16-31); past M: row M - 1 (never written)
+        const uint32_t xa = xs0 + min(8 * j + lane % 8, p.M - 1) * stride + kw * 32 + 16 * ((lane / 8) % 2);
+        uint32_t b[2][2];
+        if (cnt > 0) sm90::ldsm_x2(b[0], xa);   // (a warp without tiles must not read past its row)
+#pragma unroll
+        for (int u = 0; u < kU; ++u)
+          if (u < cnt) {
+            if (u + 1 < kU && u + 1 < cnt) sm90::ldsm_x2(b[(u + 1) % 2], xa + (u + 1) * kWK * 32);
+            mma_s8(acc[0][j], a[u][0], b[u % 2][0], b[u % 2][1]);
+            mma_s8(acc[1][j], a[u][1], b[u % 2][0], b[u % 2][1]);
+          }
+      }
+      cnt = 0;   // done: nothing left for the loop below
+    } else {
+      sm90::mbar_wait(xbar0, 0);
+      sm90::mbar_wait(xbar1, 0);
+      // One round, per channel: B fragments one tile ahead of their mma (as above), unpacking in the loop. With
+      // groups the loop below (the level-2 words take registers: 4-tile shapes would pass 64).
+      if (!kGrouped && cnt <= kU) {
+        uint32_t b[2][4];
+        if (cnt > 0) sm90::ldsm_x4(b[0], xaddr);
+#pragma unroll
+        for (int u = 0; u < kU; ++u)
+          if (u < cnt) {
+            if (u + 1 < kU && u + 1 < cnt) sm90::ldsm_x4(b[(u + 1) % 2], xaddr + (u + 1) * kWK * 32);
+            Level2 l2;
+            if constexpr (kGrouped) l2 = level2(ring[u].s2, ring[u].z2);
+            uint32_t lo[4], hi[4];
+            unpack_tile<kGrouped>(ring[u].w, l2, lo, hi);
+#pragma unroll
+            for (int j = 0; j < MT; ++j) {
+              mma_s8(acc[0][j], lo, b[u % 2][2 * j], b[u % 2][2 * j + 1]);
+              mma_s8(acc[1][j], hi, b[u % 2][2 * j], b[u % 2][2 * j + 1]);
+            }
+          }
+        cnt = 0;   // done: nothing left for the loop below
+      }
+    }
   } else {
 #pragma unroll
     for (int u = 0; u < kU; ++u)
@@ -203,9 +266,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
       }
     }
   }
-
-  // The warps' sums: red[warp][token][row] (c0/c1: row g, tokens 2t, 2t+1; c2/c3: row g+8; slab s: rows 16s..).
-  const int toks = p.M;
+  // The warps' sums, added into red[row tile][token][row] (c0/c1: row g, tokens 2t, 2t+1; c2/c3: row g+8; slab s:
+  // rows 16s..): shared-memory atomics (integer: the same bits in any order), one 4-byte add per sum, where storing
+  // every warp's sums and reading 16 of them per output moved twice the bytes (4096x4096, M = 16, H200: 5.00 ->
+  // 4.85 us).
 #pragma unroll
   for (int s = 0; s < 2; ++s)
 #pragma unroll
@@ -213,34 +277,47 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int row = 16 * s + g + 8 * (i / 2), tok = 8 * j + 2 * t + (i % 2);
-        sm.red[(warp * 8 * MT + tok) * kRedStride + row] = acc[s][j][i];
+        atomicAdd(&sm.red[((warp % kRows) * 8 * MT + tok) * kRedStride + row], acc[s][j][i]);
       }
   cp_async_wait<0>();   // this thread's scale copies; the barrier publishes everyone's
   __syncthreads();
-  // Output e of the CTA: row tile e / (32*toks), token (e / 32) % toks, row e % 32. Split-K over the cluster: the
-  // CTA of split r writes outputs [r*E/S, (r+1)*E/S); the others push their sums of those into its part region
-  // (st.shared::cluster) before one cluster barrier, and it adds them from its own shared memory (integer: the
-  // same bits in any order). Nothing is read across CTAs after the barrier, so no second one. The CTA of split z is
-  // cluster rank z + S*c, c its row block in the cluster.
-  auto chan = [&](int e) { return n0 + (e / (32 * toks)) * 32 + e % 32; };
-  auto tokn = [&](int e) { return (e / 32) % toks; };
-  auto out_val = [&](int v, int e) {
-    if (!pre) return epilogue(v, tokn(e), chan(e), p);
-    const int c = chan(e) - n0, m = tokn(e);
-    return epilogue_vals(v, sm.sc[0][c], sm.sc[1][c], sm.tk[0][m], sm.tk[1][m], !kGrouped);
+  // Output e of the CTA: pair pr = e / 32 (row tile rt = pr / toks, token pr % toks), row e % 32; the pair's
+  // (rt, tok) come from a subtraction loop and everything else from shifts (S is a power of two): the divisions by
+  // M and S this replaces were chains of dependent instructions that every warp ran before its first output (0.5 us
+  // of the 4096x4096 kernel's 4.6). Split-K over the cluster: the CTA of split r writes rows [r*32/S, (r+1)*32/S) of
+  // every pair; the others push their sums of those into its part region (st.shared::cluster) before one cluster
+  // barrier, and it adds them from its own shared memory (integer: the same bits in any order). Nothing is read
+  // across CTAs after the barrier, so no second one. The CTA of split z is cluster rank z + S*c, c its row block in
+  // the cluster.
+  const int toks = p.M, E = kRows * toks * 32;
+  const int lg_r = 5 - lg_s, Es = E >> lg_s;   // rows per split (32/S, S <= 8) and outputs per split
+  const int rank0 = p.S * (blockIdx.y % kC);
+  auto pair = [&](int pr, int& rt, int& tok) {
+    rt = 0;
+    tok = pr;
+#pragma unroll
+    for (int r = 1; r < kRows; ++r)
+      if (tok >= toks) {
+        tok -= toks;
+        ++rt;
+      }
   };
-  const int E = kRows * toks * 32, Es = E / p.S, rank0 = p.S * (blockIdx.y % kC);
+  auto out_val = [&](int v, int rt, int tok, int row) {
+    const int c = rt * 32 + row;
+    if (!pre) return epilogue(v, tok, n0 + c, p);
+    return epilogue_fast(v, sm.sc[0][c], sm.sc[1][c], sm.tk[0][tok], sm.tk[1][tok], !kGrouped);
+  };
   if (kC == 1 && p.S > 1) sm90::cluster_wait();   // every peer runs (the arrive at the start)
   const uint32_t part0 = smem_u32(sm.part);
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    const int rt = e / (32 * toks), tok = tokn(e), row = e % 32;
-    int v = 0;
-#pragma unroll
-    for (int w = 0; w < kWK; ++w) v += sm.red[((w * kRows + rt) * 8 * MT + tok) * kRedStride + row];
+    const int pr = e >> 5, row = e & 31;
+    int rt, tok;
+    pair(pr, rt, tok);
+    const int v = sm.red[(rt * 8 * MT + tok) * kRedStride + row];
     if (p.S == 1) {
-      p.out[static_cast<size_t>(tok) * p.N + chan(e)] = out_val(v, e);
+      p.out[static_cast<size_t>(tok) * p.N + n0 + rt * 32 + row] = out_val(v, rt, tok, row);
     } else {
-      const int owner = e / Es, slot = split * Es + e - owner * Es;
+      const int owner = row >> lg_r, slot = split * Es + (pr << lg_r) + (row & ((1 << lg_r) - 1));
       if (owner == split) sm.part[slot] = v;
       else sm90::st_cluster32(sm90::mapa(part0 + 4 * slot, rank0 + owner), v);
     }
@@ -252,8 +329,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
   for (int i = threadIdx.x; i < Es; i += blockDim.x) {
     int v = 0;
     for (int z = 0; z < p.S; ++z) v += sm.part[z * Es + i];
-    const int e = split * Es + i;
-    p.out[static_cast<size_t>(tokn(e)) * p.N + chan(e)] = out_val(v, e);
+    const int row = (split << lg_r) + (i & ((1 << lg_r) - 1));
+    int rt, tok;
+    pair(i >> lg_r, rt, tok);
+    p.out[static_cast<size_t>(tok) * p.N + n0 + rt * 32 + row] = out_val(v, rt, tok, row);
   }
 #endif
 }
