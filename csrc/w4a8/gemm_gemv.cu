@@ -17,6 +17,11 @@
 //    the weights (4096x4096: 8 MB); shapes with C = 2 pair the CTAs of two row blocks in a cluster and multicast
 //    each row to both (half the L2 reads: 6.6 -> 5.5 us). Clusters of 4 would halve it again, but the H200 holds
 //    only 30 clusters of 4 one-CTA-per-SM CTAs (120 SMs), so 128 CTAs take two waves.
+//  - Few-token timeline (8 < M <= 16, one round of weights in registers; H200, 4096x4096, M = 16: 5.46 -> 4.83 us,
+//    NOTES_M16.md): the warps unpack their weight tiles while the activation slice is in flight, tokens 0-7 and
+//    8-15 land on separate mbarriers so that the first half's mma work starts before the second half is in, the
+//    warps' partial sums are added into one [row tile][token][row] buffer by shared-memory atomics (not stored per
+//    warp and re-read 16 times per output), and no step after the k loop divides by a runtime value.
 //  - Split-K: S CTAs of a row block form a cluster (S x C with shared activations); each writes 1/S of the
 //    outputs, and the others push their int32 sums of those into its shared memory (st.shared::cluster) before one
 //    cluster barrier; it adds them (integer: the same bits in any order). No remote loads, no global workspace.
@@ -25,9 +30,10 @@
 //    before the pushes.
 //  - Programmatic dependent launch: the weight (and s2) loads are issued before griddepcontrol.wait, the
 //    activations, token scales and outputs only after it (the previous kernel, quant_act, writes the activations).
-//  - Epilogue: common.cuh's exact epilogue (bit-identical to the split-K kernel and the CPU reference). Its scales
-//    are copied into shared memory by cp.async when the kernel starts (channels at once, tokens after the
-//    dependency wait), so that their DRAM latency overlaps the weight stream (gemv_kernel.cuh, scales_aligned).
+//  - Epilogue: common.cuh's exact epilogue (epilogue_fast: one float fma where |psum| < 2^22, as the wgmma kernel;
+//    the same bits as the split-K kernel and the CPU reference up to a double-rounding tie). Its scales are copied
+//    into shared memory by cp.async when the kernel starts (channels at once, tokens after the dependency wait),
+//    so that their DRAM latency overlaps the weight stream (gemv_kernel.cuh, scales_aligned).
 // The block shape and S come from choose() below (measured on an H200; NOTES.md). gemm_mma_kernel kind 4.
 #include <cstdint>
 #include <map>

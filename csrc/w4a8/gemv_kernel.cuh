@@ -13,12 +13,12 @@
 namespace dcc_w4a8 {
 namespace gemv {
 
-constexpr int kRedStride = 36;   // int32 per token row of the warp-sum buffer (36: lanes hit 32 distinct banks)
+constexpr int kRedStride = 36;   // int32 per token row of the sum buffer (36: a warp's adds hit 32 distinct banks)
 
 // Static shared memory of one CTA: the sums of its warps [kRows][8*MT tokens][36], the split-K sums of the outputs
 // it writes (1/S of [kRows][M][32]) from each of the S CTAs of its K range ([split][E/S]; the others push theirs),
-// and the activation slice's two mbarriers (token rows 0-7 and 8-15). The activation slice itself is dynamic: M rows of slice_stride(K range)
-// bytes.
+// and the activation slice's two mbarriers (token rows 0-7 and 8-15). The activation slice itself is dynamic: M
+// rows of slice_stride(K range) bytes.
 template <int MT, int kWarps, int kRows>
 struct Smem {
   int32_t red[kRows * 8 * MT * kRedStride];   // zeroed at the start; each warp adds its sums (red.shared.add)
