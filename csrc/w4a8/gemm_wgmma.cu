@@ -238,35 +238,35 @@ bool shape_ok(int M, int N, int K, int group) {
 }
 
 template <class C>
-cudaError_t launch(WgParams p, int group, const void* xq, cudaStream_t stream) {
+cudaError_t launch(WgParams p, cudaStream_t stream) {
   CUtensorMap tmap;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.K), static_cast<cuuint64_t>(p.M)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.K)};
   const cuuint32_t box[2] = {C::kTileK, C::kTok};
   const cuuint32_t estr[2] = {1, 1};
-  if (encode_fn()(&tmap, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(xq), dims, strides, box, estr,
+  if (encode_fn()(&tmap, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(p.xq), dims, strides, box, estr,
                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return cudaErrorInvalidValue;
   p.num_m_tiles = (p.M + C::kTok - 1) / C::kTok;
-  p.splits = choose_splits_cfg<C>(p.M, p.N, p.K);
+  p.S = choose_splits_cfg<C>(p.M, p.N, p.K);
   // split: one tile per CTA, a cluster of S CTAs per tile; else a persistent grid (at most one CTA per SM; the
   // producer prefetches the next tile during the epilogue)
   const int tiles = tiles_of<C>(p.M, p.N);
   int ctas = tiles < num_sms() ? tiles : num_sms();
   if (const char* e = std::getenv("DCC_W4A8_WGMMA_PERSISTENT"))
     if (e[0] == '0') ctas = tiles;
-  if (p.splits > 1) ctas = tiles;
+  if (p.S > 1) ctas = tiles;
   cudaLaunchAttribute attr[2];
-  const cudaLaunchConfig_t cfg = launch_config<C>(dim3(ctas, p.splits), p.splits, pdl_enabled(), stream, attr);
-  if (p.splits > 1) {
-    switch (group) {
+  const cudaLaunchConfig_t cfg = launch_config<C>(dim3(ctas, p.S), p.S, pdl_enabled(), stream, attr);
+  if (p.S > 1) {
+    switch (p.group) {
       case 0: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<0, C, kCluster>, tmap, p);
       case 64: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<64, C, kCluster>, tmap, p);
       default: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<128, C, kCluster>, tmap, p);
     }
   }
-  switch (group) {
+  switch (p.group) {
     case 0: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<0, C, kPersistent>, tmap, p);
     case 64: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<64, C, kPersistent>, tmap, p);
     default: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<128, C, kPersistent>, tmap, p);
@@ -315,6 +315,7 @@ cudaError_t gemm_wgmma(const void* xq, const void* ascale, const void* asum, con
     return cudaErrorInvalidValue;
 
   WgParams p{};
+  p.xq = static_cast<const int8_t*>(xq);
   p.qweight = static_cast<const uint8_t*>(qweight);
   p.ascale = static_cast<const __half*>(ascale);
   p.asum = static_cast<const __half*>(asum);
@@ -326,11 +327,12 @@ cudaError_t gemm_wgmma(const void* xq, const void* ascale, const void* asum, con
   p.M = M;
   p.N = N;
   p.K = K;
+  p.group = group;
   (void)workspace;
   (void)ws_bytes;
-  if (M <= kSmallMaxM) return launch<CfgSmall>(p, group, xq, stream);
-  if (use_mid(M, N, K)) return launch<CfgMid>(p, group, xq, stream);
-  return launch<CfgLarge>(p, group, xq, stream);
+  if (M <= kSmallMaxM) return launch<CfgSmall>(p, stream);
+  if (use_mid(M, N, K)) return launch<CfgMid>(p, stream);
+  return launch<CfgLarge>(p, stream);
 }
 
 }  // namespace dcc_w4a8

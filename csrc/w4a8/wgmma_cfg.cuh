@@ -34,18 +34,11 @@ using CfgMid = WgCfg<64, 6>;
 using CfgSmall = WgCfg<16, 8, 4>;   // 8 KB weight copies
 constexpr int kThreads = 384;      // 2 consumer warpgroups + 1 producer warpgroup (one thread issues the copies)
 
-struct WgParams {
-  const uint8_t* qweight;
-  const __half* ascale;
-  const __half* asum;
-  const __half* s1;
-  const __half* szeros;
-  const uint8_t* s2s;
-  const uint8_t* s2z;
-  __half* out;
-  int M, N, K;
+// Kernel parameters: common.cuh's GemmArgs (xq is not read: the activations come through the tensor map; S = the
+// K splits = cluster size, 1..8, split z taking k stages [z*KT/S, (z+1)*KT/S); slots and counters unused) and the
+// number of token tiles.
+struct WgParams : GemmArgs {
   int num_m_tiles;
-  int splits;           // K splits = cluster size (1..8); split z takes k stages [z*KT/S, (z+1)*KT/S)
 };
 
 // How the CTAs share the work: kPersistent (tiles strided over a persistent grid, whole K per tile) or kCluster
@@ -58,8 +51,8 @@ struct Segments {
   int tile, kb, len, num_tiles;
   __device__ __forceinline__ Segments(const WgParams& p, int num_tiles_) : num_tiles(num_tiles_) {
     const int kt_all = p.K / CfgLarge::kTileK, split = blockIdx.y;   // every configuration's k stage
-    kb = split * kt_all / p.splits;
-    len = (split + 1) * kt_all / p.splits - kb;   // >= 1
+    kb = split * kt_all / p.S;
+    len = (split + 1) * kt_all / p.S - kb;   // >= 1
     tile = blockIdx.x;
   }
   __device__ __forceinline__ bool valid() const { return tile < num_tiles; }

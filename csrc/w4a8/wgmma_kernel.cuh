@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
         acc_lo[4 * v] += a.x; acc_lo[4 * v + 1] += a.y; acc_lo[4 * v + 2] += a.z; acc_lo[4 * v + 3] += a.w;
         acc_hi[4 * v] += b.x; acc_hi[4 * v + 1] += b.y; acc_hi[4 * v + 2] += b.z; acc_hi[4 * v + 3] += b.w;
       };
-      const int S = p.splits, rank = static_cast<int>(cluster_rank()), owner = warp * S / 8;
+      const int S = p.S, rank = static_cast<int>(cluster_rank()), owner = warp * S / 8;
       if constexpr (kTok <= 16) {
         // Few tokens (push): a warp that another CTA owns stores its partials straight into that CTA's receive
         // region (st.shared::cluster; slot [sender][owned warp][v][lane], 2 KB each), one cluster barrier
