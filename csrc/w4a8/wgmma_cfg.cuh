@@ -34,9 +34,9 @@ using CfgMid = WgCfg<64, 6>;
 using CfgSmall = WgCfg<16, 8, 4>;   // 8 KB weight copies
 constexpr int kThreads = 384;      // 2 consumer warpgroups + 1 producer warpgroup (one thread issues the copies)
 
-// Kernel parameters: common.cuh's GemmArgs (xq is not read: the activations come through the tensor map; S = the
-// K splits = cluster size, 1..8, split z taking k stages [z*KT/S, (z+1)*KT/S); slots and counters unused) and the
-// number of token tiles.
+// Kernel parameters: common.cuh's GemmArgs (the kernel reads the activations through the tensor map built from xq,
+// not xq itself; S = the K splits = cluster size, 1..8, split z taking k stages [z*KT/S, (z+1)*KT/S); slots and
+// counters unused) and the number of token tiles.
 struct WgParams : GemmArgs {
   int num_m_tiles;
 };
