@@ -224,10 +224,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
         for (int u = 0; u < kU; ++u)
           if (u < cnt) {
             if (u + 1 < kU && u + 1 < cnt) sm90::ldsm_x4(b[(u + 1) % 2], xaddr + (u + 1) * kWK * 32);
-            Level2 l2;
-            if constexpr (kGrouped) l2 = level2(ring[u].s2, ring[u].z2);
             uint32_t lo[4], hi[4];
-            unpack_tile<kGrouped>(ring[u].w, l2, lo, hi);
+            unpack_tile<false>(ring[u].w, Level2{}, lo, hi);
 #pragma unroll
             for (int j = 0; j < MT; ++j) {
               mma_s8(acc[0][j], lo, b[u % 2][2 * j], b[u % 2][2 * j + 1]);
