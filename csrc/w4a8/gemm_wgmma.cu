@@ -15,8 +15,11 @@
 //    load with 128-byte swizzle (the wgmma B layout: K-major, SW128), the weight tiles by 8 bulk copies of 2 KB
 //    (each 32-channel block's four 32x32 tiles of the stage are contiguous), and for groups the stage's s2 rows
 //    (2 x 256 bytes per group). Consumers read their 16 bytes per k32 step with one ld.shared.v4. The 16-token
-//    tile keeps its weights in a separate region [8 blocks][8 slots][2 KB] and brings four stages per block in one
-//    8 KB copy (weight groups, WgCfg::kWGroup: 4096x14336 M = 16: 14.1 -> 13.6 us, g128 16.6 -> 15.5).
+//    tile keeps its weights in a separate region [8 blocks][8 slots][2 KB] and brings two stages per block in one
+//    4 KB copy (weight groups, WgCfg::kWGroup; H200: four stages per 8 KB copy against one per 2 KB copy took
+//    4096x14336 M = 16 from 14.1 to 13.6 us; two per 4 KB copy, with the per-channel whole-byte stage loop below,
+//    14336x4096 10.85 -> 10.01 us and 4096x14336 11.6-11.8 -> 11.3 against four: the copies are issued at ~160
+//    cycles each, but smaller groups free ring slots for refills sooner).
 //  - Grouped (progressive, G = 64 or 128): w8 = q*s2 + z2 with z2 = -z*s2 (int8). w8 + 128 = q*s2 + (z2 + 128)
 //    lies in [0, 255] for every byte, so one 32-bit multiply-add on 4 packed bytes has no carries, and XOR 0x80 per
 //    byte gives the int8 (csrc/w4a8/common.cuh, Level2). The s2 word of lane g holds channels g, g+8, g+16, g+24
@@ -50,8 +53,8 @@
 //    (choose_splits_cfg): the largest with tiles * S <= SMs, every cluster resident at once
 //    (cudaOccupancyMaxActiveClusters), and >= 4 (CfgLarge, CfgMid) or >= 2 (CfgSmall) k stages per split.
 // Requirements (gemm_wgmma_supported): sm_90a device code present, N % 256 == 0, K % 128 == 0, group 0/64/128;
-// any M >= 1. gemm_wgmma_preferred: where the automatic choice takes it. Env (benchmarks and tests only):
-// DCC_W4A8_WGMMA_SPLITS forces S, DCC_W4A8_WGMMA_PERSISTENT=0 one CTA per tile.
+// any M >= 1 (per channel at M <= 16: K <= 65536). gemm_wgmma_preferred: where the automatic choice takes it.
+// Env (benchmarks and tests only): DCC_W4A8_WGMMA_SPLITS forces S, DCC_W4A8_WGMMA_PERSISTENT=0 one CTA per tile.
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
@@ -233,6 +236,7 @@ bool shape_ok(int M, int N, int K, int group) {
   if (M < 1 || N < kTileN || K < kTileK || N % kTileN || K % kTileK) return false;
   if (group != 0 && group != 64 && group != 128) return false;
   if (static_cast<long long>(M) * K >= (1LL << 40)) return false;
+  if (group == 0 && M <= kSmallMaxM && K > 65536) return false;   // the 16-token tile's whole-byte sums fit int32
   const long long tiles = static_cast<long long>((M + kSmallMaxM - 1) / kSmallMaxM) * (N / kTileN);
   return tiles <= 0x7FFFFFFF;
 }

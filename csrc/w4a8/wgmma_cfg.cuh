@@ -31,7 +31,7 @@ struct WgCfg {
 };
 using CfgLarge = WgCfg<128, 4>;
 using CfgMid = WgCfg<64, 6>;
-using CfgSmall = WgCfg<16, 8, 4>;   // 8 KB weight copies
+using CfgSmall = WgCfg<16, 8, 2>;   // 4 KB weight copies (two stages per 32-channel block)
 constexpr int kThreads = 384;      // 2 consumer warpgroups + 1 producer warpgroup (one thread issues the copies)
 
 // Kernel parameters: common.cuh's GemmArgs (the kernel reads the activations through the tensor map built from xq,

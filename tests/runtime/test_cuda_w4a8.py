@@ -205,6 +205,39 @@ def test_wgmma_persistent_exact(ops, monkeypatch, group, m):
     _check_wgmma(ops, make_layer(n, k, group, gen), group, m, k, gen, f"n={n}")
 
 
+@pytest.mark.parametrize("splits", (1, 2))
+def test_wgmma_per_channel_largest_k_exact(ops, monkeypatch, splits):
+    """Per channel at M <= 16 the wgmma kernel sums whole weight bytes (low nibble + 16 x high, up to 255) times the
+    int8 activations in int32 and recovers the high-nibble sums by a subtraction: at the largest K it accepts
+    (65536), with every code 15 on half the channels and activations of magnitude 127, those sums come within 1%
+    of 2^31. Outputs exact against the reference; one more k stage is refused (other kernels take it)."""
+    ext = ops.ext()
+    n, k = 256, 65536
+    if not ext.gemm_wgmma_supported(16, n, k, 0):
+        pytest.skip("the wgmma kernel is not built for this GPU")
+    assert not ext.gemm_wgmma_supported(16, n, k + 128, 0)
+    assert ext.gemm_wgmma_supported(17, n, k + 128, 0) and ext.gemm_wgmma_supported(16, n, k + 128, 128)
+    monkeypatch.setenv("DCC_W4A8_WGMMA_SPLITS", str(splits))
+    gen = _gen("largest k", splits)
+    lay = make_layer(n, k, 0, gen)
+    codes = lay["ints"].clone()
+    codes[: n // 2] = 15
+    lay["ints"], lay["qweight"] = codes, pack_qweight(codes)
+    # |x| = 0.99 everywhere quantizes to 127 and keeps the fp16 token sums (QServe's asum) finite: 0.99 K < 65504
+    x = torch.full((16, k), 0.99, dtype=torch.float16)
+    x[1::2] = -0.99
+    x[2, ::7] = 0.25   # a token with other values
+    dev = {name: (None if v is None else v.cuda()) for name, v in lay.items() if name != "ints"}
+    xq, scale, ssum = ops.quantize_act(x.cuda(), with_sum=True)
+    assert int(xq.abs().max()) == 127
+    ref = _reference(lay, xq, scale, ssum)
+    out = torch.full((16, n), float("nan"), dtype=torch.float16, device="cuda")
+    ops.gemm(xq, scale, ssum, dev["qweight"], dev["s1_scales"], dev["s1_szeros"], None, None, 0, path="wgmma",
+             out=out)
+    d = ulps(out, ref)
+    assert bool(torch.isfinite(out).all()) and int(d.max()) <= 1 and int((d == 0).sum()) >= 0.999 * d.numel()
+
+
 @pytest.mark.parametrize("group", (0, 64, 128))
 def test_linear_matches_cpu_reference(ops, group):
     """w4a8_linear (quantization + GEMM on the GPU) against dcc.runtime.qserve.QServeLinear on the CPU."""
