@@ -28,9 +28,12 @@
 //    next step's weights (overlapping the running wgmmas), then wait_group 1 (the previous step retired: its A
 //    registers are free and, at a stage's first step, the previous stage is released to the producer). CfgSmall
 //    unpacks a whole stage and issues its 8 wgmmas as one group, double-buffered across stages (two register sets,
-//    wait_group 1). It requests its epilogue scales (channels and tokens) before its k loop. Persistent grid (one
-//    CTA per SM, tiles strided by the grid, m fastest): the producer prefetches the next tile's stages during the
-//    epilogue. Consumers get 232 registers (setmaxnreg), the producer warpgroup 40.
+//    wait_group 1); per channel it feeds the low nibbles and the whole bytes (lo + 16 hi) as u8 A operands and
+//    recovers the high-nibble sums after the k loop (one AND per register instead of three operations: the same
+//    warps issue the unpacking and the wgmmas, and it does not overlap them). It requests its epilogue scales
+//    (channels and tokens) before its k loop. Persistent grid (one CTA per SM, tiles strided by the grid, m
+//    fastest): the producer prefetches the next tile's stages during the epilogue. Consumers get 232 registers
+//    (setmaxnreg), the producer warpgroup 40.
 //  - Programmatic dependent launch (DCC_W4A8_PDL=0 disables it): the kernel may start while the previous kernel in
 //    the stream (the activation quantization) finishes; the producer requests the first ring's weights before
 //    griddepcontrol.wait, the activations and token scales are read only after it. Safe because only kernels
