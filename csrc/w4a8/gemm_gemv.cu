@@ -17,11 +17,13 @@
 //    the weights (4096x4096: 8 MB); shapes with C = 2 pair the CTAs of two row blocks in a cluster and multicast
 //    each row to both (half the L2 reads: 6.6 -> 5.5 us). Clusters of 4 would halve it again, but the H200 holds
 //    only 30 clusters of 4 one-CTA-per-SM CTAs (120 SMs), so 128 CTAs take two waves.
-//  - Few-token timeline (8 < M <= 16, one round of weights in registers; H200, 4096x4096, M = 16: 5.46 -> 4.83 us,
-//    NOTES_M16.md): the warps unpack their weight tiles while the activation slice is in flight, tokens 0-7 and
+//  - Few-token timeline (8 < M <= 16, one round of weights in registers; H200, 4096x4096, M = 16: 5.46 -> 4.61-4.78
+//    us, NOTES_M16.md): the warps unpack their weight tiles while the activation slice is in flight, tokens 0-7 and
 //    8-15 land on separate mbarriers so that the first half's mma work starts before the second half is in, the
 //    warps' partial sums are added into one [row tile][token][row] buffer by shared-memory atomics (not stored per
-//    warp and re-read 16 times per output), and no step after the k loop divides by a runtime value.
+//    warp and re-read 16 times per output), no step after the k loop divides by a runtime value, and the output
+//    phase of the common case (S = 1) is straight code. The activation rows, requested after the dependency wait,
+//    land with the end of the weight stream (they share the L2 -> SM path), so what follows them sets the call time.
 //  - Split-K: S CTAs of a row block form a cluster (S x C with shared activations); each writes 1/S of the
 //    outputs, and the others push their int32 sums of those into its shared memory (st.shared::cluster) before one
 //    cluster barrier; it adds them (integer: the same bits in any order). No remote loads, no global workspace.
