@@ -8,15 +8,19 @@
 //    fragments of two 16-row slabs; tokens are the B operand (8 per mma, MT = 1 or 2 groups).
 //  - CTA = kRows 32-channel row tiles x a K range; warp w takes row tile w % kRows and every (kWarps/kRows)-th k
 //    tile of the range from w / kRows, with kU tiles in flight in registers (weights and s2 words): with kU >= the
-//    warp's tiles, every weight load of the CTA is issued before the first mma.
-//  - Activations: at M <= 8 a lane's two activation words per tile (token g) are loaded with its weights. At
+//    warp's tiles, every weight load of the CTA is issued before the first mma. Grouped weights go by whole groups
+//    (K ranges split at group boundaries, a warp's tiles in runs of one group) so that one pair of s2 / z2 loads
+//    serves 2 (g64) or 4 (g128) tiles: with one pair per tile the grouped kernel was 1.2-1.8x the per-channel one
+//    at M = 1 (4096x14336: 15.8 against 10.5 us; now 12.3-12.7; H200).
+//  - Activations: at M <= 8 a lane's two activation words per tile (token g) can be loaded with its weights. At
 //    8 < M <= 16 they would be four loads per 16-byte weight load (4096x4096: 6.9 us at M = 16 against 4.2 at
-//    M = 1), so the CTA's slice (M rows x its K range) is staged in shared memory by one bulk copy per row, issued
-//    after the weight loads, and B fragments come from there (one ldmatrix.x4 per tile; rows padded by 16 bytes:
-//    conflict-free). Every 32-channel CTA reads the whole slice, so at M = 16 the activations read from L2 equal
-//    the weights (4096x4096: 8 MB); shapes with C = 2 pair the CTAs of two row blocks in a cluster and multicast
-//    each row to both (half the L2 reads: 6.6 -> 5.5 us). Clusters of 4 would halve it again, but the H200 holds
-//    only 30 clusters of 4 one-CTA-per-SM CTAs (120 SMs), so 128 CTAs take two waves.
+//    M = 1), and on latency-bound layers even two cost time from M = 5 (token_groups below), so the CTA's slice
+//    (M rows x its K range) is staged in shared memory by one bulk copy per row, issued after the weight loads,
+//    and B fragments come from there (one ldmatrix.x4 per tile; rows padded by 16 bytes: conflict-free). Every
+//    32-channel CTA reads the whole slice, so at M = 16 the activations read from L2 equal the weights
+//    (4096x4096: 8 MB); shapes with C = 2 pair the CTAs of two row blocks in a cluster and multicast each row to
+//    both (half the L2 reads: 6.6 -> 5.5 us). Clusters of 4 would halve it again, but the H200 holds only 30
+//    clusters of 4 one-CTA-per-SM CTAs (120 SMs), so 128 CTAs take two waves.
 //  - Few-token timeline (8 < M <= 16, one round of weights in registers; H200, 4096x4096, M = 16: 5.46 -> 4.61-4.78
 //    us, NOTES_M16.md): the warps unpack their weight tiles while the activation slice is in flight, tokens 0-7 and
 //    8-15 land on separate mbarriers so that the first half's mma work starts before the second half is in, the
@@ -50,7 +54,7 @@ namespace {
 using gemv::gemv_kernel;
 
 // Block shapes (warps, tiles in flight per warp, row tiles per CTA, CTAs sharing the activations where they are
-// staged, M > 8); variant v of kind 4 is kShapes[v - 1]. At M <= 8 a shape runs with C = 1.
+// staged); variant v of kind 4 is kShapes[v - 1]. Where the activations are not staged a shape runs with C = 1.
 struct Shape {
   int warps, ring, rows, C;
 };
@@ -61,27 +65,40 @@ static_assert(kNumShapes <= 15, "variant bits 4-7 of the kernel code");
 
 using KernelFn = void (*)(GemmArgs);
 
+// gt: k tiles per group (0 per channel, 2 for g64, 4 for g128)
+template <int MT, int W, int U, int R, int C>
+KernelFn pick_gt(int gt) {
+  if (gt == 0) return gemv_kernel<MT, 0, W, U, R, C>;
+  return gt == 2 ? gemv_kernel<MT, 2, W, U, R, C> : gemv_kernel<MT, 4, W, U, R, C>;
+}
+
 template <int W, int U, int R, int C>
-KernelFn pick_fn(int MT, bool grouped) {
-  if (MT == 1) return grouped ? gemv_kernel<1, true, W, U, R, 1> : gemv_kernel<1, false, W, U, R, 1>;
-  return grouped ? gemv_kernel<2, true, W, U, R, C> : gemv_kernel<2, false, W, U, R, C>;
+KernelFn pick_fn(int MT, int gt) {
+  return MT == 1 ? pick_gt<1, W, U, R, 1>(gt) : pick_gt<2, W, U, R, C>(gt);
 }
 
 template <int I>
-KernelFn kernel_at(int shape, int MT, bool grouped) {
+KernelFn kernel_at(int shape, int MT, int gt) {
   if constexpr (I < kNumShapes) {
     constexpr Shape sh = kShapes[I];
-    if (shape == I) return pick_fn<sh.warps, sh.ring, sh.rows, sh.C>(MT, grouped);
-    return kernel_at<I + 1>(shape, MT, grouped);
+    if (shape == I) return pick_fn<sh.warps, sh.ring, sh.rows, sh.C>(MT, gt);
+    return kernel_at<I + 1>(shape, MT, gt);
   } else {
     return nullptr;
   }
 }
 
-KernelFn kernel_of(int shape, int MT, bool grouped) { return kernel_at<0>(shape, MT, grouped); }
+KernelFn kernel_of(int shape, int MT, int gt) { return kernel_at<0>(shape, MT, gt); }
+
+// MT: 1 where the lanes load their activation words with their weights, 2 where the CTA stages its activation
+// slice in shared memory: M > 8 (one token per lane no longer covers them), and on latency-bound layers from M = 5
+// (H200, 4096x4096 per channel at M = 5 / 8: 4.75 / 5.20 us loaded, 4.43 / 4.45 staged; at M <= 4 neither wins
+// everywhere). On larger layers staging loses below 9 (14336x4096 at M = 5: 10.5 loaded, 13.3 staged): every
+// 32-channel CTA reads the whole slice from L2, traffic that a bandwidth-bound layer pays for in time.
+int token_groups(int M, int N, int K) { return M > 8 || (M > 4 && latency_bound_layer(N, K)) ? 2 : 1; }
 
 // CTAs of a cluster that share the staged activations (multicast)
-int share_of(int shape, int M) { return M > 8 ? kShapes[shape].C : 1; }
+int share_of(int shape, int MT) { return MT == 2 ? kShapes[shape].C : 1; }
 
 cudaLaunchConfig_t config(dim3 grid, int threads, int S, int C, bool pdl, cudaStream_t stream,
                           cudaLaunchAttribute* attr) {
@@ -103,8 +120,16 @@ cudaLaunchConfig_t config(dim3 grid, int threads, int S, int C, bool pdl, cudaSt
   return cfg;
 }
 
-// Dynamic shared memory of a launch: the M activation rows of the longest K range where they are staged (M > 8).
-int smem_bytes(int M, int K, int S) { return M > 8 ? M * gemv::slice_stride((K / 32 + S - 1) / S) : 0; }
+// k tiles of the longest of S K ranges: grouped weights split at group boundaries (gt tiles per group)
+int range_tiles(int K, int S, int gt) {
+  const int unit = gt > 0 ? gt : 1, units = K / 32 / unit;
+  return (units + S - 1) / S * unit;
+}
+
+// Dynamic shared memory of a launch: the M activation rows of the longest K range where they are staged.
+int smem_bytes(int MT, int M, int K, int S, int gt) {
+  return MT == 2 ? M * gemv::slice_stride(range_tiles(K, S, gt)) : 0;
+}
 constexpr int kMaxSmem = 160 * 1024;   // bound on the staged activation slice (the GPU allows ~227 KB)
 
 // CTAs (S == C == 1) or CTAs in clusters of S x C the GPU holds at once for a kernel with `smem` dynamic bytes;
@@ -147,31 +172,32 @@ struct Rank {
   }
 };
 
-Rank rank(int shape, int S, int M, int N, int K, bool grouped) {
+Rank rank(int shape, int S, int M, int N, int K, int gt) {
   const Shape& sh = kShapes[shape];
-  const int MT = M <= 8 ? 1 : 2, ktiles = K / 32, C = share_of(shape, M);
+  const int MT = token_groups(M, N, K), unit = gt > 0 ? gt : 1, C = share_of(shape, MT);
+  const int smem = smem_bytes(MT, M, K, S, gt);
   const Rank bad{-1, 0, 0, 0, 0, 0};
-  if (N % (32 * sh.rows * C) || S > ktiles || S * C > 8 || smem_bytes(M, K, S) > kMaxSmem) return bad;
+  if (N % (32 * sh.rows * C) || S > K / 32 / unit || S * C > 8 || smem > kMaxSmem) return bad;
   const long long ctas = 1LL * S * (N / 32 / sh.rows);
-  const int resident = resident_ctas(kernel_of(shape, MT, grouped), sh.warps * 32, S, C, smem_bytes(M, K, S));
+  const int resident = resident_ctas(kernel_of(shape, MT, gt), sh.warps * 32, S, C, smem);
   if (resident <= 0) return bad;
   const long long waves = (ctas + resident - 1) / resident;
   const int wk = sh.warps / sh.rows;
-  const int tiles = (ktiles + S - 1) / S;                 // of the longest split
-  const int rounds = ((tiles + wk - 1) / wk + sh.ring - 1) / sh.ring;
+  const int units = range_tiles(K, S, gt) / unit;   // of the longest split; a warp takes every wk-th unit
+  const int rounds = ((units + wk - 1) / wk * unit + sh.ring - 1) / sh.ring;
   const long long warps_per_sm = 1000LL * (ctas < resident ? ctas : resident) * sh.warps / num_sms();
   if (rounds == 1) return {waves, 0, 0, 1, S, -C};
   return {waves, 1, -static_cast<int>(warps_per_sm), rounds, S, -C};
 }
 
-Choice choose_uncached(int M, int N, int K, bool grouped, int force_shape, int force_s) {
+Choice choose_uncached(int M, int N, int K, int gt, int force_shape, int force_s) {
   Choice best{-1, 0};
   Rank best_rank{};
   for (int shape = 0; shape < kNumShapes; ++shape) {
     if (force_shape >= 0 && shape != force_shape) continue;
     for (int S = 1; S <= 8; S *= 2) {
       if (force_s > 0 && S != force_s) continue;
-      const Rank r = rank(shape, S, M, N, K, grouped);
+      const Rank r = rank(shape, S, M, N, K, gt);
       if (r.waves >= 0 && (best.shape < 0 || r < best_rank)) {
         best = {shape, S};
         best_rank = r;
@@ -182,13 +208,13 @@ Choice choose_uncached(int M, int N, int K, bool grouped, int force_shape, int f
 }
 
 // The choice per call signature, cached: the occupancy queries behind it cost tens of microseconds of host time.
-Choice choose(int M, int N, int K, bool grouped, int force_shape, int force_s) {
+Choice choose(int M, int N, int K, int gt, int force_shape, int force_s) {
   static std::mutex mu;
-  static std::map<std::tuple<int, int, int, bool, int, int>, Choice> cache;
-  const auto key = std::make_tuple(M, N, K, grouped, force_shape, force_s);
+  static std::map<std::tuple<int, int, int, int, int, int>, Choice> cache;
+  const auto key = std::make_tuple(M, N, K, gt, force_shape, force_s);
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
-  if (it == cache.end()) it = cache.emplace(key, choose_uncached(M, N, K, grouped, force_shape, force_s)).first;
+  if (it == cache.end()) it = cache.emplace(key, choose_uncached(M, N, K, gt, force_shape, force_s)).first;
   return it->second;
 }
 
@@ -202,7 +228,7 @@ bool gemm_gemv_available() {
     cudaFuncAttributes a{};
     ok = cudaGetDevice(&dev) == cudaSuccess &&
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 &&
-         cudaFuncGetAttributes(&a, gemv_kernel<1, false, 16, 8, 1, 1>) == cudaSuccess && a.binaryVersion >= 90 &&
+         cudaFuncGetAttributes(&a, gemv_kernel<1, 0, 16, 8, 1, 1>) == cudaSuccess && a.binaryVersion >= 90 &&
          a.numRegs >= 16;   // a stub (compiled for an older target) has almost no registers
     cudaGetLastError();
   });
@@ -214,20 +240,20 @@ int gemv_max_m() { return 16; }
 cudaError_t launch_gemv(const GemmArgs& args, cudaStream_t stream, int variant, int force_s) {
   if (!gemm_gemv_available()) return cudaErrorNotSupported;
   if (args.M < 1 || args.M > gemv_max_m() || variant < 0 || variant > kNumShapes || force_s < 0 || force_s > 8 ||
-      (force_s & (force_s - 1)))
+      (force_s & (force_s - 1)) || (args.group != 0 && args.group != 64 && args.group != 128))
     return cudaErrorInvalidValue;
-  const bool grouped = args.group > 0;
-  const Choice c = choose(args.M, args.N, args.K, grouped, variant - 1, force_s);
+  const int gt = args.group / 32;   // k tiles per group
+  const Choice c = choose(args.M, args.N, args.K, gt, variant - 1, force_s);
   if (c.shape < 0) return cudaErrorInvalidValue;   // a forced shape or S the layer or the GPU cannot take
   GemmArgs p = args;
   p.S = c.S;
   const Shape& sh = kShapes[c.shape];
-  const int MT = p.M <= 8 ? 1 : 2;
+  const int MT = token_groups(p.M, p.N, p.K);
   cudaLaunchAttribute attr[2];
-  cudaLaunchConfig_t cfg = config(dim3(c.S, p.N / 32 / sh.rows), sh.warps * 32, c.S, share_of(c.shape, p.M),
+  cudaLaunchConfig_t cfg = config(dim3(c.S, p.N / 32 / sh.rows), sh.warps * 32, c.S, share_of(c.shape, MT),
                                   pdl_enabled(), stream, attr);
-  cfg.dynamicSmemBytes = smem_bytes(p.M, p.K, c.S);
-  return cudaLaunchKernelEx(&cfg, kernel_of(c.shape, MT, grouped), p);
+  cfg.dynamicSmemBytes = smem_bytes(MT, p.M, p.K, c.S, gt);
+  return cudaLaunchKernelEx(&cfg, kernel_of(c.shape, MT, gt), p);
 }
 
 }  // namespace dcc_w4a8

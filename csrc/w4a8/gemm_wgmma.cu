@@ -292,21 +292,19 @@ bool gemm_wgmma_supported(int M, int N, int K, int group) {
 
 bool gemm_wgmma_preferred(int M, int N, int K, int group) {
   if (!gemm_wgmma_supported(M, N, K, group)) return false;
-  // M <= 16 where the cluster GEMV (gemm_gemv.cu) runs (measured on the H200, NOTES.md): it wins on layers small
-  // enough to be latency-bound (<= 16 MB of weights: 4096x4096) at every M <= 16, per channel at M <= 8 on every
-  // layer, and grouped at M < 8 where this kernel's CTAs would not fill most of the GPU; this kernel's bulk
-  // streaming wins on the large layers at 8 < M <= 16 and grouped on 14336x4096 and 4096x14336 (M = 1: 12.9 vs
-  // 18.1 us on 112 SMs, 14.7 vs 15.8 us on 96).
-  if (M <= kSmallMaxM && gemm_gemv_available() &&
-      (static_cast<long long>(N) * K / 2 <= (16LL << 20) || (group == 0 && M <= 8)))
-    return false;
+  // M <= 16 where the cluster GEMV (gemm_gemv.cu) runs (measured on the H200, NOTES.md): it wins on latency-bound
+  // layers (4096x4096) at every M <= 16 and on every layer at M < 8 (grouped since its warps take whole groups,
+  // g128 at M = 1: 4096x14336 12.3-12.7 us against 14.0-14.4 here, 14336x4096 12.3-12.7 against 12.3-12.5); this
+  // kernel's bulk streaming wins on the large layers from M = 8 (14336x4096 at M = 8: 10.0 against 10.9 us per
+  // channel, 12.4 against 13.9 g128).
+  if (M <= kSmallMaxM && gemm_gemv_available() && (latency_bound_layer(N, K) || M < 8)) return false;
   if (M >= 8) return true;
-  // At M < 8 both kernels only stream weights; the wgmma kernel's per-CTA stream (one producer thread's bulk
-  // copies) reaches the DRAM rate only with most SMs streaming, which the mma.sync split-K kernel's many small CTAs
-  // get at any shape. From M = 8 the mma.sync kernel's time grows with M and the wgmma kernel's does not (measured
-  // on the H200: NOTES.md).
+  // Where the cluster GEMV is not built: at M < 8 both kernels only stream weights; the wgmma kernel's per-CTA
+  // stream (one producer thread's bulk copies) reaches the DRAM rate only with most SMs streaming, which the
+  // mma.sync split-K kernel's many small CTAs get at any shape. From M = 8 the mma.sync kernel's time grows with M
+  // and the wgmma kernel's does not (measured on the H200: NOTES.md).
   const int ctas = tiles_of<CfgSmall>(M, N) * choose_splits_cfg<CfgSmall>(M, N, K);
-  return 10 * ctas >= 7 * num_sms();   // else the cluster GEMV (or, where it is not built, the split-K kernel)
+  return 10 * ctas >= 7 * num_sms();   // else the split-K kernel
 }
 
 cudaError_t gemm_wgmma(const void* xq, const void* ascale, const void* asum, const void* qweight,

@@ -55,16 +55,29 @@ struct Slot {
 
 // Grid (S, N/(32*kRows)), cluster (S, kC, 1), M <= 8*MT tokens: CTA (z, rb) takes the kRows 32-channel row tiles
 // from nt = rb*kRows over the k tiles [z*KT/S, (z+1)*KT/S); warp w takes row tile w % kRows and every kWK-th k tile
-// of that range from w / kRows (kWK = kWarps / kRows), with kU tiles in flight in registers. M <= 8 (MT = 1): the
-// lane's activation words (token g only) are loaded with its weights. 8 < M <= 16: four words per lane per tile
-// would outnumber the weight loads, so the CTA's activation slice (M rows x its k range) is staged in shared
-// memory by bulk copies after the weight loads are issued, and the B fragments are read from there.
-template <int MT, bool kGrouped, int kWarps, int kU, int kRows, int kC>
-__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
+// of that range from w / kRows (kWK = kWarps / kRows), with kU tiles in flight in registers. Grouped weights (kGT
+// k tiles per group: 2 for g64, 4 for g128) are dealt out by whole groups instead: the ranges split at group
+// boundaries and warp w takes every kWK-th group (kGT consecutive tiles) from w / kRows, so that one s2 / z2 load
+// pair serves kGT tiles (with a pair per tile, 4096x14336 g128 at M = 1 took 15.6-16.0 us, and 11.2 with the s2
+// loads replaced by constants; H200). MT = 1 (M <= 8): the lane's activation words (token g only) are loaded with
+// its weights. MT = 2 (M <= 16; token_groups in gemm_gemv.cu says where, from M = 5 on small layers): four words
+// per lane per tile would outnumber the weight loads, so the CTA's activation slice (M rows x its k range) is
+// staged in shared memory by bulk copies after the weight loads are issued, and the B fragments are read from
+// there.
+// 16-warp CTAs with 4 tiles in flight are the shapes meant to run two per SM: at most 64 registers (the grouped
+// ones need 66-68 unbounded, and at one CTA per SM 4096x14336 g128 at M = 1 took 15.3 us; 12.3-12.7 at two).
+template <int kWarps, int kU>
+constexpr int min_ctas() { return kWarps == 16 && kU == 4 ? 2 : 1; }
+
+template <int MT, int kGT, int kWarps, int kU, int kRows, int kC>
+__global__ void __launch_bounds__(kWarps * 32, min_ctas<kWarps, kU>()) gemv_kernel(const GemmArgs p) {
 #if defined(DCC_GEMV_DEVICE)
   static_assert(kWarps % kRows == 0, "warps per row tile");
   static_assert(kC == 1 || MT > 1, "activations are shared across the cluster only where they are staged");
   constexpr int kWK = kWarps / kRows;
+  constexpr bool kGrouped = kGT > 0;
+  constexpr int kG = kGrouped ? kGT : 1;   // consecutive k tiles a warp takes (per channel: 1)
+  static_assert(kU % kG == 0, "a ring round holds whole groups");
   constexpr bool kStage = MT > 1;   // activations through shared memory
   // The launch's thread count as a compile-time constant rather than blockDim.x (read at run time): as the output
   // loop's stride, after the last activation rows land (on the critical path), it saved ~0.13 us per call
@@ -78,28 +91,38 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
   // S is a power of two (gemm_gemv.cu): shifts, not divisions. A runtime division is a chain of ~20 dependent
   // instructions, and every warp runs it before its first load (here) and before its outputs (below).
   const int ktiles = p.K / 32, lg_s = __ffs(p.S) - 1;
-  const int kb = (split * ktiles) >> lg_s, ke = ((split + 1) * ktiles) >> lg_s;
-  int cnt = (ke - kb - kw + kWK - 1) / kWK;   // tiles of this warp: kb + kw + i*kWK
+  const int units = ktiles / kG;   // k tiles, or groups
+  const int kb = ((split * units) >> lg_s) * kG, ke = (((split + 1) * units) >> lg_s) * kG;
+  // tiles of this warp: kb + kG*kw + rel(i), i < cnt (a multiple of kG)
+  int cnt = ((ke - kb) / kG - kw + kWK - 1) / kWK * kG;
+  auto rel = [](int i) {   // kG a power of two, i >= 0: shifts and masks
+    const unsigned v = i;
+    return static_cast<int>((v / kG) * kG * kWK + v % kG);
+  };
 
   // Weights first (they do not depend on the previous kernel in the stream): kU loads per lane in flight.
-  const uint8_t* wptr = p.qweight + (static_cast<size_t>(nt) * ktiles + kb + kw) * 512 + lane * 16;
-  const int gshift = kGrouped ? (p.group == 64 ? 1 : 2) : 0;   // k tiles per group = 1 << gshift
+  const uint8_t* wptr = p.qweight + (static_cast<size_t>(nt) * ktiles + kb + kG * kw) * 512 + lane * 16;
   const uint8_t* s2s = p.s2s + nt * 32 + g * 4;
   const uint8_t* s2z = p.s2z + nt * 32 + g * 4;
   Slot<kGrouped> ring[kU];
-  auto load = [&](Slot<kGrouped>& s, int i) {
-    s.w = ldg_stream(wptr + static_cast<size_t>(i) * kWK * 512);
+  // Slot u of the ring always holds a tile i with i % kU == u, so i % kG == u % kG: the slots that start a group
+  // (u % kG == 0, a compile-time fact in the unrolled loops) carry its s2 / z2 words, the others none.
+  auto load = [&](Slot<kGrouped>& s, int i, int u) {
+    s.w = ldg_stream(wptr + static_cast<size_t>(rel(i)) * 512);
     if constexpr (kGrouped) {
-      const size_t off = static_cast<size_t>((kb + kw + i * kWK) >> gshift) * p.N;
-      s.s2 = ldg_u32(s2s + off);
-      s.z2 = ldg_u32(s2z + off);
+      if (u % kG == 0) {
+        const size_t off = static_cast<size_t>(static_cast<unsigned>(kb + kG * kw + rel(i)) / kG) * p.N;
+        s.s2 = ldg_u32(s2s + off);
+        s.z2 = ldg_u32(s2z + off);
+      }
     }
   };
   // MT = 1: token g's activation words of tile i (k 4t.. and 16+4t..), zero past M
-  const int8_t* xrow = !kStage && g < p.M ? p.xq + static_cast<size_t>(g) * p.K + (kb + kw) * 32 + 4 * t : nullptr;
+  const int8_t* xrow =
+      !kStage && g < p.M ? p.xq + static_cast<size_t>(g) * p.K + (kb + kG * kw) * 32 + 4 * t : nullptr;
   auto load_x = [&](Slot<kGrouped>& s, int i) {
     if (xrow) {
-      const int8_t* q = xrow + static_cast<size_t>(i) * kWK * 32;
+      const int8_t* q = xrow + static_cast<size_t>(rel(i)) * 32;
       s.b0 = ldg_u32(q);
       s.b1 = ldg_u32(q + 16);
     } else {
@@ -108,7 +131,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
   };
 #pragma unroll
   for (int u = 0; u < kU; ++u)
-    if (u < cnt) load(ring[u], u);
+    if (u < cnt) load(ring[u], u, u);
 
   const int n0 = blockIdx.y * kRows * 32;
   for (int i = threadIdx.x; i < kRows * 8 * MT * kRedStride; i += kThreads) sm.red[i] = 0;   // (barrier below)
@@ -155,9 +178,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
   cp_async_commit();
   if (kStage && threadIdx.x == 0) {
     const uint32_t bytes = (ke - kb) * 32;
-    // every CTA receives all M rows: rows 0-7 complete xbar0, rows 8.. xbar1 (M > 8 here)
-    sm90::mbar_arrive_expect_tx(xbar0, bytes * 8);
-    sm90::mbar_arrive_expect_tx(xbar1, bytes * (p.M - 8));
+    // every CTA receives all M rows: rows 0-7 complete xbar0, rows 8.. xbar1 (at M <= 8 an arrive without bytes)
+    sm90::mbar_arrive_expect_tx(xbar0, bytes * min(p.M, 8));
+    sm90::mbar_arrive_expect_tx(xbar1, bytes * max(p.M - 8, 0));
     const int8_t* src = p.xq + kb * 32;
     if constexpr (kC == 1 || !sm90::kMulticast) {
       for (int m = 0; m < p.M; ++m)
@@ -174,7 +197,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
   // for j = 0, 1): lanes 0-7 / 8-15 / 16-23 / 24-31 address the rows of tokens 0-7 (k bytes 0-15 / 16-31) and
   // tokens 8-15 (0-15 / 16-31). Rows past M point at row M - 1: their sums are garbage and never written.
   const int xtok = min(8 * (lane / 16) + lane % 8, p.M - 1);
-  const uint32_t xaddr = xs0 + xtok * stride + kw * 32 + 16 * ((lane / 8) % 2);
+  const uint32_t xaddr = xs0 + xtok * stride + kG * kw * 32 + 16 * ((lane / 8) % 2);
 
   int acc[2][MT][4];
 #pragma unroll
@@ -193,24 +216,26 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
       // by unpacking in the loop (below). B fragments (ldmatrix .x2: one token half) are read one tile ahead of
       // their mma; ldmatrix and mma are asm volatile, so their order is the order written here.
       uint32_t a[kU][2][4];
+      Level2 l2;   // of the group of tile u (set at its first tile)
 #pragma unroll
       for (int u = 0; u < kU; ++u)
         if (u < cnt) {
-          Level2 l2;
-          if constexpr (kGrouped) l2 = level2(ring[u].s2, ring[u].z2);
+          if constexpr (kGrouped) {
+            if (u % kG == 0) l2 = level2(ring[u].s2, ring[u].z2);
+          }
           unpack_tile<kGrouped>(ring[u].w, l2, a[u][0], a[u][1]);
         }
 #pragma unroll
       for (int j = 0; j < MT; ++j) {
         sm90::mbar_wait(j ? xbar1 : xbar0, 0);
         // lanes 0-15 address tokens 8j + lane % 8 (k bytes 0-15 / 16-31); past M: row M - 1 (never written)
-        const uint32_t xa = xs0 + min(8 * j + lane % 8, p.M - 1) * stride + kw * 32 + 16 * ((lane / 8) % 2);
+        const uint32_t xa = xs0 + min(8 * j + lane % 8, p.M - 1) * stride + kG * kw * 32 + 16 * ((lane / 8) % 2);
         uint32_t b[2][2];
         if (cnt > 0) sm90::ldsm_x2(b[0], xa);   // (a warp without tiles must not read past its row)
 #pragma unroll
         for (int u = 0; u < kU; ++u)
           if (u < cnt) {
-            if (u + 1 < kU && u + 1 < cnt) sm90::ldsm_x2(b[(u + 1) % 2], xa + (u + 1) * kWK * 32);
+            if (u + 1 < kU && u + 1 < cnt) sm90::ldsm_x2(b[(u + 1) % 2], xa + rel(u + 1) * 32);
             mma_s8(acc[0][j], a[u][0], b[u % 2][0], b[u % 2][1]);
             mma_s8(acc[1][j], a[u][1], b[u % 2][0], b[u % 2][1]);
           }
@@ -227,7 +252,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
 #pragma unroll
         for (int u = 0; u < kU; ++u)
           if (u < cnt) {
-            if (u + 1 < kU && u + 1 < cnt) sm90::ldsm_x4(b[(u + 1) % 2], xaddr + (u + 1) * kWK * 32);
+            if (u + 1 < kU && u + 1 < cnt) sm90::ldsm_x4(b[(u + 1) % 2], xaddr + rel(u + 1) * 32);
             uint32_t lo[4], hi[4];
             unpack_tile<false>(ring[u].w, Level2{}, lo, hi);
 #pragma unroll
@@ -244,6 +269,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
     for (int u = 0; u < kU; ++u)
       if (u < cnt) load_x(ring[u], u);
   }
+  Level2 l2;   // of the current group (set at its first tile, before that slot is refilled)
   for (int i0 = 0; i0 < cnt; i0 += kU) {
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
@@ -251,15 +277,16 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemmArgs p) {
       if (i < cnt) {
         const Slot<kGrouped> cur = ring[u];
         if (i + kU < cnt) {   // refill the slot just taken
-          load(ring[u], i + kU);
+          load(ring[u], i + kU, u);
           if constexpr (!kStage) load_x(ring[u], i + kU);
         }
-        Level2 l2;
-        if constexpr (kGrouped) l2 = level2(cur.s2, cur.z2);
+        if constexpr (kGrouped) {
+          if (u % kG == 0) l2 = level2(cur.s2, cur.z2);
+        }
         uint32_t lo[4], hi[4];
         unpack_tile<kGrouped>(cur.w, l2, lo, hi);
         uint32_t b[4] = {cur.b0, cur.b1, 0u, 0u};
-        if constexpr (kStage) sm90::ldsm_x4(b, xaddr + i * kWK * 32);
+        if constexpr (kStage) sm90::ldsm_x4(b, xaddr + rel(i) * 32);
 #pragma unroll
         for (int j = 0; j < MT; ++j) {
           mma_s8(acc[0][j], lo, b[2 * j], b[2 * j + 1]);

@@ -25,9 +25,12 @@ cudaError_t gemm_wgmma(const void* xq, const void* ascale, const void* asum, con
 size_t gemm_wgmma_workspace(int M, int N, int K, int group);
 bool gemm_wgmma_supported(int M, int N, int K, int group);   // compiled for sm_90a and shape OK
 // Supported and expected faster than the mma.sync kernels (csrc/w4a8/NOTES.md): where the cluster GEMV runs, not
-// at M <= 16 on layers of <= 16 MB of weights nor per channel at M <= 8; otherwise M >= 8, or M < 8 where the
-// 16-token configuration's CTAs (tiles x K splits) fill at least 70% of the SMs.
+// at M <= 16 on latency-bound layers nor at M < 8 on any; otherwise M >= 8, or M < 8 where the 16-token
+// configuration's CTAs (tiles x K splits) fill at least 70% of the SMs.
 bool gemm_wgmma_preferred(int M, int N, int K, int group);
+// A layer small enough that a few-token GEMM is bound by load latency rather than DRAM bandwidth: at most 16 MB of
+// 4-bit weights (4096x4096: 8 MB; 14336x4096: 29 MB is bandwidth-bound). Kernel choices at M <= 16 follow it.
+inline bool latency_bound_layer(int N, int K) { return static_cast<long long>(N) * K / 2 <= (16LL << 20); }
 // The cluster GEMV kernel (gemm_mma's choice for M <= 16; gemm_gemv.cu) is built and this GPU runs it (sm_90+).
 bool gemm_gemv_available();
 

@@ -315,8 +315,10 @@ GEMV_SHAPES = {1: (1, 1), 2: (1, 1), 3: (1, 1), 4: (1, 1), 5: (1, 1), 6: (4, 1),
 def test_gemv_variants_exact(ops, group):
     """The cluster GEMV with every block shape and K split count forced, twice per call into NaN-poisoned outputs:
     uneven splits (18 k tiles in 4 or 8), warps without tiles (K = 256 over 16 warps), one and two token groups
-    with partial ones (M = 1, 3, 9, 16), activations multicast to 2 CTAs (M > 8; clusters of splits x sharing
-    CTAs up to 8), and 3 row tiles (N = 96: one-row shapes without sharing only)."""
+    with partial ones (M = 1, 3, 9, 16), activations staged with one token group (M = 5: these layers are small),
+    multicast to 2 CTAs where staged (clusters of splits x sharing CTAs up to 8), and 3 row tiles (N = 96:
+    one-row shapes without sharing only). Grouped weights split K at group boundaries (at most K / group splits;
+    9 groups in 2, 4 or 8 at K = 576, g64); more splits are refused."""
     ext = ops.ext()
     if not ext.gemm_gemv_available():
         pytest.skip("the cluster GEMV is not built for this GPU (sm_90+)")
@@ -324,22 +326,46 @@ def test_gemv_variants_exact(ops, group):
     if group == 64:
         shapes = ((128, 576),) + shapes[1:]
     for n, k in shapes:
-        for m in (1, 3, 9, 16):
+        for m in (1, 3, 5, 9, 16):
             gen = _gen("gemv", group, n, k, m)
             lay = make_layer(n, k, group, gen)
             dev = {name: (None if v is None else v.cuda()) for name, v in lay.items() if name != "ints"}
             xq, scale, ssum = ops.quantize_act(make_x(m, k, gen).cuda(), with_sum=group == 0)
             ref = _reference(lay, xq, scale, ssum)
             for v, (rows, share) in GEMV_SHAPES.items():
-                share = share if m > 8 else 1
+                staged = m > 8 or (m > 4 and n * k // 2 <= 16 << 20)   # gemm_gemv.cu, token_groups
+                share = share if staged else 1
                 for s in (0, 1, 2, 4, 8):
-                    if n % (32 * rows * share) or s > k // 32 or s * share > 8:
+                    if n % (32 * rows * share) or s > k // (group or 32) or s * share > 8:
+                        with pytest.raises(RuntimeError):   # the layer cannot take this shape or split
+                            ops.gemm(xq, scale, ssum, dev["qweight"], dev["s1_scales"], dev["s1_szeros"],
+                                     dev["s2_scales"], dev["s2_zeros"], group, path=4 | (v << 4) | (s << 8))
                         continue
                     for _ in range(2):
                         out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
                         ops.gemm(xq, scale, ssum, dev["qweight"], dev["s1_scales"], dev["s1_szeros"],
                                  dev["s2_scales"], dev["s2_zeros"], group, path=4 | (v << 4) | (s << 8), out=out)
                         assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), (v, s, m, n, k)
+
+
+@pytest.mark.parametrize("group", (0, 128))
+def test_gemv_large_layer_exact(ops, group):
+    """A layer of more than 16 MB of weights (bandwidth-bound): there the cluster GEMV loads the activation words
+    with the weights up to M = 8 (every lane's token at M = 8) and stages them above."""
+    ext = ops.ext()
+    if not ext.gemm_gemv_available():
+        pytest.skip("the cluster GEMV is not built for this GPU (sm_90+)")
+    n, k = 1024, 32896   # 16.06 MiB of 4-bit weights (the bound: 16 MiB)
+    gen = _gen("gemv-large", group)
+    lay = make_layer(n, k, group, gen)
+    dev = {name: (None if v is None else v.cuda()) for name, v in lay.items() if name != "ints"}
+    for m in (6, 8, 12):
+        xq, scale, ssum = ops.quantize_act(make_x(m, k, gen).cuda(), with_sum=group == 0)
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        ops.gemm(xq, scale, ssum, dev["qweight"], dev["s1_scales"], dev["s1_szeros"], dev["s2_scales"],
+                 dev["s2_zeros"], group, path="gemv", out=out)
+        ref = _reference(lay, xq, scale, ssum)
+        assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), m
 
 
 def _at_offset(t: torch.Tensor, elems: int) -> torch.Tensor:

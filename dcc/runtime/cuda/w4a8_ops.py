@@ -10,9 +10,9 @@ import torch
 from .build import load
 
 # Automatic choice: gemm_wgmma where M >= WGMMA_MIN_M and the extension prefers it (gemm_wgmma_preferred: an sm_90a
-# build, N % 256 == 0, K % 128 == 0, and at M <= 16 a layer of more than 16 MB at M > 8 (grouped: M >= 8) or, at
-# smaller M, grouped and wide enough to fill the GPU; csrc/w4a8/NOTES.md has the measurements), else the mma.sync
-# kernels (at M <= 16 on sm_90+: the cluster GEMV). DCC_W4A8_WGMMA_MIN_M (benchmarks) moves the boundary.
+# build, N % 256 == 0, K % 128 == 0, and at M <= 16 where the cluster GEMV is built a layer of more than 16 MB at
+# M >= 8; csrc/w4a8/NOTES.md has the measurements), else the mma.sync kernels (at M <= 16 on sm_90+: the cluster
+# GEMV). DCC_W4A8_WGMMA_MIN_M (benchmarks) moves the boundary.
 WGMMA_MIN_M = int(os.environ.get("DCC_W4A8_WGMMA_MIN_M", "1"))
 
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
