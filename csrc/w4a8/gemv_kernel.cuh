@@ -45,7 +45,8 @@ __device__ __forceinline__ bool scales_aligned(const GemmArgs& p) {
 __host__ __device__ constexpr int slice_stride(int tiles) { return tiles * 32 + 16; }
 
 // One 16-byte weight load per lane per 32x32 tile (the A fragments of its two 16-row slabs), for groups the lane's
-// s2 scale / zero words, and where the activations are not staged (MT = 1) the lane's two activation words.
+// s2 scale / zero words (in the slots that start a group), and where the activations are not staged (MT = 1) the
+// lane's two activation words.
 template <bool kGrouped>
 struct Slot {
   uint4 w;
