@@ -22,7 +22,7 @@
 //    both (half the L2 reads: 6.6 -> 5.5 us). Clusters of 4 would halve it again, but the H200 holds only 30
 //    clusters of 4 one-CTA-per-SM CTAs (120 SMs), so 128 CTAs take two waves.
 //  - Few-token timeline (8 < M <= 16, one round of weights in registers; H200, 4096x4096, M = 16: 5.46 -> 4.61-4.78
-//    us, NOTES_M16.md): the warps unpack their weight tiles while the activation slice is in flight, tokens 0-7 and
+//    us, NOTES_M16*.md): the warps unpack their weight tiles while the activation slice is in flight, tokens 0-7 and
 //    8-15 land on separate mbarriers so that the first half's mma work starts before the second half is in, the
 //    warps' partial sums are added into one [row tile][token][row] buffer by shared-memory atomics (not stored per
 //    warp and re-read 16 times per output), no step after the k loop divides by a runtime value, and the output
