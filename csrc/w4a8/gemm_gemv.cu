@@ -120,9 +120,12 @@ cudaLaunchConfig_t config(dim3 grid, int threads, int S, int C, bool pdl, cudaSt
   return cfg;
 }
 
+// The k tiles a warp takes in a run (the kernel's kG): a group's tiles where grouped (gt), else one.
+int unit_of(int gt) { return gt > 0 ? gt : 1; }
+
 // k tiles of the longest of S K ranges: grouped weights split at group boundaries (gt tiles per group)
 int range_tiles(int K, int S, int gt) {
-  const int unit = gt > 0 ? gt : 1, units = K / 32 / unit;
+  const int unit = unit_of(gt), units = K / 32 / unit;
   return (units + S - 1) / S * unit;
 }
 
@@ -174,7 +177,7 @@ struct Rank {
 
 Rank rank(int shape, int S, int M, int N, int K, int gt) {
   const Shape& sh = kShapes[shape];
-  const int MT = token_groups(M, N, K), unit = gt > 0 ? gt : 1, C = share_of(shape, MT);
+  const int MT = token_groups(M, N, K), unit = unit_of(gt), C = share_of(shape, MT);
   const int smem = smem_bytes(MT, M, K, S, gt);
   const Rank bad{-1, 0, 0, 0, 0, 0};
   if (N % (32 * sh.rows * C) || S > K / 32 / unit || S * C > 8 || smem > kMaxSmem) return bad;
@@ -240,9 +243,9 @@ int gemv_max_m() { return 16; }
 cudaError_t launch_gemv(const GemmArgs& args, cudaStream_t stream, int variant, int force_s) {
   if (!gemm_gemv_available()) return cudaErrorNotSupported;
   if (args.M < 1 || args.M > gemv_max_m() || variant < 0 || variant > kNumShapes || force_s < 0 || force_s > 8 ||
-      (force_s & (force_s - 1)) || (args.group != 0 && args.group != 64 && args.group != 128))
+      (force_s & (force_s - 1)))
     return cudaErrorInvalidValue;
-  const int gt = args.group / 32;   // k tiles per group
+  const int gt = args.group / 32;   // k tiles per group (group 0, 64 or 128: gemm_mma_kernel checked it)
   const Choice c = choose(args.M, args.N, args.K, gt, variant - 1, force_s);
   if (c.shape < 0) return cudaErrorInvalidValue;   // a forced shape or S the layer or the GPU cannot take
   GemmArgs p = args;
