@@ -67,11 +67,19 @@ struct Slot {
 // there.
 // 16-warp CTAs with 4 tiles in flight are the shapes meant to run two per SM: at most 64 registers (the grouped
 // ones need 66-68 unbounded, and at one CTA per SM 4096x14336 g128 at M = 1 took 15.3 us; 12.3-12.7 at two).
-template <int kWarps, int kU>
-constexpr int min_ctas() { return kWarps == 16 && kU == 4 ? 2 : 1; }
+// Per channel with staged activations, the 8-tile ones too: a wave of them fills the SMs once, and the second CTA
+// slot of each SM then takes the next call's CTA (programmatic dependent launch), which streams its weights beside
+// this call's dependency wait and tail instead of after them (H200, 4096x4096 per channel, GEMMs in a row: M = 16
+// 4.69-4.73 -> 3.94-4.10 us, M = 8 4.58-4.62 -> 3.72-3.85). Grouped, the ring and its s2 / z2 words do not fit 64
+// registers: ptxas spills ring slots right after their loads, and a spill store waits for the load's data, which
+// stalls the thread until its weights land (11.6-12.7 us); those stay at one CTA per SM.
+template <int MT, int kGT, int kWarps, int kU>
+__host__ __device__ constexpr int min_ctas() {
+  return kWarps == 16 && (kU == 4 || (MT == 2 && kGT == 0 && kU == 8)) ? 2 : 1;
+}
 
 template <int MT, int kGT, int kWarps, int kU, int kRows, int kC>
-__global__ void __launch_bounds__(kWarps * 32, min_ctas<kWarps, kU>()) gemv_kernel(const GemmArgs p) {
+__global__ void __launch_bounds__(kWarps * 32, min_ctas<MT, kGT, kWarps, kU>()) gemv_kernel(const GemmArgs p) {
 #if defined(DCC_GEMV_DEVICE)
   static_assert(kWarps % kRows == 0, "warps per row tile");
   static_assert(kC == 1 || MT > 1, "activations are shared across the cluster only where they are staged");
@@ -209,12 +217,12 @@ __global__ void __launch_bounds__(kWarps * 32, min_ctas<kWarps, kU>()) gemv_kern
       for (int i = 0; i < 4; ++i) acc[s][j][i] = 0;
 
   if constexpr (kStage) {
-    if (kU == 8 && cnt <= kU) {
+    if (kU == 8 && min_ctas<MT, kGT, kWarps, kU>() == 1 && cnt <= kU) {
       // Every weight tile of the warp is in registers (one round): unpack them while the activation slice is in
       // flight (the weights land first: the slice is requested after them), then do the mma work of tokens 0-7 as
       // soon as their rows have landed and that of tokens 8-15 after. The unpacked tiles take 64 registers: the
-      // 8-tile shapes run one 16-warp CTA per SM anyway, while the 4-tile ones keep the 64 registers of two per SM
-      // by unpacking in the loop (below). B fragments (ldmatrix .x2: one token half) are read one tile ahead of
+      // shapes that come here run one CTA per SM anyway, while those that run two keep to 64 registers by
+      // unpacking in the loop (below). B fragments (ldmatrix .x2: one token half) are read one tile ahead of
       // their mma; ldmatrix and mma are asm volatile, so their order is the order written here.
       uint32_t a[kU][2][4];
       Level2 l2;   // of the group of tile u (set at its first tile)
@@ -245,21 +253,21 @@ __global__ void __launch_bounds__(kWarps * 32, min_ctas<kWarps, kU>()) gemv_kern
     } else {
       sm90::mbar_wait(xbar0, 0);
       sm90::mbar_wait(xbar1, 0);
-      // One round, per channel: B fragments one tile ahead of their mma (as above), unpacking in the loop. With
-      // groups the loop below (the level-2 words take registers: 4-tile shapes would pass 64).
+      // One round, per channel: unpacking in the loop, each tile's B fragments read right before its mma (read
+      // one tile ahead, as above, their 4 more registers made ptxas spill in the 64 of two CTAs per SM, and the
+      // 8-tile shapes took 4.35-4.72 us instead of 3.94-4.10 at 4096x4096, M = 16). With groups the loop below
+      // (the level-2 words take registers: 4-tile shapes would pass 64).
       if (!kGrouped && cnt <= kU) {
-        uint32_t b[2][4];
-        if (cnt > 0) sm90::ldsm_x4(b[0], xaddr);
 #pragma unroll
         for (int u = 0; u < kU; ++u)
           if (u < cnt) {
-            if (u + 1 < kU && u + 1 < cnt) sm90::ldsm_x4(b[(u + 1) % 2], xaddr + rel(u + 1) * 32);
-            uint32_t lo[4], hi[4];
+            uint32_t lo[4], hi[4], b[4];
+            sm90::ldsm_x4(b, xaddr + rel(u) * 32);
             unpack_tile<false>(ring[u].w, Level2{}, lo, hi);
 #pragma unroll
             for (int j = 0; j < MT; ++j) {
-              mma_s8(acc[0][j], lo, b[u % 2][2 * j], b[u % 2][2 * j + 1]);
-              mma_s8(acc[1][j], hi, b[u % 2][2 * j], b[u % 2][2 * j + 1]);
+              mma_s8(acc[0][j], lo, b[2 * j], b[2 * j + 1]);
+              mma_s8(acc[1][j], hi, b[2 * j], b[2 * j + 1]);
             }
           }
         cnt = 0;   // done: nothing left for the loop below

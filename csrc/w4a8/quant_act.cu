@@ -80,11 +80,17 @@ __device__ __forceinline__ uint2 codes8(const uint4& v, float inv) {
 
 // K % 8 == 0 and K <= kThreads * 8 * NC: each thread loads its NC 16-byte chunks at once (independent loads in
 // flight, not one round trip per loop iteration) and keeps them in registers for the second pass.
-// Programmatic dependent launch (sm_90+): a GEMM launched after this kernel with the PDL attribute (gemm_wgmma) may
-// start once every block of this grid runs, and prefetch its weights; it waits for this grid before reading xq.
-__device__ __forceinline__ void allow_dependents() {
+// Programmatic dependent launch (sm_90+), both ways. This kernel lets its dependents launch as soon as every block
+// runs: a GEMM launched next with the PDL attribute (the cluster GEMV, gemm_wgmma) starts and prefetches its weights,
+// and waits for this grid before it reads xq. It is itself launched with the attribute (quant_act below), so it may
+// start while the kernel before it (the previous layer's GEMM, which reads xq) still runs; it reads x and writes xq,
+// ascale and asum only after that kernel has completed (griddepcontrol.wait; a no-op where nothing is pending). The
+// next GEMM's CTAs can then stream their weights beside the previous GEMM's tail (H200, 4096x4096, M = 16,
+// activation quantization + GEMM in a row: see csrc/w4a8/NOTES_M16.md, twelfth session).
+__device__ __forceinline__ void pdl_prologue() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
 
@@ -92,7 +98,7 @@ template <int NC>
 __global__ void __launch_bounds__(kThreads) quant_act_regs(const __half* __restrict__ x, int8_t* __restrict__ xq,
                                                            __half* __restrict__ ascale, __half* __restrict__ asum,
                                                            int K) {
-  allow_dependents();
+  pdl_prologue();
   const int m = blockIdx.x;
   const __half* row = x + static_cast<size_t>(m) * K;
   int8_t* qrow = xq + static_cast<size_t>(m) * K;
@@ -118,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) quant_act_regs(const __half* __restr
 __global__ void __launch_bounds__(kThreads) quant_act_loop(const __half* __restrict__ x, int8_t* __restrict__ xq,
                                                            __half* __restrict__ ascale, __half* __restrict__ asum,
                                                            int K) {
-  allow_dependents();
+  pdl_prologue();
   const int m = blockIdx.x;
   const __half* row = x + static_cast<size_t>(m) * K;
   int8_t* qrow = xq + static_cast<size_t>(m) * K;
@@ -133,6 +139,18 @@ __global__ void __launch_bounds__(kThreads) quant_act_loop(const __half* __restr
   for (int k = threadIdx.x; k < K; k += kThreads) qrow[k] = code_of(__half2float(row[k]), inv);
 }
 
+// The GPU has programmatic dependent launch (sm_90+); cached.
+bool pdl_device() {
+  static const bool ok = [] {
+    int dev = 0, major = 0;
+    const bool r = cudaGetDevice(&dev) == cudaSuccess &&
+                   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
+    cudaGetLastError();
+    return r;
+  }();
+  return ok;
+}
+
 }  // namespace
 
 cudaError_t quant_act(const void* x, void* xq, void* ascale, void* asum, int M, int K, cudaStream_t stream) {
@@ -144,12 +162,23 @@ cudaError_t quant_act(const void* x, void* xq, void* ascale, void* asum, int M, 
   auto up = static_cast<__half*>(asum);
   const bool vec = K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(xq) % 8 == 0;
   const int chunks = (K / 8 + kThreads - 1) / kThreads;   // 16-byte chunks per thread
-  if (vec && chunks <= 1) quant_act_regs<1><<<M, kThreads, 0, stream>>>(xp, qp, sp, up, K);
-  else if (vec && chunks <= 2) quant_act_regs<2><<<M, kThreads, 0, stream>>>(xp, qp, sp, up, K);
-  else if (vec && chunks <= 4) quant_act_regs<4><<<M, kThreads, 0, stream>>>(xp, qp, sp, up, K);
-  else if (vec && chunks <= 8) quant_act_regs<8><<<M, kThreads, 0, stream>>>(xp, qp, sp, up, K);
-  else quant_act_loop<<<M, kThreads, 0, stream>>>(xp, qp, sp, up, K);
-  return cudaGetLastError();
+  auto fn = vec && chunks <= 1 ? quant_act_regs<1>
+          : vec && chunks <= 2 ? quant_act_regs<2>
+          : vec && chunks <= 4 ? quant_act_regs<4>
+          : vec && chunks <= 8 ? quant_act_regs<8>
+                               : quant_act_loop;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(M);
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (pdl_enabled() && pdl_device()) {
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&cfg, fn, xp, qp, sp, up, K);
 }
 
 }  // namespace dcc_w4a8

@@ -368,6 +368,36 @@ def test_gemv_large_layer_exact(ops, group):
         assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), m
 
 
+@pytest.mark.parametrize("group", (0, 128))
+def test_quant_gemm_chain_exact(ops, group):
+    """Quantization + GEMM pairs queued back to back through one activation buffer, as consecutive layers run them.
+    Both kernels launch with programmatic dependent launch, so a GEMM's CTAs may start while the pair before it
+    still runs: each quantization must wait until the previous GEMM has read the codes it overwrites, and each GEMM
+    until its own codes are written. A GEMM that read its neighbour's codes would match the wrong reference."""
+    ext = ops.ext()
+    n, k = 4096, 4096   # 8 MB of weights: the cluster GEMV at these M, two CTAs per SM at M = 16 per channel
+    gen = _gen("chain", group)
+    lay = make_layer(n, k, group, gen)
+    dev = {name: (None if v is None else v.cuda()) for name, v in lay.items() if name != "ints"}
+    for m in (1, 16):
+        xs = [make_x(m, k, gen).cuda() for _ in range(6)]
+        refs = [_reference(lay, *ops.quantize_act(x, with_sum=group == 0)) for x in xs]
+        xq = torch.empty(m, k, dtype=torch.int8, device="cuda")
+        scale = torch.empty(m, dtype=torch.float16, device="cuda")
+        ssum = torch.empty(m, dtype=torch.float16, device="cuda") if group == 0 else None
+        outs = [torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda") for _ in xs]
+        torch.cuda.synchronize()
+        stream = torch.cuda.current_stream().cuda_stream
+        for x, out in zip(xs, outs):
+            ext.quant_act(x.data_ptr(), xq.data_ptr(), scale.data_ptr(), 0 if ssum is None else ssum.data_ptr(),
+                          m, k, stream)
+            ops.gemm(xq, scale, ssum, dev["qweight"], dev["s1_scales"], dev["s1_szeros"], dev["s2_scales"],
+                     dev["s2_zeros"], group, out=out)
+        torch.cuda.synchronize()
+        for i, (out, ref) in enumerate(zip(outs, refs)):
+            assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), (m, i)
+
+
 def _at_offset(t: torch.Tensor, elems: int) -> torch.Tensor:
     """The same values in a view that starts `elems` elements into a fresh buffer (misaligned for elems = 1)."""
     buf = torch.empty(t.numel() + elems, dtype=t.dtype, device=t.device)
