@@ -229,12 +229,9 @@ bool gemm_gemv_available() {
   static int ok = -1;
   static std::once_flag once;
   std::call_once(once, [] {
-    int dev = 0, major = 0;
     cudaFuncAttributes a{};
-    ok = cudaGetDevice(&dev) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 &&
-         cudaFuncGetAttributes(&a, gemv_kernel<1, 0, 16, 8, 1, 1>) == cudaSuccess && a.binaryVersion >= 90 &&
-         a.numRegs >= 16;   // a stub (compiled for an older target) has almost no registers
+    ok = device_major() >= 9 && cudaFuncGetAttributes(&a, gemv_kernel<1, 0, 16, 8, 1, 1>) == cudaSuccess &&
+         a.binaryVersion >= 90 && a.numRegs >= 16;   // a stub (compiled for an older target) has almost no registers
     cudaGetLastError();
   });
   return ok == 1;

@@ -18,6 +18,19 @@ int num_sms() {
   return sms;
 }
 
+int device_major() {
+  static int major = [] {
+    int dev = 0, v = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, dev) !=
+                                                  cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return v;
+  }();
+  return major;
+}
+
 bool pdl_enabled() {
   const char* e = std::getenv("DCC_W4A8_PDL");
   return !(e && e[0] == '0');

@@ -132,13 +132,7 @@ bool kernel_ready() {
 }
 
 bool ready_for(int group) {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  if (major != 9) return false;
+  if (device_major() != 9) return false;
   switch (group) {
     case 0: return kernel_ready<0>();
     case 64: return kernel_ready<64>();

@@ -139,18 +139,6 @@ __global__ void __launch_bounds__(kThreads) quant_act_loop(const __half* __restr
   for (int k = threadIdx.x; k < K; k += kThreads) qrow[k] = code_of(__half2float(row[k]), inv);
 }
 
-// The GPU has programmatic dependent launch (sm_90+); cached.
-bool pdl_device() {
-  static const bool ok = [] {
-    int dev = 0, major = 0;
-    const bool r = cudaGetDevice(&dev) == cudaSuccess &&
-                   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
-    cudaGetLastError();
-    return r;
-  }();
-  return ok;
-}
-
 }  // namespace
 
 cudaError_t quant_act(const void* x, void* xq, void* ascale, void* asum, int M, int K, cudaStream_t stream) {
@@ -172,7 +160,7 @@ cudaError_t quant_act(const void* x, void* xq, void* ascale, void* asum, int M, 
   cfg.blockDim = dim3(kThreads);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
-  if (pdl_enabled() && pdl_device()) {
+  if (pdl_enabled() && device_major() >= 9) {   // programmatic dependent launch: sm_90+
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;

@@ -46,9 +46,11 @@ cudaError_t gemm_mma_kernel(int kernel, const void* xq, const void* ascale, cons
                             cudaStream_t stream);
 size_t gemm_mma_kernel_workspace(int kernel, int M, int N, int K, int group);
 
-// Shared by the launchers (host side, gemm_mma.cu): the GPU's SM count (cached; 132 where it cannot be read), and
-// whether the Hopper kernels launch with programmatic dependent launch (DCC_W4A8_PDL=0, for benchmarks: plainly).
+// Shared by the launchers (host side, gemm_mma.cu): the GPU's SM count (cached; 132 where it cannot be read), its
+// compute capability major (cached; 0 where it cannot be read), and whether the sm_90 kernels and the activation
+// quantization launch with programmatic dependent launch (DCC_W4A8_PDL=0, for benchmarks: plainly).
 int num_sms();
+int device_major();
 bool pdl_enabled();
 
 }  // namespace dcc_w4a8
