@@ -70,6 +70,28 @@ def load_recipe(path: str) -> list:
     return steps
 
 
+def estimate_artifact_bytes(lm: LazyModel, bits: int) -> int:
+    """An upper estimate of the artifact's size: every linear of the blocks at `bits` per weight plus one 16-bit
+    scale and zero per 32 weights (the smallest group any layout takes), everything else 16-bit."""
+    per_block_lin = sum(m.weight.numel() for m in lm.blocks[0].modules() if isinstance(m, torch.nn.Linear))
+    per_block = sum(p.numel() for p in lm.blocks[0].parameters())
+    outer = sum(p.numel() for n, p in lm.model.named_parameters() if not n.startswith(lm.blocks_prefix + "."))
+    lin_bytes = per_block_lin * (bits / 8 + 4 / 32)
+    return int(len(lm.blocks) * (lin_bytes + (per_block - per_block_lin) * 2) + outer * 2) + (1 << 20)
+
+
+def check_dump_dir(path: str | None) -> None:
+    """--dump-dir must be creatable: not an existing file, not under one (checked before any work)."""
+    if not path:
+        return
+    p = Path(path).resolve()
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise ValueError(f"--dump-dir {path}: {q} is a file, not a folder")
+            break
+
+
 def calibration_ids(lm: LazyModel, opts: CompileOptions) -> torch.Tensor:
     if not opts.calib:
         raise ValueError("--calib is required: a text file (or token ids for models without a tokenizer)")
@@ -84,24 +106,32 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
     if opts.target not in TARGETS:
         raise ValueError(f"unknown target {opts.target!r}; available: {', '.join(TARGETS)} (nunchaku is planned)")
     import importlib
+    from .runtime.device import check_device
+    from .targets.artifact import ArtifactWriter
     lower = importlib.import_module(f".targets.{opts.target}.lower", __package__)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[opts.dtype]
-    lm = LazyModel(model, device=opts.device)
+    check_device(opts.device)
+    for name in ("calib_chunks", "calib_seq_len"):
+        if getattr(opts, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(opts, name)}: must be at least 1")
+    check_dump_dir(opts.dump_dir)
     spec = lower.spec_for(opts)
+    lm = LazyModel(model, device=opts.device)
     steps = opts.steps if opts.steps is not None else load_recipe(opts.recipe) if opts.recipe else lower.steps_for(opts)
     assign = lower.assigner_for(opts, spec)
     kept = lower.preflight(lm, spec, opts.unsupported)
-    ids = calibration_ids(lm, opts)
-    n_blocks = len(lm.blocks)
-    log(f"dcc {__version__}: {lm.path.name} ({type(lm.model).__name__}, {n_blocks} blocks at {lm.blocks_prefix}) "
-        f"-> {opts.target} {spec.short()}, algo {opts.algo}")
-    if kept:
-        log(f"{len(kept)} linears cannot take this layout and stay 16-bit (--unsupported keep); first: {kept[0]}")
-    log(f"calibration: {ids.shape[0]} x {ids.shape[1]} tokens from {opts.calib}; estimated peak memory "
-        f"{estimate_memory_mb(lm, ids.numel()):.0f} MB (one block at a time)")
-    from .targets.artifact import ArtifactWriter
-    writer = ArtifactWriter(out, force=opts.force)
+    # the output is checked (and locked) before the long work: refused paths, free space, a concurrent writer
+    writer = ArtifactWriter(out, force=opts.force, protect=(lm.path, Path(model)),
+                            need_bytes=estimate_artifact_bytes(lm, spec.bits), log=log)
     try:
+        ids = calibration_ids(lm, opts)
+        n_blocks = len(lm.blocks)
+        log(f"dcc {__version__}: {lm.path.name} ({type(lm.model).__name__}, {n_blocks} blocks at "
+            f"{lm.blocks_prefix}) -> {opts.target} {spec.short()}, algo {opts.algo}")
+        if kept:
+            log(f"{len(kept)} linears cannot take this layout and stay 16-bit (--unsupported keep); first: {kept[0]}")
+        log(f"calibration: {ids.shape[0]} x {ids.shape[1]} tokens from {opts.calib}; estimated peak memory "
+            f"{estimate_memory_mb(lm, ids.numel()):.0f} MB (one block at a time)")
         emitter = lower.Emitter(writer, dtype)
         dumper = None
         if opts.dump_dir:
@@ -110,6 +140,10 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
         res = compile_blocks(lm, steps, ids, assign, on_block=emitter.on_block, dumper=dumper, device=opts.device,
                              seed=opts.seed, debug=opts.debug, progress=opts.progress, verbose=opts.verbose)
         emitter.finish(lm)
+        if all("skip_reason" in v for v in emitter.layers.values()):
+            raise ValueError(f"{lm.path.name}: no linear layer was quantized (the pipeline "
+                             f"{' -> '.join(s.name for s in steps)} quantized nothing); an artifact with nothing "
+                             f"quantized is refused")
         manifest = {
             "format": "dcc-artifact", "version": 1, "target": opts.target,
             "engines": lower.engines_for(spec, emitter),

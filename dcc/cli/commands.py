@@ -26,8 +26,10 @@ BASIS_CHANGING = {"rotate", "smooth", "smooth_attention", "reorder", "awq"}
 @click.option("-o", "--output", "out", type=click.Path(), required=True, help="Artifact folder to create.")
 @click.option("--calib", type=click.Path(), required=True,
               help="Calibration text file (UTF-8; token ids separated by spaces for models without a tokenizer).")
-@click.option("--calib-chunks", default=16, show_default=True, help="Number of calibration windows.")
-@click.option("--calib-seq-len", default=256, show_default=True, help="Tokens per calibration window.")
+@click.option("--calib-chunks", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Number of calibration windows.")
+@click.option("--calib-seq-len", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tokens per calibration window.")
 @click.option("--recipe", type=click.Path(), default=None,
               help="YAML pass list replacing --algo, e.g. 'passes: [{pass: awq}, {pass: clip, config: {grid: 20}}, "
                    "{pass: rtn}]' (see `dcc passes`).")
@@ -50,7 +52,9 @@ BASIS_CHANGING = {"rotate", "smooth", "smooth_attention", "reorder", "awq"}
               help="Write the IR after every pass (text + JSON per block) and an ONNX of the first block here.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="Where calibration runs (cpu, cuda).")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--force", is_flag=True,
+              help="Replace OUTPUT if it is a dcc artifact (never another folder, the source model or the current "
+                   "folder); the old artifact is swapped out only once the new one is complete.")
 @click.option("--debug", is_flag=True, help="Verify the IR between passes.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Print what each pass does to each block.")
@@ -82,9 +86,10 @@ def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, re
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest's layer table as JSON.")
 @friendly
 def inspect(artifact, as_json):
-    """What is in ARTIFACT: target, engines, recipe, and per layer its format, size and error."""
+    """What is in ARTIFACT: target, engines, recipe, and per layer its format, size and error. Every file is
+    checked against the manifest's checksums first."""
     from ..runtime.artifact import load_artifact
-    art = load_artifact(artifact, verify=False)
+    art = load_artifact(artifact)
     m = art.manifest
     if as_json:
         click.echo(json.dumps(m, indent=1))
@@ -117,9 +122,8 @@ def inspect(artifact, as_json):
 def _check_device(device: str, art=None) -> None:
     """cpu: the reference; cuda: dcc's kernels (built with nvcc on first use): W4A8 for QServe artifacts, else
     W4A16."""
-    if device not in ("cpu", "cuda"):
-        _fail(f"--device {device}: use cpu or cuda")
-    if device == "cuda":
+    from ..runtime.device import check_device
+    if check_device(device).type == "cuda":
         from ..runtime import cuda as rt
         qserve = art is not None and art.manifest.get("target") == "qserve"
         ok, why = rt.available("w4a8" if qserve else "w4a16")
@@ -131,7 +135,7 @@ def _check_device(device: str, art=None) -> None:
 @click.argument("artifact", type=click.Path())
 @click.option("--model", type=click.Path(), default=None,
               help="The source model: also report per-layer output error and logit drift against it.")
-@click.option("--tokens", default=128, show_default=True, help="Tokens per sequence for the output comparison.")
+@click.option("--tokens", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per sequence for the output comparison.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True,
               help="cpu: decode and run in torch; cuda: run every quantized layer through dcc's kernels (W4A16 or "
@@ -143,11 +147,10 @@ def validate(artifact, model, tokens, seed, device, as_json):
     with --model, report each layer's output error and the logit drift against the float model."""
     from ..runtime.artifact import load_artifact
     from ..runtime.validate import check_exact, compare_with_float, sample_ids
-    if device not in ("cpu", "cuda"):
-        _check_device(device)
+    _check_device(device)
     art = load_artifact(artifact)
     _check_device(device, art)
-    if device == "cuda":
+    if device.startswith("cuda"):
         from ..runtime.cuda.model import check_exact_cuda, compare_with_float_cuda
         kernels = {}
         exact, compare = check_exact_cuda(art, kernels=kernels), compare_with_float_cuda
@@ -174,7 +177,9 @@ def validate(artifact, model, tokens, seed, device, as_json):
             _fail(f"{art.path}: the manifest says QServe loads it, but {problems[0]}", 1)
     if model:
         from ..models.loader import LazyModel
+        from ..runtime.validate import check_same_model
         lm = LazyModel(model)
+        check_same_model(art, lm.config.to_dict(), model)
         fm = lm.materialize_all()
         cmp = compare(art, fm, sample_ids(lm.config.vocab_size, 2, tokens, seed))
         report["float"] = cmp
@@ -196,8 +201,10 @@ def validate(artifact, model, tokens, seed, device, as_json):
 @main.command("eval")
 @click.argument("artifact", type=click.Path())
 @click.option("--ppl", "ppl_file", type=click.Path(), required=True, help="Evaluation text (e.g. wiki.test.raw).")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per non-overlapping window.")
-@click.option("--windows", "n_windows", default=None, type=int, help="Evaluate only the first N windows.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Tokens per non-overlapping window.")
+@click.option("--windows", "n_windows", default=None, type=click.IntRange(min=1),
+              help="Evaluate only the first N windows.")
 @click.option("--baseline", type=click.Path(), default=None, help="Also evaluate this source model (float).")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu (reference) or cuda (dcc's W4A16 / W4A8 kernels).")
@@ -211,24 +218,31 @@ def eval_cmd(artifact, ppl_file, seq_len, n_windows, baseline, device, as_json, 
     from ..runtime.artifact import load_artifact
     from ..runtime.evaluate import perplexity
     from ..runtime.reference import build_model
-    if device not in ("cpu", "cuda"):
-        _check_device(device)
+    from ..runtime.validate import check_same_model
+    _check_device(device)
     art = load_artifact(artifact)
     _check_device(device, art)
+    ctx_len = art.config.get("max_position_embeddings")
+    if ctx_len and seq_len > ctx_len:
+        click.echo(f"warning: --seq-len {seq_len} is beyond the model's context of {ctx_len} tokens "
+                   f"(max_position_embeddings): the perplexity measures extrapolation, not the model", err=True)
+    baseline_lm = None
+    if baseline:
+        from ..models.loader import LazyModel
+        baseline_lm = LazyModel(baseline)
+        check_same_model(art, baseline_lm.config.to_dict(), baseline)
     tok = load_tokenizer(art.path)
     ids = tokenize_file(ppl_file, tok)
     check_vocab(ids, art.config["vocab_size"], ppl_file)
     w = windows(ids, n_windows, seq_len, ppl_file)
-    if device == "cuda":
+    if device.startswith("cuda"):
         from ..runtime.cuda.model import build_cuda_model
         model = build_cuda_model(art)
     else:
         model = build_model(art)
     results = {"artifact": perplexity(model, w, device=device, progress=not quiet, desc="artifact")}
-    if baseline:
-        from ..models.loader import LazyModel
-        results["baseline"] = perplexity(LazyModel(baseline).materialize_all(), w, progress=not quiet,
-                                         desc="baseline")
+    if baseline_lm is not None:
+        results["baseline"] = perplexity(baseline_lm.materialize_all(), w, progress=not quiet, desc="baseline")
     for k, r in results.items():
         click.echo(f"{k:9} perplexity {r['ppl']:.3f} ({r['windows']} windows x {r['seq_len']} tokens)")
     if as_json:

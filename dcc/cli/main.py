@@ -3,8 +3,8 @@ failure is one line on stderr naming the file, layer or tensor, and a non-zero e
 from __future__ import annotations
 
 import functools
-import json
 import os
+import signal
 import sys
 
 import click
@@ -17,22 +17,61 @@ def _fail(msg: str, code: int = 2):
     sys.exit(code)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled like Ctrl-C: the work in progress unwinds (temporary output removed)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so the writer's cleanup runs (only possible in the main thread)."""
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _raise_interrupted)
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader of stdout went away (`dcc passes | head`): stop quietly, as a pipeline's writer does."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    sys.exit(128 + signal.SIGPIPE)
+
+
+KNOWN_ERRORS = ("ModelLoadError", "DataError", "LayoutError", "ArtifactError", "OutputExistsError", "OutputError",
+                "ArtifactWriteError", "GGUFError", "PassError", "AnalysisError", "ValueError")
+
+
 def friendly(fn):
     """Turn expected errors into one clear line; --debug (DCC_DEBUG=1) shows the traceback instead."""
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
-            return fn(*a, **kw)
+            out = fn(*a, **kw)
+            sys.stdout.flush()   # a closed pipe shows here, inside the handler, not at interpreter exit
+            return out
         except (SystemExit, click.exceptions.Exit, click.ClickException):
             raise
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was written", 130)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            _fail(f"interrupted ({signal.Signals(signum).name}); stopped cleanly, no output was written",
+                  128 + signum)
         except Exception as e:  # noqa: BLE001 - the CLI boundary
             if os.environ.get("DCC_DEBUG"):
                 raise
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            known = type(e).__name__ in ("ModelLoadError", "DataError", "LayoutError", "ArtifactError",
-                                         "OutputExistsError", "GGUFError", "PassError", "AnalysisError", "ValueError")
+            known = type(e).__name__ in KNOWN_ERRORS
             _fail(msg if known else f"{type(e).__name__}: {msg} (set DCC_DEBUG=1 for the traceback)")
     return wrapper
 
@@ -49,6 +88,7 @@ def main():
     dcc eval out/ --ppl wiki.test.raw --baseline MODEL
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # dcc never downloads anything
+    install_signal_handlers()
 
 
 from . import commands  # noqa: E402,F401  (registers the subcommands)

@@ -61,9 +61,12 @@ def check_vocab(ids: torch.Tensor, vocab_size: int, source: str) -> None:
 
 
 def load_tokenizer(folder: str | Path):
-    """The folder's tokenizer, or None if it ships none (e.g. stories260K)."""
+    """The folder's tokenizer, or None if it ships none (e.g. stories260K). A tokenizer that names its own Python
+    (auto_map) is refused: dcc never runs code shipped with a model or an artifact."""
+    from ..models.checks import check_no_remote_code
     folder = Path(folder)
+    check_no_remote_code(folder)
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         return None
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)

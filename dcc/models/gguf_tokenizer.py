@@ -145,7 +145,7 @@ def _transformers_tokenizer(path: Path):
     """Other tokenizer kinds (sentencepiece 'llama', ...): transformers' own GGUF tokenizer loading."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
 
 
 def write_tokenizer(meta: Meta, path: Path, out: Path, model_max_length: int | None) -> None:

@@ -26,6 +26,8 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
             raise ModelLoadError(f"{p}: expected a Hugging Face folder or a .gguf file")
         from .gguf import cached_gguf_to_hf
         return Path(cached_gguf_to_hf(p))
+    from .checks import check_not_artifact
+    check_not_artifact(p)   # before the file checks: an artifact looks like a model folder but is not one
     if not (p / "config.json").is_file():
         raise ModelLoadError(f"{p}: no config.json (not a Hugging Face model folder)")
     if not list(p.glob("*.safetensors")):
@@ -71,11 +73,24 @@ class TensorIndex:
         """Drop the shards' memory maps: the pages read so far leave this process's resident memory."""
         self._handles.clear()
 
-    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        f = self.key_to_file[key]
+    def _handle(self, f: Path):
         h = self._handles.get(f)
         if h is None:
             h = self._handles[f] = self._open(f)
+        return h
+
+    def header(self, key: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype name such as 'BF16' or 'I8', shape) of a tensor, from the file's header only."""
+        f = self.key_to_file[key]
+        try:
+            s = self._handle(f).get_slice(key)
+            return s.get_dtype(), tuple(s.get_shape())
+        except Exception as e:
+            raise ModelLoadError(f"{f}: tensor {key} cannot be read ({str(e).splitlines()[0]})") from None
+
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        f = self.key_to_file[key]
+        h = self._handle(f)
         try:
             t = h.get_tensor(key)
         except Exception as e:
@@ -113,7 +128,8 @@ def _donor(config) -> torch.nn.Module:
         if hasattr(small, "layer_types") and isinstance(small.layer_types, list):
             small.layer_types = small.layer_types[:1]
         small.vocab_size = 16
-        _DONORS[id(config)] = AutoModelForCausalLM.from_config(small, attn_implementation="sdpa")
+        _DONORS[id(config)] = AutoModelForCausalLM.from_config(small, attn_implementation="sdpa",
+                                                                trust_remote_code=False)
     return _DONORS[id(config)]
 
 
@@ -138,19 +154,27 @@ class LazyModel:
 
     def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         from transformers import AutoConfig, AutoModelForCausalLM
+        from . import checks
 
         self.path = resolve_model_path(path)
         self.dtype, self.device = dtype, torch.device(device)
+        checks.check_no_remote_code(self.path)   # before transformers reads the folder: it would offer to run it
         try:
-            self.config = AutoConfig.from_pretrained(str(self.path))
+            self.config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=False)
         except Exception as e:
             raise ModelLoadError(f"{self.path / 'config.json'}: {str(e).splitlines()[0]}") from None
+        checks.check_config(self.path, self.config)
         self.index = TensorIndex(self.path)
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(self.config, attn_implementation="sdpa", dtype=dtype)
+            self.model = AutoModelForCausalLM.from_config(self.config, attn_implementation="sdpa", dtype=dtype,
+                                                          trust_remote_code=False)
         self.model.eval()
+        checks.check_skeleton(self.path, self.config, self.model)
         self.blocks_prefix, self.blocks = find_blocks(self.model)
         self.tied = self._tied_keys()
+        # every tensor's name, dtype and shape from the headers, so a mismatch stops before any compile work
+        checks.check_tensors(self.path, self.model, self.index, self.tied)
+        self.index.close()
 
     def _tied_keys(self) -> dict[str, str]:
         tied = getattr(self.model, "_tied_weights_keys", None) or {}

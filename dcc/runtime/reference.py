@@ -21,7 +21,8 @@ def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, devic
     model_type = cfg_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **{k: v for k, v in cfg_dict.items() if k != "transformers_version"})
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=compute_dtype)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=compute_dtype,
+                                                     trust_remote_code=False)
     model.eval()
     quant = art.quantized_layers()
     keys = set(art.tensors.keys())

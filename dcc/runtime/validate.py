@@ -63,3 +63,17 @@ def sample_ids(vocab: int, n: int = 2, length: int = 128, seed: int = 0) -> torc
 
 def sqnr_db(rel_err: float) -> float:
     return -20 * math.log10(max(rel_err, 1e-30))
+
+
+_SAME = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+         "num_key_value_heads", "vocab_size")
+
+
+def check_same_model(art: Artifact, config: dict, model_path) -> None:
+    """The source model given for comparison must be the one the artifact was compiled from (same architecture
+    and sizes); otherwise one line says which field differs."""
+    for key in _SAME:
+        a, b = art.config.get(key), config.get(key)
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"{model_path}: not the model {art.path.name} was compiled from ({key} {b}, the "
+                             f"artifact's is {a}; its source: {art.manifest.get('source', {}).get('model', '?')})")

@@ -2,8 +2,6 @@
 per-layer rule that also marks the run-time int8 activations and the KV cache precision the engine applies."""
 from __future__ import annotations
 
-import torch
-
 from ...compiler.pass_manager import Step
 from ...ir.formats import QuantSpec
 from ...passes.clip import ClipConfig
@@ -14,6 +12,7 @@ from ...passes.rotate import RotateConfig
 from ...passes.rtn import RtnConfig
 from ...passes.smooth import SmoothConfig
 from ...passes.smooth_attention import SmoothAttentionConfig
+from ..common import preflight as common
 from .layout import LayoutError, check_shape
 
 ALGOS = ("qoq", "qoq-rtn", "gptq", "rtn", "smoothquant")
@@ -94,39 +93,28 @@ def weight_spec(bits: int = 4, group_size: int = 0) -> QuantSpec:
     return QuantSpec("int4", symmetric=False, group_size=group_size, scale_dtype="float16", progressive=True)
 
 
-def _check(name: str, n: int, k: int, spec: QuantSpec) -> None:
-    if spec.bits == 8:
-        if n % 32 or k % 32:   # QServe's W8A8 GEMM tiles (kept to the W4A8 rule, which covers them)
-            raise LayoutError(f"{name}: [{n}, {k}] is not a multiple of 32 in both dimensions (QServe W8A8)")
-        return
-    check_shape(name, n, k, 128 if spec.group_size == 128 else 0)
-    if spec.group_size > 0 and k % spec.group_size:
-        raise LayoutError(f"{name}: in_features {k} is not a multiple of the group size {spec.group_size}")
+def _checker(spec: QuantSpec):
+    """check(name, n, k, group_size) for this spec's bits: the W4A8 tile rules, or W8A8's."""
+    def check(name: str, n: int, k: int, group_size: int) -> None:
+        if spec.bits == 8:
+            if n % 32 or k % 32:   # QServe's W8A8 GEMM tiles (kept to the W4A8 rule, which covers them)
+                raise LayoutError(f"{name}: [{n}, {k}] is not a multiple of 32 in both dimensions (QServe W8A8)")
+            return
+        check_shape(name, n, k, 128 if group_size == 128 else 0)
+        if group_size > 0 and k % group_size:
+            raise LayoutError(f"{name}: in_features {k} is not a multiple of the group size {group_size}")
+    return check
 
 
-def _problems(named_linears, spec: QuantSpec) -> dict[str, str]:
-    out = {}
-    for name, n, k in named_linears:
-        try:
-            _check(name, n, k, spec)
-        except LayoutError as e:
-            out[name] = str(e)
-    return out
-
-
-def _raise(problems: list[str]) -> None:
-    raise LayoutError(f"{problems[0]}" + (f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else "")
-                      + "; use --unsupported keep (16-bit, dcc's runtime only) or another --group-size")
+def _candidates(spec: QuantSpec) -> tuple[int, ...]:
+    return (0,) if spec.bits == 8 else (0, 128, 64)
 
 
 def preflight(lm, spec: QuantSpec, on_unsupported: str) -> list[str]:
-    """Check every block's linears against the layout before any work; returns the reasons for layers kept 16-bit."""
-    lins = [(f"{lm.block_prefix(i)}.{n}", m.out_features, m.in_features) for i, b in enumerate(lm.blocks)
-            for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)]
-    problems = list(_problems(lins, spec).values())
-    if problems and on_unsupported == "error":
-        _raise(problems)
-    return problems
+    """Check every block's linears against the layout before any work; returns the reasons for layers kept 16-bit
+    (raises under 'error', and whenever no layer fits, suggesting only options that fit)."""
+    return common.preflight(lm, _checker(spec), spec.group_size, on_unsupported, _candidates(spec), LayoutError,
+                            describe=lambda g: " (dcc runtime only)" if g == 64 else "")
 
 
 def make_spec_assigner(spec: QuantSpec, on_unsupported: str = "error", kv_bits: int | None = 4):
@@ -138,10 +126,10 @@ def make_spec_assigner(spec: QuantSpec, on_unsupported: str = "error", kv_bits: 
         raise ValueError(f"kv_bits must be 4, 8 or None (16-bit), got {kv_bits!r}")
 
     def assign(block) -> None:
-        lins = [(n, l.out_features, l.in_features) for n, l in block.linears.items()]
-        problems = _problems([(f"{block.prefix}.{n}", o, i) for n, o, i in lins], spec)
+        lins = [(f"{block.prefix}.{n}", l.out_features, l.in_features) for n, l in block.linears.items()]
+        problems = common.problems_for(lins, _checker(spec), spec.group_size)
         if problems and on_unsupported == "error":
-            _raise(list(problems.values()))
+            common.refuse(list(problems.values()), "the layout preflight lists the options that fit", LayoutError)
         for name, lin in block.linears.items():
             why = problems.get(f"{block.prefix}.{name}")
             lin.spec, lin.act, lin.skip_reason = (None, None, why) if why else (spec, "int8", None)

@@ -1,15 +1,14 @@
 """TinyChat (AWQ W4A16) target: the pass pipelines per algorithm, as literal lists, and the per-layer spec rule."""
 from __future__ import annotations
 
-import torch
-
 from ...compiler.pass_manager import Step
 from ...ir.formats import QuantSpec
 from ...passes.awq import AwqConfig
 from ...passes.clip import ClipConfig
 from ...passes.gptq import GptqConfig
 from ...passes.rtn import RtnConfig
-from .layout import LayoutError, check_shape
+from ..common import preflight as common
+from .layout import GROUP_SIZES, KERNEL_GROUP_SIZES, LayoutError, check_shape
 
 ALGOS = ("rtn", "awq", "gptq", "awq+gptq")
 
@@ -51,6 +50,11 @@ def weight_spec(bits: int = 4, group_size: int = 128, scale_dtype: str = "float1
     w = fp16(q*s + sz), one fused multiply-add, which the fake quantization reproduces. The kernel takes any 16-bit
     sz: zero="float" uses that freedom (the grid spans the group's [min, max], like GGUF's Q4_1); zero="integer" is
     AWQ's convention, sz = -(s*z) with an integer z."""
+    if bits != 4:
+        raise ValueError(f"--bits {bits}: TinyChat's layout (W4A16) packs 4-bit weights only; use --bits 4")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"--group-size {group_size}: TinyChat quantizes in groups of 128 (TinyChat's kernels), "
+                         f"64 or 32 (dcc's runtime only)")
     if zero not in ("float", "integer"):
         raise ValueError(f"zero must be 'float' or 'integer', got {zero!r}")
     return QuantSpec(dtype=f"int{bits}", symmetric=False, group_size=group_size, scale_dtype=scale_dtype,
@@ -59,22 +63,10 @@ def weight_spec(bits: int = 4, group_size: int = 128, scale_dtype: str = "float1
 
 def preflight(lm, spec: QuantSpec, on_unsupported: str) -> list[str]:
     """Check every block's linears against the layout before any work (shapes are known on the meta device).
-    Returns the reasons for layers that will stay 16-bit; raises naming the first bad layer under 'error'."""
-    problems = []
-    for i, block in enumerate(lm.blocks):
-        for name, mod in block.named_modules():
-            if isinstance(mod, torch.nn.Linear):
-                full = f"{lm.block_prefix(i)}.{name}"
-                try:
-                    check_shape(full, mod.out_features, mod.in_features, spec.group_size)
-                    if spec.bits != 4:
-                        raise LayoutError(f"{full}: the TinyChat layout packs 4-bit codes, not {spec.bits}")
-                except LayoutError as e:
-                    problems.append(str(e))
-    if problems and on_unsupported == "error":
-        raise LayoutError(f"{problems[0]}" + (f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else "")
-                          + "; use --group-size 64 (dcc runtime only) or --unsupported keep (16-bit)")
-    return problems
+    Returns the reasons for layers that will stay 16-bit; raises naming the first bad layer under 'error' (and
+    whenever no layer fits), suggesting only group sizes that fit every layer."""
+    return common.preflight(lm, check_shape, spec.group_size, on_unsupported, sorted(GROUP_SIZES, reverse=True),
+                            LayoutError, describe=lambda g: "" if g in KERNEL_GROUP_SIZES else " (dcc runtime only)")
 
 
 def make_spec_assigner(spec: QuantSpec, on_unsupported: str = "error"):
@@ -88,8 +80,6 @@ def make_spec_assigner(spec: QuantSpec, on_unsupported: str = "error"):
         for name, lin in block.linears.items():
             try:
                 check_shape(f"{block.prefix}.{name}", lin.out_features, lin.in_features, spec.group_size)
-                if spec.bits != 4:
-                    raise LayoutError(f"{block.prefix}.{name}: the TinyChat layout packs 4-bit codes, not {spec.bits}")
                 lin.spec = spec
             except LayoutError as e:
                 if on_unsupported == "error":
@@ -97,7 +87,6 @@ def make_spec_assigner(spec: QuantSpec, on_unsupported: str = "error"):
                 lin.spec, lin.skip_reason = None, str(e)
         if problems:
             raise LayoutError(f"{len(problems)} layers cannot take this layout: {problems[0]}"
-                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-                              + "; use --group-size 64 (dcc runtime only) or --unsupported keep (16-bit)")
+                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
     return assign

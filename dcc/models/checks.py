@@ -1,0 +1,169 @@
+"""Refusals made before any compile work: a model folder that would run its own Python code, a dcc artifact given as
+the source, a model dcc cannot compile (not a causal LM, mixture-of-experts, attention without sdpa, quantized
+weights), and a checkpoint whose tensors do not match transformers' skeleton. Each is one line naming the folder,
+file or tensor; only JSON files and safetensors headers are read, never tensor data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .loader import ModelLoadError, TensorIndex
+
+# Files whose `auto_map` makes transformers import Python shipped with the model (model classes; the tokenizer).
+CODE_CONFIGS = ("config.json", "tokenizer_config.json")
+# Config fields that count a model's experts (Mixtral, Qwen-MoE/OLMoE, DeepSeek, ...): more than one means MoE.
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+FLOAT_DTYPES = ("F", "BF")   # safetensors dtype names: F16, BF16, F32, F64, F8_E4M3, ...; not I8, U8, I32, BOOL
+
+
+def _json(path: Path) -> dict | None:
+    """The file's top-level object, or None when absent or unreadable (transformers reports bad JSON itself)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def check_no_remote_code(folder: Path) -> None:
+    """dcc never runs code shipped with a model: refuse a folder whose config or tokenizer config has an auto_map,
+    before transformers sees it (it would offer to import those files)."""
+    for name in CODE_CONFIGS:
+        auto_map = (_json(folder / name) or {}).get("auto_map")
+        if not auto_map or not isinstance(auto_map, dict):
+            continue
+        # name the model class when there is one: that is the code that would run the network
+        key = next((k for k in auto_map if k != "AutoConfig"), next(iter(auto_map)))
+        ref = auto_map[key]
+        ref = ", ".join(r for r in ref if r) if isinstance(ref, list) else ref
+        raise ModelLoadError(f"{folder / name}: auto_map entry {key} -> {ref} would run Python code shipped with the "
+                             f"model; dcc never runs model code (use a model whose architecture transformers ships)")
+
+
+def check_not_artifact(folder: Path) -> None:
+    """A dcc artifact has a config and safetensors like a source model, but its linears are packed codes."""
+    manifest = _json(folder / "dcc.json")
+    if manifest is None or manifest.get("format") != "dcc-artifact":
+        return
+    source = (manifest.get("source") or {}).get("model", "unknown")
+    raise ModelLoadError(f"{folder} is a dcc artifact (target {manifest.get('target', 'unknown')}), not a source "
+                         f"model: compile from the model it was made from (its source: {source})")
+
+
+def describe(config) -> str:
+    """'MixtralForCausalLM (model_type mixtral)': the class the folder names, else the causal LM class transformers
+    would build."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    archs = getattr(config, "architectures", None) or []
+    name = archs[0] if archs else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    return f"{name} (model_type {config.model_type})" if name else f"model_type {config.model_type}"
+
+
+def _causal_class(config):
+    """transformers' causal LM class for this config, or None when it has none."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return None
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return cls[0] if isinstance(cls, (list, tuple)) else cls
+
+
+def check_quantization_config(folder: Path, config) -> None:
+    qc = getattr(config, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else getattr(qc, "quant_method", "unknown")
+        raise ModelLoadError(f"{folder / 'config.json'}: quantization_config (quant_method {method}) says the weights "
+                             f"are already quantized; dcc needs floating-point source weights")
+
+
+def check_causal_lm(folder: Path, config) -> None:
+    """Decoder-only causal LMs only: judged by the architectures the folder names (absent is allowed) and by whether
+    transformers has a causal LM class for the model type."""
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(CAUSAL_SUFFIXES) for a in archs):
+        if archs[0].endswith("ForConditionalGeneration"):
+            raise ModelLoadError(f"{folder}: {describe(config)} is an encoder-decoder or multimodal model, not a "
+                                 f"decoder-only causal LM; dcc compiles decoder-only causal LMs today")
+        raise ModelLoadError(f"{folder}: {describe(config)} is not a causal language model; dcc compiles decoder-only "
+                             f"causal LMs today (encoders and diffusion transformers are planned)")
+    if _causal_class(config) is None:
+        raise ModelLoadError(f"{folder}: {describe(config)} has no causal language model class in transformers; "
+                             f"dcc compiles decoder-only causal LMs today (encoders and diffusion transformers are "
+                             f"planned)")
+
+
+def _moe_refusal(folder: Path, config) -> ModelLoadError:
+    return ModelLoadError(f"{folder}: {describe(config)} is a mixture-of-experts model; dcc does not compile MoE "
+                          f"models yet (their experts are not plain linear layers)")
+
+
+def check_not_moe_config(folder: Path, config) -> None:
+    for attr in EXPERT_COUNTS:
+        n = getattr(config, attr, None)
+        if isinstance(n, int) and n > 1:
+            raise _moe_refusal(folder, config)
+
+
+def check_attention(folder: Path, config) -> None:
+    """dcc builds every model with sdpa attention and routes it through its own sdpa-based function to simulate the
+    KV cache (dcc/ir/simulate.py): a model whose attention needs something sdpa lacks would compute another function."""
+    if getattr(config, "attn_logit_softcapping", None):   # Gemma2: tanh soft-cap of QK^T, not in sdpa
+        raise ModelLoadError(f"{folder}: {describe(config)} uses attention-logit soft-capping, which dcc does not "
+                             f"support yet (its attention runs through scaled-dot-product attention, which has none)")
+    if not getattr(_causal_class(config), "_supports_sdpa", True):
+        raise ModelLoadError(f"{folder}: {describe(config)} has no scaled-dot-product attention in transformers, "
+                             f"which dcc builds every model with; dcc does not support it yet")
+
+
+def check_config(folder: Path, config) -> None:
+    """Everything decided from config.json alone, before the skeleton is built."""
+    check_quantization_config(folder, config)
+    check_causal_lm(folder, config)
+    check_not_moe_config(folder, config)
+    check_attention(folder, config)
+
+
+def check_skeleton(folder: Path, config, model: torch.nn.Module) -> None:
+    """Experts that no config field counts still show in the module tree (fused expert tensors, routers)."""
+    for name, mod in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        kind = type(mod).__name__.lower()
+        if leaf == "experts" or "experts" in kind or "moe" in kind:
+            raise _moe_refusal(folder, config)
+
+
+def check_tensors(folder: Path, model: torch.nn.Module, index: TensorIndex, tied: dict[str, str]) -> None:
+    """The checkpoint holds a floating-point tensor of the skeleton's shape for every parameter (tied ones aside),
+    read from the safetensors headers only."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    _check_names(folder, model, index, [k for k in params if k not in tied])
+    for name, p in params.items():
+        key = tied.get(name, name)
+        if not index.key_to_file[key].is_file():
+            continue   # a shard the index names but that is gone: named when its block is read
+        dtype, shape = index.header(key)
+        if not dtype.startswith(FLOAT_DTYPES):
+            raise ModelLoadError(f"{index.key_to_file[key]}: tensor {key} is {dtype}; dcc needs floating-point source "
+                                 f"weights (this checkpoint looks already quantized)")
+        if shape != tuple(p.shape):
+            raise ModelLoadError(f"{folder}: tensor {key} has shape {shape}, the config expects {tuple(p.shape)}")
+
+
+def _check_names(folder: Path, model: torch.nn.Module, index: TensorIndex, expected: list[str]) -> None:
+    """One lost tensor is a damaged file; many are another naming: then show what the file's names look like."""
+    have = set(index.keys())
+    missing = [k for k in expected if k not in have]
+    if not missing:
+        return
+    arch = type(model).__name__
+    if len(missing) == 1:
+        raise ModelLoadError(f"{folder}: tensor {missing[0]} missing from the checkpoint (1 of the {len(expected)} "
+                             f"that transformers' {arch} expects)")
+    known = set(expected) | {n for n, _ in model.named_buffers()}
+    unknown = sorted(k for k in have if k not in known)
+    hint = f"; the file's names look like {unknown[0]!r}" if unknown else "; the file has no other tensors"
+    raise ModelLoadError(f"{folder}: the checkpoint does not match transformers' {arch}: {len(missing)} of "
+                         f"{len(expected)} tensors missing (first: {missing[0]}){hint}")

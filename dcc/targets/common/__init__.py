@@ -1,0 +1,1 @@
+"""Helpers that every target shares (layout preflight and the advice it gives)."""
