@@ -13,19 +13,21 @@ from . import __version__
 from .compiler.calib_data import check_vocab, load_tokenizer, tokenize_file, windows
 from .compiler.sequential import compile_blocks
 from .models.loader import LazyModel
+from .targets import BUILTIN_TARGETS
 
-TARGETS = ("tinychat", "qserve")
+DEFAULT_TARGET = BUILTIN_TARGETS[0]   # the registry line's first target: the CLI's default
 
 
 @dataclass
 class CompileOptions:
-    """What `dcc compile` takes; documented in its --help."""
-    target: str = "tinychat"
-    algo: str = "awq"
-    bits: int = 4
-    group_size: int | None = None   # None: the target's default (tinychat 128, qserve per channel)
-    zero: str = "auto"
-    kv_bits: str | int = "auto"     # qserve: KV cache bits (4, 8, 16); auto: 4 for W4A8, 16 for W8A8
+    """What `dcc compile` takes; documented in its --help. The target options (algo, bits, group_size, zero,
+    kv_bits, dtype, unsupported) are checked by the target's own Options class; None means the target's default."""
+    target: str = DEFAULT_TARGET
+    algo: str | None = None         # None: the target's default algorithm
+    bits: int | None = None
+    group_size: int | None = None   # None: the target's default
+    zero: str | None = None         # a TinyChat option
+    kv_bits: str | int | None = None   # a QServe option
     dtype: str = "float16"
     calib: str | None = None
     recipe: str | None = None
@@ -103,23 +105,21 @@ def calibration_ids(lm: LazyModel, opts: CompileOptions) -> torch.Tensor:
 
 def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path:
     """Compile `model` (HF folder or GGUF) for opts.target into the artifact folder `out`; returns its path."""
-    if opts.target not in TARGETS:
-        raise ValueError(f"unknown target {opts.target!r}; available: {', '.join(TARGETS)} (nunchaku is planned)")
-    import importlib
     from .runtime.device import check_device
     from .targets.artifact import ArtifactWriter
-    lower = importlib.import_module(f".targets.{opts.target}.lower", __package__)
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[opts.dtype]
+    from .targets.base import get_target
+    target = get_target(opts.target)
+    topts = target_options(target, opts)
     check_device(opts.device)
     for name in ("calib_chunks", "calib_seq_len"):
         if getattr(opts, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(opts, name)}: must be at least 1")
     check_dump_dir(opts.dump_dir)
-    spec = lower.spec_for(opts)
+    spec = target.spec(topts)
     lm = LazyModel(model, device=opts.device)
-    steps = opts.steps if opts.steps is not None else load_recipe(opts.recipe) if opts.recipe else lower.steps_for(opts)
-    assign = lower.assigner_for(opts, spec)
-    kept = lower.preflight(lm, spec, opts.unsupported)
+    steps = opts.steps if opts.steps is not None else load_recipe(opts.recipe) if opts.recipe else target.pipeline(topts)
+    assign = target.assigner(topts, spec)
+    kept = target.preflight(lm, spec, topts)
     # the output is checked (and locked) before the long work: refused paths, free space, a concurrent writer
     writer = ArtifactWriter(out, force=opts.force, protect=(lm.path, Path(model)),
                             need_bytes=estimate_artifact_bytes(lm, spec.bits), log=log)
@@ -127,12 +127,12 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
         ids = calibration_ids(lm, opts)
         n_blocks = len(lm.blocks)
         log(f"dcc {__version__}: {lm.path.name} ({type(lm.model).__name__}, {n_blocks} blocks at "
-            f"{lm.blocks_prefix}) -> {opts.target} {spec.short()}, algo {opts.algo}")
+            f"{lm.blocks_prefix}) -> {target.name} {spec.short()}, algo {topts.algo}")
         if kept:
             log(f"{len(kept)} linears cannot take this layout and stay 16-bit (--unsupported keep); first: {kept[0]}")
         log(f"calibration: {ids.shape[0]} x {ids.shape[1]} tokens from {opts.calib}; estimated peak memory "
             f"{estimate_memory_mb(lm, ids.numel()):.0f} MB (one block at a time)")
-        emitter = lower.Emitter(writer, dtype)
+        emitter = target.emitter(writer, topts)
         dumper = None
         if opts.dump_dir:
             from .ir.dump import Dumper
@@ -144,26 +144,8 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
             raise ValueError(f"{lm.path.name}: no linear layer was quantized (the pipeline "
                              f"{' -> '.join(s.name for s in steps)} quantized nothing); an artifact with nothing "
                              f"quantized is refused")
-        manifest = {
-            "format": "dcc-artifact", "version": 1, "target": opts.target,
-            "engines": lower.engines_for(spec, emitter),
-            "recipe": {"algo": f"recipe {Path(opts.recipe).name}" if opts.recipe
-                       else "custom pipeline" if opts.steps is not None else opts.algo,
-                       "weight": spec.to_dict(), "pipeline": [s.to_dict() for s in steps],
-                       "seed": opts.seed, "unsupported": opts.unsupported,
-                       "calibration": {"file": Path(opts.calib).name, "sha256": _sha(opts.calib),
-                                       "chunks": int(ids.shape[0]), "seq_len": int(ids.shape[1])}},
-            "source": {"model": lm.path.name, "architecture": type(lm.model).__name__,
-                       "blocks": lm.blocks_prefix, "num_blocks": n_blocks},
-            "versions": {"dcc": __version__, "torch": torch.__version__.split("+")[0],
-                         "transformers": _version("transformers"), "python": platform.python_version()},
-            "dtype": opts.dtype, "tied_embeddings": emitter.tied,
-            "runtime": {"activations": "int8-per-token" if opts.target == "qserve" else None,
-                        "kv_bits": getattr(emitter, "kv_bits", None),
-                        "kv_cache": getattr(emitter, "kv_cache", {})},
-            "layers": emitter.layers, "blocks": emitter.blocks,
-        }
-        config = lower.hf_config(lm, spec, opts, emitter)
+        manifest = build_manifest(target, topts, opts, spec, steps, ids, lm, emitter)
+        config = target.hf_config(lm, spec, topts, emitter)
         path = writer.finalize(config, manifest, source=lm.path)
     except BaseException:
         writer.abort()
@@ -176,6 +158,33 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
         log(f"note: {len(notes)} layers have shapes the engine's own GEMM kernels do not cover "
             f"(listed in config.json), first: {notes[0]}")
     return path
+
+
+def target_options(target, opts: CompileOptions):
+    """The target's typed options from the generic CompileOptions (None fields: the target's defaults)."""
+    return target.options(algo=opts.algo, bits=opts.bits, group_size=opts.group_size, zero=opts.zero,
+                          kv_bits=opts.kv_bits, dtype=opts.dtype, unsupported=opts.unsupported)
+
+
+def build_manifest(target, topts, opts: CompileOptions, spec, steps, ids, lm, emitter) -> dict:
+    """dcc.json (less the file checksums, which the writer adds): the one place the manifest is built."""
+    return {
+        "format": "dcc-artifact", "version": 1, "target": target.name,
+        "engines": target.engines(spec, emitter),
+        "recipe": {"algo": f"recipe {Path(opts.recipe).name}" if opts.recipe
+                   else "custom pipeline" if opts.steps is not None else topts.algo,
+                   "weight": spec.to_dict(), "pipeline": [s.to_dict() for s in steps],
+                   "seed": opts.seed, "unsupported": topts.unsupported,
+                   "calibration": {"file": Path(opts.calib).name, "sha256": _sha(opts.calib),
+                                   "chunks": int(ids.shape[0]), "seq_len": int(ids.shape[1])}},
+        "source": {"model": lm.path.name, "architecture": type(lm.model).__name__,
+                   "blocks": lm.blocks_prefix, "num_blocks": len(lm.blocks)},
+        "versions": {"dcc": __version__, "torch": torch.__version__.split("+")[0],
+                     "transformers": _version("transformers"), "python": platform.python_version()},
+        "dtype": topts.dtype, "tied_embeddings": emitter.tied,
+        "runtime": target.runtime(topts, emitter),
+        "layers": emitter.layers, "blocks": emitter.blocks,
+    }
 
 
 def _sha(path) -> str:

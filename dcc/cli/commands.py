@@ -13,16 +13,30 @@ from .main import _fail, friendly, main
 BASIS_CHANGING = {"rotate", "smooth", "smooth_attention", "reorder", "awq"}
 
 
-@main.command("compile")
+def _targets():
+    from ..targets.base import targets
+    return targets()
+
+
+def _targets_epilog() -> str:
+    """--help's last section, from the target registry: each target, its algorithms and its options."""
+    import inspect
+    lines = ["\b", "Targets (--target):"]
+    for name, t in _targets().items():
+        lines.append(f"  {name}: {t.summary}")
+        for algo, what in t.algos.items():
+            lines.append(f"    --algo {algo}: {what}")
+        doc = inspect.cleandoc(t.Options.__doc__ or "").split("\n\n")[0]
+        lines += ["    " + x for x in doc.splitlines()]
+    return "\n".join(lines)
+
+
+@main.command("compile", epilog=_targets_epilog())
 @click.argument("model", type=click.Path())
-@click.option("--target", type=click.Choice(["tinychat", "qserve"]), default="tinychat", show_default=True,
-              help="Engine layout to emit: tinychat (AWQ W4A16) or qserve (W4A8KV4 QoQ, or W8A8 with --bits 8). "
-                   "Nunchaku is planned.")
-@click.option("--algo", type=click.Choice(["awq", "awq+gptq", "gptq", "rtn", "qoq", "qoq-rtn", "smoothquant"]),
-              default=None, help="tinychat: rtn, awq (default: activation-aware scales + clip search), gptq (Hessian "
-              "error feedback, act-order, static groups), awq+gptq. qserve: qoq (default: fuse norms, Hadamard "
-              "rotation, reorder for groups, searched smoothing, SmoothAttention, GPTQ), qoq-rtn (the same with "
-              "round to nearest), gptq, rtn, smoothquant (W8A8: SmoothQuant alpha 0.5 + RTN).")
+@click.option("--target", type=click.Choice(list(_targets())), default=next(iter(_targets())), show_default=True,
+              help="Engine layout to emit (see Targets below).")
+@click.option("--algo", type=click.Choice(sorted({a for t in _targets().values() for a in t.algos})), default=None,
+              help="Algorithm (pass pipeline) of the target; default: the target's first (see Targets below).")
 @click.option("-o", "--output", "out", type=click.Path(), required=True, help="Artifact folder to create.")
 @click.option("--calib", type=click.Path(), required=True,
               help="Calibration text file (UTF-8; token ids separated by spaces for models without a tokenizer).")
@@ -33,17 +47,15 @@ BASIS_CHANGING = {"rotate", "smooth", "smooth_attention", "reorder", "awq"}
 @click.option("--recipe", type=click.Path(), default=None,
               help="YAML pass list replacing --algo, e.g. 'passes: [{pass: awq}, {pass: clip, config: {grid: 20}}, "
                    "{pass: rtn}]' (see `dcc passes`).")
-@click.option("--bits", default=4, show_default=True, help="Weight bits: 4 (both targets) or 8 (qserve W8A8).")
+@click.option("--bits", type=int, default=None,
+              help="Weight bits; which a target takes is listed under Targets (default: the target's, 4).")
 @click.option("--group-size", type=int, default=None,
-              help="Input features per scale. tinychat: 128 (default, TinyChat's kernels); 64 and 32: dcc's runtime "
-                   "only. qserve: 0 = per channel (default), 128 = QoQ progressive groups; 64: dcc's runtime only.")
-@click.option("--kv-bits", type=click.Choice(["auto", "4", "8", "16"]), default="auto", show_default=True,
-              help="qserve: KV cache precision simulated in calibration and evaluation (per token and head, after "
-                   "RoPE); auto: 4 for W4A8, 16 for W8A8.")
-@click.option("--zero", type=click.Choice(["auto", "float", "integer"]), default="auto", show_default=True,
-              help="float: each group's 16-bit offset is free, so the grid spans the group's [min, max] (TinyChat's "
-                   "kernel adds any scaled_zeros); integer: AWQ's integer zero point, scaled_zeros = -s*z; auto: "
-                   "integer for --algo rtn, float otherwise (what measured best).")
+              help="Input features per scale; 0 = per channel where the target has it (default: the target's).")
+@click.option("--kv-bits", type=click.Choice(["auto", "4", "8", "16"]), default=None,
+              help="KV cache precision, for targets that simulate a quantized cache (per token and head, after RoPE).")
+@click.option("--zero", type=click.Choice(["auto", "float", "integer"]), default=None,
+              help="Zero points, for targets with asymmetric groups: float (each group's 16-bit offset is free), "
+                   "integer (AWQ's integer zero point) or auto (integer for rtn, float for the searched methods).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default="float16", show_default=True,
               help="Scales and unquantized tensors.")
 @click.option("--unsupported", type=click.Choice(["error", "keep"]), default="error", show_default=True,
@@ -67,10 +79,9 @@ def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, re
     Blocks are captured with torch.export and compiled one at a time on the calibration data; the artifact is
     written to a temporary folder and renamed into place when complete."""
     from ..api import CompileOptions, compile_model
-    algos = {"tinychat": ("rtn", "awq", "gptq", "awq+gptq"), "qserve": ("qoq", "qoq-rtn", "gptq", "rtn", "smoothquant")}
-    algo = algo or {"tinychat": "awq", "qserve": "qoq"}[target]
-    if algo not in algos[target]:
-        raise click.BadParameter(f"{algo!r} is not an algorithm of target {target} ({', '.join(algos[target])})",
+    algos = _targets()[target].algos
+    if algo is not None and algo not in algos:
+        raise click.BadParameter(f"{algo!r} is not an algorithm of target {target} ({', '.join(algos)})",
                                  param_hint="--algo")
     opts = CompileOptions(target=target, algo=algo, recipe=recipe, bits=bits, group_size=group_size, zero=zero,
                           kv_bits=kv_bits,
@@ -120,13 +131,15 @@ def inspect(artifact, as_json):
 
 
 def _check_device(device: str, art=None) -> None:
-    """cpu: the reference; cuda: dcc's kernels (built with nvcc on first use): W4A8 for QServe artifacts, else
-    W4A16."""
+    """cpu: the reference; cuda: dcc's kernels (built with nvcc on first use), the CUDA runtime the artifact's
+    target names."""
     from ..runtime.device import check_device
-    if check_device(device).type == "cuda":
+    if check_device(device).type == "cuda" and art is not None:
         from ..runtime import cuda as rt
-        qserve = art is not None and art.manifest.get("target") == "qserve"
-        ok, why = rt.available("w4a8" if qserve else "w4a16")
+        ext = _targets()[art.manifest["target"]].cuda_extension
+        if ext is None:
+            _fail(f"{art.path}: target {art.manifest['target']} has no CUDA runtime; use --device cpu")
+        ok, why = rt.available(ext)
         if not ok:
             _fail(why)
 
@@ -135,11 +148,12 @@ def _check_device(device: str, art=None) -> None:
 @click.argument("artifact", type=click.Path())
 @click.option("--model", type=click.Path(), default=None,
               help="The source model: also report per-layer output error and logit drift against it.")
-@click.option("--tokens", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per sequence for the output comparison.")
+@click.option("--tokens", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens per sequence for the output comparison.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True,
-              help="cpu: decode and run in torch; cuda: run every quantized layer through dcc's kernels (W4A16 or "
-                   "QServe W4A8).")
+              help="cpu: decode and run in torch; cuda: run every quantized layer through dcc's kernels (the CUDA "
+                   "runtime of the artifact's target).")
 @click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the report as JSON here.")
 @friendly
 def validate(artifact, model, tokens, seed, device, as_json):
@@ -159,22 +173,22 @@ def validate(artifact, model, tokens, seed, device, as_json):
     bad = [k for k, ok in exact.items() if not ok]
     report = {"exact": exact}
     click.echo(f"decoded weights equal the fake-quant weights: {len(exact) - len(bad)}/{len(exact)} layers")
-    if kernels:   # QServe on the GPU: each layer's kernel output against the CPU reference layer
+    if kernels:   # where the target measures it: each layer's GPU kernel output against the CPU reference layer
         report["kernels"] = kernels
         worst = min(v["bit_equal"] for v in kernels.values())
-        click.echo(f"GPU W4A8 kernels vs CPU reference: {sum(v['ok'] for v in kernels.values())}/{len(kernels)} "
+        click.echo(f"GPU kernels vs CPU reference: {sum(v['ok'] for v in kernels.values())}/{len(kernels)} "
                    f"layers agree; outputs bit-equal >= {worst * 100:.2f}% per layer, max "
                    f"{max(v['max_ulp'] for v in kernels.values())} fp16 ulp")
-    if art.manifest["target"] == "qserve":
-        from ..targets.qserve import schema
-        spec = next((e["spec"] for e in art.quantized_layers().values()), {})
-        fmt = art.config["quantization_config"]["format"]
-        problems = schema.check(art.tensors, art.config, fmt, spec.get("group_size", 0))
-        report["qserve_loader"] = problems
-        click.echo("QServe's loader: every tensor it reads is present with its dtype and shape" if not problems else
-                   f"QServe's loader would not take this artifact: {len(problems)} problems, first: {problems[0]}")
-        if problems and "qserve" in art.manifest["engines"]:
-            _fail(f"{art.path}: the manifest says QServe loads it, but {problems[0]}", 1)
+    target = _targets()[art.manifest["target"]]
+    problems = target.check_artifact(art)   # None: the target has no check of its engine's loader
+    if problems is not None:
+        report["engine_loader"] = problems
+        who = target.engine_name
+        click.echo(f"{who}'s loader: every tensor it reads is present with its dtype and shape" if not problems
+                   else f"{who}'s loader would not take this artifact: {len(problems)} problems, first: "
+                        f"{problems[0]}")
+        if problems and target.name in art.manifest["engines"]:
+            _fail(f"{art.path}: the manifest says {who} loads it, but {problems[0]}", 1)
     if model:
         from ..models.loader import LazyModel
         from ..runtime.validate import check_same_model
@@ -207,7 +221,7 @@ def validate(artifact, model, tokens, seed, device, as_json):
               help="Evaluate only the first N windows.")
 @click.option("--baseline", type=click.Path(), default=None, help="Also evaluate this source model (float).")
 @click.option("--device", default="cpu", show_default=True,
-              help="cpu (reference) or cuda (dcc's W4A16 / W4A8 kernels).")
+              help="cpu (reference) or cuda (dcc's kernels for the artifact's target).")
 @click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the results as JSON here.")
 @click.option("-q", "--quiet", is_flag=True)
 @friendly

@@ -10,29 +10,13 @@ import torch
 
 from ..models.loader import ModelLoadError, TensorIndex
 from ..targets.artifact import MANIFEST, sha256_file
-from ..targets.tinychat import layout as tinychat_layout
+from ..targets.base import TargetError, get_format
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ArtifactError(ValueError):
     """A damaged or unknown artifact; the message names the file or tensor."""
-
-
-def _decode_tinychat(tensors, prefix: str, entry: dict) -> torch.Tensor:
-    n, k = entry["shape"]
-    g = entry["spec"]["group_size"]
-    return tinychat_layout.decode_weight(tensors.get(f"{prefix}.qweight"), tensors.get(f"{prefix}.scales"),
-                                         tensors.get(f"{prefix}.scaled_zeros"), g, k)
-
-
-def _decode_qserve(tensors, prefix: str, entry: dict) -> torch.Tensor:
-    from . import qserve
-    return qserve.decode(tensors, prefix, entry)
-
-
-DECODERS = {"tinychat-w4a16-v2": _decode_tinychat, "qserve-w4a8-per-channel": _decode_qserve,
-            "qserve-w4a8-group": _decode_qserve, "qserve-w8a8": _decode_qserve}
 
 
 @dataclass
@@ -46,18 +30,26 @@ class Artifact:
     def dtype(self) -> torch.dtype:
         return DTYPES[self.manifest.get("dtype", "float16")]
 
+    def format_of(self, layer: str):
+        """The target Format (dcc.targets.base.Format) a quantized layer is stored in."""
+        fmt = self.manifest["layers"][layer].get("format")
+        try:
+            return get_format(fmt)[1]
+        except TargetError:
+            raise ArtifactError(f"{self.path}: layer {layer} has format {fmt!r}, which this runtime cannot decode"
+                                ) from None
+
     def quantized_layers(self) -> dict[str, dict]:
         return {k: v for k, v in self.manifest["layers"].items() if "skip_reason" not in v}
 
     def decode(self, layer: str) -> torch.Tensor:
-        """The [N, K] weight of a quantized layer, exactly as the kernel reconstructs it (16-bit for TinyChat; float32
-        for QServe, whose GEMM applies the scales to integers and never forms a 16-bit weight)."""
+        """The [N, K] weight of a quantized layer, exactly as the kernel reconstructs it (in the format's
+        decoded_dtype: 16-bit where the kernel forms a 16-bit weight, float32 where the GEMM applies the scales to
+        integers and never does)."""
         entry = self.manifest["layers"][layer]
-        fmt = entry.get("format")
-        if fmt not in DECODERS:
-            raise ArtifactError(f"{self.path}: layer {layer} has format {fmt!r}, which this runtime cannot decode")
+        fmt = self.format_of(layer)
         try:
-            return DECODERS[fmt](self.tensors, layer, entry)
+            return fmt.decode(self.tensors, layer, entry)
         except KeyError as e:
             raise ArtifactError(f"{self.path}: layer {layer} is missing tensor {e}") from None
 

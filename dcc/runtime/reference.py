@@ -1,13 +1,13 @@
-"""CPU reference execution of an artifact: a transformers model whose quantized linears carry the decoded 16-bit
-weights (exactly what TinyChat's kernels reconstruct), or compute what QServe's W4A8/W8A8 GEMMs compute (int8
-activations, integer GEMM, fp16 epilogue) with its KV cache quantization, run in float32 on the CPU."""
+"""CPU reference execution of an artifact: a transformers model whose quantized linears carry the decoded weights
+(where the engine's kernel computes with a reconstructed 16-bit weight) or are the format's reference module (where
+it does not: e.g. int8 activations, an integer GEMM and an fp16 epilogue), with the KV cache quantization the
+manifest records, run in float32 on the CPU. Formats come from the target registry."""
 from __future__ import annotations
 
 import torch
 
 from ..ir.simulate import install_kv
 from ..models.loader import rebuild_buffers
-from . import qserve
 from .artifact import Artifact
 
 
@@ -26,12 +26,14 @@ def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, devic
     model.eval()
     quant = art.quantized_layers()
     keys = set(art.tensors.keys())
-    used = {f"{q}.{t}" for q, e in quant.items() for t in qserve.TENSORS.get(e["format"], _TINYCHAT_TENSORS)}
+    used = {f"{q}.{t}" for q in quant for t in art.format_of(q).tensors}
+    swapped = set()
     for mname, e in quant.items():
-        if e["format"].startswith("qserve"):
+        if art.format_of(mname).reference is not None:
             _swap_in(model, art, mname, e, used)
+            swapped.add(mname)
     for mname, mod in model.named_modules():
-        if isinstance(mod, qserve.QServeLinear):
+        if mname in swapped:
             continue
         for pname, p in list(mod.named_parameters(recurse=False)):
             full = f"{mname}.{pname}" if mname else pname
@@ -60,23 +62,21 @@ def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, devic
     return model.to(device)
 
 
-_TINYCHAT_TENSORS = ("qweight", "scales", "scaled_zeros")
-
-
 def _swap_in(model, art, mname: str, entry: dict, used: set) -> None:
-    """Replace nn.Linear `mname` by the QServe reference layer built from its stored tensors."""
+    """Replace nn.Linear `mname` by its format's reference layer built from its stored tensors."""
     parent, _, attr = mname.rpartition(".")
     old = model.get_submodule(mname)
     n, k = entry["shape"]
+    fmt = art.format_of(mname)
     try:
-        tensors = {t: art.tensors.get(f"{mname}.{t}") for t in qserve.TENSORS[entry["format"]]}
+        tensors = {t: art.tensors.get(f"{mname}.{t}") for t in fmt.tensors}
     except KeyError as e:
         raise ValueError(f"{art.path}: layer {mname} is missing tensor {e}") from None
     bias = None
     if old.bias is not None:
         bias = art.tensors.get(f"{mname}.bias")
         used.add(f"{mname}.bias")
-    setattr(model.get_submodule(parent), attr, qserve.QServeLinear(entry["format"], tensors, n, k, bias))
+    setattr(model.get_submodule(parent), attr, fmt.reference(tensors, n, k, bias))
 
 
 def _restore_buffers(model, config, device) -> None:

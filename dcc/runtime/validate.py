@@ -16,8 +16,7 @@ def check_exact(art: Artifact) -> dict[str, bool]:
     """layer -> decoded 16-bit weight equals the compile-time fake-quant weight, bit for bit."""
     out = {}
     for name, entry in art.quantized_layers().items():
-        w = art.decode(name)
-        w = w if entry["format"].startswith("qserve") else w.to(art.dtype)
+        w = art.decode(name).to(art.format_of(name).decoded_dtype or art.dtype)
         out[name] = sha256_tensor(w) == entry.get("weight_sha256")
     return out
 

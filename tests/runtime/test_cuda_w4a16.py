@@ -243,7 +243,7 @@ def test_rejects_bad_inputs(rt):
 
 def test_module_forward(rt):
     """W4A16Linear (what build_cuda_model puts in place of quantized linears) matches the reference."""
-    from dcc.runtime.cuda.model import W4A16Linear
+    from dcc.targets.tinychat.cuda import W4A16Linear
 
     gen = torch.Generator().manual_seed(7)
     qw, s, sz = make_layer(256, 512, 128, torch.bfloat16, gen)

@@ -4,8 +4,8 @@ Activation quantization must be bit-identical to dcc.ir.actquant (codes, scales;
 sum). The GEMM gets fresh random codes, scales and activations per check (codes packed by dcc.targets.qserve.layout,
 progressive bounds q*s2 <= 255 and (q-z)*s2 in int8 respected), a NaN-poisoned output, and is compared with the
 exact result: an integer GEMM in float64 (exact below 2^53) and the epilogue in float64, cast to fp16 as
-dcc.runtime.qserve does. Every kernel (split-K, tiled, the automatic choice, and wgmma and the cluster GEMV where
-built) is checked."""
+dcc.targets.qserve.reference does. Every kernel (split-K, tiled, the automatic choice, and wgmma and the cluster GEMV
+where built) is checked."""
 from __future__ import annotations
 
 import json
@@ -240,8 +240,8 @@ def test_wgmma_per_channel_largest_k_exact(ops, monkeypatch, splits):
 
 @pytest.mark.parametrize("group", (0, 64, 128))
 def test_linear_matches_cpu_reference(ops, group):
-    """w4a8_linear (quantization + GEMM on the GPU) against dcc.runtime.qserve.QServeLinear on the CPU."""
-    from dcc.runtime.qserve import QServeLinear
+    """w4a8_linear (quantization + GEMM on the GPU) against dcc.targets.qserve.reference.QServeLinear on the CPU."""
+    from dcc.targets.qserve.reference import QServeLinear
 
     n, k = 192, 576 if group != 128 else 768
     gen = _gen("linear", group)

@@ -1,1 +1,2 @@
-"""QServe target (W4A8 per channel / progressive g128, W8A8): layout, pipeline, emitter, schema."""
+"""QServe (W4A8KV4 QoQ, W8A8) target; importing it registers the target."""
+from . import target  # noqa: F401  (registers "qserve")

@@ -1,13 +1,13 @@
 """Lower compiled blocks to QServe's checkpoint tensors (research/targets.md 1A): W4A8 per channel (qweight, s1_scales,
 s1_szeros), W4A8 progressive groups (qweight, s1_scales, s2_scales, s2_zeros) or W8A8 (int8 weight, dequant_scale),
-HF parameter names kept; everything else 16-bit. Streamed block by block into an ArtifactWriter."""
+HF parameter names kept; everything else 16-bit (BaseEmitter). Streamed block by block into an ArtifactWriter."""
 from __future__ import annotations
 
 import torch
 
 from ...ir.simulate import attention_module
 from ..artifact import ArtifactWriter, sha256_tensor
-from ..tinychat.emit import TinyChatEmitter
+from ..common.emit import BaseEmitter
 from .layout import kernel_notes, pack_qweight, pack_s2, pack_w8
 
 FORMATS = {"per_channel": "qserve-w4a8-per-channel", "group": "qserve-w4a8-group", "w8": "qserve-w8a8"}
@@ -33,7 +33,7 @@ def lower_linear(qt) -> dict[str, torch.Tensor]:
             "s1_szeros": (-qt.zero.reshape(-1)).to(torch.float16)}
 
 
-class QServeEmitter(TinyChatEmitter):
+class QServeEmitter(BaseEmitter):
     """on_block(block, ctx) packs a finished block; finish(lm) writes the parts outside the blocks (16-bit)."""
 
     def __init__(self, writer: ArtifactWriter, dtype: torch.dtype = torch.float16):

@@ -15,7 +15,15 @@ from ...passes.smooth_attention import SmoothAttentionConfig
 from ..common import preflight as common
 from .layout import LayoutError, check_shape
 
-ALGOS = ("qoq", "qoq-rtn", "gptq", "rtn", "smoothquant")
+# algorithm -> what it runs (the CLI's --help reads this); the first is the default
+ALGOS = {
+    "qoq": "fuse norms, Hadamard rotation, reorder (groups), searched smoothing, SmoothAttention, clip, GPTQ "
+           "(default)",
+    "qoq-rtn": "QoQ with round to nearest instead of GPTQ",
+    "gptq": "fuse norms, then GPTQ",
+    "rtn": "fuse norms, then round to nearest",
+    "smoothquant": "W8A8 (--bits 8): SmoothQuant alpha 0.5, then round to nearest",
+}
 GROUP_SIZES = (0, 64, 128)   # 0: per channel; 128: QServe's g128 kernel; 64: dcc's runtime only
 
 

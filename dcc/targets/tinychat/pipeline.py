@@ -10,7 +10,13 @@ from ...passes.rtn import RtnConfig
 from ..common import preflight as common
 from .layout import GROUP_SIZES, KERNEL_GROUP_SIZES, LayoutError, check_shape
 
-ALGOS = ("rtn", "awq", "gptq", "awq+gptq")
+# algorithm -> what it runs (the CLI's --help reads this); the first is the default
+ALGOS = {
+    "awq": "activation-aware scales + clip search, then round to nearest (default)",
+    "rtn": "round to nearest",
+    "gptq": "Hessian error feedback, act-order, static groups",
+    "awq+gptq": "AWQ scales and clip ranges, then GPTQ",
+}
 
 
 def pipeline(algo: str) -> list[Step]:

@@ -5,7 +5,8 @@ import pytest
 
 from dcc.compiler.pass_manager import check_pipeline
 from dcc.targets.tinychat.layout import LayoutError
-from dcc.targets.tinychat.lower import spec_for, zero_for
+from dcc.targets.base import get_target
+from dcc.targets.tinychat.target import zero_for
 from dcc.targets.tinychat.pipeline import ALGOS, pipeline, preflight, weight_spec
 from tiny_models import decoder_config
 
@@ -23,9 +24,9 @@ def test_auto_zero_points_follow_the_algorithm():
     assert zero_for("auto", "rtn") == "integer"
     assert zero_for("auto", "awq") == zero_for("auto", "gptq") == "float"
     assert zero_for("integer", "awq") == "integer"
-    opts = SimpleNamespace(bits=4, group_size=64, dtype="float16", zero="auto", algo="rtn")
-    assert spec_for(opts).zero_mode == "scaled"        # integer zero, stored as -s*z
-    assert spec_for(SimpleNamespace(**{**vars(opts), "algo": "awq"})).zero_mode == "float"
+    t = get_target("tinychat")
+    assert t.spec(t.options(group_size=64, algo="rtn")).zero_mode == "scaled"   # integer zero, stored as -s*z
+    assert t.spec(t.options(group_size=64, algo="awq")).zero_mode == "float"
     with pytest.raises(ValueError):
         weight_spec(zero="half")
 

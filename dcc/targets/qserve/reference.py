@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ir.actquant import quantize_tokens_int8
-from ..targets.qserve import layout
+from ...ir.actquant import quantize_tokens_int8
+from . import layout
 
 # float32 sums integers exactly below 2^24: |int8 code x weight| <= 127 * 128, so 1024 products per partial sum
 # stay exact in any order; partial sums are then added in float64 (exact as well)

@@ -1,13 +1,13 @@
 """Run a QServe artifact on the GPU: its W4A8 linears execute through dcc's W4A8 kernels (csrc/w4a8: int8 per-token
 activations, integer GEMM on the stored codes, fp16 epilogue) and its W8A8 linears through torch._int_mm with the
 same exact epilogue; everything else is the CPU reference model (float32, KV-cache quantization from the manifest)
-moved to the GPU. Also the per-layer check of the kernels against the CPU reference (dcc.runtime.qserve)."""
+moved to the GPU. Also the per-layer check of the kernels against the CPU reference (reference.py)."""
 from __future__ import annotations
 
 import torch
 
-from .. import qserve
-from .w4a8_ops import quantize_act, w4a8_linear
+from ...runtime.cuda.w4a8_ops import quantize_act, w4a8_linear
+from . import reference
 
 GROUPED, PER_CHANNEL, W8A8 = "qserve-w4a8-group", "qserve-w4a8-per-channel", "qserve-w8a8"
 
@@ -23,7 +23,7 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class W4A8Linear(torch.nn.Linear):
     """One QServe linear on the GPU kernels (an nn.Linear subclass, so hooks that look for nn.Linear see it). Same
-    contract as dcc.runtime.qserve.QServeLinear: fp16 outputs (bias added in fp16), returned in x's dtype."""
+    contract as reference.QServeLinear: fp16 outputs (bias added in fp16), returned in x's dtype."""
 
     def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], n: int, k: int, bias: torch.Tensor | None,
                  device):
@@ -59,13 +59,13 @@ class W4A8Linear(torch.nn.Linear):
 
 
 def _tensors(art, name: str, entry: dict) -> dict[str, torch.Tensor]:
-    return {t: art.tensors.get(f"{name}.{t}") for t in qserve.TENSORS[entry["format"]]}
+    return {t: art.tensors.get(f"{name}.{t}") for t in reference.TENSORS[entry["format"]]}
 
 
 def build_qserve_cuda_model(art, device: str = "cuda"):
     """The CPU reference model of a QServe artifact (float32, KV simulation installed) on `device`, with every
     quantized linear replaced by W4A8Linear."""
-    from ..reference import build_model
+    from ...runtime.reference import build_model
 
     model = build_model(art, compute_dtype=torch.float32, device="cpu")
     for name, entry in art.quantized_layers().items():
@@ -97,7 +97,7 @@ def check_layers_cuda(art, device: str = "cuda", tokens: int = 37, seed: int = 0
         x = torch.randn(tokens, k, generator=gen)
         x[:, torch.randint(0, k, (max(1, k // 64),), generator=gen)] *= 20.0
         x = x.to(torch.float16).to(torch.float32)
-        ref = qserve.QServeLinear(entry["format"], t, n, k, None)(x)
+        ref = reference.QServeLinear(entry["format"], t, n, k, None)(x)
         got = W4A8Linear(entry["format"], t, n, k, None, device)(x.to(device)).cpu()
         ulp = ulp_distance(got, ref)
         within = float((ulp <= 1).float().mean())
