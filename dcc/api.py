@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import platform
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,25 +18,26 @@ from .models.loader import LazyModel
 from .targets import BUILTIN_TARGETS
 
 DEFAULT_TARGET = BUILTIN_TARGETS[0]   # the registry line's first target: the CLI's default
+log = logging.getLogger("dcc")
 
 
 @dataclass
 class CompileOptions:
     """What `dcc compile` takes; documented in its --help. The target options (algo, bits, group_size, zero,
     kv_bits, dtype, unsupported) are checked by the target's own Options class; None means the target's default."""
-    target: str = DEFAULT_TARGET
-    algo: str | None = None         # None: the target's default algorithm
+    target: str | None = None       # None: the recipe's, else DEFAULT_TARGET
+    algo: str | None = None         # None: the recipe's, else the target's default algorithm
     bits: int | None = None
-    group_size: int | None = None   # None: the target's default
+    group_size: int | None = None   # None: the recipe's, else the target's default
     zero: str | None = None         # a TinyChat option
     kv_bits: str | int | None = None   # a QServe option
-    dtype: str = "float16"
+    dtype: str | None = None        # None: the recipe's, else float16
     calib: str | None = None
-    recipe: str | None = None
-    calib_chunks: int = 16
-    calib_seq_len: int = 256
-    unsupported: str = "error"
-    seed: int = 0
+    recipe: str | None = None       # a recipe file (YAML/JSON) or an artifact's dcc.json
+    calib_chunks: int | None = None     # None: the recipe's, else 16
+    calib_seq_len: int | None = None    # None: the recipe's, else 256
+    unsupported: str | None = None  # None: the recipe's, else "error"
+    seed: int | None = None         # None: the recipe's, else 0
     device: str = "cpu"
     dump_dir: str | None = None
     force: bool = False
@@ -51,25 +54,6 @@ def estimate_memory_mb(lm: LazyModel, tokens: int) -> float:
     outer = sum(p.numel() for n, p in lm.model.named_parameters() if not n.startswith(lm.blocks_prefix + ".")) * 4
     acts = tokens * sum(m.in_features for m in lm.blocks[0].modules() if isinstance(m, torch.nn.Linear)) * 4
     return (block + outer + acts * 2) / 2**20
-
-
-def load_recipe(path: str) -> list:
-    """A YAML recipe: `passes: [{pass: awq, config: {grid: 20}}, {pass: clip}, {pass: rtn}]`."""
-    import yaml
-    from .compiler.pass_manager import Step
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{p}: no such recipe file")
-    try:
-        doc = yaml.safe_load(p.read_text())
-        steps = [Step.from_dict(d) for d in doc["passes"]]
-    except (yaml.YAMLError, KeyError, TypeError) as e:
-        raise ValueError(f"{p}: not a recipe (expected 'passes: [{{pass: NAME, config: {{...}}}}, ...]': {e})") from None
-    except ValueError as e:
-        raise ValueError(f"{p}: {e}") from None
-    if not steps:
-        raise ValueError(f"{p}: the recipe lists no passes")
-    return steps
 
 
 def estimate_artifact_bytes(lm: LazyModel, bits: int) -> int:
@@ -103,13 +87,33 @@ def calibration_ids(lm: LazyModel, opts: CompileOptions) -> torch.Tensor:
     return windows(ids, opts.calib_chunks, opts.calib_seq_len, opts.calib)
 
 
-def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path:
+def resolve(opts: CompileOptions):
+    """(target, its typed options, the recipe or None, opts with calibration/seed filled): command-line values
+    first, then the recipe's, then the defaults."""
+    import dataclasses
+    from .recipe import load_recipe
+    from .targets.base import get_target
+    recipe = load_recipe(opts.recipe) if opts.recipe else None
+    r_target = recipe.target if recipe else None
+    if opts.target and r_target and opts.target != r_target:
+        raise ValueError(f"--target {opts.target}: the recipe {recipe.path} is for target {r_target}")
+    target = get_target(opts.target or r_target or DEFAULT_TARGET)
+    given = {k: getattr(opts, k) for k in ("algo", "bits", "group_size", "zero", "kv_bits", "dtype", "unsupported")}
+    merged = {**(recipe.options if recipe else {}), **{k: v for k, v in given.items() if v is not None}}
+    topts = target.options(**merged)
+    fill = {}
+    for name, rname, default in (("calib_chunks", "calib_chunks", 16), ("calib_seq_len", "calib_seq_len", 256),
+                                 ("seed", "seed", 0)):
+        if getattr(opts, name) is None:
+            fill[name] = getattr(recipe, rname, None) if recipe and getattr(recipe, rname) is not None else default
+    return target, topts, recipe, dataclasses.replace(opts, **fill)
+
+
+def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> Path:
     """Compile `model` (HF folder or GGUF) for opts.target into the artifact folder `out`; returns its path."""
     from .runtime.device import check_device
     from .targets.artifact import ArtifactWriter
-    from .targets.base import get_target
-    target = get_target(opts.target)
-    topts = target_options(target, opts)
+    target, topts, recipe, opts = resolve(opts)
     check_device(opts.device)
     for name in ("calib_chunks", "calib_seq_len"):
         if getattr(opts, name) < 1:
@@ -117,7 +121,8 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
     check_dump_dir(opts.dump_dir)
     spec = target.spec(topts)
     lm = LazyModel(model, device=opts.device)
-    steps = opts.steps if opts.steps is not None else load_recipe(opts.recipe) if opts.recipe else target.pipeline(topts)
+    steps = (opts.steps if opts.steps is not None else recipe.passes if recipe and recipe.passes
+             else target.pipeline(topts))
     assign = target.assigner(topts, spec)
     kept = target.preflight(lm, spec, topts)
     # the output is checked (and locked) before the long work: refused paths, free space, a concurrent writer
@@ -132,6 +137,9 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
             log(f"{len(kept)} linears cannot take this layout and stay 16-bit (--unsupported keep); first: {kept[0]}")
         log(f"calibration: {ids.shape[0]} x {ids.shape[1]} tokens from {opts.calib}; estimated peak memory "
             f"{estimate_memory_mb(lm, ids.numel()):.0f} MB (one block at a time)")
+        if recipe is not None and recipe.calib_sha256 and recipe.calib_sha256 != _sha(opts.calib):
+            log(f"note: {opts.calib} is not the calibration file {recipe.path} was made with (its sha256 "
+                f"differs), so the artifact will differ from the recipe's")
         emitter = target.emitter(writer, topts)
         dumper = None
         if opts.dump_dir:
@@ -144,12 +152,14 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
             raise ValueError(f"{lm.path.name}: no linear layer was quantized (the pipeline "
                              f"{' -> '.join(s.name for s in steps)} quantized nothing); an artifact with nothing "
                              f"quantized is refused")
-        manifest = build_manifest(target, topts, opts, spec, steps, ids, lm, emitter)
+        manifest = build_manifest(target, topts, opts, spec, steps, ids, lm, emitter, recipe)
         config = target.hf_config(lm, spec, topts, emitter)
         path = writer.finalize(config, manifest, source=lm.path)
     except BaseException:
         writer.abort()
         raise
+    for msg, count in Counter(res.messages).items():   # what passes skipped, once per kind with its block count
+        log(f"note: {msg} ({count} of {n_blocks} blocks)")
     times = ", ".join(f"{k} {v:.1f}s" for k, v in res.timing.seconds.items())
     log(f"compiled {n_blocks} blocks in {res.seconds:.1f}s (passes: {times}); peak RSS {res.peak_rss_mb:.0f} MB")
     log(f"wrote {path} (loads in: {', '.join(manifest['engines'])})")
@@ -160,19 +170,20 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=print) -> Path
     return path
 
 
-def target_options(target, opts: CompileOptions):
-    """The target's typed options from the generic CompileOptions (None fields: the target's defaults)."""
-    return target.options(algo=opts.algo, bits=opts.bits, group_size=opts.group_size, zero=opts.zero,
-                          kv_bits=opts.kv_bits, dtype=opts.dtype, unsupported=opts.unsupported)
-
-
-def build_manifest(target, topts, opts: CompileOptions, spec, steps, ids, lm, emitter) -> dict:
-    """dcc.json (less the file checksums, which the writer adds): the one place the manifest is built."""
+def build_manifest(target, topts, opts: CompileOptions, spec, steps, ids, lm, emitter, recipe=None) -> dict:
+    """dcc.json (less the file checksums, which the writer adds): the one place the manifest is built. Its recipe
+    section is itself a recipe (target, options, pipeline, seed, calibration), so `--recipe dcc.json` reproduces
+    the artifact."""
+    if opts.steps is not None:
+        label = "custom pipeline"
+    elif recipe is not None and recipe.passes:
+        label = recipe.label or f"recipe {recipe.path.name}"
+    else:
+        label = topts.algo
     return {
         "format": "dcc-artifact", "version": 1, "target": target.name,
         "engines": target.engines(spec, emitter),
-        "recipe": {"algo": f"recipe {Path(opts.recipe).name}" if opts.recipe
-                   else "custom pipeline" if opts.steps is not None else topts.algo,
+        "recipe": {"target": target.name, "options": topts.to_dict(), "algo": label,
                    "weight": spec.to_dict(), "pipeline": [s.to_dict() for s in steps],
                    "seed": opts.seed, "unsupported": topts.unsupported,
                    "calibration": {"file": Path(opts.calib).name, "sha256": _sha(opts.calib),

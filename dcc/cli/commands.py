@@ -33,20 +33,23 @@ def _targets_epilog() -> str:
 
 @main.command("compile", epilog=_targets_epilog())
 @click.argument("model", type=click.Path())
-@click.option("--target", type=click.Choice(list(_targets())), default=next(iter(_targets())), show_default=True,
-              help="Engine layout to emit (see Targets below).")
-@click.option("--algo", type=click.Choice(sorted({a for t in _targets().values() for a in t.algos})), default=None,
+@click.option("--target", default=None,
+              help=f"Engine layout to emit: {', '.join(_targets())} (default: the recipe's, else "
+                   f"{next(iter(_targets()))}; see Targets below).")
+@click.option("--algo", default=None,
               help="Algorithm (pass pipeline) of the target; default: the target's first (see Targets below).")
 @click.option("-o", "--output", "out", type=click.Path(), required=True, help="Artifact folder to create.")
 @click.option("--calib", type=click.Path(), required=True,
               help="Calibration text file (UTF-8; token ids separated by spaces for models without a tokenizer).")
-@click.option("--calib-chunks", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Number of calibration windows.")
-@click.option("--calib-seq-len", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Tokens per calibration window.")
+@click.option("--calib-chunks", type=click.IntRange(min=1), default=None,
+              help="Number of calibration windows (default: the recipe's, else 16).")
+@click.option("--calib-seq-len", type=click.IntRange(min=1), default=None,
+              help="Tokens per calibration window (default: the recipe's, else 256).")
 @click.option("--recipe", type=click.Path(), default=None,
-              help="YAML pass list replacing --algo, e.g. 'passes: [{pass: awq}, {pass: clip, config: {grid: 20}}, "
-                   "{pass: rtn}]' (see `dcc passes`).")
+              help="A recipe (YAML/JSON: target, options, passes, seed, calibration) or an artifact's dcc.json, "
+                   "which reproduces that artifact; options given on the command line win. A pass list alone "
+                   "replaces --algo, e.g. 'passes: [{pass: awq}, {pass: clip, config: {grid: 20}}, {pass: rtn}]' "
+                   "(see `dcc passes`).")
 @click.option("--bits", type=int, default=None,
               help="Weight bits; which a target takes is listed under Targets (default: the target's, 4).")
 @click.option("--group-size", type=int, default=None,
@@ -56,13 +59,13 @@ def _targets_epilog() -> str:
 @click.option("--zero", type=click.Choice(["auto", "float", "integer"]), default=None,
               help="Zero points, for targets with asymmetric groups: float (each group's 16-bit offset is free), "
                    "integer (AWQ's integer zero point) or auto (integer for rtn, float for the searched methods).")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default="float16", show_default=True,
-              help="Scales and unquantized tensors.")
-@click.option("--unsupported", type=click.Choice(["error", "keep"]), default="error", show_default=True,
-              help="Layers whose shape the layout cannot take: stop with an error, or keep them 16-bit.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default=None,
+              help="Scales and unquantized tensors (default float16).")
+@click.option("--unsupported", type=click.Choice(["error", "keep"]), default=None,
+              help="Layers whose shape the layout cannot take: stop with an error (default), or keep them 16-bit.")
 @click.option("--dump-dir", type=click.Path(), default=None,
               help="Write the IR after every pass (text + JSON per block) and an ONNX of the first block here.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Random seed (default: the recipe's, else 0).")
 @click.option("--device", default="cpu", show_default=True, help="Where calibration runs (cpu, cuda).")
 @click.option("--force", is_flag=True,
               help="Replace OUTPUT if it is a dcc artifact (never another folder, the source model or the current "
@@ -79,17 +82,22 @@ def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, re
     Blocks are captured with torch.export and compiled one at a time on the calibration data; the artifact is
     written to a temporary folder and renamed into place when complete."""
     from ..api import CompileOptions, compile_model
-    algos = _targets()[target].algos
-    if algo is not None and algo not in algos:
+    from .main import install_logging
+    reg = _targets()
+    if target is not None and target not in reg:
+        raise click.BadParameter(f"{target!r} is not a target ({', '.join(reg)})", param_hint="--target")
+    algos = reg[target].algos if target else {}
+    if algo is not None and target is not None and algo not in algos:
         raise click.BadParameter(f"{algo!r} is not an algorithm of target {target} ({', '.join(algos)})",
                                  param_hint="--algo")
+    install_logging(verbose)
     opts = CompileOptions(target=target, algo=algo, recipe=recipe, bits=bits, group_size=group_size, zero=zero,
                           kv_bits=kv_bits,
                           dtype=dtype, calib=calib, calib_chunks=calib_chunks, calib_seq_len=calib_seq_len,
                           unsupported=unsupported,
                           seed=seed, device=device, dump_dir=dump_dir, force=force, debug=debug,
                           progress=not quiet, verbose=verbose)
-    compile_model(model, out, opts, log=lambda m: click.echo(m, err=True))
+    compile_model(model, out, opts)
 
 
 @main.command()

@@ -3,6 +3,7 @@ failure is one line on stderr naming the file, layer or tensor, and a non-zero e
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import sys
@@ -27,6 +28,26 @@ class Interrupted(KeyboardInterrupt):
 
 def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
+
+
+class _EchoHandler(logging.Handler):
+    """Library messages (logger "dcc") to stderr through click, so they reach whatever stderr is current (a test
+    runner swaps it) -- one line each, no prefixes for info, "warning: " for warnings."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING and not msg.startswith(("warning", "note")):
+            msg = f"warning: {msg}"
+        click.echo(msg, err=True)
+
+
+def install_logging(verbose: bool = False) -> None:
+    """dcc's library code logs through `logging`; the CLI shows INFO and above (DEBUG with -v) on stderr."""
+    logger = logging.getLogger("dcc")
+    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+        logger.addHandler(_EchoHandler())
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def install_signal_handlers() -> None:
@@ -89,6 +110,7 @@ def main():
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # dcc never downloads anything
     install_signal_handlers()
+    install_logging()
 
 
 from . import commands  # noqa: E402,F401  (registers the subcommands)

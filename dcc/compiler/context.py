@@ -3,7 +3,7 @@ with forward hooks and collected again whenever a pass has changed the weights."
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 
 import torch
 
@@ -109,7 +109,8 @@ class BlockContext:
         return acts
 
     def log(self, msg: str) -> None:
+        """A note about this block (e.g. a pass skipped a group): kept for the end-of-run summary, and shown per
+        block at debug level (-v)."""
         self.messages.append(msg)
-        if self.verbose:
-            print(f"  [{self.block.prefix}] {msg}", file=sys.stderr)
+        logging.getLogger("dcc").debug(f"  [{self.block.prefix}] {msg}")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -241,7 +241,7 @@ def cached_gguf_to_hf(path: str | os.PathLike, cache_dir: str | os.PathLike | No
     folder = (root / "gguf" / f"{src.stem}-{key}").absolute()
     if _is_complete(folder):
         return folder
-    print(f"converting {src} to a Hugging Face folder at {folder} (once)", file=sys.stderr, flush=True)
+    logging.getLogger("dcc").info(f"converting {src} to a Hugging Face folder at {folder} (once)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
         # a leftover incomplete folder (no marker: cannot come from a finished conversion) is replaced

@@ -6,10 +6,16 @@ import os
 
 import torch
 
-from ...targets.tinychat.layout import padded_groups
 from .build import load
 
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _scale_rows(num_groups: int, group_size: int) -> int:
+    """Rows of scales / scaled_zeros the kernels index: the group count rounded up to a multiple of 8 * (128 / G)
+    for G <= 128 (the W4A16 layout's padding; its packer computes the same number, and a test checks they agree)."""
+    unit = 8 * max(1, 128 // group_size)
+    return -(-num_groups // unit) * unit
 
 # M <= FUSED_MAX_M: the fused dequant + mma.sync kernel (weights read once per 64 rows of x); larger M: dequantise
 # into a scratch [N, K] buffer and run one cuBLAS GEMM. Set from bench/gpu_w4a16.py on an H100 (csrc/NOTES.md):
@@ -25,7 +31,7 @@ def _check_layout(qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: tor
     if group_size not in (32, 64, 128) or k % group_size or k % 64 or n == 0:
         raise ValueError(f"qweight [{n // 4}, {k}] with group size {group_size}: K must be a positive multiple of 64 "
                          f"and of the group size (32, 64 or 128)")
-    kg = padded_groups(k // group_size, group_size)
+    kg = _scale_rows(k // group_size, group_size)
     for name, t in (("scales", scales), ("scaled_zeros", scaled_zeros)):
         if tuple(t.shape) != (kg, n):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected [{kg}, {n}]")

@@ -281,3 +281,12 @@ def test_float_zero_is_stored_as_the_scaled_zero_and_decodes_exactly():
     assert torch.equal(dec.float(), qt.dequantize())
     with pytest.raises(ValueError):
         pack_scales(qt.scale, qt.zero.float() + 1e-4, 64, torch.float16, float_zero=True)
+
+
+def test_the_cuda_runtime_pads_scale_rows_as_the_layout_does():
+    """dcc.runtime.cuda.ops checks scale shapes without importing the target: its padding rule must agree."""
+    from dcc.runtime.cuda.ops import _scale_rows
+    from dcc.targets.tinychat.layout import GROUP_SIZES, padded_groups
+    for g in GROUP_SIZES:
+        for n in range(0, 80):
+            assert _scale_rows(n, g) == padded_groups(n, g), (n, g)
