@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _results  # bench/_results.py: the results' JSON format
+
 
 def run_once(model: str, calib: str, algo: str, group_size: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
@@ -55,9 +57,8 @@ def main() -> None:
     for r in rows:
         passes = ", ".join(f"{k} {v:.1f}" for k, v in r["passes_s"].items())
         print(f"| {r['algo']} | {r['wall_s']} | {r['blocks_s']} | {passes} | {r['peak_rss_mb']:.0f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    out = _results.write(Path(args.out).stem, rows, out=args.out, args=vars(args))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,18 @@
 """W4A16 GPU benchmark: builds the CUDA runtime, checks it, and times it against cuBLAS fp16 (torch x @ w.T).
 
-    PYTHONPATH=. python bench/gpu_w4a16.py [--quick] [--variants]
+    PYTHONPATH=. python bench/gpu_w4a16.py [--quick] [--ms 1,4] [--variants] [--smoke]
 
 Shapes: M in {1, 4, 16, 64, 256, 1024, 4096} x (N, K) in {(4096, 4096), (14336, 4096), (4096, 14336)}, group 128,
 fp16. Timing: each measurement captures one CUDA graph of R calls that rotate over R copies of the weights (R chosen
 so the copies exceed the L2 several times: every call reads its weights from DRAM), replays it with warm-up, and
 takes the median over repetitions of (CUDA-event time / R). Reports microseconds, GB/s of the bytes the call must
 move (qweight + scales + zeros + activations + output; fp16 weights for cuBLAS), TFLOP/s, the speedup over cuBLAS,
-and the floors: bytes at the measured copy bandwidth and flops at the measured cuBLAS peak. JSON goes to
-$OUT/gpu_w4a16.json if $OUT is set, else bench/results/gpu_w4a16.json."""
+and the floors: bytes at the measured copy bandwidth and flops at the measured cuBLAS peak. --variants also times the
+benchmark-only GEMV variants of dev/cuda/w4a16 (module dcc_w4a16_dev, built on first use). JSON (bench/_results.py:
+commit, machine, date, command, rows) goes to $OUT/gpu_w4a16.json if $OUT is set, else bench/results/gpu_w4a16.json."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -23,10 +23,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from dcc.runtime import cuda as rt  # noqa: E402
 from dcc.targets.tinychat.layout import decode_weight, pack_qweight, pack_scales  # noqa: E402
+
+import _results  # noqa: E402  (bench/_results.py)
 
 MS = (1, 4, 16, 64, 256, 1024, 4096)
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
@@ -104,6 +107,13 @@ def ceilings():
     return copy_tbs, tflops
 
 
+def dev_module(family):
+    """The benchmark-only kernels of dev/cuda/<family> (dcc_<family>_dev), built on first use."""
+    sys.path.insert(0, str(ROOT / "dev" / "cuda"))
+    import dev_ext
+    return dev_ext.load(family, verbose=True)
+
+
 def correctness(ext_sizes):
     rows = []
     for (m, n, k, path) in ext_sizes:
@@ -125,7 +135,7 @@ def correctness(ext_sizes):
 
 
 def bench(args, copy_tbs, peak_tflops):
-    ext = rt.load()
+    dev = dev_module("w4a16") if args.variants else None
     results = []
     shapes = SHAPES[:1] if args.quick else SHAPES
     ms = (1, 16, 4096) if args.quick else MS
@@ -133,7 +143,7 @@ def bench(args, copy_tbs, peak_tflops):
         ms = tuple(int(v) for v in args.ms.split(","))
     # two phases: every shape's small-M (memory-bound) rows first, then the large-M GEMMs. Timed right after
     # seconds of M = 4096 GEMMs, every kernel ran 10-20% slower for a while (clocks; cuBLAS 2-4%), which made the
-    # M = 1 row of the next shape depend on the order of the table (csrc/NOTES.md)
+    # M = 1 row of the next shape depend on the order of the table (csrc/w4a16/DESIGN.md)
     phases = [tuple(m for m in ms if m <= 16), tuple(m for m in ms if m > 16)]
     for (n, k), phase_ms in [(shape, p) for p in phases if p for shape in shapes]:
         qw, s, sz = make_layer(n, k, G, seed=n * 7 + k)
@@ -154,11 +164,11 @@ def bench(args, copy_tbs, peak_tflops):
                 paths += ["fused", "gemm"]
             if m in (256, 4096):
                 paths += ["gemm_ext"]
-            if args.variants and m in (1, 4, 16):
-                names = ext.gemv_variant_names()
+            if dev is not None and m in (1, 4, 16):
+                names = dev.gemv_variant_names()
                 pat = re.compile(args.vfilter) if args.vfilter else None
                 paths += [f"v{v}" for v in range(len(names))
-                          if ext.gemv_variant_max_m(v) >= m and (m < 16 or ext.gemv_variant_max_m(v) == 16)
+                          if dev.gemv_variant_max_m(v) >= m and (m < 16 or dev.gemv_variant_max_m(v) == 16)
                           and (pat is None or pat.search(names[v]))]
             if m == 1:
                 paths += ["dequant"]
@@ -170,11 +180,11 @@ def bench(args, copy_tbs, peak_tflops):
                     outv = torch.empty(m, n, device="cuda", dtype=torch.float16)
 
                     def call(q, v=v, outv=outv):
-                        ext.gemv_variant(v, x.data_ptr(), q[0].data_ptr(), q[1].data_ptr(), q[2].data_ptr(), 0,
+                        dev.gemv_variant(v, x.data_ptr(), q[0].data_ptr(), q[1].data_ptr(), q[2].data_ptr(), 0,
                                          outv.data_ptr(), m, n, k, G, "float16",
                                          torch.cuda.current_stream().cuda_stream)
                     calls = [lambda q=q, call=call: call(q) for q in qsets]
-                    label = f"gemv:{ext.gemv_variant_names()[v]}"
+                    label = f"dev:{dev.gemv_variant_names()[v]}"
                 elif path == "dequant":
                     calls = [lambda q=q: rt.dequantize(q[0], q[1], q[2], G, k) for q in qsets]
                     label = "dequant only"
@@ -225,12 +235,14 @@ def goals(results):
     return out
 
 
-def smoke():
-    """Small odd shapes through every kernel instantiation (for compute-sanitizer: bounds and initialisation)."""
+def smoke(variants=False):
+    """Small odd shapes through every kernel instantiation (for compute-sanitizer: bounds and initialisation); with
+    variants, the benchmark-only ones of dev/cuda/w4a16 too."""
     ext = rt.load()
+    dev = dev_module("w4a16") if variants else None
     for dtype, name in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16")):
         # the last two shapes fit the lean (l_*) and persistent (lp*, default for M <= 8 there) kernels: 512 row tiles,
-        # and 364 (100 past an H100's 264 resident blocks: the tail split of v8)
+        # and 364 (100 past an H100's 264 resident blocks: the tail split of the dev variant v8)
         for (m, n, k, g) in ((3, 20, 192, 64), (9, 36, 320, 32), (70, 52, 128, 128), (5, 8192, 256, 64),
                              (3, 5824, 1024, 128)):
             qw, s, sz = make_layer(n, k, g, dtype, seed=m)
@@ -241,10 +253,10 @@ def smoke():
             for mt in (1, 2, 4, 8):
                 ext.gemv(x.data_ptr(), qw.data_ptr(), s.data_ptr(), sz.data_ptr(), b.data_ptr(), out.data_ptr(),
                          m, n, k, g, name, mt, st)
-            for v in range(len(ext.gemv_variant_names())):
+            for v in range(len(dev.gemv_variant_names()) if dev is not None else 0):
                 try:
-                    ext.gemv_variant(v, x.data_ptr(), qw.data_ptr(), s.data_ptr(), sz.data_ptr(), 0, out.data_ptr(),
-                                     min(m, ext.gemv_variant_max_m(v)), n, k, g, name, st)
+                    dev.gemv_variant(v, x.data_ptr(), qw.data_ptr(), s.data_ptr(), sz.data_ptr(), 0, out.data_ptr(),
+                                     min(m, dev.gemv_variant_max_m(v)), n, k, g, name, st)
                 except ValueError as e:  # shape-restricted variants
                     if "does not fit" not in str(e):
                         raise
@@ -258,15 +270,17 @@ def smoke():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one shape, three M")
-    ap.add_argument("--variants", action="store_true", help="also time the GEMV block-shape variants at M=1")
+    ap.add_argument("--variants", action="store_true",
+                    help="also time the benchmark-only GEMV variants (dev/cuda/w4a16) at M = 1, 4, 16")
     ap.add_argument("--ms", default="", help="comma-separated M values to time (default: all)")
     ap.add_argument("--vfilter", default="", help="with --variants: only the variants whose name matches this regex")
-    ap.add_argument("--smoke", action="store_true", help="only run every kernel once on small odd shapes")
+    ap.add_argument("--smoke", action="store_true",
+                    help="only run every kernel once on small odd shapes (with --variants: the dev kernels too)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_w4a16.py needs a CUDA GPU")
     if args.smoke:
-        return smoke()
+        return smoke(args.variants)
     t0 = time.time()
     rt.load(verbose=True)
     log(f"built/loaded the extension in {time.time() - t0:.1f} s; FUSED_MAX_M = {rt.FUSED_MAX_M}")
@@ -277,15 +291,14 @@ def main():
     checks = correctness([(1, 4096, 4096, "fused"), (7, 4096, 14336, "fused"), (16, 14336, 4096, "fused"),
                           (64, 4096, 4096, "fused"), (300, 4096, 4096, "gemm"), (33, 14336, 4096, "gemm")])
     results = bench(args, copy_tbs, peak)
-    report = {"device": props.name, "torch": torch.__version__, "copy_TBps": copy_tbs, "cublas_peak_TFLOPs": peak,
-              "fused_max_m": rt.FUSED_MAX_M, "checks": checks, "results": results, "goals": goals(results)}
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_w4a16.json").write_text(json.dumps(report, indent=1) + "\n")
+    out = Path(os.environ["OUT"]) / "gpu_w4a16.json" if os.environ.get("OUT") else None
+    path = _results.write("gpu_w4a16", results, out=out, device=props.name, torch=torch.__version__,
+                          copy_TBps=copy_tbs, cublas_peak_TFLOPs=peak, fused_max_m=rt.FUSED_MAX_M, checks=checks,
+                          goals=goals(results))
     log("\n" + table(results))
-    for gl in report["goals"]:
+    for gl in goals(results):
         log(f"goal {gl['shape']} M={gl['M']} {gl['goal']}: x{gl['speedup']} -> {'met' if gl['met'] else 'MISSED'}")
-    log(f"wrote {out_dir / 'gpu_w4a16.json'}; total {time.time() - t0:.0f} s")
+    log(f"wrote {path}; total {time.time() - t0:.0f} s")
     if not all(c["ok"] for c in checks):
         sys.exit("correctness check FAILED")
 

@@ -1,18 +1,19 @@
 """W4A8 GPU benchmark (QServe layout): builds csrc/w4a8, checks it against an exact reference, and times it against
 torch fp16 matmul (cuBLAS) and torch._int_mm (int8 x int8 -> int32, cuBLAS).
 
-    PYTHONPATH=. python bench/gpu_w4a8.py [--quick] [--ms 1,16] [--kernels]
+    PYTHONPATH=. python bench/gpu_w4a8.py [--quick] [--ms 1,16] [--kernels] [--sweep]
 
 M in {1, 16, 128, 1024, 4096} x (N, K) in {(4096, 4096), (14336, 4096), (4096, 14336)}; dcc per channel and g128,
 each as the GEMM alone (int8 activations given), the activation quantization alone, and both ("e2e"). Timing as
 bench/gpu_w4a16.py (whose helpers it imports): a CUDA graph of R calls rotating over R weight copies (> 200 MB, so
 weights come from DRAM), median over repetitions of event time / R; every shape's M <= 16 rows run before the large-M
-rows (csrc/NOTES.md: clocks drop for a while after seconds of large GEMMs). TOPS = 2*M*N*K / time. JSON goes to
-$OUT/gpu_w4a8.json if $OUT is set, else bench/results/gpu_w4a8.json."""
+rows (csrc/w4a16/DESIGN.md: clocks drop for a while after seconds of large GEMMs). TOPS = 2*M*N*K / time. --sweep
+first times the split-K block shapes and the stream-K kernel of dev/cuda/w4a8 (module dcc_w4a8_dev, built on first
+use). JSON (bench/_results.py: commit, machine, date, command, rows) goes to $OUT/gpu_w4a8.json if $OUT is set, else
+bench/results/gpu_w4a8.json."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -24,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_w4a16 import ROTATE_BYTES, ceilings, log, time_calls  # noqa: E402
+import _results  # noqa: E402  (bench/_results.py)
+from gpu_w4a16 import ROTATE_BYTES, ceilings, dev_module, log, time_calls  # noqa: E402
 
 from dcc.runtime.cuda import w4a8_ops as ops  # noqa: E402
 from dcc.targets.qserve.layout import pack_qweight, pack_s2  # noqa: E402
@@ -85,8 +87,8 @@ def gemm_call(lay, xq, scale, ssum, group, path, out):
 def paths_for(m, n, k, group, all_kernels):
     e = ops.ext()
     paths = ["auto"]
-    if m <= 16:
-        paths += ["streamk"] + (["gemv"] if e.gemm_gemv_available() else [])
+    if m <= 16 and e.gemm_gemv_available():
+        paths += ["gemv"]
     if all_kernels or m <= 16:
         paths += ["splitk", "tile"] if m <= 32 else ["tile"]
     if e.gemm_wgmma_supported(m, n, k, group):
@@ -191,10 +193,24 @@ def bench(shapes, ms, all_kernels) -> list[dict]:
     return results
 
 
+def dev_gemm_call(dev, lay, xq, scale, ssum, code, out, ws):
+    """A dev/cuda/w4a8 kernel by code (dcc_w4a8_dev.gemm_dev_kernel), per channel, on the current stream."""
+    m, k = xq.shape
+    n = lay["qweight"].shape[0]
+    nbytes = dev.gemm_dev_kernel_workspace(code, m, n, k, 0)
+    return lambda: dev.gemm_dev_kernel(code, xq.data_ptr(), scale.data_ptr(), ssum.data_ptr(),
+                                       lay["qweight"].data_ptr(), lay["s1_scales"].data_ptr(),
+                                       lay["s1_szeros"].data_ptr(), 0, 0, out.data_ptr(), m, n, k, 0,
+                                       ws.data_ptr() if nbytes else 0, nbytes,
+                                       torch.cuda.current_stream().cuda_stream)
+
+
 def sweep(shapes) -> list[dict]:
-    """M <= 16, per channel: the stream-K kernel's block shapes (sk0..sk3 = (warps, tiles in flight) (8, 8), (8, 4),
-    (4, 8), (4, 16)) and the split-K kernel's ((warps, tiles in flight): v0 = (8, 4) default, v1 = (8, 8),
-    v2 = (4, 8), v3 = (16, 4), v4 = (16, 8), v5 = (4, 4)) with S chosen, and forced split counts."""
+    """M <= 16, per channel, the benchmark-only kernels of dev/cuda/w4a8: the stream-K kernel's block shapes
+    (sk0..sk3 = (warps, tiles in flight) (8, 8), (8, 4), (4, 8), (4, 16)) and the split-K kernel's ((warps, tiles in
+    flight): v0 = (8, 4) default, v1 = (8, 8), v2 = (4, 8), v3 = (16, 4), v4 = (16, 8), v5 = (4, 4); v0 and v4 are
+    the product's) with S chosen, and forced split counts."""
+    dev = dev_module("w4a8")
     codes = [(f"sk{v}", 3 | (v << 4)) for v in range(4)]
     codes += [(f"v{v}", 1 | (v << 4)) for v in range(6)]
     codes += [(f"v{v} S={s}", 1 | (v << 4) | (s << 8)) for v in (0, 4) for s in (1, 2, 4)]
@@ -209,7 +225,10 @@ def sweep(shapes) -> list[dict]:
             out = torch.empty(m, n, device="cuda", dtype=torch.float16)
             line = []
             for label, code in codes:
-                t, _, _ = time_calls([gemm_call(lay, xq, scale, ssum, 0, code, out) for lay in lays], 15)
+                # zeroed once; stream-K's accumulators overlap the split-K slots, so each kind has its own
+                ws = torch.zeros(max(dev.gemm_dev_kernel_workspace(code, m, n, k, 0), 1), dtype=torch.uint8,
+                                 device="cuda")
+                t, _, _ = time_calls([dev_gemm_call(dev, lay, xq, scale, ssum, code, out, ws) for lay in lays], 15)
                 rows.append({"N": n, "K": k, "M": m, "variant": label, "us": round(t, 2),
                              "weight_TBps": round(layer_bytes(pc) / t / 1e6, 3)})
                 line.append(f"{label} {t:.2f}")
@@ -234,7 +253,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one shape")
     ap.add_argument("--ms", default="", help="comma-separated M values (default 1,16,128,1024,4096)")
     ap.add_argument("--kernels", action="store_true", help="time every kernel at every M, not only the choice")
-    ap.add_argument("--sweep", action="store_true", help="first time the split-K block-shape variants at M = 1, 16")
+    ap.add_argument("--sweep", action="store_true",
+                    help="first time the dev/cuda/w4a8 split-K block shapes and stream-K kernel at M = 1, 16")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_w4a8.py needs a CUDA GPU")
@@ -250,13 +270,11 @@ def main():
     checks = check(shapes[:1], (1, 16, 128, 1024))
     swept = sweep(shapes) if args.sweep else []
     results = bench(shapes, ms, args.kernels)
-    report = {"device": props.name, "torch": torch.__version__, "copy_TBps": copy_tbs, "cublas_peak_TFLOPs": peak,
-              "wgmma_min_m": ops.WGMMA_MIN_M, "checks": checks, "sweep": swept, "results": results}
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_w4a8.json").write_text(json.dumps(report, indent=1) + "\n")
+    out = Path(os.environ["OUT"]) / "gpu_w4a8.json" if os.environ.get("OUT") else None
+    path = _results.write("gpu_w4a8", results, out=out, device=props.name, torch=torch.__version__,
+                          copy_TBps=copy_tbs, cublas_peak_TFLOPs=peak, checks=checks, sweep=swept)
     log("\n" + table(results))
-    log(f"wrote {out_dir / 'gpu_w4a8.json'}; total {time.time() - t0:.0f} s")
+    log(f"wrote {path}; total {time.time() - t0:.0f} s")
     if not all(c["ok"] for c in checks):
         sys.exit("correctness check FAILED")
 

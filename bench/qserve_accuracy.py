@@ -12,7 +12,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ from dcc.runtime.artifact import load_artifact
 from dcc.runtime.evaluate import perplexity
 from dcc.runtime.reference import build_model
 from dcc.targets.qserve.pipeline import pipeline, qoq_steps
+
+import _results  # bench/_results.py: the results' JSON format
 
 ALL_ON = dict(rotate=True, smooth=True, smooth_attention=True, reorder=True, clip=True, gptq=True)
 
@@ -103,9 +104,8 @@ def main() -> None:
     for r in results:
         print(f"| {r['row']} | {r['ppl']:.2f} | {' -> '.join(r.get('passes', [])) or '-'} | "
               f"{', '.join(r.get('engines', [])) or '-'} | {r['compile_s']:.0f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": results}, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    out = _results.write(Path(args.out).stem, results, out=args.out, args=vars(args))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -78,24 +78,6 @@ PYBIND11_MODULE(dcc_w4a16_ext, m) {
       py::arg("x"), py::arg("w"), py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dtype"),
       py::arg("stream") = 0, "out [M, N] = x [M, K] @ w [N, K]^T through cuBLAS.");
 
-  m.def(
-      "gemv_variant",
-      [](int variant, std::uintptr_t x, std::uintptr_t qweight, std::uintptr_t scales, std::uintptr_t szeros,
-         std::uintptr_t bias, std::uintptr_t out, int M, int N, int K, int group_size, const std::string& dtype,
-         std::uintptr_t stream) {
-        py::gil_scoped_release nogil;
-        dcc_w4a16::gemv_variant(variant, dtype_of(dtype), ptr(x), ptr(qweight), ptr(scales), ptr(szeros), ptr(bias),
-                                ptr(out), M, N, K, group_size, stream_of(stream));
-      },
-      py::arg("variant"), py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("scaled_zeros"),
-      py::arg("bias"), py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("group_size"),
-      py::arg("dtype"), py::arg("stream") = 0, "Benchmark-only block-shape variants of the M <= 8 kernel.");
-  m.def("gemv_variant_names", []() {
-    py::list names;
-    for (int i = 0; i < dcc_w4a16::kNumGemvVariants; ++i) names.append(dcc_w4a16::gemv_variant_name(i));
-    return names;
-  });
-  m.def("gemv_variant_max_m", &dcc_w4a16::gemv_variant_max_m, py::arg("variant"));
   m.def("cublas_init", &dcc_w4a16::cublas_init, py::arg("path") = "",
         "Open cuBLAS (dlopen); returns '' on success, else the reason.");
   m.def("cublas_ready", &dcc_w4a16::cublas_ready);

@@ -139,26 +139,6 @@ __device__ __forceinline__ void dequant_chunk<__nv_bfloat16>(const uint4& c, __n
   }
 }
 
-// cp.async (sm_80+) to a shared-memory address (the 32-bit shared window, __cvta_generic_to_shared): 16 bytes
-// bypassing L1 (.cg) / 16 or 8 bytes through L1 (.ca); `valid` false writes zeros and reads nothing.
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16_cg(unsigned s, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async16_ca(unsigned s, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async8_ca(unsigned s, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(s), "l"(gmem), "r"(valid ? 8 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 // 16-byte read-only load that does not allocate in L1 (the weights are read once).
 __device__ __forceinline__ uint4 ld_stream_u4(const void* p) {
   uint4 v;

@@ -14,12 +14,12 @@ void dispatch_fused(int mtiles, const void* x, const void* qweight, const void* 
   switch (mtiles) {
     // M <= 8: GEMV v6 (gemv_lean_kernel, 16 warps, one iteration in flight per warp) where the shape has no partial
     // tiles (4-warp blocks or the persistent grid v7 when there are more row tiles than resident blocks); else v2
-    // ("w16_u1_xpre" with FASTDQ). See csrc/NOTES.md.
+    // ("w16_u1_xpre" with FASTDQ). The dispatch table and its measurements: DESIGN.md.
     case 1:
       if (lean_fits(M, N, K, 1)) {
         const int tiles = N / 16, slots = lean_persist_slots<T, 16>();
         // at least twice as many row tiles as resident 16-warp blocks (N = 14336 on an H100: 896 vs 264): 4-warp
-        // blocks, all resident in one wave, 8 iterations per warp at K = 4096 (NOTES.md run 8: 13.6-14.0 us vs
+        // blocks, all resident in one wave, 8 iterations per warp at K = 4096 (DESIGN.md: 13.6-14.0 us vs
         // 14.7 us for v7); between 1 and 2 rounds: the persistent grid (v7); else one 16-warp block per tile (v6)
         if (tiles >= 2 * slots)
           return launch_lean<T, 4, 1, 1>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
@@ -28,10 +28,10 @@ void dispatch_fused(int mtiles, const void* x, const void* qweight, const void* 
         return launch_lean<T, 16, 1, 1>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
       }
       return launch_fused<T, 1, 16, 1, true, true>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
-    // M <= 16: two B tiles, dequant_chunk (FASTDQ: the same weights with fewer instructions, NOTES.md v2f).
+    // M <= 16: two B tiles, dequant_chunk (FASTDQ: the same weights with fewer instructions, DESIGN.md v2f).
     case 2:
       return launch_fused<T, 2, 8, 2, true, true>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
-    // M <= 32 / 64: the dequantisation of dequant_pair (FASTDQ measured no better at M = 64, see NOTES.md).
+    // M <= 32 / 64: the dequantisation of dequant_pair (FASTDQ measured no better at M = 64, DESIGN.md).
     case 4: return launch_fused<T, 4, 8, 2, false>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
     case 8: return launch_fused<T, 8, 8, 2, false>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
     default: throw std::invalid_argument("dcc w4a16: mtiles must be 1, 2, 4 or 8");

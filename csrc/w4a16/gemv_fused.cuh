@@ -1,5 +1,5 @@
-// The fused W4A16 kernel template for small M and its launcher, shared by gemv.cu (the default dispatch) and
-// gemv_variants.cu (the benchmark-only alternatives).
+// The fused W4A16 kernel templates for small M and their launchers, used by gemv.cu (the dispatch) and, with other
+// template arguments, by the benchmark-only variants in dev/cuda/w4a16.
 //
 // Fused W4A16 kernel for small M: dequantise the 4-bit weights in registers and multiply on the tensor cores
 // (mma.sync m16n8k16, fp32 accumulation), reading each weight byte once per launch.
@@ -11,7 +11,7 @@
 // qweight[n4, 64*kt + 16*r + 8*h .. +8] with kt = k0/64, h = t%2 -- the 16 lanes of one n4 (4 rows x 4 t) cover
 // 256 contiguous bytes, so each load instruction reads two fully used 256-byte segments.
 // Default launch for M <= 8: 16 warps per block, activations loaded with the weights ("w16_u1_xpre"); M <= 16:
-// two B tiles; up to 64: 4 or 8 B tiles (M above 8*MT runs in chunks). See csrc/NOTES.md for the measurements.
+// two B tiles; up to 64: 4 or 8 B tiles (M above 8*MT runs in chunks). Measurements: DESIGN.md.
 // The k order inside an mma is free as long as A and B agree: in mma s (0..7) lane (g, t) supplies, as logical
 // k columns {2t, 2t+1} and {2t+8, 2t+9}, the physical pairs 2s and 2s+1 of its own chunk (k0 + 4s .. k0 + 4s + 3),
 // for rows g and g+8 (A) and for x row m = g (B). All 16 rows of a tile use the same k0 for a given t, so the
@@ -172,7 +172,7 @@ void launch_fused(const void* x, const void* qweight, const void* scales, const 
   }
 }
 
-// GEMV v6 (csrc/NOTES.md): the v2 mapping for M <= 8 with fewer instructions per weight, for "full" shapes only
+// GEMV v6 (DESIGN.md): the v2 mapping for M <= 8 with fewer instructions per weight, for "full" shapes only
 // (K % 128 == 0, N % (16*RT) == 0: no bounds checks). Each lane walks four pointers (qweight, scales, scaled zeros,
 // x) by a fixed stride per iteration instead of recomputing addresses; loads are unpredicated (B columns >= M read
 // row M-1 of x: valid memory, and those columns of the product are never stored), so no registers are zeroed; the

@@ -22,23 +22,6 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 void gemv(DType dt, const void* x, const void* qweight, const void* scales, const void* scaled_zeros,
           const void* bias, void* out, int M, int N, int K, int group_size, int mtiles, cudaStream_t stream);
 
-// Benchmark-only: alternative block shapes of the fused kernel for M <= gemv_variant_max_m(variant).
-constexpr int kNumGemvVariants = 41;
-const char* gemv_variant_name(int variant);
-int gemv_variant_max_m(int variant);
-void gemv_variant(int variant, DType dt, const void* x, const void* qweight, const void* scales,
-                  const void* scaled_zeros, const void* bias, void* out, int M, int N, int K, int group_size,
-                  cudaStream_t stream);
-
-// GEMV v5 (gemv_pipe.cu): cp.async-ringed, persistent fused kernel for M <= gemv_pipe_max_m(config). gshift =
-// log2(group size), arguments already checked (check_gemv_call). Returns false, launching nothing, when the config's
-// shared memory does not fit this device for this K (the caller then uses another kernel).
-constexpr int kNumPipeConfigs = 9;
-const char* gemv_pipe_name(int config);
-int gemv_pipe_max_m(int config);
-bool gemv_pipe(int config, DType dt, const void* x, const void* qweight, const void* scales, const void* scaled_zeros,
-               const void* bias, void* out, int M, int N, int K, int gshift, cudaStream_t stream);
-
 // w [N, K] row-major = rnd(q*s + sz), bit-identical to decode_weight.
 void dequantize(DType dt, const void* qweight, const void* scales, const void* scaled_zeros, void* w, int N, int K,
                 int group_size, cudaStream_t stream);

@@ -82,7 +82,7 @@ PYBIND11_MODULE(dcc_w4a8_ext, m) {
       py::arg("s1_scales"), py::arg("s1_szeros"), py::arg("s2_scales"), py::arg("s2_zeros"), py::arg("out"),
       py::arg("M"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("workspace"), py::arg("ws_bytes"),
       py::arg("stream") = 0,
-      "gemm_mma with the kernel forced: 0 auto, 1 split-K (M <= 32), 2 tiled, 3 stream-K, 4 cluster GEMV (w4a8.h).");
+      "gemm_mma with the kernel forced: 0 auto, 1 split-K (M <= 32), 2 tiled, 4 cluster GEMV (w4a8.h).");
   m.def("gemm_gemv_available", &dcc_w4a8::gemm_gemv_available,
         "The cluster GEMV kernel (M <= 16) is built for this GPU (sm_90+).");
   m.def("gemm_mma_kernel_workspace", &dcc_w4a8::gemm_mma_kernel_workspace, py::arg("kernel"), py::arg("M"),

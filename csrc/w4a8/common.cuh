@@ -30,18 +30,15 @@ struct GemmArgs {
 
 constexpr uint32_t kLowNibbles = 0x0F0F0F0Fu;
 
-// Workspace: [kMaxCounters uint32 arrival counters][stream-K int32 accumulators, kStreamkMaxM x kStreamkMaxN]
-// [split-K int32 slots S x M x N]. The first two regions sit at fixed places and every kernel leaves them zero, so
-// calls of any shape share one region that was zeroed once (slots of an earlier call may hold anything). A call
-// that would need more counters runs unsplit; stream-K takes N <= kStreamkMaxN only.
+// Workspace: [kMaxCounters uint32 arrival counters][split-K int32 slots S x M x N]. The counters sit at a fixed
+// place and every kernel leaves them zero, so calls of any shape share one region that was zeroed once (slots of an
+// earlier call may hold anything). A call that would need more counters runs unsplit.
 constexpr int kMaxCounters = 16384;
 constexpr size_t kCounterBytes = kMaxCounters * sizeof(uint32_t);
-constexpr int kStreamkMaxM = 16, kStreamkMaxN = 65536;
-constexpr size_t kStreamkAccBytes = static_cast<size_t>(kStreamkMaxM) * kStreamkMaxN * sizeof(int32_t);
-constexpr size_t kSlotsOffset = kCounterBytes + kStreamkAccBytes;
+constexpr size_t kSlotsOffset = kCounterBytes;
 
 // 16-byte weight load that bypasses L1 (weights are read once). asm volatile keeps the load where it is written:
-// ptxas otherwise sinks loads next to their use and only one is in flight (csrc/NOTES.md, W4A16 v0).
+// ptxas otherwise sinks loads next to their use and only one is in flight (csrc/w4a16/DESIGN.md, v0).
 __device__ __forceinline__ uint4 ldg_stream(const void* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -128,7 +125,7 @@ __device__ __forceinline__ void unpack_tile(const uint4 w, const Level2& l2, uin
 // The epilogue: psum (|psum| < 2^25) times two fp16 numbers (11-bit significands) is exact in double (<= 47 bits),
 // as is szeros*asum, so v below is the exact value rounded once (to double). It is then rounded to fp16 through
 // float, as the CPU reference does (torch's float64 -> float16 cast goes through float32): the kernel's outputs are
-// then bit-identical to dcc.runtime.qserve.QServeLinear given the same int8 activations, and differ from
+// then bit-identical to dcc.targets.qserve.reference.QServeLinear given the same int8 activations, and differ from
 // fp16(exact) by at most one ulp in the rare case where the float rounding lands on an fp16 tie.
 __device__ __forceinline__ __half epilogue_vals(int psum, __half s1, __half sz, __half as, __half am,
                                                bool per_channel) {
@@ -196,8 +193,14 @@ __device__ __forceinline__ void splitk_finish(const GemmArgs& p, int tile_id, in
   }
 }
 
+// Checks the pointers and shape of a gemm_mma call and fills p (S = 1, no workspace); cudaErrorInvalidValue if
+// they break a rule of w4a8.h (gemm_mma.cu; also used by dev/cuda/w4a8).
+cudaError_t make_gemm_args(GemmArgs& p, const void* xq, const void* ascale, const void* asum, const void* qweight,
+                           const void* s1_scales, const void* s1_szeros, const void* s2_scales, const void* s2_zeros,
+                           void* out, int M, int N, int K, int group);
+
 // Launchers (gemm_splitk.cu, gemm_tile.cu); arguments already checked by gemm_mma.
-// variant: split-K block shape (0 = default; others for the benchmark, M <= 16); force_s > 0: that many K splits.
+// variant: split-K block shape (0 = default, or kSplitkWideShape below, M <= 16); force_s > 0: that many K splits.
 cudaError_t launch_splitk(const GemmArgs& p, void* workspace, size_t ws_bytes, cudaStream_t stream, int variant = 0,
                           int force_s = 0);
 size_t splitk_workspace(int M, int N, int K, int group, int variant = 0, int force_s = 0);
@@ -205,10 +208,13 @@ cudaError_t launch_tile(const GemmArgs& p, void* workspace, size_t ws_bytes, cud
 size_t tile_workspace(int M, int N, int K, int group);
 int splitk_max_m();
 int splitk_slice_tiles(int M);   // the most k tiles one split-K CTA can stage for this M
-int splitk_variant_occupancy(int variant, int MT, bool grouped);   // CTAs per SM of a split-K block shape
-// Stream-K kernel (gemm_streamk.cu), M <= kStreamkMaxM, N <= kStreamkMaxN; variant: block shape (0 default).
-cudaError_t launch_streamk(const GemmArgs& p, void* workspace, size_t ws_bytes, cudaStream_t stream, int variant);
-constexpr int kNumStreamkVariants = 4;
+// The split-K kernel's wide block shape (16 warps, 8 tiles in flight; gemm_mma's choice at M <= 8 where the cluster
+// GEMV does not run), by its number in the measured table of DESIGN.md.
+constexpr int kSplitkWideShape = 4;
+int splitk_variant_occupancy(int variant, int MT, bool grouped);   // CTAs per SM of shape 0 or kSplitkWideShape
+// K splits of a split-K launch for (M, N, K) with `occupancy` CTAs per SM of a block shape of `warps` warps;
+// force_s > 0: that many, raised to what the staged slice needs (gemm_splitk.cu; also used by dev/cuda/w4a8).
+int splitk_splits(int M, int N, int K, int occupancy, int warps, int force_s);
 // Cluster GEMV (gemm_gemv.cu; sm_90+), M <= gemv_max_m(); variant: block shape (0 = chosen per layer); force_s > 0:
 // that many K splits (a power of two <= 8). cudaErrorNotSupported where it is not built or the GPU is older.
 cudaError_t launch_gemv(const GemmArgs& p, cudaStream_t stream, int variant, int force_s);

@@ -2,7 +2,7 @@
 //
 // At M <= 16 the GEMM only streams weights (4096x4096: 8.4 MB), and a kernel that reads that little from DRAM is
 // bound by latency, not bandwidth: a pure read of 8.4 MB takes 3.6 us at best on an H200 (2.3 TB/s; 29.4 MB: 8.2 us,
-// 3.6 TB/s; csrc/w4a8/NOTES.md), and every load that waits for an earlier one to return adds another ~2 us. So the
+// 3.6 TB/s; csrc/w4a8/DESIGN.md), and every load that waits for an earlier one to return adds another ~2 us. So the
 // kernel is built to have all of its weight loads in flight at once, in one wave of CTAs:
 //  - "swap AB" on mma.sync m16n8k32 (as the split-K kernel): a lane's 16 bytes of a 32x32 qweight tile are the A
 //    fragments of two 16-row slabs; tokens are the B operand (8 per mma, MT = 1 or 2 groups).
@@ -22,7 +22,7 @@
 //    both (half the L2 reads: 6.6 -> 5.5 us). Clusters of 4 would halve it again, but the H200 holds only 30
 //    clusters of 4 one-CTA-per-SM CTAs (120 SMs), so 128 CTAs take two waves.
 //  - Few-token timeline (8 < M <= 16, one round of weights in registers; H200, 4096x4096, M = 16: 5.46 -> 4.61-4.78
-//    us, NOTES_M16*.md): the warps unpack their weight tiles while the activation slice is in flight, tokens 0-7 and
+//    us, DESIGN.md): the warps unpack their weight tiles while the activation slice is in flight, tokens 0-7 and
 //    8-15 land on separate mbarriers so that the first half's mma work starts before the second half is in, the
 //    warps' partial sums are added into one [row tile][token][row] buffer by shared-memory atomics (not stored per
 //    warp and re-read 16 times per output), no step after the k loop divides by a runtime value, and the output
@@ -42,7 +42,7 @@
 //    the same bits as the split-K kernel and the CPU reference up to a double-rounding tie). Its scales are copied
 //    into shared memory by cp.async when the kernel starts (channels at once, tokens after the dependency wait),
 //    so that their DRAM latency overlaps the weight stream (gemv_kernel.cuh, scales_aligned).
-// The block shape and S come from choose() below (measured on an H200; NOTES.md). gemm_mma_kernel kind 4.
+// The block shape and S come from choose() below (measured on an H200; DESIGN.md). gemm_mma_kernel kind 4.
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -163,7 +163,7 @@ struct Choice {
   int shape, S;
 };
 
-// Ranking of a feasible (shape, S), smaller is better (measured on an H200, NOTES.md): one wave of CTAs first (a
+// Ranking of a feasible (shape, S), smaller is better (measured on an H200, DESIGN.md): one wave of CTAs first (a
 // second wave waits a whole DRAM round trip); then every weight load of a warp issued at once (one round of its
 // ring), with the fewest splits; else the most warps per SM (each warp consumes its tiles in order, so the warps
 // streaming side by side set the rate), then the fewest rounds and splits; then the most CTAs sharing the
@@ -253,7 +253,7 @@ cudaError_t launch_gemv(const GemmArgs& args, cudaStream_t stream, int variant, 
   const int MT = token_groups(p.M, p.N, p.K);
   cudaLaunchAttribute attr[2];
   cudaLaunchConfig_t cfg = config(dim3(c.S, p.N / 32 / sh.rows), sh.warps * 32, c.S, share_of(c.shape, MT),
-                                  pdl_enabled(), stream, attr);
+                                  true, stream, attr);
   cfg.dynamicSmemBytes = smem_bytes(MT, p.M, p.K, c.S, gt);
   return cudaLaunchKernelEx(&cfg, kernel_of(c.shape, MT, gt), p);
 }

@@ -1,7 +1,7 @@
-// gemm_mma: argument checks and the choice between the stream-K and split-K kernels (small M, weight-bandwidth
-// bound) and the tiled multistage kernel (larger M). Both read the QServe checkpoint tensors as stored.
+// gemm_mma: argument checks and the choice among the mma.sync kernels: the cluster GEMV (M <= 16 on sm_90+), the
+// split-K kernel (small M elsewhere) and the tiled multistage kernel (larger M). All read the QServe checkpoint
+// tensors as stored. The dispatch table and its measurements: DESIGN.md.
 #include <cstdint>
-#include <cstdlib>
 
 #include "common.cuh"
 
@@ -31,44 +31,21 @@ int device_major() {
   return major;
 }
 
-bool pdl_enabled() {
-  const char* e = std::getenv("DCC_W4A8_PDL");
-  return !(e && e[0] == '0');
-}
-
 namespace {
 
-// M <= this: split-K kernel; larger: tiled kernel. DCC_W4A8_SPLITK_MAX_M overrides (0..32).
-int splitk_limit() {
-  static int lim = [] {
-    const char* e = std::getenv("DCC_W4A8_SPLITK_MAX_M");
-    const int v = e ? std::atoi(e) : 16;
-    return v < 0 ? 0 : v > splitk_max_m() ? splitk_max_m() : v;
-  }();
-  return lim;
-}
+// Where the cluster GEMV does not run: split-K kernel for M <= this, tiled kernel above (H100, DESIGN.md).
+constexpr int kSplitkAutoMaxM = 16;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// M <= this (and N <= kStreamkMaxN): stream-K kernel by default. DCC_W4A8_STREAMK_MAX_M overrides (0..16).
-int streamk_limit() {
-  static int lim = [] {
-    const char* e = std::getenv("DCC_W4A8_STREAMK_MAX_M");
-    const int v = e ? std::atoi(e) : 0;   // measured slower than split-K everywhere (NOTES.md): off by default
-    return v < 0 ? 0 : v > kStreamkMaxM ? kStreamkMaxM : v;
-  }();
-  return lim;
-}
-
-// kernel code: bits 0-3 kind (0 auto, 1 split-K, 2 tiled, 3 stream-K, 4 GEMV), bits 4-7 variant (block shape),
-// bits 8+ forced split count (split-K, GEMV). pick: the kind, auto resolved by M and N: the cluster GEMV at
-// M <= 16 where the GPU runs it (sm_90+), else the older kernels.
-int pick(int kernel, int M, int N) {
+// kernel code: bits 0-3 kind (0 auto, 1 split-K, 2 tiled, 4 GEMV; 3 was the stream-K kernel, now in dev/cuda/w4a8),
+// bits 4-7 variant (block shape), bits 8+ forced split count (split-K, GEMV). pick: the kind, auto resolved by M:
+// the cluster GEMV at M <= 16 where the GPU runs it (sm_90+), else the split-K or the tiled kernel.
+int pick(int kernel, int M) {
   const int kind = kernel & 0xF;
   if (kind != 0) return kind;
   if (M <= gemv_max_m() && gemm_gemv_available()) return 4;
-  if (M <= streamk_limit() && N <= kStreamkMaxN) return 3;
-  return M <= splitk_limit() ? 1 : 2;
+  return M <= kSplitkAutoMaxM ? 1 : 2;
 }
 
 bool valid(int M, int N, int K, int group) {
@@ -76,27 +53,27 @@ bool valid(int M, int N, int K, int group) {
          (group == 0 || ((group == 64 || group == 128) && K % group == 0));
 }
 
-// The automatic choice at M <= 8, from bench/gpu_w4a8.py --sweep on an H100 (NOTES.md): when the row tiles alone
-// about fill the GPU, take at most two waves of it, and one CTA can stage all of K, split-K block shape 4
-// (16 warps, 8 tiles in flight each) without splitting K (4096x4096: 6.7 us vs 8.2 for the default shape's 5
-// splits; 14336x4096: 15.2 vs 16.4). Grouped, that shape holds 1 CTA per SM (82 registers), so 14336 rows are 3.4
-// waves and slower (23.6 vs 16.9 us): the wave bound sends that case to the default shape.
+// The automatic choice at M <= 8 where the cluster GEMV does not run, from the split-K block-shape sweep on an H100
+// (DESIGN.md): when the row tiles alone about fill the GPU, take at most two waves of it, and one CTA can stage all
+// of K, split-K block shape 4 (16 warps, 8 tiles in flight each) without splitting K (4096x4096: 6.7 us vs 8.2 for
+// the default shape's 5 splits; 14336x4096: 15.2 vs 16.4). Grouped, that shape holds 1 CTA per SM (82 registers),
+// so 14336 rows are 3.4 waves and slower (23.6 vs 16.9 us): the wave bound sends that case to the default shape.
 int tuned(int kernel, int M, int N, int K, int group) {
-  if (kernel != 0 || M > 8 || M > splitk_limit() || gemm_gemv_available()) return kernel;
-  const int tiles_n = N / 32, resident = splitk_variant_occupancy(4, 1, group > 0) * num_sms();
+  if (kernel != 0 || M > 8 || gemm_gemv_available()) return kernel;
+  const int tiles_n = N / 32, resident = splitk_variant_occupancy(kSplitkWideShape, 1, group > 0) * num_sms();
   if (4 * tiles_n >= 3 * num_sms() && tiles_n <= 2 * resident && K / 32 <= splitk_slice_tiles(M))
-    return 1 | (4 << 4) | (1 << 8);
+    return 1 | (kSplitkWideShape << 4) | (1 << 8);
   return kernel;
 }
 
 }  // namespace
 
 size_t gemm_mma_kernel_workspace(int kernel, int M, int N, int K, int group) {
-  if (!valid(M, N, K, group) || M == 0) return 0;
+  const int code = kernel & 0xF;
+  if (!valid(M, N, K, group) || M == 0 || kernel < 0 || code == 3 || code > 4) return 0;
   kernel = tuned(kernel, M, N, K, group);
-  const int kind = pick(kernel, M, N), variant = (kernel >> 4) & 0xF, force_s = kernel >> 8;
+  const int kind = pick(kernel, M), variant = (kernel >> 4) & 0xF, force_s = kernel >> 8;
   if (kind == 1 && M > splitk_max_m()) return 0;
-  if (kind == 3) return kSlotsOffset;
   if (kind == 4) return 0;   // reduces over distributed shared memory
   return kind == 1 ? splitk_workspace(M, N, K, group, variant, force_s) : tile_workspace(M, N, K, group);
 }
@@ -107,19 +84,31 @@ cudaError_t gemm_mma_kernel(int kernel, const void* xq, const void* ascale, cons
                             const void* s1_scales, const void* s1_szeros, const void* s2_scales, const void* s2_zeros,
                             void* out, int M, int N, int K, int group, void* workspace, size_t ws_bytes,
                             cudaStream_t stream) {
-  if (!valid(M, N, K, group) || kernel < 0 || (kernel & 0xF) > 4) return cudaErrorInvalidValue;
+  const int code = kernel & 0xF;
+  if (!valid(M, N, K, group) || kernel < 0 || code == 3 || code > 4) return cudaErrorInvalidValue;
   kernel = tuned(kernel, M, N, K, group);
-  const int kind = pick(kernel, M, N), variant = (kernel >> 4) & 0xF, force_s = kernel >> 8;
+  const int kind = pick(kernel, M), variant = (kernel >> 4) & 0xF, force_s = kernel >> 8;
   if (kind == 1 && M > splitk_max_m()) return cudaErrorInvalidValue;
-  if (kind == 3 && (M > kStreamkMaxM || N > kStreamkMaxN || variant >= kNumStreamkVariants))
-    return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
+  GemmArgs p{};
+  const cudaError_t e = make_gemm_args(p, xq, ascale, asum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, out,
+                                       M, N, K, group);
+  if (e != cudaSuccess) return e;
+  if (kind == 4) return launch_gemv(p, stream, variant, force_s);
+  return kind == 1 ? launch_splitk(p, workspace, ws_bytes, stream, variant, force_s)
+                   : launch_tile(p, workspace, ws_bytes, stream);
+}
+
+cudaError_t make_gemm_args(GemmArgs& p, const void* xq, const void* ascale, const void* asum, const void* qweight,
+                           const void* s1_scales, const void* s1_szeros, const void* s2_scales, const void* s2_zeros,
+                           void* out, int M, int N, int K, int group) {
+  if (!valid(M, N, K, group)) return cudaErrorInvalidValue;
   if (!xq || !ascale || !qweight || !s1_scales || !out || !aligned16(xq) || !aligned16(qweight))
     return cudaErrorInvalidValue;
   if (group == 0 && (!s1_szeros || !asum)) return cudaErrorInvalidValue;
   if (group > 0 && (!s2_scales || !s2_zeros || !aligned16(s2_scales) || !aligned16(s2_zeros)))
     return cudaErrorInvalidValue;
-  GemmArgs p{};
+  p = GemmArgs{};
   p.xq = static_cast<const int8_t*>(xq);
   p.ascale = static_cast<const __half*>(ascale);
   p.asum = static_cast<const __half*>(asum);
@@ -134,10 +123,7 @@ cudaError_t gemm_mma_kernel(int kernel, const void* xq, const void* ascale, cons
   p.K = K;
   p.group = group;
   p.S = 1;
-  if (kind == 3) return launch_streamk(p, workspace, ws_bytes, stream, variant);
-  if (kind == 4) return launch_gemv(p, stream, variant, force_s);
-  return kind == 1 ? launch_splitk(p, workspace, ws_bytes, stream, variant, force_s)
-                   : launch_tile(p, workspace, ws_bytes, stream);
+  return cudaSuccess;
 }
 
 cudaError_t gemm_mma(const void* xq, const void* ascale, const void* asum, const void* qweight, const void* s1_scales,

@@ -4,8 +4,10 @@
 // Grid: (N/32 row tiles, S splits of K, token chunks of 8*MT). Each warp of a CTA takes every W-th 32-wide k tile of
 // the CTA's slice with a U-deep ring of weight loads in flight; the warps' int32 sums are added in shared memory, and
 // the S splits through int32 slots in the workspace, summed by the tile's last CTA (exact, so deterministic).
-// The kernel template is in gemm_splitk.cuh; this file holds the default block shape (8 warps, 4 tiles in flight)
-// and the choice of S.
+// The kernel template is in gemm_splitk.cuh; this file holds the two block shapes the product launches -- the default
+// (8 warps, 4 tiles in flight) and the wide one, kSplitkWideShape (16 warps, 8 tiles, M <= 16), which gemm_mma's
+// tuned choice takes at M <= 8 where the cluster GEMV does not run -- and the choice of S. The numbers 0 and 4 are
+// those of the measured block-shape table (DESIGN.md); dev/cuda/w4a8 holds the other shapes.
 #include <algorithm>
 #include <cstdint>
 
@@ -16,7 +18,8 @@ namespace {
 
 using splitk::max_slice_tiles;
 
-constexpr int kWarps = 8, kRing = 4;
+constexpr int kWarps = 8, kRing = 4;            // the default shape (0)
+constexpr int kWideWarps = 16, kWideRing = 8;   // kSplitkWideShape
 
 int mt_for(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : 4; }
 
@@ -51,24 +54,41 @@ int default_occupancy(int MT, bool grouped) {
   }
 }
 
-// S for (M, N, K) under block shape `variant` (0 = default), or force_s clamped to what the slice bound allows.
+int wide_occupancy(int MT, bool grouped) {
+  using namespace splitk;
+  constexpr int W = kWideWarps, U = kWideRing;
+  if (MT == 1) return grouped ? occupancy<1, true, W, U>() : occupancy<1, false, W, U>();
+  return grouped ? occupancy<2, true, W, U>() : occupancy<2, false, W, U>();
+}
+
+// S for (M, N, K) under block shape `variant` (0 or kSplitkWideShape).
 int splits(int M, int N, int K, int group, int variant, int force_s) {
-  const int MT = mt_for(M), ktiles = K / 32;
-  const int smin = (ktiles + max_tiles(MT) - 1) / max_tiles(MT);
-  if (force_s > 0) return std::min(ktiles, std::max(force_s, smin));
-  const int occ = variant == 0 ? default_occupancy(MT, group > 0) : splitk_variant_occupancy(variant, MT, group > 0);
-  const int warps = variant == 0 ? kWarps : splitk_variant_warps(variant);
-  return choose_splits(N, K, (M + 8 * MT - 1) / (8 * MT), occ * num_sms(), max_tiles(MT), warps);
+  const int MT = mt_for(M);
+  const bool wide = variant == kSplitkWideShape;
+  const int occ = wide ? wide_occupancy(MT, group > 0) : default_occupancy(MT, group > 0);
+  return splitk_splits(M, N, K, occ, wide ? kWideWarps : kWarps, force_s);
 }
 
 }  // namespace
+
+int splitk_splits(int M, int N, int K, int occupancy, int warps, int force_s) {
+  const int MT = mt_for(M), ktiles = K / 32;
+  const int smin = (ktiles + max_tiles(MT) - 1) / max_tiles(MT);
+  if (force_s > 0) return std::min(ktiles, std::max(force_s, smin));
+  return choose_splits(N, K, (M + 8 * MT - 1) / (8 * MT), occupancy * num_sms(), max_tiles(MT), warps);
+}
+
+int splitk_variant_occupancy(int variant, int MT, bool grouped) {
+  if (variant == 0) return default_occupancy(MT, grouped);
+  return variant == kSplitkWideShape && MT <= 2 ? wide_occupancy(MT, grouped) : 1;
+}
 
 int splitk_max_m() { return 32; }
 
 int splitk_slice_tiles(int M) { return max_tiles(mt_for(M)); }
 
 size_t splitk_workspace(int M, int N, int K, int group, int variant, int force_s) {
-  if (M <= 0 || N <= 0 || K <= 0) return 0;
+  if (M <= 0 || N <= 0 || K <= 0 || (variant != 0 && variant != kSplitkWideShape)) return 0;
   const int S = splits(M, N, K, group, variant, force_s);
   return S == 1 ? 0 : kSlotsOffset + static_cast<size_t>(S) * M * N * 4;
 }
@@ -77,7 +97,7 @@ cudaError_t launch_splitk(const GemmArgs& args, void* workspace, size_t ws_bytes
                           int force_s) {
   using namespace splitk;
   GemmArgs p = args;
-  if (variant < 0 || variant >= kNumSplitkVariants || (variant > 0 && p.M > 16)) return cudaErrorInvalidValue;
+  if ((variant != 0 && variant != kSplitkWideShape) || (variant > 0 && p.M > 16)) return cudaErrorInvalidValue;
   p.S = splits(p.M, p.N, p.K, p.group, variant, force_s);
   if (p.S > 1) {
     if (!workspace || ws_bytes < splitk_workspace(p.M, p.N, p.K, p.group, variant, force_s))
@@ -85,8 +105,12 @@ cudaError_t launch_splitk(const GemmArgs& args, void* workspace, size_t ws_bytes
     p.counters = static_cast<uint32_t*>(workspace);
     p.slots = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(workspace) + kSlotsOffset);
   }
-  if (variant > 0) return launch_splitk_variant(variant, p, stream);
   const bool grouped = p.group > 0;
+  if (variant == kSplitkWideShape) {
+    constexpr int W = kWideWarps, U = kWideRing;
+    if (p.M <= 8) return grouped ? launch<1, true, W, U>(p, stream) : launch<1, false, W, U>(p, stream);
+    return grouped ? launch<2, true, W, U>(p, stream) : launch<2, false, W, U>(p, stream);
+  }
   switch (mt_for(p.M)) {
     case 1: return grouped ? launch<1, true, kWarps, kRing>(p, stream) : launch<1, false, kWarps, kRing>(p, stream);
     case 2: return grouped ? launch<2, true, kWarps, kRing>(p, stream) : launch<2, false, kWarps, kRing>(p, stream);

@@ -1,5 +1,5 @@
-// The split-K W4A8 kernel template (gemm_splitk.cu launches it; gemm_splitk_variants.cu instantiates other block
-// shapes for the benchmark). See gemm_splitk.cu for the scheme.
+// The split-K W4A8 kernel template (gemm_splitk.cu launches its two block shapes; dev/cuda/w4a8 instantiates the
+// others measured). See gemm_splitk.cu for the scheme.
 #pragma once
 
 #include <cstdint>
@@ -157,11 +157,5 @@ int occupancy() {
 }
 
 }  // namespace splitk
-
-// Benchmark variants (gemm_splitk_variants.cu): block shapes other than the default, M <= 16.
-constexpr int kNumSplitkVariants = 6;
-cudaError_t launch_splitk_variant(int variant, const GemmArgs& p, cudaStream_t stream);
-int splitk_variant_occupancy(int variant, int MT, bool grouped);
-int splitk_variant_warps(int variant);
 
 }  // namespace dcc_w4a8

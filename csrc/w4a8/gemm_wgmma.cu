@@ -34,7 +34,7 @@
 //    (channels and tokens) before its k loop. Persistent grid (one CTA per SM, tiles strided by the grid, m
 //    fastest): the producer prefetches the next tile's stages during the epilogue. Consumers get 232 registers
 //    (setmaxnreg), the producer warpgroup 40.
-//  - Programmatic dependent launch (DCC_W4A8_PDL=0 disables it): the kernel may start while the previous kernel in
+//  - Programmatic dependent launch: the kernel may start while the previous kernel in
 //    the stream (the activation quantization) finishes; the producer requests the first ring's weights before
 //    griddepcontrol.wait, the activations and token scales are read only after it. Safe because only kernels
 //    that never write weights (quant_act, this GEMM) trigger their dependents early; any other predecessor
@@ -57,9 +57,11 @@
 //    (cudaOccupancyMaxActiveClusters), and >= 4 (CfgLarge, CfgMid) or >= 2 (CfgSmall) k stages per split.
 // Requirements (gemm_wgmma_supported): sm_90a device code present, N % 256 == 0, K % 128 == 0, group 0/64/128;
 // any M >= 1 (per channel at M <= 16: K <= 65536). gemm_wgmma_preferred: where the automatic choice takes it.
-// Env (benchmarks and tests only): DCC_W4A8_WGMMA_SPLITS forces S, DCC_W4A8_WGMMA_PERSISTENT=0 one CTA per tile.
+// Override (tests and benchmarks; the family's one knob, csrc/w4a8/DESIGN.md): DCC_W4A8_WGMMA="splits=S,tile=T"
+// forces S (1..8, where the GPU can run it) and, for M > 16, the token tile T (64: CfgMid, 128: CfgLarge).
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 #include <cuda.h>   // CUtensorMap and the cuTensorMapEncodeTiled prototype only; resolved at run time
@@ -146,16 +148,28 @@ static_assert(CfgMid::kTileN == kTileN && CfgSmall::kTileN == kTileN && CfgMid::
                   CfgSmall::kTileK == kTileK, "one channel tile and k stage for every configuration");
 constexpr int kSmallMaxM = CfgSmall::kTok;   // M <= 16: CfgSmall
 
+// The value of `key` in DCC_W4A8_WGMMA ("splits=S,tile=T"), -1 where it is not set. Read at every call, so that a
+// test can change it between calls (a getenv and a short scan: nothing next to a kernel launch).
+int wgmma_override(const char* key) {
+  const size_t n = std::strlen(key);
+  for (const char* s = std::getenv("DCC_W4A8_WGMMA"); s != nullptr; s = std::strchr(s, ',')) {
+    if (*s == ',') ++s;
+    if (std::strncmp(s, key, n) == 0 && s[n] == '=') return std::atoi(s + n + 1);
+  }
+  return -1;
+}
+
 template <class C>
 int tiles_of(int M, int N) { return ((M + C::kTok - 1) / C::kTok) * (N / kTileN); }
 
 // CfgMid (64-token tiles) where CfgLarge's tiles would occupy fewer than half the SMs, for 16 < M <= 64, or up to
 // M = 256 where K <= 8192: twice the CTAs per layer (or, where clusters run short, fewer k stages per split's
 // reduction) and less tensor work on partial tiles; else CfgLarge. At K = 14336, M = 128, the 64-token tiles get
-// no more CTAs (the GPU holds too few clusters of 4) and each streams twice the weights (NOTES.md).
-// DCC_W4A8_WGMMA_MID=1 / 0 (benchmarks, tests) forces CfgMid / CfgLarge for every M > 16.
+// no more CTAs (the GPU holds too few clusters of 4) and each streams twice the weights (DESIGN.md).
+// DCC_W4A8_WGMMA="tile=64" / "tile=128" forces CfgMid / CfgLarge for every M > 16.
 bool use_mid(int M, int N, int K) {
-  if (const char* e = std::getenv("DCC_W4A8_WGMMA_MID")) return e[0] == '1';
+  const int tile = wgmma_override("tile");
+  if (tile == 64 || tile == 128) return tile == 64;
   return (M <= 64 || (M <= 256 && K <= 8192)) && 2 * tiles_of<CfgLarge>(M, N) < num_sms();
 }
 
@@ -203,18 +217,18 @@ int max_clusters(int S) {
   return cache[slot];
 }
 
-// K splits = cluster size S (csrc/w4a8/NOTES.md): the largest with tiles * S <= SMs, every tile's cluster
+// K splits = cluster size S (DESIGN.md): the largest with tiles * S <= SMs, every tile's cluster
 // resident at once, and >= 2 (CfgSmall, which only streams weights) or >= 4 (CfgLarge) k stages per split. S is a
 // power of two (2, 4, 8) except on the 16-token tile, which only streams weights and takes any S <= 8: the H200
 // holds only 15 clusters of 8 one-SM CTAs, so a layer of 16 tiles (4096 channels) fell from S = 8 to 4 (64 SMs);
 // now it takes the largest S whose 16 clusters fit (6 on the H200, 96 SMs; inferred: fewer than 16 clusters of 7
 // fit).
-// DCC_W4A8_WGMMA_SPLITS (benchmarks, tests) forces S in 1..8 where the GPU can run it.
+// DCC_W4A8_WGMMA="splits=S" forces S in 1..8 where the GPU can run it.
 template <class C>
 int choose_splits_cfg(int M, int N, int K) {
   const int kt = K / kTileK, tiles = tiles_of<C>(M, N);
-  if (const char* e = std::getenv("DCC_W4A8_WGMMA_SPLITS")) {
-    const int s = std::atoi(e);
+  {
+    const int s = wgmma_override("splits");
     if (s == 1) return 1;
     if (s >= 2 && s <= 8 && s <= kt && tiles * s <= num_sms() && max_clusters<C>(s) > 0) return s;
   }
@@ -254,12 +268,9 @@ cudaError_t launch(WgParams p, cudaStream_t stream) {
   // split: one tile per CTA, a cluster of S CTAs per tile; else a persistent grid (at most one CTA per SM; the
   // producer prefetches the next tile during the epilogue)
   const int tiles = tiles_of<C>(p.M, p.N);
-  int ctas = tiles < num_sms() ? tiles : num_sms();
-  if (const char* e = std::getenv("DCC_W4A8_WGMMA_PERSISTENT"))
-    if (e[0] == '0') ctas = tiles;
-  if (p.S > 1) ctas = tiles;
+  const int ctas = p.S > 1 || tiles < num_sms() ? tiles : num_sms();
   cudaLaunchAttribute attr[2];
-  const cudaLaunchConfig_t cfg = launch_config<C>(dim3(ctas, p.S), p.S, pdl_enabled(), stream, attr);
+  const cudaLaunchConfig_t cfg = launch_config<C>(dim3(ctas, p.S), p.S, true, stream, attr);
   if (p.S > 1) {
     switch (p.group) {
       case 0: return cudaLaunchKernelEx(&cfg, w4a8_wgmma_kernel<0, C, kCluster>, tmap, p);
@@ -286,7 +297,7 @@ bool gemm_wgmma_supported(int M, int N, int K, int group) {
 
 bool gemm_wgmma_preferred(int M, int N, int K, int group) {
   if (!gemm_wgmma_supported(M, N, K, group)) return false;
-  // M <= 16 where the cluster GEMV (gemm_gemv.cu) runs (measured on the H200, NOTES.md): it wins on latency-bound
+  // M <= 16 where the cluster GEMV (gemm_gemv.cu) runs (measured on the H200, DESIGN.md): it wins on latency-bound
   // layers (4096x4096) at every M <= 16 and on every layer at M < 8 (grouped since its warps take whole groups,
   // g128 at M = 1: 4096x14336 12.3-12.7 us against 14.0-14.4 here, 14336x4096 12.3-12.7 against 12.3-12.5); this
   // kernel's bulk streaming wins on the large layers from M = 8 (14336x4096 at M = 8: 10.0 against 10.9 us per
@@ -296,7 +307,7 @@ bool gemm_wgmma_preferred(int M, int N, int K, int group) {
   // Where the cluster GEMV is not built: at M < 8 both kernels only stream weights; the wgmma kernel's per-CTA
   // stream (one producer thread's bulk copies) reaches the DRAM rate only with most SMs streaming, which the
   // mma.sync split-K kernel's many small CTAs get at any shape. From M = 8 the mma.sync kernel's time grows with M
-  // and the wgmma kernel's does not (measured on the H200: NOTES.md).
+  // and the wgmma kernel's does not (measured on the H200: DESIGN.md).
   const int ctas = tiles_of<CfgSmall>(M, N) * choose_splits_cfg<CfgSmall>(M, N, K);
   return 10 * ctas >= 7 * num_sms();   // else the split-K kernel
 }

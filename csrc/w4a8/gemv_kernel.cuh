@@ -257,8 +257,8 @@ __global__ void __launch_bounds__(kWarps * 32, min_ctas<MT, kGT, kWarps, kU>()) 
       // one tile ahead, as above, their 4 more registers made ptxas spill in the 64 of two CTAs per SM, and the
       // 8-tile shapes took 4.35-4.72 us instead of 3.94-4.10 at 4096x4096, M = 16). This is the loop below without
       // its refills; folding it into that loop is untried at 64 registers, where the refill code's registers
-      // decide whether ptxas spills a just-loaded slot (a spill store of a slot waits for its load: NOTES_M16.md,
-      // twelfth session). With groups the loop below (the level-2 words take registers: 4-tile shapes would pass
+      // decide whether ptxas spills a just-loaded slot (a spill store of a slot waits for its load: DESIGN.md,
+      // variants dropped). With groups the loop below (the level-2 words take registers: 4-tile shapes would pass
       // 64).
       if (!kGrouped && cnt <= kU) {
 #pragma unroll

@@ -86,7 +86,7 @@ __device__ __forceinline__ uint2 codes8(const uint4& v, float inv) {
 // start while the kernel before it (the previous layer's GEMM, which reads xq) still runs; it reads x and writes xq,
 // ascale and asum only after that kernel has completed (griddepcontrol.wait; a no-op where nothing is pending). The
 // next GEMM's CTAs can then stream their weights beside the previous GEMM's tail (H200, 4096x4096, M = 16,
-// activation quantization + GEMM in a row: see csrc/w4a8/NOTES_M16.md, twelfth session).
+// activation quantization + GEMM in a row: csrc/w4a8/DESIGN.md).
 __device__ __forceinline__ void pdl_prologue() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -160,7 +160,7 @@ cudaError_t quant_act(const void* x, void* xq, void* ascale, void* asum, int M, 
   cfg.blockDim = dim3(kThreads);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
-  if (pdl_enabled() && device_major() >= 9) {   // programmatic dependent launch: sm_90+
+  if (device_major() >= 9) {   // programmatic dependent launch: sm_90+
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;

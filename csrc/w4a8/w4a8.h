@@ -24,7 +24,7 @@ cudaError_t gemm_wgmma(const void* xq, const void* ascale, const void* asum, con
                        int M, int N, int K, int group, void* workspace, size_t ws_bytes, cudaStream_t stream);
 size_t gemm_wgmma_workspace(int M, int N, int K, int group);
 bool gemm_wgmma_supported(int M, int N, int K, int group);   // compiled for sm_90a and shape OK
-// Supported and expected faster than the mma.sync kernels (csrc/w4a8/NOTES.md): where the cluster GEMV runs, not
+// Supported and expected faster than the mma.sync kernels (csrc/w4a8/DESIGN.md): where the cluster GEMV runs, not
 // at M <= 16 on latency-bound layers nor at M < 8 on any; otherwise M >= 8, or M < 8 where the 16-token
 // configuration's CTAs (tiles x K splits) fill at least 70% of the SMs.
 bool gemm_wgmma_preferred(int M, int N, int K, int group);
@@ -35,22 +35,22 @@ inline bool latency_bound_layer(int N, int K) { return static_cast<long long>(N)
 bool gemm_gemv_available();
 
 // Beyond the shared contract (tests and benchmarks): gemm_mma with its kernel forced. kernel & 0xF: 0 = the automatic
-// choice (gemm_mma), 1 = split-K kernel (M <= 32 only), 2 = tiled multistage kernel, 3 = stream-K kernel (M <= 16,
-// N <= 65536), 4 = cluster GEMV (M <= 16, sm_90+); (kernel >> 4) & 0xF: block-shape variant (split-K 0..5, M <= 16
-// for 1..5; stream-K 0..3; GEMV 0 = chosen per layer, 1..10); kernel >> 8: forced number of K splits of the split-K
-// or GEMV kernel (0 auto). gemm_mma's workspace must be all zero before its first use (its first 64 KB hold the
-// split-K arrival counters, which every call leaves zero again).
+// choice (gemm_mma), 1 = split-K kernel (M <= 32 only), 2 = tiled multistage kernel, 4 = cluster GEMV (M <= 16,
+// sm_90+); 3 (the stream-K kernel) is not built here (dev/cuda/w4a8). (kernel >> 4) & 0xF: block-shape variant
+// (split-K 0 or 4, 4 for M <= 16 only; the other split-K shapes live in dev/cuda/w4a8; GEMV 0 = chosen per layer,
+// 1..10); kernel >> 8: forced number of K splits of the split-K or GEMV kernel (0 auto). gemm_mma's workspace must
+// be all zero before its first use (its first 64 KB hold the split-K arrival counters, which every call leaves zero
+// again).
 cudaError_t gemm_mma_kernel(int kernel, const void* xq, const void* ascale, const void* asum, const void* qweight,
                             const void* s1_scales, const void* s1_szeros, const void* s2_scales, const void* s2_zeros,
                             void* out, int M, int N, int K, int group, void* workspace, size_t ws_bytes,
                             cudaStream_t stream);
 size_t gemm_mma_kernel_workspace(int kernel, int M, int N, int K, int group);
 
-// Shared by the launchers (host side, gemm_mma.cu): the GPU's SM count (cached; 132 where it cannot be read), its
-// compute capability major (cached; 0 where it cannot be read), and whether the sm_90 kernels and the activation
-// quantization launch with programmatic dependent launch (DCC_W4A8_PDL=0, for benchmarks: plainly).
+// Shared by the launchers (host side, gemm_mma.cu): the GPU's SM count (cached; 132 where it cannot be read) and its
+// compute capability major (cached; 0 where it cannot be read). The sm_90 kernels and the activation quantization
+// always launch with programmatic dependent launch there.
 int num_sms();
 int device_major();
-bool pdl_enabled();
 
 }  // namespace dcc_w4a8

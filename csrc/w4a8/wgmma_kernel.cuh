@@ -308,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
         // (release / acquire) publishes them, and the owner adds them from its own shared memory to the partials
         // still in its registers. One barrier and no remote loads: the pull version (stores to its own shared
         // memory, a barrier, remote loads, a second barrier) spent ~1.3 us after the k loop (H200 trace,
-        // NOTES_M16_early.md).
+        // DESIGN.md).
         const int own_max = (8 + S - 1) / S;   // warps per owner, at most
         cluster_wait();   // every CTA of the cluster has started (the arrive at the kernel's start)
         if (owner != rank) {

@@ -27,7 +27,7 @@ MS = (1, 3, 8, 9, 16, 17, 32, 33, 64, 65, 130, 257)
 SHAPES = {0: ((32, 32), (96, 160), (192, 576), (576, 192), (1536, 576), (576, 1536), (512, 1024), (256, 2048)),
           64: ((32, 64), (96, 192), (192, 576), (1536, 576), (512, 640)),
           128: ((32, 128), (192, 384), (576, 1536), (1536, 1536), (768, 1024))}
-KERNELS = ("streamk", "splitk", "tile", "auto", "wgmma", "gemv")
+KERNELS = ("splitk", "tile", "auto", "wgmma", "gemv")
 _STATS: list[dict] = []
 
 
@@ -127,7 +127,7 @@ def test_gemm_exact(ops, group, n, k, kernel):
     ext = ops.ext()
     checked = 0
     for m in MS:
-        if (kernel == "splitk" and m > 32) or (kernel in ("streamk", "gemv") and m > 16):
+        if (kernel == "splitk" and m > 32) or (kernel == "gemv" and m > 16):
             continue
         if kernel == "gemv" and not ext.gemm_gemv_available():
             continue
@@ -171,7 +171,7 @@ def _check_wgmma(ops, lay, group, m, k, gen, note, calls=2):
 @pytest.mark.parametrize("splits", (1, 2, 3, 4, 6, 7, 8))
 @pytest.mark.parametrize("group", (0, 64, 128))
 def test_wgmma_forced_splits_exact(ops, monkeypatch, group, splits):
-    """The wgmma kernel with its K split count (= cluster size) forced by DCC_W4A8_WGMMA_SPLITS (where the GPU and
+    """The wgmma kernel with its K split count (= cluster size) forced by DCC_W4A8_WGMMA=splits=S (where the GPU and
     the tile configuration allow it): 10 k stages in 3, 4, 7 or 8 splits are uneven (3/3/4, 2/3/2/3, 1/1/2/..., with
     consumer warps shared unevenly by the 3 or 7 CTAs of the reduction), 5 per split reuse the ring; M = 1..16 on the
     16-token tile, 17, 65 and 160 (1-3 m tiles) on the 64-token tile, 300 (3 m tiles) on the 128-token tile."""
@@ -179,7 +179,7 @@ def test_wgmma_forced_splits_exact(ops, monkeypatch, group, splits):
     n, k = 512, 1280
     if not ext.gemm_wgmma_supported(16, n, k, group):
         pytest.skip("the wgmma kernel is not built for this GPU")
-    monkeypatch.setenv("DCC_W4A8_WGMMA_SPLITS", str(splits))
+    monkeypatch.setenv("DCC_W4A8_WGMMA", f"splits={splits}")
     gen = _gen("splits", group, splits)
     lay = make_layer(n, k, group, gen)
     for m in (1, 5, 16, 17, 65, 160, 300):
@@ -199,8 +199,8 @@ def test_wgmma_persistent_exact(ops, monkeypatch, group, m):
     k = 256
     if not ext.gemm_wgmma_supported(m, n, k, group):
         pytest.skip("the wgmma kernel is not built for this GPU")
-    monkeypatch.setenv("DCC_W4A8_WGMMA_SPLITS", "1")
-    monkeypatch.setenv("DCC_W4A8_WGMMA_MID", "1" if m == 100 else "0")   # this many tiles would choose CfgLarge
+    # one split; 64-token tiles at M = 100 (this many tiles would choose the 128-token ones), 128 at M = 257
+    monkeypatch.setenv("DCC_W4A8_WGMMA", "splits=1,tile=" + ("64" if m == 100 else "128"))
     gen = _gen("persistent", group, m)
     _check_wgmma(ops, make_layer(n, k, group, gen), group, m, k, gen, f"n={n}")
 
@@ -217,7 +217,7 @@ def test_wgmma_per_channel_largest_k_exact(ops, monkeypatch, splits):
         pytest.skip("the wgmma kernel is not built for this GPU")
     assert not ext.gemm_wgmma_supported(16, n, k + 128, 0)
     assert ext.gemm_wgmma_supported(17, n, k + 128, 0) and ext.gemm_wgmma_supported(16, n, k + 128, 128)
-    monkeypatch.setenv("DCC_W4A8_WGMMA_SPLITS", str(splits))
+    monkeypatch.setenv("DCC_W4A8_WGMMA", f"splits={splits}")
     gen = _gen("largest k", splits)
     lay = make_layer(n, k, 0, gen)
     codes = lay["ints"].clone()
@@ -286,11 +286,11 @@ def test_bad_arguments(ops):
 
 @pytest.mark.parametrize("group", (0, 64))
 def test_kernel_variants_exact(ops, group):
-    """The split-K and stream-K kernels' benchmark block shapes and forced split counts (kernel codes of
-    gemm_mma_kernel), repeated calls included (the workspace must come back zero)."""
-    codes = [1 | (v << 4) for v in range(1, 6)] + [1 | (s << 8) for s in (1, 2, 3, 7)]
-    codes += [1 | (4 << 4) | (1 << 8), 1 | (4 << 4) | (2 << 8)]
-    codes += [3 | (v << 4) for v in range(4)] * 2
+    """The split-K kernel's wide block shape (4) and forced split counts (kernel codes of gemm_mma_kernel), repeated
+    calls included (the workspace must come back zero). The benchmark-only shapes and the stream-K kernel are not in
+    the product (dev/cuda/w4a8/test_variants.py tests them)."""
+    codes = [1 | (4 << 4)] + [1 | (s << 8) for s in (1, 2, 3, 7)]
+    codes += [1 | (4 << 4) | (1 << 8), 1 | (4 << 4) | (2 << 8)] * 2
     for n, k in ((192, 576), (1536, 576), (32, 4096)):
         for m in (1, 9, 16):
             gen = _gen("variants", group, n, k, m)
@@ -303,6 +303,10 @@ def test_kernel_variants_exact(ops, group):
                 ops.gemm(xq, scale, ssum, dev["qweight"], dev["s1_scales"], dev["s1_szeros"], dev["s2_scales"],
                          dev["s2_zeros"], group, path=code, out=out)
                 assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), (hex(code), m, n, k)
+            for code in (3, 1 | (1 << 4)):   # stream-K, split-K shape 1: benchmark-only, not built here
+                with pytest.raises(RuntimeError):
+                    ops.gemm(xq, scale, ssum, dev["qweight"], dev["s1_scales"], dev["s1_szeros"], dev["s2_scales"],
+                             dev["s2_zeros"], group, path=code)
 
 
 # (row tiles per CTA, CTAs sharing staged activations at M > 8) of the cluster GEMV's block shapes, variants 1..10

@@ -2,10 +2,13 @@
 TinyChat W4A16 kernels) and csrc/w4a8 (module dcc_w4a8_ext, the QServe W4A8 kernels; for sm_90 it is compiled for
 sm_90a, since its Hopper kernel uses wgmma).
 
-Each module is compiled for the visible GPU's architecture and cached in $DCC_CACHE/cuda/<key> (default
-~/.cache/dcc/cuda/<key>), where the key hashes the sources, the nvcc version, the architecture, the Python ABI and the
-flags; a later call with the same key imports the cached module. Nothing here runs at install time, and nothing
-links against libtorch: the extension needs only nvcc, the CUDA runtime headers and pybind11's headers."""
+The sources ship inside the installed package (dcc/_csrc/<name>, mapped from the repository's csrc/ by
+pyproject.toml), so the runtime builds after `pip install` as well as from a checkout. Each module is compiled for the
+visible GPU's architecture and cached in $DCC_CACHE/cuda/<key> (default ~/.cache/dcc/cuda/<key>), where the key hashes
+the sources, the nvcc version, the architecture, the Python ABI and the flags; a later call with the same key imports
+the cached module. Nothing here runs at install time, and nothing links against libtorch: the extension needs only
+nvcc, the CUDA runtime headers and pybind11's headers. build_module / load_module build other modules the same way
+(dev/cuda/dev_ext.py: the benchmark-only kernels, which are not installed)."""
 from __future__ import annotations
 
 import hashlib
@@ -39,11 +42,21 @@ def _check_name(name: str) -> str:
     return name
 
 
+def source_roots() -> list[Path]:
+    """Where the CUDA sources may be, in order: the installed package (dcc/_csrc, carried by the wheel), the checkout
+    this module belongs to (csrc/ at the repository's top), then $DCC_CSRC."""
+    here = Path(__file__).resolve()
+    roots = [here.parents[2] / "_csrc", here.parents[3] / "csrc"]
+    if os.environ.get("DCC_CSRC"):
+        roots.append(Path(os.environ["DCC_CSRC"]))
+    return roots
+
+
 def source_dir(name: str = "w4a16") -> Path:
-    """csrc/<name> of the checkout (or $DCC_CSRC/<name>)."""
-    env = os.environ.get("DCC_CSRC")
-    base = Path(env) if env else Path(__file__).resolve().parents[3] / "csrc"
-    return base / _check_name(name)
+    """<root>/<name> of the first source root that has it (the checkout's csrc/<name> where none has)."""
+    _check_name(name)
+    roots = source_roots()
+    return next((r / name for r in roots if (r / name).is_dir()), roots[1] / name)
 
 
 def sources(name: str = "w4a16") -> list[Path]:
@@ -122,12 +135,13 @@ def gencode(name: str, arch: str) -> list[str]:
     return [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
 
 
-def build_key(files: list[Path], nvcc_ver: str, arch: str, name: str = "w4a16") -> str:
+def build_key(files: list[Path], nvcc_ver: str, arch: str, name: str = "w4a16", module: str | None = None) -> str:
+    """Hash of the sources (folder, name and bytes of each), the toolchain, the flags and the module name."""
     h = hashlib.sha256()
     for p in files:
-        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+        h.update(f"{p.parent.name}/{p.name}".encode() + b"\0" + p.read_bytes() + b"\0")
     ext = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    h.update("|".join([nvcc_ver, arch, ext, sys.version, " ".join(CXX_FLAGS), MODULES[name],
+    h.update("|".join([nvcc_ver, arch, ext, sys.version, " ".join(CXX_FLAGS), module or MODULES[name],
                        " ".join(gencode(name, arch))]).encode())
     return h.hexdigest()[:20]
 
@@ -139,25 +153,27 @@ def _run(cmd: list[str]) -> None:
         raise CudaRuntimeUnavailable(f"{HINT} (nvcc failed: {' '.join(cmd[:2])} ...)\n{msg}")
 
 
-def build(verbose: bool = False, name: str = "w4a16") -> Path:
-    """Compile (if not cached) and return the path of the extension module `name` (w4a16 or w4a8)."""
-    files = sources(name)
+def build_module(module: str, files: list[Path], family: str, include_dirs: tuple[Path, ...] = (),
+                 verbose: bool = False) -> Path:
+    """Compile (if not cached) the .cu/.cpp files among `files` into the extension module `module` (its binding must
+    say PYBIND11_MODULE(module, ...)), with the -gencode of `family` (w4a16 or w4a8) and -I for each of include_dirs;
+    the headers among `files` only enter the cache key. Returns the module's path."""
     nvcc = find_nvcc()
     arch = gpu_arch()
-    incs = include_flags()
-    key = build_key(files, nvcc_version(nvcc), arch, name)
+    incs = include_flags() + ["-I" + str(d) for d in include_dirs]
+    key = build_key(files, nvcc_version(nvcc), arch, family, module)
     out_dir = cache_root() / key
-    target = out_dir / (MODULES[name] + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+    target = out_dir / (module + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
     if target.is_file():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
-    gencode_flags = gencode(name, arch)
+    gencode_flags = gencode(family, arch)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         srcs = [p for p in files if p.suffix in (".cu", ".cpp")]
-        objs = [Path(tmp) / (p.name + ".o") for p in srcs]
+        objs = [Path(tmp) / f"{p.parent.name}_{p.name}.o" for p in srcs]
         cmds = [[nvcc, *CXX_FLAGS, *gencode_flags, *incs, "-c", str(s), "-o", str(o)] for s, o in zip(srcs, objs)]
         if verbose:
-            print(f"dcc: building the CUDA runtime {name} for sm_{arch} into {out_dir}", file=sys.stderr)
+            print(f"dcc: building the CUDA module {module} for sm_{arch} into {out_dir}", file=sys.stderr)
         with ThreadPoolExecutor(max_workers=min(len(cmds), os.cpu_count() or 1)) as pool:
             for f in [pool.submit(_run, c) for c in cmds]:
                 f.result()
@@ -167,18 +183,28 @@ def build(verbose: bool = False, name: str = "w4a16") -> Path:
     return target
 
 
+def build(verbose: bool = False, name: str = "w4a16") -> Path:
+    """Compile (if not cached) and return the path of the extension module `name` (w4a16 or w4a8)."""
+    return build_module(MODULES[_check_name(name)], sources(name), name, verbose=verbose)
+
+
 _LOADED: dict[str, object] = {}
 
 
-def load(verbose: bool = False, name: str = "w4a16"):
-    """The extension module `name` (w4a16 or w4a8), built on first use."""
-    if name not in _LOADED:
-        path = build(verbose=verbose, name=name)
-        spec = importlib.util.spec_from_file_location(MODULES[name], path)
+def load_module(module: str, path_fn) -> object:
+    """Import the extension module `module` from the path path_fn() returns (built on first use), once."""
+    if module not in _LOADED:
+        path = path_fn()
+        spec = importlib.util.spec_from_file_location(module, path)
         mod = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(mod)
         except ImportError as e:
             raise _unavailable(f"cannot import {path}: {e}") from None
-        _LOADED[name] = mod
-    return _LOADED[name]
+        _LOADED[module] = mod
+    return _LOADED[module]
+
+
+def load(verbose: bool = False, name: str = "w4a16"):
+    """The extension module `name` (w4a16 or w4a8), built on first use."""
+    return load_module(MODULES[_check_name(name)], lambda: build(verbose=verbose, name=name))

@@ -18,7 +18,7 @@ def _scale_rows(num_groups: int, group_size: int) -> int:
     return -(-num_groups // unit) * unit
 
 # M <= FUSED_MAX_M: the fused dequant + mma.sync kernel (weights read once per 64 rows of x); larger M: dequantise
-# into a scratch [N, K] buffer and run one cuBLAS GEMM. Set from bench/gpu_w4a16.py on an H100 (csrc/NOTES.md):
+# into a scratch [N, K] buffer and run one cuBLAS GEMM. Set from bench/gpu_w4a16.py on an H100 (csrc/w4a16/DESIGN.md):
 # at M = 64 the fused kernel wins on 14336x4096 and 4096x14336 and is within 10% on 4096x4096; at 256 the GEMM wins.
 FUSED_MAX_M = int(os.environ.get("DCC_W4A16_FUSED_MAX_M", "64"))
 
@@ -99,7 +99,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, s
             if path == "gemm_ext":  # the extension's own cuBLAS call (what a non-torch caller gets)
                 ext.gemm(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), scaled_zeros.data_ptr(), b,
                          out.data_ptr(), w.data_ptr(), m, n, k, group_size, dt, stream)
-            else:  # PyTorch's cuBLAS/cuBLASLt choice, bias fused in the epilogue: a few % faster (NOTES.md)
+            else:  # PyTorch's cuBLAS/cuBLASLt choice, bias fused in the epilogue: a few % faster (csrc/w4a16/DESIGN.md)
                 ext.dequantize(qweight.data_ptr(), scales.data_ptr(), scaled_zeros.data_ptr(), w.data_ptr(), n, k,
                                group_size, dt, stream)
                 o2 = out.view(m, n)

@@ -3,17 +3,14 @@ quantization and the W4A8 GEMM (mma.sync kernels, or Hopper wgmma where built an
 data_ptr()s and the current stream to csrc/w4a8 (module dcc_w4a8_ext), which never links libtorch."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .build import load
 
-# Automatic choice: gemm_wgmma where M >= WGMMA_MIN_M and the extension prefers it (gemm_wgmma_preferred: an sm_90a
-# build, N % 256 == 0, K % 128 == 0, and at M <= 16 where the cluster GEMV is built a layer of more than 16 MB at
-# M >= 8; csrc/w4a8/NOTES.md has the measurements), else the mma.sync kernels (at M <= 16 on sm_90+: the cluster
-# GEMV). DCC_W4A8_WGMMA_MIN_M (benchmarks) moves the boundary.
-WGMMA_MIN_M = int(os.environ.get("DCC_W4A8_WGMMA_MIN_M", "1"))
+# Automatic choice: gemm_wgmma where the extension prefers it (gemm_wgmma_preferred: an sm_90a build, N % 256 == 0,
+# K % 128 == 0, and at M <= 16 where the cluster GEMV is built a layer of more than 16 MB at M >= 8; the dispatch
+# table and its measurements are in csrc/w4a8/DESIGN.md), else the mma.sync kernels (at M <= 16 on sm_90+: the
+# cluster GEMV).
 
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
 
@@ -95,20 +92,20 @@ def _check(qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group, device) ->
 def gemm(xq, ascale, asum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group: int, *, path: str = "auto",
          out: torch.Tensor | None = None) -> torch.Tensor:
     """out fp16 [M, N] from already-quantized activations (int8 [M, K], fp16 scale/sum [M]). path: auto, mma
-    (the mma.sync kernels, chosen by M: the cluster GEMV at M <= 16 on sm_90+), gemv (M <= 16, sm_90+), streamk
-    (M <= 16), splitk (M <= 32), tile, or wgmma (raises where it is not built or the shape is not supported); an
-    int is passed on as gemm_mma_kernel's kernel code (benchmark variants)."""
+    (the mma.sync kernels, chosen by M: the cluster GEMV at M <= 16 on sm_90+), gemv (M <= 16, sm_90+), splitk
+    (M <= 32), tile, or wgmma (raises where it is not built or the shape is not supported); an int is passed on as
+    gemm_mma_kernel's kernel code (forced block shapes and split counts, for tests and benchmarks)."""
     m, k = xq.shape
     n = qweight.shape[0]
     if out is None:
         out = torch.empty(m, n, dtype=torch.float16, device=xq.device)
     e = ext()
     if path == "auto":
-        path = "wgmma" if m >= WGMMA_MIN_M and e.gemm_wgmma_preferred(m, n, k, group) else "mma"
-    codes = {"mma": 0, "splitk": 1, "tile": 2, "streamk": 3, "gemv": 4}
+        path = "wgmma" if e.gemm_wgmma_preferred(m, n, k, group) else "mma"
+    codes = {"mma": 0, "splitk": 1, "tile": 2, "gemv": 4}
     kernel = path if isinstance(path, int) else codes.get(path)   # an int: a raw kernel code
     if kernel is None and path != "wgmma":
-        raise ValueError(f"path must be auto, mma, gemv, streamk, splitk, tile or wgmma, got {path!r}")
+        raise ValueError(f"path must be auto, mma, gemv, splitk, tile or wgmma, got {path!r}")
     if m == 0:
         return out
     ws_bytes = e.gemm_wgmma_workspace(m, n, k, group) if kernel is None else \

@@ -1,4 +1,4 @@
-// GEMV v5 (csrc/NOTES.md): the fused W4A16 product for M <= MC (MC in {1, 2, 4, 8}), with the weights streamed
+// GEMV v5 (benchmark only; csrc/w4a16/DESIGN.md): the fused W4A16 product for M <= MC (MC in {1, 2, 4, 8}), with the weights streamed
 // through a per-warp cp.async ring in shared memory and a persistent grid.
 //
 // Same mapping, mma and k order as fused_w4a16_kernel<T, 1, ...> (gemv_fused.cuh): a row tile is 16 output rows;
@@ -28,11 +28,31 @@
 
 #include "common.cuh"
 #include "util.h"
-#include "w4a16.h"
+#include "variants.h"
 
 namespace dcc_w4a16 {
 
 namespace {
+
+// cp.async (sm_80+) to a shared-memory address (the 32-bit shared window, __cvta_generic_to_shared): 16 bytes
+// bypassing L1 (.cg) / 16 or 8 bytes through L1 (.ca); `valid` false writes zeros and reads nothing.
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16_cg(unsigned s, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async16_ca(unsigned s, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async8_ca(unsigned s, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(s), "l"(gmem), "r"(valid ? 8 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
 
 constexpr int kPipeSlotBytes = 1024 + 256;  // wa[32 lanes] | wb[32 lanes] (16 B each) | s[4 t][16] | sz[4 t][16]
 

@@ -1,3 +1,5 @@
+// Benchmark only (csrc/w4a8/DESIGN.md: measured 10-25% slower than split-K at M = 1 and 2x slower at M = 16 on an
+// H100; the product's automatic choice never took it, and it left the installed extension).
 // W4A8 GEMM for M <= 16 on a persistent "stream-K" grid: the N/32 x K/32 weight tiles, which the QServe layout stores
 // contiguously in exactly that order, are cut into one contiguous range per CTA (as many CTAs as fit on the GPU), so
 // every CTA streams the same number of bytes and there is no partial last wave. Warps take every W-th tile of their
@@ -9,7 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "common.cuh"
+#include "dev_kernels.cuh"
 
 namespace dcc_w4a8 {
 namespace {
@@ -144,7 +146,7 @@ cudaError_t run_shape(const GemmArgs& p, int32_t* acc_buf, cudaStream_t stream) 
 
 // variants (warps per CTA, tiles in flight per warp): 0 = (8, 8) default, 1 = (8, 4), 2 = (4, 8), 3 = (4, 16)
 cudaError_t launch_streamk(const GemmArgs& args, void* workspace, size_t ws_bytes, cudaStream_t stream, int variant) {
-  if (args.M > kStreamkMaxM || args.N > kStreamkMaxN || !workspace || ws_bytes < kSlotsOffset)
+  if (args.M > kStreamkMaxM || args.N > kStreamkMaxN || !workspace || ws_bytes < kStreamkWorkspace)
     return cudaErrorInvalidValue;
   GemmArgs p = args;
   p.S = 1;

@@ -1,17 +1,20 @@
-// Benchmark-only GEMV alternatives (csrc/NOTES.md: v1 settings, v3 lane-spread activations, v4 activations in
-// shared memory, v2f/v6/v7 block shapes, v5 cp.async rings via gemv_pipe), reachable through gemv_variant by name;
-// the default dispatch (gemv.cu) uses l_w16_u1 / l_w4_u1 / lp_w16 / w16_u1_xpre_fdq for M <= 8.
+// Benchmark-only GEMV alternatives (csrc/w4a16/DESIGN.md: v1 settings, v3 lane-spread activations, v4 activations
+// in shared memory, v2f/v6/v7 block shapes, v8 tail split, v5 cp.async rings via gemv_pipe), reachable through
+// gemv_variant by name; the product's dispatch (csrc/w4a16/gemv.cu) uses l_w16_u1 / l_w4_u1 / lp_w16 /
+// w16_u1_xpre_fdq for M <= 8, which are here too so that the benchmark times them side by side.
 #include <stdexcept>
 #include <string>
 
 #include "gemv_persist.cuh"
+#include "gemv_tail_split.cuh"
+#include "variants.h"
 
 namespace dcc_w4a16 {
 
 namespace {
 
 
-// Experiment (GEMV v3 in csrc/NOTES.md; reachable through gemv_variant only, not the default: it measured no faster
+// Experiment (GEMV v3 in csrc/w4a16/DESIGN.md; reachable through gemv_variant only, not the default: it measured no faster
 // than the v2 default). M <= MP (MP in {1, 2, 4, 8}), one B tile: the same product as fused_w4a16_kernel<T, 1, ...>,
 // but the activations of an iteration (MP rows x 128 k) are spread over the warp's 32 lanes, 2*MP words per lane,
 // and each lane fetches its B fragment with 16 shuffles when the slot is consumed. That keeps 2*MP registers per
@@ -116,7 +119,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32))
 }
 
 
-// GEMV v4 (csrc/NOTES.md): M <= 4 (one B tile), the same product, k order and reduction as
+// GEMV v4 (csrc/w4a16/DESIGN.md): M <= 4 (one B tile), the same product, k order and reduction as
 // fused_w4a16_kernel<T, 1, ...>, but the activations are staged once per block in shared memory (M rows of K, rows
 // padded by 8 elements) and each lane reads its 64-byte B run from there when a slot is consumed. The ring then holds
 // only weights and scales (12 registers per slot instead of 28), so U = 2..4 iterations per warp fit in flight:
@@ -264,7 +267,7 @@ void launch_shfl(const void* x, const void* qweight, const void* scales, const v
   check_cuda(cudaGetLastError(), "shuffle GEMV kernel launch");
 }
 
-// Benchmark-only alternatives (csrc/NOTES.md): warps per block (w), iterations in flight per warp (u), activations
+// Benchmark-only alternatives (csrc/w4a16/DESIGN.md): warps per block (w), iterations in flight per warp (u), activations
 // loaded when consumed / in the ring (xpre) / spread over the lanes (sP: M <= P); mt2 = two B tiles (M <= 16).
 constexpr const char* kVariantNames[] = {"w8_u2",     "w16_u1_xpre", "s1_w16_u2", "s1_w8_u2",
                                          "s1_w16_u1", "s2_w16_u2",   "s4_w16_u2", "s4_w16_u1",
@@ -315,9 +318,9 @@ void dispatch_variant(int variant, const void* x, const void* qweight, const voi
     case 24: DCC_L(8, 2, 2);
     case 25: DCC_L(32, 1, 2);
     // v7 (the default for N/16 > resident blocks), and v8: v7 + the last round's tiles split in K
-    case 26: return launch_lean_persist<T, 16>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream, false);
-    case 27: return launch_lean_persist<T, 32>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream, false);
-    case 28: return launch_lean_persist<T, 16>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream, true);
+    case 26: return launch_lean_persist<T, 16>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+    case 27: return launch_lean_persist<T, 32>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+    case 28: return launch_tail_split<T, 16>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
     // fewer warps per tile: more iterations per warp (K = 4096: 4 / 8 instead of 2), more blocks resident
     case 29: DCC_L(8, 1, 1);
     case 30: DCC_L(4, 1, 1);

@@ -1,5 +1,5 @@
-// GEMV v5 configurations (gemv_pipe.cuh): the default dispatch for small M picks one of them (gemv.cu), the benchmark
-// reaches all of them through gemv_variant (gemv_variants.cu).
+// GEMV v5 configurations (gemv_pipe.cuh, benchmark only): the benchmark reaches them through gemv_variant
+// (gemv_variants.cu), after the variants of that file.
 #include <stdexcept>
 #include <string>
 
