@@ -10,33 +10,39 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from dcc.api import CompileOptions, calibration_ids, compile_model
+from dcc.api import CompileOptions, block0_inputs, calibration_ids, compile_model
 from dcc.compiler.calib_data import load_tokenizer, tokenize_file, windows
 from dcc.compiler.sequential import compile_blocks
 from dcc.models.loader import LazyModel
 from dcc.runtime.artifact import load_artifact
 from dcc.runtime.evaluate import perplexity
 from dcc.runtime.reference import build_model
-from dcc.targets.tinychat import lower
+from dcc.ir.formats import QuantSpec
+from dcc.targets.tinychat.pipeline import pipeline
+from dcc.targets.tinychat.target import zero_for
+
+import _results  # bench/_results.py: the results' JSON format
 
 
 def fake_quant_ppl(model: str, opts: CompileOptions, w: torch.Tensor) -> tuple[float, float]:
     lm = LazyModel(model)
-    spec = lower.spec_for(opts)   # the same numerics as the 4-bit layout, at opts.bits
+    # the same numerics as the 4-bit layout (w = q*s + sz per group), at opts.bits
+    spec = QuantSpec(dtype=f"int{opts.bits}", symmetric=False, group_size=opts.group_size, scale_dtype="float16",
+                     zero_mode="float" if zero_for(opts.zero, opts.algo) == "float" else "scaled")
 
     def assign(block):
         for lin in block.linears.values():
             lin.spec = spec
 
     t = time.perf_counter()
-    compile_blocks(lm, lower.steps_for(opts), calibration_ids(lm, opts), assign, progress=False, release=False)
+    compile_blocks(lm, pipeline(opts.algo), block0_inputs(lm, calibration_ids(lm, opts)), assign, progress=False,
+                   release=False)
     secs = time.perf_counter() - t
     return perplexity(lm.model, w, progress=False)["ppl"], secs
 
@@ -63,8 +69,9 @@ def main() -> None:
     print(f"float: {rows[0]['ppl']:.2f}", flush=True)
     for bits in map(int, args.bits.split(",")):
         for algo in args.algos.split(","):
-            opts = CompileOptions(algo=algo, bits=bits, group_size=args.group_size, calib=args.calib,
-                                  zero=args.zero, progress=False, force=True)
+            opts = CompileOptions(target="tinychat", algo=algo, bits=bits, group_size=args.group_size,
+                                  calib=args.calib, calib_chunks=16, calib_seq_len=256, zero=args.zero,
+                                  progress=False, force=True)
             if bits == 4:
                 with tempfile.TemporaryDirectory() as d:
                     t = time.perf_counter()
@@ -83,9 +90,8 @@ def main() -> None:
     for r in rows:
         g = "-" if r["bits"] == 16 else args.group_size
         print(f"| {r['method']} | {r.get('zero', '-')} | {r['bits']} | {g} | {r['ppl']:.2f} | {r['measured_on']} | {r['compile_s']:.1f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    out = _results.write(Path(args.out).stem, rows, out=args.out, args=vars(args))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

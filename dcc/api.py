@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .compiler.calib_data import check_vocab, load_tokenizer, tokenize_file, windows
 from .compiler.sequential import compile_blocks
 from .models.loader import LazyModel
 from .targets import BUILTIN_TARGETS
@@ -79,12 +78,17 @@ def check_dump_dir(path: str | None) -> None:
 
 
 def calibration_ids(lm: LazyModel, opts: CompileOptions) -> torch.Tensor:
+    """The calibration batch [chunks, seq_len] of token ids, as the model's adapter reads the --calib file."""
     if not opts.calib:
         raise ValueError("--calib is required: a text file (or token ids for models without a tokenizer)")
-    tok = load_tokenizer(lm.path)
-    ids = tokenize_file(opts.calib, tok)
-    check_vocab(ids, lm.config.vocab_size, opts.calib)
-    return windows(ids, opts.calib_chunks, opts.calib_seq_len, opts.calib)
+    return lm.adapter.calibration(lm, opts.calib, opts.calib_chunks, opts.calib_seq_len)
+
+
+def block0_inputs(lm: LazyModel, batch: torch.Tensor, device: str = "cpu"):
+    """What compile_blocks takes: a function giving block 0's (args, kwargs) on the batch, computed by the model's
+    adapter once the passes' model prologues have run (a rotation of the embeddings changes them)."""
+    dev = torch.device(device)
+    return lambda: lm.adapter.block0_inputs(lm, batch, dev)
 
 
 def resolve(opts: CompileOptions):
@@ -145,8 +149,9 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
         if opts.dump_dir:
             from .ir.dump import Dumper
             dumper = Dumper(opts.dump_dir)
-        res = compile_blocks(lm, steps, ids, assign, on_block=emitter.on_block, dumper=dumper, device=opts.device,
-                             seed=opts.seed, debug=opts.debug, progress=opts.progress, verbose=opts.verbose)
+        res = compile_blocks(lm, steps, block0_inputs(lm, ids, opts.device), assign, on_block=emitter.on_block,
+                             dumper=dumper, device=opts.device, seed=opts.seed, debug=opts.debug,
+                             progress=opts.progress, verbose=opts.verbose)
         emitter.finish(lm)
         if all("skip_reason" in v for v in emitter.layers.values()):
             raise ValueError(f"{lm.path.name}: no linear layer was quantized (the pipeline "
@@ -188,7 +193,7 @@ def build_manifest(target, topts, opts: CompileOptions, spec, steps, ids, lm, em
                    "seed": opts.seed, "unsupported": topts.unsupported,
                    "calibration": {"file": Path(opts.calib).name, "sha256": _sha(opts.calib),
                                    "chunks": int(ids.shape[0]), "seq_len": int(ids.shape[1])}},
-        "source": {"model": lm.path.name, "architecture": type(lm.model).__name__,
+        "source": {"model": lm.path.name, "kind": lm.adapter.kind, "architecture": type(lm.model).__name__,
                    "blocks": lm.blocks_prefix, "num_blocks": len(lm.blocks)},
         "versions": {"dcc": __version__, "torch": torch.__version__.split("+")[0],
                      "transformers": _version("transformers"), "python": platform.python_version()},

@@ -9,6 +9,7 @@ import transformers as T
 from torch import nn
 from dcc.compiler.context import BlockContext
 from dcc.compiler.pass_manager import PassTiming, Step, run_block
+from dcc.api import block0_inputs
 from dcc.compiler.sequential import compile_blocks
 from dcc.ir.analysis import analyse
 from dcc.ir.capture import capture, typed_nodes
@@ -80,7 +81,8 @@ def compile_model(path, steps):
         states[block.index] = {k: v.detach().clone() for k, v in block.module.state_dict().items()}
         blocks[block.index] = block
 
-    compile_blocks(lm, steps, calib_ids(), assign_specs=lambda b: None, on_block=on_block, progress=False)
+    compile_blocks(lm, steps, block0_inputs(lm, calib_ids()), assign_specs=lambda b: None, on_block=on_block,
+                   progress=False)
     return lm, states, blocks
 
 
@@ -168,7 +170,7 @@ class _Stop(Exception):
 
 
 def first_block_inputs(model, layer, ids):
-    """(args, kwargs) of a decoder layer, caught with a forward pre-hook (as sequential.block_inputs)."""
+    """(args, kwargs) of a decoder layer, caught with a forward pre-hook (as the causal-LM adapter's block0_inputs)."""
     caught = {}
 
     def hook(mod, args, kwargs):

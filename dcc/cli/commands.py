@@ -116,7 +116,8 @@ def inspect(artifact, as_json):
     size = sum((art.path / f).stat().st_size for f in m["files"])
     r = m["recipe"]
     click.echo(f"{art.path}: target {m['target']} (loads in: {', '.join(m['engines'])}), {size / 2**20:.1f} MiB")
-    click.echo(f"source {m['source']['model']} ({m['source']['architecture']}, {m['source']['num_blocks']} blocks); "
+    click.echo(f"source {m['source']['model']} ({m['source']['architecture']}, "
+               f"{m['source'].get('kind', 'causal-lm')}, {m['source']['num_blocks']} blocks); "
                f"algo {r['algo']}; passes {' -> '.join(s['pass'] for s in r['pipeline'])}")
     c = r["calibration"]
     click.echo(f"calibration {c['file']} {c['chunks']}x{c['seq_len']} tokens, seed {r['seed']}; "
@@ -155,9 +156,10 @@ def _check_device(device: str, art=None) -> None:
 @main.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--model", type=click.Path(), default=None,
-              help="The source model: also report per-layer output error and logit drift against it.")
+              help="The source model: also report per-layer output error and the drift of the model's output "
+                   "against it (logits of a causal LM; last hidden states and mean-pooled embeddings of an encoder).")
 @click.option("--tokens", type=click.IntRange(min=2), default=128, show_default=True,
-              help="Tokens per sequence for the output comparison.")
+              help="Tokens per sequence for the output comparison (at most the positions an encoder has).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True,
               help="cpu: decode and run in torch; cuda: run every quantized layer through dcc's kernels (the CUDA "
@@ -166,7 +168,8 @@ def _check_device(device: str, art=None) -> None:
 @friendly
 def validate(artifact, model, tokens, seed, device, as_json):
     """Decode ARTIFACT on the CPU; prove every quantized layer equals the compiled fake-quant weight bit for bit;
-    with --model, report each layer's output error and the logit drift against the float model."""
+    with --model, report each layer's output error and the output drift against the float model (logits of a causal
+    LM, hidden states and embeddings of an encoder)."""
     from ..runtime.artifact import load_artifact
     from ..runtime.validate import check_exact, compare_with_float, sample_ids
     _check_device(device)
@@ -200,20 +203,25 @@ def validate(artifact, model, tokens, seed, device, as_json):
     if model:
         from ..models.loader import LazyModel
         from ..runtime.validate import check_same_model
+        from ..models.adapter import artifact_adapter
+        adapter = artifact_adapter(art.manifest)
         lm = LazyModel(model)
         check_same_model(art, lm.config.to_dict(), model)
+        limit = adapter.max_tokens(art.config)
+        if limit and tokens > limit:
+            click.echo(f"note: --tokens {tokens} is beyond the model's {limit} positions; comparing on {limit}")
+            tokens = limit
         fm = lm.materialize_all()
         cmp = compare(art, fm, sample_ids(lm.config.vocab_size, 2, tokens, seed))
         report["float"] = cmp
         click.echo(f"{'layer':44} {'output rel err':>14}")
         for k, v in cmp["layers"].items():
             click.echo(f"{k:44} {v:14.4e}")
-        click.echo(f"logits: KL {cmp['kl']:.4e}, top-1 agreement {cmp['top1_agreement'] * 100:.1f}%, "
-                   f"relative error {cmp['logits_rel_err']:.3e}")
+        click.echo(adapter.describe_comparison(cmp))
         moved = sorted({s["pass"] for s in art.manifest["recipe"]["pipeline"]} & BASIS_CHANGING)
         if moved:
             click.echo(f"note: {', '.join(moved)} changed the layers' bases on purpose (function-preserving), so a "
-                       f"layer's output is not comparable to the float layer's; the logit metrics are")
+                       f"layer's output is not comparable to the float layer's; the {adapter.compares} are")
     if as_json:
         Path(as_json).write_text(json.dumps(report, indent=1) + "\n")
     if bad:
@@ -222,51 +230,55 @@ def validate(artifact, model, tokens, seed, device, as_json):
 
 @main.command("eval")
 @click.argument("artifact", type=click.Path())
-@click.option("--ppl", "ppl_file", type=click.Path(), required=True, help="Evaluation text (e.g. wiki.test.raw).")
+@click.option("--ppl", "ppl_file", type=click.Path(), default=None,
+              help="Causal LMs: perplexity on this text (e.g. wiki.test.raw).")
+@click.option("--text", "text_file", type=click.Path(), default=None,
+              help="Encoders: cosine between the artifact's and the --baseline model's mean-pooled embeddings of "
+                   "this file's lines (mean and min).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True,
-              help="Tokens per non-overlapping window.")
+              help="Tokens per non-overlapping window (--ppl); the most tokens of a line (--text, at most the "
+                   "model's positions).")
 @click.option("--windows", "n_windows", default=None, type=click.IntRange(min=1),
-              help="Evaluate only the first N windows.")
-@click.option("--baseline", type=click.Path(), default=None, help="Also evaluate this source model (float).")
+              help="Evaluate only the first N windows (--ppl) or lines (--text).")
+@click.option("--baseline", type=click.Path(), default=None,
+              help="The source model (float): also evaluated with --ppl; what the embeddings are compared with "
+                   "(required) with --text.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu (reference) or cuda (dcc's kernels for the artifact's target).")
 @click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the results as JSON here.")
 @click.option("-q", "--quiet", is_flag=True)
 @friendly
-def eval_cmd(artifact, ppl_file, seq_len, n_windows, baseline, device, as_json, quiet):
-    """Perplexity of ARTIFACT itself (decoded weights, CPU reference), GPTQ-style: the text tokenized once and cut
-    into non-overlapping windows."""
-    from ..compiler.calib_data import check_vocab, load_tokenizer, tokenize_file, windows
+def eval_cmd(artifact, ppl_file, text_file, seq_len, n_windows, baseline, device, as_json, quiet):
+    """Evaluate ARTIFACT itself (decoded weights, CPU reference). A causal LM: perplexity (--ppl), GPTQ-style, the
+    text tokenized once and cut into non-overlapping windows. An encoder: the cosine of its mean-pooled sentence
+    embeddings to the float model's (--text FILE --baseline MODEL)."""
     from ..runtime.artifact import load_artifact
-    from ..runtime.evaluate import perplexity
+    from ..runtime.evaluate import eval_adapter, eval_data
     from ..runtime.reference import build_model
     from ..runtime.validate import check_same_model
+    if bool(ppl_file) == bool(text_file):
+        _fail("give one of --ppl FILE (causal LMs: perplexity) or --text FILE (encoders: embedding cosine to "
+              "--baseline MODEL)")
     _check_device(device)
     art = load_artifact(artifact)
     _check_device(device, art)
-    ctx_len = art.config.get("max_position_embeddings")
-    if ctx_len and seq_len > ctx_len:
-        click.echo(f"warning: --seq-len {seq_len} is beyond the model's context of {ctx_len} tokens "
-                   f"(max_position_embeddings): the perplexity measures extrapolation, not the model", err=True)
+    adapter = eval_adapter(art, "--ppl" if ppl_file else "--text", baseline)
     baseline_lm = None
     if baseline:
         from ..models.loader import LazyModel
         baseline_lm = LazyModel(baseline)
         check_same_model(art, baseline_lm.config.to_dict(), baseline)
-    tok = load_tokenizer(art.path)
-    ids = tokenize_file(ppl_file, tok)
-    check_vocab(ids, art.config["vocab_size"], ppl_file)
-    w = windows(ids, n_windows, seq_len, ppl_file)
+    data = eval_data(art, adapter, ppl_file or text_file, seq_len, n_windows,
+                     baseline_lm.path if baseline_lm is not None else None)
     if device.startswith("cuda"):
         from ..runtime.cuda.model import build_cuda_model
         model = build_cuda_model(art)
     else:
         model = build_model(art)
-    results = {"artifact": perplexity(model, w, device=device, progress=not quiet, desc="artifact")}
-    if baseline_lm is not None:
-        results["baseline"] = perplexity(baseline_lm.materialize_all(), w, progress=not quiet, desc="baseline")
-    for k, r in results.items():
-        click.echo(f"{k:9} perplexity {r['ppl']:.3f} ({r['windows']} windows x {r['seq_len']} tokens)")
+    results = adapter.evaluate(model, data, baseline_lm.materialize_all() if baseline_lm is not None else None,
+                               device=device, progress=not quiet)
+    for line in adapter.report(results):
+        click.echo(line)
     if as_json:
         Path(as_json).write_text(json.dumps(results, indent=1) + "\n")
 

@@ -112,5 +112,6 @@ class BlockContext:
         """A note about this block (e.g. a pass skipped a group): kept for the end-of-run summary, and shown per
         block at debug level (-v)."""
         self.messages.append(msg)
-        logging.getLogger("dcc").debug(f"  [{self.block.prefix}] {msg}")
+        where = self.block.prefix if self.block is not None else "outside the blocks"   # prologues, epilogues
+        logging.getLogger("dcc").debug(f"  [{where}] {msg}")
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..passes._model_parts import call_block, check_preserved
 from ..passes.base import PassConfig, PassResult, get_pass
 
 
@@ -38,14 +39,23 @@ class PassTiming:
 
 
 def check_pipeline(steps: list[Step]) -> None:
-    """Every pass's `requires` must be ensured by a pass earlier in the list."""
-    facts: set[str] = set()
+    """Every pass's `requires` must be ensured by a pass earlier in the list, and none of its `forbids` may be:
+    e.g. rotate needs fused norms, reorder comes before clip, nothing changes weights after quantization."""
+    from ..passes.base import REGISTRY
+    facts: dict[str, str] = {}   # fact -> the step that established it
     for i, s in enumerate(steps):
         p = get_pass(s.name)
         missing = [r for r in p.requires if r not in facts]
         if missing:
-            raise PassError(f"pipeline step {i} ({s.name}) requires {missing}, which no earlier pass ensures")
-        facts |= set(p.ensures)
+            providers = sorted(n for n, c in REGISTRY.items() if set(missing) & set(c.ensures))
+            raise PassError(f"pipeline step {i} ({s.name}) requires {missing}, which no earlier pass ensures"
+                            + (f" (list {' or '.join(providers)} before it)" if providers else ""))
+        late = [f for f in p.forbids if f in facts]
+        if late:
+            raise PassError(f"pipeline step {i} ({s.name}) must come before {facts[late[0]]}, which established "
+                            f"'{late[0]}' (a pass that changes weights after it would make its result stale)")
+        for f in p.ensures:
+            facts.setdefault(f, f"step {i} ({s.name})")
 
 
 def verify_block(block, where: str) -> None:
@@ -70,7 +80,14 @@ def run_block(block, steps: list[Step], ctx, timing: PassTiming, dumper=None, de
             ctx.reference = ctx.current_output()
         t0 = time.perf_counter()
         try:
+            # function preservation is the manager's instrument: the reference is taken before the pass, the
+            # block's output on the same probe samples compared after it (config.verify, or always under --debug)
+            check = p.preserves_function and (debug or getattr(step.config, "verify", False))
+            ref = p.preservation_reference(block, step.config, ctx) if check else None
             res = p.run(block, step.config, ctx)
+            if ref is not None and res.changed:
+                res.details["output_rel_err"] = check_preserved(ref, call_block(block, ctx),
+                                                                f"{step.name} on block {block.prefix}")
             if res.changed and not res.keep_activations:
                 ctx.invalidate()
             if debug:

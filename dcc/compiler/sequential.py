@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -17,10 +18,6 @@ from .pass_manager import PassTiming, Step, check_pipeline, run_block
 from ..passes.base import get_pass
 
 
-class _Stop(Exception):
-    pass
-
-
 @dataclass
 class CompileResult:
     timing: PassTiming
@@ -30,43 +27,24 @@ class CompileResult:
     messages: list[str] = field(default_factory=list)
 
 
-def block_inputs(lm, ids: torch.Tensor, device) -> tuple[tuple, dict]:
-    """Run the model up to its first block and catch that block's (args, kwargs)."""
-    caught = {}
-
-    def hook(mod, args, kwargs):
-        caught["args"], caught["kwargs"] = args, kwargs
-        raise _Stop
-
-    h = lm.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            lm.model(input_ids=ids.to(device), use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    if "args" not in caught:
-        raise RuntimeError("the model's forward never reached its first block")
-    kwargs = {k: v for k, v in caught["kwargs"].items() if k not in ("past_key_values", "past_key_value")}
-    kwargs["use_cache"] = False
-    args = caught["args"]
-    if not args:  # hidden states passed by keyword
-        args = (kwargs.pop("hidden_states"),)
-    return args, kwargs
-
-
 def peak_rss_mb() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def compile_blocks(lm, steps: list[Step], ids: torch.Tensor, assign_specs, on_block=None, dumper=None,
-                   device: str = "cpu", seed: int = 0, debug: bool = False, progress: bool = True,
-                   verbose: bool = False, max_tokens: int | None = None, release: bool = True) -> CompileResult:
-    """Compile every block in order. `assign_specs(block)` sets each Linear's spec (or skip reason) for the target;
-    `on_block(block, ctx)` receives the finished block (the emitter packs it) before its weights are released
-    (release=False keeps them, for in-memory evaluation of formats that no layout packs)."""
+BlockInputs = tuple[tuple, dict]
+
+
+def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], BlockInputs], assign_specs,
+                   on_block=None, dumper=None, device: str = "cpu", seed: int = 0, debug: bool = False,
+                   progress: bool = True, verbose: bool = False, max_tokens: int | None = None,
+                   release: bool = True) -> CompileResult:
+    """Compile every block in order. `inputs`: block 0's (args, kwargs) on the calibration batch, as the model's
+    adapter computes them (dcc.models.adapter: block0_inputs), or a function returning them, called after the passes'
+    model prologues -- which may change what reaches block 0 (rotated embeddings), so a pair computed before is
+    refused then. `assign_specs(block)` sets each Linear's spec (or skip reason) for the target; `on_block(block,
+    ctx)` receives the finished block (the emitter packs it) before its weights are released (release=False keeps
+    them, for in-memory evaluation of formats that no layout packs)."""
     t0 = time.perf_counter()
     check_pipeline(steps)
     dev = torch.device(device)
@@ -74,9 +52,18 @@ def compile_blocks(lm, steps: list[Step], ids: torch.Tensor, assign_specs, on_bl
     timing = PassTiming()
     lm.materialize("")
     ctx0 = BlockContext(None, (), {}, dev, seed)
+    changed = []
     for s in steps:  # passes that act outside the blocks (rotation of the embeddings, ...)
-        get_pass(s.name)().model_prologue(lm, s.config, ctx0)
-    args, kwargs = block_inputs(lm, ids, dev)
+        res = get_pass(s.name)().model_prologue(lm, s.config, ctx0)
+        if res is not None and res.changed:
+            changed.append(s.name)
+    if callable(inputs):
+        args, kwargs = inputs()
+    elif changed:
+        raise ValueError(f"compile_blocks: {', '.join(changed)} changed the model before its first block, so block "
+                         f"0's inputs must be computed afterwards: pass them as a function")
+    else:
+        args, kwargs = inputs
     n = len(lm.blocks)
     messages, captures = [], {}
     bar = tqdm(range(n), desc="compiling blocks", unit="block", disable=not progress, file=sys.stderr)

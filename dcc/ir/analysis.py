@@ -145,6 +145,8 @@ def analyse(block, gm, params: dict[str, str], strict: bool = True) -> None:
         key = g.weight or g.bias or src.name
         groups.setdefault(key, g).linears.append(lin_name[n])
         norm_inputs[key] = x
+        if not _read_by_linears_only(src, set(linears)):
+            groups[key].exclusive = False
     block.norms = list(groups.values())
 
     # attention: q/k/v feed an SDPA node, o reads it
@@ -193,7 +195,10 @@ def analyse(block, gm, params: dict[str, str], strict: bool = True) -> None:
 
     _residual(block, gm, params, lin_name, groups, norm_inputs)
 
-    placed = {l for g in block.norms for l in g.linears}
+    # linears that read a block input unchanged (the hidden states of a post-norm block)
+    block.input_readers = [lin_name[n] for n in linears if _block_input(_through(n.args[0], _DTYPE_VIEW), params)]
+
+    placed = {l for g in block.norms for l in g.linears} | set(block.input_readers)
     placed |= {a.o for a in block.attentions} | {m.down for m in block.mlps}
     missing = [name for name in block.linears if name not in placed]
     if missing and strict:
@@ -201,6 +206,24 @@ def analyse(block, gm, params: dict[str, str], strict: bool = True) -> None:
         src = _through(n.args[0], _HEAD_OPS)
         raise AnalysisError(f"{where}: cannot place linear {missing[0]}: it reads {_op(src)} node {src.name}, "
                             f"which is neither a norm, an attention output nor an MLP activation")
+
+
+def _read_by_linears_only(n, linears: set) -> bool:
+    """Whether every reader of n's value (through data-preserving ops) is a linear taking it as its input."""
+    stack = list(n.users)
+    while stack:
+        u = stack.pop()
+        if u in linears and _through(u.args[0], _DTYPE_VIEW) is n:
+            continue
+        if u.op == "call_function" and _op(u) in _DTYPE_VIEW:
+            stack.extend(u.users)
+            continue
+        return False
+    return True
+
+
+def _block_input(n, params) -> bool:
+    return n is not None and n.op == "placeholder" and n.name not in params
 
 
 def _residual(block, gm, params, lin_name, groups, norm_inputs) -> None:

@@ -38,6 +38,7 @@ def block_record(block, step: int, name: str, result) -> dict:
         "attention": [vars(a) for a in block.attentions],
         "mlp": [vars(m) for m in block.mlps],
         "residual": vars(block.residual) if block.residual else None,
+        "input_readers": list(block.input_readers),
     }
 
 
@@ -47,7 +48,9 @@ def render_text(rec: dict) -> str:
     if rec["result"]:
         out.append(f"# result: changed={rec['result']['changed']} {rec['result']['message']}")
     for g in rec["norms"]:
-        out.append(f"norm {g['norm']} ({g['kind']}, gain {g['weight']}, offset {g['offset']}) -> {', '.join(g['linears'])}")
+        shared = "" if g.get("exclusive", True) else " (its output also feeds the residual: no scale folds into it)"
+        out.append(f"norm {g['norm']} ({g['kind']}, gain {g['weight']}, offset {g['offset']}) -> "
+                   f"{', '.join(g['linears'])}{shared}")
     for a in rec["attention"]:
         out.append(f"attention q={a['q']} k={a['k']} v={a['v']} -> o={a['o']} heads {a['num_heads']}/"
                    f"{a['num_kv_heads']} x {a['head_dim']} rope={a['rope']}")
@@ -55,6 +58,8 @@ def render_text(rec: dict) -> str:
         out.append(f"mlp {', '.join(m['ups'])} (gate {m['gate']}, {m['act']}) -> {m['down']}")
     if rec["residual"]:
         out.append(f"residual writers {rec['residual']['writers']} readers {rec['residual']['readers']}")
+    if rec.get("input_readers"):
+        out.append(f"block input (normalised before the block) -> {', '.join(rec['input_readers'])}")
     out.append("")
     out.append(f"{'linear':32} {'shape':>12} {'spec':36} {'absmax':>10} {'std':>9}  stats")
     for n, l in rec["linears"].items():

@@ -50,6 +50,9 @@ class NormGroup:
     bias: str | None          # parameter path of the bias (LayerNorm)
     offset: float             # gain used as (offset + weight): 1.0 for Gemma-style norms
     linears: list[str]
+    # the norm's output reaches nothing but these linears; False where something else reads it too (the residual add
+    # of a post-norm block, BERT), so a scale folded into the norm would change that reader's input as well
+    exclusive: bool = True
 
 
 @dataclass
@@ -97,6 +100,9 @@ class Block:
     attentions: list[Attention] = field(default_factory=list)
     mlps: list[MLP] = field(default_factory=list)
     residual: Residual | None = None
+    # linears reading the block's input as it arrives (post-norm blocks, BERT: the norm that produced it ran at the
+    # end of the previous block, so no scale can be folded into a producer inside this block)
+    input_readers: list[str] = field(default_factory=list)
 
     def linear_module(self, name: str) -> torch.nn.Linear:
         return self.module.get_submodule(name)

@@ -1,7 +1,7 @@
 """Refusals made before any compile work: a model folder that would run its own Python code, a dcc artifact given as
-the source, a model dcc cannot compile (not a causal LM, mixture-of-experts, attention without sdpa, quantized
-weights), and a checkpoint whose tensors do not match transformers' skeleton. Each is one line naming the folder,
-file or tensor; only JSON files and safetensors headers are read, never tensor data."""
+the source, a model dcc cannot compile (of a kind no adapter takes, mixture-of-experts, attention without sdpa,
+quantized weights), and a checkpoint whose tensors do not match transformers' skeleton. Each is one line naming the
+folder, file or tensor; only JSON files and safetensors headers are read, never tensor data."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,6 @@ from .loader import ModelLoadError, TensorIndex
 CODE_CONFIGS = ("config.json", "tokenizer_config.json")
 # Config fields that count a model's experts (Mixtral, Qwen-MoE/OLMoE, DeepSeek, ...): more than one means MoE.
 EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 FLOAT_DTYPES = ("F", "BF")   # safetensors dtype names: F16, BF16, F32, F64, F8_E4M3, ...; not I8, U8, I32, BOOL
 
 
@@ -62,12 +61,12 @@ def describe(config) -> str:
     return f"{name} (model_type {config.model_type})" if name else f"model_type {config.model_type}"
 
 
-def _causal_class(config):
-    """transformers' causal LM class for this config, or None when it has none."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+def _model_class(config, adapter):
+    """The transformers class the adapter builds for this config, or None when it has none."""
+    mapping = adapter.auto_class(config)._model_mapping
+    if type(config) not in mapping:
         return None
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    cls = mapping[type(config)]
     return cls[0] if isinstance(cls, (list, tuple)) else cls
 
 
@@ -77,22 +76,6 @@ def check_quantization_config(folder: Path, config) -> None:
         method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else getattr(qc, "quant_method", "unknown")
         raise ModelLoadError(f"{folder / 'config.json'}: quantization_config (quant_method {method}) says the weights "
                              f"are already quantized; dcc needs floating-point source weights")
-
-
-def check_causal_lm(folder: Path, config) -> None:
-    """Decoder-only causal LMs only: judged by the architectures the folder names (absent is allowed) and by whether
-    transformers has a causal LM class for the model type."""
-    archs = getattr(config, "architectures", None) or []
-    if archs and not any(a.endswith(CAUSAL_SUFFIXES) for a in archs):
-        if archs[0].endswith("ForConditionalGeneration"):
-            raise ModelLoadError(f"{folder}: {describe(config)} is an encoder-decoder or multimodal model, not a "
-                                 f"decoder-only causal LM; dcc compiles decoder-only causal LMs today")
-        raise ModelLoadError(f"{folder}: {describe(config)} is not a causal language model; dcc compiles decoder-only "
-                             f"causal LMs today (encoders and diffusion transformers are planned)")
-    if _causal_class(config) is None:
-        raise ModelLoadError(f"{folder}: {describe(config)} has no causal language model class in transformers; "
-                             f"dcc compiles decoder-only causal LMs today (encoders and diffusion transformers are "
-                             f"planned)")
 
 
 def _moe_refusal(folder: Path, config) -> ModelLoadError:
@@ -107,23 +90,26 @@ def check_not_moe_config(folder: Path, config) -> None:
             raise _moe_refusal(folder, config)
 
 
-def check_attention(folder: Path, config) -> None:
+def check_attention(folder: Path, config, adapter) -> None:
     """dcc builds every model with sdpa attention and routes it through its own sdpa-based function to simulate the
     KV cache (dcc/ir/simulate.py): a model whose attention needs something sdpa lacks would compute another function."""
     if getattr(config, "attn_logit_softcapping", None):   # Gemma2: tanh soft-cap of QK^T, not in sdpa
         raise ModelLoadError(f"{folder}: {describe(config)} uses attention-logit soft-capping, which dcc does not "
                              f"support yet (its attention runs through scaled-dot-product attention, which has none)")
-    if not getattr(_causal_class(config), "_supports_sdpa", True):
+    if not getattr(_model_class(config, adapter), "_supports_sdpa", True):
         raise ModelLoadError(f"{folder}: {describe(config)} has no scaled-dot-product attention in transformers, "
                              f"which dcc builds every model with; dcc does not support it yet")
 
 
-def check_config(folder: Path, config) -> None:
-    """Everything decided from config.json alone, before the skeleton is built."""
+def check_config(folder: Path, config):
+    """Everything decided from config.json alone, before the skeleton is built; returns the model's adapter (a
+    model that is neither a causal LM nor an encoder is refused there)."""
+    from .adapter import adapter_for
     check_quantization_config(folder, config)
-    check_causal_lm(folder, config)
+    adapter = adapter_for(config, folder)
     check_not_moe_config(folder, config)
-    check_attention(folder, config)
+    check_attention(folder, config, adapter)
+    return adapter
 
 
 def check_skeleton(folder: Path, config, model: torch.nn.Module) -> None:

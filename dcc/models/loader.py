@@ -56,6 +56,14 @@ class TensorIndex:
                 for k in self._open(f).keys():
                     self.key_to_file[k] = f
         self._handles: dict[Path, object] = {}
+        self._stored: dict[str, str] = {}   # name as the model knows it -> name in the file, where they differ
+
+    def strip_prefix(self, prefix: str) -> None:
+        """Answer to the names without `prefix` ('bert.embeddings.x' as 'embeddings.x'); names without it stay."""
+        renamed = {k[len(prefix):]: k for k in self.key_to_file if k.startswith(prefix)}
+        self.key_to_file = {**{k: f for k, f in self.key_to_file.items() if not k.startswith(prefix)},
+                            **{new: self.key_to_file[old] for new, old in renamed.items()}}
+        self._stored.update(renamed)
 
     @staticmethod
     def _open(f: Path):
@@ -81,7 +89,7 @@ class TensorIndex:
 
     def header(self, key: str) -> tuple[str, tuple[int, ...]]:
         """(safetensors dtype name such as 'BF16' or 'I8', shape) of a tensor, from the file's header only."""
-        f = self.key_to_file[key]
+        f, key = self.key_to_file[key], self._stored.get(key, key)
         try:
             s = self._handle(f).get_slice(key)
             return s.get_dtype(), tuple(s.get_shape())
@@ -89,7 +97,7 @@ class TensorIndex:
             raise ModelLoadError(f"{f}: tensor {key} cannot be read ({str(e).splitlines()[0]})") from None
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        f = self.key_to_file[key]
+        f, key = self.key_to_file[key], self._stored.get(key, key)
         h = self._handle(f)
         try:
             t = h.get_tensor(key)
@@ -120,7 +128,7 @@ def _donor(config) -> torch.nn.Module:
     """A real (CPU) model of the same config with one block and a 16-token vocabulary: its buffers are the ones a
     full construction would compute, at the cost of a tiny allocation."""
     if id(config) not in _DONORS:
-        from transformers import AutoModelForCausalLM
+        from .adapter import adapter_for
         small = copy.deepcopy(config)
         for attr in ("num_hidden_layers", "n_layer", "num_layers"):
             if hasattr(small, attr):
@@ -128,8 +136,7 @@ def _donor(config) -> torch.nn.Module:
         if hasattr(small, "layer_types") and isinstance(small.layer_types, list):
             small.layer_types = small.layer_types[:1]
         small.vocab_size = 16
-        _DONORS[id(config)] = AutoModelForCausalLM.from_config(small, attn_implementation="sdpa",
-                                                                trust_remote_code=False)
+        _DONORS[id(config)] = adapter_for(small).build(small, device="cpu")
     return _DONORS[id(config)]
 
 
@@ -150,10 +157,11 @@ def rebuild_buffers(mod: torch.nn.Module, config, device, names: list[str], path
 
 
 class LazyModel:
-    """A transformers causal LM whose parameters are materialised per module prefix and released afterwards."""
+    """A transformers model, built by its kind's adapter (self.adapter: dcc.models.adapter), whose parameters are
+    materialised per module prefix and released afterwards."""
 
     def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
         from . import checks
 
         self.path = resolve_model_path(path)
@@ -163,12 +171,13 @@ class LazyModel:
             self.config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=False)
         except Exception as e:
             raise ModelLoadError(f"{self.path / 'config.json'}: {str(e).splitlines()[0]}") from None
-        checks.check_config(self.path, self.config)
+        self.adapter = checks.check_config(self.path, self.config)
         self.index = TensorIndex(self.path)
-        with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(self.config, attn_implementation="sdpa", dtype=dtype,
-                                                          trust_remote_code=False)
-        self.model.eval()
+        self.model = self.adapter.build(self.config, dtype, keys=self.index.keys())
+        # a head model's checkpoint (bert.* of BertForMaskedLM) read into the base model the adapter builds
+        self.key_prefix = self.adapter.checkpoint_prefix(self.model, self.index.keys())
+        if self.key_prefix:
+            self.index.strip_prefix(self.key_prefix)
         checks.check_skeleton(self.path, self.config, self.model)
         self.blocks_prefix, self.blocks = find_blocks(self.model)
         self.tied = self._tied_keys()

@@ -40,8 +40,16 @@ def scale_groups(block, need_spec: bool = True) -> tuple[list[ScaleGroup], list[
         if g.weight is None:
             skipped.append(f"{g.norm or 'norm'} -> {g.linears}: the norm has no gain to absorb a scale")
             continue
+        if not g.exclusive:
+            skipped.append(f"{g.norm} -> {g.linears}: the norm's output also feeds the residual stream (post-norm), "
+                           f"so a scale folded into it would change that too")
+            continue
         # every reader of the norm is rescaled (function preservation), quantized or not
         groups.append(ScaleGroup("norm", g.norm, list(g.linears), block.linears[g.linears[0]].in_features))
+    readers = [l for l in block.input_readers if has(l)]
+    if readers:
+        skipped.append(f"block input -> {readers}: their producer (a norm) ran before the block, where no scale "
+                       f"can be folded")
     for a in block.attentions:
         if has(a.o):
             rep = a.num_heads // a.num_kv_heads

@@ -71,7 +71,9 @@ def search_group(block, g, x: torch.Tensor, config: AwqConfig):
 class Awq(Pass):
     Config = AwqConfig
     uses_activations = True
+    preserves_function = True   # scales folded into the producers; checked by the pass manager under --debug
     ensures = ("smoothed",)
+    forbids = ("clipped", "quantized")   # it changes weights: ranges and codes taken before it would be stale
 
     def run(self, block, config, ctx) -> PassResult:
         groups, skipped = scale_groups(block)

@@ -61,10 +61,20 @@ class Pass:
     Config: ClassVar[type[PassConfig]] = PassConfig
     requires: ClassVar[tuple[str, ...]] = ()   # facts that earlier passes must have established
     ensures: ClassVar[tuple[str, ...]] = ()
+    forbids: ClassVar[tuple[str, ...]] = ()    # facts that must not hold yet: this pass comes before their passes
     uses_activations: ClassVar[bool] = False
+    # the block's float function is unchanged by the pass: the pass manager checks it on a probe batch (when the
+    # config's verify is on, and always under --debug), so no pass carries its own check
+    preserves_function: ClassVar[bool] = False
 
     def run(self, block, config, ctx) -> PassResult:
         raise NotImplementedError
+
+    def preservation_reference(self, block, config, ctx) -> torch.Tensor:
+        """What the block must compute after this pass on the probe samples (taken before it runs): by default
+        its output now. A pass that changes the block's input basis (rotate) says what that output becomes."""
+        from ._model_parts import call_block
+        return call_block(block, ctx)
 
     def model_prologue(self, model, config, ctx) -> PassResult | None:
         """Runs once before the first block (e.g. rotate the embeddings). model: dcc.compiler.ModelHandle."""

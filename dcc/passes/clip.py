@@ -77,6 +77,8 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec, config: ClipConfig):
 @register
 class Clip(Pass):
     Config = ClipConfig
+    ensures = ("clipped",)
+    forbids = ("quantized",)   # ranges are for the quantizer that follows
     uses_activations = True
 
     def run(self, block, config, ctx) -> PassResult:

@@ -183,6 +183,7 @@ class Gptq(Pass):
     Config = GptqConfig
     uses_activations = True
     ensures = ("quantized",)
+    forbids = ("quantized",)   # one quantization per linear
 
     def run(self, block, config, ctx) -> PassResult:
         details = {}

@@ -37,6 +37,7 @@ def quantize_linear(block, lin, codes_from=None, x: torch.Tensor | None = None) 
 class Rtn(Pass):
     Config = RtnConfig
     ensures = ("quantized",)
+    forbids = ("quantized",)   # one quantization per linear
 
     def run(self, block, config, ctx) -> PassResult:
         lins = [l for l in quantizable(block) if l.qtensor is None]

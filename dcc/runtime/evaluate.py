@@ -1,28 +1,34 @@
-"""GPTQ-style perplexity: the evaluation text tokenized once, cut into non-overlapping windows of seq_len tokens,
-ppl = exp(mean next-token NLL over every predicted token of every window)."""
+"""`dcc eval` through the adapter of the artifact's model kind (dcc/models/adapter.py): perplexity of a causal LM on
+a text (dcc/models/causal_lm.py), the cosine of an encoder's mean-pooled embeddings to the float model's on a text's
+lines (dcc/models/encoder.py)."""
 from __future__ import annotations
 
-import math
-import sys
+from ..models.adapter import artifact_adapter
+from ..models.causal_lm import perplexity  # noqa: F401  (importers: bench scripts, tests)
+from ..models.text import load_tokenizer
 
-import torch
-from tqdm.auto import tqdm
+EVALUATION = {"--ppl": "perplexity (causal LMs)", "--text": "embedding cosine to the float model (encoders)"}
 
 
-@torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 1, device: str = "cpu", progress: bool = True,
-               desc: str = "perplexity") -> dict:
-    """windows [n, L] token ids; returns {"ppl", "nll", "tokens", "windows", "seq_len"}."""
-    model.eval()
-    total_nll, total_tok = 0.0, 0
-    starts = range(0, windows.shape[0], batch_size)
-    for i in tqdm(starts, desc=desc, unit="batch", disable=not progress, file=sys.stderr, leave=False):
-        batch = windows[i:i + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                batch[:, 1:].reshape(-1), reduction="sum")
-        total_nll += float(nll)
-        total_tok += batch[:, 1:].numel()
-    mean = total_nll / total_tok
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tok, "windows": int(windows.shape[0]),
-            "seq_len": int(windows.shape[1])}
+def eval_adapter(art, option: str, baseline: str | None):
+    """The artifact's adapter, once the evaluation asked for (`option`) is the one its model kind takes; otherwise
+    one line saying which to use."""
+    adapter = artifact_adapter(art.manifest)
+    arch = (art.manifest.get("source") or {}).get("architecture", "?")
+    if option != adapter.eval_option:
+        article = "an" if adapter.kind[0] in "aeiou" else "a"
+        raise ValueError(f"{art.path}: {option} measures {EVALUATION[option]}, but this artifact's model is "
+                         f"{article} {adapter.kind} ({arch}); use {adapter.eval_option} FILE"
+                         + (" --baseline MODEL" if adapter.kind == "encoder" else ""))
+    if adapter.kind == "encoder" and not baseline:
+        raise ValueError(f"{art.path}: an encoder ({arch}) is evaluated by the cosine of its embeddings to the float "
+                         f"model's: give --baseline MODEL (the model it was compiled from)")
+    return adapter
+
+
+def eval_data(art, adapter, path, seq_len: int, limit: int | None, baseline_folder=None):
+    """The adapter's evaluation batches of `path`, tokenized by the artifact's tokenizer (else the baseline's)."""
+    tok = load_tokenizer(art.path)
+    if tok is None and baseline_folder is not None:
+        tok = load_tokenizer(baseline_folder)
+    return adapter.eval_data(tok, art.config, path, seq_len, limit)

@@ -1,12 +1,14 @@
-"""CPU reference execution of an artifact: a transformers model whose quantized linears carry the decoded weights
-(where the engine's kernel computes with a reconstructed 16-bit weight) or are the format's reference module (where
-it does not: e.g. int8 activations, an integer GEMM and an fp16 epilogue), with the KV cache quantization the
-manifest records, run in float32 on the CPU. Formats come from the target registry."""
+"""CPU reference execution of an artifact: a transformers model (built by the adapter of the model kind the manifest
+records: causal LM or encoder) whose quantized linears carry the decoded weights (where the engine's kernel computes
+with a reconstructed 16-bit weight) or are the format's reference module (where it does not: e.g. int8 activations,
+an integer GEMM and an fp16 epilogue), with the KV cache quantization the manifest records, run in float32 on the
+CPU. Formats come from the target registry."""
 from __future__ import annotations
 
 import torch
 
 from ..ir.simulate import install_kv
+from ..models.adapter import artifact_adapter
 from ..models.loader import rebuild_buffers
 from .artifact import Artifact
 
@@ -14,18 +16,15 @@ from .artifact import Artifact
 def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Instantiate the artifact's architecture and fill it: decoded weights for quantized layers, stored tensors
     for the rest (16-bit values, computed in compute_dtype)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     cfg_dict = dict(art.config)
     cfg_dict.pop("quantization_config", None)
     model_type = cfg_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **{k: v for k, v in cfg_dict.items() if k != "transformers_version"})
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=compute_dtype,
-                                                     trust_remote_code=False)
-    model.eval()
-    quant = art.quantized_layers()
     keys = set(art.tensors.keys())
+    model = artifact_adapter(art.manifest).build(config, compute_dtype, keys=keys)
+    quant = art.quantized_layers()
     used = {f"{q}.{t}" for q in quant for t in art.format_of(q).tensors}
     swapped = set()
     for mname, e in quant.items():
@@ -42,7 +41,7 @@ def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, devic
             elif full in keys:
                 t = art.tensors.get(full)
                 used.add(full)
-            elif config.tie_word_embeddings and p is model.get_output_embeddings().weight:
+            elif config.tie_word_embeddings and _is_head(model, p):
                 continue   # tied: filled from the embeddings below
             else:
                 raise ValueError(f"{art.path}: tensor {full} missing from the artifact")
@@ -60,6 +59,11 @@ def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, devic
     if kv:   # the engine's KV cache precision: these attentions read K/V through the cache's quantization
         install_kv(model, kv)
     return model.to(device)
+
+
+def _is_head(model, p) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and p is head.weight
 
 
 def _swap_in(model, art, mname: str, entry: dict, used: set) -> None:

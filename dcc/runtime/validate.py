@@ -1,12 +1,14 @@
 """`dcc validate`: prove that every quantized layer decodes to exactly the fake-quant weight the compiler evaluated
-(checksums recorded at compile time), and measure how far each layer's output and the logits drift from the float
-model on the same tokens."""
+(checksums recorded at compile time), and measure how far each layer's output and the model's output drift from the
+float model on the same tokens (the logits of a causal LM, the last hidden states and embeddings of an encoder: the
+adapter of the artifact's model kind says which)."""
 from __future__ import annotations
 
 import math
 
 import torch
 
+from ..models.adapter import artifact_adapter
 from ..targets.artifact import sha256_tensor
 from .artifact import Artifact
 from .reference import build_model
@@ -21,38 +23,36 @@ def check_exact(art: Artifact) -> dict[str, bool]:
     return out
 
 
-def _capture_outputs(model, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _capture_outputs(model, ids: torch.Tensor, adapter) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     outs, hooks = {}, []
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
             hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: outs.__setitem__(name, o.detach())))
     try:
         with torch.no_grad():
-            logits = model(input_ids=ids, use_cache=False).logits.float()
+            final = adapter.outputs(model, ids)
     finally:
         for h in hooks:
             h.remove()
-    return outs, logits
+    return outs, final
 
 
 def compare_with_float(art: Artifact, float_model, ids: torch.Tensor, qmodel=None) -> dict:
-    """Per-layer relative output error and logit agreement of the artifact (run by `qmodel`, default the CPU
-    reference; it may live on another device) against the float model (CPU) on `ids`."""
+    """Per-layer relative output error and the agreement of the model's outputs (logits, or an encoder's hidden
+    states and embeddings) of the artifact (run by `qmodel`, default the CPU reference; it may live on another
+    device) against the float model (CPU) on `ids`."""
+    adapter = artifact_adapter(art.manifest)
     qmodel = build_model(art) if qmodel is None else qmodel
     dev = next(qmodel.parameters()).device
-    f_out, f_logits = _capture_outputs(float_model, ids)
-    q_out, q_logits = _capture_outputs(qmodel, ids.to(dev))
-    q_out, q_logits = {k: v.cpu() for k, v in q_out.items()}, q_logits.cpu()
+    f_out, f_final = _capture_outputs(float_model, ids, adapter)
+    q_out, q_final = _capture_outputs(qmodel, ids.to(dev), adapter)
+    q_out, q_final = {k: v.cpu() for k, v in q_out.items()}, q_final.cpu()
     layers = {}
     for name in art.manifest["layers"]:
         if name in f_out and name in q_out:
             ref, got = f_out[name].double(), q_out[name].double()
             layers[name] = float((got - ref).norm() / ref.norm().clamp(min=1e-30))
-    lp_f, lp_q = f_logits.log_softmax(-1), q_logits.log_softmax(-1)
-    kl = float((lp_f.exp() * (lp_f - lp_q)).sum(-1).mean())
-    top1 = float((f_logits.argmax(-1) == q_logits.argmax(-1)).float().mean())
-    return {"layers": layers, "kl": kl, "top1_agreement": top1,
-            "logits_rel_err": float((q_logits - f_logits).norm() / f_logits.norm())}
+    return {"layers": layers, "compares": adapter.compares, **adapter.compare(f_final, q_final)}
 
 
 def sample_ids(vocab: int, n: int = 2, length: int = 128, seed: int = 0) -> torch.Tensor:

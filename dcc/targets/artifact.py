@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 MANIFEST = "dcc.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json", "vocab.txt")
 
 
 class OutputError(ValueError):

@@ -206,3 +206,49 @@ def test_step_round_trip():
         Step.from_dict({"pass": "zz_test_scale", "config": {"factor": -1.0}})
     with pytest.raises(ValueError, match="unknown option"):
         Step.from_dict({"pass": "zz_test_scale", "config": {"scale": 1.0}})
+
+
+def test_pipeline_order_is_checked_from_the_passes_declarations():
+    """reorder after clip, a weight change after quantization and a second quantization are refused before any
+    work; every pipeline the targets build is accepted."""
+    from dcc.passes.clip import ClipConfig
+    from dcc.passes.gptq import GptqConfig
+    from dcc.passes.reorder import ReorderConfig
+    from dcc.passes.smooth import SmoothConfig
+    from dcc.targets.base import targets
+    with pytest.raises(PassError, match=r"reorder\) must come before step 0 \(clip\)"):
+        check_pipeline([Step("clip", ClipConfig()), Step("reorder", ReorderConfig()), Step("rtn", RtnConfig())])
+    with pytest.raises(PassError, match=r"smooth\) must come before step 0 \(rtn\)"):
+        check_pipeline([Step("rtn", RtnConfig()), Step("smooth", SmoothConfig(alpha=0.5))])
+    with pytest.raises(PassError, match=r"gptq\) must come before step 0 \(rtn\)"):
+        check_pipeline([Step("rtn", RtnConfig()), Step("gptq", GptqConfig())])
+    for t in targets().values():
+        for algo in t.algos:
+            for bits in (4, 8):
+                for gs in (None, 0, 128):
+                    try:
+                        opts = t.options(algo=algo, bits=bits, group_size=gs)
+                    except ValueError:
+                        continue   # a combination the target does not take
+                    check_pipeline(t.pipeline(opts))
+
+
+class _ClaimsToPreserve(_Scale):
+    """Scales fc's weight (changes the function) but declares that it preserves it."""
+    __module__ = "tests.throwaway.zz_test_claims"
+    preserves_function = True
+
+
+def test_the_manager_checks_function_preservation_under_debug():
+    register(_ClaimsToPreserve)
+    try:
+        block, ctx = _block()
+        with pytest.raises(PassError, match=r"zz_test_claims on block model.layers.3.*changed by .* does not preserve"):
+            run_block(block, [Step("zz_test_claims", _ScaleConfig(factor=2.0))], ctx, PassTiming(), debug=True)
+        block, ctx = _block()   # a factor of 1 keeps the function: the measured error is recorded in the result
+        res = run_block(block, [Step("zz_test_claims", _ScaleConfig(factor=1.0))], ctx, PassTiming(), debug=True)
+        assert res[0].details["output_rel_err"] == 0.0
+        block, ctx = _block()   # without --debug and without a verify option, nothing is checked
+        run_block(block, [Step("zz_test_claims", _ScaleConfig(factor=2.0))], ctx, PassTiming())
+    finally:
+        base.REGISTRY.pop("zz_test_claims", None)

@@ -1,6 +1,7 @@
 """Folders dcc must refuse before any compile work, each with one true line: model code shipped in the folder (never
-imported, not even when a prompt would be answered yes), a dcc artifact, MoE and non-causal models, Gemma2's
-soft-capped attention, checkpoints whose names, shapes or dtypes do not match transformers' skeleton."""
+imported, not even when a prompt would be answered yes), a dcc artifact, MoE models and models of a kind no adapter
+takes, Gemma2's soft-capped attention, checkpoints whose names, shapes or dtypes do not match transformers'
+skeleton."""
 import json
 
 import pytest
@@ -150,14 +151,23 @@ def test_moe_found_in_the_skeleton_without_a_config_field(tmp_path):
         check_skeleton(tmp_path, config, T.AutoModelForCausalLM.from_config(decoder_config("llama")))
 
 
-def test_sentence_encoder_is_not_a_causal_lm(tmp_path):
+def test_sentence_encoder_goes_to_the_encoder_adapter(tmp_path):
     T.BertModel(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                              intermediate_size=64)).save_pretrained(tmp_path)
     assert "embeddings.word_embeddings.weight" in load_file(tmp_path / "model.safetensors")   # no 'bert.' prefix
+    lm = LazyModel(tmp_path)   # before the encoder adapter: refused, blaming the file for a missing bert.* tensor
+    assert lm.adapter.kind == "encoder" and type(lm.model).__name__ == "BertModel"
+
+
+def test_a_model_of_another_kind_is_refused(tmp_path):
+    T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           image_size=32, patch_size=8)).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError) as e:
         LazyModel(tmp_path)
-    assert str(e.value) == (f"{tmp_path}: BertModel (model_type bert) is not a causal language model; dcc compiles "
-                            f"decoder-only causal LMs today (encoders and diffusion transformers are planned)")
+    assert str(e.value) == (f"{tmp_path}: ViTModel (model_type vit) is neither a causal language model nor an "
+                            f"encoder-only transformer with a masked-LM class in transformers; dcc compiles "
+                            f"decoder-only causal LMs and BERT-family encoders today (diffusion transformers are "
+                            f"planned)")
 
 
 def test_gemma2_soft_capping_is_refused(tmp_path):

@@ -9,6 +9,7 @@ import torch
 
 from dcc.compiler.context import BlockContext
 from dcc.compiler.pass_manager import Step
+from dcc.api import block0_inputs
 from dcc.compiler.sequential import compile_blocks
 from dcc.ir.formats import QuantSpec
 from dcc.passes.base import get_pass
@@ -73,7 +74,7 @@ def test_preserves_block_output(family):
     block, ctx = _block(family)
     ref, w0 = ctx.forward().clone(), _weights(block)
     res = Reorder().run(block, ReorderConfig(), ctx)
-    assert res.changed and res.details["output_rel_err"] < 1e-5 and not res.details["skipped"]
+    assert res.changed and not res.details["skipped"]
     torch.testing.assert_close(ctx.forward(), ref, rtol=1e-5, atol=1e-5)
     w1 = _weights(block)
     a, m = block.attentions[0], block.mlps[0]
@@ -162,8 +163,8 @@ def test_compiler_preserves_logits(tmp_path):
     def on_block(block, *_):
         states[block.index] = {k: v.detach().clone() for k, v in block.module.state_dict().items()}
 
-    compile_blocks(lm, [Step("reorder", ReorderConfig())], calib_ids(), assign_specs=assign, on_block=on_block,
-                   progress=False)
+    compile_blocks(lm, [Step("reorder", ReorderConfig())], block0_inputs(lm, calib_ids()), assign_specs=assign,
+                   on_block=on_block, progress=False)
     out = rebuild(lm, states)
     assert_same_logits(logits(model), logits(out))
     p = lm.block_prefix(1)

@@ -71,7 +71,7 @@ def test_rotate_size_without_hadamard(tmp_path):
 
 def test_rotate_needs_fused_norms(tmp_path):
     _, path = saved_model(tmp_path, "llama")
-    with pytest.raises(PassError, match=r"input_layernorm.*fuse_norms"):
+    with pytest.raises(PassError, match=r"rotate.*norms_fused.*list fuse_norms before it"):
         compile_model(path, [Step("rotate", RotateConfig())])
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dcc.api import block0_inputs
 from dcc.compiler.sequential import compile_blocks
 from dcc.compiler.pass_manager import Step
 from dcc.ir.formats import quantize_tensor
@@ -55,7 +56,8 @@ def compiled(tiny_llama):
                              for n in block.linears}))
 
     lm = LazyModel(tiny_llama)
-    res = compile_blocks(lm, [Step("rtn", RtnConfig())], _ids(), _assign_all, on_block=on_block, progress=False)
+    res = compile_blocks(lm, [Step("rtn", RtnConfig())], block0_inputs(lm, _ids()), _assign_all, on_block=on_block,
+                         progress=False)
     return lm, res, blocks, reruns
 
 
@@ -127,6 +129,7 @@ def test_rtn_skips_unspecified_linears_and_uses_clip_ratios(tiny_llama):
             assert float(w.abs().max()) < float(orig.abs().max())
         checked.append(block.index)
 
-    compile_blocks(LazyModel(tiny_llama), [Step("rtn", RtnConfig())], _ids(), assign, on_block=on_block,
+    lm = LazyModel(tiny_llama)
+    compile_blocks(lm, [Step("rtn", RtnConfig())], block0_inputs(lm, _ids()), assign, on_block=on_block,
                    progress=False)
     assert checked == [0, 1]

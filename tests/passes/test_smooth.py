@@ -114,8 +114,7 @@ def test_search_picks_the_smallest_quantized_block_error():
     ref = ctx.forward().clone()
     res = Smooth().run(block, SmoothConfig(search=True, grid=4, samples=2, groups=("vo", "mlp")), ctx)
     groups = res.details["groups"]
-    assert {d["kind"] for k, d in groups.items() if k != "output_rel_err"} == {"vo", "mlp"}
-    assert groups["output_rel_err"] < 1e-4                   # still the same float function
+    assert {d["kind"] for d in groups.values()} == {"vo", "mlp"}
     torch.testing.assert_close(ctx.forward(), ref, rtol=1e-4, atol=1e-4)
     # the chosen configuration scores at most what any other alpha (and no smoothing) scores: re-score them
     errs = {}

@@ -88,6 +88,10 @@ class QServe(Target):
         return make_spec_assigner(spec, opts.unsupported, opts.kv)
 
     def preflight(self, lm, spec, opts):
+        kind = getattr(getattr(lm, "adapter", None), "kind", "causal-lm")
+        if kind != "causal-lm":
+            raise TargetError(f"{lm.path}: a {kind} model; QServe's engine serves decoder-only causal LMs (its KV "
+                              f"cache, rotation and smoothing assume one): use --target tinychat")
         return preflight(lm, spec, opts.unsupported)
 
     def emitter(self, writer, opts):
