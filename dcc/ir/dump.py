@@ -25,6 +25,8 @@ def block_record(block, step: int, name: str, result) -> dict:
                "skip_reason": lin.skip_reason, **_wstats(mod.weight)}
         rec.update({k: (v if not isinstance(v, torch.Tensor) else {"mean": round(float(v.float().mean()), 5)})
                     for k, v in lin.stats.items()})
+        if lin.clip is not None:
+            rec["clip"] = {"mean": round(float(torch.as_tensor(lin.clip).float().mean()), 5)}
         linears[n] = rec
     res = None
     if result is not None:

@@ -38,7 +38,10 @@ class Linear:
     qtensor: QuantizedTensor | None = None
     skip_reason: str | None = None  # why it stays in float, said in dumps and the manifest
     act: str | None = None          # run-time input quantization the engine applies ("int8": per token)
-    stats: dict[str, Any] = field(default_factory=dict)
+    # range ratios the quantizer applies (clip pass): a tensor broadcastable to the scales' [N, G] (or [N, G, 2]: a
+    # (min, max) pair for asymmetric formats), ratios in (0, 1]; None: the full [min, max] (ir.formats.compute_qparams)
+    clip: Any = None
+    stats: dict[str, Any] = field(default_factory=dict)   # measurements for dumps and the manifest (plain numbers)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from ..ir.formats import fake_quantize_fast
 
 
 def _fake_quant(w: torch.Tensor, lin) -> torch.Tensor:
-    return fake_quantize_fast(w.float(), lin.spec, lin.stats.get("clip", 1.0)).to(w.dtype)
+    return fake_quantize_fast(w.float(), lin.spec, 1.0 if lin.clip is None else lin.clip).to(w.dtype)
 
 
 class BlockScorer:

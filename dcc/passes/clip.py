@@ -89,7 +89,7 @@ class Clip(Pass):
                 continue
             w = block.linear_module(lin.name).weight.data.float()
             ratios, before, after = search_clip(w, ctx.inputs(lin.name), lin.spec, config)
-            lin.stats["clip"] = ratios
+            lin.clip = ratios
             details[lin.name] = {"mean_ratio": round(float(ratios.float().mean()), 4),
                                  "err_reduction": round(before / after, 3) if after > 0 else None}
         # clip ratios only change how later quantization rounds; the float weights are untouched

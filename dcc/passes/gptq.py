@@ -196,7 +196,7 @@ class Gptq(Pass):
                 ctx.invalidate()
             w = block.linear_module(lin.name).weight.data.float()
             x = ctx.inputs(lin.name)
-            qt = gptq_quantize(w, x, lin.spec, config, lin.stats.get("clip", 1.0))
+            qt = gptq_quantize(w, x, lin.spec, config, (1.0 if lin.clip is None else lin.clip))
             details[lin.name] = round(quantize_linear(block, lin, codes_from=qt, x=x)["sqnr_db"], 2)
             prev = lin.name
         return PassResult(bool(lins), f"GPTQ on {len(lins)} linears", {"sqnr_db": details})

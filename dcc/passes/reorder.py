@@ -57,7 +57,7 @@ def _groups(block, kinds) -> tuple[list[tuple[str, list[str], str]], list[str]]:
         elif d and spec.group_size % d == 0:   # channels stay in their head: every group keeps its channels
             skipped.append(f"{consumer}: its groups of {spec.group_size} hold whole heads of {d}, so an order within "
                            f"each head changes no group")
-        elif any(block.linears[n].qtensor is not None or "clip" in block.linears[n].stats
+        elif any(block.linears[n].qtensor is not None or block.linears[n].clip is not None
                  for n in producers + [consumer]):
             raise ValueError(f"reorder: {consumer} is already quantized or clipped; list reorder before clip and the "
                              f"quantize passes")

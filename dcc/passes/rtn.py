@@ -20,7 +20,7 @@ def quantize_linear(block, lin, codes_from=None, x: torch.Tensor | None = None) 
     the relative output error on inputs x [T, K] when given."""
     mod = block.linear_module(lin.name)
     w = mod.weight.data
-    qt = codes_from if codes_from is not None else quantize_tensor(w.float(), lin.spec, lin.stats.get("clip", 1.0))
+    qt = codes_from if codes_from is not None else quantize_tensor(w.float(), lin.spec, 1.0 if lin.clip is None else lin.clip)
     wq = qt.dequantize(torch.float32)
     err = quant_error(w.float(), wq)
     mod.weight.data = wq.to(w.dtype)

@@ -43,14 +43,14 @@ def test_clip_ratios_in_range_and_weights_untouched(template):
     res = Clip().run(block, cfg, ctx)
     assert res.changed is False
     att = block.attentions[0]
-    assert "clip" not in block.linears[att.q].stats and "clip" not in block.linears[att.k].stats
-    clipped = [n for n, l in block.linears.items() if "clip" in l.stats]
+    assert block.linears[att.q].clip is None and block.linears[att.k].clip is None
+    clipped = [n for n, l in block.linears.items() if l.clip is not None]
     assert sorted(clipped) == sorted(set(block.linears) - {att.q, att.k}) == sorted(res.details)
     grid = torch.tensor([1.0 - i * (1.0 - cfg.min_ratio) / cfg.grid for i in range(cfg.grid)])
     below_one = 0
     for name in clipped:
         lin = block.linears[name]
-        r = lin.stats["clip"]
+        r = lin.clip
         assert r.shape[:2] == (lin.out_features, lin.in_features // 32)   # [N, G, 2]: (min, max) ratios (asym spec)
         assert float(r.min()) >= cfg.min_ratio and float(r.max()) <= 1.0
         # every ratio is a grid point
@@ -64,11 +64,11 @@ def test_clip_never_increases_layer_output_error(template):
     block, ctx = fresh_block(template)
     Clip().run(block, ClipConfig(), ctx)
     for name, lin in block.linears.items():
-        if "clip" not in lin.stats:
+        if lin.clip is None:
             continue
         w = block.linear_module(name).weight.data.float()
         x = ctx.inputs(name)
-        r = lin.stats["clip"]
+        r = lin.clip
         # the objective: per row and group, the chosen ratio is no worse than 1.0 (a grid point). The search may
         # score candidates with a float32 decode that differs from the exact "scaled" decode by one fp16 rounding
         # (fake_quantize_fast), so a near-tie can tip the other way by about 1% under the exact decode.
@@ -87,7 +87,7 @@ def test_clip_then_rtn_quantizes_with_the_ratios(template):
     run_block(block, [Step("clip", ClipConfig(skip_qk=False)), Step("rtn", RtnConfig())], ctx, PassTiming())
     shrunk = 0
     for name, lin in block.linears.items():
-        r = lin.stats["clip"]    # skip_qk=False: q and k are clipped too
+        r = lin.clip    # skip_qk=False: q and k are clipped too
         w = block.linear_module(name).weight.data
         assert torch.equal(w, lin.qtensor.dequantize(w.dtype))
         assert int(lin.qtensor.codes.min()) >= 0 and int(lin.qtensor.codes.max()) <= 15

@@ -146,7 +146,7 @@ def test_only_group_quantized_consumers_and_head_sized_groups():
 
 def test_refuses_after_quantization_passes():
     block, ctx = _block("llama")
-    block.linears["mlp.down_proj"].stats["clip"] = torch.ones(1)
+    block.linears["mlp.down_proj"].clip = torch.ones(1)
     with pytest.raises(ValueError, match="before clip"):
         Reorder().run(block, ReorderConfig(), ctx)
 

@@ -111,7 +111,7 @@ def test_rtn_skips_unspecified_linears_and_uses_clip_ratios(tiny_llama):
                 lin.skip_reason = "kept in float by the test"
             else:
                 lin.spec = SPEC
-                lin.stats["clip"] = torch.full((lin.out_features, lin.in_features // 32), 0.7)
+                lin.clip = torch.full((lin.out_features, lin.in_features // 32), 0.7)
 
     def on_block(block, *_ctx):
         down = block.linears["mlp.down_proj"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -172,8 +173,9 @@ def build_module(module: str, files: list[Path], family: str, include_dirs: tupl
         srcs = [p for p in files if p.suffix in (".cu", ".cpp")]
         objs = [Path(tmp) / f"{p.parent.name}_{p.name}.o" for p in srcs]
         cmds = [[nvcc, *CXX_FLAGS, *gencode_flags, *incs, "-c", str(s), "-o", str(o)] for s, o in zip(srcs, objs)]
-        if verbose:
-            print(f"dcc: building the CUDA module {module} for sm_{arch} into {out_dir}", file=sys.stderr)
+        # a first build takes seconds to a minute: a verbose caller reports it at info level, others at debug (-v)
+        logging.getLogger("dcc").log(logging.INFO if verbose else logging.DEBUG,
+                                     f"building the CUDA module {module} for sm_{arch} into {out_dir}")
         with ThreadPoolExecutor(max_workers=min(len(cmds), os.cpu_count() or 1)) as pool:
             for f in [pool.submit(_run, c) for c in cmds]:
                 f.result()
