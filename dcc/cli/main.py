@@ -69,7 +69,7 @@ def _quiet_broken_pipe() -> None:
 
 
 KNOWN_ERRORS = ("ModelLoadError", "DataError", "LayoutError", "ArtifactError", "OutputExistsError", "OutputError",
-                "ArtifactWriteError", "GGUFError", "PassError", "AnalysisError", "ValueError")
+                "ArtifactWriteError", "GGUFError", "PassError", "AnalysisError", "TargetError", "ValueError")
 
 
 def friendly(fn):

@@ -106,3 +106,27 @@ def run_block(block, steps: list[Step], ctx, timing: PassTiming, dumper=None, de
         if dumper is not None:
             dumper.dump(block, i + 1, step.name, res)
     return results
+
+
+def run_model_steps(phase: str, steps: list[Step], lm, ctx, timing: PassTiming, dumper=None) -> list[str]:
+    """Run every step's model prologue (phase "prologue", before the first block) or epilogue ("epilogue", after the
+    last): timed with the pass, dumped under dump_dir/model/, and any failure re-raised naming the pass and phase.
+    Returns the names of the passes that changed the model."""
+    changed = []
+    for i, step in enumerate(steps):
+        p = get_pass(step.name)()
+        fn = p.model_prologue if phase == "prologue" else p.model_epilogue
+        t0 = time.perf_counter()
+        try:
+            res = fn(lm, step.config, ctx)
+        except PassError:
+            raise
+        except Exception as e:
+            raise PassError(f"pass {step.name} failed in its model {phase} (outside the blocks): "
+                            f"{type(e).__name__}: {e}") from e
+        timing.add(step.name, time.perf_counter() - t0)
+        if res is not None and dumper is not None:
+            dumper.dump_model(phase, i + 1, step.name, res)
+        if res is not None and res.changed:
+            changed.append(step.name)
+    return changed

@@ -14,8 +14,7 @@ from ..ir.analysis import analyse
 from ..ir.capture import capture, signature, typed_nodes
 from ..ir.graph import Block
 from .context import BlockContext
-from .pass_manager import PassTiming, Step, check_pipeline, run_block
-from ..passes.base import get_pass
+from .pass_manager import PassTiming, Step, check_pipeline, run_block, run_model_steps
 
 
 @dataclass
@@ -52,11 +51,8 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
     timing = PassTiming()
     lm.materialize("")
     ctx0 = BlockContext(None, (), {}, dev, seed)
-    changed = []
-    for s in steps:  # passes that act outside the blocks (rotation of the embeddings, ...)
-        res = get_pass(s.name)().model_prologue(lm, s.config, ctx0)
-        if res is not None and res.changed:
-            changed.append(s.name)
+    # passes that act outside the blocks (rotation of the embeddings, ...), through the manager: timed, dumped
+    changed = run_model_steps("prologue", steps, lm, ctx0, timing, dumper)
     if callable(inputs):
         args, kwargs = inputs()
     elif changed:
@@ -95,6 +91,5 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
         if release:
             lm.release(prefix)
         bar.set_postfix(rss=f"{peak_rss_mb():.0f}MB")
-    for s in steps:
-        get_pass(s.name)().model_epilogue(lm, s.config, ctx0)
+    run_model_steps("epilogue", steps, lm, ctx0, timing, dumper)
     return CompileResult(timing, n, time.perf_counter() - t0, peak_rss_mb(), messages)

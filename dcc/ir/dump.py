@@ -119,6 +119,15 @@ class Dumper:
     def path_for(self, block, step: int) -> Path:
         return self.root / block.prefix
 
+    def dump_model(self, phase: str, step: int, name: str, result) -> None:
+        """What a pass did outside the blocks (its model prologue or epilogue): dump_dir/model/<phase>_<step>_<pass>."""
+        d = self.root / "model"
+        d.mkdir(parents=True, exist_ok=True)
+        rec = {"phase": phase, "step": step, "pass": name,
+               "result": None if result is None else {"changed": result.changed, "message": result.message,
+                                                      "details": json.loads(json.dumps(result.details, default=str))}}
+        (d / f"{phase}_{step:02d}_{name}.json").write_text(json.dumps(rec, indent=1, default=str) + "\n")
+
     def dump(self, block, step: int, name: str, result) -> None:
         d = self.root / block.prefix
         d.mkdir(parents=True, exist_ok=True)

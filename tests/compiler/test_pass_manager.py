@@ -252,3 +252,37 @@ def test_the_manager_checks_function_preservation_under_debug():
         run_block(block, [Step("zz_test_claims", _ScaleConfig(factor=2.0))], ctx, PassTiming())
     finally:
         base.REGISTRY.pop("zz_test_claims", None)
+
+
+class _BadPrologue(_Rotates):
+    __module__ = "tests.throwaway.zz_test_bad_prologue"
+
+    def model_prologue(self, lm, config, ctx):
+        raise RuntimeError("no embeddings here")
+
+
+def test_model_steps_run_through_the_manager(tmp_path):
+    """Prologues and epilogues are timed, dumped under dump_dir/model/, and their failures name pass and phase."""
+    from dcc.compiler.pass_manager import run_model_steps
+    from dcc.ir.dump import Dumper
+
+    class _Done(_Rotates):
+        __module__ = "tests.throwaway.zz_test_done"
+
+        def model_epilogue(self, lm, config, ctx):
+            return PassResult(True, "folded something", {"what": "head"})
+
+    for cls in (_BadPrologue, _Done):
+        register(cls)
+    try:
+        timing = PassTiming()
+        changed = run_model_steps("epilogue", [Step("zz_test_done", _NoOptions())], None, None, timing,
+                                  Dumper(tmp_path))
+        assert changed == ["zz_test_done"] and "zz_test_done" in timing.seconds
+        rec = (tmp_path / "model" / "epilogue_01_zz_test_done.json").read_text()
+        assert '"folded something"' in rec and '"head"' in rec
+        with pytest.raises(PassError, match=r"pass zz_test_bad_prologue failed in its model prologue.*no embeddings"):
+            run_model_steps("prologue", [Step("zz_test_bad_prologue", _NoOptions())], None, None, PassTiming())
+    finally:
+        for cls in (_BadPrologue, _Done):
+            base.REGISTRY.pop(cls.name, None)

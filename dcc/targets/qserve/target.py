@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from ..base import Format, Target, TargetError, TargetOptions, register_target
-from . import reference, schema
+from ..common.hf4_config import to_hf4
+from . import engine_config, reference, schema
 from .emit import QServeEmitter, format_of
 from .pipeline import ALGOS, GROUP_SIZES, make_spec_assigner, pipeline, preflight, weight_spec
 
@@ -92,6 +93,11 @@ class QServe(Target):
         if kind != "causal-lm":
             raise TargetError(f"{lm.path}: a {kind} model; QServe's engine serves decoder-only causal LMs (its KV "
                               f"cache, rotation and smoothing assume one): use --target tinychat")
+        # refused, not kept for dcc's runtime alone: an artifact of this target is one QServe would load and run
+        # with wrong positions (its RoPE kernels apply plain rope_theta only: engine_config.py)
+        problem = engine_config.rope_problem(lm.config.to_dict())
+        if problem:
+            raise TargetError(f"{lm.path.name}: target qserve refuses this model: {problem}")
         return preflight(lm, spec, opts.unsupported)
 
     def emitter(self, writer, opts):
@@ -107,9 +113,10 @@ class QServe(Target):
         return ["qserve", "dcc-runtime"] if ok else ["dcc-runtime"]
 
     def hf_config(self, lm, spec, opts, emitter) -> dict:
-        """The source config with fp16, the tie flag and a quantization_config saying what the tensors are."""
-        cfg = lm.config.to_dict()
-        cfg["dtype"] = "float16"
+        """The source config in the form QServe's transformers (4.37.2) reads (rope_theta, rope_scaling,
+        torch_dtype float16: engine_config.py), with the tie flag and a quantization_config saying what the tensors
+        are."""
+        cfg = to_hf4(lm.config.to_dict(), "float16")
         cfg["tie_word_embeddings"] = bool(emitter.tied)
         cfg["quantization_config"] = {
             "quant_method": "qserve", "format": format_of(spec), "producer": "dcc",

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..base import Format, Target, TargetError, TargetOptions, register_target
-from . import layout
+from ..common.hf4_config import to_hf4
+from . import engine_config, layout
 from .emit import FORMAT, TinyChatEmitter, engines_for
 from .pipeline import ALGOS, make_spec_assigner, pipeline, preflight, weight_spec
 
@@ -73,6 +74,11 @@ class TinyChat(Target):
         return make_spec_assigner(spec, opts.unsupported)
 
     def preflight(self, lm, spec, opts):
+        # refused, not kept for dcc's runtime alone: an artifact of this target is one TinyChat would load and run
+        # with wrong positions (its RoPE kernels apply plain rope_theta only: engine_config.py)
+        problem = engine_config.rope_problem(lm.config.to_dict())
+        if problem:
+            raise TargetError(f"{lm.path.name}: target tinychat refuses this model: {problem}")
         return preflight(lm, spec, opts.unsupported)
 
     def emitter(self, writer, opts):
@@ -83,9 +89,9 @@ class TinyChat(Target):
         return engines_for(spec.group_size)
 
     def hf_config(self, lm, spec, opts, emitter) -> dict:
-        """The source config with dtype, tie flag and a quantization_config saying what the tensors are."""
-        cfg = lm.config.to_dict()
-        cfg["dtype"] = opts.dtype
+        """The source config in the form TinyChat's transformers (4.46.0) reads (rope_theta, rope_scaling,
+        torch_dtype: engine_config.py), with the tie flag and a quantization_config saying what the tensors are."""
+        cfg = to_hf4(lm.config.to_dict(), opts.dtype)
         cfg["tie_word_embeddings"] = bool(emitter.tied)
         cfg["quantization_config"] = {
             "quant_method": "awq", "version": "tinychat-v2", "format": FORMAT, "producer": "dcc",
