@@ -52,6 +52,13 @@ class Trace:
         return out
 
 
+def _forward_kwargs(lm, ids: torch.Tensor) -> dict:
+    """How the whole model is called on token ids: the model adapter's rule where the handle has one (a causal LM
+    takes use_cache=False, an encoder an attention mask), else a causal LM's."""
+    adapter = getattr(lm, "adapter", None)
+    return adapter.forward_kwargs(ids) if adapter is not None else {"input_ids": ids, "use_cache": False}
+
+
 @torch.no_grad()
 def trace_outside_blocks(lm, ids: torch.Tensor | None = None) -> Trace:
     """Run lm.model on a few tokens with every block replaced by a pass-through; works while blocks are on meta."""
@@ -74,7 +81,7 @@ def trace_outside_blocks(lm, ids: torch.Tensor | None = None) -> Trace:
         try:
             for i, b in enumerate(saved):
                 lm.blocks[i] = _PassThrough(b, i, events, as_tuple)
-            model(input_ids=ids, use_cache=False)
+            model(**_forward_kwargs(lm, ids))
         except Exception as e:  # noqa: BLE001 - retried with the other return convention, then reported
             errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
