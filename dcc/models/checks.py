@@ -32,8 +32,10 @@ def check_no_remote_code(folder: Path) -> None:
     before transformers sees it (it would offer to import those files)."""
     for name in CODE_CONFIGS:
         auto_map = (_json(folder / name) or {}).get("auto_map")
-        if not auto_map or not isinstance(auto_map, dict):
+        if not auto_map:
             continue
+        if not isinstance(auto_map, dict):   # an older form: a bare list of classes
+            auto_map = {"AutoTokenizer" if name.startswith("tokenizer") else "AutoModel": auto_map}
         # name the model class when there is one: that is the code that would run the network
         key = next((k for k in auto_map if k != "AutoConfig"), next(iter(auto_map)))
         ref = auto_map[key]

@@ -219,3 +219,12 @@ def test_quantization_config_is_refused(llama):
         LazyModel(llama)
     assert str(e.value) == (f"{llama}/config.json: quantization_config (quant_method gptq) says the weights are "
                             f"already quantized; dcc needs floating-point source weights")
+
+
+def test_an_auto_map_in_the_older_list_form_is_refused_too(tmp_path):
+    from dcc.models.checks import check_no_remote_code
+    from dcc.models.loader import ModelLoadError
+    (tmp_path / "tokenizer_config.json").write_text('{"auto_map": ["tokenization_evil.EvilTokenizer", null]}')
+    with pytest.raises(ModelLoadError, match=r"tokenizer_config.json: auto_map entry AutoTokenizer -> "
+                                             r"tokenization_evil.EvilTokenizer would run Python code"):
+        check_no_remote_code(tmp_path)
