@@ -18,6 +18,8 @@ from .targets import BUILTIN_TARGETS
 
 DEFAULT_TARGET = BUILTIN_TARGETS[0]   # the registry line's first target: the CLI's default
 log = logging.getLogger("dcc")
+# the CompileOptions fields that a target's own Options class checks (the CLI's target flags)
+TARGET_OPTIONS = ("algo", "bits", "group_size", "zero", "kv_bits", "dtype", "unsupported")
 
 
 @dataclass
@@ -102,7 +104,7 @@ def resolve(opts: CompileOptions):
     if opts.target and r_target and opts.target != r_target:
         raise ValueError(f"--target {opts.target}: the recipe {recipe.path} is for target {r_target}")
     target = get_target(opts.target or r_target or DEFAULT_TARGET)
-    given = {k: getattr(opts, k) for k in ("algo", "bits", "group_size", "zero", "kv_bits", "dtype", "unsupported")}
+    given = {k: getattr(opts, k) for k in TARGET_OPTIONS}
     merged = {**(recipe.options if recipe else {}), **{k: v for k, v in given.items() if v is not None}}
     topts = target.options(**merged)
     fill = {}
@@ -141,7 +143,8 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
             log(f"{len(kept)} linears cannot take this layout and stay 16-bit (--unsupported keep); first: {kept[0]}")
         log(f"calibration: {ids.shape[0]} x {ids.shape[1]} tokens from {opts.calib}; estimated peak memory "
             f"{estimate_memory_mb(lm, ids.numel()):.0f} MB (one block at a time)")
-        if recipe is not None and recipe.calib_sha256 and recipe.calib_sha256 != _sha(opts.calib):
+        calib_sha = _sha(opts.calib)
+        if recipe is not None and recipe.calib_sha256 and recipe.calib_sha256 != calib_sha:
             log(f"note: {opts.calib} is not the calibration file {recipe.path} was made with (its sha256 "
                 f"differs), so the artifact will differ from the recipe's")
         emitter = target.emitter(writer, topts)
@@ -157,7 +160,7 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
             raise ValueError(f"{lm.path.name}: no linear layer was quantized (the pipeline "
                              f"{' -> '.join(s.name for s in steps)} quantized nothing); an artifact with nothing "
                              f"quantized is refused")
-        manifest = build_manifest(target, topts, opts, spec, steps, ids, lm, emitter, recipe)
+        manifest = build_manifest(target, topts, opts, spec, steps, ids, lm, emitter, recipe, calib_sha)
         config = target.hf_config(lm, spec, topts, emitter)
         path = writer.finalize(config, manifest, source=lm.path)
     except BaseException:
@@ -175,7 +178,8 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
     return path
 
 
-def build_manifest(target, topts, opts: CompileOptions, spec, steps, ids, lm, emitter, recipe=None) -> dict:
+def build_manifest(target, topts, opts: CompileOptions, spec, steps, ids, lm, emitter, recipe=None,
+                   calib_sha: str | None = None) -> dict:
     """dcc.json (less the file checksums, which the writer adds): the one place the manifest is built. Its recipe
     section is itself a recipe (target, options, pipeline, seed, calibration), so `--recipe dcc.json` reproduces
     the artifact."""
@@ -191,7 +195,7 @@ def build_manifest(target, topts, opts: CompileOptions, spec, steps, ids, lm, em
         "recipe": {"target": target.name, "options": topts.to_dict(), "algo": label,
                    "weight": spec.to_dict(), "pipeline": [s.to_dict() for s in steps],
                    "seed": opts.seed, "unsupported": topts.unsupported,
-                   "calibration": {"file": Path(opts.calib).name, "sha256": _sha(opts.calib),
+                   "calibration": {"file": Path(opts.calib).name, "sha256": calib_sha or _sha(opts.calib),
                                    "chunks": int(ids.shape[0]), "seq_len": int(ids.shape[1])}},
         "source": {"model": lm.path.name, "kind": lm.adapter.kind, "architecture": type(lm.model).__name__,
                    "blocks": lm.blocks_prefix, "num_blocks": len(lm.blocks)},

@@ -6,8 +6,8 @@ read from YAML or JSON, or from an artifact's dcc.json, whose "recipe" section i
 reproduces `out/` byte for byte from the same model and calibration file. A recipe may hold only some fields (the
 shortest is a pass list); what it leaves out comes from the command line or the target's defaults.
 
-    target: qserve
-    options: {algo: qoq, group_size: 128}
+    target: NAME                 # a registered target (dcc compile --help lists them)
+    options: {algo: rtn, group_size: 128}
     passes:                      # optional: replaces the algorithm's pass list
       - {pass: fuse_norms}
       - {pass: rtn}

@@ -83,14 +83,7 @@ def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, re
     written to a temporary folder and renamed into place when complete."""
     from ..api import CompileOptions, compile_model
     from .main import install_logging
-    reg = _targets()
-    if target is not None and target not in reg:
-        raise click.BadParameter(f"{target!r} is not a target ({', '.join(reg)})", param_hint="--target")
-    algos = reg[target].algos if target else {}
-    if algo is not None and target is not None and algo not in algos:
-        raise click.BadParameter(f"{algo!r} is not an algorithm of target {target} ({', '.join(algos)})",
-                                 param_hint="--algo")
-    install_logging(verbose)
+    install_logging(verbose)   # target, algorithm and options are checked by the target registry: one line each
     opts = CompileOptions(target=target, algo=algo, recipe=recipe, bits=bits, group_size=group_size, zero=zero,
                           kv_bits=kv_bits,
                           dtype=dtype, calib=calib, calib_chunks=calib_chunks, calib_seq_len=calib_seq_len,

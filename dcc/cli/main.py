@@ -103,7 +103,7 @@ def main():
     """dcc: compile Hugging Face models into engine-ready quantized checkpoints.
 
     \b
-    dcc compile MODEL --target tinychat --algo awq -o out/ --calib calib.txt
+    dcc compile MODEL --algo awq -o out/ --calib calib.txt     (dcc compile --help lists the targets)
     dcc inspect out/
     dcc validate out/ --model MODEL
     dcc eval out/ --ppl wiki.test.raw --baseline MODEL

@@ -10,23 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from dcc.cli.main import main
+from cli_util import error_line, run
 from tiny_models import decoder_config, save_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(*args):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    return res.exit_code, res.output
-
-
-def error_line(text: str) -> str:
-    errors = [line for line in text.splitlines() if line.startswith("dcc: error:")]
-    assert len(errors) == 1, text
-    return errors[0]
 
 
 def leftovers(folder: Path, name: str) -> list[str]:

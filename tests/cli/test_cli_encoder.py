@@ -8,10 +8,9 @@ import re
 import pytest
 import torch
 import transformers as T
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from dcc.cli.main import main
+from cli_util import error_line, run
 
 from tiny_models import decoder_config, one_thread, save_tiny  # noqa: F401 (one_thread: autouse fixture)
 
@@ -20,17 +19,6 @@ VOCAB = 200
 # quantized layer (at BERT's 0.02 even a scrambled layer moves the cosine by less than 0.01)
 CONFIG = dict(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
               max_position_embeddings=128, initializer_range=0.1)
-
-
-def run(*args):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    return res.exit_code, res.output
-
-
-def error_line(text: str) -> str:
-    errors = [line for line in text.splitlines() if line.startswith("dcc: error:")]
-    assert len(errors) == 1, text
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from dcc.cli.main import main
+from cli_util import run
 
 from tiny_models import sampled_id_files
 
 STORIES = Path(__file__).resolve().parents[3] / "shared" / "assets" / "stories260K" / "hf"
 pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason=f"needs ../shared/assets ({STORIES} is absent)")
-
-
-def run(*args):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    return res.exit_code, res.output
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,8 @@ import os
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from dcc.cli.main import main
+from cli_util import run
 
 GGUF = Path(os.environ.get("DCC_SMOLLM2_GGUF", "models/SmolLM2-135M-Instruct.Q4_1.gguf"))
 ASSETS = Path(__file__).resolve().parents[3] / "shared" / "assets"
@@ -17,11 +16,6 @@ pytestmark = [
     pytest.mark.skipif(not GGUF.is_file(), reason=f"the default model {GGUF} is absent (scripts/setup.sh fetches it)"),
     pytest.mark.skipif(not PTB.is_file(), reason=f"needs ../shared/assets ({PTB} is absent)"),
 ]
-
-
-def run(*args):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    return res.exit_code, res.output
 
 
 def test_smollm2_compile_validate_eval(tmp_path):

@@ -7,25 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from dcc.cli.main import main
+from cli_util import error_line, run
 
 STORIES = Path(__file__).resolve().parents[3] / "shared" / "assets" / "stories260K" / "hf"
 pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason=f"needs ../shared/assets ({STORIES} is absent)")
-
-
-def run(*args):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    return res.exit_code, res.output
-
-
-def error_line(text: str) -> str:
-    """The one error line (progress and info lines may precede it)."""
-    errors = [line for line in text.splitlines() if line.startswith("dcc: error:")]
-    assert len(errors) == 1, text
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

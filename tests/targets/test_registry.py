@@ -6,18 +6,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from dcc.cli.main import main
+from cli_util import run
 from dcc.targets.base import TargetError, get_target, targets
 from tiny_models import decoder_config, save_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(*args):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    return res.exit_code, res.output
 
 
 def test_a_target_from_the_test_folder_runs_through_the_cli(tmp_path):

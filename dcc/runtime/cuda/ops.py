@@ -114,7 +114,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, s
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor, group_size: int,
                in_features: int) -> torch.Tensor:
-    """The [N, K] weight on the GPU, bit-identical to dcc.targets.tinychat.layout.decode_weight."""
+    """The [N, K] weight on the GPU, bit-identical to the W4A16 layout's CPU decode (decode_weight)."""
     n, k = _check_layout(qweight, scales, scaled_zeros, group_size)
     if k != in_features:
         raise ValueError(f"qweight has K = {k}, expected in_features = {in_features}")

@@ -28,9 +28,7 @@ class QServeOptions(TargetOptions):
     kv_bits: str | int = "auto"
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.algo not in ALGOS:
-            raise TargetError(f"--algo {self.algo}: not an algorithm of target qserve ({', '.join(ALGOS)})")
+        super().__post_init__()   # the algorithm is checked by Target.options
         if self.dtype != "float16":
             raise TargetError(f"--dtype {self.dtype}: QServe's kernels take fp16 activations and scales; use "
                               f"--dtype float16")

@@ -24,9 +24,7 @@ class TinyChatOptions(TargetOptions):
     zero: str = "auto"
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.algo not in ALGOS:
-            raise TargetError(f"--algo {self.algo}: not an algorithm of target tinychat ({', '.join(ALGOS)})")
+        super().__post_init__()   # the algorithm is checked by Target.options
         if self.zero not in ("auto", "float", "integer"):
             raise TargetError(f"--zero {self.zero}: use auto, float or integer")
         if self.bits != 4:
