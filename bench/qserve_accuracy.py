@@ -47,7 +47,7 @@ def rows_for(which: set[str], ablate_all: bool = False):
             if key not in which:
                 continue
             tag = f"W4A8{'KV4' if kv == 4 else ''} {'g64' if gs else 'per-channel'}"
-            base = {**ALL_ON, "smooth_attention": kv == 4}
+            base = {**ALL_ON, "smooth_attention": kv == 4, "kv": kv == 4}
             rows.append((f"{tag} RTN", 4, gs, kv, pipeline("rtn", 4, gs, None)))
             rows.append((f"{tag} QoQ", 4, gs, kv, qoq_steps(grouped=gs > 0, **base)))
             # the phases the issue asks to be shown (SmoothAttention only acts on a quantized cache); --ablate-all

@@ -13,6 +13,7 @@ from dcc.api import block0_inputs
 from dcc.compiler.sequential import compile_blocks
 from dcc.ir.analysis import analyse
 from dcc.ir.capture import capture, typed_nodes
+from dcc.ir.program import copy_graph
 from dcc.ir.formats import QuantSpec
 from dcc.ir.graph import Block
 from dcc.models.loader import LazyModel
@@ -217,9 +218,11 @@ def outlier_layer(family: str = "llama"):
 
 
 def analysed_block(module, gm, params, prefix: str = "model.layers.0") -> Block:
+    """A Block running its own copy of the captured graph (graph passes rewrite it; the template stays as it is)."""
     block = Block(0, prefix, module)
-    block.gm, block.nodes = gm, typed_nodes(gm, params)
-    analyse(block, gm, params)
+    block.gm = copy_graph(gm)
+    block.nodes = typed_nodes(block.gm, params)
+    analyse(block, block.gm, params)
     return block
 
 

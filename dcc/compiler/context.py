@@ -1,47 +1,92 @@
-"""Per-block calibration context: the block's inputs, its float outputs, and the inputs of each linear, collected
-with forward hooks and collected again whenever a pass has changed the weights."""
+"""Per-block calibration context: the block's inputs, its float outputs, and the inputs of each linear, all computed
+by the block's captured graph (ir.program), collected again whenever a pass has changed the weights."""
 from __future__ import annotations
 
-import contextlib
 import logging
+from typing import Callable
 
 import torch
 
-from ..ir.capture import first_samples
-from ..ir.simulate import attention_module, simulate
+from ..ir import program
+from ..ir.capture import Captures, first_samples
+from ..ir.program import copy_graph, input_key
+from ..ir.rewrite import linear_nodes
 
 
 class BlockContext:
     """What passes see of the calibration data while one block is compiled."""
 
     def __init__(self, block, args: tuple, kwargs: dict, device: torch.device, seed: int = 0,
-                 max_tokens: int | None = None, verbose: bool = False):
+                 max_tokens: int | None = None, verbose: bool = False, captures: Captures | None = None):
         self.block, self.args, self.kwargs = block, args, kwargs
         self.device, self.seed, self.verbose = device, seed, verbose
         self.max_tokens = max_tokens
+        self.captures = captures if captures is not None else Captures()
         self._acts: dict[str, torch.Tensor] | None = None
         self._float_out: torch.Tensor | None = None
         self.messages: list[str] = []
         self.block_error: float | None = None
         self.reference: torch.Tensor | None = None   # float output of the block just before quantization
         self._last_out: torch.Tensor | None = None
+        self._main_key: tuple | None = None
+        self._variants: dict[tuple, tuple] = {}      # input key -> (graph, number of rewrites replayed on it)
 
-    def forward(self, module: torch.nn.Module | None = None, simulate: bool = False,
-                samples: int | None = None) -> torch.Tensor:
-        """Run the block (as its weights are now) on the calibration inputs; simulate: as the engine runs it
-        (int8 activations, quantized KV cache, where the target set them); samples: on the first n sequences."""
+    def graph(self, args: tuple, kwargs: dict):
+        """The block's graph for these inputs: block.gm for the calibration batch; for another shape (the first
+        samples), a capture of that shape with the block's rewrites replayed on it."""
+        if self.block is None or self.block.gm is None:
+            raise RuntimeError("the block has no captured graph to run")
+        if args is self.args and kwargs is self.kwargs:
+            return self.block.gm
+        if self._main_key is None:
+            self._main_key = input_key(self.args, self.kwargs)
+        key = input_key(args, kwargs)
+        if key == self._main_key:
+            return self.block.gm
+        gm, replayed = self._variants.get(key, (None, -1))
+        if replayed != len(self.block.rewrites):
+            gm = copy_graph(self.captures.get(self.block.module, args, kwargs)[0])
+            for fn in self.block.rewrites:
+                fn(gm)
+            self._variants[key] = (gm, len(self.block.rewrites))
+        return gm
+
+    def rewrite(self, fn: Callable) -> object:
+        """Apply a graph rewrite fn(gm) to the block's graph (and, later, to its other captures); returns fn's
+        result. The dumps' node listing follows."""
+        from ..ir.capture import typed_nodes
+        out = fn(self.block.gm)
+        self.block.rewrites.append(fn)
+        self.block.nodes = typed_nodes(self.block.gm)
+        return out
+
+    def _inputs(self, hidden: torch.Tensor | None, samples: int | None) -> tuple[tuple, dict]:
         args, kwargs = self.args, self.kwargs
+        if hidden is not None:
+            args = (hidden,) + tuple(args[1:])
         if samples is not None and samples < args[0].shape[0]:
             args, kwargs = first_samples(args, kwargs, args[0].shape[0], samples)
-        with torch.no_grad(), (self.simulation() if simulate else contextlib.nullcontext()):
-            out = (module or self.block.module)(*args, **kwargs)
+        return args, kwargs
+
+    @staticmethod
+    def _first(out):
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def simulation(self):
-        """A context in which the block computes what the engine computes at run time (see ir.simulate)."""
-        act = {n: l.act for n, l in self.block.linears.items() if l.act}
-        kv = {attention_module(a.q): a.kv_bits for a in self.block.attentions if a.kv_bits}
-        return simulate(self.block.module, act=act, kv=kv)
+    def forward(self, simulate: bool = False, samples: int | None = None,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the block's graph (with the weights as they are now) on the calibration inputs. simulate: as the engine
+        computes it (the dcc:: run-time numerics in the graph: int8 activations, quantized KV cache); else the float
+        function. samples: on the first n sequences; hidden: other hidden states in place of the block's input."""
+        args, kwargs = self._inputs(hidden, samples)
+        with torch.no_grad():
+            return self._first(program.run(self.graph(args, kwargs), self.block.module, args, kwargs,
+                                           engine=simulate))
+
+    def record(self, watch: dict[str, Callable[[torch.Tensor], None]]) -> torch.Tensor:
+        """Run the float block once, handing the named graph nodes' values to their callbacks; returns its output."""
+        with torch.no_grad():
+            return self._first(program.run_recording(self.block.gm, self.block.module, self.args, self.kwargs,
+                                                     watch, engine=False))
 
     def block_io(self):
         """(args, kwargs, float outputs): the outputs as the block computed them before any pass ran."""
@@ -79,34 +124,23 @@ class BlockContext:
         return self._acts[linear]
 
     def _collect(self) -> dict[str, torch.Tensor]:
-        acts, hooks, seen = {}, [], []   # seen: (input tensor, its flattened float32 copy)
+        """One float run of the graph, keeping each linear's input (read off the node feeding it: linears reading
+        one tensor, q/k/v, share one flattened float32 copy)."""
+        flat: dict[str, torch.Tensor] = {}
 
-        def hook(m, inp, out, name):
-            x = inp[0]
-            # q/k/v read one tensor: keep one flattened copy of it. Identity (`is`), not the address: a freed
-            # 16-bit input's memory can be reused by a later, different input of the same shape.
-            for src, flat in seen:
-                if src is x:
-                    acts[name] = flat
-                    return
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            if self.max_tokens and flat.shape[0] > self.max_tokens:
-                flat = flat[: self.max_tokens]
-            seen.append((x, flat))
-            acts[name] = flat
+        def keep(name):
+            def fn(x):
+                x = x.detach().reshape(-1, x.shape[-1]).float()
+                flat[name] = x[: self.max_tokens] if self.max_tokens and x.shape[0] > self.max_tokens else x
+            return fn
 
-        for name in self.block.linears:
-            mod = self.block.linear_module(name)
-            hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name)))
-        try:
-            out = self.forward()
-            self._last_out = out
-            if self._float_out is None:
-                self._float_out = out
-        finally:
-            for h in hooks:
-                h.remove()
-        return acts
+        feeds = {lin: node.args[0].name for lin, node in linear_nodes(self.block.gm).items()
+                 if lin in self.block.linears}
+        out = self.record({name: keep(name) for name in set(feeds.values())})
+        self._last_out = out
+        if self._float_out is None:
+            self._float_out = out
+        return {lin: flat[name] for lin, name in feeds.items()}
 
     def log(self, msg: str) -> None:
         """A note about this block (e.g. a pass skipped a group): kept for the end-of-run summary, and shown per

@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..ir.analysis import analyse
-from ..ir.capture import capture, signature, typed_nodes
+from ..ir.capture import Captures, typed_nodes
+from ..ir.program import copy_graph
 from ..ir.graph import Block
 from .context import BlockContext
 from .pass_manager import PassTiming, Step, check_pipeline, run_block, run_model_steps
@@ -61,25 +62,24 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
     else:
         args, kwargs = inputs
     n = len(lm.blocks)
-    messages, captures = [], {}
+    messages, captures = [], Captures()
     bar = tqdm(range(n), desc="compiling blocks", unit="block", disable=not progress, file=sys.stderr)
     for i in bar:
         prefix = lm.block_prefix(i)
         module = lm.materialize(prefix)
         block = Block(i, prefix, module)
-        # blocks with the same code and shapes share one capture (the graph does not depend on weight values)
-        sig = signature(module)
-        if sig not in captures:
-            captures[sig] = capture(module, args, kwargs)
-        gm, params = captures[sig]
-        block.gm = gm
-        block.nodes = typed_nodes(gm, params)
-        analyse(block, gm, params)
+        # blocks with the same code and shapes share one capture (the graph does not depend on weight values); each
+        # block runs its own copy, which graph passes rewrite
+        gm, params = captures.get(module, args, kwargs)
+        block.gm = copy_graph(gm)
+        block.nodes = typed_nodes(block.gm, params)
+        analyse(block, block.gm, params)
         assign_specs(block)
-        ctx = BlockContext(block, args, kwargs, dev, seed + i, max_tokens=max_tokens, verbose=verbose)
+        ctx = BlockContext(block, args, kwargs, dev, seed + i, max_tokens=max_tokens, verbose=verbose,
+                           captures=captures)
         run_block(block, steps, ctx, timing, dumper, debug)
         messages += ctx.messages
-        out = ctx.forward(simulate=True)   # as the engine computes it (run-time activation/KV quantization)
+        out = ctx.forward(simulate=True)   # as the engine computes it (the graph's run-time numerics on)
         if ctx.reference is not None:
             # how far the quantized block's output is from the float block's, on the same (quantized) inputs
             ref = ctx.reference.float()

@@ -7,12 +7,15 @@ from __future__ import annotations
 import torch
 
 from .graph import AnalysisError, Node
+from .program import attach, input_key, param_paths
 
 _KINDS = {
     "linear": "linear", "layer_norm": "norm", "native_layer_norm": "norm", "rms_norm": "norm", "rsqrt": "norm",
     "scaled_dot_product_attention": "attention", "softmax": "attention", "_softmax": "attention",
     "silu": "activation", "gelu": "activation", "relu": "activation", "tanh": "activation", "sigmoid": "activation",
     "mul": "mul", "add": "add", "embedding": "embedding",
+    # dcc:: ops: the engine's run-time numerics (ir/ops.py)
+    "quant_act_int8": "runtime", "quant_kv": "runtime", "quant_act_int4": "runtime", "quant_act_nvfp4": "runtime",
 }
 
 
@@ -23,7 +26,8 @@ def op_name(target) -> str:
 
 
 def capture(module: torch.nn.Module, args: tuple, kwargs: dict):
-    """torch.export the block in eval mode; returns (GraphModule, {placeholder name: parameter path})."""
+    """torch.export the block in eval mode; returns (GraphModule, {placeholder name: parameter path}). The
+    GraphModule runs through ir.program (the block's parameters are its inputs)."""
     was_training = module.training
     module.eval()
     try:
@@ -33,10 +37,21 @@ def capture(module: torch.nn.Module, args: tuple, kwargs: dict):
                             f"{str(e).splitlines()[0][:200]})") from None
     finally:
         module.train(was_training)
-    sig = ep.graph_signature
-    params = dict(sig.inputs_to_parameters)
-    params.update(sig.inputs_to_buffers)
-    return ep.graph_module, params
+    return attach(ep)
+
+
+class Captures:
+    """Captures by what they depend on: the module's signature and the inputs' structure and shapes. Blocks of one
+    class and shape share one; a run on another batch size (the first samples of the calibration set) gets its own."""
+
+    def __init__(self):
+        self._by_key: dict[tuple, tuple] = {}
+
+    def get(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        key = (signature(module), input_key(args, kwargs))
+        if key not in self._by_key:
+            self._by_key[key] = capture(module, args, kwargs)
+        return self._by_key[key]
 
 
 def signature(module: torch.nn.Module) -> tuple:
@@ -47,8 +62,9 @@ def signature(module: torch.nn.Module) -> tuple:
     return (repr(module), variants) + tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters())
 
 
-def typed_nodes(gm, params: dict[str, str]) -> list[Node]:
+def typed_nodes(gm, params: dict[str, str] | None = None) -> list[Node]:
     """The graph's nodes as dcc Nodes (kind, op, inputs, shape, owning module) for dumps and matching."""
+    params = param_paths(gm) if params is None else params
     out = []
     for n in gm.graph.nodes:
         val = n.meta.get("val")

@@ -19,7 +19,8 @@ class AnalysisError(ValueError):
 class Node:
     """One op of a block's graph, typed for dumps and for pattern matching."""
     name: str
-    kind: str            # linear | norm | attention | activation | mul | add | residual | embedding | input | output | other
+    # linear | norm | attention | activation | mul | add | embedding | runtime (a dcc:: op) | input | output | other
+    kind: str
     target: str          # the ATen op (or placeholder/output)
     inputs: list[str]
     shape: tuple | None = None
@@ -73,6 +74,11 @@ class Attention:
     k_node: str
     kv_bits: int | None = None    # the engine's KV cache precision (per token and head, after RoPE), None: 16-bit
 
+    @property
+    def path(self) -> str:
+        """The attention module (the q linear's parent, which calls attention): 'self_attn.q_proj' -> 'self_attn'."""
+        return self.q.rpartition(".")[0]
+
 
 @dataclass
 class MLP:
@@ -96,7 +102,10 @@ class Block:
     index: int
     prefix: str                                   # module path in the model, e.g. "model.layers.3"
     module: torch.nn.Module
-    gm: Any = None                                # torch.fx.GraphModule from torch.export
+    gm: Any = None                                # torch.fx.GraphModule from torch.export: what runs (ir.program)
+    # the graph rewrites applied to gm, in order (each fn(gm)), replayed on the block's other captures (another
+    # batch size) so that every run of the block computes the same graph
+    rewrites: list = field(default_factory=list)
     nodes: list[Node] = field(default_factory=list)
     linears: dict[str, Linear] = field(default_factory=dict)
     norms: list[NormGroup] = field(default_factory=list)

@@ -93,8 +93,9 @@ def check_not_moe_config(folder: Path, config) -> None:
 
 
 def check_attention(folder: Path, config, adapter) -> None:
-    """dcc builds every model with sdpa attention and routes it through its own sdpa-based function to simulate the
-    KV cache (dcc/ir/simulate.py): a model whose attention needs something sdpa lacks would compute another function."""
+    """dcc builds every model with sdpa attention and finds attention in a block's graph as its
+    scaled_dot_product_attention node (where the KV cache quantization goes): a model whose attention needs
+    something sdpa lacks would compute another function."""
     if getattr(config, "attn_logit_softcapping", None):   # Gemma2: tanh soft-cap of QK^T, not in sdpa
         raise ModelLoadError(f"{folder}: {describe(config)} uses attention-logit soft-capping, which dcc does not "
                              f"support yet (its attention runs through scaled-dot-product attention, which has none)")

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ir.capture import first_samples
 
 
 class _PassThrough(nn.Module):
@@ -178,15 +177,9 @@ VERIFY_SAMPLES = 2   # sequences a function-preservation check runs on: a struct
 
 
 def call_block(block, ctx, hidden: torch.Tensor | None = None, samples: int | None = VERIFY_SAMPLES) -> torch.Tensor:
-    """The block's output on the first `samples` calibration sequences (None: all), optionally with other hidden
-    states (for the full batch) in place of args[0]."""
-    args, kwargs = (ctx.args if hidden is None else (hidden,) + tuple(ctx.args[1:])), ctx.kwargs
-    batch = args[0].shape[0]
-    if samples is not None and samples < batch:
-        args, kwargs = first_samples(args, kwargs, batch, samples)
-    with torch.no_grad():
-        out = block.module(*args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    """The block's float output (its graph, run-time numerics off) on the first `samples` calibration sequences
+    (None: all), optionally with other hidden states (for the full batch) in place of args[0]."""
+    return ctx.forward(samples=samples, hidden=hidden)
 
 
 def check_preserved(ref: torch.Tensor, out: torch.Tensor, where: str, what: str = "the block's output") -> float:

@@ -14,7 +14,8 @@ def _fake_quant(w: torch.Tensor, lin) -> torch.Tensor:
 
 class BlockScorer:
     """Block output error with every quantizable linear fake-quantized (cached per linear until its float weight
-    changes) and the run-time activation/KV simulation on, against the float block's output."""
+    changes) and the graph's run-time numerics (dcc:: activation and KV quantization) on, against the float block's
+    output."""
 
     def __init__(self, block, ctx, samples: int):
         self.block, self.ctx, self.samples = block, ctx, samples

@@ -3,10 +3,12 @@ QuaRot/SliceGPT do before rotating; the epilogue folds the final norm into the h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
+from ..ir.rewrite import add_linear_bias
 from ._model_parts import find_final_norm, norm_offset, untie_head
 from .base import Pass, PassConfig, PassResult, register
 
@@ -78,6 +80,8 @@ class FuseNorms(Pass):
             d = fold_norm(block, g)
             if d is not None:
                 details[g.norm] = d
+                for name in d["bias_created"]:   # the graph reads the new bias parameter from now on
+                    ctx.rewrite(partial(add_linear_bias, path=name))
         folded = list(details)
         return PassResult(bool(folded), f"folded {len(folded)} norm(s) into their readers", details,
                           facts=self.ensures)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir.simulate import attention_module, simulate
+from ..ir.rewrite import kv_nodes
 from ._model_parts import norm_offset
 from ._scoring import BlockScorer
 from .base import Pass, PassConfig, PassResult, register
@@ -97,24 +97,25 @@ def _scale_gain(block, gain: tuple[str, str], s: torch.Tensor) -> None:
 
 
 def collect_qk(block, ctx, attentions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per attention (keyed by its q linear): channel absmax of post-RoPE Q [heads, d] and K [kv_heads, d] over the
-    calibration data, from one forward of the block with observers on its attention calls."""
+    """Per attention (keyed by its q linear): channel absmax of post-RoPE Q [heads, d] and K [kv_heads, d, as the
+    cache holds it: before the GQA repeat] over the calibration data, read off the graph in one float run."""
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    watch = {}
+    for a in attentions:
+        try:
+            k_node = kv_nodes(block.gm, a.path)[0].name
+        except ValueError:
+            continue   # reported by the caller: no statistics for this attention
 
-    def observer(key):
-        def fn(query, k):
-            q_max, k_max = query.detach().abs().amax((0, 2)).double(), k.detach().abs().amax((0, 2)).double()
-            old = stats.get(key)
-            stats[key] = (q_max, k_max) if old is None else (old[0].maximum(q_max), old[1].maximum(k_max))
-        return fn
+        def q_seen(x, key=a.q):
+            stats[key] = (x.detach().abs().amax((0, 2)).double(), None)
 
-    observers = {}
-    for a in attentions:   # simulate can route transformers' attention modules (they hold a config); others get none
-        path = attention_module(a.q)
-        if hasattr(getattr(block.module.get_submodule(path), "config", None), "_attn_implementation"):
-            observers[path] = observer(a.q)
-    with simulate(block.module, observers=observers):
-        ctx.forward()
+        def k_seen(x, key=a.q):
+            stats[key] = (stats[key][0], x.detach().abs().amax((0, 2)).double())
+
+        # the graph computes the query before the key (both feed the same attention node)
+        watch[a.q_node], watch[k_node] = q_seen, k_seen
+    ctx.record(watch)
     return stats
 
 
@@ -136,8 +137,8 @@ class SmoothAttention(Pass):
         details, skipped, scorer = {}, [], None
         for a in block.attentions:
             if a.q not in stats:
-                skipped.append(f"{attention_module(a.q)}: it did not run through transformers' attention interface, "
-                               f"so there are no post-RoPE statistics")
+                skipped.append(f"{a.path}: no single attention node runs inside it in the block's graph, so there "
+                               f"are no post-RoPE statistics")
                 continue
             q_max, k_max = stats[a.q]
             kv, rep, d = a.num_kv_heads, a.num_heads // a.num_kv_heads, a.head_dim
@@ -147,7 +148,7 @@ class SmoothAttention(Pass):
             try:
                 gains = {a.q: _norm_gain(block, a.q_node), a.k: _norm_gain(block, a.k_node)}
             except ValueError as e:
-                skipped.append(f"{attention_module(a.q)}: {e}")
+                skipped.append(f"{a.path}: {e}")
                 continue
             q_kv = q_max.view(kv, rep, d).amax(1)      # Q's statistic per KV head: over the query heads reading it
             shared = any(gains.values())   # a norm gain is one [d] vector shared by every head: so must lambda be
@@ -165,7 +166,7 @@ class SmoothAttention(Pass):
             _apply(block, a, gains, lam)
             if scorer is not None:
                 scorer.forget([a.q, a.k])
-            details[attention_module(a.q)] = {
+            details[a.path] = {
                 "fold": "norm gains" if shared else "q/k rows", "rope": a.rope, "alpha": alpha, "error": err,
                 "lambda_min": float(lam.min()), "lambda_max": float(lam.max()),
                 "k_absmax": float(k_max.max()), "k_absmax_after": float((k_max / lam).max())}

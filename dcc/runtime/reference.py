@@ -1,16 +1,16 @@
 """CPU reference execution of an artifact: a transformers model (built by the adapter of the model kind the manifest
 records: causal LM or encoder) whose quantized linears carry the decoded weights (where the engine's kernel computes
 with a reconstructed 16-bit weight) or are the format's reference module (where it does not: e.g. int8 activations,
-an integer GEMM and an fp16 epilogue), with the KV cache quantization the manifest records, run in float32 on the
-CPU. Formats come from the target registry."""
+an integer GEMM and an fp16 epilogue), its blocks run as their captured graphs with the KV cache quantization the
+manifest records (runtime/graph_blocks.py), in float32 on the CPU. Formats come from the target registry."""
 from __future__ import annotations
 
 import torch
 
-from ..ir.simulate import install_kv
 from ..models.adapter import artifact_adapter
 from ..models.loader import rebuild_buffers
 from .artifact import Artifact
+from .graph_blocks import run_blocks_as_graphs
 
 
 def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -55,9 +55,8 @@ def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, devic
     if config.tie_word_embeddings and model.get_output_embeddings() is not None:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     _restore_buffers(model, config, device)
-    kv = art.manifest.get("runtime", {}).get("kv_cache") or {}
-    if kv:   # the engine's KV cache precision: these attentions read K/V through the cache's quantization
-        install_kv(model, kv)
+    # every block runs as its graph; where the engine's cache is quantized, K/V reach attention through dcc::quant_kv
+    run_blocks_as_graphs(model, art.manifest.get("runtime", {}).get("kv_cache") or {})
     return model.to(device)
 
 

@@ -11,6 +11,7 @@ import torch
 from ..models.adapter import artifact_adapter
 from ..targets.artifact import sha256_tensor
 from .artifact import Artifact
+from .graph_blocks import linear_outputs
 from .reference import build_model
 
 
@@ -24,17 +25,9 @@ def check_exact(art: Artifact) -> dict[str, bool]:
 
 
 def _capture_outputs(model, ids: torch.Tensor, adapter) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    outs, hooks = {}, []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: outs.__setitem__(name, o.detach())))
-    try:
-        with torch.no_grad():
-            final = adapter.outputs(model, ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return outs, final
+    with linear_outputs(model) as outs, torch.no_grad():
+        final = adapter.outputs(model, ids)
+    return dict(outs), final
 
 
 def compare_with_float(art: Artifact, float_model, ids: torch.Tensor, qmodel=None) -> dict:

@@ -31,8 +31,8 @@ def artifact(tmp_path_factory, ids_files):
 def test_compile_qoq_w4a8kv4(artifact):
     m = json.loads((artifact / "dcc.json").read_text())
     assert m["target"] == "qserve" and m["engines"] == ["dcc-runtime"]     # 16-bit MLP layers: not QServe's loader
-    assert [s["pass"] for s in m["recipe"]["pipeline"]] == ["fuse_norms", "rotate", "smooth", "smooth_attention",
-                                                            "clip", "gptq"]
+    assert [s["pass"] for s in m["recipe"]["pipeline"]] == ["quantize_activations", "quantize_kv_cache", "fuse_norms",
+                                                            "rotate", "smooth", "smooth_attention", "clip", "gptq"]
     assert m["runtime"]["kv_bits"] == 4 and len(m["runtime"]["kv_cache"]) == 5
     quant = {k: v for k, v in m["layers"].items() if "skip_reason" not in v}
     assert len(quant) == 5 * 4 and {v["format"] for v in quant.values()} == {"qserve-w4a8-per-channel"}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dcc.compiler.context import BlockContext
+from dcc.ir.capture import capture
 from dcc.compiler.pass_manager import PassError, PassTiming, Step, check_pipeline, run_block, verify_block
 from dcc.ir.dump import Dumper
 from dcc.ir.graph import Block, Linear
@@ -96,6 +97,7 @@ def _block(prefix="model.layers.3"):
     block = Block(3, prefix, module)
     block.linears = {"fc": Linear("fc", 64, 32, False, spec=SPEC)}
     x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1))
+    block.gm = capture(module, (x,), {})[0]
     return block, BlockContext(block, (x,), {}, torch.device("cpu"))
 
 

@@ -161,13 +161,13 @@ def test_k_outlier_channels_flatten():
 
 
 def test_attention_without_statistics_is_skipped(monkeypatch):
-    # an attention that never reached the observer (not transformers' attention interface) is named, not guessed at
+    # an attention whose nodes the graph does not show (no statistics) is named, not guessed at
     block, ctx = _block("llama")
     w0 = _weights(block)
     monkeypatch.setattr(sa, "collect_qk", lambda block, ctx, attentions: {})
     res = SmoothAttention().run(block, SmoothAttentionConfig(), ctx)
     assert not res.changed and res.message == "no attention smoothed"
-    assert "self_attn" in res.details["skipped"][0] and "attention interface" in res.details["skipped"][0]
+    assert "self_attn" in res.details["skipped"][0] and "no single attention node" in res.details["skipped"][0]
     assert all(torch.equal(v, _weights(block)[k]) for k, v in w0.items())
 
 

@@ -63,8 +63,8 @@ def _tensors(art, name: str, entry: dict) -> dict[str, torch.Tensor]:
 
 
 def build_qserve_cuda_model(art, device: str = "cuda"):
-    """The CPU reference model of a QServe artifact (float32, KV simulation installed) on `device`, with every
-    quantized linear replaced by W4A8Linear."""
+    """The CPU reference model of a QServe artifact (float32, its blocks run as graphs with the KV cache
+    quantization in them) on `device`, with every quantized linear replaced by W4A8Linear."""
     from ...runtime.reference import build_model
 
     model = build_model(art, compute_dtype=torch.float32, device="cpu")

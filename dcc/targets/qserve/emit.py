@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from ...ir.simulate import attention_module
 from ..artifact import ArtifactWriter, sha256_tensor
 from ..common.emit import BaseEmitter
 from .layout import kernel_notes, pack_qweight, pack_s2, pack_w8
@@ -65,4 +64,4 @@ class QServeEmitter(BaseEmitter):
         for a in block.attentions:
             if a.kv_bits:
                 self.kv_bits = a.kv_bits
-                self.kv_cache[f"{block.prefix}.{attention_module(a.q)}"] = a.kv_bits
+                self.kv_cache[f"{block.prefix}.{a.path}"] = a.kv_bits

@@ -7,6 +7,8 @@ from ...ir.formats import QuantSpec
 from ...passes.clip import ClipConfig
 from ...passes.fuse_norms import FuseNormsConfig
 from ...passes.gptq import GptqConfig
+from ...passes.quantize_activations import QuantizeActivationsConfig
+from ...passes.quantize_kv_cache import QuantizeKvCacheConfig
 from ...passes.reorder import ReorderConfig
 from ...passes.rotate import RotateConfig
 from ...passes.rtn import RtnConfig
@@ -27,12 +29,19 @@ ALGOS = {
 GROUP_SIZES = (0, 64, 128)   # 0: per channel; 128: QServe's g128 kernel; 64: dcc's runtime only
 
 
+def engine_steps(kv: bool = True) -> list[Step]:
+    """The engine's run-time numerics inserted into each block's graph as dcc:: ops, first, so that every score
+    and every block output after them is what QServe computes: int8 per-token activations, and the KV cache."""
+    steps = [Step("quantize_activations", QuantizeActivationsConfig())]
+    return steps + [Step("quantize_kv_cache", QuantizeKvCacheConfig())] if kv else steps
+
+
 def qoq_steps(w8: bool = False, grouped: bool = False, rotate: bool = True, smooth: bool = True,
               smooth_attention: bool = True, reorder: bool = True, clip: bool = True, gptq: bool = True,
-              attention_search: bool = True) -> list[Step]:
+              attention_search: bool = True, kv: bool = True) -> list[Step]:
     """QoQ as a list of switchable phases (the benchmark's ablation rows use the switches); attention_search False:
     SmoothAttention at QoQ's fixed alpha 0.5."""
-    steps = [
+    steps = engine_steps(kv) + [
         # QServe's W4A8 loader ignores every *norm* weight: the gains must live in the linears
         Step("fuse_norms", FuseNormsConfig()),
     ]
@@ -66,19 +75,19 @@ def pipeline(algo: str, bits: int = 4, group_size: int = 0, kv_bits: int | None 
     """The passes run on every block, in order."""
     w8, grouped, kv = bits == 8, group_size > 0, kv_bits is not None
     if algo == "qoq":
-        return qoq_steps(w8, grouped, smooth_attention=kv)
+        return qoq_steps(w8, grouped, smooth_attention=kv, kv=kv)
     if algo == "qoq-rtn":
-        return qoq_steps(w8, grouped, smooth_attention=kv, gptq=False)
+        return qoq_steps(w8, grouped, smooth_attention=kv, gptq=False, kv=kv)
     if algo == "smoothquant":
         if not w8:
             raise ValueError("smoothquant is the W8A8 recipe: use --bits 8 (or --algo qoq for W4A8)")
         # SmoothQuant W8A8: alpha 0.5 on every group, as the best peer row (ModelOpt); QServe's W8A8 loader keeps
         # the norm weights, so the norms absorb their scales
-        return [Step("smooth", SmoothConfig(alpha=0.5)), Step("rtn", RtnConfig())]
+        return engine_steps(kv) + [Step("smooth", SmoothConfig(alpha=0.5)), Step("rtn", RtnConfig())]
     if algo == "gptq":
-        return [Step("fuse_norms", FuseNormsConfig()), Step("gptq", GptqConfig())]
+        return engine_steps(kv) + [Step("fuse_norms", FuseNormsConfig()), Step("gptq", GptqConfig())]
     if algo == "rtn":
-        return [Step("fuse_norms", FuseNormsConfig()), Step("rtn", RtnConfig())]
+        return engine_steps(kv) + [Step("fuse_norms", FuseNormsConfig()), Step("rtn", RtnConfig())]
     raise ValueError(f"unknown algorithm {algo!r} for qserve; choose one of {', '.join(ALGOS)}")
 
 
