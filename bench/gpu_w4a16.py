@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dcc.runtime import cuda as rt  # noqa: E402
-from dcc.targets.tinychat.layout import decode_weight, pack_qweight, pack_scales  # noqa: E402
+from dcc.targets.common.awq_layout import decode_weight, pack_qweight, pack_scales  # noqa: E402
 
 import _results  # noqa: E402  (bench/_results.py)
 

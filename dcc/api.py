@@ -19,19 +19,21 @@ from .targets import BUILTIN_TARGETS
 DEFAULT_TARGET = BUILTIN_TARGETS[0]   # the registry line's first target: the CLI's default
 log = logging.getLogger("dcc")
 # the CompileOptions fields that a target's own Options class checks (the CLI's target flags)
-TARGET_OPTIONS = ("algo", "bits", "group_size", "zero", "kv_bits", "dtype", "unsupported")
+TARGET_OPTIONS = ("algo", "bits", "group_size", "zero", "kv_bits", "rank", "precision", "dtype", "unsupported")
 
 
 @dataclass
 class CompileOptions:
     """What `dcc compile` takes; documented in its --help. The target options (algo, bits, group_size, zero,
-    kv_bits, dtype, unsupported) are checked by the target's own Options class; None means the target's default."""
+    kv_bits, rank, precision, dtype, unsupported) are checked by the target's own Options class; None means the target's default."""
     target: str | None = None       # None: the recipe's, else DEFAULT_TARGET
     algo: str | None = None         # None: the recipe's, else the target's default algorithm
     bits: int | None = None
     group_size: int | None = None   # None: the recipe's, else the target's default
     zero: str | None = None         # a TinyChat option
     kv_bits: str | int | None = None   # a QServe option
+    rank: int | None = None         # a Nunchaku option: the low-rank branch's rank
+    precision: str | None = None    # a Nunchaku option: int4
     dtype: str | None = None        # None: the recipe's, else float16
     calib: str | None = None
     recipe: str | None = None       # a recipe file (YAML/JSON) or an artifact's dcc.json

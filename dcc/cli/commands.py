@@ -56,6 +56,10 @@ def _targets_epilog() -> str:
               help="Input features per scale; 0 = per channel where the target has it (default: the target's).")
 @click.option("--kv-bits", type=click.Choice(["auto", "4", "8", "16"]), default=None,
               help="KV cache precision, for targets that simulate a quantized cache (per token and head, after RoPE).")
+@click.option("--rank", type=click.IntRange(min=16), default=None,
+              help="Rank of the 16-bit low-rank branch, for targets with one (SVDQuant; a multiple of 16, default 32).")
+@click.option("--precision", type=click.Choice(["int4"]), default=None,
+              help="4-bit format of weights and activations, for W4A4 targets (default int4).")
 @click.option("--zero", type=click.Choice(["auto", "float", "integer"]), default=None,
               help="Zero points, for targets with asymmetric groups: float (each group's 16-bit offset is free), "
                    "integer (AWQ's integer zero point) or auto (integer for rtn, float for the searched methods).")
@@ -74,9 +78,8 @@ def _targets_epilog() -> str:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Print what each pass does to each block.")
 @friendly
-def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, recipe, bits, group_size, kv_bits, zero,
-                dtype,
-                unsupported, dump_dir, seed, device, force, debug, quiet, verbose):
+def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, recipe, bits, group_size, kv_bits, rank,
+                precision, zero, dtype, unsupported, dump_dir, seed, device, force, debug, quiet, verbose):
     """Compile MODEL (a Hugging Face folder or a .gguf file) into an engine-ready artifact folder.
 
     Blocks are captured with torch.export and compiled one at a time on the calibration data; the artifact is
@@ -85,8 +88,7 @@ def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, re
     from .main import install_logging
     install_logging(verbose)   # target, algorithm and options are checked by the target registry: one line each
     opts = CompileOptions(target=target, algo=algo, recipe=recipe, bits=bits, group_size=group_size, zero=zero,
-                          kv_bits=kv_bits,
-                          dtype=dtype, calib=calib, calib_chunks=calib_chunks, calib_seq_len=calib_seq_len,
+                          kv_bits=kv_bits, rank=rank, precision=precision, dtype=dtype, calib=calib, calib_chunks=calib_chunks, calib_seq_len=calib_seq_len,
                           unsupported=unsupported,
                           seed=seed, device=device, dump_dir=dump_dir, force=force, debug=debug,
                           progress=not quiet, verbose=verbose)

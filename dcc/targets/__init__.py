@@ -2,4 +2,4 @@
 compiler and the CLI find them through dcc.targets.base only."""
 
 # the registry line: the targets that ship with dcc (each a package dcc.targets.<name> that registers itself)
-BUILTIN_TARGETS = ("tinychat", "qserve")
+BUILTIN_TARGETS = ("tinychat", "qserve", "nunchaku")

@@ -1,6 +1,6 @@
 """GPU tests of the W4A16 CUDA runtime (csrc/w4a16 through dcc.runtime.cuda) against the layout's own decoder.
 
-Imports only torch, dcc.targets.tinychat.layout and dcc.runtime.cuda (no transformers). Each check draws fresh random
+Imports only torch, dcc.targets.common.awq_layout and dcc.runtime.cuda (no transformers). Each check draws fresh random
 codes, scales, zero points and activations, poisons the output with NaN before the kernel runs, and compares with a
 float64 reference x @ decode_weight(...)^T."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import zlib
 import pytest
 import torch
 
-from dcc.targets.tinychat.layout import decode_weight, pack_qweight, pack_scales
+from dcc.targets.common.awq_layout import decode_weight, pack_qweight, pack_scales
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -10,7 +10,8 @@ from ..artifact import ArtifactWriter
 
 class BaseEmitter:
     """on_block(block, ctx) packs a finished block; finish(lm) writes the parts outside the blocks. A target
-    subclasses it and implements quantized()."""
+    subclasses it and implements quantized(); writes_bias: its quantized() stores the bias (in its own layout)."""
+    writes_bias = False
 
     def __init__(self, writer: ArtifactWriter, dtype: torch.dtype = torch.float16):
         self.writer, self.dtype = writer, dtype
@@ -38,7 +39,7 @@ class BaseEmitter:
                 self._plain(f"{full}.weight", mod.weight.data)
                 entry.update(format="float16" if self.dtype == torch.float16 else "bfloat16",
                              skip_reason=lin.skip_reason or "no quantization spec")
-            if mod.bias is not None:
+            if mod.bias is not None and not (self.writes_bias and lin.qtensor is not None):
                 self._plain(f"{full}.bias", mod.bias.data)
             done |= {f"{name}.weight", f"{name}.bias"}
             self.layers[full] = entry

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..artifact import sha256_tensor
 from ..common.emit import BaseEmitter
-from .layout import KERNEL_GROUP_SIZES, pack_qweight, pack_scales
+from ..common.awq_layout import KERNEL_GROUP_SIZES, pack_qweight, pack_scales
 
 FORMAT = "tinychat-w4a16-v2"
 

@@ -8,7 +8,7 @@ from ...passes.clip import ClipConfig
 from ...passes.gptq import GptqConfig
 from ...passes.rtn import RtnConfig
 from ..common import preflight as common
-from .layout import GROUP_SIZES, KERNEL_GROUP_SIZES, LayoutError, check_shape
+from ..common.awq_layout import GROUP_SIZES, KERNEL_GROUP_SIZES, LayoutError, check_shape
 
 # algorithm -> what it runs (the CLI's --help reads this); the first is the default
 ALGOS = {

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from ..base import Format, Target, TargetError, TargetOptions, register_target
 from ..common.hf4_config import to_hf4
-from . import engine_config, layout
+from ..common import awq_layout as layout
+from . import engine_config
 from .emit import FORMAT, TinyChatEmitter, engines_for
 from .pipeline import ALGOS, make_spec_assigner, pipeline, preflight, weight_spec
 

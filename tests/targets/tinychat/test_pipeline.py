@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 
 from dcc.compiler.pass_manager import check_pipeline
-from dcc.targets.tinychat.layout import LayoutError
+from dcc.targets.common.awq_layout import LayoutError
 from dcc.targets.base import get_target
 from dcc.targets.tinychat.target import zero_for
 from dcc.targets.tinychat.pipeline import ALGOS, pipeline, preflight, weight_spec

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dcc.ir.formats import QuantSpec, quantize_tensor
-from dcc.targets.tinychat.layout import (GROUP_SIZES, KERNEL_GROUP_SIZES, LayoutError, check_shape, decode_weight,
+from dcc.targets.common.awq_layout import (GROUP_SIZES, KERNEL_GROUP_SIZES, LayoutError, check_shape, decode_weight,
                                          pack_qweight, pack_scales, padded_groups, unpack_qweight, unpack_scales)
 
 
@@ -286,7 +286,7 @@ def test_float_zero_is_stored_as_the_scaled_zero_and_decodes_exactly():
 def test_the_cuda_runtime_pads_scale_rows_as_the_layout_does():
     """dcc.runtime.cuda.ops checks scale shapes without importing the target: its padding rule must agree."""
     from dcc.runtime.cuda.ops import _scale_rows
-    from dcc.targets.tinychat.layout import GROUP_SIZES, padded_groups
+    from dcc.targets.common.awq_layout import GROUP_SIZES, padded_groups
     for g in GROUP_SIZES:
         for n in range(0, 80):
             assert _scale_rows(n, g) == padded_groups(n, g), (n, g)

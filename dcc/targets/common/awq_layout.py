@@ -1,5 +1,6 @@
-"""TinyChat (AWQ W4A16 "v2") tensor layout: int16 [N/4, K] interleaved qweight, group-major padded scales and
-scaled zeros, and the exact weight the kernels reconstruct from them."""
+"""llm-awq's W4A16 "v2" tensor layout, which TinyChat reads (and Nunchaku's W4A16 layers, nunchaku/layout_awq.py):
+int16 [N/4, K] interleaved qweight, group-major padded scales and scaled zeros, and the exact weight the kernels
+reconstruct from them."""
 from __future__ import annotations
 
 import torch

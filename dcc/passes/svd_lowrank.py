@@ -1,0 +1,174 @@
+"""SVDQuant (Li et al., 2024; research/deepcompressor.md): W = L1·L2 + R per linear, with the low-rank branch L1·L2 kept
+in 16 bits and the residual R quantized, after a smoothing x / lambda that moves activation outliers into the weight
+(where the branch absorbs the largest directions). For the linears reading one tensor (q/k/v, gate/up: one smoothing
+factor, as Nunchaku's fused qkv_proj), per candidate alpha, lambda = max|x|^alpha / max|W|^(1 - alpha); the branch is a
+truncated SVD of the smoothed weight W·diag(lambda), refined by alternation (the SVD of W - Q(R) re-fits the branch on
+the quantization residual), and alpha is chosen on the group's output error with the weights and the activations
+fake-quantized as the target's spec says (the branch sees the raw x, R the smoothed one).
+
+The result is a graph rewrite: the linear reads x / smooth, and a branch linear(linear(x, lora_down), lora_up) is
+added to its output, so dumps show it and every later pass and the block's output compute it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from ..ir.formats import fake_quantize_fast
+from ..ir.ops import fake_quantize_act
+from ..ir.rewrite import insert_lowrank, linear_nodes
+from .base import Pass, PassConfig, PassResult, quantizable, register
+
+
+@dataclass(frozen=True)
+class SvdLowrankConfig(PassConfig):
+    """rank: of the 16-bit branch (a multiple of 16, Nunchaku pads it so; 0 disables the branch, leaving smoothing).
+    grid: alpha in {0, 1/grid, ..., 1} searched per group (0: no smoothing, lambda = 1). iterations: alternations
+    after the first SVD (stopped at the first that does not lower the error). svd: "lowrank" (randomized,
+    torch.svd_lowrank) or "full" (torch.linalg.svd in float64, the checked option). max_tokens: calibration rows
+    the error is measured on (evenly spaced). Example: SvdLowrankConfig(rank=32, grid=10)."""
+    rank: int = 32
+    grid: int = 10
+    iterations: int = 4
+    svd: str = "lowrank"
+    max_tokens: int = 1024
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0 or self.rank % 16:
+            raise ValueError(f"svd_lowrank: rank must be a multiple of 16 (0: no branch), got {self.rank!r}")
+        for name in ("grid", "iterations", "max_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (name == "max_tokens" and v == 0):
+                raise ValueError(f"svd_lowrank: {name} must be a non-negative int, got {v!r}")
+        if self.svd not in ("lowrank", "full"):
+            raise ValueError(f"svd_lowrank: svd must be 'lowrank' or 'full', got {self.svd!r}")
+
+
+def top_components(w: torch.Tensor, rank: int, method: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up [N, rank] = U·S, down [rank, K] = Vh) of w's best rank-`rank` approximation, in float64."""
+    if rank == 0:
+        return w.new_zeros(w.shape[0], 0), w.new_zeros(0, w.shape[1])
+    if method == "full" or rank * 2 >= min(w.shape):
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return u[:, :rank] * s[:rank], vh[:rank]
+    g = torch.random.fork_rng(devices=[])
+    with g:   # svd_lowrank draws a random test matrix: seeded, so the artifact is reproducible
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(w, q=rank + 16, niter=4)
+    return u[:, :rank] * s[:rank], v[:, :rank].T
+
+
+class _Group:
+    """Linears reading one tensor: their stacked weight [N, K], the inputs [T, K] and the float outputs."""
+
+    def __init__(self, block, names: list[str], x: torch.Tensor, max_tokens: int):
+        self.names = names
+        self.lins = [block.linears[n] for n in names]
+        self.rows = [l.out_features for l in self.lins]
+        self.w = torch.cat([block.linear_module(n).weight.data.double() for n in names])
+        if x.shape[0] > max_tokens:   # evenly spaced rows: every sequence and position represented
+            x = x[torch.linspace(0, x.shape[0] - 1, max_tokens).round().long()]
+        self.x = x.double()
+        self.ref = self.x @ self.w.T
+        self.act = self.lins[0].act
+
+    def quantize_weight(self, r: torch.Tensor) -> torch.Tensor:
+        parts = r.split(self.rows)
+        return torch.cat([fake_quantize_fast(p.float(), l.spec, 1.0 if l.clip is None else l.clip).double()
+                          for p, l in zip(parts, self.lins)])
+
+    def error(self, lam: torch.Tensor, rq: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
+        """Relative squared output error of Q(x / lam) Q(R)^T + (x / lam) down^T up^T against x W^T."""
+        xs = self.x / lam
+        xq = fake_quantize_act(xs.float(), self.act).double() if self.act else xs
+        y = xq @ rq.T + (xs @ down.T) @ up.T
+        return float(((y - self.ref) ** 2).sum() / (self.ref ** 2).sum().clamp(min=1e-30))
+
+
+def smoothing(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """lambda = max|x|^alpha / max|W|^(1 - alpha), centred (geometric mean of its range 1) so that neither side's
+    16-bit values drift in magnitude; alpha 0 gives 1 / max|W| centred, not 1: the grid's 'no smoothing' is None."""
+    lam = x_max.clamp(min=1e-5) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)
+    return lam / (lam.max() * lam.min()).sqrt()
+
+
+def fit(g: _Group, lam: torch.Tensor, config: SvdLowrankConfig, seed: int, iterations: int):
+    """The branch and residual for one smoothing: SVD of W·diag(lam), then alternations. (error, up, down, R)."""
+    ws = g.w * lam
+    up, down = top_components(ws, config.rank, config.svd, seed)
+    r = ws - up @ down
+    rq = g.quantize_weight(r)
+    best = (g.error(lam, rq, up, down), up, down, r)
+    for _ in range(iterations):
+        up, down = top_components(ws - rq, config.rank, config.svd, seed)
+        r = ws - up @ down
+        rq = g.quantize_weight(r)
+        err = g.error(lam, rq, up, down)
+        if not err < best[0]:
+            break
+        best = (err, up, down, r)
+    return best
+
+
+@register
+class SvdLowrank(Pass):
+    Config = SvdLowrankConfig
+    uses_activations = True
+    preserves_function = True   # R + branch == W·diag(lambda) exactly in float64, read by x / lambda
+    ensures = ("lowrank",)
+    forbids = ("clipped", "quantized")   # it replaces the weights: ranges and codes taken before would be stale
+
+    @torch.no_grad()
+    def run(self, block, config, ctx) -> PassResult:
+        lins = [l for l in quantizable(block) if l.act is not None]
+        if not lins:
+            return PassResult(False, "no linear with quantized activations: nothing to smooth or to branch")
+        # linears reading one tensor share one smoothing factor (and a branch each)
+        feeds = {name: node.args[0].name for name, node in linear_nodes(block.gm).items()}
+        groups: dict[str, list[str]] = {}
+        for l in lins:
+            groups.setdefault(feeds[l.name], []).append(l.name)
+        details = {}
+        for i, names in enumerate(groups.values()):
+            g = _Group(block, names, ctx.inputs(names[0]), config.max_tokens)
+            x_max, w_max = g.x.abs().amax(0), g.w.abs().amax(0)
+            ones = torch.ones_like(x_max)
+            # alpha search with the first SVD only (the alternations refine the chosen one)
+            cands = [(None, ones)] + [(a / config.grid, smoothing(x_max, w_max, a / config.grid))
+                                      for a in range(config.grid + 1)] if config.grid else [(None, ones)]
+            scored = [(fit(g, lam, config, ctx.seed, 0)[0], k, a, lam) for k, (a, lam) in enumerate(cands)]
+            err0, _, alpha, lam = min(scored, key=lambda t: (t[0], t[1]))
+            err, up, down, r = fit(g, lam, config, ctx.seed, config.iterations)
+            self._apply(block, g, lam, up, down, r)
+            # errors: relative squared output error of the group, unsmoothed (first candidate), chosen alpha with the
+            # first SVD, and after the alternations
+            details[",".join(names)] = {"alpha": alpha, "rank": config.rank, "error_unsmoothed": round(scored[0][0], 8),
+                                        "error_first_svd": round(err0, 8), "error": round(err, 8)}
+        for names in groups.values():
+            for name in names:
+                ctx.rewrite(partial(insert_lowrank, path=name))
+        return PassResult(True, f"{sum(map(len, groups.values()))} linear(s) in {len(groups)} group(s): rank "
+                          f"{config.rank} branch, smoothing alpha {[d['alpha'] for d in details.values()]}",
+                          details, facts=self.ensures)
+
+    @staticmethod
+    def _apply(block, g: _Group, lam, up, down, r) -> None:
+        """Each linear: weight R (in the smoothed basis), buffers smooth = lambda, lora_down = Vh / lambda (so that
+        the branch reads the raw x), lora_up = its rows of U·S. The three are rounded to the 16-bit dtype the
+        engine stores them in (the spec's scale dtype) and R is taken against the rounded ones, so the artifact
+        holds exactly the branch that was evaluated and R + branch stays W·diag(lambda) (to R's rounding)."""
+        dt16 = g.lins[0].spec.torch_scale_dtype
+        lam = lam.to(dt16).double()
+        down_x = (down / lam).to(dt16).double()             # the stored lora_down, read by the raw x
+        up = up.to(dt16).double()
+        r = g.w * lam - up @ (down_x * lam)                  # (x / lam) R^T + x down_x^T up^T == x W^T
+        start = 0
+        for name, rows in zip(g.names, g.rows):
+            mod = block.linear_module(name)
+            dt, dev = mod.weight.dtype, mod.weight.device
+            mod.weight.data = r[start:start + rows].to(dt)
+            mod.register_buffer("smooth", lam.to(dt).to(dev))
+            mod.register_buffer("lora_down", down_x.to(dt).to(dev))
+            mod.register_buffer("lora_up", up[start:start + rows].to(dt).to(dev))
+            start += rows

@@ -1,0 +1,66 @@
+"""svd_lowrank (SVDQuant): the float function is kept (R + branch == W·diag(lambda), read by x / lambda), the branch
+is a graph rewrite the block runs, and with W4A4 fake quantization the group error falls from smoothing alone to
+the branch and with the alternations."""
+import pytest
+import torch
+
+from dcc.compiler.pass_manager import PassTiming, Step, run_block
+from dcc.ir.formats import QuantSpec
+from dcc.passes.quantize_activations import QuantizeActivationsConfig
+from dcc.passes.rtn import RtnConfig
+from dcc.passes.svd_lowrank import SvdLowrankConfig, top_components
+
+from tiny_models import fresh_block, outlier_layer
+
+TEMPLATE = outlier_layer()
+W4 = QuantSpec("int4", symmetric=True, group_size=64, scale_dtype="bfloat16")
+
+
+def _block():
+    block, ctx = fresh_block(TEMPLATE, spec=W4)
+    for lin in block.linears.values():
+        lin.act = "int4:bfloat16"
+    return block, ctx
+
+
+def test_branch_keeps_the_float_function_and_is_in_the_graph():
+    block, ctx = _block()
+    ref = ctx.forward().clone()
+    res, = run_block(block, [Step("svd_lowrank", SvdLowrankConfig(rank=16, grid=4))], ctx, PassTiming(), debug=True)
+    assert res.changed and res.details["output_rel_err"] < 1e-4   # the manager's preservation check, under debug
+    torch.testing.assert_close(ctx.forward(), ref, rtol=1e-4, atol=1e-5)
+    q = block.linear_module("self_attn.q_proj")
+    assert q.lora_down.shape == (16, 64) and q.lora_up.shape == (64, 16) and q.smooth.shape == (64,)
+    # q/k/v read one tensor: one smoothing factor
+    assert torch.equal(q.smooth, block.linear_module("self_attn.v_proj").smooth)
+    assert sum(n.target == "div" for n in block.nodes) == len(block.linears)
+    groups = [d for d in res.details.values() if isinstance(d, dict)]
+    assert len(groups) == 4   # q/k/v, o, gate/up, down
+    for d in groups:
+        assert d["error"] <= d["error_first_svd"] <= d["error_unsmoothed"]
+
+
+def test_branch_lowers_the_w4a4_error_of_the_block():
+    errs = {}
+    for rank in (0, 32):
+        block, ctx = _block()
+        ref = ctx.forward().clone()
+        steps = [Step("svd_lowrank", SvdLowrankConfig(rank=rank, grid=4)),
+                 Step("quantize_activations", QuantizeActivationsConfig()), Step("rtn", RtnConfig())]
+        run_block(block, steps, ctx, PassTiming())
+        out = ctx.forward(simulate=True)
+        errs[rank] = float((out - ref).norm() / ref.norm())
+    assert errs[32] < errs[0] < 1
+
+
+def test_top_components_match_the_full_svd_and_config_checks():
+    w = torch.randn(96, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    w[:, :4] *= 30   # a few strong directions, as outlier channels make
+    u1, d1 = top_components(w, 16, "full", 0)
+    u2, d2 = top_components(w, 16, "lowrank", 0)
+    full, fast = torch.linalg.matrix_norm(w - u1 @ d1), torch.linalg.matrix_norm(w - u2 @ d2)
+    assert full <= fast <= full * 1.05
+    with pytest.raises(ValueError, match="rank must be a multiple of 16"):
+        SvdLowrankConfig(rank=24)
+    with pytest.raises(ValueError, match="svd must be"):
+        SvdLowrankConfig(svd="exact")
