@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from ..ir import program
-from ..ir.capture import Captures, first_samples
+from ..ir.capture import Captures, first_samples, typed_nodes
 from ..ir.program import copy_graph, input_key
 from ..ir.rewrite import linear_nodes
 
@@ -54,7 +54,6 @@ class BlockContext:
     def rewrite(self, fn: Callable) -> object:
         """Apply a graph rewrite fn(gm) to the block's graph (and, later, to its other captures); returns fn's
         result. The dumps' node listing follows."""
-        from ..ir.capture import typed_nodes
         out = fn(self.block.gm)
         self.block.rewrites.append(fn)
         self.block.nodes = typed_nodes(self.block.gm)

@@ -99,6 +99,7 @@ def changed(gm: GraphModule) -> None:
     gm.graph.lint()
     gm.recompile()
     gm.meta.pop(_FLOAT, None)
+    gm.meta.pop("dcc_accessors", None)   # the inputs may have changed
 
 
 def input_key(args: tuple, kwargs: dict) -> tuple:
@@ -109,6 +110,27 @@ def input_key(args: tuple, kwargs: dict) -> tuple:
                                 for v in leaves)
 
 
+def _accessors(gm: GraphModule, module: torch.nn.Module) -> list:
+    """Per placeholder, how to fetch its value: (submodule, attribute) for parameters and buffers (looked up by
+    path once per module, read by attribute on every run, so a Parameter a pass replaced is seen), a constant, or
+    None for a user input. Cached on the graph for the module last used with it."""
+    cached = gm.meta.get("dcc_accessors")
+    if cached is not None and cached[0] is module:
+        return cached[1]
+    io: GraphIO = gm.meta[_IO]
+    out = []
+    for kind, target in io.inputs:
+        if kind in ("param", "buffer"):
+            owner, _, attr = target.rpartition(".")
+            out.append((module.get_submodule(owner) if owner else module, attr))
+        elif kind == "constant":
+            out.append(("constant", io.constants[target]))
+        else:
+            out.append(None)
+    gm.meta["dcc_accessors"] = (module, out)
+    return out
+
+
 def _flat_inputs(gm: GraphModule, module: torch.nn.Module, args: tuple, kwargs: dict) -> list:
     io: GraphIO = gm.meta[_IO]
     leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -116,15 +138,17 @@ def _flat_inputs(gm: GraphModule, module: torch.nn.Module, args: tuple, kwargs: 
         raise ValueError(f"{type(module).__name__}: called with inputs of another structure than its graph was "
                          f"captured with ({spec} vs {io.in_spec})")
     flat, users = [], iter(leaves)
-    for kind, target in io.inputs:
-        if kind == "param":
-            flat.append(module.get_parameter(target))
-        elif kind == "buffer":
-            flat.append(module.get_buffer(target))
-        elif kind == "constant":
-            flat.append(io.constants[target])
-        else:
+    for acc in _accessors(gm, module):
+        if acc is None:
             flat.append(next(users))
+        elif acc[0] == "constant":
+            flat.append(acc[1])
+        else:
+            value = getattr(acc[0], acc[1])
+            if value is None:
+                raise ValueError(f"{type(module).__name__}: the graph reads {acc[1]} of {type(acc[0]).__name__}, "
+                                 f"which is None")
+            flat.append(value)
     return flat
 
 

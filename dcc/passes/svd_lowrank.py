@@ -25,8 +25,9 @@ from .base import Pass, PassConfig, PassResult, quantizable, register
 class SvdLowrankConfig(PassConfig):
     """rank: of the 16-bit branch (a multiple of 16, Nunchaku pads it so; 0 disables the branch, leaving smoothing).
     grid: alpha in {0, 1/grid, ..., 1} searched per group (0: no smoothing, lambda = 1). iterations: alternations
-    after the first SVD (stopped at the first that does not lower the error). svd: "lowrank" (randomized,
-    torch.svd_lowrank) or "full" (torch.linalg.svd in float64, the checked option). max_tokens: calibration rows
+    after the first SVD (stopped at the first that does not lower the error). svd: "lowrank" (the top-r singular
+    vectors only: from the Gram matrix, or randomized for K > 4096) or "full" (torch.linalg.svd in float64, the
+    checked option). max_tokens: calibration rows
     the error is measured on (evenly spaced). Example: SvdLowrankConfig(rank=32, grid=10)."""
     rank: int = 32
     grid: int = 10
@@ -45,15 +46,26 @@ class SvdLowrankConfig(PassConfig):
             raise ValueError(f"svd_lowrank: svd must be 'lowrank' or 'full', got {self.svd!r}")
 
 
-def top_components(w: torch.Tensor, rank: int, method: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up [N, rank] = U·S, down [rank, K] = Vh) of w's best rank-`rank` approximation, in float64."""
+def top_components(w: torch.Tensor, rank: int, method: str, seed: int,
+                   gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up [N, rank] = U·S, down [rank, K] = Vh) of w's best rank-`rank` approximation, in float64.
+
+    "lowrank": from the eigenvectors of the Gram matrix w^T w [K, K] (exact top-r right singular vectors, K^3
+    work, which beats any QR-based method for the K of a transformer's linears; `gram` may be given), or, for
+    K > 4096, torch.svd_lowrank (randomized, seeded). "full": torch.linalg.svd, the checked option."""
     if rank == 0:
         return w.new_zeros(w.shape[0], 0), w.new_zeros(0, w.shape[1])
     if method == "full" or rank * 2 >= min(w.shape):
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         return u[:, :rank] * s[:rank], vh[:rank]
-    g = torch.random.fork_rng(devices=[])
-    with g:   # svd_lowrank draws a random test matrix: seeded, so the artifact is reproducible
+    if w.shape[1] <= 4096:
+        g = w.T @ w if gram is None else gram
+        _, vecs = torch.linalg.eigh(g)                 # ascending eigenvalues: the top r are the last columns
+        v = vecs[:, -rank:].flip(1)
+        # a singular vector's sign is arbitrary: fix it (largest entry positive) so the result is reproducible
+        v = v * torch.sign(v.gather(0, v.abs().argmax(0, keepdim=True)))
+        return w @ v, v.T
+    with torch.random.fork_rng(devices=[]):   # svd_lowrank draws a random test matrix: seeded, reproducible
         torch.manual_seed(seed)
         u, s, v = torch.svd_lowrank(w, q=rank + 16, niter=4)
     return u[:, :rank] * s[:rank], v[:, :rank].T
@@ -72,6 +84,7 @@ class _Group:
         self.x = x.double()
         self.ref = self.x @ self.w.T
         self.act = self.lins[0].act
+        self.gram = self.w.T @ self.w if self.w.shape[1] <= 4096 else None
 
     def quantize_weight(self, r: torch.Tensor) -> torch.Tensor:
         parts = r.split(self.rows)
@@ -96,7 +109,9 @@ def smoothing(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.T
 def fit(g: _Group, lam: torch.Tensor, config: SvdLowrankConfig, seed: int, iterations: int):
     """The branch and residual for one smoothing: SVD of W·diag(lam), then alternations. (error, up, down, R)."""
     ws = g.w * lam
-    up, down = top_components(ws, config.rank, config.svd, seed)
+    # the Gram matrix of W·diag(lam) is diag(lam) (W^T W) diag(lam): one product per group, not per candidate
+    gram = g.gram * lam.view(-1, 1) * lam.view(1, -1) if g.gram is not None else None
+    up, down = top_components(ws, config.rank, config.svd, seed, gram)
     r = ws - up @ down
     rq = g.quantize_weight(r)
     best = (g.error(lam, rq, up, down), up, down, r)
