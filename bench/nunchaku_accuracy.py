@@ -9,6 +9,7 @@ activations, 16-bit group accumulation). The result is written after every row (
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ import _results  # bench/_results.py: the results' JSON format
 # (row, algo, rank), the headline first
 ROWS = {"svdquant-r32": ("SVDQuant rank 32", "svdquant", 32), "rtn": ("W4A4 RTN", "rtn", 32),
         "smooth": ("+ smoothing (no branch)", "smoothquant", 32), "svdquant-r16": ("SVDQuant rank 16", "svdquant", 16),
-        "svdquant-r64": ("SVDQuant rank 64", "svdquant", 64)}
+        "svdquant-r64": ("SVDQuant rank 64", "svdquant", 64),
+        "svdquant-gptq-r32": ("SVDQuant rank 32, GPTQ on the residual", "svdquant-gptq", 32)}
 
 
 def main() -> None:
@@ -42,7 +44,10 @@ def main() -> None:
     lm = LazyModel(args.model)
     w = windows(tokenize_file(args.eval, load_tokenizer(lm.path)), args.windows, args.seq_len, args.eval)
     del lm
-    rows = []
+    # rows measured before (another --rows) are kept, those measured again replaced
+    old = json.loads(Path(args.out).read_text())["rows"] if Path(args.out).is_file() else []
+    names = {ROWS[k][0] for k in args.rows.split(",")}
+    rows = [r for r in old if r["method"] not in names]
     for key in args.rows.split(","):
         name, algo, rank = ROWS[key]
         opts = CompileOptions(target="nunchaku", algo=algo, rank=rank, calib=args.calib, calib_chunks=16,
