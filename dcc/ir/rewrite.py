@@ -16,6 +16,11 @@ _REPEAT = {"expand", "unsqueeze", "reshape", "view", "_unsafe_view", "clone", "c
            "repeat", "slice", "alias", "_assert_tensor_metadata"}
 
 
+def _meta_like(n: torch.fx.Node) -> dict:
+    """The metadata a node inserted after n carries (same value shape, same owning module): dumps read it."""
+    return {k: v for k, v in n.meta.items() if k in ("val", "nn_module_stack", "tensor_meta")}
+
+
 def linear_nodes(gm: GraphModule) -> dict[str, torch.fx.Node]:
     """{linear module path: its aten.linear node}, by the path of the weight the node reads."""
     by_placeholder = param_paths(gm)
@@ -49,7 +54,7 @@ def insert_act_quant(gm: GraphModule, linears: dict[str, str]) -> int:
         if (x, fmt) not in shared:
             with gm.graph.inserting_after(x):
                 q = gm.graph.call_function(op, (x, *extra))
-            q.meta = {k: v for k, v in x.meta.items() if k in ("val", "nn_module_stack", "tensor_meta")}
+            q.meta = _meta_like(x)
             shared[(x, fmt)] = q
         lin.replace_input_with(x, shared[(x, fmt)])
     if shared:
@@ -144,7 +149,7 @@ def insert_kv_quant(gm: GraphModule, attentions: dict[str, int]) -> int:
             users = list(src.users)
             with gm.graph.inserting_after(src):
                 q = gm.graph.call_function(ops.quant_kv, (src, int(bits)))
-            q.meta = {k: v for k, v in src.meta.items() if k in ("val", "nn_module_stack", "tensor_meta")}
+            q.meta = _meta_like(src)
             for u in users:
                 u.replace_input_with(src, q)
             count += 1
