@@ -122,29 +122,27 @@ __device__ __forceinline__ void unpack_tile(const uint4 w, const Level2& l2, uin
   }
 }
 
-// The epilogue: psum (|psum| < 2^25) times two fp16 numbers (11-bit significands) is exact in double (<= 47 bits),
-// as is szeros*asum, so v below is the exact value rounded once (to double). It is then rounded to fp16 through
-// float, as the CPU reference does (torch's float64 -> float16 cast goes through float32): the kernel's outputs are
-// then bit-identical to dcc.targets.qserve.reference.QServeLinear given the same int8 activations, and differ from
-// fp16(exact) by at most one ulp in the rare case where the float rounding lands on an fp16 tie.
-__device__ __forceinline__ __half epilogue_vals(int psum, __half s1, __half sz, __half as, __half am,
-                                               bool per_channel) {
-  double v = static_cast<double>(psum) * static_cast<double>(__half2float(s1)) * static_cast<double>(__half2float(as));
-  if (per_channel) v = fma(-static_cast<double>(__half2float(sz)), static_cast<double>(__half2float(am)), v);
-  return __float2half_rn(__double2float_rn(v));
+// The epilogue in QServe's instruction order (kernels/csrc/qgemm/w4a8_per_chn|w4a8_per_group/gemm_cuda.cu @ de6a2ec,
+// built with --use_fast_math; its sm_90 SASS: I2FP.F32.S32, FMUL, FMUL, FFMA, F2FP), so that the outputs are
+// bit-identical to QServe's kernels and to dcc.targets.qserve.numerics given the same int8 activations:
+//   per channel  fp16(fma(as, fl(s1 * float(psum)), -fl(sz * asum)))      (ptxas contracts QServe's mul + sub)
+//   groups       fp16(fl(float(psum) * fl(s1 * as)))                       (s1 * as is exact in float)
+// float(psum) rounds to nearest (exact below 2^24). The explicit _rn intrinsics keep nvcc from contracting
+// differently; QServe's .ftz changes nothing after the fp16 rounding (no operand is a float subnormal).
+__device__ __forceinline__ float qserve_epilogue_f(float pf, float s1, float sz, float as, float am, bool per_channel) {
+  return per_channel ? __fmaf_rn(as, __fmul_rn(s1, pf), -__fmul_rn(sz, am)) : __fmul_rn(pf, __fmul_rn(s1, as));
 }
 
-// The same value by a shorter dependency chain where |psum| < 2^22 (as the wgmma kernel's epilogue): psum is exact
-// in float (magic-number conversion), s1*as and sz*asum are exact in float (fp16 x fp16: 22 significant bits), so
-// one fma rounds the exact value once to float. That is the float the double path gives, except where that path's
-// two roundings (to double, then to float) differ from one, which needs the exact value to sit on a float rounding
-// tie after the double rounding (probability ~2^-29). Larger |psum|: the double path.
+__device__ __forceinline__ __half epilogue_vals(int psum, __half s1, __half sz, __half as, __half am,
+                                               bool per_channel) {
+  return __float2half_rn(qserve_epilogue_f(__int2float_rn(psum), __half2float(s1), __half2float(sz),
+                                           __half2float(as), __half2float(am), per_channel));
+}
+
+// Kept as a name for the kernels that take their scales from shared memory: the same value.
 __device__ __forceinline__ __half epilogue_fast(int psum, __half s1, __half sz, __half as, __half am,
                                                bool per_channel) {
-  if (static_cast<uint32_t>(psum + (1 << 22)) >= (1u << 23)) return epilogue_vals(psum, s1, sz, as, am, per_channel);
-  const float pf = __int_as_float(0x4B400000 + psum) - 12582912.f;   // 1.5 * 2^23 + psum, exact below 2^22
-  const float b = per_channel ? __half2float(sz) * __half2float(am) : 0.f;
-  return __float2half_rn(fmaf(pf, __half2float(s1) * __half2float(as), -b));
+  return epilogue_vals(psum, s1, sz, as, am, per_channel);
 }
 
 __device__ __forceinline__ __half epilogue(int psum, int m, int n, const GemmArgs& p) {

@@ -39,14 +39,11 @@
 //    griddepcontrol.wait, the activations and token scales are read only after it. Safe because only kernels
 //    that never write weights (quant_act, this GEMM) trigger their dependents early; any other predecessor
 //    triggers implicitly when it completes.
-//  - Numerics: psum is the exact int32 sum (s8 x s8 -> s32 tensor-core accumulation). Epilogue per output:
-//    a = s1[n]*ascale[m] and b = szeros[n]*asum[m] are exact in float (products of two fp16); for |psum| < 2^22
-//    psum is exact in float (magic-number conversion), so fmaf(psum, a, -b) is the exact result rounded once to
-//    float, then rounded to fp16. The reference chain (mma.sync kernels in common.cuh, the CPU reference) rounds
-//    the exact value to double, then float, then fp16: identical except where the double rounding lands on a
-//    float tie (probability ~2^-29 per output; never seen). Larger |psum| takes the double path (exact_out), which
-//    is that reference chain. Unsplit outputs go through shared memory for 16-byte coalesced stores;
-//    tokens >= M are masked (the TMA load fills rows past M with zeros).
+//  - Numerics: psum is the exact int32 sum (s8 x s8 -> s32 tensor-core accumulation). Epilogue per output in
+//    QServe's instruction order (common.cuh, qserve_epilogue_f): per channel fp16(fma(as, fl(s1 * float(psum)),
+//    -fl(sz * asum))), groups fp16(fl(float(psum) * fl(s1 * as))), the same chain as the mma.sync kernels and the
+//    CPU reference (dcc/targets/qserve/numerics.py), bit for bit. Unsplit outputs go through shared memory for
+//    16-byte coalesced stores; tokens >= M are masked (the TMA load fills rows past M with zeros).
 //  - Split-K (few output tiles): S in {2, 4, 8} (16-token tile: 2..8) CTAs per output tile form a thread-block
 //    cluster (grid.y); CTA rank r writes the outputs of consumer warps [8r/S, 8(r+1)/S), the sum of the S CTAs'
 //    int32 partials of those warps (integer: order-independent). 16-token tile: the other CTAs push their partials

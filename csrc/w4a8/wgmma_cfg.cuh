@@ -19,7 +19,7 @@ struct WgCfg {
   static constexpr int kWRegionBytes = kWGroup == 1 ? 0 : kStages * kWBytes;
   static constexpr int kEpiStride = 128 + 8;         // halves per token row of a warpgroup's output tile
   static constexpr int kEpiBytes = 2 * kTok * kEpiStride * 2;
-  static constexpr int kScaleBytes = 2 * 2 * kTok * (8 + 4);   // per warpgroup: ascale, asum as double and float
+  static constexpr int kScaleBytes = 2 * 2 * kTok * (8 + 4);   // per warpgroup: ascale, asum as float (after 8 bytes per value once used for doubles)
   static constexpr int kBarBytes = 2 * kStages * 8 + 16;
   // few tokens: the split-K receive region, (S - 1) x ceil(8 / S) slots of 2 KB (at most 12, at S = 7)
   static constexpr int kRecvBytes = kTok <= 16 ? 12 * 2048 : 0;

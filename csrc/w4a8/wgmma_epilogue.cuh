@@ -1,5 +1,5 @@
 // Device helpers of the Hopper W4A8 GEMM (included by wgmma_kernel.cuh where the sm_90a body is compiled): the
-// weight unpack into wgmma A fragments and the exact epilogue of the split-K paths.
+// weight unpack into wgmma A fragments and the epilogue (QServe's order) of the split-K paths.
 #pragma once
 
 // A lane's 16 weight bytes -> A fragments of the low-nibble slab (lo) and the high-nibble slab (hi), as int8.
@@ -25,15 +25,11 @@ __device__ __forceinline__ void unpack(const uint4 w, uint32_t s2w, uint32_t z2w
   }
 }
 
-// Exact epilogue value rounded as the reference does: fp16(float(double(psum*s1*as - sz*asum))). s1d/szd: channel
-// scales, asd/amd: token scale and sum, all exact doubles of fp16 values. psum*s1*as is exact in double (<= 47
-// significant bits) and the fma rounds once. int32 -> double by the 2^52 magic number (no I2F.F64).
+// One output in QServe's order (common.cuh, qserve_epilogue_f): s1f/szf channel scales, as/am token scale and sum,
+// all float values of fp16 numbers.
 template <int kGroup>
-__device__ __forceinline__ __half exact_out(int psum, double s1d, double szd, double asd, double amd) {
-  const double pd = __hiloint2double(0x43300000, psum ^ 0x80000000) - 4503601774854144.0;   // 2^52 + 2^31
-  double v = (pd * s1d) * asd;
-  if (kGroup == 0) v = fma(-szd, amd, v);
-  return __float2half_rn(__double2float_rn(v));
+__device__ __forceinline__ __half qserve_out(int psum, float s1f, float szf, float as, float am) {
+  return __float2half_rn(qserve_epilogue_f(__int2float_rn(psum), s1f, szf, as, am, kGroup == 0));
 }
 
 // Token scales a thread loads ahead (kTok <= 16), per array.
@@ -69,25 +65,16 @@ __device__ __forceinline__ void epilogue_direct(const int (&acc_lo)[kTok / 2], c
         for (int q = 0; q < 4; ++q) {
           const int rp = q & 1, h = q >> 1;
           const int ps = h ? acc_hi[4 * i + 2 * rp + e] : acc_lo[4 * i + 2 * rp + e];
-          __half o;
-          if (static_cast<uint32_t>(ps + (1 << 22)) < (1u << 23)) {   // see the staged epilogue
-            const float pf = __int_as_float(0x4B400000 + ps) - 12582912.f;
-            o = __float2half_rn(fmaf(pf, s1f[q] * as, -(szf[q] * am)));
-          } else {
-            o = exact_out<kGroup>(ps, s1f[q], szf[q], as, am);
-          }
-          orow[c0 + 8 * rp + 16 * h] = o;
+          orow[c0 + 8 * rp + 16 * h] = qserve_out<kGroup>(ps, s1f[q], szf[q], as, am);
         }
       }
     }
     return;
   } else {
-    // Float path for every output first, with no branch between them (so that the outputs' dependency chains
-    // interleave: a branch per output made this a chain of 16 latencies at one warp per scheduler); the rare
-    // |psum| >= 2^22 (see the staged epilogue) then takes the double path.
+    // Every output first, with no branch between them (so that the outputs' dependency chains interleave: a branch
+    // per output made this a chain of 16 latencies at one warp per scheduler), then the stores.
     constexpr int kOut = kTok / 8 * 2 * 4;   // outputs per thread: (i, e, q) -> (2i + e) * 4 + q
     __half o[kOut];
-    bool fast = true;
 #pragma unroll
     for (int j = 0; j < kTok / 4; ++j) {   // token m0 + 8(j/2) + 2t + j%2: accumulators 4(j/2) + 2rp + j%2
       const float as = __half2float(ash[j]), am = kGroup == 0 ? __half2float(amh[j]) : 0.f;
@@ -95,22 +82,7 @@ __device__ __forceinline__ void epilogue_direct(const int (&acc_lo)[kTok / 2], c
       for (int q = 0; q < 4; ++q) {
         const int a = 4 * (j / 2) + 2 * (q & 1) + j % 2;
         const int ps = q >> 1 ? acc_hi[a] : acc_lo[a];
-        fast &= static_cast<uint32_t>(ps + (1 << 22)) < (1u << 23);
-        const float pf = __int_as_float(0x4B400000 + ps) - 12582912.f;
-        o[j * 4 + q] = __float2half_rn(fmaf(pf, s1f[q] * as, -(szf[q] * am)));
-      }
-    }
-    if (__builtin_expect(!fast, 0)) {
-#pragma unroll
-      for (int j = 0; j < kTok / 4; ++j) {
-        const float as = __half2float(ash[j]), am = kGroup == 0 ? __half2float(amh[j]) : 0.f;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int a = 4 * (j / 2) + 2 * (q & 1) + j % 2;
-          const int ps = q >> 1 ? acc_hi[a] : acc_lo[a];
-          if (static_cast<uint32_t>(ps + (1 << 22)) >= (1u << 23))
-            o[j * 4 + q] = exact_out<kGroup>(ps, s1f[q], szf[q], as, am);
-        }
+        o[j * 4 + q] = qserve_out<kGroup>(ps, s1f[q], szf[q], as, am);
       }
     }
 #pragma unroll

@@ -152,9 +152,8 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
   const uint32_t s2_off = kS2Off + (wg * 128 + wq * 32 + 4 * g);
   // channels of this thread within the warpgroup's 128: lo rows g, g+8 -> 32wq + g (+8); hi -> 32wq + 16 + g (+8)
   const int cbase = 32 * wq + g;
-  double* asd = scl + wg * 2 * kTok;   // token scale / sum as double (exact path) ...
-  double* amd = asd + kTok;
-  float* asf = reinterpret_cast<float*>(scl + 4 * kTok) + wg * 2 * kTok;   // ... and as float
+  // token scale / sum as float (the first 4 * kTok doubles of scl are no longer used: the layout is kept)
+  float* asf = reinterpret_cast<float*>(scl + 4 * kTok) + wg * 2 * kTok;
   float* amf = asf + kTok;
   __half* T = epi + wg * kTok * kEpiStride;
   int g_it = 0;
@@ -370,8 +369,6 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
         const int m = m0 + tid;
         const float sf = m < p.M ? __half2float(p.ascale[m]) : 0.f;
         const float mf = (kGroup == 0 && m < p.M) ? __half2float(p.asum[m]) : 0.f;
-        asd[tid] = sf;
-        amd[tid] = mf;
         asf[tid] = sf;
         amf[tid] = mf;
       }
@@ -399,19 +396,9 @@ __global__ void __launch_bounds__(kThreads, 1) w4a8_wgmma_kernel(const __grid_co
             const int c = cbase + 8 * rp + 16 * h;
             const int p0 = h ? acc_hi[4 * i + 2 * rp] : acc_lo[4 * i + 2 * rp];
             const int p1 = h ? acc_hi[4 * i + 2 * rp + 1] : acc_lo[4 * i + 2 * rp + 1];
-            // float path: a = s1*as and b = sz*asum are exact (fp16 x fp16), psum is exact in float below 2^22, so
-            // fma(psum, a, -b) is the exact value rounded once to float: the same float as the double path (up to
-            // a double-rounding tie of probability ~2^-29), then one rounding to fp16. Larger |psum|: double path.
-            // 1.5 * 2^23 magic number: exact for |p| < 2^22
-            const float pf0 = __int_as_float(0x4B400000 + p0) - 12582912.f;
-            const float pf1 = __int_as_float(0x4B400000 + p1) - 12582912.f;
-            const float v0 = fmaf(pf0, s1f[q] * asf[tok], -(szf[q] * amf[tok]));
-            const float v1 = fmaf(pf1, s1f[q] * asf[tok + 1], -(szf[q] * amf[tok + 1]));
-            __half2 o = __floats2half2_rn(v0, v1);
-            if (__builtin_expect(static_cast<uint32_t>(p0 + (1 << 22)) >= (1u << 23) ||
-                                 static_cast<uint32_t>(p1 + (1 << 22)) >= (1u << 23), 0))
-              o = __halves2half2(exact_out<kGroup>(p0, s1f[q], szf[q], asd[tok], amd[tok]),
-                                 exact_out<kGroup>(p1, s1f[q], szf[q], asd[tok + 1], amd[tok + 1]));
+            // QServe's order (common.cuh, qserve_epilogue_f)
+            const __half2 o = __halves2half2(qserve_out<kGroup>(p0, s1f[q], szf[q], asf[tok], amf[tok]),
+                                             qserve_out<kGroup>(p1, s1f[q], szf[q], asf[tok + 1], amf[tok + 1]));
             T[tok * kEpiStride + c] = __low2half(o);
             T[(tok + 1) * kEpiStride + c] = __high2half(o);
           }

@@ -3,8 +3,8 @@
 Activation quantization must be bit-identical to dcc.ir.actquant (codes, scales; the sum equals fp16 of the exact
 sum). The GEMM gets fresh random codes, scales and activations per check (codes packed by dcc.targets.qserve.layout,
 progressive bounds q*s2 <= 255 and (q-z)*s2 in int8 respected), a NaN-poisoned output, and is compared with the
-exact result: an integer GEMM in float64 (exact below 2^53) and the epilogue in float64, cast to fp16 as
-dcc.targets.qserve.reference does. Every kernel (split-K, tiled, the automatic choice, and wgmma and the cluster GEMV
+result of QServe's kernels: an integer GEMM in float64 (exact below 2^53) and QServe's float32 epilogue
+(dcc.targets.qserve.numerics, the CPU reference's). Every kernel (split-K, tiled, the automatic choice, and wgmma and the cluster GEMV
 where built) is checked."""
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dcc.ir.actquant import quantize_tokens_int8
+from dcc.targets.qserve import numerics
 from dcc.targets.qserve.layout import int8_codes_g128, pack_qweight, pack_s2
 
 pytestmark = [pytest.mark.gpu,
@@ -114,11 +115,13 @@ def test_quant_act_bit_identical(ops):
 
 
 def _reference(lay: dict, xq, scale, ssum) -> torch.Tensor:
+    """QServe's epilogue in its float32 order (dcc.targets.qserve.numerics) on the exact integer GEMM."""
     psum = xq.double() @ lay["ints"].cuda().double().t()        # exact: integers below 2^53
-    out = psum * lay["s1_scales"].cuda().double() * scale.double().view(-1, 1)
+    s1 = lay["s1_scales"].cuda().view(1, -1)
     if lay["s1_szeros"] is not None:
-        out = out - lay["s1_szeros"].cuda().double() * ssum.double().view(-1, 1)
-    return out.to(torch.float16)
+        return numerics.epilogue_per_channel(psum, s1, lay["s1_szeros"].cuda().view(1, -1), scale.view(-1, 1),
+                                             ssum.view(-1, 1))
+    return numerics.epilogue_scaled(psum, s1, scale.view(-1, 1))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -257,10 +260,10 @@ def test_linear_matches_cpu_reference(ops, group):
         got = ops.w4a8_linear(x.cuda(), *(None if lay[t] is None else lay[t].cuda() for t in
                                           ("qweight", "s1_scales", "s1_szeros", "s2_scales", "s2_zeros")), group)
         assert bool(torch.isfinite(got).all())
-        # the CPU sums each token in float32, the GPU exactly: where the fp16 sums agree (all rows for groups,
-        # which do not use the sum) the outputs must be bit-identical
+        # the CPU sums each token in float32 in QServe's order, the GPU exactly: where the fp16 sums agree (all
+        # rows for groups, which do not use the sum) the outputs must be bit-identical
         agree = torch.ones(m, dtype=torch.bool) if group else \
-            ops.quantize_act(x.cuda())[2].cpu().view(torch.int16) == quantize_tokens_int8(x.float()).sum.view(
+            ops.quantize_act(x.cuda())[2].cpu().view(torch.int16) == numerics.quantize_tokens(x.float()).sum.view(
                 -1).to(torch.float16).view(torch.int16)
         assert torch.equal(got.cpu()[agree].view(torch.int16), ref[agree].view(torch.int16))
         rows, same = rows + m, same + int(agree.sum())

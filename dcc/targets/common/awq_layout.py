@@ -165,8 +165,13 @@ def unpack_scales(scales: torch.Tensor, scaled_zeros: torch.Tensor,
 
 def decode_weight(qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor, group_size: int,
                   in_features: int) -> torch.Tensor:
-    """The [N, K] weight the kernel computes, in the scales' dtype: w = rnd(q*s + sz), one rounding (the kernel
-    does one fp16/bf16 FMA). q*s + sz is formed exactly in float64, then cast once."""
+    """The [N, K] weight the kernel computes, in the scales' dtype: w = rnd(q*s + sz) (the kernel does one fp16/bf16
+    FMA). q*s + sz is formed exactly in float64 and cast with torch, which goes through float32: one rounding
+    whenever the exact value fits float32, as it always does for integer zero points (sz = -s*z: at most 16
+    significant bits); a free (float) zero far below q*s can round in float32 first, and the weight then differs from
+    the engine's single rounding (rounding.round_once) by one ulp where that lands on a 16-bit tie. It is kept so
+    because dcc.ir.formats.dequantize, whose values the manifest's checksums hold, rounds the same way: the two must
+    change together."""
     k = in_features
     if qweight.dim() != 2 or qweight.shape[1] != k:
         raise LayoutError(f"qweight has shape {tuple(qweight.shape)}, expected [N/4, {k}]")

@@ -1,13 +1,13 @@
 """Run a QServe artifact on the GPU: its W4A8 linears execute through dcc's W4A8 kernels (csrc/w4a8: int8 per-token
-activations, integer GEMM on the stored codes, fp16 epilogue) and its W8A8 linears through torch._int_mm with the
-same exact epilogue; everything else is the CPU reference model (float32, KV-cache quantization from the manifest)
+activations, integer GEMM on the stored codes, fp16 epilogue) and its W8A8 linears through torch._int_mm with
+QServe's float32 epilogue; everything else is the CPU reference model (float32, KV-cache quantization from the manifest)
 moved to the GPU. Also the per-layer check of the kernels against the CPU reference (reference.py)."""
 from __future__ import annotations
 
 import torch
 
 from ...runtime.cuda.w4a8_ops import quantize_act, w4a8_linear
-from . import reference
+from . import numerics, reference
 
 GROUPED, PER_CHANNEL, W8A8 = "qserve-w4a8-group", "qserve-w4a8-per-channel", "qserve-w8a8"
 
@@ -42,8 +42,8 @@ class W4A8Linear(torch.nn.Linear):
         if self.fmt == W8A8:
             x2 = x.reshape(-1, self.in_features).to(torch.float16)
             xq, scale, _ = quantize_act(x2, with_sum=False)
-            psum = _int_mm(xq, self.weight_q.t()).double()   # exact int32, then the exact epilogue in float64
-            y = (psum * self.dequant_scale.double().view(1, -1) * scale.double().view(-1, 1)).to(torch.float16)
+            psum = _int_mm(xq, self.weight_q.t())   # exact int32, then QServe's float32 epilogue (numerics.py)
+            y = numerics.epilogue_scaled(psum, self.dequant_scale.view(1, -1), scale.view(-1, 1))
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
             g = self.group

@@ -1,13 +1,13 @@
 """CPU reference of QServe's linear layers (research/targets.md 1A): int8 per-token activations, an exact integer
-GEMM against the stored codes, and the epilogue in exact arithmetic rounded once to fp16 --
-per channel: out = psum * s1[n] * ascale[m] - s1_szeros[n] * a_ssum[m]; groups and W8A8: out = psum * s1 * ascale."""
+GEMM against the stored codes, and the epilogue in the engine's float32 order (numerics.py) --
+per channel: out = fp16(fma(ascale[m], s1[n] * psum, -(s1_szeros[n] * a_ssum[m]))); groups and W8A8:
+out = fp16(psum * (s1[n] * ascale[m])), each product rounded to float32 as QServe's fast-math kernels round it."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ...ir.actquant import quantize_tokens_int8
-from . import layout
+from . import layout, numerics
 
 # float32 sums integers exactly below 2^24: |int8 code x weight| <= 127 * 128, so 1024 products per partial sum
 # stay exact in any order; partial sums are then added in float64 (exact as well)
@@ -49,14 +49,17 @@ class QServeLinear(nn.Linear):
         self.weight = nn.Parameter(w.to(torch.float32), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.to(torch.float32), requires_grad=False)
 
+    def epilogue(self, psum: torch.Tensor, a) -> torch.Tensor:
+        """fp16 [T, N] from the exact integer GEMM psum [T, N] and the tokens' int8 quantization `a` (scale, sum):
+        QServe's epilogue, the zero point (per channel) subtracted as s1_szeros times the token's fp16 sum."""
+        if self.szeros is not None:
+            return numerics.epilogue_per_channel(psum, self.s1, self.szeros, a.scale, a.sum)
+        return numerics.epilogue_scaled(psum, self.s1, a.scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        a = quantize_tokens_int8(x.reshape(-1, shape[-1]))
-        psum = exact_int_matmul(a.codes, self.ints)
-        out = psum * self.s1 * a.scale.double()
-        if self.szeros is not None:   # the zero point is not in the GEMM: subtract it times the token's fp16 sum
-            out = out - self.szeros * a.sum.double()
-        out = out.to(torch.float16).to(x.dtype)   # the engine writes fp16
+        a = numerics.quantize_tokens(x.reshape(-1, shape[-1]))
+        out = self.epilogue(exact_int_matmul(a.codes, self.ints), a).to(x.dtype)   # the engine writes fp16
         if self.bias is not None:
             out = (out + self.bias.to(torch.float16).to(x.dtype)).to(torch.float16).to(x.dtype)
         return out.reshape(*shape[:-1], self.out_features)

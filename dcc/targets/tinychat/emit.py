@@ -5,14 +5,17 @@ from __future__ import annotations
 from ..artifact import sha256_tensor
 from ..common.emit import BaseEmitter
 from ..common.awq_layout import KERNEL_GROUP_SIZES, pack_qweight, pack_scales
+from . import loader_spec
 
 FORMAT = "tinychat-w4a16-v2"
 
 
-def engines_for(group_size: int) -> list[str]:
-    """Who can load the artifact: TinyChat's kernels take group 128 only; dcc's runtime takes every group the
-    layout defines."""
-    return (["tinychat", "dcc-runtime"] if group_size in KERNEL_GROUP_SIZES else ["dcc-runtime"])
+def engines_for(group_size: int, layers: dict[str, dict] | None = None) -> list[str]:
+    """Who can load and run the artifact: TinyChat where its loader takes every layer and its kernels run every
+    layer's shape correctly and in bounds (loader_spec.check: group 128, N % 128, K % 256, K >= 768, ...); dcc's
+    runtime takes every group the layout defines."""
+    ok = group_size in KERNEL_GROUP_SIZES and not (layers and loader_spec.check(None, layers, None))
+    return ["tinychat", "dcc-runtime"] if ok else ["dcc-runtime"]
 
 
 class TinyChatEmitter(BaseEmitter):

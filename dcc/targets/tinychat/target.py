@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..base import Format, Target, TargetError, TargetOptions, register_target
 from ..common.hf4_config import to_hf4
 from ..common import awq_layout as layout
-from . import engine_config
+from . import engine_config, loader_spec
 from .emit import FORMAT, TinyChatEmitter, engines_for
 from .pipeline import ALGOS, make_spec_assigner, pipeline, preflight, weight_spec
 
@@ -85,7 +85,7 @@ class TinyChat(Target):
         return TinyChatEmitter(writer, getattr(torch, opts.dtype))
 
     def engines(self, spec, emitter):
-        return engines_for(spec.group_size)
+        return engines_for(spec.group_size, emitter.layers)
 
     def hf_config(self, lm, spec, opts, emitter) -> dict:
         """The source config in the form TinyChat's transformers (4.46.0) reads (rope_theta, rope_scaling,
@@ -97,7 +97,17 @@ class TinyChat(Target):
             "bits": spec.bits, "group_size": spec.group_size, "zero_point": True,
             "modules_in_16bit": sorted(k for k, v in emitter.layers.items() if "skip_reason" in v),
         }
+        if spec.group_size == loader_spec.GROUP:   # why TinyChat's kernels cannot run a layer, where they cannot
+            notes = loader_spec.check(None, emitter.layers, None)
+            if notes:
+                cfg["quantization_config"]["kernel_notes"] = notes[:20]
         return cfg
+
+    def check_artifact(self, art) -> list[str]:
+        """TinyChat's loader and kernels as written down in loader_spec.py (llm-awq d6e797a)."""
+        first = next(iter(art.quantized_layers()), None)
+        dtype = art.tensors.get(f"{first}.scales").dtype if first else None   # the model dtype: fp16 or bf16
+        return loader_spec.check(art.tensors, art.manifest["layers"], dtype)
 
     def cuda_model(self, art, device="cuda"):
         from .cuda import build_cuda_model

@@ -4,6 +4,7 @@ exactly the evaluated weights, and its CPU reference computes QServe's epilogue.
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from dcc.targets.qserve.reference import QServeLinear
 from dcc.runtime.validate import check_exact, compare_with_float, sample_ids
 from dcc.targets.qserve import layout, schema
 
+import qserve_engine as engine
 from tiny_models import decoder_config, lazy, save_tiny
 
 CASES = [(4, 0, "qoq-rtn"), (4, 128, "qoq"), (8, 0, "smoothquant")]
@@ -64,7 +66,8 @@ def test_norms_are_folded_for_w4a8(artifacts):
 
 
 def test_reference_linear_is_qserves_epilogue(artifacts):
-    """QServeLinear against the epilogue written out in float64 from the stored tensors."""
+    """QServeLinear on a compiled layer against QServe's kernels emulated instruction by instruction
+    (tests/qserve_engine.py: quantization, integer GEMM, the float32 epilogue in the engine's order)."""
     for case in CASES:
         art = load_artifact(artifacts[case])
         name = "model.layers.1.mlp.down_proj"
@@ -75,21 +78,19 @@ def test_reference_linear_is_qserves_epilogue(artifacts):
              if f"{name}.{key}" in art.tensors.keys()}
         lin = QServeLinear(entry["format"], t, n, k, None)
         x = torch.randn(5, k) * 3
-        x16 = x.half().double()
-        amax = x16.abs().amax(1, keepdim=True)
-        xq = torch.round(x16.float() * (127.0 / amax.float())).double()
-        ascale = (amax / 127).half().double()
+        x16 = x.half().numpy()
+        codes, ascale = engine.quantize(x16)
         if entry["format"] == "qserve-w8a8":
-            w, s1 = t["weight"].double(), t["dequant_scale"].double()
-            want = (xq @ w.T) * s1 * ascale
+            want = engine.epilogue_scaled(codes @ t["weight"].numpy().astype(np.int64).T, t["dequant_scale"].numpy(),
+                                          ascale)
         elif entry["format"] == "qserve-w4a8-group":
-            w8 = layout.int8_codes_g128(t["qweight"], t["s2_scales"], t["s2_zeros"], n, k).double()
-            want = (xq @ w8.T) * t["s1_scales"].double() * ascale
+            w8 = layout.int8_codes_g128(t["qweight"], t["s2_scales"], t["s2_zeros"], n, k).numpy().astype(np.int64)
+            want = engine.epilogue_scaled(codes @ w8.T, t["s1_scales"].numpy(), ascale)
         else:
-            q = layout.unpack_qweight(t["qweight"], n, k).double()
-            asum = x16.sum(1, keepdim=True).half().double()
-            want = (xq @ q.T) * t["s1_scales"].double() * ascale - t["s1_szeros"].double() * asum
-        assert torch.equal(lin(x), want.half().float())
+            q = layout.unpack_qweight(t["qweight"], n, k).numpy().astype(np.int64)
+            want = engine.epilogue_per_channel(codes @ q.T, t["s1_scales"].numpy(), t["s1_szeros"].numpy(), ascale,
+                                               engine.token_sum(x16))
+        assert np.array_equal(lin(x).half().numpy().view(np.int16), want.view(np.int16)), case
 
 
 def test_reference_model_tracks_the_float_model(artifacts, model_dir):

@@ -68,7 +68,8 @@ def test_tinychat_reads_the_source_config(built, name):
         assert view[engine_key] == source[key], engine_key
     if name == "qwen2":
         assert (view["hidden_act"], view["attention_dropout"]) == (source["hidden_act"], source["attention_dropout"])
-    assert "tinychat" in json.loads((art / "dcc.json").read_text())["engines"]
+    # hidden 128 and 64-wide k/v: TinyChat's GEMM cannot run these shapes (K < 768, N % 128: loader_spec.py)
+    assert json.loads((art / "dcc.json").read_text())["engines"] == ["dcc-runtime"]
 
 
 def test_a_mistral_config_without_rope_scaling_fails_in_tinychat(built):
