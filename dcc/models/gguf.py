@@ -1,6 +1,6 @@
-"""Convert a llama-architecture GGUF file into a Hugging Face model folder (config.json, generation_config.json,
-safetensors weights, tokenizer files) that the rest of dcc loads like any other: `gguf_to_hf(path, out_dir)`, or
-`cached_gguf_to_hf(path)` to convert once into $DCC_CACHE (or ~/.cache/dcc)."""
+"""Convert a llama or gemma3 (text-only Gemma 3) GGUF file into a Hugging Face model folder (config.json,
+generation_config.json, safetensors weights, tokenizer files) that the rest of dcc loads like any other:
+`gguf_to_hf(path, out_dir)`, or `cached_gguf_to_hf(path)` to convert once into $DCC_CACHE (or ~/.cache/dcc)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,9 +14,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .gguf_config import GGUFError, Meta, expected_shapes, gguf_name, hf_name, llama_config, open_reader
+from .gguf_config import GGUFError, Meta, gemma3_config, llama_config, open_reader
 from .gguf_tokenizer import write_tokenizer
-from .gguf_weights import dequantize, permute_rope_rows, plan_shards, row_major_shape, shard_order, unpermute_rope_rows
+from .gguf_weights import (
+    TENSORS,
+    dequantize,
+    expected_shapes,
+    gguf_name,
+    hf_name,
+    permute_rope_rows,
+    plan_shards,
+    row_major_shape,
+    shard_order,
+    undo_norm_shift,
+    unpermute_rope_rows,
+)
 
 __all__ = [
     "GGUFError",
@@ -27,7 +39,7 @@ __all__ = [
     "permute_rope_rows",
 ]
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 
 # Part of the cache key: bump when a conversion written by an older dcc must not be reused.
 CONVERTER_VERSION = 1
@@ -58,28 +70,31 @@ def _convert_into(path: Path, out: Path, dtype: torch.dtype, max_shard_bytes: in
         if t.name in by_gguf:
             raise GGUFError(f"{path}: tensor {t.name} appears twice")
         by_gguf[t.name] = t
-    rope_freqs = None
-    if "rope_freqs.weight" in by_gguf:
-        rope_freqs = dequantize(by_gguf.pop("rope_freqs.weight"), path)
     n_tokens = len(meta.get("tokenizer.ggml.tokens", None) or []) or None
     if n_tokens is None and "token_embd.weight" in by_gguf:
         n_tokens = int(by_gguf["token_embd.weight"].shape[-1])
     tied = "output.weight" not in by_gguf
-    cfg = llama_config(meta, path, n_tokens, tied, dtype, rope_freqs)
+    if arch == "llama":
+        rope_freqs = None
+        if "rope_freqs.weight" in by_gguf:
+            rope_freqs = dequantize(by_gguf.pop("rope_freqs.weight"), path)
+        cfg = llama_config(meta, path, n_tokens, tied, dtype, rope_freqs)
+    else:
+        cfg = gemma3_config(meta, path, n_tokens, tied, dtype)
     n_layers = cfg.num_hidden_layers
-    hf_of = {g: hf_name(g, n_layers, path) for g in by_gguf}
-    expected = expected_shapes(cfg)
+    hf_of = {g: hf_name(g, n_layers, path, arch) for g in by_gguf}
+    expected = expected_shapes(cfg, arch)
     have = set(hf_of.values())
     missing = [k for k in expected if k not in have]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise GGUFError(f"{path}: tensor {gguf_name(missing[0])} (for {missing[0]}) is missing{more}")
+        raise GGUFError(f"{path}: tensor {gguf_name(missing[0], arch)} (for {missing[0]}) is missing{more}")
     for g, h in hf_of.items():
         shape = row_major_shape(by_gguf[g])
         if shape != expected[h]:
             raise GGUFError(f"{path}: tensor {g} has shape {list(shape)}, expected {list(expected[h])} for this config")
 
-    _write_weights(path, out, by_gguf, hf_of, cfg, dtype, max_shard_bytes, progress)
+    _write_weights(path, out, by_gguf, hf_of, cfg, arch, dtype, max_shard_bytes, progress)
 
     cfg.save_pretrained(str(out))
     try:
@@ -107,15 +122,18 @@ def _write_weights(
     by_gguf: dict,
     hf_of: dict[str, str],
     cfg,
+    arch: str,
     dtype: torch.dtype,
     max_shard_bytes: int,
     progress: bool,
 ) -> None:
-    """Dequantize the GGUF tensors `by_gguf` (named `hf_of`) into safetensors shards in `out`, q/k rows un-permuted."""
+    """Dequantize the GGUF tensors `by_gguf` (named `hf_of`) into safetensors shards in `out`, undoing what llama.cpp's
+    converter did for `arch` (q/k rows un-permuted for llama, 1 taken off every norm weight for gemma3)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    expected = expected_shapes(cfg)
+    spec = TENSORS[arch]
+    expected = expected_shapes(cfg, arch)
     order = sorted(hf_of.items(), key=lambda gh: shard_order(gh[1]))
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = [(g, int(np.prod(expected[h], dtype=np.int64)) * itemsize) for g, h in order]
@@ -135,10 +153,12 @@ def _write_weights(
             for g in names:
                 h = hf_of[g]
                 a = dequantize(by_gguf[g], path)
-                if h.endswith("self_attn.q_proj.weight"):
+                if spec.permute_qk and h.endswith("self_attn.q_proj.weight"):
                     a = unpermute_rope_rows(a, cfg.num_attention_heads)
-                elif h.endswith("self_attn.k_proj.weight"):
+                elif spec.permute_qk and h.endswith("self_attn.k_proj.weight"):
                     a = unpermute_rope_rows(a, cfg.num_key_value_heads)
+                elif h.endswith("norm.weight"):  # every RMSNorm: model.norm, *_layernorm, self_attn.{q,k}_norm
+                    a = undo_norm_shift(a, spec.norm_shift)
                 if not (a.flags.writeable and a.flags.c_contiguous):  # e.g. a read-only view of the memory map
                     a = np.array(a, order="C", copy=True)  # torch.from_numpy warns on (and shares) read-only memory
                 tensors[h] = torch.from_numpy(a).to(dtype)
@@ -163,7 +183,7 @@ def gguf_to_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
 ) -> Path:
-    """Convert the llama GGUF file at `path` into a Hugging Face folder `out_dir` and return it.
+    """Convert the llama or gemma3 GGUF file at `path` into a Hugging Face folder `out_dir` and return it.
 
     The folder is built in a temporary folder beside `out_dir` and renamed into place at the end, so `out_dir` is either
     absent or complete. An existing non-empty `out_dir` is an error unless `overwrite`. Weights are stored in `dtype`

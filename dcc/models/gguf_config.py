@@ -1,15 +1,14 @@
-"""GGUF metadata reading, and what it gives: the LlamaConfig, the GGUF -> Hugging Face tensor names and the shape every
-tensor must have."""
+"""GGUF metadata reading, and the Hugging Face config it gives: LlamaConfig for llama, Gemma3TextConfig for gemma3 (the
+values llama.cpp's converter writes, and the ones llama.cpp's loader assumes because the file does not hold them)."""
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["GGUFError", "Meta", "open_reader", "llama_config", "hf_name", "gguf_name", "expected_shapes"]
+__all__ = ["GGUFError", "Meta", "open_reader", "llama_config", "gemma3_config"]
 
 
 class GGUFError(ValueError):
@@ -223,73 +222,99 @@ def llama_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool,
     return cfg
 
 
-# ------------------------------------------------------------------------------------------------------------- names
-
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.weight")
+def _f32(v: float | None) -> float | None:
+    """A float32 metadata value as the shortest decimal that rounds to it (9.99999997e-07 -> 1e-06), as in the
+    Hugging Face config the GGUF file was made from; the model computes in float32 either way."""
+    return None if v is None else float(str(np.float32(v)))
 
 
-def hf_name(name: str, n_layers: int, path: Path) -> str:
-    """The Hugging Face name of the GGUF tensor `name`; GGUFError for a tensor a dense llama model does not have."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    m = _BLOCK_RE.fullmatch(name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        i = int(m.group(1))
-        if i >= n_layers:
-            raise GGUFError(f"{path}: tensor {name} is for block {i}, but block_count is {n_layers}")
-        return f"model.layers.{i}.{_BLOCK_NAMES[m.group(2)]}.weight"
-    raise GGUFError(
-        f"{path}: unknown tensor {name!r} for a llama model (known: token_embd, output_norm, output, rope_freqs and "
-        f"blk.N.{{{','.join(_BLOCK_NAMES)}}}.weight)"
+def _gemma3_layer_types(meta: Meta, path: Path, n_layers: int) -> list[str]:
+    """Sliding or full attention per layer. llama.cpp's loader hard-codes Gemma 3's pattern (set_swa_pattern(6):
+    five sliding layers, then one full), as transformers' Gemma3TextConfig does (sliding_window_pattern 6); a file that
+    states its own pattern (attention.sliding_window_pattern: a period, or one flag per layer, true = sliding) wins."""
+    key = "gemma3.attention.sliding_window_pattern"
+    v = meta.get(key, None)
+    if isinstance(v, list):
+        if len(v) != n_layers:
+            raise GGUFError(f"{path}: metadata key {key!r} has {len(v)} entries for {n_layers} blocks")
+        sliding = [bool(x) for x in v]
+    else:
+        period = 6 if v is None else meta.int(key)
+        if period < 1:
+            raise GGUFError(f"{path}: metadata key {key!r} is {period}, expected a period >= 1")
+        sliding = [bool((i + 1) % period) for i in range(n_layers)]
+    return ["sliding_attention" if s else "full_attention" for s in sliding]
+
+
+def gemma3_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool, dtype: torch.dtype):
+    """Gemma3TextConfig (text-only Gemma 3) from the metadata that llama.cpp's converter writes (conversion/gemma.py,
+    Gemma3Model.set_gguf_parameters) and the values its loader assumes (src/llama-model.cpp, LLM_ARCH_GEMMA3)."""
+    from transformers import Gemma3TextConfig
+
+    a = "gemma3"
+    hidden = meta.int(f"{a}.embedding_length")
+    n_layers = meta.int(f"{a}.block_count")
+    ffn = meta.int(f"{a}.feed_forward_length")
+    n_head = meta.int(f"{a}.attention.head_count")
+    n_kv = meta.int(f"{a}.attention.head_count_kv", n_head)
+    if not n_head or not n_kv or not hidden or not n_layers:
+        raise GGUFError(f"{path}: metadata gives {n_head} heads, {n_kv} kv heads, width {hidden}, {n_layers} blocks")
+    if n_head % n_kv:
+        raise GGUFError(f"{path}: head_count {n_head} is not a multiple of head_count_kv {n_kv}")
+    head_dim = meta.int(f"{a}.attention.key_length", 256)  # the converter's default, as it writes it
+    v_dim = meta.int(f"{a}.attention.value_length", head_dim)
+    rot_dim = meta.int(f"{a}.rope.dimension_count", head_dim)
+    if v_dim != head_dim or rot_dim != head_dim or head_dim % 2:
+        raise GGUFError(
+            f"{path}: key_length {head_dim}, value_length {v_dim} and rope.dimension_count {rot_dim} must be one even "
+            "number for gemma3 (it rotates the whole head)"
+        )
+    if meta.get(f"{a}.attn_logit_softcapping", None) is not None:
+        raise GGUFError(f"{path}: gemma3 with attn_logit_softcapping is not supported (Gemma 3 has none)")
+
+    # RoPE: global layers use rope.freq_base (and any linear scaling, e.g. factor 8 on Gemma 3 4B-27B), sliding layers
+    # the local base, which llama.cpp fixes at 10000 unscaled (rope_freq_base_train_swa) unless the file gives one
+    full: dict = {"rope_type": "default", "rope_theta": meta.float(f"{a}.rope.freq_base", 1_000_000.0)}
+    scaling = meta.get(f"{a}.rope.scaling.type", "none")
+    if scaling == "linear":
+        full = {**full, "rope_type": "linear", "factor": meta.float(f"{a}.rope.scaling.factor")}
+    elif scaling not in ("none", None, ""):
+        raise GGUFError(f"{path}: RoPE scaling {scaling!r} is not supported for gemma3 (supported: none, linear)")
+    local = {"rope_type": "default", "rope_theta": meta.float(f"{a}.rope.freq_base_swa", 10_000.0)}
+
+    # attention scores are scaled by query_pre_attn_scalar ** -0.5: llama.cpp uses hidden/heads for the 27B model
+    # (62 blocks) and head_dim for every other size, as Google's configs do (168 for 27B, else 256)
+    scalar = hidden // n_head if n_layers == 62 else head_dim
+
+    def tok_id(key):
+        return meta.int(f"tokenizer.ggml.{key}", None)
+
+    cfg = Gemma3TextConfig(
+        vocab_size=meta.int(f"{a}.vocab_size", None) or n_vocab_tokens,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_kv,
+        head_dim=head_dim,
+        hidden_activation="gelu_pytorch_tanh",  # llama.cpp's gemma3 FFN: GELU (tanh approximation) gate * up
+        max_position_embeddings=meta.int(f"{a}.context_length", 131_072),
+        rms_norm_eps=_f32(meta.float(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_parameters={"full_attention": full, "sliding_attention": local},
+        sliding_window=meta.int(f"{a}.attention.sliding_window"),  # llama.cpp requires it too
+        layer_types=_gemma3_layer_types(meta, path, n_layers),
+        query_pre_attn_scalar=scalar,
+        final_logit_softcapping=_f32(meta.float(f"{a}.final_logit_softcapping", None)),
+        attn_logit_softcapping=None,
+        bos_token_id=tok_id("bos_token_id"),
+        eos_token_id=tok_id("eos_token_id"),
+        pad_token_id=tok_id("padding_token_id"),
+        tie_word_embeddings=tied,
+        attention_bias=False,
+        architectures=["Gemma3ForCausalLM"],
+        dtype=str(dtype).removeprefix("torch."),
     )
-
-
-def gguf_name(name: str) -> str:
-    """The GGUF name of the Hugging Face tensor `name` (for error messages); the inverse of `hf_name`."""
-    for g, h in _GLOBAL_NAMES.items():
-        if h == name:
-            return g
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
-    for g, h in _BLOCK_NAMES.items():
-        if m and m.group(2) == h:
-            return f"blk.{m.group(1)}.{g}.weight"
-    return name
-
-
-def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, h)
-    per = {
-        "self_attn.q_proj": (q, h),
-        "self_attn.k_proj": (kv, h),
-        "self_attn.v_proj": (kv, h),
-        "self_attn.o_proj": (h, q),
-        "mlp.gate_proj": (f, h),
-        "mlp.up_proj": (f, h),
-        "mlp.down_proj": (h, f),
-        "input_layernorm": (h,),
-        "post_attention_layernorm": (h,),
-    }
-    for i in range(cfg.num_hidden_layers):
-        for k, s in per.items():
-            shapes[f"model.layers.{i}.{k}.weight"] = s
-    return shapes
+    unk = tok_id("unknown_token_id")
+    if unk is not None:
+        cfg.unk_token_id = unk
+    return cfg

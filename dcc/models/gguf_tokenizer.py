@@ -1,5 +1,7 @@
 """The tokenizer of a GGUF file as Hugging Face tokenizer files: dcc builds llama.cpp's 'gpt2' byte-level BPE itself and
-hands other kinds (sentencepiece 'llama', ...) to transformers' own GGUF tokenizer loading."""
+hands other kinds (sentencepiece 'llama', ...) to transformers' own GGUF tokenizer loading. For Gemma 3 ('llama' kind,
+no merges in the file) that is GemmaTokenizer with merges rebuilt from the token order; it encodes WikiText-2 and PTB
+exactly as llama.cpp's SPM tokenizer does (tests/models/test_gguf_gemma3.py), control tokens in the text included."""
 from __future__ import annotations
 
 import warnings
