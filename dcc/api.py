@@ -53,20 +53,22 @@ class CompileOptions:
 def estimate_memory_mb(lm: LazyModel, tokens: int) -> float:
     """Peak of one block: its float weights (x2 for the pre-pass copy), the activations of its linears and the
     parts outside the blocks (embeddings, head)."""
-    block = sum(p.numel() for p in lm.blocks[0].parameters()) * 4 * 2
-    outer = sum(p.numel() for n, p in lm.model.named_parameters() if not n.startswith(lm.blocks_prefix + ".")) * 4
-    acts = tokens * sum(m.in_features for m in lm.blocks[0].modules() if isinstance(m, torch.nn.Linear)) * 4
+    block = max(sum(p.numel() for p in b.parameters()) for b in lm.blocks) * 4 * 2
+    outer = sum(p.numel() for n, p in lm.model.named_parameters() if not lm.in_blocks(n)) * 4
+    acts = tokens * max(sum(m.in_features for m in b.modules() if isinstance(m, torch.nn.Linear))
+                        for b in lm.blocks) * 4
     return (block + outer + acts * 2) / 2**20
 
 
 def estimate_artifact_bytes(lm: LazyModel, bits: int) -> int:
     """An upper estimate of the artifact's size: every linear of the blocks at `bits` per weight plus one 16-bit
     scale and zero per 32 weights (the smallest group any layout takes), everything else 16-bit."""
-    per_block_lin = sum(m.weight.numel() for m in lm.blocks[0].modules() if isinstance(m, torch.nn.Linear))
-    per_block = sum(p.numel() for p in lm.blocks[0].parameters())
-    outer = sum(p.numel() for n, p in lm.model.named_parameters() if not n.startswith(lm.blocks_prefix + "."))
-    lin_bytes = per_block_lin * (bits / 8 + 4 / 32)
-    return int(len(lm.blocks) * (lin_bytes + (per_block - per_block_lin) * 2) + outer * 2) + (1 << 20)
+    def block_bytes(b) -> float:
+        lin = sum(m.weight.numel() for m in b.modules() if isinstance(m, torch.nn.Linear))
+        return lin * (bits / 8 + 4 / 32) + (sum(p.numel() for p in b.parameters()) - lin) * 2
+
+    outer = sum(p.numel() for n, p in lm.model.named_parameters() if not lm.in_blocks(n))
+    return int(sum(block_bytes(b) for b in lm.blocks) + outer * 2) + (1 << 20)
 
 
 def check_dump_dir(path: str | None) -> None:
@@ -81,8 +83,9 @@ def check_dump_dir(path: str | None) -> None:
             break
 
 
-def calibration_ids(lm: LazyModel, opts: CompileOptions) -> torch.Tensor:
-    """The calibration batch [chunks, seq_len] of token ids, as the model's adapter reads the --calib file."""
+def calibration_ids(lm: LazyModel, opts: CompileOptions):
+    """The calibration batch as the model's adapter reads the --calib file: [chunks, seq_len] token ids for a
+    language model, recorded forward inputs (dcc.models.diffusers_calib.CalibInputs) for a diffusion model."""
     if not opts.calib:
         raise ValueError("--calib is required: a text file (or token ids for models without a tokenizer)")
     return lm.adapter.calibration(lm, opts.calib, opts.calib_chunks, opts.calib_seq_len)
@@ -143,8 +146,8 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
             f"{lm.blocks_prefix}) -> {target.name} {spec.short()}, algo {topts.algo}")
         if kept:
             log(f"{len(kept)} linears cannot take this layout and stay 16-bit (--unsupported keep); first: {kept[0]}")
-        log(f"calibration: {ids.shape[0]} x {ids.shape[1]} tokens from {opts.calib}; estimated peak memory "
-            f"{estimate_memory_mb(lm, ids.numel()):.0f} MB (one block at a time)")
+        log(f"calibration: {lm.adapter.describe_calibration(ids)} from {opts.calib}; estimated peak memory "
+            f"{estimate_memory_mb(lm, lm.adapter.calib_tokens(ids)):.0f} MB (one block at a time)")
         calib_sha = _sha(opts.calib)
         if recipe is not None and recipe.calib_sha256 and recipe.calib_sha256 != calib_sha:
             log(f"note: {opts.calib} is not the calibration file {recipe.path} was made with (its sha256 "
@@ -154,7 +157,8 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
         if opts.dump_dir:
             from .ir.dump import Dumper
             dumper = Dumper(opts.dump_dir)
-        res = compile_blocks(lm, steps, block0_inputs(lm, ids, opts.device), assign, on_block=emitter.on_block,
+        res = compile_blocks(lm, steps, lm.adapter.block_inputs(lm, ids, opts.device), assign,
+                             on_block=emitter.on_block,
                              dumper=dumper, device=opts.device, seed=opts.seed, debug=opts.debug,
                              progress=opts.progress, verbose=opts.verbose)
         emitter.finish(lm)
@@ -198,15 +202,24 @@ def build_manifest(target, topts, opts: CompileOptions, spec, steps, ids, lm, em
                    "weight": spec.to_dict(), "pipeline": [s.to_dict() for s in steps],
                    "seed": opts.seed, "unsupported": topts.unsupported,
                    "calibration": {"file": Path(opts.calib).name, "sha256": calib_sha or _sha(opts.calib),
-                                   "chunks": int(ids.shape[0]), "seq_len": int(ids.shape[1])}},
+                                   **lm.adapter.calib_summary(ids)}},
         "source": {"model": lm.path.name, "kind": lm.adapter.kind, "architecture": type(lm.model).__name__,
-                   "blocks": lm.blocks_prefix, "num_blocks": len(lm.blocks)},
+                   "blocks": lm.blocks_prefix, "num_blocks": len(lm.blocks), **_diffusers_source(lm)},
         "versions": {"dcc": __version__, "torch": torch.__version__.split("+")[0],
-                     "transformers": _version("transformers"), "python": platform.python_version()},
+                     "transformers": _version("transformers"), "python": platform.python_version(),
+                     **({"diffusers": _version("diffusers")} if lm.adapter.kind == "diffusers" else {})},
         "dtype": topts.dtype, "tied_embeddings": emitter.tied,
         "runtime": target.runtime(topts, emitter),
         "layers": emitter.layers, "blocks": emitter.blocks,
     }
+
+
+def _diffusers_source(lm) -> dict:
+    """A diffusion model's block lists (in the module tree's order) and the pipeline it came from, if any."""
+    if lm.adapter.kind != "diffusers":
+        return {}
+    return {"block_lists": list(lm.block_lists),
+            "pipeline": lm.pipeline_path.name if lm.pipeline_path is not None else None}
 
 
 def _sha(path) -> str:

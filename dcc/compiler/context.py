@@ -1,5 +1,7 @@
 """Per-block calibration context: the block's inputs, its float outputs, and the inputs of each linear, all computed
-by the block's captured graph (ir.program), collected again whenever a pass has changed the weights."""
+by the block's captured graph (ir.program), collected again whenever a pass has changed the weights. What passes
+score a block on is its output: the first one (a decoder layer's hidden states), or every tensor it returns, joined
+(a diffusion block with two streams, FLUX's (encoder_hidden_states, hidden_states))."""
 from __future__ import annotations
 
 import logging
@@ -17,8 +19,12 @@ class BlockContext:
     """What passes see of the calibration data while one block is compiled."""
 
     def __init__(self, block, args: tuple, kwargs: dict, device: torch.device, seed: int = 0,
-                 max_tokens: int | None = None, verbose: bool = False, captures: Captures | None = None):
+                 max_tokens: int | None = None, verbose: bool = False, captures: Captures | None = None,
+                 outputs: str = "first"):
+        if outputs not in ("first", "all"):
+            raise ValueError(f"outputs {outputs!r}: 'first' or 'all'")
         self.block, self.args, self.kwargs = block, args, kwargs
+        self.outputs = outputs   # "first": the block's first output; "all": every tensor it returns, joined
         self.device, self.seed, self.verbose = device, seed, verbose
         self.max_tokens = max_tokens
         self.captures = captures if captures is not None else Captures()
@@ -63,13 +69,24 @@ class BlockContext:
         args, kwargs = self.args, self.kwargs
         if hidden is not None:
             args = (hidden,) + tuple(args[1:])
-        if samples is not None and samples < args[0].shape[0]:
-            args, kwargs = first_samples(args, kwargs, args[0].shape[0], samples)
+        if samples is not None:
+            batch = _batch(args, kwargs)
+            if samples < batch:
+                args, kwargs = first_samples(args, kwargs, batch, samples)
         return args, kwargs
 
-    @staticmethod
-    def _first(out):
+    def _first(self, out):
+        """The output passes score: the first (as a decoder layer's hidden states), or all tensors joined."""
+        if self.outputs == "all":
+            return join_outputs(out)
         return out[0] if isinstance(out, (tuple, list)) else out
+
+    def forward_full(self, simulate: bool = True) -> object:
+        """The block's whole output (a tensor or a tuple of them, as its forward returns it) on the calibration
+        inputs: what the model's forward passes on to the next block."""
+        with torch.no_grad():
+            return program.run(self.graph(self.args, self.kwargs), self.block.module, self.args, self.kwargs,
+                               engine=simulate)
 
     def forward(self, simulate: bool = False, samples: int | None = None,
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,3 +165,21 @@ class BlockContext:
         where = self.block.prefix if self.block is not None else "outside the blocks"   # prologues, epilogues
         logging.getLogger("dcc").debug(f"  [{where}] {msg}")
 
+
+def _batch(args: tuple, kwargs: dict) -> int:
+    """The calibration batch size: the first dimension of the block's hidden states (its first tensor input)."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0].shape[0]
+    first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    if first is None:
+        raise ValueError("the block has no tensor input to take the calibration batch from")
+    return first.shape[0]
+
+
+def join_outputs(out) -> torch.Tensor:
+    """Every floating-point tensor of a block's output, flattened and concatenated (one tensor when it returns one)."""
+    import torch.utils._pytree as pytree
+    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if len(leaves) == 1:
+        return leaves[0]
+    return torch.cat([t.reshape(-1) for t in leaves])

@@ -1,5 +1,16 @@
 """Sequential calibration: one block's weights and activations in memory at a time. Block i is captured, analysed
-and compiled on the outputs of the already-quantized blocks before it (as GPTQ/AWQ/QoQ do)."""
+and compiled on the outputs of the already-quantized blocks before it (as GPTQ/AWQ/QoQ do).
+
+The blocks get their inputs one of two ways. A chain (causal LMs, encoders): block 0's (args, kwargs) are computed
+once and block i+1 takes block i's quantized output in place of args[0]. A model forward (diffusion transformers
+and UNets, whose blocks sit in several lists with code between them): the whole model runs once on the
+calibration batch, and each block, when the forward calls it, is compiled on the inputs it is called with and
+hands its quantized outputs back to the forward -- so whatever the model does between blocks (FLUX's two lists,
+Z-Image's refiners joined into one sequence, a UNet's convolutions and skip connections) runs on quantized
+outputs, with no table of how blocks connect and no recorded inputs kept. Its memory: the parts outside the blocks
+(materialised for the whole run, as for a chain: for a UNet its resnets and convolutions), one block's weights and
+linear inputs, and the activations the forward itself holds on the calibration batch between blocks (a UNet's skip
+connections; for a transformer, the hidden states of each stream)."""
 from __future__ import annotations
 
 import sys
@@ -12,6 +23,8 @@ from tqdm.auto import tqdm
 
 from ..ir.analysis import analyse
 from ..ir.capture import Captures, typed_nodes
+from ..ir.graph import AnalysisError
+from ..ir.rewrite import linear_nodes
 from ..ir.program import copy_graph
 from ..ir.graph import Block
 from .context import BlockContext
@@ -35,16 +48,95 @@ def peak_rss_mb() -> float:
 BlockInputs = tuple[tuple, dict]
 
 
-def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], BlockInputs], assign_specs,
-                   on_block=None, dumper=None, device: str = "cpu", seed: int = 0, debug: bool = False,
+@dataclass
+class ModelForward:
+    """Block inputs as the model's own forward computes them. run() calls the whole model once on the calibration
+    batch (the adapter knows how); its blocks are replaced, for that call, by their compilation."""
+    run: Callable[[], object]
+
+
+class _Stop(Exception):
+    """Raised once the last block is compiled: what the model computes after it is not needed."""
+
+
+@dataclass
+class _BlockCompiler:
+    """Compiles one block on given inputs: capture, analysis, specs, the target's passes, the emitter."""
+    lm: object
+    steps: list[Step]
+    assign_specs: Callable
+    on_block: Callable | None
+    dumper: object
+    device: torch.device
+    seed: int
+    debug: bool
+    verbose: bool
+    max_tokens: int | None
+    release: bool
+    timing: PassTiming
+    outputs: str = "first"
+    messages: list[str] = field(default_factory=list)
+    captures: Captures = field(default_factory=Captures)
+
+    def _analyse(self, block, params) -> None:
+        """The dataflow analysis. A diffusion block (outputs "all") is analysed leniently: adaLN modulation sits
+        between its norms and linears, and joint attention (FLUX's and Qwen-Image's q = cat(image q, text q)) is
+        beyond what the analysis takes today; once every linear is found, such a block is compiled linear by
+        linear (what SVDQuant needs) and the note says which groups were not found."""
+        if self.outputs == "first":
+            analyse(block, block.gm, params)
+            return
+        try:
+            analyse(block, block.gm, params, strict=False)
+        except AnalysisError as e:
+            if len(block.linears) != len(linear_nodes(block.gm)):
+                raise
+            msg = str(e).removeprefix(f"block {block.prefix}: ")
+            self.messages.append(f"{type(block.module).__name__}: dataflow analysis incomplete ({msg}); its "
+                                 f"linears are compiled one by one, passes that need attention or norm groups "
+                                 f"find none")
+
+    def compile(self, i: int, prefix: str, args: tuple, kwargs: dict, whole: bool = False):
+        """Compile block i (at `prefix`) on (args, kwargs); returns its quantized output as the engine computes it:
+        the output passes score (whole=False) or everything the block returns (whole=True)."""
+        module = self.lm.materialize(prefix)
+        block = Block(i, prefix, module)
+        # blocks with the same code and shapes share one capture (the graph does not depend on weight values); each
+        # block runs its own copy, which graph passes rewrite
+        gm, params = self.captures.get(module, args, kwargs)
+        block.gm = copy_graph(gm)
+        block.nodes = typed_nodes(block.gm, params)
+        self._analyse(block, params)
+        self.assign_specs(block)
+        ctx = BlockContext(block, args, kwargs, self.device, self.seed + i, max_tokens=self.max_tokens,
+                           verbose=self.verbose, captures=self.captures, outputs=self.outputs)
+        run_block(block, self.steps, ctx, self.timing, self.dumper, self.debug)
+        self.messages += ctx.messages
+        full = ctx.forward_full(simulate=True) if whole else None   # as the engine computes it
+        out = ctx.forward(simulate=True) if full is None else ctx._first(full)
+        if ctx.reference is not None:
+            # how far the quantized block's output is from the float block's, on the same (quantized) inputs
+            ref = ctx.reference.float()
+            ctx.block_error = round(float((out.float() - ref).norm() / ref.norm().clamp(min=1e-30)), 6)
+        if self.on_block is not None:
+            self.on_block(block, ctx)
+        block.gm = None
+        if self.release:
+            self.lm.release(prefix)
+        return full if whole else out
+
+
+def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], BlockInputs] | ModelForward,
+                   assign_specs, on_block=None, dumper=None, device: str = "cpu", seed: int = 0, debug: bool = False,
                    progress: bool = True, verbose: bool = False, max_tokens: int | None = None,
                    release: bool = True) -> CompileResult:
     """Compile every block in order. `inputs`: block 0's (args, kwargs) on the calibration batch, as the model's
     adapter computes them (dcc.models.adapter: block0_inputs), or a function returning them, called after the passes'
     model prologues -- which may change what reaches block 0 (rotated embeddings), so a pair computed before is
-    refused then. `assign_specs(block)` sets each Linear's spec (or skip reason) for the target; `on_block(block,
-    ctx)` receives the finished block (the emitter packs it) before its weights are released (release=False keeps
-    them, for in-memory evaluation of formats that no layout packs)."""
+    refused then; or a ModelForward, whose run of the whole model feeds every block. `assign_specs(block)` sets each
+    Linear's spec (or skip reason) for the target; `on_block(block, ctx)` receives the finished block (the emitter
+    packs it) before its weights are released (release=False keeps them, for in-memory evaluation of formats that no
+    layout packs)."""
     t0 = time.perf_counter()
     check_pipeline(steps)
     dev = torch.device(device)
@@ -54,42 +146,64 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
     ctx0 = BlockContext(None, (), {}, dev, seed)
     # passes that act outside the blocks (rotation of the embeddings, ...), through the manager: timed, dumped
     changed = run_model_steps("prologue", steps, lm, ctx0, timing, dumper)
-    if callable(inputs):
-        args, kwargs = inputs()
-    elif changed:
-        raise ValueError(f"compile_blocks: {', '.join(changed)} changed the model before its first block, so block "
-                         f"0's inputs must be computed afterwards: pass them as a function")
-    else:
-        args, kwargs = inputs
+    comp = _BlockCompiler(lm, steps, assign_specs, on_block, dumper, dev, seed, debug, verbose, max_tokens, release,
+                          timing, outputs="all" if isinstance(inputs, ModelForward) else "first")
     n = len(lm.blocks)
-    messages, captures = [], Captures()
     bar = tqdm(range(n), desc="compiling blocks", unit="block", disable=not progress, file=sys.stderr)
-    for i in bar:
-        prefix = lm.block_prefix(i)
-        module = lm.materialize(prefix)
-        block = Block(i, prefix, module)
-        # blocks with the same code and shapes share one capture (the graph does not depend on weight values); each
-        # block runs its own copy, which graph passes rewrite
-        gm, params = captures.get(module, args, kwargs)
-        block.gm = copy_graph(gm)
-        block.nodes = typed_nodes(block.gm, params)
-        analyse(block, block.gm, params)
-        assign_specs(block)
-        ctx = BlockContext(block, args, kwargs, dev, seed + i, max_tokens=max_tokens, verbose=verbose,
-                           captures=captures)
-        run_block(block, steps, ctx, timing, dumper, debug)
-        messages += ctx.messages
-        out = ctx.forward(simulate=True)   # as the engine computes it (the graph's run-time numerics on)
-        if ctx.reference is not None:
-            # how far the quantized block's output is from the float block's, on the same (quantized) inputs
-            ref = ctx.reference.float()
-            ctx.block_error = round(float((out.float() - ref).norm() / ref.norm().clamp(min=1e-30)), 6)
-        args = (out,) + tuple(args[1:])  # quantized outputs feed the next block
-        if on_block is not None:
-            on_block(block, ctx)
-        block.gm = None
-        if release:
-            lm.release(prefix)
-        bar.set_postfix(rss=f"{peak_rss_mb():.0f}MB")
+    if isinstance(inputs, ModelForward):
+        _through_forward(lm, comp, inputs, bar)
+    else:
+        if callable(inputs):
+            args, kwargs = inputs()
+        elif changed:
+            raise ValueError(f"compile_blocks: {', '.join(changed)} changed the model before its first block, so "
+                             f"block 0's inputs must be computed afterwards: pass them as a function")
+        else:
+            args, kwargs = inputs
+        for i in bar:
+            out = comp.compile(i, lm.block_prefix(i), args, kwargs)
+            args = (out,) + tuple(args[1:])  # quantized outputs feed the next block
+            bar.set_postfix(rss=f"{peak_rss_mb():.0f}MB")
+    bar.close()
     run_model_steps("epilogue", steps, lm, ctx0, timing, dumper)
-    return CompileResult(timing, n, time.perf_counter() - t0, peak_rss_mb(), messages)
+    return CompileResult(timing, n, time.perf_counter() - t0, peak_rss_mb(), comp.messages)
+
+
+def _through_forward(lm, comp: _BlockCompiler, inputs: ModelForward, bar) -> None:
+    """Run the model once with each block's forward standing in for its compilation, in the order the forward calls
+    them. A block the forward calls twice, or never, is refused by name (each is compiled once, on its inputs)."""
+    n = len(lm.blocks)
+    prefixes = {id(b): lm.block_prefix(i) for i, b in enumerate(lm.blocks)}
+    done: list[str] = []
+
+    def stand_in(module):
+        def forward(*args, **kwargs):
+            prefix = prefixes[id(module)]
+            if prefix in done:
+                raise ValueError(f"{prefix}: the model's forward calls this block twice; dcc compiles each block "
+                                 f"once, on the inputs of its one call")
+            del module.forward   # the class's forward again: what torch.export captures
+            out = comp.compile(len(done), prefix, args, kwargs, whole=True)
+            done.append(prefix)
+            bar.update(1)
+            bar.set_postfix(rss=f"{peak_rss_mb():.0f}MB")
+            if len(done) == n:
+                raise _Stop
+            module.forward = lambda *a, **k: stand_in(module)(*a, **k)   # a second call is refused above
+            return out
+        return forward
+
+    for b in lm.blocks:
+        b.forward = stand_in(b)
+    try:
+        with torch.no_grad():
+            inputs.run()
+    except _Stop:
+        pass
+    finally:
+        for b in lm.blocks:
+            b.__dict__.pop("forward", None)
+    if len(done) < n:
+        missing = [p for p in (lm.block_prefix(i) for i in range(n)) if p not in done]
+        raise ValueError(f"{missing[0]}: the model's forward never called this block on the calibration inputs "
+                         f"({len(missing)} of {n} blocks not reached), so it has no inputs to be compiled on")

@@ -1,7 +1,8 @@
 """Model adapters: what dcc knows of one kind of model -- its skeleton (which transformers Auto class), what the whole
 model is called with, the inputs of its first block as (args, kwargs), its calibration batch, what `validate`
 compares and how it is evaluated. The kind comes from the config (causal LM or encoder), never from a table of
-architectures; the compiler sees only (args, kwargs), so a diffusers transformer adapter fits beside these two."""
+architectures; the compiler sees only (args, kwargs). A diffusers model (dcc.models.diffusers) is told by its folder
+(config.json's _class_name), not by these."""
 from __future__ import annotations
 
 from typing import ClassVar
@@ -90,6 +91,23 @@ class ModelAdapter:
         """[chunks, seq_len] token ids from a text file (the folder's tokenizer, or whitespace-separated ids)."""
         raise NotImplementedError
 
+    def block_inputs(self, lm, batch, device):
+        """What compile_blocks takes (dcc.compiler.sequential): a function giving block 0's (args, kwargs) on the
+        batch, computed once the passes' model prologues have run (a rotation of the embeddings changes them)."""
+        dev = torch.device(device)
+        return lambda: self.block0_inputs(lm, batch, dev)
+
+    def calib_summary(self, batch) -> dict:
+        """The manifest's account of the calibration batch (beside the file's name and checksum)."""
+        return {"chunks": int(batch.shape[0]), "seq_len": int(batch.shape[1])}
+
+    def calib_tokens(self, batch) -> int:
+        """Tokens the blocks see per calibration run (the memory estimate)."""
+        return batch.numel()
+
+    def describe_calibration(self, batch) -> str:
+        return f"{batch.shape[0]} x {batch.shape[1]} tokens"
+
     # ---------------------------------------------------------------------------------------------- evaluation
     def eval_data(self, tokenizer, config: dict, path, seq_len: int, limit: int | None):
         """The evaluation batches of a text file (tokenizer: the artifact's, or None for token-id files)."""
@@ -156,11 +174,12 @@ def kind_of(config) -> str | None:
 def adapter_named(kind: str) -> ModelAdapter:
     """The adapter of a kind recorded in an artifact's manifest."""
     from .causal_lm import CausalLM
+    from .diffusers import DiffusersModel
     from .encoder import Encoder
-    for cls in (CausalLM, Encoder):
+    for cls in (CausalLM, Encoder, DiffusersModel):
         if cls.kind == kind:
             return cls()
-    raise ValueError(f"unknown model kind {kind!r} (known: {CausalLM.kind}, {Encoder.kind})")
+    raise ValueError(f"unknown model kind {kind!r} (known: {CausalLM.kind}, {Encoder.kind}, {DiffusersModel.kind})")
 
 
 def adapter_for(config, folder=None) -> ModelAdapter:

@@ -124,11 +124,12 @@ def check_skeleton(folder: Path, config, model: torch.nn.Module) -> None:
             raise _moe_refusal(folder, config)
 
 
-def check_tensors(folder: Path, model: torch.nn.Module, index: TensorIndex, tied: dict[str, str]) -> None:
+def check_tensors(folder: Path, model: torch.nn.Module, index: TensorIndex, tied: dict[str, str],
+                  library: str = "transformers") -> None:
     """The checkpoint holds a floating-point tensor of the skeleton's shape for every parameter (tied ones aside),
-    read from the safetensors headers only."""
+    read from the safetensors headers only. library: whose class the skeleton is (named in the messages)."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    _check_names(folder, model, index, [k for k in params if k not in tied])
+    _check_names(folder, model, index, [k for k in params if k not in tied], library)
     for name, p in params.items():
         key = tied.get(name, name)
         if not index.key_to_file[key].is_file():
@@ -141,7 +142,8 @@ def check_tensors(folder: Path, model: torch.nn.Module, index: TensorIndex, tied
             raise ModelLoadError(f"{folder}: tensor {key} has shape {shape}, the config expects {tuple(p.shape)}")
 
 
-def _check_names(folder: Path, model: torch.nn.Module, index: TensorIndex, expected: list[str]) -> None:
+def _check_names(folder: Path, model: torch.nn.Module, index: TensorIndex, expected: list[str],
+                 library: str = "transformers") -> None:
     """One lost tensor is a damaged file; many are another naming: then show what the file's names look like."""
     have = set(index.keys())
     missing = [k for k in expected if k not in have]
@@ -150,9 +152,9 @@ def _check_names(folder: Path, model: torch.nn.Module, index: TensorIndex, expec
     arch = type(model).__name__
     if len(missing) == 1:
         raise ModelLoadError(f"{folder}: tensor {missing[0]} missing from the checkpoint (1 of the {len(expected)} "
-                             f"that transformers' {arch} expects)")
+                             f"that {library}' {arch} expects)")
     known = set(expected) | {n for n, _ in model.named_buffers()}
     unknown = sorted(k for k in have if k not in known)
     hint = f"; the file's names look like {unknown[0]!r}" if unknown else "; the file has no other tensors"
-    raise ModelLoadError(f"{folder}: the checkpoint does not match transformers' {arch}: {len(missing)} of "
+    raise ModelLoadError(f"{folder}: the checkpoint does not match {library}' {arch}: {len(missing)} of "
                          f"{len(expected)} tensors missing (first: {missing[0]}){hint}")

@@ -44,6 +44,8 @@ class TensorIndex:
         self.folder = folder
         self.key_to_file: dict[str, Path] = {}
         index = folder / "model.safetensors.index.json"
+        if not index.is_file():   # diffusers names its index after its weights
+            index = folder / "diffusion_pytorch_model.safetensors.index.json"
         files = sorted(folder.glob("*.safetensors"))
         if index.is_file():
             try:
@@ -103,8 +105,10 @@ class TensorIndex:
             t = h.get_tensor(key)
         except Exception as e:
             raise ModelLoadError(f"{f}: tensor {key} cannot be read ({str(e).splitlines()[0]})") from None
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
+        # torch has no isfinite for the 1-byte floats (fp8 micro-scales): check them widened (exact)
+        finite = (lambda v: torch.isfinite(v.float() if v.element_size() == 1 else v))   # noqa: E731
+        if t.is_floating_point() and not finite(t).all():
+            bad = int((~finite(t)).sum())
             raise ModelLoadError(f"{f}: tensor {key} has {bad} NaN/inf values")
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
@@ -157,15 +161,23 @@ def rebuild_buffers(mod: torch.nn.Module, config, device, names: list[str], path
 
 
 class LazyModel:
-    """A transformers model, built by its kind's adapter (self.adapter: dcc.models.adapter), whose parameters are
-    materialised per module prefix and released afterwards."""
+    """A transformers or diffusers model, built by its kind's adapter (self.adapter: dcc.models.adapter), whose
+    parameters are materialised per module prefix and released afterwards. Its blocks: `blocks` (the modules) at
+    `block_prefix(i)`; for a transformers model the one ModuleList at `blocks_prefix`, for a diffusers model every
+    list find_block_lists finds (`block_lists`), `blocks_prefix` naming them all."""
+    pipeline_path = None   # a diffusers pipeline folder, when the model is its transformer/ or unet/
 
     def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         from transformers import AutoConfig
         from . import checks
+        from .diffusers_folder import is_diffusers_folder
 
-        self.path = resolve_model_path(path)
         self.dtype, self.device = dtype, torch.device(device)
+        if is_diffusers_folder(Path(path)):
+            from .diffusers_loading import load_diffusers
+            load_diffusers(self, Path(path))
+            return
+        self.path = resolve_model_path(path)
         checks.check_no_remote_code(self.path)   # before transformers reads the folder: it would offer to run it
         try:
             self.config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=False)
@@ -180,6 +192,7 @@ class LazyModel:
             self.index.strip_prefix(self.key_prefix)
         checks.check_skeleton(self.path, self.config, self.model)
         self.blocks_prefix, self.blocks = find_blocks(self.model)
+        self.block_lists = [self.blocks_prefix]
         self.tied = self._tied_keys()
         # every tensor's name, dtype and shape from the headers, so a mismatch stops before any compile work
         checks.check_tensors(self.path, self.model, self.index, self.tied)
@@ -192,7 +205,12 @@ class LazyModel:
         return {k: v for k, v in tied.items() if k not in self.index.key_to_file}
 
     def block_prefix(self, i: int) -> str:
-        return f"{self.blocks_prefix}.{i}"
+        prefixes = getattr(self, "block_prefixes", None)
+        return prefixes[i] if prefixes is not None else f"{self.blocks_prefix}.{i}"
+
+    def in_blocks(self, name: str) -> bool:
+        """Whether a module or tensor name lies inside one of the block lists."""
+        return any(name == r or name.startswith(r + ".") for r in self.block_lists)
 
     def materialize(self, prefix: str) -> torch.nn.Module:
         """Read every parameter/buffer under `prefix` ('' = everything outside the blocks) onto the device."""
@@ -200,7 +218,7 @@ class LazyModel:
         loaded: dict[str, torch.nn.Parameter] = {}
         for name, mod in module.named_modules():
             full = f"{prefix}.{name}".strip(".") if name else prefix
-            if not prefix and (full == self.blocks_prefix or full.startswith(self.blocks_prefix + ".")):
+            if not prefix and self.in_blocks(full):
                 continue
             for pname, param in list(mod.named_parameters(recurse=False)):
                 key = f"{full}.{pname}".lstrip(".")

@@ -52,13 +52,14 @@ class BaseEmitter:
     def finish(self, lm) -> None:
         """Embeddings, final norm and head stay 16-bit; a head tied to the embeddings is stored once."""
         model = lm.model
-        emb = model.get_input_embeddings().weight
-        tied_same = False
-        head = model.get_output_embeddings()
-        if head is not None and getattr(lm.config, "tie_word_embeddings", False):
-            tied_same = head.weight.shape == emb.shape and torch.equal(head.weight.data, emb.data)
+        tied_same, head = False, None
+        if hasattr(model, "get_input_embeddings"):   # a diffusers model has no token embeddings, nor a head
+            emb = model.get_input_embeddings().weight
+            head = model.get_output_embeddings()
+            if head is not None and getattr(lm.config, "tie_word_embeddings", False):
+                tied_same = head.weight.shape == emb.shape and torch.equal(head.weight.data, emb.data)
         for name, p in model.named_parameters(remove_duplicate=False):
-            if name.startswith(lm.blocks_prefix + "."):
+            if lm.in_blocks(name):   # the blocks' tensors were written by on_block
                 continue
             if tied_same and head is not None and p is head.weight and name != _param_name(model, emb):
                 continue
