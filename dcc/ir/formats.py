@@ -1,5 +1,6 @@
 """Quantization formats: integer (int2..int8, sym/asym) and small floats (fp8 e4m3fn/e5m2, fp4 e2m1), with
-per-group/channel/tensor scales, the exact quantize/dequantize rules the targets use, and error metrics."""
+per-group/channel/tensor scales -- or two levels, fp8 micro-scales per group under one 16-bit per-tensor scale (NVFP4)
+-- the exact quantize/dequantize rules the targets use, and error metrics."""
 from __future__ import annotations
 
 import dataclasses
@@ -53,6 +54,9 @@ class QuantSpec:
     scale_dtype: str = "float16"
     zero_mode: str = "integer"
     progressive: bool = False   # QoQ two levels: int8 per channel (fp16 scale), then these groups (int8 scale/zero)
+    # fp two levels (NVFP4): the group scales are themselves stored in this fp8 format ("fp8_e4m3"), under one
+    # per-tensor scale in scale_dtype; None: one scale per group in scale_dtype
+    micro_scale: str | None = None
 
     def __post_init__(self):
         if self.dtype not in INT_DTYPES | FP_DTYPES:
@@ -72,6 +76,10 @@ class QuantSpec:
                                  or self.zero_mode != "integer"):
             raise ValueError("QuantSpec.progressive needs an asymmetric int2..int4 dtype with groups (group_size > 0) "
                              "and zero_mode 'integer' (the level-1 zero is an int8)")
+        if self.micro_scale is not None and (self.micro_scale not in ("fp8_e4m3", "fp8_e5m2")
+                                             or self.dtype not in FP_DTYPES or self.group_size <= 0):
+            raise ValueError(f"QuantSpec.micro_scale {self.micro_scale!r}: two-level scales need 'fp8_e4m3' or "
+                             f"'fp8_e5m2' micro-scales, an fp element dtype and groups (group_size > 0)")
         if self.is_fp and not self.symmetric:  # fp formats have no zero point: normalise so equal specs compare equal
             object.__setattr__(self, "symmetric", True)
 
@@ -99,7 +107,10 @@ class QuantSpec:
         return SCALE_DTYPES[self.scale_dtype]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["micro_scale"] is None:   # the one-level specs keep the dict (and the manifests) they always had
+            del d["micro_scale"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
@@ -129,6 +140,8 @@ class QuantSpec:
             parts = ["u" + self.dtype, "progressive (int8 per-channel, then"]
             return " ".join(parts + [f"g{self.group_size} int8 scale/zero)", _SCALE_SHORT[self.scale_dtype]])
         gran = {0: "per-channel", -1: "per-tensor"}.get(self.group_size, f"g{self.group_size}")
+        if self.micro_scale is not None:
+            return " ".join(parts + [gran, self.micro_scale[4:], "x", _SCALE_SHORT[self.scale_dtype], "per-tensor"])
         return " ".join(parts + [gran, _SCALE_SHORT[self.scale_dtype]])
 
 
@@ -141,11 +154,14 @@ def round_to_fp(x: torch.Tensor, dtype: str) -> torch.Tensor:
     spacing of the smallest normal binade; the sign is kept, so negatives that round to zero give -0.0; NaN stays NaN.
     """
     f = _fmt(dtype)
-    xd = x.detach().to(torch.float64)  # float16/bf16/float32 -> float64 is exact: a single rounding happens below
+    # float16/bf16 -> float32 is exact, and every step below is exact in float32 as in float64 (power-of-two scaling,
+    # rounding to an integer): a single rounding happens, in the cheaper float32 unless x is float64
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xd = x.detach().to(work)
     a = xd.abs()
     _, e = torch.frexp(a)  # a = m * 2^e with m in [0.5, 1), so floor(log2 a) = e - 1 (0 and inf give e = 0)
     e = (e - 1).clamp(min=f.emin)  # below the smallest normal the spacing stays 2^(emin - mbits)
-    quantum = torch.ldexp(torch.ones_like(a), (e - f.mbits).to(torch.float64))
+    quantum = torch.ldexp(torch.ones_like(a), (e - f.mbits).to(work))
     r = torch.round(a / quantum) * quantum  # power-of-two scaling is exact; torch.round is half-to-even
     r = torch.copysign(r.clamp(max=f.max), xd)  # saturate, then restore the sign (incl. -0)
     return torch.where(torch.isnan(xd), xd, r).to(torch.float32)
@@ -172,7 +188,7 @@ def _decode_list(dtype: str) -> tuple[float, ...]:
 
 def fp_decode(codes: torch.Tensor, dtype: str) -> torch.Tensor:
     """Bit patterns (any integer tensor) -> float32 values of the element format."""
-    table = torch.tensor(_decode_list(dtype), dtype=torch.float32)
+    table = torch.tensor(_decode_list(dtype), dtype=torch.float32, device=codes.device)
     c = codes.to(torch.int64)
     if c.numel() and (c.min() < 0 or c.max() >= table.numel()):
         raise ValueError(f"{dtype} codes must lie in [0, {table.numel() - 1}]")
@@ -187,7 +203,7 @@ def fp_encode(values: torch.Tensor, dtype: str) -> torch.Tensor:
     if dtype == "fp4_e2m1" and bool(nan.any()):
         raise ValueError("fp4_e2m1 has no NaN encoding")
     # Non-negative finite codes 0..max are increasing in value, so an exact search finds each rounded magnitude.
-    pos = torch.tensor(_decode_list(dtype), dtype=torch.float64)[: 1 << (f.ebits + f.mbits)]
+    pos = torch.tensor(_decode_list(dtype), dtype=torch.float64, device=r.device)[: 1 << (f.ebits + f.mbits)]
     pos = pos[: int(torch.nonzero(pos == f.max)[0]) + 1]
     idx = torch.searchsorted(pos, torch.where(nan, 0.0, r.abs()))
     code = idx | (torch.signbit(r).to(torch.int64) << (f.ebits + f.mbits))
@@ -224,11 +240,13 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor
         raise ValueError(f"expected a floating-point weight, got {w.dtype}")
     if spec.progressive:
         raise ValueError("a progressive spec has two scale levels: use progressive_qparams")
+    if spec.micro_scale is not None:
+        raise ValueError("a micro-scaled spec has two scale levels: use two_level_qparams")
     shape = _scale_shape(w, spec)
     g = _grouped(w.detach().to(torch.float32), spec)
     if spec.group_size == -1:
         g = g.reshape(1, 1, -1)
-    c_lo, c_hi = _clip_pair(clip, shape, spec)
+    c_lo, c_hi = _clip_pair(clip, shape, spec, w.device)
     if spec.symmetric:  # int sym and all fp formats
         s = g.abs().amax(-1) * c_hi / spec.qmax
         lo = None
@@ -257,10 +275,10 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor
     return s, z.to(torch.int16)
 
 
-def _clip_pair(clip, shape: tuple[int, int], spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _clip_pair(clip, shape: tuple[int, int], spec: QuantSpec, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """clip: a ratio (scalar or broadcastable to [N, G]) shrinking both ends of the range, or an [N, G, 2] tensor of
-    separate (min, max) ratios (asymmetric specs only). Returns both as [N, G] tensors."""
-    c = torch.as_tensor(clip, dtype=torch.float32)
+    separate (min, max) ratios (asymmetric specs only). Returns both as [N, G] tensors (on `device`: the weight's)."""
+    c = torch.as_tensor(clip, dtype=torch.float32, device=device)
     pair = c.dim() == 3
     if pair and (spec.symmetric or c.shape[-1] != 2):
         raise ValueError(f"a (min, max) clip pair of shape {tuple(c.shape)} needs an asymmetric spec and shape [N, G, 2]")
@@ -276,8 +294,9 @@ def _clip_pair(clip, shape: tuple[int, int], spec: QuantSpec) -> tuple[torch.Ten
 
 
 def _check_params(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor | None):
-    if spec.progressive:
-        raise ValueError("a progressive spec has two scale levels: use quantize_tensor / QuantizedTensor.dequantize")
+    if spec.progressive or spec.micro_scale is not None:
+        raise ValueError("a two-level spec (progressive or micro-scaled) has two scale levels: use quantize_tensor / "
+                         "QuantizedTensor.dequantize")
     shape = _scale_shape(w, spec)
     if tuple(scale.shape) != shape:
         raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {shape}")
@@ -335,7 +354,9 @@ class QuantizedTensor:
     scale: torch.Tensor
     zero: torch.Tensor | None
     spec: QuantSpec
-    scale0: torch.Tensor | None = None   # progressive specs: the level-0 per-channel scale [N, 1]; scale/zero: level 1
+    # two-level specs: the level-0 scale, per channel [N, 1] (progressive) or per tensor [1, 1] (micro-scaled, whose
+    # `scale` then holds the micro-scales [N, G] as float32 values of spec.micro_scale); scale/zero: level 1
+    scale0: torch.Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -344,12 +365,17 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.spec.progressive:
             return progressive.dequantize(self.codes, self.scale0, self.scale, self.zero, self.spec.group_size, dtype)
+        if self.spec.micro_scale is not None:
+            return dequantize_two_level(self.codes, self.scale, self.scale0, self.spec, dtype)
         return dequantize(self.codes, self.scale, self.zero, self.spec, dtype)
 
 
 def quantize_tensor(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor = 1.0) -> QuantizedTensor:
     if spec.progressive:
         return _quantize_progressive(w, spec, clip)
+    if spec.micro_scale is not None:
+        s0, micro = two_level_qparams(w, spec, clip)
+        return QuantizedTensor(quantize_two_level(w, spec, micro, s0), micro, None, spec, scale0=s0)
     scale, zero = compute_qparams(w, spec, clip)
     return QuantizedTensor(quantize(w, spec, scale, zero), scale, zero, spec)
 
@@ -357,7 +383,7 @@ def quantize_tensor(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor
 def progressive_qparams(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor = 1.0):
     """(s1 [N, 1], x0 [N, K], s2 [N, G], z [N, G]) of a progressive spec; clip shrinks each level-1 group's range."""
     s1, x0 = progressive.level0(w, spec.bits, spec.torch_scale_dtype)
-    c_lo, c_hi = _clip_pair(clip, _scale_shape(w, spec), spec)
+    c_lo, c_hi = _clip_pair(clip, _scale_shape(w, spec), spec, w.device)
     s2, z = progressive.level1_params(x0, spec.group_size, spec.bits, c_lo, c_hi)
     return s1, x0, s2, z
 
@@ -366,6 +392,58 @@ def _quantize_progressive(w: torch.Tensor, spec: QuantSpec, clip) -> QuantizedTe
     s1, x0, s2, z = progressive_qparams(w, spec, clip)
     codes = progressive.level1_codes(x0, s2, z, spec.group_size, spec.bits)
     return QuantizedTensor(codes, s2, z, spec, scale0=s1)
+
+
+# ------------------------------------------------------------------------------ two levels: fp8 micro-scales
+
+def two_level_qparams(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor = 1.0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s0 [1, 1] in scale_dtype, micro [N, G] float32 holding spec.micro_scale values) of a micro-scaled spec, as
+    DeepCompressor makes NVFP4 weights (sfp4_e2m1_all, scale_dtypes [None, sfp8_e4m3_nan]: quantizer/impl/scale.py
+    quantize_scale with the spans infer_scale_quant_spans gives, [448, 1], @ 69f3473):
+      s_g   = amax_g * clip / qmax                     the group's ideal scale, fp32 (qmax 6 for e2m1);
+      s0    = RNE_scale_dtype(max_g s_g / micro_max)   so that the largest group's micro-scale is about micro_max;
+      micro = RNE_micro(s_g / s0)                      fp32 quotient, rounded once, saturating at micro_max (448:
+                                                       s0 rounded down can put the largest just above it).
+    An all-zero tensor gets s0 = 1 and an all-zero group micro 1 (its codes are 0); a nonzero group whose micro-scale
+    rounds to 0 gets the smallest subnormal instead (its codes stay in range: |w| / (2^-9 s0) < 3), and a nonzero s0
+    that underflows scale_dtype its smallest subnormal, as compute_qparams does for one-level scales."""
+    if spec.micro_scale is None:
+        raise ValueError(f"{spec.short()} has one scale level: use compute_qparams")
+    if not w.is_floating_point():
+        raise ValueError(f"expected a floating-point weight, got {w.dtype}")
+    shape = _scale_shape(w, spec)
+    c_lo, c_hi = _clip_pair(clip, shape, spec, w.device)
+    s_g = _grouped(w.detach().to(torch.float32), spec).abs().amax(-1) * c_hi / spec.qmax
+    if not bool(torch.isfinite(s_g).all()):
+        raise ValueError("non-finite weights: no scale can hold them")
+    top = s_g.max().reshape(1, 1) / _fmt(spec.micro_scale).max
+    s0 = top.to(spec.torch_scale_dtype)
+    fi = torch.finfo(s0.dtype)
+    s0 = torch.where(s0 == 0, torch.where(top == 0, torch.ones_like(s0), torch.full_like(s0, fi.tiny * fi.eps)), s0)
+    if not bool(torch.isfinite(s0).all()):
+        raise ValueError(f"the per-tensor scale overflows {spec.scale_dtype}")
+    micro = round_to_fp(s_g / s0.to(torch.float32), spec.micro_scale)
+    sub = 2.0 ** (_fmt(spec.micro_scale).emin - _fmt(spec.micro_scale).mbits)   # smallest subnormal
+    micro = torch.where(micro == 0, torch.where(s_g == 0, torch.ones_like(micro), torch.full_like(micro, sub)), micro)
+    return s0, micro
+
+
+def quantize_two_level(w: torch.Tensor, spec: QuantSpec, micro: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
+    """uint8 element codes [N, K]: the RNE (saturating) element of w / (micro * s0), the divisor formed exactly in
+    float32 (<= 4 + 11 significant bits) and the quotient rounded once, then to the element format."""
+    g = _grouped(w.detach().to(torch.float32), spec)
+    div = (micro.to(torch.float32) * s0.to(torch.float32)).unsqueeze(-1)
+    return fp_encode(g / div, spec.dtype).reshape(w.shape)
+
+
+def dequantize_two_level(codes: torch.Tensor, micro: torch.Tensor, s0: torch.Tensor, spec: QuantSpec,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """element * micro * s0, exact in float32 (<= 2 + 4 + 11 significant bits; for fp16 s0 a product below
+    float32's normal range would round, which takes weights under 1e-30), then cast to dtype."""
+    q = _grouped(fp_decode(codes, spec.dtype), spec)
+    out = q * micro.to(torch.float32).unsqueeze(-1) * s0.to(torch.float32).unsqueeze(-1)
+    return out.to(dtype).reshape(codes.shape)
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -391,6 +469,11 @@ def fake_quantize_fast(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Ten
     float32 without validation. For zero_mode "scaled" this differs from the exact decode by at most one rounding to
     scale_dtype per element, which can flip a near-tie between candidates (about 0.2% of clip choices, each within
     ~1% in error); the final quantization always uses quantize_tensor."""
+    if spec.micro_scale is not None:   # the element values themselves (no codes): exact, as dequantize_two_level
+        s0, micro = two_level_qparams(w, spec, clip)
+        div = (micro * s0.to(torch.float32)).unsqueeze(-1)
+        g = w.float().reshape(w.shape[0], spec.num_groups(w.shape[1]), -1)
+        return (round_to_fp(g / div, spec.dtype) * div).reshape(w.shape).to(w.dtype)
     if spec.is_fp:
         return fake_quantize(w, spec, clip)
     if spec.progressive:   # the same levels as quantize_tensor, without the kernel-bound checks of the final decode

@@ -39,6 +39,9 @@ class Linear:
     qtensor: QuantizedTensor | None = None
     skip_reason: str | None = None  # why it stays in float, said in dumps and the manifest
     act: str | None = None          # run-time input quantization the engine applies ("int8": per token)
+    # the engine's fused layer it is stored in (Nunchaku's qkv_proj): passes that share a factor between linears
+    # reading one tensor (svd_lowrank's smoothing and branch) share it only within one group; None: by input alone
+    group: str | None = None
     # range ratios the quantizer applies (clip pass): a tensor broadcastable to the scales' [N, G] (or [N, G, 2]: a
     # (min, max) pair for asymmetric formats), ratios in (0, 1]; None: the full [min, max] (ir.formats.compute_qparams)
     clip: Any = None

@@ -7,10 +7,13 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from . import ops
+from . import ops, w4a4
 from .capture import op_name
 from .program import add_param_input, changed, drop_unused_inputs, param_paths
 
+# what may sit between an activation function and the linear reading it without changing values: casts and copies
+_PASS_VALUES = {"to", "_to_copy", "type_as", "view", "reshape", "_unsafe_view", "contiguous", "clone", "alias",
+                "detach", "dropout", "_assert_tensor_metadata"}
 # what sits between a K/V cache and attention: the GQA repeat (slice, unsqueeze, expand, reshape) and copies
 _REPEAT = {"expand", "unsqueeze", "reshape", "view", "_unsafe_view", "clone", "contiguous", "repeat_interleave",
            "repeat", "slice", "alias", "_assert_tensor_metadata"}
@@ -36,10 +39,64 @@ def linear_nodes(gm: GraphModule) -> dict[str, torch.fx.Node]:
     return out
 
 
+def _smooth_division(gm: GraphModule, x: torch.fx.Node) -> torch.fx.Node | None:
+    """x if it is insert_lowrank's division by a `.smooth` buffer, else None."""
+    if not (x.op == "call_function" and op_name(x.target) == "div" and len(x.args) == 2
+            and isinstance(x.args[1], torch.fx.Node)):
+        return None
+    return x if param_paths(gm).get(x.args[1].name, "").endswith(".smooth") else None
+
+
+def gelu_fed(gm: GraphModule) -> set[str]:
+    """The linears whose input is the output of a GELU call (aten.gelu, exact or tanh), read through casts, copies,
+    the smoothing division and the dcc:: quantization and shift an earlier rewrite put there: Nunchaku quantizes
+    such an input unsigned, after adding SHIFT_GELU (GELU >= -0.17 > -SHIFT_GELU)."""
+    out = set()
+    for path, lin in linear_nodes(gm).items():
+        x = lin.args[0]
+        while isinstance(x, torch.fx.Node) and x.op == "call_function":
+            name = op_name(x.target)
+            if ops.is_runtime_numerics(x) or name in _PASS_VALUES or _smooth_division(gm, x) is not None or (
+                    name == "add" and x.args[1:] == (w4a4.SHIFT_GELU,)):
+                x = x.args[0]
+            else:
+                break
+        if isinstance(x, torch.fx.Node) and x.op == "call_function" and op_name(x.target) == "gelu":
+            out.add(path)
+    return out
+
+
+def reads_shifted(gm: GraphModule, path: str) -> bool:
+    """Whether linear `path` reads an unsigned dcc::quant_act_int4 node, i.e. its input is shifted (insert_act_quant
+    with "uint4") and its bias must take the shift back."""
+    lin = linear_nodes(gm).get(path)
+    x = None if lin is None else lin.args[0]
+    return isinstance(x, torch.fx.Node) and x.target is ops.quant_act_int4 and bool(x.args[2])
+
+
+def _shifted_input(gm: GraphModule, x: torch.fx.Node) -> torch.fx.Node:
+    """x + SHIFT_GELU for an unsigned ("uint4") input, added where the kernel adds it: to the raw 16-bit input,
+    before the division by smooth (which insert_lowrank put on the main branch only; the low-rank branch keeps the
+    unshifted x)."""
+    div = _smooth_division(gm, x)
+    raw = x if div is None else div.args[0]
+    with gm.graph.inserting_after(x):
+        shifted = gm.graph.call_function(torch.ops.aten.add.Tensor, (raw, w4a4.SHIFT_GELU))
+    shifted.meta = _meta_like(x)
+    if div is None:
+        return shifted
+    with gm.graph.inserting_after(shifted):
+        out = gm.graph.call_function(torch.ops.aten.div.Tensor, (shifted, div.args[1]))
+    out.meta = _meta_like(x)
+    return out
+
+
 def insert_act_quant(gm: GraphModule, linears: dict[str, str]) -> int:
     """Quantize the input of each linear (path -> activation format, ops.parse_act: "int8" per token, "int4:dtype"
     per token and 64-group, ...) as the engine does before its GEMM. Linears reading one tensor in one format share
-    one quantization node. Returns the number of nodes inserted."""
+    one quantization node. "uint4" also shifts the input by SHIFT_GELU before its smoothing division; the linear's
+    bias must take the shift back (w4a4.shift_compensation: the pass that asks for uint4 folds it). Returns the
+    number of quantization nodes inserted."""
     nodes = linear_nodes(gm)
     shared: dict[tuple, torch.fx.Node] = {}
     for name, fmt in linears.items():
@@ -52,11 +109,14 @@ def insert_act_quant(gm: GraphModule, linears: dict[str, str]) -> int:
         lin = nodes[name]
         x = lin.args[0]
         if (x, fmt) not in shared:
-            with gm.graph.inserting_after(x):
-                q = gm.graph.call_function(op, (x, *extra))
+            src = _shifted_input(gm, x) if ops.is_shifted(fmt) else x
+            with gm.graph.inserting_after(src):
+                q = gm.graph.call_function(op, (src, *extra))
             q.meta = _meta_like(x)
             shared[(x, fmt)] = q
         lin.replace_input_with(x, shared[(x, fmt)])
+        if not x.users and _smooth_division(gm, x) is not None:   # the unshifted division no one reads now
+            gm.graph.erase_node(x)
     if shared:
         changed(gm)
     return len(shared)

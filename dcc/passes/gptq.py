@@ -1,5 +1,6 @@
 """GPTQ (Frantar et al., 2023): quantize columns one at a time and spread each column's error over the columns not yet
-quantized through the inverse Hessian H = 2/T X^T X. Act-order, static groups and damping as DeepCompressor runs it."""
+quantized through the inverse Hessian H = 2/T X^T X. Act-order, static groups and damping as DeepCompressor runs it.
+Integer formats, QoQ's progressive one, and fp element formats (one level, or NVFP4's micro-scales)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,10 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir.formats import QuantizedTensor, compute_qparams, progressive_qparams
+from ..ir.formats import (QuantizedTensor, compute_qparams, fp_encode, progressive_qparams, round_to_fp,
+                          two_level_qparams)
 from ..ir.progressive import protective_range
 from .base import Pass, PassConfig, PassResult, quantizable, register
-from .rtn import quantize_linear
+from .rtn import quantize_linear, unshifted
 
 
 @dataclass(frozen=True)
@@ -106,11 +108,25 @@ class _ProgressiveColumns:
         return q, (q * self.s2[:, g] - self.z[:, g]) * self.s1   # exact: an 8-bit integer times a 16-bit scale
 
 
+class _FpColumns:
+    """Per-column quantization for fp element formats with static group scales (one level in scale_dtype, or NVFP4's
+    e4m3 micro-scale times the per-tensor scale): the element nearest w / s (RNE, saturating), as formats.quantize
+    and quantize_two_level compute it; its value times s is exact in float32."""
+
+    def __init__(self, spec, scale: torch.Tensor):
+        self.dtype, self.s = spec.dtype, scale.to(torch.float32)
+
+    def __call__(self, wcol: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.s[:, g]
+        q = round_to_fp(wcol.float() / s, self.dtype)   # the element's value; codes are taken from it at the end
+        return q, q * s
+
+
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, x: torch.Tensor, spec, config: GptqConfig, clip=1.0) -> QuantizedTensor:
     """GPTQ on weight w [N, K] with inputs x [T, K]; returns the QuantizedTensor (codes in the original column order)."""
-    if spec.is_fp:
-        raise ValueError(f"gptq: {spec.dtype} weights are not supported (integer formats only)")
+    if spec.is_fp and (spec.group_size <= 0 or not config.static_groups):
+        raise ValueError(f"gptq: {spec.dtype} weights need groups (group_size > 0) and static_groups")
     n, k = w.shape
     # H in float32 (the sum of T outer products), factorised in float64; the sweep runs in float32 as in GPTQ
     h = (x.float().T @ x.float()).double() * (2.0 / x.shape[0])
@@ -125,6 +141,13 @@ def gptq_quantize(w: torch.Tensor, x: torch.Tensor, spec, config: GptqConfig, cl
             raise ValueError("gptq: a progressive (two-level) spec needs static_groups")
         s1, _, scale, zero = progressive_qparams(w, spec, clip)
         cols = _ProgressiveColumns(spec, s1, scale, zero)
+    elif spec.micro_scale is not None:   # NVFP4: both levels fixed from the whole weight before the sweep
+        s1, scale = two_level_qparams(w, spec, clip)
+        zero = None
+        cols = _FpColumns(spec, scale * s1.to(torch.float32))   # exact: <= 4 + 11 significant bits
+    elif spec.is_fp:
+        scale, zero = compute_qparams(w.float(), spec, clip)
+        cols = _FpColumns(spec, scale.expand(n, -1))
     else:
         scale, zero = compute_qparams(w.float(), spec, clip)   # static groups: fixed before the sweep
         cols = _Columns(spec, scale, zero, n)
@@ -136,7 +159,8 @@ def gptq_quantize(w: torch.Tensor, x: torch.Tensor, spec, config: GptqConfig, cl
     qcols = torch.zeros(n, k, dtype=torch.float32, device=w.device)
     with _one_thread():
         _sweep(w, u, cols, scale, zero, spec, config, clip, perm_l, group_of, gs, qcols)
-    return QuantizedTensor(qcols.to(torch.int16), scale, zero, spec, scale0=s1)
+    codes = fp_encode(qcols, spec.dtype) if spec.is_fp else qcols.to(torch.int16)
+    return QuantizedTensor(codes, scale, zero, spec, scale0=s1)
 
 
 @contextlib.contextmanager
@@ -196,7 +220,8 @@ class Gptq(Pass):
                 ctx.invalidate()
             w = block.linear_module(lin.name).weight.data.float()
             x = ctx.inputs(lin.name)
-            qt = gptq_quantize(w, x, lin.spec, config, (1.0 if lin.clip is None else lin.clip))
+            # a shifted ("uint4") input's shift is taken back by the bias: the error acts on the unshifted input
+            qt = gptq_quantize(w, unshifted(block, lin, x), lin.spec, config, (1.0 if lin.clip is None else lin.clip))
             details[lin.name] = round(quantize_linear(block, lin, codes_from=qt, x=x)["sqnr_db"], 2)
             prev = lin.name
         return PassResult(bool(lins), f"GPTQ on {len(lins)} linears", {"sqnr_db": details})

@@ -72,3 +72,58 @@ def test_kv_quant_sits_on_the_cache_before_the_gqa_repeat(layer):
         assert not [u for u in n.args[0].users if u is not n]
     with pytest.raises(ValueError, match="mlp: 0 attention nodes"):
         insert_kv_quant(copy_graph(gm0), {"mlp": 4})
+
+
+@pytest.fixture(scope="module")
+def gelu_layer():
+    """An OPT layer with a GELU MLP (fc1 -> gelu -> fc2)."""
+    cfg = decoder_config("opt", vocab=128, layers=1, activation_function="gelu")
+    return capture_first_layer(cfg, calib_ids(1, vocab=128, shape=(2, 16)))
+
+
+def _node(gm, **where):
+    found = [n for n in gm.graph.nodes if all(getattr(n, k) == v for k, v in where.items())]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_uint4_shifts_before_the_smoothing_division(gelu_layer):
+    import copy
+    from dcc.ir.rewrite import gelu_fed, insert_lowrank, reads_shifted
+    from dcc.ir.w4a4 import SHIFT_GELU
+    module, gm0, params, args, kwargs = gelu_layer
+    module = copy.deepcopy(module)
+    assert gelu_fed(gm0) == {"fc2"}
+    gm = copy_graph(gm0)
+    fc2 = module.fc2
+    torch.manual_seed(0)
+    fc2.register_buffer("smooth", torch.rand(fc2.in_features) + 0.5)
+    fc2.register_buffer("lora_down", torch.zeros(16, fc2.in_features))
+    fc2.register_buffer("lora_up", torch.zeros(fc2.out_features, 16))
+    insert_lowrank(gm, "fc2")
+    assert gelu_fed(gm) == {"fc2"} and not reads_shifted(gm, "fc2")   # found through the division
+    assert insert_act_quant(gm, {"fc2": "uint4:bfloat16", "fc1": "int4:bfloat16"}) == 2
+    assert gelu_fed(gm) == {"fc2"} and reads_shifted(gm, "fc2") and not reads_shifted(gm, "fc1")
+    gelu = _node(gm, op="call_function", target=torch.ops.aten.gelu.default)
+    q = linear_nodes(gm)["fc2"].args[0]
+    assert q.target is ops.quant_act_int4 and q.args[1:] == (64, True, "bfloat16")
+    div = q.args[0]
+    shift = div.args[0]
+    assert div.target is torch.ops.aten.div.Tensor and shift.target is torch.ops.aten.add.Tensor
+    assert shift.args == (gelu, SHIFT_GELU)
+    # the branch still reads the unshifted GELU output, and the old (unshifted) division is gone
+    users = {u.target for u in gelu.users}
+    assert users == {torch.ops.aten.add.Tensor, torch.ops.aten.linear.default}
+    assert sum(n.target is torch.ops.aten.div.Tensor for n in gm.graph.nodes) == 1
+    # the engine's values: u4 codes of (gelu + shift) / smooth
+    seen = {}
+    with torch.no_grad():
+        program.run_recording(gm, module, args, kwargs, {gelu.name: lambda v: seen.setdefault("h", v),
+                                                           q.name: lambda v: seen.setdefault("q", v)}, engine=True)
+    expect = ops.quant_act_int4((seen["h"] + SHIFT_GELU) / fc2.smooth, 64, True, "bfloat16")
+    assert torch.equal(seen["q"], expect) and float(seen["q"].min()) >= 0
+    # without a branch (no smoothing) the shift goes right before the quantizer
+    gm = copy_graph(gm0)
+    insert_act_quant(gm, {"fc2": "uint4:bfloat16"})
+    q = linear_nodes(gm)["fc2"].args[0]
+    assert q.args[0].target is torch.ops.aten.add.Tensor and q.args[0].args[1] == SHIFT_GELU

@@ -11,7 +11,8 @@ import torch
 
 from dcc.ir.formats import fp_decode
 from dcc.ir.w4a4 import (SHIFT_GELU, add_exact, fake_quantize_act_int4, fake_quantize_act_nvfp4, fma_exact, int4_codes,
-                         quantize_act_int4, quantize_act_nvfp4, rcp_approx_ftz, round_exact, smooth_divide)
+                         quantize_act_int4, quantize_act_nvfp4, rcp_approx_ftz, round_exact, shift_compensation,
+                         smooth_divide, to_dtype)
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -302,3 +303,69 @@ def test_bad_arguments():
         quantize_act_int4(torch.zeros(2, 64), dtype=torch.float32)
     with pytest.raises(ValueError):
         quantize_act_int4(torch.zeros(2, 64), torch.ones(32))
+
+
+# ---------------------------------------------------------------------------------- shifted inputs, fast paths
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shift_zero_quantizes_an_input_already_shifted(dtype):
+    """The dcc::quant_act_int4 op's case: the graph adds the shift itself, so unsigned with shift 0 on (x + shift)
+    (the same 16-bit add) gives the codes and scales of the kernel's own unsigned path on x."""
+    x = torch.nn.functional.gelu(torch.randn(4, 128, generator=_gen(11)) * 2).to(dtype)
+    shifted = add_exact(x, torch.full_like(x, SHIFT_GELU, dtype=torch.float64), dtype).to(dtype)
+    a = quantize_act_int4(x, None, unsigned=True, dtype=dtype)
+    b = quantize_act_int4(shifted, None, unsigned=True, dtype=dtype, shift=0.0)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+    back = fake_quantize_act_int4(shifted, None, unsigned=True, dtype=dtype, unsmooth=True, shift=0.0,
+                                  out_dtype=torch.float32)
+    assert torch.equal(back, b.dequantize())   # shift 0: nothing is taken off
+
+
+def test_shift_compensation_by_hand():
+    w = torch.tensor([[1.0, 2.0, -4.0, 0.5], [0.0, 0.0, 0.0, 8.0]])
+    s = torch.tensor([1.0, 2.0, 4.0, 0.5])
+    assert shift_compensation(w, s).tolist() == [SHIFT_GELU * (1 + 1 - 1 + 1), SHIFT_GELU * 16]
+    assert shift_compensation(w).tolist() == [SHIFT_GELU * -0.5, SHIFT_GELU * 8]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_nvfp4_fake_quant_is_the_codes_path(dtype):
+    x = torch.randn(6, 128, generator=_gen(12)) * torch.exp2(torch.randint(-12, 12, (6, 1), generator=_gen(13)))
+    x[0, :16] = 0.0                               # a zero group
+    x[1, :16] = 1e-5                              # a group whose e4m3 scale is 0
+    x[2, 5] = 1e5                                 # beyond 6 * 448: saturates
+    x[3, 7] = -1e-30                              # rounds to -0
+    s = (torch.rand(128, generator=_gen(14)) + 0.5).to(dtype)
+    ref = quantize_act_nvfp4(x, s, dtype=dtype).dequantize()
+    fast = fake_quantize_act_nvfp4(x, s, dtype=dtype, out_dtype=torch.float32)
+    assert torch.equal(fast.view(torch.int32), ref.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_to_dtype_from_float32_is_one_rne(dtype):
+    g = _gen(15)
+    x = torch.randn(100000, generator=g) * torch.exp2(torch.randint(-40, 20, (100000,), generator=g).float())
+    x = torch.cat([x, torch.tensor([float("inf"), -float("inf"), 1e10, 65520.0, 65519.99, 2.0 ** -25, -0.0])])
+    assert torch.equal(to_dtype(x, dtype).float().view(torch.int32),
+                       round_exact(x.double(), dtype).to(dtype).float().view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_round_exact_via_round_to_odd_equals_the_direct_rounding(dtype):
+    from dcc.ir.w4a4 import round_by_exponent, round_exact
+    g = torch.Generator().manual_seed(0)
+    # values across the whole range (subnormals, overflow), exact ties of the 16-bit grid, and ties with a remainder
+    mag = torch.ldexp(torch.rand(20000, generator=g, dtype=torch.float64) + 0.5,
+                      torch.randint(-30 if dtype == torch.float16 else -140, 20, (20000,), generator=g))
+    x = mag * torch.where(torch.rand(20000, generator=g) < 0.5, -1.0, 1.0).double()
+    grid = x.to(torch.float32).to(dtype).to(torch.float64)
+    nxt = torch.nextafter(grid.to(dtype), torch.full_like(grid, float("inf")).to(dtype)).to(torch.float64)
+    ties = (grid + nxt) / 2
+    vals = torch.cat([x, ties, ties, torch.tensor([0.0, -0.0, 65520.0, -65519.0, float("nan"), float("inf")],
+                                                  dtype=torch.float64)])
+    sticky = torch.cat([torch.zeros_like(x), torch.full_like(ties, 1e-300) * torch.sign(torch.randn(ties.shape[0],
+                        generator=g, dtype=torch.float64)), torch.zeros_like(ties), torch.zeros(6, dtype=torch.float64)])
+    fast, slow = round_exact(vals, dtype, sticky), round_by_exponent(vals, dtype, sticky)
+    assert torch.equal(torch.isnan(fast), torch.isnan(slow))
+    ok = ~torch.isnan(slow)
+    assert torch.equal(fast[ok], slow[ok]) and torch.equal(torch.signbit(fast[ok]), torch.signbit(slow[ok]))

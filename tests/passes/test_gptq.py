@@ -166,3 +166,24 @@ def test_gptq_offset_zero_matches_rtn_decode():
     from dcc.ir.formats import dequantize
     assert torch.equal(qt.dequantize(), dequantize(qt.codes, qt.scale, qt.zero, spec))
     assert _out_err(x, w, qt.dequantize()) < _out_err(x, w, fake_quantize(w, spec))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("fp4_e2m1", group_size=16, scale_dtype="bfloat16", micro_scale="fp8_e4m3"),
+                                  QuantSpec("fp4_e2m1", group_size=32, scale_dtype="bfloat16")])
+def test_gptq_fp4_static_scales_and_codes(spec):
+    """NVFP4 (e4m3 micro-scales under a per-tensor scale) and one-level fp4: the scales are the RTN ones of the
+    float weight, the codes e2m1 bit patterns that decode to what the sweep used, and GPTQ beats RTN."""
+    from dcc.ir.formats import compute_qparams, quantize_tensor, two_level_qparams
+
+    w, x = _correlated()
+    qt = gptq_quantize(w, x, spec, GptqConfig(block_size=32))
+    assert qt.codes.dtype == torch.uint8 and int(qt.codes.max()) <= 15
+    if spec.micro_scale:
+        s0, micro = two_level_qparams(w, spec)
+        assert torch.equal(qt.scale0, s0) and torch.equal(qt.scale, micro)
+    else:
+        assert torch.equal(qt.scale, compute_qparams(w, spec)[0]) and qt.scale0 is None
+    e_gptq, e_rtn = _out_err(x, w, qt.dequantize()), _out_err(x, w, quantize_tensor(w, spec).dequantize())
+    assert e_gptq < 0.7 * e_rtn, (e_gptq, e_rtn)
+    with pytest.raises(ValueError, match="static_groups"):
+        gptq_quantize(w, x, spec, GptqConfig(act_order=False, static_groups=False))

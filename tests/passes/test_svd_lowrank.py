@@ -58,11 +58,31 @@ def test_top_components_match_the_full_svd_and_config_checks():
         w = torch.randn(96, k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         w[:, :4] *= 30   # a few strong directions, as outlier channels make
         u1, d1 = top_components(w, 16, "full", 0)
-        u2, d2 = top_components(w, 16, "lowrank", 0)
-        full, fast = torch.linalg.matrix_norm(w - u1 @ d1), torch.linalg.matrix_norm(w - u2 @ d2)
-        assert full * (1 - 1e-9) <= fast <= full * 1.05, k
-        assert torch.equal(u2, top_components(w, 16, "lowrank", 0)[0])   # reproducible
+        full = torch.linalg.matrix_norm(w - u1 @ d1)
+        for method in ("lowrank", "randomized"):
+            u2, d2 = top_components(w, 16, method, 0)
+            fast = torch.linalg.matrix_norm(w - u2 @ d2)
+            assert full * (1 - 1e-9) <= fast <= full * 1.05, (k, method)
+            assert torch.equal(u2, top_components(w, 16, method, 0)[0])   # reproducible
     with pytest.raises(ValueError, match="rank must be a multiple of 16"):
         SvdLowrankConfig(rank=24)
     with pytest.raises(ValueError, match="svd must be"):
         SvdLowrankConfig(svd="exact")
+
+
+def test_smoothing_candidates_cover_both_exponent_patterns():
+    from dcc.passes.svd_lowrank import candidates
+    x_max = torch.tensor([1.0, 4.0, 100.0, 0.5], dtype=torch.float64)
+    w_max = torch.tensor([0.2, 0.1, 0.05, 0.3], dtype=torch.float64)
+    paired = candidates(x_max, w_max, SvdLowrankConfig(grid=4))
+    both = candidates(x_max, w_max, SvdLowrankConfig(grid=4, exponents="both"))
+    act = candidates(x_max, w_max, SvdLowrankConfig(grid=4, exponents="activation"))
+    assert [a for a, _ in paired] == [None, 0.0, 0.25, 0.5, 0.75, 1.0]
+    assert len(act) == 1 + 4 and len(both) == len(paired) + 4
+    # AWQ's pattern: lambda proportional to max|x|^alpha (centred), whatever the weights
+    lam = dict(act)["x^0.5"]
+    ratio = lam / x_max.sqrt()
+    torch.testing.assert_close(ratio, ratio[0].expand(4))
+    assert torch.equal(dict(both)["x^0.5"], lam) and torch.equal(paired[0][1], torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="exponents"):
+        SvdLowrankConfig(exponents="beta")
