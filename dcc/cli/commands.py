@@ -58,8 +58,9 @@ def _targets_epilog() -> str:
               help="KV cache precision, for targets that simulate a quantized cache (per token and head, after RoPE).")
 @click.option("--rank", type=click.IntRange(min=16), default=None,
               help="Rank of the 16-bit low-rank branch, for targets with one (SVDQuant; a multiple of 16, default 32).")
-@click.option("--precision", type=click.Choice(["int4"]), default=None,
-              help="4-bit format of weights and activations, for W4A4 targets (default int4).")
+@click.option("--precision", type=click.Choice(["int4", "nvfp4"]), default=None,
+              help="4-bit format of weights and activations, for W4A4 targets: int4 (groups of 64, default) or nvfp4 "
+                   "(e2m1 with e4m3 scales per 16).")
 @click.option("--zero", type=click.Choice(["auto", "float", "integer"]), default=None,
               help="Zero points, for targets with asymmetric groups: float (each group's 16-bit offset is free), "
                    "integer (AWQ's integer zero point) or auto (integer for rtn, float for the searched methods).")
@@ -152,19 +153,26 @@ def _check_device(device: str, art=None) -> None:
 @click.argument("artifact", type=click.Path())
 @click.option("--model", type=click.Path(), default=None,
               help="The source model: also report per-layer output error and the drift of the model's output "
-                   "against it (logits of a causal LM; last hidden states and mean-pooled embeddings of an encoder).")
+                   "against it (logits of a causal LM; last hidden states and mean-pooled embeddings of an encoder; "
+                   "a diffusion model's denoiser output and each block's output, on --inputs).")
 @click.option("--tokens", type=click.IntRange(min=2), default=128, show_default=True,
-              help="Tokens per sequence for the output comparison (at most the positions an encoder has).")
+              help="Causal LMs and encoders: tokens per sequence for the output comparison (at most the positions an "
+                   "encoder has).")
+@click.option("--inputs", "inputs_file", type=click.Path(), default=None,
+              help="Diffusion models: what the outputs are compared on -- a calibration file of `dcc calib record` "
+                   "(recorded forward inputs), or a prompts file when --model is the pipeline folder.")
+@click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Diffusion models: compare on the first N samples of --inputs.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True,
               help="cpu: decode and run in torch; cuda: run every quantized layer through dcc's kernels (the CUDA "
                    "runtime of the artifact's target).")
 @click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the report as JSON here.")
 @friendly
-def validate(artifact, model, tokens, seed, device, as_json):
+def validate(artifact, model, tokens, inputs_file, samples, seed, device, as_json):
     """Decode ARTIFACT on the CPU; prove every quantized layer equals the compiled fake-quant weight bit for bit;
     with --model, report each layer's output error and the output drift against the float model (logits of a causal
-    LM, hidden states and embeddings of an encoder)."""
+    LM, hidden states and embeddings of an encoder, the denoiser's and each block's output of a diffusion model)."""
     from ..runtime.artifact import load_artifact
     from ..runtime.validate import check_exact, compare_with_float, sample_ids
     _check_device(device)
@@ -202,16 +210,28 @@ def validate(artifact, model, tokens, seed, device, as_json):
         adapter = artifact_adapter(art.manifest)
         lm = LazyModel(model)
         check_same_model(art, lm.config.to_dict(), model)
-        limit = adapter.max_tokens(art.config)
-        if limit and tokens > limit:
-            click.echo(f"note: --tokens {tokens} is beyond the model's {limit} positions; comparing on {limit}")
-            tokens = limit
-        fm = lm.materialize_all()
-        cmp = compare(art, fm, sample_ids(lm.config.vocab_size, 2, tokens, seed))
+        if adapter.kind == "diffusers":   # recorded inputs of its forward, not tokens; each block's output too
+            from ..runtime.reference import check_rebuildable
+            check_rebuildable(art)
+            batch = adapter.validation_inputs(lm, inputs_file, samples)
+            fm = lm.materialize_all()
+            blocks = {"blocks": lm.block_prefixes} if compare is compare_with_float else {}
+            cmp = compare(art, fm, batch, **blocks)
+        else:
+            limit = adapter.max_tokens(art.config)
+            if limit and tokens > limit:
+                click.echo(f"note: --tokens {tokens} is beyond the model's {limit} positions; comparing on {limit}")
+                tokens = limit
+            fm = lm.materialize_all()
+            cmp = compare(art, fm, sample_ids(lm.config.vocab_size, 2, tokens, seed))
         report["float"] = cmp
         click.echo(f"{'layer':44} {'output rel err':>14}")
         for k, v in cmp["layers"].items():
             click.echo(f"{k:44} {v:14.4e}")
+        if cmp.get("blocks"):   # a diffusion model's blocks, in the order its forward calls them
+            click.echo(f"{'block':44} {'output rel err':>14}")
+            for k, v in cmp["blocks"].items():
+                click.echo(f"{k:44} {v:14.4e}")
         click.echo(adapter.describe_comparison(cmp))
         moved = sorted({s["pass"] for s in art.manifest["recipe"]["pipeline"]} & BASIS_CHANGING)
         if moved:
@@ -238,22 +258,46 @@ def validate(artifact, model, tokens, seed, device, as_json):
 @click.option("--baseline", type=click.Path(), default=None,
               help="The source model (float): also evaluated with --ppl; what the embeddings are compared with "
                    "(required) with --text.")
+@click.option("--images", "prompts_file", type=click.Path(), default=None,
+              help="Diffusion models: one image per line of this prompts file through --pipeline, with its 16-bit "
+                   "denoiser and with the artifact's; PSNR and SSIM per image and their means.")
+@click.option("--pipeline", "pipeline_dir", type=click.Path(), default=None,
+              help="With --images: the local diffusers pipeline folder the artifact's model came from (offline).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="With --images: denoising steps (default: the pipeline's).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="With --images: image i is generated with seed + i, in both runs.")
+@click.option("--height", type=click.IntRange(min=1), default=None, help="With --images: pixels (default: the "
+              "pipeline's).")
+@click.option("--width", type=click.IntRange(min=1), default=None, help="With --images: pixels (default: the "
+              "pipeline's).")
+@click.option("--max-sequence-length", type=click.IntRange(min=1), default=None,
+              help="With --images: prompt tokens, for pipelines that take it (FLUX; default: the pipeline's).")
+@click.option("--out-html", type=click.Path(), default=None,
+              help="With --images: write a page with the images side by side and their metrics here.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu (reference) or cuda (dcc's kernels for the artifact's target).")
 @click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the results as JSON here.")
 @click.option("-q", "--quiet", is_flag=True)
 @friendly
-def eval_cmd(artifact, ppl_file, text_file, seq_len, n_windows, baseline, device, as_json, quiet):
+def eval_cmd(artifact, ppl_file, text_file, seq_len, n_windows, baseline, prompts_file, pipeline_dir, steps, seed,
+             height, width, max_sequence_length, out_html, device, as_json, quiet):
     """Evaluate ARTIFACT itself (decoded weights, CPU reference). A causal LM: perplexity (--ppl), GPTQ-style, the
     text tokenized once and cut into non-overlapping windows. An encoder: the cosine of its mean-pooled sentence
-    embeddings to the float model's (--text FILE --baseline MODEL)."""
+    embeddings to the float model's (--text FILE --baseline MODEL). A diffusion model: PSNR and SSIM of the images
+    its pipeline makes with the artifact's denoiser against its own 16-bit one (--images PROMPTS --pipeline DIR)."""
     from ..runtime.artifact import load_artifact
     from ..runtime.evaluate import eval_adapter, eval_data
     from ..runtime.reference import build_model
     from ..runtime.validate import check_same_model
+    if prompts_file or pipeline_dir:
+        if ppl_file or text_file:
+            _fail("--images evaluates a diffusion model; give it alone, without --ppl or --text")
+        return _eval_images(artifact, prompts_file, pipeline_dir, steps, seed, height, width, max_sequence_length,
+                            out_html, device, as_json, quiet)
     if bool(ppl_file) == bool(text_file):
-        _fail("give one of --ppl FILE (causal LMs: perplexity) or --text FILE (encoders: embedding cosine to "
-              "--baseline MODEL)")
+        _fail(_diffusers_hint(artifact) or "give one of --ppl FILE (causal LMs: perplexity) or --text FILE "
+              "(encoders: embedding cosine to --baseline MODEL)")
     _check_device(device)
     art = load_artifact(artifact)
     _check_device(device, art)
@@ -274,6 +318,59 @@ def eval_cmd(artifact, ppl_file, text_file, seq_len, n_windows, baseline, device
                                device=device, progress=not quiet)
     for line in adapter.report(results):
         click.echo(line)
+    if as_json:
+        Path(as_json).write_text(json.dumps(results, indent=1) + "\n")
+
+
+def _diffusers_hint(artifact) -> str | None:
+    """The line `dcc eval` without an evaluation gives when ARTIFACT is a diffusion model's (None otherwise: the
+    general line, and any damage is reported by the loader as before)."""
+    from ..runtime.artifact import ArtifactError, load_artifact
+    try:
+        m = load_artifact(artifact, verify=False).manifest
+    except (ArtifactError, ValueError):
+        return None
+    src = m.get("source") or {}
+    if src.get("kind") != "diffusers":
+        return None
+    return (f"{artifact}: a diffusion model ({src.get('architecture', '?')}) is evaluated by the images of its "
+            f"pipeline: give --images PROMPTS --pipeline PIPELINE_DIR (PSNR and SSIM against the 16-bit model)")
+
+
+def _eval_images(artifact, prompts_file, pipeline_dir, steps, seed, height, width, max_sequence_length, out_html,
+                 device, as_json, quiet):
+    """`dcc eval ARTIFACT --images PROMPTS --pipeline DIR`: dcc.runtime.images, reported by the diffusers adapter."""
+    from ..models.diffusers_record import read_prompts
+    from ..runtime.artifact import load_artifact
+    from ..runtime.evaluate import eval_adapter
+    from ..runtime.images import ImageSettings, compare_images, load_eval_pipeline
+    if not (prompts_file and pipeline_dir):
+        _fail("--images PROMPTS and --pipeline PIPELINE_DIR go together (the prompts, and the diffusers pipeline "
+              "that turns them into images)")
+    if out_html and not Path(out_html).resolve().parent.is_dir():
+        _fail(f"--out-html {out_html}: its folder does not exist")
+    _check_device(device)
+    art = load_artifact(artifact)
+    _check_device(device, art)
+    adapter = eval_adapter(art, "--images", None)
+    from ..runtime.reference import check_rebuildable
+    check_rebuildable(art)
+    prompts = read_prompts(prompts_file)
+    pipe = load_eval_pipeline(pipeline_dir, art)
+    if device.startswith("cuda"):
+        from ..runtime.cuda.model import build_cuda_model
+
+        def build(a):
+            return build_cuda_model(a, device)
+    else:
+        from ..runtime.reference import build_model as build
+    settings = ImageSettings(steps, seed, height, width, max_sequence_length)
+    results, ref, got = compare_images(art, pipe, build, prompts, settings, device, progress=not quiet)
+    for line in adapter.report(results):
+        click.echo(line)
+    if out_html:
+        from ..runtime.html_report import write_report
+        click.echo(f"wrote {write_report(out_html, results, ref, got, f'dcc eval --images: {art.path.name}')}")
     if as_json:
         Path(as_json).write_text(json.dumps(results, indent=1) + "\n")
 

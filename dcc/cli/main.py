@@ -114,3 +114,5 @@ def main():
 
 
 from . import commands  # noqa: E402,F401  (registers the subcommands)
+from . import lora  # noqa: E402,F401  (registers `dcc lora merge`)
+from . import calib  # noqa: E402,F401  (registers `dcc calib`)

@@ -1,13 +1,14 @@
 """`dcc eval` through the adapter of the artifact's model kind (dcc/models/adapter.py): perplexity of a causal LM on
 a text (dcc/models/causal_lm.py), the cosine of an encoder's mean-pooled embeddings to the float model's on a text's
-lines (dcc/models/encoder.py)."""
+lines (dcc/models/encoder.py); a diffusion model's images are compared by dcc/runtime/images.py."""
 from __future__ import annotations
 
 from ..models.adapter import artifact_adapter
 from ..models.causal_lm import perplexity  # noqa: F401  (importers: bench scripts, tests)
 from ..models.text import load_tokenizer
 
-EVALUATION = {"--ppl": "perplexity (causal LMs)", "--text": "embedding cosine to the float model (encoders)"}
+EVALUATION = {"--ppl": "perplexity (causal LMs)", "--text": "embedding cosine to the float model (encoders)",
+              "--images": "image PSNR/SSIM against the 16-bit model (diffusion models)"}
 
 
 def eval_adapter(art, option: str, baseline: str | None):
@@ -16,10 +17,12 @@ def eval_adapter(art, option: str, baseline: str | None):
     adapter = artifact_adapter(art.manifest)
     arch = (art.manifest.get("source") or {}).get("architecture", "?")
     if option != adapter.eval_option:
-        article = "an" if adapter.kind[0] in "aeiou" else "a"
+        kind = "diffusion model" if adapter.kind == "diffusers" else adapter.kind
+        article = "an" if kind[0] in "aeiou" else "a"
         raise ValueError(f"{art.path}: {option} measures {EVALUATION[option]}, but this artifact's model is "
-                         f"{article} {adapter.kind} ({arch}); use {adapter.eval_option} FILE"
-                         + (" --baseline MODEL" if adapter.kind == "encoder" else ""))
+                         f"{article} {kind} ({arch}); use {adapter.eval_option} FILE"
+                         + (" --baseline MODEL" if adapter.kind == "encoder" else "")
+                         + (" --pipeline PIPELINE_DIR" if adapter.kind == "diffusers" else ""))
     if adapter.kind == "encoder" and not baseline:
         raise ValueError(f"{art.path}: an encoder ({arch}) is evaluated by the cosine of its embeddings to the float "
                          f"model's: give --baseline MODEL (the model it was compiled from)")

@@ -16,6 +16,7 @@ from ..ir import program
 from ..ir.capture import Captures
 from ..ir.program import copy_graph, input_key
 from ..ir.rewrite import call_modules, insert_kv_quant, linear_nodes
+from ..ir.rewrite_split import split_concat_linear
 from ..models.loader import find_blocks
 
 
@@ -27,8 +28,8 @@ def _format_linears(module: nn.Module) -> dict[str, nn.Linear]:
 class GraphForward:
     """A block's forward replaced by its graph (one per input shape); the module keeps its parameters and paths."""
 
-    def __init__(self, module: nn.Module, kv: dict[str, int], captures: Captures):
-        self.module, self.kv, self.captures = module, kv, captures
+    def __init__(self, module: nn.Module, kv: dict[str, int], captures: Captures, splits: tuple[str, ...] = ()):
+        self.module, self.kv, self.captures, self.splits = module, kv, captures, tuple(splits)
         self.graphs: dict[tuple, torch.fx.GraphModule] = {}
         self.on_linear: Callable[[str, torch.Tensor], None] | None = None   # fn(path in the block, output)
 
@@ -62,6 +63,8 @@ class GraphForward:
                 self.module.set_submodule(path, m)
             self.module.forward = saved_forward
         gm = copy_graph(gm)
+        for path in self.splits:   # the compile's split of a concatenation-fed linear (its parts are modules here)
+            split_concat_linear(gm, path)
         if formats:
             call_modules(gm, formats)
         if self.kv:
@@ -69,18 +72,30 @@ class GraphForward:
         return gm
 
 
-def run_blocks_as_graphs(model: nn.Module, kv: dict[str, int]) -> None:
+def run_blocks_as_graphs(model: nn.Module, kv: dict[str, int], block_lists: list[str] | None = None,
+                         splits: dict | None = None) -> None:
     """Route every block of `model` through its graph, with KV cache quantization on the attentions `kv` names
-    (module path in the model -> bits)."""
-    prefix, blocks = find_blocks(model)
+    (module path in the model -> bits). The blocks: those of every ModuleList `block_lists` names (a diffusion
+    model's, as its manifest records them), else the one list find_blocks finds (a transformers model). `splits`
+    ({linear path in the model: its parts}, targets.base.ReadBack.splits): linears whose graph the compile split by
+    input columns (ir/rewrite_split.py), which each capture splits again."""
+    splits = dict(splits or {})
+    lists = ([find_blocks(model)] if block_lists is None
+             else [(name, model.get_submodule(name)) for name in block_lists])
     captures = Captures()
     left = dict(kv)
-    for i, block in enumerate(blocks):
-        here = f"{prefix}.{i}." if prefix else f"{i}."
-        mine = {p[len(here):]: b for p, b in kv.items() if p.startswith(here)}
-        for p in mine:
-            left.pop(here + p)
-        block.forward = GraphForward(block, mine, captures)
+    for prefix, blocks in lists:
+        for i, block in enumerate(blocks):
+            here = f"{prefix}.{i}." if prefix else f"{i}."
+            mine = {p[len(here):]: b for p, b in kv.items() if p.startswith(here)}
+            for p in mine:
+                left.pop(here + p)
+            split = tuple(p[len(here):] for p in sorted(splits) if p.startswith(here))
+            for p in split:
+                splits.pop(here + p)
+            block.forward = GraphForward(block, mine, captures, split)
+    if splits:
+        raise ValueError(f"split linear {sorted(splits)[0]} is not inside a block of {type(model).__name__}")
     if left:
         raise ValueError(f"KV cache entry {sorted(left)[0]} is not inside a block of {type(model).__name__}")
 

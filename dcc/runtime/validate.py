@@ -1,12 +1,16 @@
 """`dcc validate`: prove that every quantized layer decodes to exactly the fake-quant weight the compiler evaluated
 (checksums recorded at compile time), and measure how far each layer's output and the model's output drift from the
 float model on the same tokens (the logits of a causal LM, the last hidden states and embeddings of an encoder: the
-adapter of the artifact's model kind says which)."""
+adapter of the artifact's model kind says which), or, for a diffusion model, on recorded forward inputs (the denoiser's
+output, and each block's)."""
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ..models.adapter import artifact_adapter
 from ..targets.artifact import sha256_tensor
@@ -30,22 +34,53 @@ def _capture_outputs(model, ids: torch.Tensor, adapter) -> tuple[dict[str, torch
     return dict(outs), final
 
 
-def compare_with_float(art: Artifact, float_model, ids: torch.Tensor, qmodel=None) -> dict:
+def compare_with_float(art: Artifact, float_model, ids: torch.Tensor, qmodel=None,
+                       blocks: list[str] | None = None) -> dict:
     """Per-layer relative output error and the agreement of the model's outputs (logits, or an encoder's hidden
-    states and embeddings) of the artifact (run by `qmodel`, default the CPU reference; it may live on another
-    device) against the float model (CPU) on `ids`."""
+    states and embeddings, or a denoiser's output) of the artifact (run by `qmodel`, default the CPU reference; it
+    may live on another device) against the float model (CPU) on `ids` (token ids; a diffusion model's recorded
+    inputs). With `blocks` (module paths), also each block's relative output error ("blocks", in call order)."""
     adapter = artifact_adapter(art.manifest)
     qmodel = build_model(art) if qmodel is None else qmodel
     dev = next(qmodel.parameters()).device
-    f_out, f_final = _capture_outputs(float_model, ids, adapter)
-    q_out, q_final = _capture_outputs(qmodel, ids.to(dev), adapter)
+    with _block_outputs(float_model, blocks) as f_blocks:
+        f_out, f_final = _capture_outputs(float_model, ids, adapter)
+    with _block_outputs(qmodel, blocks) as q_blocks:
+        q_out, q_final = _capture_outputs(qmodel, ids.to(dev), adapter)
     q_out, q_final = {k: v.cpu() for k, v in q_out.items()}, q_final.cpu()
     layers = {}
     for name in art.manifest["layers"]:
         if name in f_out and name in q_out:
             ref, got = f_out[name].double(), q_out[name].double()
             layers[name] = float((got - ref).norm() / ref.norm().clamp(min=1e-30))
-    return {"layers": layers, "compares": adapter.compares, **adapter.compare(f_final, q_final)}
+    out = {"layers": layers, "compares": adapter.compares, **adapter.compare(f_final, q_final)}
+    if blocks is not None:
+        out["blocks"] = {k: rel_err(v, q_blocks[k]) for k, v in f_blocks.items() if k in q_blocks}
+    return out
+
+
+def rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
+    ref, got = ref.cpu().double(), got.cpu().double()
+    return float((got - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+@contextlib.contextmanager
+def _block_outputs(model, blocks: list[str] | None):
+    """A dict filled, while the model runs, with each named block's output: its floating tensors flattened into
+    one (a FLUX double block returns the text and the image stream)."""
+    outs: dict[str, torch.Tensor] = {}
+
+    def keep(path, out):
+        leaves = [t.detach().flatten() for t in pytree.tree_leaves(out)
+                  if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        outs[path] = torch.cat(leaves) if leaves else torch.zeros(0)
+
+    hooks = [model.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: keep(p, o)) for p in blocks or ()]
+    try:
+        yield outs
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def sample_ids(vocab: int, n: int = 2, length: int = 128, seed: int = 0) -> torch.Tensor:
@@ -61,11 +96,20 @@ _SAME = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", 
          "num_key_value_heads", "vocab_size")
 
 
+# a diffusers model's config: its class and sizes
+_SAME_DIFFUSERS = ("_class_name", "in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                   "num_attention_heads", "joint_attention_dim", "cross_attention_dim", "block_out_channels",
+                   "layers_per_block", "transformer_layers_per_block", "dim", "n_layers", "n_refiner_layers")
+
+
 def check_same_model(art: Artifact, config: dict, model_path) -> None:
     """The source model given for comparison must be the one the artifact was compiled from (same architecture
     and sizes); otherwise one line says which field differs."""
-    for key in _SAME:
+    diffusers = (art.manifest.get("source") or {}).get("kind") == "diffusers"
+    for key in _SAME_DIFFUSERS if diffusers else _SAME:
         a, b = art.config.get(key), config.get(key)
+        if diffusers:   # a loaded model's config holds tuples where config.json has lists
+            a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
         if a is not None and b is not None and a != b:
             raise ValueError(f"{model_path}: not the model {art.path.name} was compiled from ({key} {b}, the "
                              f"artifact's is {a}; its source: {art.manifest.get('source', {}).get('model', '?')})")

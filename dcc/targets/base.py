@@ -65,6 +65,26 @@ class Format:
     reference: Callable | None = None
 
 
+@dataclass
+class ReadBack:
+    """An artifact's layers read back under the source model's names, for a runtime that rebuilds the source model
+    (Target.read_back), where the target's file names, fuses or splits them (a Nunchaku single file).
+
+    tensors: {source parameter name: tensor} for every parameter outside `modules` -- 16-bit ones with the engine's
+        renames and row orders undone, and the decoded weight (and bias) of a quantized layer whose kernel computes
+        with a reconstructed 16-bit weight (a plain linear on it is the reference);
+    modules: {dcc linear path: module} -- the reference of each layer whose kernel does not (an nn.Linear subclass
+        computing exactly the engine's output rows of that layer);
+    splits: {source linear path: [dcc linear paths]} -- linears the compile split by input columns
+        (ir/rewrite_split.py): the block graph calls the parts instead, so the source linear's own parameters are
+        read by nothing (the runtime fills them with zeros);
+    optional: names in `tensors` that the source model may lack (e.g. a zero bias the engine stores always)."""
+    tensors: dict
+    modules: dict = dataclasses.field(default_factory=dict)
+    splits: dict = dataclasses.field(default_factory=dict)
+    optional: set = dataclasses.field(default_factory=set)
+
+
 class Target:
     """One engine's layout. Subclasses set the class attributes and implement the compile-side methods; the runtime
     side (formats, loader checks, CUDA) has defaults for targets that have none."""
@@ -130,6 +150,11 @@ class Target:
     def check_artifact(self, art) -> list[str] | None:
         """Problems the engine's own loader would have with the artifact (one line each); [] if it loads; None
         where the target has no model of its engine's loader."""
+        return None
+
+    def read_back(self, art) -> ReadBack | None:
+        """The artifact's layers under the source model's names (ReadBack), for the CPU reference; None where they
+        are stored so already (a dcc-named artifact: the runtime reads art.tensors and the formats directly)."""
         return None
 
     def cuda_model(self, art, device: str = "cuda"):
