@@ -192,9 +192,6 @@ def llama_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool,
         if r is not None:
             rope = r
 
-    def tok_id(key):
-        return meta.int(f"tokenizer.ggml.{key}", None)
-
     cfg = LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -207,16 +204,26 @@ def llama_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool,
         max_position_embeddings=ctx,
         rms_norm_eps=eps,
         rope_parameters=rope,
-        bos_token_id=tok_id("bos_token_id"),
-        eos_token_id=tok_id("eos_token_id"),
-        pad_token_id=tok_id("padding_token_id"),
+        **_special_tokens(meta),
         tie_word_embeddings=tied,
         attention_bias=False,
         mlp_bias=False,
         architectures=["LlamaForCausalLM"],
         dtype=str(dtype).removeprefix("torch."),
     )
-    unk = tok_id("unknown_token_id")
+    return _with_unk(cfg, meta)
+
+
+def _special_tokens(meta) -> dict:
+    """bos / eos / pad token ids from the tokenizer metadata (None where the file has none)."""
+    tok = lambda key: meta.int(f"tokenizer.ggml.{key}", None)   # noqa: E731
+    return {"bos_token_id": tok("bos_token_id"), "eos_token_id": tok("eos_token_id"),
+            "pad_token_id": tok("padding_token_id")}
+
+
+def _with_unk(cfg, meta):
+    """The config with unk_token_id where the file names one (configs have no such argument)."""
+    unk = meta.int("tokenizer.ggml.unknown_token_id", None)
     if unk is not None:
         cfg.unk_token_id = unk
     return cfg
@@ -286,9 +293,6 @@ def gemma3_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool
     # (62 blocks) and head_dim for every other size, as Google's configs do (168 for 27B, else 256)
     scalar = hidden // n_head if n_layers == 62 else head_dim
 
-    def tok_id(key):
-        return meta.int(f"tokenizer.ggml.{key}", None)
-
     cfg = Gemma3TextConfig(
         vocab_size=meta.int(f"{a}.vocab_size", None) or n_vocab_tokens,
         hidden_size=hidden,
@@ -306,15 +310,10 @@ def gemma3_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool
         query_pre_attn_scalar=scalar,
         final_logit_softcapping=_f32(meta.float(f"{a}.final_logit_softcapping", None)),
         attn_logit_softcapping=None,
-        bos_token_id=tok_id("bos_token_id"),
-        eos_token_id=tok_id("eos_token_id"),
-        pad_token_id=tok_id("padding_token_id"),
+        **_special_tokens(meta),
         tie_word_embeddings=tied,
         attention_bias=False,
         architectures=["Gemma3ForCausalLM"],
         dtype=str(dtype).removeprefix("torch."),
     )
-    unk = tok_id("unknown_token_id")
-    if unk is not None:
-        cfg.unk_token_id = unk
-    return cfg
+    return _with_unk(cfg, meta)

@@ -421,6 +421,8 @@ def test_existing_output_folder(tmp_path):
 
 
 def test_cached_conversion(tmp_path, capsys, monkeypatch):
+    from dcc.cli.main import install_logging
+    install_logging()   # the note is logged; the CLI shows it on stderr (not only when a CLI test ran before this one)
     m = _tiny_hf_model(tied=True)
     src = tmp_path / "tiny.gguf"
     _write_tiny_gguf(src, m, q8_linear=False)
