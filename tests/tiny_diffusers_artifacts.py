@@ -54,3 +54,32 @@ def compile_single_file(folder, calib, out, *extra) -> tuple[int, str]:
         layers = json.loads((out / "dcc.json").read_text())["layers"]
         assert any("stored" in v for v in layers.values()), "expected a Nunchaku single-file artifact"
     return code, text
+
+
+def joined(out):
+    """Every floating tensor a block returns, flattened into one float64 vector (FLUX's blocks return two)."""
+    import torch
+    from torch.utils import _pytree as pytree
+    return torch.cat([t.flatten() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+                      and t.is_floating_point()]).double()
+
+
+def assert_blocks_err_as_compiled(art, model, fm, calib) -> None:
+    """Each block of the artifact's reference `model`, run on the inputs it receives, errs against the float model's
+    block `fm` by what the compiler recorded for it (output_rel_err), to within 5%: the compiler simulated with the
+    float32 tensors outside the quantized layers, the artifact stores them in 16 bits."""
+    import torch
+    from dcc.models.diffusers import DiffusersModel
+    from dcc.models.diffusers_calib import CalibInputs
+    seen = {}
+    hooks = [model.get_submodule(p).register_forward_hook(
+        lambda m, a, k, o, p=p: seen.__setitem__(p, (a, k, o)), with_kwargs=True) for p in art.manifest["blocks"]]
+    DiffusersModel().outputs(model, CalibInputs.load(calib))
+    for h in hooks:
+        h.remove()
+    assert set(seen) == set(art.manifest["blocks"])
+    for p, (args, kwargs, out) in seen.items():
+        with torch.no_grad():
+            ref = joined(fm.get_submodule(p)(*args, **kwargs))
+        err = float((joined(out) - ref).norm() / ref.norm())
+        assert err == pytest.approx(art.manifest["blocks"][p]["output_rel_err"], rel=0.05), p

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from torch.utils import _pytree as pytree
 
 pytest.importorskip("diffusers", reason="the diffusers adapter needs diffusers (pip install -e '.[diffusers]')")
 
@@ -46,9 +45,6 @@ def _graph_blocks(model):
     return [m for m in model.modules() if isinstance(m.__dict__.get("forward"), GraphForward)]
 
 
-def _joined(out):
-    return torch.cat([t.flatten() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
-                      and t.is_floating_point()]).double()
 
 
 def test_blocks_run_as_graphs_bit_equal_to_eager(compiled):
@@ -90,15 +86,4 @@ def test_block_errors_are_the_compiled_ones(compiled):
     art_dir, folder, calib = compiled
     art = load_artifact(art_dir)
     model, fm = build_model(art), LazyModel(folder).materialize_all()
-    seen = {}
-    hooks = [model.get_submodule(p).register_forward_hook(
-        lambda m, a, k, o, p=p: seen.__setitem__(p, (a, k, o)), with_kwargs=True) for p in art.manifest["blocks"]]
-    DiffusersModel().outputs(model, CalibInputs.load(calib))
-    for h in hooks:
-        h.remove()
-    assert set(seen) == set(art.manifest["blocks"])
-    for p, (args, kwargs, out) in seen.items():
-        with torch.no_grad():
-            ref = _joined(fm.get_submodule(p)(*args, **kwargs))
-        err = float((_joined(out) - ref).norm() / ref.norm())
-        assert err == pytest.approx(art.manifest["blocks"][p]["output_rel_err"], rel=0.05), p
+    tda.assert_blocks_err_as_compiled(art, model, fm, calib)
