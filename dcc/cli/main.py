@@ -107,6 +107,12 @@ def main():
     dcc inspect out/
     dcc validate out/ --model MODEL
     dcc eval out/ --ppl wiki.test.raw --baseline MODEL
+
+    \b
+    diffusion models (pip install 'dcc[diffusers]'):
+    dcc calib record PIPELINE --prompts prompts.txt -o calib.safetensors
+    dcc compile PIPELINE --target nunchaku --calib calib.safetensors -o out/
+    dcc eval out/ --images prompts.txt --pipeline PIPELINE --out-html report.html
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # dcc never downloads anything
     install_signal_handlers()
