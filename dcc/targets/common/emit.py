@@ -10,8 +10,11 @@ from ..artifact import ArtifactWriter
 
 class BaseEmitter:
     """on_block(block, ctx) packs a finished block; finish(lm) writes the parts outside the blocks. A target
-    subclasses it and implements quantized(); writes_bias: its quantized() stores the bias (in its own layout)."""
+    subclasses it and implements quantized(); writes_bias: its quantized() stores the bias (in its own layout);
+    store_tied_head: a head tied to the embeddings is stored as a tensor of its own too (for an engine whose loader
+    does not tie them)."""
     writes_bias = False
+    store_tied_head = False
 
     def __init__(self, writer: ArtifactWriter, dtype: torch.dtype = torch.float16):
         self.writer, self.dtype = writer, dtype
@@ -50,7 +53,8 @@ class BaseEmitter:
             self.blocks[block.prefix] = {"output_rel_err": ctx.block_error}
 
     def finish(self, lm) -> None:
-        """Embeddings, final norm and head stay 16-bit; a head tied to the embeddings is stored once."""
+        """Embeddings, final norm and head stay 16-bit; a head tied to the embeddings is stored once (twice, as a
+        copy, where store_tied_head says so)."""
         model = lm.model
         tied_same, head = False, None
         if hasattr(model, "get_input_embeddings"):   # a diffusers model has no token embeddings, nor a head
@@ -61,11 +65,12 @@ class BaseEmitter:
         for name, p in model.named_parameters(remove_duplicate=False):
             if lm.in_blocks(name):   # the blocks' tensors were written by on_block
                 continue
-            if tied_same and head is not None and p is head.weight and name != _param_name(model, emb):
+            copy = tied_same and head is not None and p is head.weight and name != _param_name(model, emb)
+            if copy and not self.store_tied_head:
                 continue
             if name in self.writer.weight_map or name in self.writer._pending:
                 continue
-            self._plain(name, p.data)
+            self._plain(name, p.data.clone() if copy else p.data)   # a file cannot hold one storage twice
         self.tied = tied_same
 
 

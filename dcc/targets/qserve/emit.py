@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common.hf4_config import to_hf4
 from ..artifact import ArtifactWriter, sha256_tensor
 from ..common.emit import BaseEmitter
 from .layout import kernel_notes, pack_qweight, pack_s2, pack_w8
@@ -33,7 +34,10 @@ def lower_linear(qt) -> dict[str, torch.Tensor]:
 
 
 class QServeEmitter(BaseEmitter):
-    """on_block(block, ctx) packs a finished block; finish(lm) writes the parts outside the blocks (16-bit)."""
+    """on_block(block, ctx) packs a finished block; finish(lm) writes the parts outside the blocks (16-bit), the head
+    as its own tensor even where it is tied (QServe's load_weights never ties lm_head to embed_tokens:
+    loader_spec.py)."""
+    store_tied_head = True
 
     def __init__(self, writer: ArtifactWriter, dtype: torch.dtype = torch.float16):
         if dtype != torch.float16:
@@ -42,6 +46,7 @@ class QServeEmitter(BaseEmitter):
         self.kernel_notes: list[str] = []
         self.kv_bits: int | None = None
         self.model_type: str | None = None
+        self.source_config: dict | None = None
         self.kv_cache: dict[str, int] = {}   # attention module -> KV cache bits the engine applies
 
     def quantized(self, full: str, lin, mod, entry: dict) -> None:
@@ -58,6 +63,7 @@ class QServeEmitter(BaseEmitter):
     def finish(self, lm) -> None:
         super().finish(lm)
         self.model_type = lm.config.model_type
+        self.source_config = to_hf4(lm.config.to_dict(), "float16")   # as QServe reads it (engine's transformers)
 
     def on_block(self, block, ctx=None) -> None:
         super().on_block(block, ctx)

@@ -8,7 +8,7 @@ import torch
 
 from ..base import Format, Target, TargetError, TargetOptions, register_target
 from ..common.hf4_config import to_hf4
-from . import engine_config, reference, schema
+from . import engine_config, loader_spec, reference
 from .emit import QServeEmitter, format_of
 from .pipeline import ALGOS, GROUP_SIZES, make_spec_assigner, pipeline, preflight, weight_spec
 
@@ -102,12 +102,15 @@ class QServe(Target):
         return QServeEmitter(writer, torch.float16)
 
     def engines(self, spec, emitter) -> list[str]:
-        """QServe's loader takes per channel and g128 Llama/Mistral checkpoints with every linear quantized; dcc's
-        runtime takes every artifact of this target. Shapes its GEMM tiles do not cover are reported as kernel
-        notes (config.json and the compile log), not hidden."""
+        """QServe's loader takes per channel and g128 Llama/Mistral checkpoints with every linear quantized, whose
+        config its model builds right (loader_spec.config_problems); dcc's runtime takes every artifact of this
+        target. Shapes its GEMM tiles do not cover are reported as kernel notes (config.json and the compile log),
+        not hidden."""
         ok = spec.bits == 8 or spec.group_size in (0, 128)
         ok = ok and emitter.model_type in QSERVE_MODEL_TYPES
         ok = ok and not any("skip_reason" in v for v in emitter.layers.values())
+        if ok and emitter.source_config is not None:
+            ok = not loader_spec.config_problems(emitter.source_config, format_of(spec), spec.group_size)
         return ["qserve", "dcc-runtime"] if ok else ["dcc-runtime"]
 
     def hf_config(self, lm, spec, opts, emitter) -> dict:
@@ -132,7 +135,7 @@ class QServe(Target):
     def check_artifact(self, art) -> list[str]:
         spec = next((e["spec"] for e in art.quantized_layers().values()), {})
         fmt = art.config["quantization_config"]["format"]
-        return schema.check(art.tensors, art.config, fmt, spec.get("group_size", 0))
+        return loader_spec.check(art.tensors, art.config, fmt, spec.get("group_size", 0))
 
     def cuda_model(self, art, device="cuda"):
         from .cuda import build_qserve_cuda_model

@@ -12,7 +12,7 @@ from dcc.api import CompileOptions, compile_model
 from dcc.runtime.artifact import load_artifact
 from dcc.targets.qserve.reference import QServeLinear
 from dcc.runtime.validate import check_exact, compare_with_float, sample_ids
-from dcc.targets.qserve import layout, schema
+from dcc.targets.qserve import layout, loader_spec
 
 import qserve_engine as engine
 from tiny_models import decoder_config, lazy, save_tiny
@@ -50,7 +50,7 @@ def test_artifact_loads_in_qserve_and_decodes_exactly(artifacts, case):
     fmt = {0: "qserve-w4a8-per-channel", 128: "qserve-w4a8-group"}[gs] if bits == 4 else "qserve-w8a8"
     assert m["target"] == "qserve" and "qserve" in m["engines"]
     assert {e["format"] for e in m["layers"].values()} == {fmt}
-    assert schema.check(art.tensors, art.config, fmt, gs) == []
+    assert loader_spec.check(art.tensors, art.config, fmt, gs) == []
     assert m["runtime"]["activations"] == "int8-per-token"
     assert m["runtime"]["kv_bits"] == (4 if bits == 4 else None)
     exact = check_exact(art)
