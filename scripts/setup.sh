@@ -11,7 +11,7 @@ fi
 python -m pip install -q --upgrade pip >/dev/null
 # torch first, pinned to the CPU build: a plain `torch` requirement would pull a several-GB CUDA build
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,diffusers]"
+python -m pip install -q -e ".[test,diffusers,report]"
 mkdir -p models
 GGUF=models/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f "$GGUF" ]; then

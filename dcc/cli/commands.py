@@ -8,10 +8,6 @@ import click
 
 from .main import _fail, friendly, main
 
-# passes after which a linear computes a rotated / rescaled / permuted version of the float layer's output
-BASIS_CHANGING = {"rotate", "smooth", "smooth_attention", "reorder", "awq"}
-
-
 def _targets():
     from ..targets.base import targets
     return targets()
@@ -103,6 +99,7 @@ def inspect(artifact, as_json):
     """What is in ARTIFACT: target, engines, recipe, and per layer its format, size and error. Every file is
     checked against the manifest's checksums first."""
     from ..runtime.artifact import load_artifact
+    from ..runtime.layer_names import natural_key
     art = load_artifact(artifact)
     m = art.manifest
     if as_json:
@@ -123,7 +120,7 @@ def inspect(artifact, as_json):
                    f"{rt.get('kv_bits') or 16}-bit")
     click.echo(f"{'layer':44} {'shape':>11} {'format':28} {'SQNR dB':>8} {'out err':>9}")
     nq = 0
-    for name, e in m["layers"].items():
+    for name, e in sorted(m["layers"].items(), key=lambda kv: natural_key(kv[0])):
         gs = e.get("spec", {}).get("group_size", 0)
         fmt = "16-bit (kept)" if "skip_reason" in e else e["format"] + (f" g{gs}" if gs > 0 else "")
         nq += "skip_reason" not in e
@@ -148,100 +145,6 @@ def _check_device(device: str, art=None) -> None:
             _fail(why)
 
 
-@main.command()
-@click.argument("artifact", type=click.Path())
-@click.option("--model", type=click.Path(), default=None,
-              help="The source model: also report per-layer output error and the drift of the model's output "
-                   "against it (logits of a causal LM; last hidden states and mean-pooled embeddings of an encoder; "
-                   "a diffusion model's denoiser output and each block's output, on --inputs).")
-@click.option("--tokens", type=click.IntRange(min=2), default=128, show_default=True,
-              help="Causal LMs and encoders: tokens per sequence for the output comparison (at most the positions an "
-                   "encoder has).")
-@click.option("--inputs", "inputs_file", type=click.Path(), default=None,
-              help="Diffusion models: what the outputs are compared on -- a calibration file of `dcc calib record` "
-                   "(recorded forward inputs), or a prompts file when --model is the pipeline folder.")
-@click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Diffusion models: compare on the first N samples of --inputs.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True,
-              help="cpu: decode and run in torch; cuda: run every quantized layer through dcc's kernels (the CUDA "
-                   "runtime of the artifact's target).")
-@click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the report as JSON here.")
-@friendly
-def validate(artifact, model, tokens, inputs_file, samples, seed, device, as_json):
-    """Decode ARTIFACT on the CPU; prove every quantized layer equals the compiled fake-quant weight bit for bit;
-    with --model, report each layer's output error and the output drift against the float model (logits of a causal
-    LM, hidden states and embeddings of an encoder, the denoiser's and each block's output of a diffusion model)."""
-    from ..runtime.artifact import load_artifact
-    from ..runtime.validate import check_exact, compare_with_float, sample_ids
-    _check_device(device)
-    art = load_artifact(artifact)
-    _check_device(device, art)
-    if device.startswith("cuda"):
-        from ..runtime.cuda.model import check_exact_cuda, compare_with_float_cuda
-        kernels = {}
-        exact, compare = check_exact_cuda(art, kernels=kernels), compare_with_float_cuda
-    else:
-        kernels, (exact, compare) = {}, (check_exact(art), compare_with_float)
-    bad = [k for k, ok in exact.items() if not ok]
-    report = {"exact": exact}
-    click.echo(f"decoded weights equal the fake-quant weights: {len(exact) - len(bad)}/{len(exact)} layers")
-    if kernels:   # where the target measures it: each layer's GPU kernel output against the CPU reference layer
-        report["kernels"] = kernels
-        worst = min(v["bit_equal"] for v in kernels.values())
-        click.echo(f"GPU kernels vs CPU reference: {sum(v['ok'] for v in kernels.values())}/{len(kernels)} "
-                   f"layers agree; outputs bit-equal >= {worst * 100:.2f}% per layer, max "
-                   f"{max(v['max_ulp'] for v in kernels.values())} fp16 ulp")
-    target = _targets()[art.manifest["target"]]
-    problems = target.check_artifact(art)   # None: the target has no check of its engine's loader
-    if problems is not None:
-        report["engine_loader"] = problems
-        who = target.engine_name
-        click.echo(f"{who}'s loader: every tensor it reads is present with its dtype and shape" if not problems
-                   else f"{who}'s loader would not take this artifact: {len(problems)} problems, first: "
-                        f"{problems[0]}")
-        if problems and target.name in art.manifest["engines"]:
-            _fail(f"{art.path}: the manifest says {who} loads it, but {problems[0]}", 1)
-    if model:
-        from ..models.loader import LazyModel
-        from ..runtime.validate import check_same_model
-        from ..models.adapter import artifact_adapter
-        adapter = artifact_adapter(art.manifest)
-        lm = LazyModel(model)
-        check_same_model(art, lm.config.to_dict(), model)
-        if adapter.kind == "diffusers":   # recorded inputs of its forward, not tokens; each block's output too
-            from ..runtime.reference import check_rebuildable
-            check_rebuildable(art)
-            batch = adapter.validation_inputs(lm, inputs_file, samples)
-            fm = lm.materialize_all()
-            blocks = {"blocks": lm.block_prefixes} if compare is compare_with_float else {}
-            cmp = compare(art, fm, batch, **blocks)
-        else:
-            limit = adapter.max_tokens(art.config)
-            if limit and tokens > limit:
-                click.echo(f"note: --tokens {tokens} is beyond the model's {limit} positions; comparing on {limit}")
-                tokens = limit
-            fm = lm.materialize_all()
-            cmp = compare(art, fm, sample_ids(lm.config.vocab_size, 2, tokens, seed))
-        report["float"] = cmp
-        click.echo(f"{'layer':44} {'output rel err':>14}")
-        for k, v in cmp["layers"].items():
-            click.echo(f"{k:44} {v:14.4e}")
-        if cmp.get("blocks"):   # a diffusion model's blocks, in the order its forward calls them
-            click.echo(f"{'block':44} {'output rel err':>14}")
-            for k, v in cmp["blocks"].items():
-                click.echo(f"{k:44} {v:14.4e}")
-        click.echo(adapter.describe_comparison(cmp))
-        moved = sorted({s["pass"] for s in art.manifest["recipe"]["pipeline"]} & BASIS_CHANGING)
-        if moved:
-            click.echo(f"note: {', '.join(moved)} changed the layers' bases on purpose (function-preserving), so a "
-                       f"layer's output is not comparable to the float layer's; the {adapter.compares} are")
-    if as_json:
-        Path(as_json).write_text(json.dumps(report, indent=1) + "\n")
-    if bad:
-        _fail(f"{len(bad)} layers decode to weights that differ from the compiled ones, first: {bad[0]}", 1)
-
-
 @main.command("eval")
 @click.argument("artifact", type=click.Path())
 @click.option("--ppl", "ppl_file", type=click.Path(), default=None,
@@ -253,7 +156,8 @@ def validate(artifact, model, tokens, inputs_file, samples, seed, device, as_jso
               help="Tokens per non-overlapping window (--ppl); the most tokens of a line (--text, at most the "
                    "model's positions).")
 @click.option("--windows", "n_windows", default=None, type=click.IntRange(min=1),
-              help="Evaluate only the first N windows (--ppl) or lines (--text).")
+              help="Evaluate only the first N windows (--ppl) or lines (--text). Without it --ppl runs every "
+                   "window of the text, and says how many and about how long once one window is timed.")
 @click.option("--baseline", type=click.Path(), default=None,
               help="The source model (float): also evaluated with --ppl; what the embeddings are compared with "
                    "(required) with --text.")
@@ -277,7 +181,7 @@ def validate(artifact, model, tokens, inputs_file, samples, seed, device, as_jso
 @click.option("--device", default="cpu", show_default=True,
               help="cpu (reference) or cuda (dcc's kernels for the artifact's target).")
 @click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the results as JSON here.")
-@click.option("-q", "--quiet", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @friendly
 def eval_cmd(artifact, ppl_file, text_file, seq_len, n_windows, baseline, prompts_file, pipeline_dir, steps, seed,
              height, width, max_sequence_length, out_html, device, as_json, quiet):
@@ -313,12 +217,27 @@ def eval_cmd(artifact, ppl_file, text_file, seq_len, n_windows, baseline, prompt
         model = build_cuda_model(art)
     else:
         model = build_model(art)
+    extra = {}
+    if ppl_file and n_windows is None and data.shape[0] > 2:   # the whole text: say how long it will take
+        extra["on_timed"] = lambda s: _say_estimate(data.shape, s, baseline_lm is not None)
     results = adapter.evaluate(model, data, baseline_lm.materialize_all() if baseline_lm is not None else None,
-                               device=device, progress=not quiet)
+                               device=device, progress=not quiet, **extra)
     for line in adapter.report(results):
         click.echo(line)
     if as_json:
         Path(as_json).write_text(json.dumps(results, indent=1) + "\n")
+
+
+def _say_estimate(shape, first_s: float, baseline: bool) -> None:
+    """One line on stderr once a window has been timed: how many windows, and how long they take here."""
+    import sys
+    from tqdm.auto import tqdm
+    runs = shape[0] * (2 if baseline else 1)
+    total = runs * first_s
+    what = f"{shape[0]} windows x {shape[1]} tokens" + (" (artifact and baseline)" if baseline else "")
+    tqdm.write(f"perplexity: {what}, about {total / 60:.1f} min at {first_s:.2f} s/window on this machine "
+               f"(--windows N for fewer)", file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _diffusers_hint(artifact) -> str | None:

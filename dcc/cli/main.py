@@ -120,5 +120,8 @@ def main():
 
 
 from . import commands  # noqa: E402,F401  (registers the subcommands)
+from . import validate  # noqa: E402,F401  (registers `dcc validate`)
 from . import lora  # noqa: E402,F401  (registers `dcc lora merge`)
 from . import calib  # noqa: E402,F401  (registers `dcc calib`)
+from . import diff  # noqa: E402,F401  (registers `dcc diff`)
+from . import report  # noqa: E402,F401  (registers `dcc report`)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -46,8 +47,9 @@ class CausalLM(ModelAdapter):
         check_vocab(ids, config["vocab_size"], path)
         return windows(ids, limit, seq_len, path)
 
-    def evaluate(self, model, data, baseline=None, device="cpu", progress=True) -> dict:
-        out = {"artifact": perplexity(model, data, device=device, progress=progress, desc="artifact")}
+    def evaluate(self, model, data, baseline=None, device="cpu", progress=True, on_timed=None) -> dict:
+        out = {"artifact": perplexity(model, data, device=device, progress=progress, desc="artifact",
+                                      on_timed=on_timed)}
         if baseline is not None:
             out["baseline"] = perplexity(baseline, data, progress=progress, desc="baseline")
         return out
@@ -72,18 +74,29 @@ class CausalLM(ModelAdapter):
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, device: str = "cpu", progress: bool = True,
-               desc: str = "perplexity") -> dict:
-    """windows [n, L] token ids; returns {"ppl", "nll", "tokens", "windows", "seq_len"}."""
+               desc: str = "perplexity", on_timed=None) -> dict:
+    """windows [n, L] token ids; returns {"ppl", "nll", "tokens", "windows", "seq_len"}. on_timed(seconds of one
+    batch) is called once the second batch is done (the first also captures each block's graph): the caller's
+    estimate of the whole run."""
     model.eval()
     total_nll, total_tok = 0.0, 0
     starts = range(0, windows.shape[0], batch_size)
     for i in tqdm(starts, desc=desc, unit="batch", disable=not progress, file=sys.stderr, leave=False):
+        t0 = time.perf_counter()
         batch = windows[i:i + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                batch[:, 1:].reshape(-1), reduction="sum")
-        total_nll += float(nll)
-        total_tok += batch[:, 1:].numel()
+        nll, n = next_token_nll(model(input_ids=batch, use_cache=False).logits, batch)
+        total_nll += nll
+        total_tok += n
+        if i == batch_size and on_timed is not None:   # the second batch: the first also captured the graphs
+            on_timed(time.perf_counter() - t0)
     mean = total_nll / total_tok
     return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tok, "windows": int(windows.shape[0]),
             "seq_len": int(windows.shape[1])}
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """(sum of the next-token NLL over every predicted token of `ids` [n, L], their count n * (L - 1))."""
+    logits = logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                            reduction="sum")
+    return float(nll), ids[:, 1:].numel()

@@ -2,6 +2,7 @@
 time are read from the safetensors shards (or a GGUF file, converted once to such a folder)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -255,6 +256,22 @@ class LazyModel:
         """Drop a module's tensors (back to meta) so memory stays one block at a time."""
         module = self.model.get_submodule(prefix)
         module.to("meta")
+
+    @contextlib.contextmanager
+    def streamed(self):
+        """The whole model, to be called as usual, with only the parts outside the blocks resident: each block is
+        read just before it runs and released after (peak memory: those parts plus one block)."""
+        self.materialize("")
+        hooks = []
+        for i, block in enumerate(self.blocks):
+            p = self.block_prefix(i)
+            hooks.append(block.register_forward_pre_hook(lambda m, a, p=p: self.materialize(p) and None))
+            hooks.append(block.register_forward_hook(lambda m, a, o, p=p: self.release(p)))
+        try:
+            yield self.model
+        finally:
+            for h in hooks:
+                h.remove()
 
     def materialize_all(self) -> torch.nn.Module:
         self.materialize("")

@@ -50,8 +50,12 @@ def render(results: dict, ref: list[torch.Tensor], got: list[torch.Tensor], titl
 
 def write_report(path, results: dict, ref: list[torch.Tensor], got: list[torch.Tensor], title: str) -> Path:
     """Render and write the page atomically: a reader never sees half a file, and a failure leaves none."""
+    return write_atomic(path, render(results, ref, got, title))
+
+
+def write_atomic(path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file beside it, renamed into place (also `dcc report`'s page)."""
     path = Path(path)
-    text = render(results, ref, got, title)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

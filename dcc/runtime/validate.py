@@ -8,21 +8,27 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 
 import torch
 from torch.utils import _pytree as pytree
+from tqdm.auto import tqdm
 
 from ..models.adapter import artifact_adapter
+from ..models.loader import find_blocks
 from ..targets.artifact import sha256_tensor
 from .artifact import Artifact
 from .graph_blocks import linear_outputs
 from .reference import build_model
+from .text_metrics import perplexities
 
 
-def check_exact(art: Artifact) -> dict[str, bool]:
+def check_exact(art: Artifact, progress: bool = False) -> dict[str, bool]:
     """layer -> decoded 16-bit weight equals the compile-time fake-quant weight, bit for bit."""
     out = {}
-    for name, entry in art.quantized_layers().items():
+    layers = art.quantized_layers()
+    for name, entry in tqdm(layers.items(), total=len(layers), desc="decoding layers", unit="layer",
+                            disable=not progress, file=sys.stderr, leave=False):
         w = art.decode(name).to(art.format_of(name).decoded_dtype or art.dtype)
         out[name] = sha256_tensor(w) == entry.get("weight_sha256")
     return out
@@ -35,17 +41,19 @@ def _capture_outputs(model, ids: torch.Tensor, adapter) -> tuple[dict[str, torch
 
 
 def compare_with_float(art: Artifact, float_model, ids: torch.Tensor, qmodel=None,
-                       blocks: list[str] | None = None) -> dict:
+                       blocks: list[str] | None = None, text: bool = False, progress: bool = False) -> dict:
     """Per-layer relative output error and the agreement of the model's outputs (logits, or an encoder's hidden
     states and embeddings, or a denoiser's output) of the artifact (run by `qmodel`, default the CPU reference; it
     may live on another device) against the float model (CPU) on `ids` (token ids; a diffusion model's recorded
-    inputs). With `blocks` (module paths), also each block's relative output error ("blocks", in call order)."""
+    inputs). With `blocks` (module paths), also each block's relative output error ("blocks", in call order). With
+    `text` (ids are windows of a real text), also both models' perplexity on it. `progress`: a bar per model over
+    its blocks, on stderr."""
     adapter = artifact_adapter(art.manifest)
     qmodel = build_model(art) if qmodel is None else qmodel
     dev = next(qmodel.parameters()).device
-    with _block_outputs(float_model, blocks) as f_blocks:
+    with _block_outputs(float_model, blocks) as f_blocks, _ticking(float_model, "float model", progress):
         f_out, f_final = _capture_outputs(float_model, ids, adapter)
-    with _block_outputs(qmodel, blocks) as q_blocks:
+    with _block_outputs(qmodel, blocks) as q_blocks, _ticking(qmodel, "artifact", progress):
         q_out, q_final = _capture_outputs(qmodel, ids.to(dev), adapter)
     q_out, q_final = {k: v.cpu() for k, v in q_out.items()}, q_final.cpu()
     layers = {}
@@ -54,6 +62,8 @@ def compare_with_float(art: Artifact, float_model, ids: torch.Tensor, qmodel=Non
             ref, got = f_out[name].double(), q_out[name].double()
             layers[name] = float((got - ref).norm() / ref.norm().clamp(min=1e-30))
     out = {"layers": layers, "compares": adapter.compares, **adapter.compare(f_final, q_final)}
+    if text:
+        out.update(perplexities(f_final, q_final, ids))
     if blocks is not None:
         out["blocks"] = {k: rel_err(v, q_blocks[k]) for k, v in f_blocks.items() if k in q_blocks}
     return out
@@ -81,6 +91,28 @@ def _block_outputs(model, blocks: list[str] | None):
     finally:
         for h in hooks:
             h.remove()
+
+
+@contextlib.contextmanager
+def _ticking(model, desc: str, progress: bool):
+    """A progress bar (stderr, with an ETA) that moves each time one of the model's blocks has run."""
+    if not progress:
+        yield
+        return
+    _, blocks = find_blocks(model)
+    bar = tqdm(total=len(blocks), desc=desc, unit="block", file=sys.stderr, leave=False)
+
+    def tick(mod, args, out):   # returns None: the output stays; a block's graph capture runs it too, uncounted
+        if not getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)():
+            bar.update(1)
+
+    hooks = [b.register_forward_hook(tick) for b in blocks]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
 
 
 def sample_ids(vocab: int, n: int = 2, length: int = 128, seed: int = 0) -> torch.Tensor:
