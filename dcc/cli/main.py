@@ -107,6 +107,7 @@ def main():
     dcc inspect out/
     dcc validate out/ --model MODEL
     dcc eval out/ --ppl wiki.test.raw --baseline MODEL
+    dcc generate out/ "Once upon a time" --max-new-tokens 64   (--device cuda: dcc's kernels)
 
     \b
     diffusion models (pip install 'dcc[diffusers]'):
@@ -125,3 +126,4 @@ from . import lora  # noqa: E402,F401  (registers `dcc lora merge`)
 from . import calib  # noqa: E402,F401  (registers `dcc calib`)
 from . import diff  # noqa: E402,F401  (registers `dcc diff`)
 from . import report  # noqa: E402,F401  (registers `dcc report`)
+from . import generate  # noqa: E402,F401  (registers `dcc generate`)
