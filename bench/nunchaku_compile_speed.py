@@ -1,13 +1,17 @@
 """Compile speed of the Nunchaku target on a FLUX.1-dev-shaped transformer (random weights, the real config: hidden
-3072, 24 heads of 128, 19 double + 38 single blocks, text width 4096) from a calibration file of recorded-shape
-inputs, SVDQuant INT4 rank 32; per-pass times printed. The weights are random (no trained FLUX can be obtained
-offline): the time does not depend on their values.
+3072, 24 heads of 128, 19 double + 38 single blocks, text width 4096) or a Sana-1600M-shaped one (`--model sana`:
+diffusers' SanaTransformer2DModel defaults, which are Sana 1.6B's: 20 blocks, hidden 2240 = 70 heads of 32, Gemma-2
+captions of width 2304; 1024 px = 32 x 32 latent positions, 300 text tokens) from a calibration file of
+recorded-shape inputs, SVDQuant INT4 rank 32; per-pass times printed. The weights are random (no trained model can
+be obtained offline): the time does not depend on their values.
 
 A run compiles `--double` double and `--single` single blocks (the transformer built with that many); the whole
 model's time is extrapolated from the per-block times, said as such in the JSON (one command on the device machine
 may not run for the ~10+ minutes a whole model takes):
 
     python bench/nunchaku_compile_speed.py --device cuda --double 2 --single 4 --samples 8 --image-tokens 4096
+    python bench/nunchaku_compile_speed.py --model sana --device cpu --double 2 --samples 4 --image-tokens 1024 \
+        --text-tokens 300 --out bench/results/nunchaku_compile_speed_sana.json     (--double: Sana's blocks)
 """
 from __future__ import annotations
 
@@ -41,6 +45,33 @@ def build(folder: Path, double: int, single: int, seed: int, device: str, scale:
     return cfg
 
 
+SANA_BLOCKS = 20   # SanaTransformer2DModel's default num_layers (Sana 1600M)
+
+
+def build_sana(folder: Path, blocks: int, seed: int, device: str) -> dict:
+    """A SanaTransformer2DModel of Sana 1.6B's config (diffusers' defaults) with `blocks` blocks, random bf16."""
+    from diffusers import SanaTransformer2DModel
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = SanaTransformer2DModel(num_layers=blocks).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    cfg = dict(model.config)
+    del model
+    return cfg
+
+
+def write_sana_calib(path: Path, cfg: dict, samples: int, image_tokens: int, text_tokens: int, seed: int) -> None:
+    """Random inputs of the shapes SanaPipeline feeds the transformer (latents [B, 32, side, side], Gemma-2 text
+    states, timesteps in (0, 1000]) as dcc's calibration file."""
+    from dcc.models.diffusers_calib import CalibInputs
+    g = torch.Generator().manual_seed(seed)
+    side = int(image_tokens ** 0.5)
+    kw = {"hidden_states": torch.randn(samples, cfg["in_channels"], side, side, generator=g),
+          "encoder_hidden_states": torch.randn(samples, text_tokens, cfg["caption_channels"], generator=g),
+          "timestep": (torch.rand(samples, generator=g) * 1000).clamp(min=20)}
+    CalibInputs.from_kwargs("SanaTransformer2DModel", kw, {}, samples).save(path)
+
+
 def write_calib(path: Path, cfg: dict, samples: int, image_tokens: int, text_tokens: int, seed: int) -> None:
     """Random inputs of the shapes FluxPipeline feeds the transformer (latents of image_tokens positions, T5 text
     states, CLIP pooled, timesteps in (0, 1], guidance 3.5), as dcc's calibration file (dcc calib record's format)."""
@@ -60,8 +91,9 @@ def write_calib(path: Path, cfg: dict, samples: int, image_tokens: int, text_tok
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="flux", choices=["flux", "sana"])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--double", type=int, default=2)
+    ap.add_argument("--double", type=int, default=2, help="FLUX: double blocks; Sana: its blocks")
     ap.add_argument("--single", type=int, default=4)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--image-tokens", type=int, default=4096, help="latent positions (4096: a 1024x1024 image)")
@@ -77,9 +109,13 @@ def main() -> None:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        cfg = build(work / "flux", args.double, args.single, 0, "cuda" if args.device == "cuda" else "cpu",
-                    args.scale)
-        write_calib(work / "calib.safetensors", cfg, args.samples, args.image_tokens, args.text_tokens, 1)
+        dev = "cuda" if args.device == "cuda" else "cpu"
+        if args.model == "sana":
+            cfg = build_sana(work / "flux", args.double, 0, dev)
+            write_sana_calib(work / "calib.safetensors", cfg, args.samples, args.image_tokens, args.text_tokens, 1)
+        else:
+            cfg = build(work / "flux", args.double, args.single, 0, dev, args.scale)
+            write_calib(work / "calib.safetensors", cfg, args.samples, args.image_tokens, args.text_tokens, 1)
         setup_s = time.perf_counter() - t
         lines, blocks = [], {}
         # per-block wall time (bench-side instrumentation: the artifact records no times, to stay reproducible)
@@ -102,11 +138,17 @@ def main() -> None:
     print("\n".join(lines))
     double_s = [v for k, v in blocks.items() if k.startswith("transformer_blocks.")]
     single_s = [v for k, v in blocks.items() if k.startswith("single_transformer_blocks.")]
-    row = {"model": "FLUX.1-dev-shaped (random weights)", "device": args.device, "double": args.double,
-           "single": args.single, "samples": args.samples, "image_tokens": args.image_tokens,
-           "text_tokens": args.text_tokens, "rank": args.rank, "compile_s": round(secs, 1),
-           "setup_s": round(setup_s, 1)}
-    if double_s and single_s:
+    name = "Sana-1600M-shaped (random weights)" if args.model == "sana" else "FLUX.1-dev-shaped (random weights)"
+    row = {"model": name, "device": args.device, "double": args.double,
+           "single": args.single if args.model == "flux" else 0, "samples": args.samples,
+           "image_tokens": args.image_tokens, "text_tokens": args.text_tokens, "rank": args.rank,
+           "compile_s": round(secs, 1), "setup_s": round(setup_s, 1),
+           "threads": torch.get_num_threads()}
+    if args.model == "sana" and double_s:
+        b = sum(double_s) / len(double_s)
+        row.update(block_s=round(b, 2), **{f"extrapolated_{SANA_BLOCKS}_s":
+                                           round(secs - sum(double_s) + SANA_BLOCKS * b, 1)})
+    elif double_s and single_s:
         d, s = sum(double_s) / len(double_s), sum(single_s) / len(single_s)
         row.update(double_block_s=round(d, 2), single_block_s=round(s, 2),
                    extrapolated_19_38_s=round(secs - sum(double_s) - sum(single_s) + 19 * d + 38 * s, 1))

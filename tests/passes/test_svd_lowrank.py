@@ -86,3 +86,41 @@ def test_smoothing_candidates_cover_both_exponent_patterns():
     assert torch.equal(dict(both)["x^0.5"], lam) and torch.equal(paired[0][1], torch.ones(4, dtype=torch.float64))
     with pytest.raises(ValueError, match="exponents"):
         SvdLowrankConfig(exponents="beta")
+
+
+def test_output_refit_recovers_a_low_rank_output_error():
+    """refit="output": the branch is the rank-r map of the input that best reproduces the main branch's output
+    error, activation rounding included; where that error is exactly a rank-r map of x / lam, it is found."""
+    from dcc.passes.svd_lowrank import _Group
+
+    class G(_Group):   # the regression alone, on given rows (no block)
+        def __init__(self, x, w):
+            self.x, self.w, self.ref, self.act = x, w, x @ w.T, None
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=gen, dtype=torch.float64)
+    w = torch.randn(48, 64, generator=gen, dtype=torch.float64)
+    b = torch.randn(48, 16, generator=gen, dtype=torch.float64) @ torch.randn(16, 64, generator=gen,
+                                                                              dtype=torch.float64)
+    g = G(x, w)
+    lam = torch.ones(64, dtype=torch.float64)
+    up, down = g.output_fit(lam, w - b, rank=16, damp=1e-9)   # the main branch misses x b^T
+    assert up.shape == (48, 16) and down.shape == (16, 64)
+    torch.testing.assert_close(down @ down.T, torch.eye(16, dtype=torch.float64))   # orthonormal rows
+    torch.testing.assert_close(up @ down, b, rtol=1e-6, atol=1e-6)
+    # where the error is not low-rank, the output fit is the best rank-r map on these rows; the weight-space refit
+    # (the SVD of the missed weight) spends rank on input channels that carry nothing here
+    full = torch.randn(48, 64, generator=gen, dtype=torch.float64)
+    xs = x.clone()
+    xs[:, 32:] = 0
+    g2 = G(xs, w)
+    up2, down2 = g2.output_fit(lam, w - full, rank=16, damp=1e-9)
+    y_err = float(((xs @ (up2 @ down2 - full).T) ** 2).sum())
+    u, d = top_components(full, 16, "full", 0)
+    w_err = float(((xs @ (u @ d - full).T) ** 2).sum())
+    assert y_err < 0.9 * w_err
+    assert SvdLowrankConfig(refit="output").refit == "output"
+    with pytest.raises(ValueError, match="refit"):
+        SvdLowrankConfig(refit="input")
+    with pytest.raises(ValueError, match="damp"):
+        SvdLowrankConfig(damp=0)

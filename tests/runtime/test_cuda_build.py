@@ -14,8 +14,9 @@ def test_gencode_per_module():
     assert build.gencode("w4a16", "90") == ["-gencode=arch=compute_90,code=sm_90"]
     assert build.gencode("w4a8", "90") == ["-gencode=arch=compute_90a,code=sm_90a"]   # wgmma needs sm_90a
     assert build.gencode("w4a8", "80") == ["-gencode=arch=compute_80,code=sm_80"]
+    assert build.gencode("w4a4", "90") == ["-gencode=arch=compute_90,code=sm_90"]   # mma.sync only, for now
     with pytest.raises(ValueError, match="unknown CUDA extension"):
-        build.gencode("w4a4", "90")
+        build.gencode("w2a2", "90")
 
 
 @pytest.mark.parametrize("name", sorted(build.MODULES))
@@ -36,7 +37,20 @@ def test_w4a8_sources_and_contract():
         assert re.search(rf"\b{fn}\(", header), fn
 
 
+def test_w4a4_sources_and_contract():
+    names = {p.name for p in build.sources("w4a4")}
+    assert {"w4a4.h", "common.cuh", "quant_act.cu", "gemm.cu", "bindings.cpp"} <= names
+    assert build.MODULES["w4a4"] == "dcc_w4a4_ext"
+    header = (build.source_dir("w4a4") / "w4a4.h").read_text()
+    for fn in ("quant_act", "quant_act_workspace", "gemm", "quant_act_nvfp4", "gemm_nvfp4"):
+        assert re.search(rf"\b{fn}\(", header), fn
+    binding = (build.source_dir("w4a4") / "bindings.cpp").read_text()
+    for fn in ("quant_act", "quant_act_workspace", "gemm", "quant_act_nvfp4", "gemm_nvfp4"):
+        assert f'"{fn}"' in binding, fn
+
+
 def test_build_key_separates_modules():
     k16 = build.build_key(build.sources("w4a16"), "nvcc 13", "90", "w4a16")
     k8 = build.build_key(build.sources("w4a8"), "nvcc 13", "90", "w4a8")
     assert k16 != k8 and k16 == build.build_key(build.sources("w4a16"), "nvcc 13", "90")
+    assert build.build_key(build.sources("w4a4"), "nvcc 13", "90", "w4a4") not in (k16, k8)

@@ -1,5 +1,6 @@
-"""dcc's CUDA runtime: W4A16 kernels (csrc/w4a16) that execute TinyChat-layout artifacts on the GPU, and W4A8 kernels
-(csrc/w4a8, w4a8_ops.py) for QServe-layout artifacts.
+"""dcc's CUDA runtime: W4A16 kernels (csrc/w4a16) that execute TinyChat-layout artifacts on the GPU, W4A8 kernels
+(csrc/w4a8, w4a8_ops.py) for QServe-layout artifacts, and W4A4 kernels (csrc/w4a4, w4a4_ops.py) for Nunchaku INT4
+artifacts.
 
 The extension is compiled with nvcc on first use (see build.py) and cached; importing this package needs only torch
 and does not build anything, so a CPU-only install is unaffected.
@@ -17,13 +18,14 @@ __all__ = ["HINT", "CudaRuntimeUnavailable", "FUSED_MAX_M", "available", "build"
 
 
 def require(name: str = "w4a16") -> None:
-    """Build/import the extension `name` (w4a16 or w4a8) now; raises CudaRuntimeUnavailable with a one-line reason
-    if it cannot."""
+    """Build/import the extension `name` (w4a16, w4a8 or w4a4) now; raises CudaRuntimeUnavailable with a one-line
+    reason if it cannot."""
     load(name=name)
 
 
 def available(name: str = "w4a16") -> tuple[bool, str]:
-    """(True, "") if the CUDA runtime `name` (w4a16 or w4a8) can be used here, else (False, the one-line reason)."""
+    """(True, "") if the CUDA runtime `name` (w4a16, w4a8 or w4a4) can be used here, else (False, the one-line
+    reason)."""
     try:
         load(name=name)
     except CudaRuntimeUnavailable as e:

@@ -23,7 +23,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-MODULES = {"w4a16": "dcc_w4a16_ext", "w4a8": "dcc_w4a8_ext"}
+MODULES = {"w4a16": "dcc_w4a16_ext", "w4a8": "dcc_w4a8_ext", "w4a4": "dcc_w4a4_ext"}
 MODULE = MODULES["w4a16"]
 HINT = "the CUDA runtime needs nvcc and a GPU; use --device cpu"
 CXX_FLAGS = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", "-lineinfo"]

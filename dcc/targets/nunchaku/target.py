@@ -98,6 +98,7 @@ class Nunchaku(Target):
                                     reference=_reference),
                # AdaNorm linears of a single file (gemv_awq reconstructs the 16-bit weight: a plain linear is exact)
                FORMAT_AWQ: Format(FORMAT_AWQ, TENSORS_AWQ, decode_stored)}
+    cuda_extension = "w4a4"   # csrc/w4a4: INT4 and NVFP4 layers on dcc's W4A4 kernels (cuda.py)
 
     def spec(self, opts):
         return weight_spec(opts.precision, opts.dtype)
@@ -168,3 +169,17 @@ class Nunchaku(Target):
             "modules_in_16bit": sorted(k for k, v in emitter.layers.items() if "skip_reason" in v),
         }
         return cfg
+
+    def cuda_model(self, art, device="cuda"):
+        from .cuda import build_nunchaku_cuda_model
+        return build_nunchaku_cuda_model(art, device)
+
+    def check_exact_cuda(self, art, device="cuda", kernels=None):
+        """Decoded weights equal the compile-time ones (check_exact), and each layer's GPU output equals the CPU
+        emulation of the kernels (cuda.check_layers_cuda) bit for bit."""
+        from ...runtime.validate import check_exact
+        from .cuda import check_layers_cuda
+        exact, k = check_exact(art), check_layers_cuda(art, device)
+        if kernels is not None:
+            kernels.update(k)
+        return {name: ok and k.get(name, {"ok": True})["ok"] for name, ok in exact.items()}
