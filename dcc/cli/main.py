@@ -105,9 +105,10 @@ def main():
     \b
     dcc compile MODEL --algo awq -o out/ --calib calib.txt     (dcc compile --help lists the targets)
     dcc inspect out/
-    dcc validate out/ --model MODEL
+    dcc validate out/ --model MODEL --text wiki.test.raw --max-kl 0.1 --junit validate.xml   (a CI gate)
     dcc eval out/ --ppl wiki.test.raw --baseline MODEL
     dcc generate out/ "Once upon a time" --max-new-tokens 64   (--device cuda: dcc's kernels)
+    dcc diff yesterday/ out/ --max-layer-error-increase 0.1    dcc report out/ -o report.html
 
     \b
     diffusion models (pip install 'dcc[diffusers]'):
