@@ -134,6 +134,7 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
     lm = LazyModel(model, device=opts.device)
     steps = (opts.steps if opts.steps is not None else recipe.passes if recipe and recipe.passes
              else target.pipeline(topts))
+    target = target.for_model(lm, topts)   # this compile's target (model-dependent choices live on it)
     assign = target.assigner(topts, spec)
     kept = target.preflight(lm, spec, topts)
     # the output is checked (and locked) before the long work: refused paths, free space, a concurrent writer

@@ -122,6 +122,12 @@ class Target:
         """The passes run on every block, in order (a literal list per algorithm in the target's pipeline.py)."""
         raise NotImplementedError
 
+    def for_model(self, lm, opts) -> "Target":
+        """The target for one compile of `lm`: itself, or, for a target whose choices depend on the model (the
+        Nunchaku single file's plan), a fresh instance holding them -- never per-compile state on the registry's
+        instance. The compiler calls it once, before assigner, preflight and emitter."""
+        return self
+
     def assigner(self, opts, spec) -> Callable:
         """assign(block): sets each Linear's spec (or skip reason) and the run-time numerics the engine applies."""
         raise NotImplementedError

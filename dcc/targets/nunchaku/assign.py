@@ -36,7 +36,7 @@ def unsplit(path: str) -> str:
 
 @dataclass
 class Plan:
-    """What preflight decided for one compile: the Nunchaku names (None: a dcc-runtime artifact, `why` says why),
+    """What Nunchaku.for_model decided for one compile (make_plan): the Nunchaku names (None: a dcc-runtime artifact, `why` says why),
     the kind of each diffusers linear, and the options the emitter needs."""
     diffusers_class: str | None = None
     flux: str = "legacy"
@@ -57,10 +57,6 @@ class Plan:
             if sl.layer.cols == "all" or path == base or (sl.layer.cols == "attn") == path.endswith("_cat0"):
                 return sl
         return None
-
-    def adopt(self, other: "Plan") -> None:
-        """Take another plan's decision (the assigner holds this object; preflight decides)."""
-        self.__dict__.update(other.__dict__)
 
     def index(self) -> None:
         self.by_part = {}

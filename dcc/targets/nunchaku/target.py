@@ -5,6 +5,7 @@ Nunchaku's engine runs diffusion transformers; for a causal LM (which Nunchaku h
 Nunchaku's per-layer tensors for dcc's runtime, and the manifest says so."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -106,28 +107,32 @@ class Nunchaku(Target):
     def pipeline(self, opts):
         return pipeline(opts.algo, opts.rank)
 
+    def for_model(self, lm, opts):
+        """A copy of the target holding this compile's plan: Nunchaku's single file (the model's class has a
+        Nunchaku loader and every layer it stores in 4 bits fits it) or dcc's runtime (plan.why says why)."""
+        bound = copy.copy(self)
+        bound.plan = make_plan(lm, opts.precision, opts.rank, opts.flux)
+        return bound
+
+    def _plan_of(self) -> Plan:
+        return getattr(self, "plan", None) or Plan()   # not bound to a model (a test's assigner): dcc's runtime
+
     def assigner(self, opts, spec):
-        # the plan (Nunchaku's single file or dcc's runtime) is filled by preflight, the first call that sees the
-        # model; the compiler calls assigner, preflight, emitter in this order for each compile
-        self._plan = Plan()
         act = f"{opts.precision}:{opts.dtype}"
         return make_assigner(make_spec_assigner(spec, act, opts.unsupported), make_spec_assigner(spec, act, "keep"),
-                             opts.dtype, self._plan)
+                             opts.dtype, self._plan_of())
 
     def preflight(self, lm, spec, opts):
-        plan = getattr(self, "_plan", None)
-        if plan is not None:
-            plan.adopt(make_plan(lm, opts.precision, opts.rank, opts.flux))
-            if plan.active:   # every 4-bit layer of the Nunchaku class was checked; the rest stays 16-bit
-                return []
+        if self._plan_of().active:   # every 4-bit layer of the Nunchaku class was checked; the rest stays 16-bit
+            return []
         return preflight(lm, opts.unsupported, opts.precision)
 
     def emitter(self, writer, opts):
-        plan = self.__dict__.pop("_plan", None)   # this compile's: no later call sees it
-        if plan is not None and plan.active:
+        plan = self._plan_of()
+        if plan.active:
             return NunchakuFileEmitter(writer, getattr(torch, opts.dtype), plan, opts.precision, opts.rank)
         emitter = NunchakuEmitter(writer, getattr(torch, opts.dtype))
-        emitter.nunchaku_why = plan.why if plan is not None else None   # why no Nunchaku file (manifest runtime)
+        emitter.nunchaku_why = plan.why   # why no Nunchaku file (manifest runtime)
         return emitter
 
     def engines(self, spec, emitter):
