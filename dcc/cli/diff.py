@@ -133,20 +133,9 @@ def diff_cmd(a, b, text_file, model, seq_len, n_windows, max_layer_error_increas
     if text_file:
         ppl = text_perplexity({"a": art_a, "b": art_b}, text_file, seq_len, n_windows, model, progress=not quiet)
     res = diff(art_a, art_b, ppl, max_layer_error_increase)
-    ma, mb = art_a.manifest, art_b.manifest
-    for key, art, m in (("A", art_a, ma), ("B", art_b, mb)):
-        click.echo(f"{key}: {art.path} (target {m['target']}, algo {m['recipe'].get('algo')}, dcc "
-                   f"{m['versions'].get('dcc')})")
-    _print_recipe(res["recipe"])
-    _print_sizes(res["sizes"])
-    _print_layers(res["layers"], all_layers)
-    _print_summary(res["summary"], res["perplexity"], text_file)
     checks = res["checks"]
     failed = [c for c in checks if not c.passed]
-    if checks:
-        click.echo(f"checks: {len(checks) - len(failed)} passed, {len(failed)} failed")
-        for c in failed:
-            click.echo(c.line())
+    # the files first: a reader of stdout that goes away (`| head`) must not cost the CI its report
     if as_json:
         Path(as_json).write_text(json.dumps({**res, "checks": checks_json(checks), "passed": not failed},
                                             indent=1) + "\n")
@@ -155,5 +144,17 @@ def diff_cmd(a, b, text_file, model, seq_len, n_windows, max_layer_error_increas
         if max_layer_error_increase is not None:
             props["max_layer_error_increase"] = max_layer_error_increase
         write_junit(junit, "dcc diff", checks, time.perf_counter() - t0, props)
+    ma, mb = art_a.manifest, art_b.manifest
+    for key, art, m in (("A", art_a, ma), ("B", art_b, mb)):
+        click.echo(f"{key}: {art.path} (target {m['target']}, algo {m['recipe'].get('algo')}, dcc "
+                   f"{m['versions'].get('dcc')})")
+    _print_recipe(res["recipe"])
+    _print_sizes(res["sizes"])
+    _print_layers(res["layers"], all_layers)
+    _print_summary(res["summary"], res["perplexity"], text_file)
+    if checks:
+        click.echo(f"checks: {len(checks) - len(failed)} passed, {len(failed)} failed")
+        for c in failed:
+            click.echo(c.line())
     if failed:
         _fail(f"{len(failed)} of {len(checks)} checks failed, first: {failed[0].name}", 1)

@@ -118,9 +118,6 @@ def validate(artifact, model, text_file, tokens, n_windows, inputs_file, samples
         _print_comparison(art, adapter, cmp, report["inputs"], th, all_layers)
     checks = build_checks(th, exact, cmp, set(art.quantized_layers())) + loader_checks
     failed = [c for c in checks if not c.passed]
-    click.echo(f"checks: {len(checks) - len(failed)} passed, {len(failed)} failed")
-    for c in failed:
-        click.echo(c.line())
     report["checks"], report["passed"] = checks_json(checks), not failed
     if as_json:
         Path(as_json).write_text(json.dumps(report, indent=1) + "\n")
@@ -129,6 +126,10 @@ def validate(artifact, model, text_file, tokens, n_windows, inputs_file, samples
         props = {"artifact": str(art.path), "target": art.manifest["target"],
                  "inputs": describe_inputs(report["inputs"]) if report["inputs"] else "none (no --model given)"}
         write_junit(junit, "dcc validate", checks, time.perf_counter() - t0, props)
+    # printed after the files are written: a reader of stdout that goes away must not cost the CI its report
+    click.echo(f"checks: {len(checks) - len(failed)} passed, {len(failed)} failed")
+    for c in failed:
+        click.echo(c.line())
     if bad:
         _fail(f"{len(bad)} layers decode to weights that differ from the compiled ones, first: {bad[0]}", 1)
     if failed:
