@@ -56,7 +56,7 @@ def artifact(tmp_path_factory, ids_files):
 def test_compile_svdquant(artifact):
     m = json.loads((artifact / "dcc.json").read_text())
     assert m["target"] == "nunchaku" and m["engines"] == ["dcc-runtime"]
-    assert [s["pass"] for s in m["recipe"]["pipeline"]] == ["svd_lowrank", "quantize_activations", "rtn"]
+    assert [s["pass"] for s in m["recipe"]["pipeline"]] == ["svd_lowrank", "quantize_activations", "clip", "rtn"]
     quant = {k: v for k, v in m["layers"].items() if "skip_reason" not in v}
     assert len(quant) == 5 * 6 and {v["format"] for v in quant.values()} == {"nunchaku-w4a4-int4"}
     assert all(v["rank"] == 16 for v in quant.values())

@@ -105,7 +105,7 @@ class Nunchaku(Target):
         return weight_spec(opts.precision, opts.dtype)
 
     def pipeline(self, opts):
-        return pipeline(opts.algo, opts.rank)
+        return pipeline(opts.algo, opts.rank, opts.precision)
 
     def for_model(self, lm, opts):
         """A copy of the target holding this compile's plan: Nunchaku's single file (the model's class has a
