@@ -44,22 +44,14 @@ def _need(name: str, t: torch.Tensor | None, dtype: torch.dtype, shape: tuple, d
                          f"{t.device}")
 
 
-def quantize(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down_t: torch.Tensor | None = None, *,
-             unsigned: bool = False, shift: float | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """x [M, K] fp16/bf16 on the GPU -> (codes int8 [M, K], ascales [M, K/64] in x's dtype, lora_act fp32 [M, R] or
-    None), codes and scales bit-identical to dcc.ir.w4a4.quantize_act_int4(x, smooth, 64, unsigned, x.dtype, shift).
-    smooth [K] (x's dtype) or None; lora_down_t [K, R] (x's dtype, R a multiple of 16) or None: the low-rank
-    down-projection of the raw x. shift: default SHIFT_GELU when unsigned, else 0."""
+def _act_inputs(x, smooth, lora_down_t):
+    """The activation kernels' checked, dense inputs: (x, smooth, lora_down_t, M, K, rank)."""
     if not x.is_cuda or x.dtype not in DTYPES or x.dim() != 2:
         raise ValueError(f"x must be a 2-D float16/bfloat16 CUDA tensor, got {x.dtype} {tuple(x.shape)} on "
                          f"{x.device}")
     m, k = x.shape
     if k % GROUP:
         raise ValueError(f"x has {k} features: the W4A4 kernels take multiples of {GROUP}")
-    shift = (SHIFT_GELU if unsigned else 0.0) if shift is None else float(shift)
-    if shift and float(torch.tensor(shift, dtype=x.dtype)) != shift:
-        raise ValueError(f"shift {shift} is not exactly representable in {x.dtype}")
     if smooth is not None:
         _need("smooth", smooth, x.dtype, (k,), x.device)
         smooth = _dense(smooth)
@@ -71,6 +63,20 @@ def quantize(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down_t: t
             raise ValueError(f"the low-rank branch's rank {rank} must be a multiple of 16")
         lora_down_t = _dense(lora_down_t)
     x = _dense(x)
+    return x, smooth, lora_down_t, m, k, rank
+
+
+def quantize(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down_t: torch.Tensor | None = None, *,
+             unsigned: bool = False, shift: float | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x [M, K] fp16/bf16 on the GPU -> (codes int8 [M, K], ascales [M, K/64] in x's dtype, lora_act fp32 [M, R] or
+    None), codes and scales bit-identical to dcc.ir.w4a4.quantize_act_int4(x, smooth, 64, unsigned, x.dtype, shift).
+    smooth [K] (x's dtype) or None; lora_down_t [K, R] (x's dtype, R a multiple of 16) or None: the low-rank
+    down-projection of the raw x. shift: default SHIFT_GELU when unsigned, else 0."""
+    x, smooth, lora_down_t, m, k, rank = _act_inputs(x, smooth, lora_down_t)
+    shift = (SHIFT_GELU if unsigned else 0.0) if shift is None else float(shift)
+    if shift and float(torch.tensor(shift, dtype=x.dtype)) != shift:
+        raise ValueError(f"shift {shift} is not exactly representable in {x.dtype}")
     codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
     ascales = torch.empty(m, k // GROUP, dtype=x.dtype, device=x.device)
     lora_act = torch.empty(m, rank, dtype=torch.float32, device=x.device) if rank else None
@@ -152,23 +158,7 @@ def quantize_nvfp4(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_dow
     """x [M, K] fp16/bf16 on the GPU -> (codes uint8 [M, K] e2m1 bit patterns, micro-scales float8_e4m3fn [M, K/16],
     lora_act fp32 [M, R] or None), codes and scales bit-identical to dcc.ir.w4a4.quantize_act_nvfp4(x, smooth, 16,
     x.dtype). K % 64 == 0 (the kernel walks 64-k chunks)."""
-    if not x.is_cuda or x.dtype not in DTYPES or x.dim() != 2:
-        raise ValueError(f"x must be a 2-D float16/bfloat16 CUDA tensor, got {x.dtype} {tuple(x.shape)} on "
-                         f"{x.device}")
-    m, k = x.shape
-    if k % GROUP:
-        raise ValueError(f"x has {k} features: the W4A4 kernels take multiples of {GROUP}")
-    if smooth is not None:
-        _need("smooth", smooth, x.dtype, (k,), x.device)
-        smooth = _dense(smooth)
-    rank = 0
-    if lora_down_t is not None and lora_down_t.shape[-1] > 0:
-        rank = lora_down_t.shape[1]
-        _need("lora_down_t", lora_down_t, x.dtype, (k, rank), x.device)
-        if rank % 16:
-            raise ValueError(f"the low-rank branch's rank {rank} must be a multiple of 16")
-        lora_down_t = _dense(lora_down_t)
-    x = _dense(x)
+    x, smooth, lora_down_t, m, k, rank = _act_inputs(x, smooth, lora_down_t)
     codes = torch.empty(m, k, dtype=torch.uint8, device=x.device)
     scales = torch.empty(m, k // 16, dtype=torch.uint8, device=x.device)
     lora_act = torch.empty(m, rank, dtype=torch.float32, device=x.device) if rank else None
