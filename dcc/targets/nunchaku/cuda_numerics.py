@@ -260,8 +260,12 @@ def exact_int4_linear(x: torch.Tensor, wcodes: torch.Tensor, wscales: torch.Tens
 
 def relative_error(y: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
     """How far y is from the exact result: max |y - exact| / max |exact| ("max") and ||y - exact|| / ||exact||
-    ("norm"), both in float64."""
-    d = (y.to(torch.float64) - exact.to(torch.float64)).abs()
+    ("norm"), both in float64 on the CPU (y may come from the GPU), over the entries where both are finite (an fp16
+    output beyond 65504 is inf: outside the format, not an error of the arithmetic)."""
+    y, exact = y.detach().cpu().to(torch.float64), exact.detach().cpu().to(torch.float64)
+    keep = torch.isfinite(y) & torch.isfinite(exact)
+    y, exact = y[keep], exact[keep]
+    d = (y - exact).abs()
     scale = exact.abs().max().clamp_min(1e-300)
     return {"max": float(d.max() / scale) if d.numel() else 0.0,
             "norm": float(d.norm() / exact.norm().clamp_min(1e-300)) if d.numel() else 0.0}
