@@ -10,7 +10,7 @@ from ..targets.artifact import MANIFEST
 from .artifact import Artifact
 from .checks import Check
 from .layer_names import natural_key
-from .validate import _SAME, _SAME_DIFFUSERS
+from .validate import config_difference
 
 
 class DiffError(ValueError):
@@ -26,10 +26,10 @@ def check_same_source(a: Artifact, b: Artifact) -> None:
     if sa.get("num_blocks") != sb.get("num_blocks"):
         raise DiffError(f"{a.path} and {b.path} are not of the same model (num_blocks {sa.get('num_blocks')} vs "
                         f"{sb.get('num_blocks')})")
-    for key in _SAME_DIFFUSERS if sa.get("kind") == "diffusers" else _SAME:   # the fields validate compares
-        va, vb = a.config.get(key), b.config.get(key)
-        if va is not None and vb is not None and va != vb:
-            raise DiffError(f"{a.path} and {b.path} are not of the same model ({key} {va} vs {vb})")
+    diff = config_difference(a.config, b.config, sa.get("kind") == "diffusers")   # the fields validate compares
+    if diff is not None:
+        key, va, vb = diff
+        raise DiffError(f"{a.path} and {b.path} are not of the same model ({key} {va} vs {vb})")
 
 
 def _flat(d, prefix: str = "") -> dict:

@@ -134,14 +134,22 @@ _SAME_DIFFUSERS = ("_class_name", "in_channels", "num_layers", "num_single_layer
                    "layers_per_block", "transformer_layers_per_block", "dim", "n_layers", "n_refiner_layers")
 
 
+def config_difference(a: dict, b: dict, diffusers: bool) -> tuple[str, object, object] | None:
+    """The first architecture or size field two configs disagree on, as (field, a's, b's); None if none does."""
+    for key in _SAME_DIFFUSERS if diffusers else _SAME:
+        va, vb = a.get(key), b.get(key)
+        if diffusers:   # a loaded model's config holds tuples where config.json has lists
+            va, vb = json.loads(json.dumps(va)), json.loads(json.dumps(vb))
+        if va is not None and vb is not None and va != vb:
+            return key, va, vb
+    return None
+
+
 def check_same_model(art: Artifact, config: dict, model_path) -> None:
     """The source model given for comparison must be the one the artifact was compiled from (same architecture
     and sizes); otherwise one line says which field differs."""
-    diffusers = (art.manifest.get("source") or {}).get("kind") == "diffusers"
-    for key in _SAME_DIFFUSERS if diffusers else _SAME:
-        a, b = art.config.get(key), config.get(key)
-        if diffusers:   # a loaded model's config holds tuples where config.json has lists
-            a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
-        if a is not None and b is not None and a != b:
-            raise ValueError(f"{model_path}: not the model {art.path.name} was compiled from ({key} {b}, the "
-                             f"artifact's is {a}; its source: {art.manifest.get('source', {}).get('model', '?')})")
+    diff = config_difference(art.config, config, (art.manifest.get("source") or {}).get("kind") == "diffusers")
+    if diff is not None:
+        key, a, b = diff
+        raise ValueError(f"{model_path}: not the model {art.path.name} was compiled from ({key} {b}, the "
+                         f"artifact's is {a}; its source: {art.manifest.get('source', {}).get('model', '?')})")

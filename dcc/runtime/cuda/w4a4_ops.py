@@ -44,6 +44,21 @@ def _need(name: str, t: torch.Tensor | None, dtype: torch.dtype, shape: tuple, d
                          f"{t.device}")
 
 
+def _epilogue_operands(lora_act, lora_up, out, m: int, n: int, dtype, dev):
+    """The GEMMs' epilogue operands checked: (rank of the low-rank branch, the output buffer, made if None)."""
+    if (lora_act is None) != (lora_up is None):
+        raise ValueError("lora_act and lora_up go together")
+    rank = 0 if lora_up is None else lora_up.shape[1]
+    if rank:
+        _need("lora_act", lora_act, torch.float32, (m, rank), dev)
+        _need("lora_up", lora_up, dtype, (n, rank), dev)
+    if out is None:
+        out = torch.empty(m, n, dtype=dtype, device=dev)
+    elif out.dtype != dtype or not out.is_contiguous() or tuple(out.shape) != (m, n) or out.device != dev:
+        raise ValueError(f"out must be a contiguous {dtype} [{m}, {n}] tensor on {dev}")
+    return rank, out
+
+
 def _act_inputs(x, smooth, lora_down_t):
     """The activation kernels' checked, dense inputs: (x, smooth, lora_down_t, M, K, rank)."""
     if not x.is_cuda or x.dtype not in DTYPES or x.dim() != 2:
@@ -111,16 +126,7 @@ def gemm(acodes: torch.Tensor, ascales: torch.Tensor, wcodes: torch.Tensor, wsca
     _need("wscales", wscales, dtype, (n, k // GROUP), dev)
     if bias is not None:
         _need("bias", bias, dtype, (n,), dev)
-    if (lora_act is None) != (lora_up is None):
-        raise ValueError("lora_act and lora_up go together")
-    rank = 0 if lora_up is None else lora_up.shape[1]
-    if rank:
-        _need("lora_act", lora_act, torch.float32, (m, rank), dev)
-        _need("lora_up", lora_up, dtype, (n, rank), dev)
-    if out is None:
-        out = torch.empty(m, n, dtype=dtype, device=dev)
-    elif out.dtype != dtype or not out.is_contiguous() or tuple(out.shape) != (m, n) or out.device != dev:
-        raise ValueError(f"out must be a contiguous {dtype} [{m}, {n}] tensor on {dev}")
+    rank, out = _epilogue_operands(lora_act, lora_up, out, m, n, dtype, dev)
     if m == 0:
         return out
     t = [_dense(v) if v is not None else None for v in (acodes, ascales, wcodes, wscales, bias, lora_act, lora_up)]
@@ -197,16 +203,7 @@ def gemm_nvfp4(acodes: torch.Tensor, ascales: torch.Tensor, wcodes: torch.Tensor
     for name, t in (("wcscales", wcscales), ("bias", bias)):
         if t is not None:
             _need(name, t, dtype, (n,), dev)
-    if (lora_act is None) != (lora_up is None):
-        raise ValueError("lora_act and lora_up go together")
-    rank = 0 if lora_up is None else lora_up.shape[1]
-    if rank:
-        _need("lora_act", lora_act, torch.float32, (m, rank), dev)
-        _need("lora_up", lora_up, dtype, (n, rank), dev)
-    if out is None:
-        out = torch.empty(m, n, dtype=dtype, device=dev)
-    elif out.dtype != dtype or not out.is_contiguous() or tuple(out.shape) != (m, n) or out.device != dev:
-        raise ValueError(f"out must be a contiguous {dtype} [{m}, {n}] tensor on {dev}")
+    rank, out = _epilogue_operands(lora_act, lora_up, out, m, n, dtype, dev)
     if m == 0:
         return out
     t = [_dense(v) if v is not None else None for v in (acodes, ascales, wcodes, wscales)]
