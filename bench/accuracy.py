@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dcc.api import CompileOptions, block0_inputs, calibration_ids, compile_model
-from dcc.compiler.calib_data import load_tokenizer, tokenize_file, windows
+from dcc.compiler.calib_data import bos_token, load_tokenizer, tokenize_file, windows
 from dcc.compiler.sequential import compile_blocks
 from dcc.models.loader import LazyModel
 from dcc.runtime.artifact import load_artifact
@@ -62,7 +62,8 @@ def main() -> None:
     args = ap.parse_args()
 
     lm = LazyModel(args.model)
-    w = windows(tokenize_file(args.eval, load_tokenizer(lm.path)), args.windows, args.seq_len, args.eval)
+    tok = load_tokenizer(lm.path)   # windows as `dcc eval` cuts them: after the BOS where the tokenizer adds one
+    w = windows(tokenize_file(args.eval, tok), args.windows, args.seq_len, args.eval, bos=bos_token(tok))
     rows = [{"method": "float", "bits": 16, "ppl": perplexity(lm.materialize_all(), w, progress=False)["ppl"],
              "measured_on": "source model", "compile_s": 0.0}]
     del lm

@@ -7,6 +7,10 @@ it measured); the table says which share of the RTN -> W4A16 perplexity gap each
 
     python bench/nunchaku_accuracy.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf \
         --calib ../shared/assets/ptb/ptb.valid.txt --eval ../shared/assets/wikitext2_raw_test/wiki.test.raw
+
+Gemma-3-270M (scripts/fetch_gemma3.sh) the same way with `--model models/gemma-3-270m.gguf --out
+bench/results/nunchaku_accuracy_gemma3.json`; `--device cuda` compiles and evaluates on a GPU (minutes a row instead
+of the CPU's half hour).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import time
 from pathlib import Path
 
 from dcc.api import CompileOptions, compile_model
-from dcc.compiler.calib_data import load_tokenizer, tokenize_file, windows
+from dcc.compiler.calib_data import bos_token, load_tokenizer, tokenize_file, windows
 from dcc.models.loader import LazyModel
 from dcc.runtime.artifact import load_artifact
 from dcc.runtime.evaluate import perplexity
@@ -73,6 +77,8 @@ def main() -> None:
     ap.add_argument("--unsupported", default=None, choices=["error", "keep"],
                     help="layers whose shape the layout cannot take (Gemma-3's K = 640 is fine; keep: 16-bit)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="compile and evaluate here (cuda: calibration on the GPU and "
+                    "the same CPU reference of the engine's kernel run with torch on the GPU)")
     args = ap.parse_args()
     if args.threads:
         import torch
@@ -80,7 +86,8 @@ def main() -> None:
     _allow_any_rope()
 
     lm = LazyModel(args.model)
-    w = windows(tokenize_file(args.eval, load_tokenizer(lm.path)), args.windows, args.seq_len, args.eval)
+    tok = load_tokenizer(lm.path)   # windows as `dcc eval` cuts them: after the BOS where the tokenizer adds one
+    w = windows(tokenize_file(args.eval, tok), args.windows, args.seq_len, args.eval, bos=bos_token(tok))
     del lm
     # rows measured before (another --rows) are kept, those measured again replaced
     old = json.loads(Path(args.out).read_text())["rows"] if Path(args.out).is_file() else []
@@ -90,17 +97,20 @@ def main() -> None:
         name, given, steps = ROWS[key]
         given = {"target": "nunchaku", **given}
         opts = CompileOptions(**given, calib=args.calib, calib_chunks=16, calib_seq_len=256, progress=False,
-                              force=True, steps=steps() if steps else None, unsupported=args.unsupported)
+                              device=args.device, force=True, steps=steps() if steps else None,
+                              unsupported=args.unsupported)
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
             out = compile_model(args.model, str(Path(d) / "a"), opts, log=lambda m: None)
             secs = time.perf_counter() - t
             t = time.perf_counter()
-            ppl = perplexity(build_model(load_artifact(out)), w, progress=False)["ppl"]
+            ppl = perplexity(build_model(load_artifact(out), device=args.device), w, device=args.device,
+                             progress=False)["ppl"]
             eval_s = time.perf_counter() - t
         algo, rank = given["algo"], given.get("rank", 0)
         rows.append({"method": name, "target": given["target"], "algo": algo, "precision": given.get("precision"),
-                     "rank": rank, "ppl": ppl, "measured_on": "artifact (CPU reference of the engine's kernel)",
+                     "rank": rank, "ppl": ppl, "measured_on": "artifact (CPU reference of the engine's kernel)"
+                       + (f", run by torch on {args.device}" if args.device != "cpu" else ""),
                      "compile_s": round(secs, 1), "eval_s": round(eval_s, 1)})
         print(f"{name}: {ppl:.2f} (compile {secs:.0f}s, eval {eval_s:.0f}s)", flush=True)
         _results.write(Path(args.out).stem, rows, out=args.out, args=vars(args))

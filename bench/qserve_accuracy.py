@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from dcc.api import CompileOptions, compile_model
-from dcc.compiler.calib_data import load_tokenizer, tokenize_file, windows
+from dcc.compiler.calib_data import bos_token, load_tokenizer, tokenize_file, windows
 from dcc.models.loader import LazyModel
 from dcc.runtime.artifact import load_artifact
 from dcc.runtime.evaluate import perplexity
@@ -79,7 +79,8 @@ def main() -> None:
     args = ap.parse_args()
 
     lm = LazyModel(args.model)
-    w = windows(tokenize_file(args.eval, load_tokenizer(lm.path)), args.windows, args.seq_len, args.eval)
+    tok = load_tokenizer(lm.path)   # windows as `dcc eval` cuts them: after the BOS where the tokenizer adds one
+    w = windows(tokenize_file(args.eval, tok), args.windows, args.seq_len, args.eval, bos=bos_token(tok))
     results = [{"row": "float", "ppl": perplexity(lm.materialize_all(), w, progress=False)["ppl"], "compile_s": 0.0}]
     del lm
     print(f"float: {results[0]['ppl']:.2f}", flush=True)

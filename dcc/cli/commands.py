@@ -1,6 +1,7 @@
 """Subcommands of `dcc`."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -220,8 +221,12 @@ def eval_cmd(artifact, ppl_file, text_file, seq_len, n_windows, baseline, prompt
     extra = {}
     if ppl_file and n_windows is None and data.shape[0] > 2:   # the whole text: say how long it will take
         extra["on_timed"] = lambda s: _say_estimate(data.shape, s, baseline_lm is not None)
-    results = adapter.evaluate(model, data, baseline_lm.materialize_all() if baseline_lm is not None else None,
-                               device=device, progress=not quiet, **extra)
+    with contextlib.ExitStack() as stack:
+        base = None
+        if baseline_lm is not None:   # one block of the float model resident at a time (a diffusers model: whole)
+            base = (baseline_lm.materialize_all() if baseline_lm.adapter.kind == "diffusers"
+                    else stack.enter_context(baseline_lm.streamed()))
+        results = adapter.evaluate(model, data, base, device=device, progress=not quiet, **extra)
     for line in adapter.report(results):
         click.echo(line)
     if as_json:

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import ModelAdapter
-from .text import check_vocab, load_tokenizer, tokenize_file, windows
+from .text import bos_token, check_vocab, load_tokenizer, tokenize_file, windows
 
 
 class CausalLM(ModelAdapter):
@@ -33,9 +33,10 @@ class CausalLM(ModelAdapter):
         return kwargs
 
     def calibration(self, lm, path, chunks, seq_len) -> torch.Tensor:
-        ids = tokenize_file(path, load_tokenizer(lm.path))
+        tok = load_tokenizer(lm.path)
+        ids = tokenize_file(path, tok)
         check_vocab(ids, lm.config.vocab_size, path)
-        return windows(ids, chunks, seq_len, path)
+        return windows(ids, chunks, seq_len, path, bos=bos_token(tok))
 
     def eval_data(self, tokenizer, config, path, seq_len, limit) -> torch.Tensor:
         ctx_len = config.get("max_position_embeddings")
@@ -45,7 +46,7 @@ class CausalLM(ModelAdapter):
                 f"(max_position_embeddings): the perplexity measures extrapolation, not the model")
         ids = tokenize_file(path, tokenizer)
         check_vocab(ids, config["vocab_size"], path)
-        return windows(ids, limit, seq_len, path)
+        return windows(ids, limit, seq_len, path, bos=bos_token(tokenizer))
 
     def evaluate(self, model, data, baseline=None, device="cpu", progress=True, on_timed=None) -> dict:
         out = {"artifact": perplexity(model, data, device=device, progress=progress, desc="artifact",

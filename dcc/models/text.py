@@ -40,19 +40,37 @@ def tokenize_file(path: str | Path, tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
 
 
-def windows(ids: torch.Tensor, n: int | None, length: int, source: str = "data") -> torch.Tensor:
-    """The first n consecutive, non-overlapping windows of `length` tokens ([n, length]); n=None takes all."""
-    if length <= 0:
-        raise DataError(f"{source}: window length must be positive, got {length}")
-    available = ids.numel() // length
+def bos_token(tokenizer) -> int | None:
+    """The token the tokenizer puts before a text by default (Gemma's <bos>, Llama-2's <s>), or None (SmolLM2, GPT-2,
+    a model without a tokenizer). A model trained with it expects it at position 0: Gemma-3-270M on WikiText-2
+    (2 x 512 tokens) has perplexity 52.5 without it and 19.5 with it, so windows for such models start with it."""
+    if tokenizer is None or getattr(tokenizer, "bos_token_id", None) is None:
+        return None
+    first = tokenizer("a", verbose=False)["input_ids"][:1]
+    return tokenizer.bos_token_id if first == [tokenizer.bos_token_id] else None
+
+
+def windows(ids: torch.Tensor, n: int | None, length: int, source: str = "data", bos: int | None = None
+            ) -> torch.Tensor:
+    """The first n consecutive, non-overlapping windows of `length` tokens ([n, length]); n=None takes all. With
+    `bos`, each window is that token followed by the next length - 1 tokens of the text (as the tokenizer would
+    encode each window on its own)."""
+    if length <= (bos is not None):
+        need = "at least 2 (the BOS token and one of the text)" if bos is not None else "positive"
+        raise DataError(f"{source}: window length must be {need}, got {length}")
+    step = length - (bos is not None)
+    available = ids.numel() // step
     if available == 0:
-        raise DataError(f"{source}: {ids.numel()} tokens, fewer than one window of {length}")
+        raise DataError(f"{source}: {ids.numel()} tokens, fewer than one window of {step}")
     if n is None:
         n = available
     if n > available:
         raise DataError(f"{source}: asked for {n} windows of {length} tokens but the text has {ids.numel()} tokens "
                         f"({available} windows)")
-    return ids[: n * length].view(n, length)
+    out = ids[: n * step].view(n, step)
+    if bos is not None:
+        out = torch.cat([torch.full((n, 1), bos, dtype=out.dtype), out], 1)
+    return out
 
 
 def check_vocab(ids: torch.Tensor, vocab_size: int, source: str) -> None:

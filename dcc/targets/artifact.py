@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from .spool import Spool
 
 MANIFEST = "dcc.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -101,8 +101,7 @@ class ArtifactWriter:
         self.protect = [Path.cwd().resolve()] + [Path(p).resolve() for p in protect]
         self.log = log or logging.getLogger(__name__).warning
         self.lock = self.out.parent / f".{self.out.name}.lock"
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._spool: Spool | None = None   # the shard being written
         self.weight_map: dict[str, str] = {}
         self._written: list[str] = []
         self._locked = self._done = False
@@ -211,23 +210,30 @@ class ArtifactWriter:
 
     # ------------------------------------------------------------------------------------------------ writing
 
+    def __contains__(self, name: str) -> bool:
+        """Whether tensor `name` was added (written or in the shard being written)."""
+        return name in self.weight_map or (self._spool is not None and name in self._spool.entries)
+
     def add(self, name: str, t: torch.Tensor) -> None:
-        if name in self.weight_map or name in self._pending:
+        """Queue a tensor for the current shard: its bytes go to the shard's spool file now (dcc/targets/spool.py),
+        so the writer holds no tensor and its memory does not grow with the model."""
+        if name in self:
             raise ValueError(f"artifact tensor {name} written twice")
-        self._pending[name] = t.detach().contiguous().cpu()
-        self._pending_bytes += t.numel() * t.element_size()
-        if self._pending_bytes >= self.shard_bytes:
+        if self._spool is None:
+            self._spool = _write(self.tmp, Spool, self.tmp)
+        _write(self._spool.path, self._spool.add, name, t)
+        if self._spool.nbytes >= self.shard_bytes:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
+        if self._spool is None or not len(self._spool):
             return
         fname = f"model-{len(self._written) + 1:05d}.safetensors"
-        _write(self.tmp / fname, save_file, self._pending, str(self.tmp / fname), {"format": "pt"})
-        for k in self._pending:
+        spool, self._spool = self._spool, None
+        _write(self.tmp / fname, spool.write, self.tmp / fname, {"format": "pt"})
+        for k in spool.entries:
             self.weight_map[k] = fname
         self._written.append(fname)
-        self._pending, self._pending_bytes = {}, 0
 
     def _write_json(self, name: str, obj: dict, indent: int) -> None:
         path = self.tmp / name

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dcc.compiler.calib_data import DataError, check_vocab, load_tokenizer, read_text, tokenize_file, windows
+from dcc.compiler.calib_data import DataError, bos_token, check_vocab, load_tokenizer, read_text, tokenize_file, windows
 
 
 def test_read_text_normalises_crlf(tmp_path):
@@ -111,3 +111,32 @@ def test_check_vocab_names_the_negative_id():
 def test_load_tokenizer_none_without_files(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     assert load_tokenizer(tmp_path) is None
+
+
+def test_windows_after_a_bos_token():
+    ids = torch.arange(10, 20)
+    w = windows(ids, None, 4, "t", bos=1)
+    assert w.tolist() == [[1, 10, 11, 12], [1, 13, 14, 15], [1, 16, 17, 18]]
+    with pytest.raises(DataError, match="t: window length must be at least 2"):
+        windows(ids, None, 1, "t", bos=1)
+
+
+class _BosTokenizer:   # the call convention of a Hugging Face tokenizer that starts each text with id 2 (Gemma)
+    bos_token_id = 2
+
+    def __init__(self, adds: bool):
+        self.adds = adds
+
+    def __call__(self, text, add_special_tokens=True, verbose=True):
+        return {"input_ids": [2] * (self.adds and add_special_tokens) + [ord(c) for c in text]}
+
+
+def test_bos_token_only_where_the_tokenizer_adds_one():
+    from pathlib import Path
+    assert bos_token(_BosTokenizer(True)) == 2
+    assert bos_token(_BosTokenizer(False)) is None     # has a BOS but does not add it (SmolLM2's case)
+    assert bos_token(None) is None
+    smol = Path(__file__).resolve().parents[2].parent / "shared" / "assets" / "smollm2_tokenizer"
+    if not (smol / "tokenizer.json").is_file():
+        pytest.skip(f"{smol} is absent (../shared/assets)")
+    assert bos_token(load_tokenizer(smol)) is None

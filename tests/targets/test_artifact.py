@@ -2,16 +2,17 @@
 artifacts, paths under a file, a busy or too small output), replaces an artifact atomically, cleans up after crashed
 runs, names the file of a failed write, and leaves files with the modes the umask gives."""
 import errno
+import gc
 import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import dcc.targets.artifact as artifact
@@ -216,19 +217,56 @@ def test_abort_removes_temp_folder_and_lock(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ writes
 
-@pytest.mark.parametrize("exc, reason", [(OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
-                                         (SafetensorError("Error while serializing"), "Error while serializing")])
-def test_write_error_names_the_file(tmp_path, monkeypatch, exc, reason):
+def test_write_error_names_the_file(tmp_path, monkeypatch):
     def fail(*a, **kw):
-        raise exc
-    monkeypatch.setattr(artifact, "save_file", fail)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(artifact.Spool, "write", fail)
     w = ArtifactWriter(tmp_path / "out")
     w.add("w", torch.ones(2))
     with pytest.raises(ArtifactWriteError) as e:
         w.finalize({}, {"format": "dcc-artifact"})
-    assert str(e.value) == f"{w.tmp / 'model-00001.safetensors'}: cannot write ({reason})"
+    assert str(e.value) == f"{w.tmp / 'model-00001.safetensors'}: cannot write (No space left on device)"
     w.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_spool_write_error_names_the_spool_file(tmp_path, monkeypatch):
+    """A full disk while a tensor's bytes are spooled (during the compile, not at the end) names that file."""
+    w = ArtifactWriter(tmp_path / "out")
+    w.add("a", torch.ones(2))
+
+    def fail(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(artifact.Spool, "add", fail)
+    with pytest.raises(ArtifactWriteError, match=r"\.spool-.*: cannot write \(No space left on device\)"):
+        w.add("b", torch.ones(2))
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_keeps_no_tensor(tmp_path):
+    """Added tensors are on disk, not held: the writer's memory does not grow with the model."""
+    w = ArtifactWriter(tmp_path / "out", shard_bytes=1 << 20)
+    t = torch.arange(1000.0)
+    ref = weakref.ref(t)
+    w.add("t", t)
+    t.zero_()            # a later change to the caller's tensor does not reach the artifact
+    del t
+    gc.collect()
+    assert ref() is None
+    assert "t" in w and "u" not in w
+    out = w.finalize({}, {"format": "dcc-artifact"})
+    assert torch.equal(load_file(out / "model.safetensors")["t"], torch.arange(1000.0))
+
+
+def test_shards_split_by_size(tmp_path):
+    tensors = {f"t{i}": torch.full((256,), float(i)) for i in range(5)}   # 1 KiB each
+    out = _write(tmp_path / "out", tensors, shard_bytes=2048)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    for k, f in index["weight_map"].items():
+        assert torch.equal(load_file(out / f)[k], tensors[k])
+    assert not list(out.glob(".spool-*"))
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027])

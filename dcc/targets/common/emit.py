@@ -68,7 +68,7 @@ class BaseEmitter:
             copy = tied_same and head is not None and p is head.weight and name != _param_name(model, emb)
             if copy and not self.store_tied_head:
                 continue
-            if name in self.writer.weight_map or name in self.writer._pending:
+            if name in self.writer:
                 continue
             self._plain(name, p.data.clone() if copy else p.data)   # a file cannot hold one storage twice
         self.tied = tied_same

@@ -44,7 +44,7 @@ FP16_OUT_MAX = 65504.0
 def _fp32_mma_chain(a: torch.Tensor, b: torch.Tensor, tile: int, acc: torch.Tensor | None = None) -> torch.Tensor:
     """sum over k-tiles of a[:, t] @ b[:, t]^T added into an fp32 accumulator, one rounding per tile (the model of an
     mma with fp32 accumulation); a [M, K], b [N, K] hold 16-bit (or other exactly representable) values. float64 out."""
-    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64) if acc is None else acc.to(torch.float64)
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device) if acc is None else acc.to(torch.float64)
     a, b = a.to(torch.float64), b.to(torch.float64)
     for k0 in range(0, a.shape[1], tile):
         out = add_exact(out, a[:, k0:k0 + tile] @ b[:, k0:k0 + tile].T, torch.float32)
@@ -56,7 +56,7 @@ def lora_down_act(x16: torch.Tensor, lora_down: torch.Tensor, dtype: torch.dtype
     quantize kernel's EpilogueLoraDown computes it: 16-k mma tiles chained in fp32 within each 128-column block,
     then the blocks summed in fp32 (in k order here; by atomics in any order on the GPU). float32 out."""
     x, down = to_dtype(x16, dtype), to_dtype(lora_down, dtype)
-    total = torch.zeros(x.shape[0], down.shape[0], dtype=torch.float64)
+    total = torch.zeros(x.shape[0], down.shape[0], dtype=torch.float64, device=x.device)
     for b0 in range(0, x.shape[1], LORA_DOWN_BLOCK):
         block = _fp32_mma_chain(x[:, b0:b0 + LORA_DOWN_BLOCK], down[:, b0:b0 + LORA_DOWN_BLOCK], LORA_TILE)
         total = add_exact(total, block, torch.float32)
@@ -75,7 +75,7 @@ def int4_group_accumulate(acodes: torch.Tensor, ascales: torch.Tensor, wcodes: t
     a = acodes.to(torch.float64).view(m, groups, gs)
     w = wcodes.to(torch.float64).view(n, groups, gs)
     asc, wsc = ascales.to(torch.float64), to_dtype(wscales, dtype).to(torch.float64)
-    acc = torch.zeros(m, n, dtype=torch.float64)
+    acc = torch.zeros(m, n, dtype=torch.float64, device=acodes.device)
     for g in range(groups):
         psum = a[:, g] @ w[:, g].T                                        # the s32 mma result, exact
         p16 = psum.to(torch.float32).to(dtype)                            # i2f_normal: __int2float_rn, then RNE
@@ -114,7 +114,7 @@ def epilogue(acc16: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None 
             raise ValueError("lora_up needs lora_act (the LoRA-down activations)")
         act = lora_act.to(torch.float32)
         rank = act.shape[1]
-        scales = torch.ones(rank, dtype=torch.float32)
+        scales = torch.ones(rank, dtype=torch.float32, device=act.device)
         for t, s in enumerate(lora_scales or []):                       # one fp32 scale per 16 ranks
             scales[t * LORA_TILE:(t + 1) * LORA_TILE] = s
         act16 = (act * scales).to(dtype)                                # fp32 product, then one RNE to 16 bits
