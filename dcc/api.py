@@ -13,6 +13,7 @@ import torch
 
 from . import __version__
 from .compiler.sequential import compile_blocks
+from .ir.fused_linear import SplitLinear
 from .models.loader import LazyModel
 from .targets import BUILTIN_TARGETS
 
@@ -205,7 +206,8 @@ def build_manifest(target, topts, opts: CompileOptions, spec, steps, ids, lm, em
                    "calibration": {"file": Path(opts.calib).name, "sha256": calib_sha or _sha(opts.calib),
                                    **lm.adapter.calib_summary(ids)}},
         "source": {"model": lm.path.name, "kind": lm.adapter.kind, "architecture": type(lm.model).__name__,
-                   "blocks": lm.blocks_prefix, "num_blocks": len(lm.blocks), **_diffusers_source(lm)},
+                   "blocks": lm.blocks_prefix, "num_blocks": len(lm.blocks), **_diffusers_source(lm),
+                   **_split_linears(lm)},
         "versions": {"dcc": __version__, "torch": torch.__version__.split("+")[0],
                      "transformers": _version("transformers"), "python": platform.python_version(),
                      **({"diffusers": _version("diffusers")} if lm.adapter.kind == "diffusers" else {})},
@@ -213,6 +215,14 @@ def build_manifest(target, topts, opts: CompileOptions, spec, steps, ids, lm, em
         "runtime": target.runtime(topts, emitter),
         "layers": emitter.layers, "blocks": emitter.blocks,
     }
+
+
+def _split_linears(lm) -> dict:
+    """The fused linears the compile split into their parts (ir/fused_linear.py), {model path: part widths}: the
+    runtime splits its model the same way before filling it."""
+    splits = {name: [m.out_features for m in mod.children()] for name, mod in lm.model.named_modules()
+              if isinstance(mod, SplitLinear)}
+    return {"split_linears": splits} if splits else {}
 
 
 def _diffusers_source(lm) -> dict:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..ir.analysis import analyse
 from ..ir.capture import Captures, typed_nodes
+from ..ir.fused_linear import read_parts_directly, sliced_linears, split_linears
 from ..ir.graph import AnalysisError
 from ..ir.rewrite import linear_nodes
 from ..ir.program import copy_graph
@@ -104,7 +105,19 @@ class _BlockCompiler:
         # blocks with the same code and shapes share one capture (the graph does not depend on weight values); each
         # block runs its own copy, which graph passes rewrite
         gm, params = self.captures.get(module, args, kwargs)
+        # a fused linear read only in slices (Phi-3's qkv_proj, gate_up_proj) becomes its parts, so that the
+        # analysis sees each projection; captured again, each slice reading its part directly. Not in a diffusion
+        # block (outputs "all"): its analysis is lenient, and Nunchaku's engine stores its fused linears (GEGLU's
+        # proj, adaLN modulations) as they are
+        fused = sliced_linears(gm) if self.outputs == "first" else {}
+        if fused:
+            split_linears(module, fused)
+            block.splits = fused
+            gm, params = self.captures.get(module, args, kwargs)
         block.gm = copy_graph(gm)
+        if fused:
+            read_parts_directly(block.gm)
+            block.rewrites.append(read_parts_directly)
         block.nodes = typed_nodes(block.gm, params)
         self._analyse(block, params)
         self.assign_specs(block)

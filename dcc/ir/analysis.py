@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention_sites import attention_sites
 from .capture import op_name
 from .graph import MLP, AnalysisError, Attention, Linear, NormGroup, Residual
 
@@ -149,12 +150,11 @@ def analyse(block, gm, params: dict[str, str], strict: bool = True) -> None:
             groups[key].exclusive = False
     block.norms = list(groups.values())
 
-    # attention: q/k/v feed an SDPA node, o reads it
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or _op(n) != "scaled_dot_product_attention":
-            continue
+    # attention (an sdpa node, or eager attention's softmax between two matmuls): q/k/v feed it, o reads it
+    for site in attention_sites(gm):
+        n = site.out
         roles, rope = {}, False
-        for role, arg in zip("qkv", n.args[:3]):
+        for role, arg in zip("qkv", (site.q, site.k, site.v)):
             found, ops = _linears_behind(arg)
             if len(found) != 1:
                 raise AnalysisError(f"{where}: attention node {n.name}: its {role} input comes from "
@@ -164,13 +164,13 @@ def analyse(block, gm, params: dict[str, str], strict: bool = True) -> None:
         readers = [l for l in linears if _through(l.args[0], _HEAD_OPS) is n]
         if len(readers) != 1:
             raise AnalysisError(f"{where}: attention node {n.name} is read by {len(readers)} linears, expected one")
-        q_val, v_lin = n.args[0].meta["val"], roles["v"]
+        q_val, v_lin = site.q.meta["val"], roles["v"]
         head_dim = int(q_val.shape[-1])
         heads = block.linears[lin_name[roles["q"]]].out_features // head_dim
         kv_heads = block.linears[lin_name[v_lin]].out_features // head_dim
         block.attentions.append(Attention(lin_name[roles["q"]], lin_name[roles["k"]], lin_name[v_lin],
                                           lin_name[readers[0]], heads, kv_heads, head_dim, rope,
-                                          n.args[0].name, n.args[1].name))
+                                          site.q.name, site.k.name, module=_caller(site)))
 
     # up/gate -> down
     lin_set = set(linears)
@@ -206,6 +206,12 @@ def analyse(block, gm, params: dict[str, str], strict: bool = True) -> None:
         src = _through(n.args[0], _HEAD_OPS)
         raise AnalysisError(f"{where}: cannot place linear {missing[0]}: it reads {_op(src)} node {src.name}, "
                             f"which is neither a norm, an attention output nor an MLP activation")
+
+
+def _caller(site) -> str:
+    """The innermost module calling the attention (its nn_module_stack), '' where the graph does not say."""
+    paths = [p for p in site.module_paths() if p]
+    return paths[-1] if paths else ""
 
 
 def _read_by_linears_only(n, linears: set) -> bool:

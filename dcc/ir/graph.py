@@ -76,11 +76,13 @@ class Attention:
     q_node: str               # graph node feeding attention's query (after RoPE)
     k_node: str
     kv_bits: int | None = None    # the engine's KV cache precision (per token and head, after RoPE), None: 16-bit
+    module: str = ""          # the module that calls attention, from the graph ("" where unknown)
 
     @property
     def path(self) -> str:
-        """The attention module (the q linear's parent, which calls attention): 'self_attn.q_proj' -> 'self_attn'."""
-        return self.q.rpartition(".")[0]
+        """The attention module: the one the graph says calls attention, else the q linear's parent
+        ('self_attn.q_proj' -> 'self_attn'; a split fused projection 'self_attn.qkv_proj.0' needs the former)."""
+        return self.module or self.q.rpartition(".")[0]
 
 
 @dataclass
@@ -118,6 +120,8 @@ class Block:
     # linears reading the block's input as it arrives (post-norm blocks, BERT: the norm that produced it ran at the
     # end of the previous block, so no scale can be folded into a producer inside this block)
     input_readers: list[str] = field(default_factory=list)
+    # fused linears split from the dataflow (ir/fused_linear.py): {path in the block: the widths of its parts}
+    splits: dict = field(default_factory=dict)
 
     def linear_module(self, name: str) -> torch.nn.Linear:
         return self.module.get_submodule(name)

@@ -8,6 +8,7 @@ import torch
 from torch.fx import GraphModule
 
 from . import ops, w4a4
+from .attention_sites import AttentionSite, attention_sites
 from .capture import op_name
 from .program import add_param_input, changed, drop_unused_inputs, param_paths
 
@@ -166,15 +167,10 @@ def insert_lowrank(gm: GraphModule, path: str) -> None:
     changed(gm)
 
 
-def attention_nodes(gm: GraphModule, module: str) -> list[torch.fx.Node]:
-    """The scaled_dot_product_attention nodes called inside the block's submodule `module` (e.g. "self_attn")."""
-    out = []
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and op_name(n.target) == "scaled_dot_product_attention":
-            paths = [p for p, _ in (n.meta.get("nn_module_stack") or {}).values()]
-            if module in paths:
-                out.append(n)
-    return out
+def attention_nodes(gm: GraphModule, module: str) -> list[AttentionSite]:
+    """The attentions (sdpa nodes or eager softmax attention: ir/attention_sites.py) called inside the block's
+    submodule `module` (e.g. "self_attn")."""
+    return [site for site in attention_sites(gm) if module in site.module_paths()]
 
 
 def cache_source(n: torch.fx.Node) -> torch.fx.Node:
@@ -196,8 +192,7 @@ def kv_nodes(gm: GraphModule, module: str) -> tuple[torch.fx.Node, torch.fx.Node
     found = attention_nodes(gm, module)
     if len(found) != 1:
         raise ValueError(f"{module}: {len(found)} attention nodes run inside it in the block's graph, expected one")
-    sdpa = found[0]
-    return cache_source(sdpa.args[1]), cache_source(sdpa.args[2])
+    return cache_source(found[0].k), cache_source(found[0].v)
 
 
 def insert_kv_quant(gm: GraphModule, attentions: dict[str, int]) -> int:

@@ -35,11 +35,29 @@ class ModelAdapter:
         """Constructor arguments that depend on what the checkpoint holds (keys: its tensor names, or None)."""
         return {}
 
+    def model_class(self, config):
+        """The transformers class auto_class builds for this config, or None when it has none."""
+        mapping = self.auto_class(config)._model_mapping
+        if type(config) not in mapping:
+            return None
+        cls = mapping[type(config)]
+        return cls[0] if isinstance(cls, (list, tuple)) else cls
+
+    def attention_implementation(self, config) -> str:
+        """sdpa (one graph node per attention), or eager where sdpa would compute another function: a model class
+        without an sdpa path, or scores soft-capped with tanh (Gemma 2), which sdpa cannot do. The analysis finds
+        attention in either form (ir/attention_sites.py)."""
+        if getattr(config, "attn_logit_softcapping", None):
+            return "eager"
+        return "sdpa" if getattr(self.model_class(config), "_supports_sdpa", True) else "eager"
+
     def build(self, config, dtype: torch.dtype = torch.float32, keys=None, device: str = "meta") -> nn.Module:
-        """The model of `config` with sdpa attention in eval mode, on `device` (meta: a skeleton without memory)."""
+        """The model of `config` in eval mode, on `device` (meta: a skeleton without memory), with sdpa attention
+        or, where that would compute another function, eager attention (attention_implementation)."""
         with torch.device(device):
-            model = self.auto_class(config).from_config(config, attn_implementation="sdpa", dtype=dtype,
-                                                        trust_remote_code=False, **self.build_kwargs(config, keys))
+            model = self.auto_class(config).from_config(
+                config, attn_implementation=self.attention_implementation(config), dtype=dtype,
+                trust_remote_code=False, **self.build_kwargs(config, keys))
         return model.eval()
 
     def checkpoint_prefix(self, model: nn.Module, keys) -> str:

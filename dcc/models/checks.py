@@ -1,7 +1,7 @@
 """Refusals made before any compile work: a model folder that would run its own Python code, a dcc artifact given as
-the source, a model dcc cannot compile (of a kind no adapter takes, mixture-of-experts, attention without sdpa,
-quantized weights), and a checkpoint whose tensors do not match transformers' skeleton. Each is one line naming the
-folder, file or tensor; only JSON files and safetensors headers are read, never tensor data."""
+the source, a model dcc cannot compile (of a kind no adapter takes, mixture-of-experts, quantized weights), and a
+checkpoint whose tensors do not match transformers' skeleton. Each is one line naming the folder, file or tensor;
+only JSON files and safetensors headers are read, never tensor data."""
 from __future__ import annotations
 
 import json
@@ -63,15 +63,6 @@ def describe(config) -> str:
     return f"{name} (model_type {config.model_type})" if name else f"model_type {config.model_type}"
 
 
-def _model_class(config, adapter):
-    """The transformers class the adapter builds for this config, or None when it has none."""
-    mapping = adapter.auto_class(config)._model_mapping
-    if type(config) not in mapping:
-        return None
-    cls = mapping[type(config)]
-    return cls[0] if isinstance(cls, (list, tuple)) else cls
-
-
 def check_quantization_config(folder: Path, config) -> None:
     qc = getattr(config, "quantization_config", None)
     if qc:
@@ -92,18 +83,6 @@ def check_not_moe_config(folder: Path, config) -> None:
             raise _moe_refusal(folder, config)
 
 
-def check_attention(folder: Path, config, adapter) -> None:
-    """dcc builds every model with sdpa attention and finds attention in a block's graph as its
-    scaled_dot_product_attention node (where the KV cache quantization goes): a model whose attention needs
-    something sdpa lacks would compute another function."""
-    if getattr(config, "attn_logit_softcapping", None):   # Gemma2: tanh soft-cap of QK^T, not in sdpa
-        raise ModelLoadError(f"{folder}: {describe(config)} uses attention-logit soft-capping, which dcc does not "
-                             f"support yet (its attention runs through scaled-dot-product attention, which has none)")
-    if not getattr(_model_class(config, adapter), "_supports_sdpa", True):
-        raise ModelLoadError(f"{folder}: {describe(config)} has no scaled-dot-product attention in transformers, "
-                             f"which dcc builds every model with; dcc does not support it yet")
-
-
 def check_config(folder: Path, config):
     """Everything decided from config.json alone, before the skeleton is built; returns the model's adapter (a
     model that is neither a causal LM nor an encoder is refused there)."""
@@ -111,7 +90,6 @@ def check_config(folder: Path, config):
     check_quantization_config(folder, config)
     adapter = adapter_for(config, folder)
     check_not_moe_config(folder, config)
-    check_attention(folder, config, adapter)
     return adapter
 
 

@@ -1,4 +1,5 @@
-"""Convert a llama or gemma3 (text-only Gemma 3) GGUF file into a Hugging Face model folder (config.json,
+"""Convert a GGUF file of llama, mistral (llama.cpp writes Mistral as llama; transformers reads either), gemma3
+(text-only Gemma 3), qwen2, qwen3, phi3 or gemma2 into a Hugging Face model folder (config.json,
 generation_config.json, safetensors weights, tokenizer files) that the rest of dcc loads like any other:
 `gguf_to_hf(path, out_dir)`, or `cached_gguf_to_hf(path)` to convert once into $DCC_CACHE (or ~/.cache/dcc)."""
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from .gguf_config import GGUFError, Meta, gemma3_config, llama_config, open_reader
+from .gguf_families import CONFIGS as FAMILY_CONFIGS
 from .gguf_tokenizer import write_tokenizer
 from .gguf_weights import (
     TENSORS,
@@ -39,10 +41,10 @@ __all__ = [
     "permute_rope_rows",
 ]
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "gemma3", *FAMILY_CONFIGS)
 
 # Part of the cache key: bump when a conversion written by an older dcc must not be reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2   # 2: qwen2, qwen3, phi3, gemma2
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 
@@ -74,13 +76,18 @@ def _convert_into(path: Path, out: Path, dtype: torch.dtype, max_shard_bytes: in
     if n_tokens is None and "token_embd.weight" in by_gguf:
         n_tokens = int(by_gguf["token_embd.weight"].shape[-1])
     tied = "output.weight" not in by_gguf
-    if arch == "llama":
+    if arch in ("llama", "mistral"):
         rope_freqs = None
         if "rope_freqs.weight" in by_gguf:
             rope_freqs = dequantize(by_gguf.pop("rope_freqs.weight"), path)
-        cfg = llama_config(meta, path, n_tokens, tied, dtype, rope_freqs)
-    else:
+        cfg = llama_config(meta, path, n_tokens, tied, dtype, rope_freqs, arch)
+    elif arch == "phi3" and {"rope_factors_long.weight", "rope_factors_short.weight"} & set(by_gguf):
+        raise GGUFError(f"{path}: phi3 with LongRoPE factors (rope_factors_long/short, the 128k-context models) is "
+                        f"not supported; the 4k-context models are")
+    elif arch == "gemma3":
         cfg = gemma3_config(meta, path, n_tokens, tied, dtype)
+    else:
+        cfg = FAMILY_CONFIGS[arch](meta, path, n_tokens, tied, dtype)
     n_layers = cfg.num_hidden_layers
     hf_of = {g: hf_name(g, n_layers, path, arch) for g in by_gguf}
     expected = expected_shapes(cfg, arch)

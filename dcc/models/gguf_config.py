@@ -1,5 +1,6 @@
-"""GGUF metadata reading, and the Hugging Face config it gives: LlamaConfig for llama, Gemma3TextConfig for gemma3 (the
-values llama.cpp's converter writes, and the ones llama.cpp's loader assumes because the file does not hold them)."""
+"""GGUF metadata reading, and the Hugging Face config it gives: LlamaConfig for llama (MistralConfig for mistral),
+Gemma3TextConfig for gemma3 (the values llama.cpp's converter writes, and the ones llama.cpp's loader assumes because
+the file does not hold them). qwen2, qwen3, phi3 and gemma2: gguf_families.py."""
 from __future__ import annotations
 
 import math
@@ -140,10 +141,13 @@ def _rope_from_freqs(freqs: np.ndarray, theta: float, rot_dim: int) -> dict | No
     return False
 
 
-def llama_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool, dtype: torch.dtype, rope_freqs):
-    from transformers import LlamaConfig
+def llama_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool, dtype: torch.dtype, rope_freqs,
+                 arch: str = "llama"):
+    """LlamaConfig; MistralConfig for a file whose architecture is mistral (the same tensors and metadata under the
+    mistral prefix, and a sliding window where the file gives one)."""
+    from transformers import LlamaConfig, MistralConfig
 
-    a = "llama"
+    a = arch
     if (meta.int(f"{a}.expert_count", 0) or 0) > 0:
         raise GGUFError(f"{path}: mixture-of-experts llama GGUF files are not supported (only dense llama)")
     hidden = meta.int(f"{a}.embedding_length")
@@ -192,7 +196,7 @@ def llama_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool,
         if r is not None:
             rope = r
 
-    cfg = LlamaConfig(
+    common = dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=ffn,
@@ -206,11 +210,13 @@ def llama_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool,
         rope_parameters=rope,
         **_special_tokens(meta),
         tie_word_embeddings=tied,
-        attention_bias=False,
-        mlp_bias=False,
-        architectures=["LlamaForCausalLM"],
         dtype=str(dtype).removeprefix("torch."),
     )
+    if a == "mistral":
+        cfg = MistralConfig(**common, sliding_window=meta.int(f"{a}.attention.sliding_window", None),
+                            architectures=["MistralForCausalLM"])
+    else:
+        cfg = LlamaConfig(**common, attention_bias=False, mlp_bias=False, architectures=["LlamaForCausalLM"])
     return _with_unk(cfg, meta)
 
 

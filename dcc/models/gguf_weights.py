@@ -62,6 +62,7 @@ class ArchTensors:
     permute_qk: bool  # q/k rows reordered to llama.cpp's interleaved RoPE (llama); NEOX-RoPE models keep HF's order
     norm_shift: float  # added to every norm weight by the converter (Gemma's RMSNorm computes x * (1 + w))
     extra: tuple = ()  # other GGUF tensors the converter handles itself (named in errors)
+    biases: tuple = ()  # the block tensors (GGUF names) that also have a bias (Qwen2's q, k, v)
 
 
 _GLOBAL_NAMES = {
@@ -100,8 +101,42 @@ TENSORS = {
         permute_qk=False,
         norm_shift=1.0,
     ),
+    # a Mistral file under its own architecture name: llama's tensors, q/k rows permuted the same way
+    "mistral": ArchTensors(
+        blocks={**_ATTN_MLP, "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+        permute_qk=True,
+        norm_shift=0.0,
+        extra=("rope_freqs",),
+    ),
+    # llama.cpp's Qwen2Model: Llama's tensors plus q/k/v biases; NEOX RoPE, so q/k rows are not permuted
+    "qwen2": ArchTensors(
+        blocks={**_ATTN_MLP, "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+        permute_qk=False,
+        norm_shift=0.0,
+        biases=("attn_q", "attn_k", "attn_v"),
+    ),
+    "qwen3": ArchTensors(
+        blocks={**_ATTN_MLP, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+                "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+        permute_qk=False,
+        norm_shift=0.0,
+    ),
+    # llama.cpp's Phi3MiniModel keeps Phi-3's fused tensors: attn_qkv (q, k, v rows) and ffn_up (gate rows, then up)
+    "phi3": ArchTensors(
+        blocks={"attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj", "ffn_up": "mlp.gate_up_proj",
+                "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+        permute_qk=False,
+        norm_shift=0.0,
+    ),
+    # llama.cpp's Gemma2Model: Gemma's +1 on every norm weight, norms after attention and MLP as well as before
+    "gemma2": ArchTensors(
+        blocks={**_ATTN_MLP, "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
+        permute_qk=False,
+        norm_shift=1.0,
+    ),
 }
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.weight")
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
 
 
 def hf_name(name: str, n_layers: int, path: Path, arch: str = "llama") -> str:
@@ -110,11 +145,11 @@ def hf_name(name: str, n_layers: int, path: Path, arch: str = "llama") -> str:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     m = _BLOCK_RE.fullmatch(name)
-    if m and m.group(2) in blocks:
+    if m and m.group(2) in blocks and (m.group(3) == "weight" or m.group(2) in TENSORS[arch].biases):
         i = int(m.group(1))
         if i >= n_layers:
             raise GGUFError(f"{path}: tensor {name} is for block {i}, but block_count is {n_layers}")
-        return f"model.layers.{i}.{blocks[m.group(2)]}.weight"
+        return f"model.layers.{i}.{blocks[m.group(2)]}.{m.group(3)}"
     known = ", ".join(["token_embd", "output_norm", "output", *TENSORS[arch].extra])
     raise GGUFError(
         f"{path}: unknown tensor {name!r} for a {arch} model (known: {known} and "
@@ -127,16 +162,17 @@ def gguf_name(name: str, arch: str = "llama") -> str:
     for g, h in _GLOBAL_NAMES.items():
         if h == name:
             return g
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
     for g, h in TENSORS[arch].blocks.items():
         if m and m.group(2) == h:
-            return f"blk.{m.group(1)}.{g}.weight"
+            return f"blk.{m.group(1)}.{g}.{m.group(3)}"
     return name
 
 
 def expected_shapes(cfg, arch: str = "llama") -> dict[str, tuple[int, ...]]:
     """Every Hugging Face tensor the model `cfg` needs, with its [out, in] shape (the blocks in `arch`'s order)."""
-    h, f, v, d = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
@@ -151,11 +187,15 @@ def expected_shapes(cfg, arch: str = "llama") -> dict[str, tuple[int, ...]]:
         "mlp.down_proj": (h, f),
         "self_attn.q_norm": (d,),  # one RMSNorm over each head, shared by the heads
         "self_attn.k_norm": (d,),
+        "self_attn.qkv_proj": (q + 2 * kv, h),  # Phi-3's fused projections
+        "mlp.gate_up_proj": (2 * f, h),
     }
-    per = {m: shape_of.get(m, (h,)) for m in TENSORS[arch].blocks.values()}  # the rest: norms of the residual
+    spec = TENSORS[arch]
+    per = {f"{m}.weight": shape_of.get(m, (h,)) for m in spec.blocks.values()}  # the rest: norms of the residual
+    per.update({f"{spec.blocks[g]}.bias": shape_of[spec.blocks[g]][:1] for g in spec.biases})
     for i in range(cfg.num_hidden_layers):
         for k, s in per.items():
-            shapes[f"model.layers.{i}.{k}.weight"] = s
+            shapes[f"model.layers.{i}.{k}"] = s
     return shapes
 
 

@@ -139,7 +139,9 @@ class Rotate(Pass):
         res = block.residual
         if res is None or not res.writers:
             raise ValueError(f"rotate: block {block.prefix}: no linear writes into the residual stream directly "
-                             f"(post-norms?); cannot rotate it")
+                             f"(a norm after the attention and MLP outputs, as Gemma 2 and 3 have, scales them by a "
+                             f"gain that does not commute with a rotation of the stream); use a pipeline without "
+                             f"rotate")
         readers = _check_norms(block)
         hidden = block.linears[res.writers[0]].out_features
         R = _rotation(hidden, config.kind, config.seed).to(block.linear_module(res.writers[0]).weight.device)

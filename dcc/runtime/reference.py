@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ir.fused_linear import split_linears
 from ..models.adapter import artifact_adapter
 from ..models.loader import rebuild_buffers
 from ..targets.base import Target, TargetError, get_target
@@ -69,6 +70,8 @@ def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, devic
         config = AutoConfig.for_model(model_type, **{k: v for k, v in cfg_dict.items()
                                                      if k != "transformers_version"})
         model = adapter.build(config, compute_dtype, keys=keys)
+        # fused linears the compile split into their parts (Phi-3's qkv_proj): the artifact holds the parts
+        split_linears(model, (art.manifest.get("source") or {}).get("split_linears") or {})
     if rb is not None:
         _fill_from_read_back(model, art, rb, compute_dtype, device)
         _restore_buffers(model, config, device)

@@ -56,6 +56,7 @@ def compare_with_float(art: Artifact, float_model, ids: torch.Tensor, qmodel=Non
     with _block_outputs(qmodel, blocks) as q_blocks, _ticking(qmodel, "artifact", progress):
         q_out, q_final = _capture_outputs(qmodel, ids.to(dev), adapter)
     q_out, q_final = {k: v.cpu() for k, v in q_out.items()}, q_final.cpu()
+    f_out.update(_split_outputs(f_out, (art.manifest.get("source") or {}).get("split_linears") or {}))
     layers = {}
     for name in art.manifest["layers"]:
         if name in f_out and name in q_out:
@@ -66,6 +67,17 @@ def compare_with_float(art: Artifact, float_model, ids: torch.Tensor, qmodel=Non
         out.update(perplexities(f_final, q_final, ids))
     if blocks is not None:
         out["blocks"] = {k: rel_err(v, q_blocks[k]) for k, v in f_blocks.items() if k in q_blocks}
+    return out
+
+
+def _split_outputs(outs: dict[str, torch.Tensor], splits: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """The float model's fused linears' outputs cut into the parts the compile split them into ({fused path:
+    widths}, ir/fused_linear.py): part i of 'x.qkv_proj' is 'x.qkv_proj.i', the artifact's layer."""
+    out = {}
+    for path, widths in splits.items():
+        if path in outs:
+            for i, part in enumerate(outs[path].split(widths, dim=-1)):
+                out[f"{path}.{i}"] = part
     return out
 
 

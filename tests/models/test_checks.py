@@ -170,15 +170,16 @@ def test_a_model_of_another_kind_is_refused(tmp_path):
                             f"planned)")
 
 
-def test_gemma2_soft_capping_is_refused(tmp_path):
+def test_gemma2_soft_capping_is_built_with_eager_attention(tmp_path):
+    """Gemma 2's tanh soft-cap of the scores is not in sdpa: the model is built with eager attention (issue 23
+    refused it; the analysis now finds eager attention in the graph, tests/models/test_families.py)."""
     config = T.Gemma2Config(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, intermediate_size=128, head_dim=16, max_position_embeddings=64)
     save_tiny(tmp_path, config)
-    with pytest.raises(ModelLoadError) as e:
-        LazyModel(tmp_path)
-    assert str(e.value) == (f"{tmp_path}: Gemma2ForCausalLM (model_type gemma2) uses attention-logit soft-capping, "
-                            f"which dcc does not support yet (its attention runs through scaled-dot-product attention, "
-                            f"which has none)")
+    assert LazyModel(tmp_path).model.config._attn_implementation == "eager"
+    save_tiny(tmp_path, T.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=128, max_position_embeddings=64))
+    assert LazyModel(tmp_path).model.config._attn_implementation == "sdpa"
 
 
 def test_renamed_tensors_are_found_up_front(llama):
