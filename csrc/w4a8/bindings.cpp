@@ -60,6 +60,34 @@ PYBIND11_MODULE(dcc_w4a8_ext, m) {
       },
       py::arg("x"), py::arg("xq"), py::arg("ascale"), py::arg("asum"), py::arg("M"), py::arg("K"),
       py::arg("stream") = 0, "fp16 x [M, K] -> int8 xq [M, K], fp16 ascale [M], fp16 asum [M] (asum = 0: skip).");
+  m.def(
+      "norm_quant",
+      [](std::uintptr_t x, std::uintptr_t gamma, float eps, std::uintptr_t xq, std::uintptr_t ascale,
+         std::uintptr_t asum, int M, int H, int approx, std::uintptr_t stream) {
+        cudaError_t e;
+        {
+          py::gil_scoped_release nogil;
+          e = dcc_w4a8::norm_quant(ptr(x), ptr(gamma), eps, ptr(xq), ptr(ascale), ptr(asum), M, H, approx,
+                                   stream_of(stream));
+        }
+        check(e, "norm_quant");
+      },
+      py::arg("x"), py::arg("gamma"), py::arg("eps"), py::arg("xq"), py::arg("ascale"), py::arg("asum"), py::arg("M"),
+      py::arg("H"), py::arg("approx"), py::arg("stream") = 0,
+      "QServe's rms_norm_general[_fuse_sum] (a layer norm + int8 per token; asum = 0: no sum), quant_fused.cu.");
+  m.def(
+      "silu_mul",
+      [](std::uintptr_t gate, std::uintptr_t up, std::uintptr_t out, int M, int D, int approx,
+         std::uintptr_t stream) {
+        cudaError_t e;
+        {
+          py::gil_scoped_release nogil;
+          e = dcc_w4a8::silu_mul(ptr(gate), ptr(up), ptr(out), M, D, approx, stream_of(stream));
+        }
+        check(e, "silu_mul");
+      },
+      py::arg("gate"), py::arg("up"), py::arg("out"), py::arg("M"), py::arg("D"), py::arg("approx"),
+      py::arg("stream") = 0, "QServe's silu_and_mul: fp16 gate, up [M, D] -> fp16 out [M, D], quant_fused.cu.");
   bind_gemm(m, "gemm_mma", dcc_w4a8::gemm_mma,
             "W4A8 GEMM on mma.sync (split-K for small M, tiled otherwise); out fp16 [M, N].");
   bind_gemm(m, "gemm_wgmma", dcc_w4a8::gemm_wgmma, "W4A8 GEMM on Hopper wgmma (sm_90a); out fp16 [M, N].");

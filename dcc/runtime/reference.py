@@ -110,6 +110,9 @@ def build_model(art: Artifact, compute_dtype: torch.dtype = torch.float32, devic
     if tied and model.get_output_embeddings() is not None:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     _restore_buffers(model, config, device)
+    target = _target(art)
+    if target is not None:
+        target.prepare_reference(model, art)   # ops the engine fuses with its activation quantization
     # every block runs as its graph; where the engine's cache is quantized, K/V reach attention through dcc::quant_kv
     run_blocks_as_graphs(model, art.manifest.get("runtime", {}).get("kv_cache") or {}, block_lists)
     return model.to(device)

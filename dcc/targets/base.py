@@ -163,6 +163,11 @@ class Target:
         are stored so already (a dcc-named artifact: the runtime reads art.tensors and the formats directly)."""
         return None
 
+    def prepare_reference(self, model, art) -> None:
+        """Called on the CPU reference model of a dcc-named artifact once its layers are filled, before it first
+        runs: where the engine fuses an op with its activation quantization (QServe's norm + quant), the target puts
+        the engine's own numerics in. Default: nothing."""
+
     def cuda_model(self, art, device: str = "cuda"):
         raise TargetError(f"target {self.name} has no CUDA runtime; use --device cpu")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ...runtime.cuda.w4a8_ops import quantize_act, w4a8_linear
-from . import numerics, reference
+from ...runtime.cuda.w4a8_ops import gemm, quantize_act, w4a8_linear
+from . import numerics, numerics_fused, reference
 
 GROUPED, PER_CHANNEL, W8A8 = "qserve-w4a8-group", "qserve-w4a8-per-channel", "qserve-w8a8"
 
@@ -23,12 +23,13 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class W4A8Linear(torch.nn.Linear):
     """One QServe linear on the GPU kernels (an nn.Linear subclass, so hooks that look for nn.Linear see it). Same
-    contract as reference.QServeLinear: fp16 outputs (bias added in fp16), returned in x's dtype."""
+    contract as reference.QServeLinear: fp16 outputs (bias added in fp16), returned in x's dtype; act_input "norm"
+    (an input from QServeNorm) is quantized by the fused norm kernel's rule (numerics_fused, torch ops on the GPU)."""
 
     def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], n: int, k: int, bias: torch.Tensor | None,
-                 device):
+                 device, act_input: str = "quant"):
         torch.nn.Module.__init__(self)
-        self.in_features, self.out_features, self.fmt = k, n, fmt
+        self.in_features, self.out_features, self.fmt, self.act_input = k, n, fmt, act_input
         self.weight = None
         for name, t in tensors.items():   # W8A8's "weight" is kept as weight_q: nn.Linear's weight stays None
             self.register_buffer("weight_q" if name == "weight" else name, t.to(device).contiguous())
@@ -38,12 +39,25 @@ class W4A8Linear(torch.nn.Linear):
                 raise ValueError(f"W8A8 layer [{n}, {k}]: torch._int_mm needs N and K multiples of 8")
         self.bias = None if bias is None else torch.nn.Parameter(bias.to(device), requires_grad=False)
 
+    def _fused(self, x: torch.Tensor):
+        """(int8 codes, fp16 scale [M], fp16 sum [M] or None) of the float32 normed values x, as the fused kernel."""
+        a = numerics_fused.quantize_normed(x.reshape(-1, self.in_features).to(torch.float32),
+                                           with_sum=self.fmt == PER_CHANNEL)
+        return (a.codes.to(torch.int8).contiguous(), a.scale.reshape(-1).contiguous(),
+                None if a.sum is None else a.sum.reshape(-1).contiguous())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fmt == W8A8:
             x2 = x.reshape(-1, self.in_features).to(torch.float16)
-            xq, scale, _ = quantize_act(x2, with_sum=False)
+            xq, scale, _ = self._fused(x) if self.act_input == "norm" else quantize_act(x2, with_sum=False)
             psum = _int_mm(xq, self.weight_q.t())   # exact int32, then QServe's float32 epilogue (numerics.py)
             y = numerics.epilogue_scaled(psum, self.dequant_scale.view(1, -1), scale.view(-1, 1))
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        elif self.act_input == "norm":
+            g = self.group
+            xq, scale, ssum = self._fused(x)
+            y = gemm(xq, scale, ssum, self.qweight, self.s1_scales, self.s1_szeros if g == 0 else None,
+                     self.s2_scales if g else None, self.s2_zeros if g else None, g)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
             g = self.group
@@ -73,7 +87,8 @@ def build_qserve_cuda_model(art, device: str = "cuda"):
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
         n, k = entry["shape"]
-        setattr(parent, child, W4A8Linear(entry["format"], _tensors(art, name, entry), n, k, old.bias, device))
+        setattr(parent, child, W4A8Linear(entry["format"], _tensors(art, name, entry), n, k, old.bias, device,
+                                          getattr(old, "act_input", "quant")))
     return model.to(device)
 
 

@@ -13,7 +13,9 @@ token): amax and the sum in float32; scale = F2FP(FMUL(amax, fp32(1/127))) (the 
 multiply); codes = cvt.rni.sat.s8(FMUL(x, FMUL(MUFU.RCP(amax), 127))); the sum: thread t adds x[t], x[t + B], ...
 in order, then a butterfly over each warp's 32 lanes, then the same over the warps' sums, rounded to fp16.
 MUFU.RCP (rcp.approx.ftz.f32, <= 1 ulp) is not specified bit for bit; the correctly rounded 1/amax stands in for it
-here (dcc.ir.actquant; GPU: csrc/w4a8/quant_act.cu executes the engine's instruction)."""
+here (dcc.ir.actquant; GPU: csrc/w4a8/quant_act.cu takes the same correctly rounded reciprocal, __frcp_rn). This
+kernel quantizes the inputs of o_proj and down_proj; those of qkv_proj and gate_up_proj come from the fused norm
+kernel (numerics_fused.py)."""
 from __future__ import annotations
 
 import torch
@@ -55,17 +57,22 @@ def token_sum(x16: torch.Tensor, threads: int = QUANT_THREADS) -> torch.Tensor:
     partial warp read undefined lanes)."""
     t, k = x16.shape
     b = min(k, threads)
-    warps = -(-b // WARP)
     cols = -(-k // b)
     x = torch.nn.functional.pad(x16.to(torch.float32), (0, cols * b - k)).reshape(t, cols, b)
-    part = torch.zeros(t, warps * WARP, dtype=torch.float32)
+    part = torch.zeros_like(x[:, 0])
     for c in range(cols):   # +0 + x is x, and a padded +0 never turns a +0 sum into -0: the padding is inert
-        part[:, :b] = part[:, :b] + x[:, c]
-    v = part.reshape(t, warps, WARP)
-    v = _butterfly(v)                                     # [T, warps]
-    w = torch.zeros(t, WARP, dtype=torch.float32)
-    w[:, :warps] = v
-    return _butterfly(w.unsqueeze(1)).reshape(t, 1).to(torch.float16)
+        part = part + x[:, c]
+    return block_sum(part).reshape(t, 1).to(torch.float16)
+
+
+def block_sum(part: torch.Tensor) -> torch.Tensor:
+    """float32 [T] from the per-thread partial sums [T, B] (B <= 1024) of blockReduceSum / blockAllReduceSum
+    (kernels/csrc/reduction_utils.cuh), as its thread 0 gets it: each warp butterflies its 32 lanes (lanes past B
+    read 0), then the first warp butterflies the warp sums (lanes past the warp count read 0)."""
+    t, b = part.shape
+    warps = -(-b // WARP)
+    v = _butterfly(torch.nn.functional.pad(part, (0, warps * WARP - b)).reshape(t, warps, WARP))   # [T, warps]
+    return _butterfly(torch.nn.functional.pad(v, (0, WARP - warps)))
 
 
 def _butterfly(v: torch.Tensor) -> torch.Tensor:

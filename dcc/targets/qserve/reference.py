@@ -1,13 +1,15 @@
 """CPU reference of QServe's linear layers (research/targets.md 1A): int8 per-token activations, an exact integer
 GEMM against the stored codes, and the epilogue in the engine's float32 order (numerics.py) --
 per channel: out = fp16(fma(ascale[m], s1[n] * psum, -(s1_szeros[n] * a_ssum[m]))); groups and W8A8:
-out = fp16(psum * (s1[n] * ascale[m])), each product rounded to float32 as QServe's fast-math kernels round it."""
+out = fp16(psum * (s1[n] * ascale[m])), each product rounded to float32 as QServe's fast-math kernels round it.
+use_engine_kernels() puts the engine's fused norm + quantization and its SiLU-and-multiply (numerics_fused.py) into
+the reference model of a QServe artifact."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from . import layout, numerics
+from . import layout, numerics, numerics_fused
 
 # float32 sums integers exactly below 2^24: |int8 code x weight| <= 127 * 128, so 1024 products per partial sum
 # stay exact in any order; partial sums are then added in float64 (exact as well)
@@ -26,11 +28,14 @@ def exact_int_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
 class QServeLinear(nn.Linear):
     """One quantized linear as QServe's W4A8 / W8A8 GEMM computes it (an nn.Linear subclass, so hooks that look for
     nn.Linear still see it). `weight` holds the decoded float32 weight (s1 * w8, or q*s1 - szeros) so that code
-    reading module.weight sees the artifact's values."""
+    reading module.weight sees the artifact's values. act_input: which kernel quantizes the input -- "quant" (the
+    standalone quant kernel, on x rounded to fp16) or "norm" (the fused norm's, on the float32 normed values that a
+    QServeNorm returns)."""
 
     def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], n: int, k: int, bias: torch.Tensor | None):
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.fmt = k, n, fmt
+        self.act_input = "quant"
         if fmt == "qserve-w8a8":
             ints, s1, szeros = tensors["weight"].to(torch.float32), tensors["dequant_scale"], None
         else:
@@ -58,11 +63,86 @@ class QServeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        a = numerics.quantize_tokens(x.reshape(-1, shape[-1]))
+        x2 = x.reshape(-1, shape[-1])
+        if self.act_input == "norm":
+            a = numerics_fused.quantize_normed(x2.to(torch.float32), with_sum=self.szeros is not None)
+        else:
+            a = numerics.quantize_tokens(x2)
         out = self.epilogue(exact_int_matmul(a.codes, self.ints), a).to(x.dtype)   # the engine writes fp16
         if self.bias is not None:
             out = (out + self.bias.to(torch.float16).to(x.dtype)).to(torch.float16).to(x.dtype)
         return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}, " \
+               f"act_input={self.act_input}"
+
+
+class QServeNorm(nn.Module):
+    """The decoder's input_layernorm / post_attention_layernorm as QServe's rms_norm_general computes it (a layer
+    norm without bias: numerics_fused.py): returns the float32 normed values, which the QServeLinears reading them
+    (act_input "norm") quantize as the fused kernel does."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = numerics_fused.layernorm_f32(x.reshape(-1, x.shape[-1]), self.weight, self.eps)
+        return y.reshape(x.shape).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, engine=rms_norm_general"
+
+
+class QServeSiLU(nn.Module):
+    """The SiLU of QServe's silu_and_mul kernel, rounded to fp16 as the kernel rounds it (numerics_fused.silu16). The
+    model's `act_fn(gate) * up` then multiplies two fp16 values exactly in float32, and down_proj's quantization
+    rounds that product to fp16 first: together the kernel's fp16 output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return numerics_fused.silu16(x).to(x.dtype)
+
+
+# QServe's decoder layer (qserve/modeling/models/llama_*_unpad.py) fuses by module: its RMSNormGeneral quantizes the
+# inputs of qkv_proj and gate_up_proj (the source model's q/k/v and gate/up projections), SiluAndMulQuant computes
+# down_proj's input; the loader (loader_spec.py) requires these names, so the runtime may rely on them.
+_NORM_FED = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def use_engine_kernels(model: nn.Module) -> int:
+    """Make the reference model of a QServe artifact compute the engine's fused ops, in every decoder layer whose
+    projections are QServeLinears: each norm becomes a QServeNorm and the linears it feeds quantize with the fused
+    kernel's rule; the act_fn before a QServe down_proj becomes QServeSiLU (where the config's hidden_act is silu).
+    Call before the model first runs (the blocks' graphs are captured then). Returns the number of modules replaced."""
+    replaced = 0
+    silu = getattr(getattr(model, "config", None), "hidden_act", None) in ("silu", "swish")
+    for _, layer in list(model.named_modules()):
+        for norm_name, fed in _NORM_FED.items():
+            norm = getattr(layer, norm_name, None)
+            lins = [_get(layer, p) for p in fed]
+            if norm is None or not all(isinstance(m, QServeLinear) for m in lins) or isinstance(norm, QServeNorm):
+                continue
+            eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+            setattr(layer, norm_name, QServeNorm(norm.weight, eps))
+            for m in lins:
+                m.act_input = "norm"
+            replaced += 1
+        mlp = getattr(layer, "mlp", None)
+        if (silu and mlp is not None and isinstance(getattr(mlp, "down_proj", None), QServeLinear)
+                and isinstance(getattr(mlp, "act_fn", None), nn.Module) and not isinstance(mlp.act_fn, QServeSiLU)):
+            mlp.act_fn = QServeSiLU()
+            replaced += 1
+    return replaced
+
+
+def _get(root: nn.Module, path: str):
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def decode(tensors, prefix: str, entry: dict) -> torch.Tensor:

@@ -137,6 +137,12 @@ class QServe(Target):
         fmt = art.config["quantization_config"]["format"]
         return loader_spec.check(art.tensors, art.config, fmt, spec.get("group_size", 0))
 
+    def prepare_reference(self, model, art):
+        # an artifact QServe's engine runs (Llama / Mistral): its fused norm + quant and silu_and_mul
+        # (numerics_fused.py); one only dcc's runtime takes keeps the model's own norms and activations
+        if "qserve" in (art.manifest.get("engines") or []):
+            reference.use_engine_kernels(model)
+
     def cuda_model(self, art, device="cuda"):
         from .cuda import build_qserve_cuda_model
         return build_qserve_cuda_model(art, device)

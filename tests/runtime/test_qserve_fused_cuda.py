@@ -1,0 +1,134 @@
+"""GPU tests of csrc/w4a8/quant_fused.cu, QServe's fused norm + quantization and silu_and_mul executed in the engine's
+order, against dcc's CPU emulation (dcc/targets/qserve/numerics_fused.py). With the correctly rounded stand-ins
+(approx = 0) every code, scale, sum and fp16 output is bit-identical; with the engine's approximate instructions
+(approx = 1, QServe's own bits) only the few values the module docstring counts may differ, and by one step."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dcc.targets.qserve import numerics, numerics_fused
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    from dcc.runtime import cuda
+    from dcc.runtime.cuda import w4a8_ops
+
+    try:
+        cuda.require("w4a8")
+    except cuda.CudaRuntimeUnavailable as e:
+        if "nvcc failed" in str(e):  # a build error in csrc/ is a failure, not a skip
+            raise
+        pytest.skip(str(e).splitlines()[0])
+    return w4a8_ops.ext()
+
+
+def _residual(t: int, h: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=g) * torch.exp2(torch.randint(-2, 3, (t, 1), generator=g).float())
+    x[:, torch.randperm(h, generator=g)[:8]] *= 40
+    return (x + torch.randn(t, 1, generator=g)).half()
+
+
+def _norm_quant(ext, x16, w16, eps, with_sum, approx):
+    m, h = x16.shape
+    x, w = x16.cuda().contiguous(), w16.cuda().contiguous()
+    xq = torch.empty(m, h, dtype=torch.int8, device="cuda")
+    scale = torch.empty(m, dtype=torch.float16, device="cuda")
+    ssum = torch.empty(m, dtype=torch.float16, device="cuda") if with_sum else None
+    ext.norm_quant(x.data_ptr(), w.data_ptr(), eps, xq.data_ptr(), scale.data_ptr(),
+                   0 if ssum is None else ssum.data_ptr(), m, h, approx, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    return xq.cpu().float(), scale.cpu(), None if ssum is None else ssum.cpu()
+
+
+def _silu_mul(ext, g16, u16, approx):
+    m, d = g16.shape
+    g, u = g16.cuda().contiguous(), u16.cuda().contiguous()
+    out = torch.empty(m, d, dtype=torch.float16, device="cuda")
+    ext.silu_mul(g.data_ptr(), u.data_ptr(), out.data_ptr(), m, d, approx, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    return out.cpu()
+
+
+def _steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in fp16 ulps (ordered bit patterns)."""
+    def ordered(t):
+        v = t.to(torch.float16).contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(v >= 0, v, -(v & 0x7FFF))
+    return (ordered(a) - ordered(b)).abs()
+
+
+@pytest.mark.parametrize("h,with_sum", [(96, True), (1000, True), (1536, True), (4096, True), (4096, False)])
+def test_norm_quant_matches_the_cpu_emulation(ext, h, with_sum):
+    x, w = _residual(33, h, seed=h), (0.5 + torch.rand(h, generator=torch.Generator().manual_seed(1))).half()
+    want = numerics_fused.rms_norm_general(x.float(), w.float(), 1e-5, with_sum)
+    codes, scale, total = _norm_quant(ext, x, w, 1e-5, with_sum, approx=0)
+    assert torch.equal(codes, want.codes)
+    assert torch.equal(scale.view(torch.int16), want.scale.reshape(-1).view(torch.int16))
+    if with_sum:
+        assert torch.equal(total.view(torch.int16), want.sum.reshape(-1).view(torch.int16))
+    codes, scale, total = _norm_quant(ext, x, w, 1e-5, with_sum, approx=1)   # the engine's MUFU instructions
+    assert (codes - want.codes).abs().max() <= 1
+    assert int((codes != want.codes).sum()) <= max(2, codes.numel() // 10 ** 5)
+    assert int(_steps(scale, want.scale.reshape(-1)).max()) <= 1
+    if with_sum:
+        assert int(_steps(total, want.sum.reshape(-1)).max()) <= 2
+
+
+def test_silu_mul_matches_the_cpu_emulation(ext):
+    g = torch.Generator().manual_seed(7)
+    gate = (torch.randn(64, 1536, generator=g) * 4)
+    gate[0, :6] = torch.tensor([-100.0, -88.5, -87.0, 0.0, 300.0, 65504.0])
+    gate, up = gate.half(), (torch.randn(64, 1536, generator=g) * 2).half()
+    want = numerics_fused.silu_and_mul(gate.float(), up.float()).half()
+    assert torch.equal(_silu_mul(ext, gate, up, approx=0).view(torch.int16), want.view(torch.int16))
+    got = _silu_mul(ext, gate, up, approx=1)
+    steps = _steps(got, want)
+    assert int(steps.max()) <= 1 and float((steps > 0).float().mean()) < 1e-3
+
+
+def test_engine_instructions_at_scale(ext):
+    """4096 tokens x 4096 channels: how many codes (and scales, sums, fp16 activations) the engine's approximate
+    instructions change against the correctly rounded stand-ins (printed; the module docstring bounds them)."""
+    x, w = _residual(4096, 4096, seed=3), torch.ones(4096, dtype=torch.float16)
+    exact = _norm_quant(ext, x, w, 1e-5, True, approx=0)
+    engine = _norm_quant(ext, x, w, 1e-5, True, approx=1)
+    g = torch.Generator().manual_seed(4)
+    gate, up = (torch.randn(4096, 4096, generator=g) * 2).half(), torch.randn(4096, 4096, generator=g).half()
+    a0, a1 = _silu_mul(ext, gate, up, approx=0), _silu_mul(ext, gate, up, approx=1)
+    q0, q1 = numerics.quantize_tokens(a0.float()), numerics.quantize_tokens(a1.float())
+    counts = {"norm_codes": int((exact[0] != engine[0]).sum()), "scales": int((exact[1] != engine[1]).sum()),
+              "sums": int((exact[2] != engine[2]).sum()), "silu_fp16": int((a0 != a1).sum()),
+              "silu_codes": int((q0.codes != q1.codes).sum()), "of": x.numel(), "tokens": x.shape[0]}
+    print("\nQServe fused ops, engine instructions vs stand-ins:", json.dumps(counts))
+    assert counts["norm_codes"] <= x.numel() // 10 ** 5 and counts["silu_codes"] <= x.numel() // 10 ** 5
+
+
+@pytest.mark.parametrize("fmt", ["qserve-w4a8-per-channel", "qserve-w8a8"])
+def test_gpu_linear_quantizes_norm_outputs_as_the_reference(ext, fmt):
+    """W4A8Linear with act_input "norm" (a QServeNorm's float32 output) gives the CPU reference layer's outputs."""
+    from dcc.targets.qserve.cuda import W4A8Linear
+    from dcc.targets.qserve.layout import pack_qweight
+    from dcc.targets.qserve.reference import QServeLinear
+
+    n, k = 256, 1536
+    g = torch.Generator().manual_seed(9)
+    s1 = (0.002 + 0.02 * torch.rand(n, generator=g)).half()
+    if fmt == "qserve-w8a8":
+        t = {"weight": torch.randint(-127, 128, (n, k), generator=g).to(torch.int8), "dequant_scale": s1}
+    else:
+        t = {"qweight": pack_qweight(torch.randint(0, 16, (n, k), generator=g)), "s1_scales": s1,
+             "s1_szeros": (s1.float() * 7.5).half()}
+    y = numerics_fused.layernorm_f32(_residual(40, k, seed=5).float(), torch.ones(k), 1e-5)
+    ref = QServeLinear(fmt, t, n, k, None)
+    ref.act_input = "norm"
+    want = ref(y)
+    got = W4A8Linear(fmt, t, n, k, None, "cuda", act_input="norm")(y.cuda()).cpu()
+    assert torch.equal(got.half().view(torch.int16), want.half().view(torch.int16))
