@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .compiler.gpu_memory import check_fits
 from .compiler.sequential import compile_blocks
 from .ir.fused_linear import SplitLinear
 from .models.loader import LazyModel
@@ -148,8 +149,13 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
             f"{lm.blocks_prefix}) -> {target.name} {spec.short()}, algo {topts.algo}")
         if kept:
             log(f"{len(kept)} linears cannot take this layout and stay 16-bit (--unsupported keep); first: {kept[0]}")
+        tokens = lm.adapter.calib_tokens(ids)
+        need_mb = estimate_memory_mb(lm, tokens)
+        where = "on the GPU" if torch.device(opts.device).type == "cuda" else "in host memory"
         log(f"calibration: {lm.adapter.describe_calibration(ids)} from {opts.calib}; estimated peak memory "
-            f"{estimate_memory_mb(lm, lm.adapter.calib_tokens(ids)):.0f} MB (one block at a time)")
+            f"{need_mb:.0f} MB {where} (one block at a time)")
+        check_fits(opts.device, need_mb, f"a block's float weights and the parts outside the blocks, and its linears' "
+                                         f"inputs on {tokens} calibration tokens")
         calib_sha = _sha(opts.calib)
         if recipe is not None and recipe.calib_sha256 and recipe.calib_sha256 != calib_sha:
             log(f"note: {opts.calib} is not the calibration file {recipe.path} was made with (its sha256 "

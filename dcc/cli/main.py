@@ -69,7 +69,8 @@ def _quiet_broken_pipe() -> None:
 
 
 KNOWN_ERRORS = ("ModelLoadError", "DataError", "LayoutError", "ArtifactError", "OutputExistsError", "OutputError",
-                "ArtifactWriteError", "GGUFError", "PassError", "AnalysisError", "TargetError", "ValueError")
+                "ArtifactWriteError", "GGUFError", "PassError", "AnalysisError", "TargetError", "ValueError",
+                "GpuMemoryError")
 
 
 def friendly(fn):

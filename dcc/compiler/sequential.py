@@ -29,6 +29,7 @@ from ..ir.rewrite import linear_nodes
 from ..ir.program import copy_graph
 from ..ir.graph import Block
 from .context import BlockContext
+from .gpu_memory import is_out_of_memory, out_of_memory
 from .pass_manager import PassTiming, Step, check_pipeline, run_block, run_model_steps
 
 
@@ -99,7 +100,16 @@ class _BlockCompiler:
 
     def compile(self, i: int, prefix: str, args: tuple, kwargs: dict, whole: bool = False):
         """Compile block i (at `prefix`) on (args, kwargs); returns its quantized output as the engine computes it:
-        the output passes score (whole=False) or everything the block returns (whole=True)."""
+        the output passes score (whole=False) or everything the block returns (whole=True). A CUDA out-of-memory
+        error becomes one line naming the block (compiler/gpu_memory.py)."""
+        try:
+            return self._compile(i, prefix, args, kwargs, whole)
+        except Exception as e:
+            if self.device.type == "cuda" and is_out_of_memory(e):
+                raise out_of_memory(self.device, prefix, e) from e
+            raise
+
+    def _compile(self, i: int, prefix: str, args: tuple, kwargs: dict, whole: bool):
         module = self.lm.materialize(prefix)
         block = Block(i, prefix, module)
         # blocks with the same code and shapes share one capture (the graph does not depend on weight values); each

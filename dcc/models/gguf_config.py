@@ -220,6 +220,31 @@ def llama_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool,
     return _with_unk(cfg, meta)
 
 
+def shape_fields(meta: Meta, path: Path, a: str, head_dim_default=None) -> dict:
+    """The sizes every family shares: width, blocks, MLP width, heads, KV heads and the head dimension (key_length,
+    else width / heads); the value and rotary dimensions must equal it (a partial rotary factor is read by the caller
+    where the family has one)."""
+    hidden = meta.int(f"{a}.embedding_length")
+    n_layers = meta.int(f"{a}.block_count")
+    n_head = meta.int(f"{a}.attention.head_count")
+    n_kv = meta.int(f"{a}.attention.head_count_kv", n_head)
+    if not n_head or not n_kv or not hidden or not n_layers:
+        raise GGUFError(f"{path}: metadata gives {n_head} heads, {n_kv} kv heads, width {hidden}, {n_layers} blocks")
+    if n_head % n_kv:
+        raise GGUFError(f"{path}: head_count {n_head} is not a multiple of head_count_kv {n_kv}")
+    head_dim = meta.int(f"{a}.attention.key_length", head_dim_default)
+    if head_dim is None:
+        if hidden % n_head:
+            raise GGUFError(f"{path}: embedding_length {hidden} is not a multiple of head_count {n_head}")
+        head_dim = hidden // n_head
+    v_dim = meta.int(f"{a}.attention.value_length", head_dim)
+    if v_dim != head_dim or head_dim % 2:
+        raise GGUFError(f"{path}: key_length {head_dim} and value_length {v_dim} must be one even number for {a}")
+    return {"hidden_size": hidden, "num_hidden_layers": n_layers, "num_attention_heads": n_head,
+            "num_key_value_heads": n_kv, "head_dim": head_dim,
+            "intermediate_size": meta.int(f"{a}.feed_forward_length")}
+
+
 def _special_tokens(meta) -> dict:
     """bos / eos / pad token ids from the tokenizer metadata (None where the file has none)."""
     tok = lambda key: meta.int(f"tokenizer.ggml.{key}", None)   # noqa: E731
@@ -265,23 +290,13 @@ def gemma3_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool
     from transformers import Gemma3TextConfig
 
     a = "gemma3"
-    hidden = meta.int(f"{a}.embedding_length")
-    n_layers = meta.int(f"{a}.block_count")
-    ffn = meta.int(f"{a}.feed_forward_length")
-    n_head = meta.int(f"{a}.attention.head_count")
-    n_kv = meta.int(f"{a}.attention.head_count_kv", n_head)
-    if not n_head or not n_kv or not hidden or not n_layers:
-        raise GGUFError(f"{path}: metadata gives {n_head} heads, {n_kv} kv heads, width {hidden}, {n_layers} blocks")
-    if n_head % n_kv:
-        raise GGUFError(f"{path}: head_count {n_head} is not a multiple of head_count_kv {n_kv}")
-    head_dim = meta.int(f"{a}.attention.key_length", 256)  # the converter's default, as it writes it
-    v_dim = meta.int(f"{a}.attention.value_length", head_dim)
+    shape = shape_fields(meta, path, a, head_dim_default=256)   # key_length: the converter's default, as it writes it
+    hidden, n_layers, n_head, head_dim = (shape[k] for k in ("hidden_size", "num_hidden_layers",
+                                                             "num_attention_heads", "head_dim"))
     rot_dim = meta.int(f"{a}.rope.dimension_count", head_dim)
-    if v_dim != head_dim or rot_dim != head_dim or head_dim % 2:
-        raise GGUFError(
-            f"{path}: key_length {head_dim}, value_length {v_dim} and rope.dimension_count {rot_dim} must be one even "
-            "number for gemma3 (it rotates the whole head)"
-        )
+    if rot_dim != head_dim:
+        raise GGUFError(f"{path}: rope.dimension_count {rot_dim} must equal key_length {head_dim} for gemma3 (it "
+                        f"rotates the whole head)")
     if meta.get(f"{a}.attn_logit_softcapping", None) is not None:
         raise GGUFError(f"{path}: gemma3 with attn_logit_softcapping is not supported (Gemma 3 has none)")
 
@@ -301,12 +316,7 @@ def gemma3_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool
 
     cfg = Gemma3TextConfig(
         vocab_size=meta.int(f"{a}.vocab_size", None) or n_vocab_tokens,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_head,
-        num_key_value_heads=n_kv,
-        head_dim=head_dim,
+        **shape,
         hidden_activation="gelu_pytorch_tanh",  # llama.cpp's gemma3 FFN: GELU (tanh approximation) gate * up
         max_position_embeddings=meta.int(f"{a}.context_length", 131_072),
         rms_norm_eps=_f32(meta.float(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),

@@ -8,32 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .gguf_config import GGUFError, Meta, _f32, _special_tokens, _with_unk
-
-
-def _shape(meta: Meta, path: Path, a: str, head_dim_default=None) -> dict:
-    """The sizes every family shares: width, blocks, MLP width, heads, KV heads and the head dimension (key_length,
-    else width / heads); the value and rotary dimensions must equal it (a partial rotary factor is read by the caller
-    where the family has one)."""
-    hidden = meta.int(f"{a}.embedding_length")
-    n_layers = meta.int(f"{a}.block_count")
-    n_head = meta.int(f"{a}.attention.head_count")
-    n_kv = meta.int(f"{a}.attention.head_count_kv", n_head)
-    if not n_head or not n_kv or not hidden or not n_layers:
-        raise GGUFError(f"{path}: metadata gives {n_head} heads, {n_kv} kv heads, width {hidden}, {n_layers} blocks")
-    if n_head % n_kv:
-        raise GGUFError(f"{path}: head_count {n_head} is not a multiple of head_count_kv {n_kv}")
-    head_dim = meta.int(f"{a}.attention.key_length", head_dim_default)
-    if head_dim is None:
-        if hidden % n_head:
-            raise GGUFError(f"{path}: embedding_length {hidden} is not a multiple of head_count {n_head}")
-        head_dim = hidden // n_head
-    v_dim = meta.int(f"{a}.attention.value_length", head_dim)
-    if v_dim != head_dim or head_dim % 2:
-        raise GGUFError(f"{path}: key_length {head_dim} and value_length {v_dim} must be one even number for {a}")
-    return {"hidden_size": hidden, "num_hidden_layers": n_layers, "num_attention_heads": n_head,
-            "num_key_value_heads": n_kv, "head_dim": head_dim,
-            "intermediate_size": meta.int(f"{a}.feed_forward_length")}
+from .gguf_config import GGUFError, Meta, _f32, _special_tokens, _with_unk, shape_fields
 
 
 def _rope(meta: Meta, path: Path, a: str, theta: float) -> dict:
@@ -67,7 +42,7 @@ def qwen2_config(meta: Meta, path: Path, n_vocab_tokens, tied: bool, dtype: torc
     from transformers import Qwen2Config
 
     a = "qwen2"
-    shape = _shape(meta, path, a)
+    shape = shape_fields(meta, path, a)
     _full_rotary(meta, path, a, shape["head_dim"])
     cfg = Qwen2Config(**shape, **_common(meta, path, a, n_vocab_tokens, tied, dtype, 32768, 1e-6),
                       rope_parameters=_rope(meta, path, a, 1_000_000.0), hidden_act="silu",
@@ -80,7 +55,7 @@ def qwen3_config(meta: Meta, path: Path, n_vocab_tokens, tied: bool, dtype: torc
     from transformers import Qwen3Config
 
     a = "qwen3"
-    shape = _shape(meta, path, a)
+    shape = shape_fields(meta, path, a)
     _full_rotary(meta, path, a, shape["head_dim"])
     cfg = Qwen3Config(**shape, **_common(meta, path, a, n_vocab_tokens, tied, dtype, 40960, 1e-6),
                       rope_parameters=_rope(meta, path, a, 1_000_000.0), hidden_act="silu", attention_bias=False,
@@ -95,7 +70,7 @@ def phi3_config(meta: Meta, path: Path, n_vocab_tokens, tied: bool, dtype: torch
     from transformers import Phi3Config
 
     a = "phi3"
-    shape = _shape(meta, path, a)
+    shape = shape_fields(meta, path, a)
     rot = meta.int(f"{a}.rope.dimension_count", shape["head_dim"])
     if rot > shape["head_dim"] or rot % 2 or not rot:
         raise GGUFError(f"{path}: rope.dimension_count {rot} must be even and at most the head dimension "
@@ -120,7 +95,7 @@ def gemma2_config(meta: Meta, path: Path, n_vocab_tokens, tied: bool, dtype: tor
     from transformers import Gemma2Config
 
     a = "gemma2"
-    shape = _shape(meta, path, a, head_dim_default=256)
+    shape = shape_fields(meta, path, a, head_dim_default=256)
     _full_rotary(meta, path, a, shape["head_dim"])
     # scores are scaled by query_pre_attn_scalar ** -0.5: llama.cpp takes width / heads for the 27B model (46
     # blocks) and the head dimension for the other sizes, as Google's configs do (144 for 27B, else 256)

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..compiler.host_memory import release_free_pages
+
 
 class ModelLoadError(ValueError):
     """A model folder, file or tensor that cannot be used; the message names it."""
@@ -253,9 +255,11 @@ class LazyModel:
             raise ModelLoadError(f"{self.path}: cannot rebuild buffers {keys} of {full} ({e})") from None
 
     def release(self, prefix: str) -> None:
-        """Drop a module's tensors (back to meta) so memory stays one block at a time."""
+        """Drop a module's tensors (back to meta) and hand the freed pages back to the system, so memory stays one
+        block at a time (compiler/host_memory.py: without the trim the allocator's holes grow with the depth)."""
         module = self.model.get_submodule(prefix)
         module.to("meta")
+        release_free_pages()
 
     @contextlib.contextmanager
     def streamed(self):
