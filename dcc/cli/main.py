@@ -26,7 +26,13 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_received: list[int] = []   # the termination signals that arrived, whatever became of their exception
+
+
 def _raise_interrupted(signum, frame):
+    # the exception is raised wherever Python code runs next; inside a callback from a C extension (safetensors'
+    # tensor read) the extension may turn it into an error of its own, so the signal is also remembered
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -90,6 +96,9 @@ def friendly(fn):
             _fail(f"interrupted ({signal.Signals(signum).name}); stopped cleanly, no output was written",
                   128 + signum)
         except Exception as e:  # noqa: BLE001 - the CLI boundary
+            if _received:   # a signal whose exception an extension replaced by its own: still an interruption
+                _fail(f"interrupted ({signal.Signals(_received[0]).name}); stopped cleanly, no output was written",
+                      128 + _received[0])
             if os.environ.get("DCC_DEBUG"):
                 raise
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
