@@ -150,29 +150,12 @@ def llama_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool,
     a = arch
     if (meta.int(f"{a}.expert_count", 0) or 0) > 0:
         raise GGUFError(f"{path}: mixture-of-experts llama GGUF files are not supported (only dense llama)")
-    hidden = meta.int(f"{a}.embedding_length")
-    n_layers = meta.int(f"{a}.block_count")
-    ffn = meta.int(f"{a}.feed_forward_length")
-    n_head = meta.int(f"{a}.attention.head_count")
-    n_kv = meta.int(f"{a}.attention.head_count_kv", n_head)
-    if not n_head or not n_kv or not hidden or not n_layers:
-        raise GGUFError(f"{path}: metadata gives {n_head} heads, {n_kv} kv heads, width {hidden}, {n_layers} blocks")
-    head_dim = meta.int(f"{a}.attention.key_length", None)
-    if head_dim is None:
-        if hidden % n_head:
-            raise GGUFError(f"{path}: embedding_length {hidden} is not a multiple of head_count {n_head}")
-        head_dim = hidden // n_head
-    v_dim = meta.int(f"{a}.attention.value_length", head_dim)
+    shape = shape_fields(meta, path, a)
+    head_dim = shape["head_dim"]
     rot_dim = meta.int(f"{a}.rope.dimension_count", head_dim)
-    if v_dim != head_dim or rot_dim != head_dim:
-        raise GGUFError(
-            f"{path}: key_length {head_dim}, value_length {v_dim} and rope.dimension_count {rot_dim} differ "
-            "(a llama model rotates the whole head); not supported"
-        )
-    if n_head % n_kv:
-        raise GGUFError(f"{path}: head_count {n_head} is not a multiple of head_count_kv {n_kv}")
-    if head_dim % 2:
-        raise GGUFError(f"{path}: head dimension {head_dim} is odd; RoPE needs an even one")
+    if rot_dim != head_dim:
+        raise GGUFError(f"{path}: rope.dimension_count {rot_dim} differs from key_length {head_dim} (a llama model "
+                        f"rotates the whole head); not supported")
     theta = meta.float(f"{a}.rope.freq_base", 10000.0)
     eps = meta.float(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
     ctx = meta.int(f"{a}.context_length", 2048)
@@ -198,12 +181,7 @@ def llama_config(meta: Meta, path: Path, n_vocab_tokens: int | None, tied: bool,
 
     common = dict(
         vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_head,
-        num_key_value_heads=n_kv,
-        head_dim=head_dim,
+        **shape,
         hidden_act="silu",
         max_position_embeddings=ctx,
         rms_norm_eps=eps,

@@ -22,6 +22,7 @@ from dcc.ir.fp_formats import round_to_fp
 from dcc.ir.w4a4 import quantize_act_int4, quantize_act_nvfp4
 from dcc.targets.nunchaku import cuda_numerics as cn
 from dcc.targets.nunchaku.reference import w4a4_int4_linear, w4a4_nvfp4_linear
+from cuda_util import require_family
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -35,15 +36,8 @@ _STATS: list[dict] = []
 
 @pytest.fixture(scope="module")
 def ops():
-    from dcc.runtime import cuda
     from dcc.runtime.cuda import w4a4_ops
-
-    try:
-        cuda.require("w4a4")
-    except cuda.CudaRuntimeUnavailable as e:
-        if "nvcc failed" in str(e):  # a build error in csrc/ is a failure, not a skip
-            raise
-        pytest.skip(str(e).splitlines()[0])
+    require_family("w4a4")
     yield w4a4_ops
     if _STATS:
         n = sum(s["n"] for s in _STATS)

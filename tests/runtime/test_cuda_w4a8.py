@@ -19,6 +19,7 @@ import torch
 from dcc.ir.actquant import quantize_tokens_int8
 from dcc.targets.qserve import numerics
 from dcc.targets.qserve.layout import int8_codes_g128, pack_qweight, pack_s2
+from cuda_util import require_family
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -34,15 +35,8 @@ _STATS: list[dict] = []
 
 @pytest.fixture(scope="module")
 def ops():
-    from dcc.runtime import cuda
     from dcc.runtime.cuda import w4a8_ops
-
-    try:
-        cuda.require("w4a8")
-    except cuda.CudaRuntimeUnavailable as e:
-        if "nvcc failed" in str(e):  # a build error in csrc/ is a failure, not a skip
-            raise
-        pytest.skip(str(e).splitlines()[0])
+    require_family("w4a8")
     yield w4a8_ops
     if _STATS:  # summary of every GEMM check: printed, and written where DCC_W4A8_TEST_REPORT points
         n = sum(s["n"] for s in _STATS)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dcc.targets.qserve import numerics, numerics_fused
+from cuda_util import require_family
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -17,15 +18,8 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.fixture(scope="module")
 def ext():
-    from dcc.runtime import cuda
     from dcc.runtime.cuda import w4a8_ops
-
-    try:
-        cuda.require("w4a8")
-    except cuda.CudaRuntimeUnavailable as e:
-        if "nvcc failed" in str(e):  # a build error in csrc/ is a failure, not a skip
-            raise
-        pytest.skip(str(e).splitlines()[0])
+    require_family("w4a8")
     return w4a8_ops.ext()
 
 
