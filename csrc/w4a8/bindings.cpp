@@ -76,6 +76,45 @@ PYBIND11_MODULE(dcc_w4a8_ext, m) {
       py::arg("H"), py::arg("approx"), py::arg("stream") = 0,
       "QServe's rms_norm_general[_fuse_sum] (a layer norm + int8 per token; asum = 0: no sum), quant_fused.cu.");
   m.def(
+      "norm_y",
+      [](std::uintptr_t x, std::uintptr_t gamma, float eps, std::uintptr_t y, int M, int H, int approx,
+         std::uintptr_t stream) {
+        cudaError_t e;
+        {
+          py::gil_scoped_release nogil;
+          e = dcc_w4a8::norm_y(ptr(x), ptr(gamma), eps, ptr(y), M, H, approx, stream_of(stream));
+        }
+        check(e, "norm_y");
+      },
+      py::arg("x"), py::arg("gamma"), py::arg("eps"), py::arg("y"), py::arg("M"), py::arg("H"), py::arg("approx"),
+      py::arg("stream") = 0, "norm_quant's first half: fp16 x [M, H] -> its float32 normed values y [M, H].");
+  m.def(
+      "quant_normed",
+      [](std::uintptr_t y, std::uintptr_t xq, std::uintptr_t ascale, std::uintptr_t asum, int M, int H, int approx,
+         std::uintptr_t stream) {
+        cudaError_t e;
+        {
+          py::gil_scoped_release nogil;
+          e = dcc_w4a8::quant_normed(ptr(y), ptr(xq), ptr(ascale), ptr(asum), M, H, approx, stream_of(stream));
+        }
+        check(e, "quant_normed");
+      },
+      py::arg("y"), py::arg("xq"), py::arg("ascale"), py::arg("asum"), py::arg("M"), py::arg("H"), py::arg("approx"),
+      py::arg("stream") = 0, "norm_quant's second half: float32 y [M, H] -> int8 xq, fp16 ascale [M], asum [M].");
+  m.def(
+      "quant_engine",
+      [](std::uintptr_t x, std::uintptr_t xq, std::uintptr_t ascale, std::uintptr_t asum, int M, int K, int approx,
+         std::uintptr_t stream) {
+        cudaError_t e;
+        {
+          py::gil_scoped_release nogil;
+          e = dcc_w4a8::quant_engine(ptr(x), ptr(xq), ptr(ascale), ptr(asum), M, K, approx, stream_of(stream));
+        }
+        check(e, "quant_engine");
+      },
+      py::arg("x"), py::arg("xq"), py::arg("ascale"), py::arg("asum"), py::arg("M"), py::arg("K"), py::arg("approx"),
+      py::arg("stream") = 0, "QServe's standalone quant_kernel[_fuse_sum]: fp16 x [M, K] -> int8 xq, fp16 ascale [M], asum [M].");
+  m.def(
       "silu_mul",
       [](std::uintptr_t gate, std::uintptr_t up, std::uintptr_t out, int M, int D, int approx,
          std::uintptr_t stream) {

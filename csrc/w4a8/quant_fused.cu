@@ -2,6 +2,8 @@
 // --use_fast_math; the instruction sequence is written down in dcc/targets/qserve/numerics_fused.py):
 //   norm_quant: rms_norm_general[_fuse_sum] -- a layer norm (mean subtracted, no bias) with per-token int8 codes,
 //               fp16 scale and (asum != null) the fp16 sum of the fp16 normed values accumulated in fp16 per thread;
+//   norm_y + quant_normed: norm_quant cut at its float32 normed values (same bits, two launches);
+//   quant_engine: the standalone quant_kernel[_fuse_sum] (float32 sum in the engine's order, MUFU.RCP);
 //   silu_mul:   silu_and_mul -- fp16(fp16(g * rcp(1 + ex2(-g * log2 e))) * u).
 // One CTA per token with the engine's block (32 * ceil(min(H, 1024) / 32) threads), the same per-thread loops and the
 // same xor butterflies, so every float32 sum is formed in the engine's order. Each operation is an explicit _rn
@@ -20,6 +22,9 @@ namespace dcc_w4a8 {
 namespace {
 
 constexpr int kMaxThreads = 1024;
+
+// The engine's block for its norm kernels: min(H, 1024) threads rounded up to whole warps.
+int norm_threads(int H) { return 32 * ((std::min(H, kMaxThreads) + 31) / 32); }
 
 __device__ __forceinline__ float rcp_of(float v, bool approx) {
   if (approx) {
@@ -79,13 +84,15 @@ __device__ __forceinline__ float block_reduce(float v, float* shared) {
   return kMax ? warp_max(v) : warp_sum(v);
 }
 
-__global__ void __launch_bounds__(kMaxThreads) norm_quant_kernel(const __half* __restrict__ x,
-                                                                 const __half* __restrict__ gamma, float eps,
-                                                                 int8_t* __restrict__ xq, __half* __restrict__ ascale,
-                                                                 __half* __restrict__ asum, int H, bool approx) {
-  __shared__ float shared[32];
+// Steps a-b of generalLayerNorm (numerics_fused.py): the row's mean and rs = rsqrt(variance + eps), every thread
+// getting thread 0's values.
+struct MeanRs {
+  float mean, rs;
+};
+
+__device__ __forceinline__ MeanRs mean_rs(const __half* __restrict__ row, int H, float eps, bool approx,
+                                          float* shared) {
   __shared__ float s_mean, s_rs;
-  const __half* row = x + static_cast<size_t>(blockIdx.x) * H;
   const int t = threadIdx.x, B = blockDim.x;
   float s = 0.f;
   for (int i = t; i < H; i += B) s = __fadd_rn(__half2float(row[i]), s);
@@ -102,22 +109,93 @@ __global__ void __launch_bounds__(kMaxThreads) norm_quant_kernel(const __half* _
   v = block_reduce<false>(v, shared);
   if (t == 0) s_rs = rsqrt_of(__fmaf_rn(v, inv_h, eps), approx);   // `variance / hidden_dim + eps`, contracted
   __syncthreads();
-  const float rs = s_rs;
+  return {mean, s_rs};
+}
+
+// y_i = (x_i - mean) * rs * gamma_i in float32 (step c), as the engine forms it in both of its loops.
+__device__ __forceinline__ float normed(const __half* __restrict__ row, const __half* __restrict__ gamma, MeanRs m,
+                                        int i) {
+  return __fmul_rn(__fmul_rn(__fsub_rn(__half2float(row[i]), m.mean), m.rs), __half2float(gamma[i]));
+}
+
+// Steps c-e on one token's float32 normed values y_of(i): amax and (asum != null) the per-thread fp16 sum from
+// fp16(y), the block reductions, codes from y itself, the fp16 scale and sum of this token.
+template <typename YOf>
+__device__ __forceinline__ void quantize_row(YOf y_of, int H, bool approx, int8_t* __restrict__ qrow,
+                                             __half* __restrict__ ascale, __half* __restrict__ asum, float* shared) {
+  const int t = threadIdx.x, B = blockDim.x;
   __half amax = __float2half_rn(1e-6f), hsum = __float2half_rn(0.f);
   for (int i = t; i < H; i += B) {
-    const float y = __fmul_rn(__fmul_rn(__fsub_rn(__half2float(row[i]), mean), rs), __half2float(gamma[i]));
-    const __half h = __float2half_rn(y);
+    const __half h = __float2half_rn(y_of(i));
     if (__hgt(__habs(h), amax)) amax = __habs(h);
     hsum = __hadd(hsum, h);                                     // one fp16 rounding per add
   }
   const float a = block_reduce<true>(__half2float(amax), shared);
   const float total = asum ? block_reduce<false>(__half2float(hsum), shared) : 0.f;
   const float r127 = __fmul_rn(rcp_of(a, approx), 127.f);
-  int8_t* qrow = xq + static_cast<size_t>(blockIdx.x) * H;
-  for (int i = t; i < H; i += B) {   // y recomputed in float32, as the engine does (use_shmem = false)
-    const float y = __fmul_rn(__fmul_rn(__fsub_rn(__half2float(row[i]), mean), rs), __half2float(gamma[i]));
-    qrow[i] = code_rni_sat(__fmul_rn(r127, y));
+  for (int i = t; i < H; i += B) qrow[i] = code_rni_sat(__fmul_rn(r127, y_of(i)));   // y recomputed (no shmem)
+  if (t == 0) {
+    ascale[blockIdx.x] = __float2half_rn(__fmul_rn(a, __int_as_float(0x3C010204)));   // fp32(1 / 127)
+    if (asum) asum[blockIdx.x] = __float2half_rn(total);
   }
+}
+
+__global__ void __launch_bounds__(kMaxThreads) norm_quant_kernel(const __half* __restrict__ x,
+                                                                 const __half* __restrict__ gamma, float eps,
+                                                                 int8_t* __restrict__ xq, __half* __restrict__ ascale,
+                                                                 __half* __restrict__ asum, int H, bool approx) {
+  __shared__ float shared[32];
+  const __half* row = x + static_cast<size_t>(blockIdx.x) * H;
+  const MeanRs m = mean_rs(row, H, eps, approx, shared);
+  quantize_row([&](int i) { return normed(row, gamma, m, i); }, H, approx, xq + static_cast<size_t>(blockIdx.x) * H,
+               ascale, asum, shared);
+}
+
+// The fused kernel cut in two at the float32 normed values, for a runtime whose graph keeps the norm and the
+// linears apart: norm_y writes y (steps a-c), quant_normed quantizes it (c-e) with the same block and thread loops,
+// so codes, scale and sum equal norm_quant's bit for bit.
+__global__ void __launch_bounds__(kMaxThreads) norm_y_kernel(const __half* __restrict__ x,
+                                                             const __half* __restrict__ gamma, float eps,
+                                                             float* __restrict__ y, int H, bool approx) {
+  __shared__ float shared[32];
+  const __half* row = x + static_cast<size_t>(blockIdx.x) * H;
+  const MeanRs m = mean_rs(row, H, eps, approx, shared);
+  float* yrow = y + static_cast<size_t>(blockIdx.x) * H;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) yrow[i] = normed(row, gamma, m, i);
+}
+
+__global__ void __launch_bounds__(kMaxThreads) quant_normed_kernel(const float* __restrict__ y,
+                                                                   int8_t* __restrict__ xq,
+                                                                   __half* __restrict__ ascale,
+                                                                   __half* __restrict__ asum, int H, bool approx) {
+  __shared__ float shared[32];
+  const float* yrow = y + static_cast<size_t>(blockIdx.x) * H;
+  quantize_row([&](int i) { return yrow[i]; }, H, approx, xq + static_cast<size_t>(blockIdx.x) * H, ascale, asum,
+               shared);
+}
+
+// QServe's standalone quant_kernel[_fuse_sum] (fused_kernels.cu; numerics.py), for o_proj's and down_proj's inputs:
+// B = min(K, 1024) threads per token, amax from 0 and (asum != null) the sum in float32 per thread, the block
+// reductions, scale = fp16(amax * fp32(1/127)), codes = cvt.rni.sat.s8(x * (rcp(amax) * 127)).
+__global__ void __launch_bounds__(kMaxThreads) quant_engine_kernel(const __half* __restrict__ x,
+                                                                   int8_t* __restrict__ xq,
+                                                                   __half* __restrict__ ascale,
+                                                                   __half* __restrict__ asum, int K, bool approx) {
+  __shared__ float shared[32];
+  const __half* row = x + static_cast<size_t>(blockIdx.x) * K;
+  const int t = threadIdx.x, B = blockDim.x;
+  float amax = 0.f, s = 0.f;
+  for (int i = t; i < K; i += B) {
+    const float v = __half2float(row[i]);
+    s = __fadd_rn(s, v);
+    const float a = v > 0.f ? v : -v;
+    if (a > amax) amax = a;
+  }
+  const float a = block_reduce<true>(amax, shared);
+  const float total = asum ? block_reduce<false>(s, shared) : 0.f;
+  const float r127 = __fmul_rn(rcp_of(a, approx), 127.f);
+  int8_t* qrow = xq + static_cast<size_t>(blockIdx.x) * K;
+  for (int i = t; i < K; i += B) qrow[i] = code_rni_sat(__fmul_rn(__half2float(row[i]), r127));
   if (t == 0) {
     ascale[blockIdx.x] = __float2half_rn(__fmul_rn(a, __int_as_float(0x3C010204)));   // fp32(1 / 127)
     if (asum) asum[blockIdx.x] = __float2half_rn(total);
@@ -141,10 +219,42 @@ cudaError_t norm_quant(const void* x, const void* gamma, float eps, void* xq, vo
                        int approx, cudaStream_t stream) {
   if (M < 0 || H <= 0 || !x || !gamma || !xq || !ascale) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
-  const int threads = 32 * ((std::min(H, kMaxThreads) + 31) / 32);
-  norm_quant_kernel<<<M, threads, 0, stream>>>(static_cast<const __half*>(x), static_cast<const __half*>(gamma), eps,
-                                               static_cast<int8_t*>(xq), static_cast<__half*>(ascale),
-                                               static_cast<__half*>(asum), H, approx != 0);
+  norm_quant_kernel<<<M, norm_threads(H), 0, stream>>>(static_cast<const __half*>(x),
+                                                        static_cast<const __half*>(gamma), eps,
+                                                        static_cast<int8_t*>(xq), static_cast<__half*>(ascale),
+                                                        static_cast<__half*>(asum), H, approx != 0);
+  return cudaGetLastError();
+}
+
+cudaError_t norm_y(const void* x, const void* gamma, float eps, void* y, int M, int H, int approx,
+                   cudaStream_t stream) {
+  if (M < 0 || H <= 0 || !x || !gamma || !y) return cudaErrorInvalidValue;
+  if (M == 0) return cudaSuccess;
+  norm_y_kernel<<<M, norm_threads(H), 0, stream>>>(static_cast<const __half*>(x), static_cast<const __half*>(gamma),
+                                                   eps, static_cast<float*>(y), H, approx != 0);
+  return cudaGetLastError();
+}
+
+cudaError_t quant_normed(const void* y, void* xq, void* ascale, void* asum, int M, int H, int approx,
+                         cudaStream_t stream) {
+  if (M < 0 || H <= 0 || !y || !xq || !ascale) return cudaErrorInvalidValue;
+  if (M == 0) return cudaSuccess;
+  quant_normed_kernel<<<M, norm_threads(H), 0, stream>>>(static_cast<const float*>(y), static_cast<int8_t*>(xq),
+                                                         static_cast<__half*>(ascale), static_cast<__half*>(asum), H,
+                                                         approx != 0);
+  return cudaGetLastError();
+}
+
+cudaError_t quant_engine(const void* x, void* xq, void* ascale, void* asum, int M, int K, int approx,
+                         cudaStream_t stream) {
+  if (M < 0 || K <= 0 || !x || !xq || !ascale) return cudaErrorInvalidValue;
+  if (M == 0) return cudaSuccess;
+  // the engine's block is min(K, 1024) threads; a partial last warp (K % 32 != 0, which the W4A8 layout excludes)
+  // runs here with its missing lanes reading 0 in the reductions, as the CPU emulation assumes
+  quant_engine_kernel<<<M, std::min(K, kMaxThreads), 0, stream>>>(static_cast<const __half*>(x),
+                                                                  static_cast<int8_t*>(xq),
+                                                                  static_cast<__half*>(ascale),
+                                                                  static_cast<__half*>(asum), K, approx != 0);
   return cudaGetLastError();
 }
 

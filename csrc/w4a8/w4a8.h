@@ -15,10 +15,18 @@ namespace dcc_w4a8 {
 // out fp16 [M, N] row-major. workspace: device scratch of ws_bytes bytes (may be null when ws_bytes == 0).
 cudaError_t quant_act(const void* x, void* xq, void* ascale, void* asum, int M, int K, cudaStream_t stream);
 // QServe's fused ops as its kernels compute them (quant_fused.cu): x, gamma fp16 [M, H] / [H] -> xq int8 [M, H],
-// ascale fp16 [M], asum fp16 [M] (null: rms_norm_general without the sum); gate, up, out fp16 [M, D]. approx = 1:
+// ascale fp16 [M], asum fp16 [M] (null: rms_norm_general without the sum); norm_y and quant_normed split it at the
+// float32 normed values y [M, H] (same bits); quant_engine is the engine's standalone quant kernel (x fp16 [M, K],
+// its sum in float32 in the engine's order: unlike quant_act's exact sum); gate, up, out fp16 [M, D]. approx = 1:
 // the engine's MUFU instructions (QServe's bits); 0: correctly rounded stand-ins (dcc's CPU emulation's bits).
 cudaError_t norm_quant(const void* x, const void* gamma, float eps, void* xq, void* ascale, void* asum, int M, int H,
                        int approx, cudaStream_t stream);
+cudaError_t norm_y(const void* x, const void* gamma, float eps, void* y, int M, int H, int approx,
+                   cudaStream_t stream);
+cudaError_t quant_normed(const void* y, void* xq, void* ascale, void* asum, int M, int H, int approx,
+                         cudaStream_t stream);
+cudaError_t quant_engine(const void* x, void* xq, void* ascale, void* asum, int M, int K, int approx,
+                         cudaStream_t stream);
 cudaError_t silu_mul(const void* gate, const void* up, void* out, int M, int D, int approx, cudaStream_t stream);
 cudaError_t gemm_mma(const void* xq, const void* ascale, const void* asum, const void* qweight, const void* s1_scales,
                      const void* s1_szeros, const void* s2_scales, const void* s2_zeros, void* out,

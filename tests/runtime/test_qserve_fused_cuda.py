@@ -126,3 +126,115 @@ def test_gpu_linear_quantizes_norm_outputs_as_the_reference(ext, fmt):
     want = ref(y)
     got = W4A8Linear(fmt, t, n, k, None, "cuda", act_input="norm")(y.cuda()).cpu()
     assert torch.equal(got.half().view(torch.int16), want.half().view(torch.int16))
+
+
+# ------------------------------------------------------------- the runtime's use of them: engine bits on the GPU
+
+@pytest.mark.parametrize("h,with_sum", [(96, True), (1000, True), (4096, True), (1536, False)])
+@pytest.mark.parametrize("approx", [0, 1])
+def test_norm_cut_in_two_equals_the_fused_kernel(ext, h, with_sum, approx):
+    """norm_y then quant_normed (the runtime's graph keeps the norm and the linears apart) give norm_quant's codes,
+    scales and sums bit for bit; with the stand-ins, norm_y's float32 values are the CPU emulation's."""
+    from dcc.runtime.cuda import qserve_fused_ops as ops
+    x, w = _residual(29, h, seed=h + 1), (0.5 + torch.rand(h, generator=torch.Generator().manual_seed(2))).half()
+    fused = _norm_quant(ext, x, w, 1e-6, with_sum, approx)
+    y = ops.norm_y(x.cuda(), w, 1e-6, approx=bool(approx))
+    codes, scale, total = (None if t is None else t.cpu() for t in ops.quant_normed(y, with_sum, approx=bool(approx)))
+    assert torch.equal(codes.float(), fused[0])
+    assert torch.equal(scale.view(torch.int16), fused[1].view(torch.int16))
+    if with_sum:
+        assert torch.equal(total.view(torch.int16), fused[2].view(torch.int16))
+    if not approx:
+        want = numerics_fused.layernorm_f32(x.float(), w.float(), 1e-6)
+        assert torch.equal(y.cpu().view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("k", [576, 1536, 4096])
+def test_standalone_engine_quantization_matches_the_cpu_emulation(ext, k):
+    """quant_engine is QServe's standalone quant_kernel_fuse_sum: with the stand-in reciprocal, codes, scales and the
+    float32 sum in the engine's order equal numerics.quantize_tokens; with MUFU.RCP a code moves by at most one."""
+    from dcc.runtime.cuda import qserve_fused_ops as ops
+    x = _residual(37, k, seed=k)
+    want = numerics.quantize_tokens(x.float())
+    codes, scale, total = (t.cpu() for t in ops.quant_engine(x.cuda(), True, approx=False))
+    assert torch.equal(codes.float(), want.codes)
+    assert torch.equal(scale.view(torch.int16), want.scale.reshape(-1).view(torch.int16))
+    assert torch.equal(total.view(torch.int16), want.sum.reshape(-1).view(torch.int16))
+    codes, scale, _ = (None if t is None else t.cpu() for t in ops.quant_engine(x.cuda(), False, approx=True))
+    assert (codes.float() - want.codes).abs().max() <= 1
+    assert torch.equal(scale.view(torch.int16), want.scale.reshape(-1).view(torch.int16))
+
+
+def test_graph_ops_run_the_kernels_on_the_gpu(ext):
+    """dcc::qserve_norm / qserve_silu: on a GPU with engine=False the CPU's bits, with engine=True the kernels' MUFU
+    results (which differ from the stand-ins somewhere in 4096 x 1536 values)."""
+    from dcc.runtime.cuda import qserve_fused_ops as ops
+    from dcc.targets.qserve.ops import qserve_norm, qserve_silu
+    x, w = _residual(64, 1536, seed=11).float(), torch.rand(1536, generator=torch.Generator().manual_seed(3)) + 0.5
+    cpu = qserve_norm(x, w, 1e-5, False)
+    assert torch.equal(qserve_norm(x.cuda(), w.cuda(), 1e-5, False).cpu().view(torch.int32), cpu.view(torch.int32))
+    mufu = qserve_norm(x.cuda(), w.cuda(), 1e-5, True)
+    assert torch.equal(mufu.view(torch.int32), ops.norm_y(x.cuda(), w, 1e-5, approx=True).view(torch.int32))
+    g = torch.randn(4096, 1536, generator=torch.Generator().manual_seed(4)) * 3
+    s_cpu, s_mufu = qserve_silu(g, False), qserve_silu(g.cuda(), True).cpu()
+    assert torch.equal(qserve_silu(g.cuda(), False).cpu().view(torch.int32), s_cpu.view(torch.int32))
+    assert 0 < int((s_mufu != s_cpu).sum()) < g.numel() // 1000 and int(_steps(s_mufu, s_cpu).max()) <= 1
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    from tiny_lm_artifacts import qserve_engine_artifacts
+    return qserve_engine_artifacts(tmp_path_factory)
+
+
+def _engine_out(art, name, codes, scale, total):
+    """fp16 [M, N] of QServe's GEMM on these int8 codes (exact integer GEMM, the engine's float32 epilogue)."""
+    from dcc.targets.qserve import layout
+    entry = art.manifest["layers"][name]
+    n, k = entry["shape"]
+    t = {key: art.tensors.get(f"{name}.{key}") for key in ("qweight", "s1_scales", "s1_szeros", "weight",
+                                                          "dequant_scale") if f"{name}.{key}" in art.tensors.keys()}
+    ints = t["weight"] if "weight" in t else layout.unpack_qweight(t["qweight"], n, k)
+    psum = codes.cpu().to(torch.int64) @ ints.to(torch.int64).T
+    if "s1_szeros" in t:
+        return numerics.epilogue_per_channel(psum, t["s1_scales"].double().view(1, -1),
+                                             t["s1_szeros"].double().view(1, -1), scale.cpu().view(-1, 1),
+                                             total.cpu().view(-1, 1)).half()
+    return numerics.epilogue_scaled(psum, t["dequant_scale"].double().view(1, -1), scale.cpu().view(-1, 1)).half()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_artifacts_gpu_model_computes_the_engines_bits(ext, artifacts, bits):
+    """`validate --device cuda`'s model of an artifact QServe runs: layer 0's q_proj, gate_proj and down_proj
+    outputs equal QServe's kernels applied to the same layer inputs -- the fused norm (norm_quant with MUFU),
+    silu_and_mul (MUFU), the standalone quantization (MUFU.RCP), the integer GEMM and its epilogue -- bit for bit."""
+    from dcc.runtime.artifact import load_artifact
+    from dcc.runtime.graph_blocks import linear_outputs
+    from dcc.runtime.cuda import qserve_fused_ops as ops
+    from dcc.targets.qserve.cuda import build_qserve_cuda_model
+
+    art = load_artifact(artifacts[bits])
+    model = build_qserve_cuda_model(art, "cuda")
+    layer = model.model.layers[0]
+    assert layer.input_layernorm.engine and layer.mlp.act_fn.engine and layer.self_attn.q_proj.engine
+    ids = torch.randint(0, art.config["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(5)).cuda()
+    with linear_outputs(model) as outs, torch.no_grad():
+        model(ids, use_cache=False)
+    h = art.config["hidden_size"]
+    x = model.model.embed_tokens(ids).reshape(-1, h).detach().half()
+    pre, eps, with_sum = "model.layers.0", art.config["rms_norm_eps"], bits == 4
+    mid = (x.float() + outs[f"{pre}.self_attn.o_proj"].reshape(x.shape)).half()
+    for norm, lin, inp in (("input_layernorm", "self_attn.q_proj", x), ("post_attention_layernorm", "mlp.gate_proj",
+                                                                          mid)):
+        w = art.tensors.get(f"{pre}.{norm}.weight").half()
+        codes, scale, total = _norm_quant(ext, inp.cpu(), w, eps, with_sum, approx=1)
+        want = _engine_out(art, f"{pre}.{lin}", codes, scale, total)
+        got = outs[f"{pre}.{lin}"].reshape(want.shape).half().cpu()
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), lin
+    gate = outs[f"{pre}.mlp.gate_proj"].reshape(x.shape[0], -1).half()
+    up = outs[f"{pre}.mlp.up_proj"].reshape(x.shape[0], -1).half()
+    act = _silu_mul(ext, gate.cpu(), up.cpu(), approx=1).cuda()
+    codes, scale, total = ops.quant_engine(act, with_sum, approx=True)
+    want = _engine_out(art, f"{pre}.mlp.down_proj", codes, scale, total)
+    got = outs[f"{pre}.mlp.down_proj"].reshape(want.shape).half().cpu()
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))

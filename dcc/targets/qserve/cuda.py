@@ -1,11 +1,19 @@
 """Run a QServe artifact on the GPU: its W4A8 linears execute through dcc's W4A8 kernels (csrc/w4a8: int8 per-token
 activations, integer GEMM on the stored codes, fp16 epilogue) and its W8A8 linears through torch._int_mm with
 QServe's float32 epilogue; everything else is the CPU reference model (float32, KV-cache quantization from the manifest)
-moved to the GPU. Also the per-layer check of the kernels against the CPU reference (reference.py)."""
+moved to the GPU. Also the per-layer check of the kernels against the CPU reference (reference.py).
+
+An artifact QServe's engine runs (its reference model has the engine's fused norms: reference.use_engine_kernels)
+executes the engine's own activation rules on the GPU, MUFU instructions included (csrc/w4a8/quant_fused.cu with
+approx = 1): the fused norm (dcc::qserve_norm, then quant_normed), the standalone quantization (quant_engine) and
+silu_and_mul's SiLU, so that `dcc validate --device cuda` computes what QServe computes, bit for bit given the same
+inputs; the CPU reference stands correctly rounded results in for the MUFU ones (numerics_fused.py counts how few
+codes that moves)."""
 from __future__ import annotations
 
 import torch
 
+from ...runtime.cuda import qserve_fused_ops
 from ...runtime.cuda.w4a8_ops import gemm, quantize_act, w4a8_linear
 from . import numerics, numerics_fused, reference
 
@@ -24,12 +32,15 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class W4A8Linear(torch.nn.Linear):
     """One QServe linear on the GPU kernels (an nn.Linear subclass, so hooks that look for nn.Linear see it). Same
     contract as reference.QServeLinear: fp16 outputs (bias added in fp16), returned in x's dtype; act_input "norm"
-    (an input from QServeNorm) is quantized by the fused norm kernel's rule (numerics_fused, torch ops on the GPU)."""
+    (an input from QServeNorm) is quantized by the fused norm kernel's rule (numerics_fused, torch ops on the GPU).
+    engine=True: every input is quantized by the engine's own kernels, MUFU.RCP included (qserve_fused_ops:
+    quant_normed after a QServeNorm, quant_engine otherwise)."""
 
     def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], n: int, k: int, bias: torch.Tensor | None,
-                 device, act_input: str = "quant"):
+                 device, act_input: str = "quant", engine: bool = False):
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features, self.fmt, self.act_input = k, n, fmt, act_input
+        self.engine = bool(engine)
         self.weight = None
         for name, t in tensors.items():   # W8A8's "weight" is kept as weight_q: nn.Linear's weight stays None
             self.register_buffer("weight_q" if name == "weight" else name, t.to(device).contiguous())
@@ -41,21 +52,31 @@ class W4A8Linear(torch.nn.Linear):
 
     def _fused(self, x: torch.Tensor):
         """(int8 codes, fp16 scale [M], fp16 sum [M] or None) of the float32 normed values x, as the fused kernel."""
-        a = numerics_fused.quantize_normed(x.reshape(-1, self.in_features).to(torch.float32),
-                                           with_sum=self.fmt == PER_CHANNEL)
+        x2, with_sum = x.reshape(-1, self.in_features).to(torch.float32), self.fmt == PER_CHANNEL
+        if self.engine:
+            return qserve_fused_ops.quant_normed(x2, with_sum, approx=True)
+        a = numerics_fused.quantize_normed(x2, with_sum=with_sum)
         return (a.codes.to(torch.int8).contiguous(), a.scale.reshape(-1).contiguous(),
                 None if a.sum is None else a.sum.reshape(-1).contiguous())
 
+    def _codes(self, x: torch.Tensor):
+        """(codes, scale, sum or None) of any input: the fused norm's rule, or the standalone kernel's."""
+        if self.act_input == "norm":
+            return self._fused(x)
+        x2, with_sum = x.reshape(-1, self.in_features).to(torch.float16), self.fmt == PER_CHANNEL
+        if self.engine:
+            return qserve_fused_ops.quant_engine(x2, with_sum, approx=True)
+        return quantize_act(x2, with_sum=with_sum)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fmt == W8A8:
-            x2 = x.reshape(-1, self.in_features).to(torch.float16)
-            xq, scale, _ = self._fused(x) if self.act_input == "norm" else quantize_act(x2, with_sum=False)
+            xq, scale, _ = self._codes(x)
             psum = _int_mm(xq, self.weight_q.t())   # exact int32, then QServe's float32 epilogue (numerics.py)
             y = numerics.epilogue_scaled(psum, self.dequant_scale.view(1, -1), scale.view(-1, 1))
             y = y.reshape(*x.shape[:-1], self.out_features)
-        elif self.act_input == "norm":
+        elif self.act_input == "norm" or self.engine:
             g = self.group
-            xq, scale, ssum = self._fused(x)
+            xq, scale, ssum = self._codes(x)
             y = gemm(xq, scale, ssum, self.qweight, self.s1_scales, self.s1_szeros if g == 0 else None,
                      self.s2_scales if g else None, self.s2_zeros if g else None, g)
             y = y.reshape(*x.shape[:-1], self.out_features)
@@ -69,7 +90,8 @@ class W4A8Linear(torch.nn.Linear):
         return y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}" + \
+            (", engine kernels" if self.engine else "")
 
 
 def _tensors(art, name: str, entry: dict) -> dict[str, torch.Tensor]:
@@ -82,13 +104,17 @@ def build_qserve_cuda_model(art, device: str = "cuda"):
     from ...runtime.reference import build_model
 
     model = build_model(art, compute_dtype=torch.float32, device="cpu")
+    engine = False
+    for mod in model.modules():   # the engine's fused ops (prepare_reference): its MUFU instructions on the GPU
+        if isinstance(mod, (reference.QServeNorm, reference.QServeSiLU)):
+            mod.engine = engine = True
     for name, entry in art.quantized_layers().items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
         n, k = entry["shape"]
         setattr(parent, child, W4A8Linear(entry["format"], _tensors(art, name, entry), n, k, old.bias, device,
-                                          getattr(old, "act_input", "quant")))
+                                          getattr(old, "act_input", "quant"), engine=engine))
     return model.to(device)
 
 

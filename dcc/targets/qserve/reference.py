@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import layout, numerics, numerics_fused
+from .ops import qserve_norm, qserve_silu
 
 # float32 sums integers exactly below 2^24: |int8 code x weight| <= 127 * 128, so 1024 products per partial sum
 # stay exact in any order; partial sums are then added in float64 (exact as well)
@@ -81,28 +82,32 @@ class QServeLinear(nn.Linear):
 class QServeNorm(nn.Module):
     """The decoder's input_layernorm / post_attention_layernorm as QServe's rms_norm_general computes it (a layer
     norm without bias: numerics_fused.py): returns the float32 normed values, which the QServeLinears reading them
-    (act_input "norm") quantize as the fused kernel does."""
+    (act_input "norm") quantize as the fused kernel does. One dcc::qserve_norm node in the block's graph (ops.py);
+    engine=True (set by the GPU runtime): on a GPU, the engine's MUFU instructions."""
 
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float, engine: bool = False):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.eps = float(eps)
+        self.eps, self.engine = float(eps), bool(engine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = numerics_fused.layernorm_f32(x.reshape(-1, x.shape[-1]), self.weight, self.eps)
-        return y.reshape(x.shape).to(x.dtype)
+        return qserve_norm(x, self.weight, self.eps, self.engine)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}, engine=rms_norm_general"
+        return f"{self.weight.shape[0]}, eps={self.eps}, engine=rms_norm_general" + (" (MUFU)" if self.engine else "")
 
 
 class QServeSiLU(nn.Module):
     """The SiLU of QServe's silu_and_mul kernel, rounded to fp16 as the kernel rounds it (numerics_fused.silu16). The
     model's `act_fn(gate) * up` then multiplies two fp16 values exactly in float32, and down_proj's quantization
-    rounds that product to fp16 first: together the kernel's fp16 output."""
+    rounds that product to fp16 first: together the kernel's fp16 output. One dcc::qserve_silu node (ops.py)."""
+
+    def __init__(self, engine: bool = False):
+        super().__init__()
+        self.engine = bool(engine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return numerics_fused.silu16(x).to(x.dtype)
+        return qserve_silu(x, self.engine)
 
 
 # QServe's decoder layer (qserve/modeling/models/llama_*_unpad.py) fuses by module: its RMSNormGeneral quantizes the

@@ -83,20 +83,8 @@ def test_the_fused_kernel_is_not_the_standalone_path():
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    from dcc.api import CompileOptions, compile_model
-    from tiny_models import decoder_config, save_tiny
-
-    d = tmp_path_factory.mktemp("tiny") / "llama"
-    cfg = decoder_config("llama", hidden=128, heads=4, kv_heads=2, head_dim=32, layers=2, intermediate_size=256)
-    save_tiny(d, cfg, seed=3)
-    ids = torch.randint(0, cfg.vocab_size, (4 * 64,), generator=torch.Generator().manual_seed(0))
-    (d.parent / "calib.txt").write_text(" ".join(map(str, ids.tolist())))
-    out = {}
-    for bits, algo in ((4, "qoq-rtn"), (8, "smoothquant")):
-        opts = CompileOptions(target="qserve", algo=algo, bits=bits, group_size=0, calib=str(d.parent / "calib.txt"),
-                              calib_chunks=4, calib_seq_len=64, progress=False)
-        out[bits] = compile_model(str(d), str(tmp_path_factory.mktemp("arts") / algo), opts, log=lambda m: None)
-    return out
+    from tiny_lm_artifacts import qserve_engine_artifacts
+    return qserve_engine_artifacts(tmp_path_factory)
 
 
 def _int_weight(art, name: str) -> tuple[np.ndarray, dict]:
