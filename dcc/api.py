@@ -13,7 +13,8 @@ import torch
 
 from . import __version__
 from .compiler.gpu_memory import check_fits
-from .compiler.sequential import compile_blocks
+from .compiler.resume import Checkpoint, fingerprint, worth_keeping
+from .compiler.sequential import ModelForward, compile_blocks
 from .ir.fused_linear import SplitLinear
 from .models.loader import LazyModel
 from .targets import BUILTIN_TARGETS
@@ -46,6 +47,8 @@ class CompileOptions:
     device: str = "cpu"
     dump_dir: str | None = None
     force: bool = False
+    resume: bool = False            # continue an interrupted compile of `out` from its last checkpointed block
+    checkpoint: bool = True         # checkpoint each block (what resume continues from; chain compiles only)
     debug: bool = False
     progress: bool = True
     verbose: bool = False
@@ -125,15 +128,20 @@ def resolve(opts: CompileOptions):
 def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> Path:
     """Compile `model` (HF folder or GGUF) for opts.target into the artifact folder `out`; returns its path."""
     from .runtime.device import check_device
-    from .targets.artifact import ArtifactWriter
+    from .targets.artifact import ArtifactWriter, checkpoint_progress
     target, topts, recipe, opts = resolve(opts)
     check_device(opts.device)
     for name in ("calib_chunks", "calib_seq_len"):
         if getattr(opts, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(opts, name)}: must be at least 1")
     check_dump_dir(opts.dump_dir)
+    if opts.resume and not opts.checkpoint:
+        raise ValueError("--resume continues from the checkpoints that --no-checkpoint turns off: give one of them")
     spec = target.spec(topts)
     lm = LazyModel(model, device=opts.device)
+    if opts.resume and lm.adapter.kind == "diffusers":
+        raise ValueError("--resume: not supported for diffusion models yet (the model's own forward drives their "
+                         "compile, so it has no point between blocks to restart from); run without --resume")
     steps = (opts.steps if opts.steps is not None else recipe.passes if recipe and recipe.passes
              else target.pipeline(topts))
     target = target.for_model(lm, topts)   # this compile's target (model-dependent choices live on it)
@@ -141,7 +149,8 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
     kept = target.preflight(lm, spec, topts)
     # the output is checked (and locked) before the long work: refused paths, free space, a concurrent writer
     writer = ArtifactWriter(out, force=opts.force, protect=(lm.path, Path(model)),
-                            need_bytes=estimate_artifact_bytes(lm, spec.bits), log=log)
+                            need_bytes=estimate_artifact_bytes(lm, spec.bits), log=log, resume=opts.resume)
+    ckpt = None
     try:
         ids = calibration_ids(lm, opts)
         n_blocks = len(lm.blocks)
@@ -165,10 +174,14 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
         if opts.dump_dir:
             from .ir.dump import Dumper
             dumper = Dumper(opts.dump_dir)
-        res = compile_blocks(lm, steps, lm.adapter.block_inputs(lm, ids, opts.device), assign,
-                             on_block=emitter.on_block,
+        inputs = lm.adapter.block_inputs(lm, ids, opts.device)
+        if opts.checkpoint and not isinstance(inputs, ModelForward):
+            ckpt = checkpoint(model, writer, emitter, target, topts, steps, opts, calib_sha, log)
+        if opts.resume and not writer.resumed:
+            log(f"--resume: no interrupted compile of {writer.out} to continue; compiling from block 0")
+        res = compile_blocks(lm, steps, inputs, assign, on_block=emitter.on_block,
                              dumper=dumper, device=opts.device, seed=opts.seed, debug=opts.debug,
-                             progress=opts.progress, verbose=opts.verbose)
+                             progress=opts.progress, verbose=opts.verbose, checkpoint=ckpt)
         emitter.finish(lm)
         if all("skip_reason" in v for v in emitter.layers.values()):
             raise ValueError(f"{lm.path.name}: no linear layer was quantized (the pipeline "
@@ -177,19 +190,46 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
         manifest = build_manifest(target, topts, opts, spec, steps, ids, lm, emitter, recipe, calib_sha)
         config = target.hf_config(lm, spec, topts, emitter)
         path = writer.finalize(config, manifest, source=lm.path)
-    except BaseException:
-        writer.abort()
+    except BaseException as e:
+        # an adopted checkpoint is never lost before it is checked against this run's inputs (then it goes back
+        # where it was found, and the error says why)
+        unchecked = writer.resumed and (ckpt is None or ckpt.blocks is None)
+        kept = writer.abort(keep=unchecked or (ckpt is not None or writer.resumed) and worth_keeping(e))
+        if kept is not None and not unchecked:
+            log(f"kept the interrupted compile in {kept} ({checkpoint_progress(kept)}): the same command with "
+                f"--resume continues it, --force discards it")
         raise
     for msg, count in Counter(res.messages).items():   # what passes skipped, once per kind with its block count
         log(f"note: {msg} ({count} of {n_blocks} blocks)")
     times = ", ".join(f"{k} {v:.1f}s" for k, v in res.timing.seconds.items())
-    log(f"compiled {n_blocks} blocks in {res.seconds:.1f}s (passes: {times}); peak RSS {res.peak_rss_mb:.0f} MB")
+    resumed = f" ({ckpt.blocks_loaded} of them in the interrupted compile)" if ckpt and ckpt.blocks_loaded else ""
+    log(f"compiled {n_blocks} blocks{resumed} in {res.seconds:.1f}s (passes: {times}); peak RSS "
+        f"{res.peak_rss_mb:.0f} MB")
     log(f"wrote {path} (loads in: {', '.join(manifest['engines'])})")
     notes = getattr(emitter, "kernel_notes", [])
     if notes:
         log(f"note: {len(notes)} layers have shapes the engine's own GEMM kernels do not cover "
             f"(listed in config.json), first: {notes[0]}")
     return path
+
+
+def checkpoint(model: str, writer, emitter, target, topts, steps, opts: CompileOptions, calib_sha: str,
+               log=log.info) -> Checkpoint:
+    """The compile's per-block checkpoints (compiler/resume.py), fingerprinted by what the artifact's bytes depend on;
+    an interrupted compile's, when the writer adopted one (--resume), checked and loaded."""
+    # named as the user knows them; the names of the model and calibration file too: the manifest records them
+    recipe = {"target": target.name, "option": topts.to_dict(), "pass pipeline": [s.to_dict() for s in steps],
+              "--seed": opts.seed, "--calib-chunks": opts.calib_chunks, "--calib-seq-len": opts.calib_seq_len,
+              "calibration file name": Path(opts.calib).name, "model name": Path(model).name,
+              "device kind": torch.device(opts.device).type}
+    versions = {"dcc": __version__, "torch": torch.__version__, "transformers": _version("transformers")}
+    ckpt = Checkpoint(writer.journal, fingerprint(Path(model), calib_sha, recipe, versions), emitter, writer, log,
+                      name=writer.partial)
+    if writer.resumed:
+        done = ckpt.load()
+        log(f"--resume: {done} of {ckpt.blocks} blocks were done in the interrupted compile; continuing from block "
+            f"{done}")
+    return ckpt
 
 
 def build_manifest(target, topts, opts: CompileOptions, spec, steps, ids, lm, emitter, recipe=None,

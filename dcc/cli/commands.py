@@ -70,24 +70,36 @@ def _targets_epilog() -> str:
 @click.option("--device", default="cpu", show_default=True, help="Where calibration runs (cpu, cuda).")
 @click.option("--force", is_flag=True,
               help="Replace OUTPUT if it is a dcc artifact (never another folder, the source model or the current "
-                   "folder); the old artifact is swapped out only once the new one is complete.")
+                   "folder); the old artifact is swapped out only once the new one is complete. Also discards an "
+                   "interrupted compile of OUTPUT (see --resume).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted compile of OUTPUT from its first unfinished block. Each finished block is "
+                   "checkpointed in OUTPUT's temporary folder, kept beside it as .NAME.partial when the compile is "
+                   "stopped (Ctrl-C, SIGTERM, out of memory or disk; also found after a kill -9); it is checked "
+                   "against the model files, calibration, options and versions, and the artifact is byte-identical "
+                   "to an uninterrupted compile's. Causal LMs and encoders (not diffusion models).")
+@click.option("--no-checkpoint", is_flag=True,
+              help="Do not checkpoint blocks: an interrupted compile leaves nothing to resume.")
 @click.option("--debug", is_flag=True, help="Verify the IR between passes.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Print what each pass does to each block.")
 @friendly
 def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, recipe, bits, group_size, kv_bits, rank,
-                precision, zero, dtype, unsupported, dump_dir, seed, device, force, debug, quiet, verbose):
+                precision, zero, dtype, unsupported, dump_dir, seed, device, force, resume, no_checkpoint, debug, quiet,
+                verbose):
     """Compile MODEL (a Hugging Face folder or a .gguf file) into an engine-ready artifact folder.
 
     Blocks are captured with torch.export and compiled one at a time on the calibration data; the artifact is
-    written to a temporary folder and renamed into place when complete."""
+    written to a temporary folder and renamed into place when complete. An interrupted compile keeps its finished
+    blocks: the same command with --resume continues it (--force discards it)."""
     from ..api import CompileOptions, compile_model
     from .main import install_logging
     install_logging(verbose)   # target, algorithm and options are checked by the target registry: one line each
     opts = CompileOptions(target=target, algo=algo, recipe=recipe, bits=bits, group_size=group_size, zero=zero,
                           kv_bits=kv_bits, rank=rank, precision=precision, dtype=dtype, calib=calib, calib_chunks=calib_chunks, calib_seq_len=calib_seq_len,
                           unsupported=unsupported,
-                          seed=seed, device=device, dump_dir=dump_dir, force=force, debug=debug,
+                          seed=seed, device=device, dump_dir=dump_dir, force=force, resume=resume,
+                          checkpoint=not no_checkpoint, debug=debug,
                           progress=not quiet, verbose=verbose)
     compile_model(model, out, opts)
 

@@ -152,14 +152,15 @@ class _BlockCompiler:
 def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], BlockInputs] | ModelForward,
                    assign_specs, on_block=None, dumper=None, device: str = "cpu", seed: int = 0, debug: bool = False,
                    progress: bool = True, verbose: bool = False, max_tokens: int | None = None,
-                   release: bool = True) -> CompileResult:
+                   release: bool = True, checkpoint=None) -> CompileResult:
     """Compile every block in order. `inputs`: block 0's (args, kwargs) on the calibration batch, as the model's
     adapter computes them (dcc.models.adapter: block0_inputs), or a function returning them, called after the passes'
     model prologues -- which may change what reaches block 0 (rotated embeddings), so a pair computed before is
     refused then; or a ModelForward, whose run of the whole model feeds every block. `assign_specs(block)` sets each
     Linear's spec (or skip reason) for the target; `on_block(block, ctx)` receives the finished block (the emitter
     packs it) before its weights are released (release=False keeps them, for in-memory evaluation of formats that no
-    layout packs)."""
+    layout packs). `checkpoint` (compiler/resume.py, a chain only): saved after each block; the blocks it holds as
+    done are not compiled again, the next one starting from its saved input and RNG state."""
     t0 = time.perf_counter()
     check_pipeline(steps)
     dev = torch.device(device)
@@ -172,8 +173,12 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
     comp = _BlockCompiler(lm, steps, assign_specs, on_block, dumper, dev, seed, debug, verbose, max_tokens, release,
                           timing, outputs="all" if isinstance(inputs, ModelForward) else "first")
     n = len(lm.blocks)
-    bar = tqdm(range(n), desc="compiling blocks", unit="block", disable=not progress, file=sys.stderr)
+    start = checkpoint.start if checkpoint is not None else 0
+    bar = tqdm(range(start, n), desc="compiling blocks", unit="block", disable=not progress, file=sys.stderr,
+               initial=start, total=n)
     if isinstance(inputs, ModelForward):
+        if checkpoint is not None:
+            raise ValueError("compile_blocks: a model forward's compile cannot be checkpointed")
         _through_forward(lm, comp, inputs, bar)
     else:
         if callable(inputs):
@@ -183,9 +188,13 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
                              f"block 0's inputs must be computed afterwards: pass them as a function")
         else:
             args, kwargs = inputs
+        if checkpoint is not None:   # the finished blocks' state, the next block's input, the RNG as they left it
+            args, comp.messages = checkpoint.restore(lm, args, dev)
         for i in bar:
             out = comp.compile(i, lm.block_prefix(i), args, kwargs)
             args = (out,) + tuple(args[1:])  # quantized outputs feed the next block
+            if checkpoint is not None:
+                checkpoint.save(i, n, lm, out, comp.messages, dev)
             bar.set_postfix(rss=f"{peak_rss_mb():.0f}MB")
     bar.close()
     run_model_steps("epilogue", steps, lm, ctx0, timing, dumper)

@@ -1,7 +1,8 @@
 """Artifact folders, written atomically: tensors go to safetensors shards in a temporary folder beside the output,
 with config, tokenizer files and the dcc.json manifest; the folder is renamed into place only when complete.
 The writer refuses outputs it must not touch (the working folder, the inputs, anything but a dcc artifact with
---force), holds a lock beside the output, and turns every failed write into one line naming the file."""
+--force), holds a lock beside the output, and turns every failed write into one line naming the file. A compile that
+checkpoints its blocks keeps its folder when interrupted, as .NAME.partial, for `--resume` (dcc/compiler/resume.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +22,7 @@ from .spool import Spool
 MANIFEST = "dcc.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json", "vocab.txt")
+CHECKPOINT_DIR, JOURNAL = "resume", "journal.json"   # a resumable compile's state, inside the temporary folder
 
 
 class OutputError(ValueError):
@@ -91,11 +93,13 @@ class ArtifactWriter:
     Everything that can be refused is checked in the constructor, before any work: a file in the way, an existing
     output without force, a folder that force must not replace, another dcc process writing the same output, and
     too little free space (need_bytes). protect names inputs (the source model) that must never be replaced; the
-    current working folder is always protected."""
+    current working folder is always protected. An interrupted compile's folder (one holding a checkpoint journal:
+    .NAME.partial, or the temporary folder of a process that died) is continued with resume, removed with force,
+    and otherwise refused with a line saying so."""
 
     def __init__(self, out: str | os.PathLike, force: bool = False, shard_bytes: int = 2 << 30,
                  protect: Iterable[str | os.PathLike] = (), need_bytes: int = 0,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, resume: bool = False):
         self.out = Path(out).resolve()
         self.force, self.shard_bytes = force, shard_bytes
         self.protect = [Path.cwd().resolve()] + [Path(p).resolve() for p in protect]
@@ -106,6 +110,10 @@ class ArtifactWriter:
         self._written: list[str] = []
         self._locked = self._done = False
         self.tmp: Path | None = None
+        self.partial = self.out.parent / f".{self.out.name}.partial"
+        self.resumed = False                # the temporary folder is an interrupted compile's, adopted
+        self._checkpointed = False          # a checkpoint refers to the spool: a flush keeps its file
+        self._stale_spools: list[Path] = []
 
         self._check_path()
         if self.out.exists():
@@ -117,10 +125,16 @@ class ArtifactWriter:
             _write(self.out.parent, self.out.parent.mkdir, 0o777, True, True)
             self._take_lock()
             self._remove_stale_temps()
-            self._check_space(need_bytes)
-            self.tmp = Path(_write(self.out.parent, tempfile.mkdtemp, "",
-                                   f".{self.out.name}.tmp-{os.getpid()}-", self.out.parent))
+            self._take_partial(resume, force)
+            # what an adopted compile has written already is part of the estimate
+            self._check_space(need_bytes - (sum(f.stat().st_size for f in self.tmp.iterdir() if f.is_file())
+                                            if self.resumed else 0))
+            if self.tmp is None:
+                self.tmp = Path(_write(self.out.parent, tempfile.mkdtemp, "",
+                                       f".{self.out.name}.tmp-{os.getpid()}-", self.out.parent))
         except BaseException:
+            if self.resumed:   # refused after all: the interrupted compile goes back where it was found
+                os.rename(self.tmp, self.partial)
             self._release_lock()
             for p in made:  # leave no empty folders behind a refusal (rmdir fails, harmlessly, if not empty)
                 try:
@@ -199,14 +213,53 @@ class ArtifactWriter:
             self._locked = False
             self.lock.unlink(missing_ok=True)
 
-    def _remove_stale_temps(self) -> None:
-        """Temporary folders of crashed runs (.NAME.tmp-PID-*) are removed; those of live processes are not."""
+    def _dead_temps(self) -> list[tuple[Path, str]]:
         prefix = f".{self.out.name}.tmp-"
+        found = []
         for p in self.out.parent.iterdir():
             pid = p.name[len(prefix):].split("-", 1)[0] if p.name.startswith(prefix) else ""
             if pid.isdigit() and p.is_dir() and not pid_alive(int(pid)):
+                found.append((p, pid))
+        return found
+
+    def _remove_stale_temps(self) -> None:
+        """Temporary folders of crashed runs (.NAME.tmp-PID-*) are removed; those of live processes are not, nor
+        those holding a checkpoint journal (a killed compile that --resume continues)."""
+        for p, pid in self._dead_temps():
+            if not (p / CHECKPOINT_DIR / JOURNAL).is_file():
                 shutil.rmtree(p, ignore_errors=True)
                 self.log(f"removed stale temporary folder {p} left by process {pid}, which is no longer running")
+
+    def _take_partial(self, resume: bool, force: bool) -> None:
+        """An interrupted compile of this output (the newest, if a killed process left another): adopted as this
+        run's temporary folder with resume, removed with force, else refused naming both ways on."""
+        found = [p for p, _ in self._dead_temps() if (p / CHECKPOINT_DIR / JOURNAL).is_file()]
+        if self.partial.is_dir():
+            found.append(self.partial)
+        found.sort(key=lambda p: (p / CHECKPOINT_DIR / JOURNAL).stat().st_mtime_ns
+                   if (p / CHECKPOINT_DIR / JOURNAL).is_file() else -1)
+        for p in found[:-1]:
+            shutil.rmtree(p, ignore_errors=True)
+            self.log(f"removed {p}, an older interrupted compile of {self.out.name}")
+        if not found:
+            return
+        p = found[-1]
+        if resume and (p / CHECKPOINT_DIR / JOURNAL).is_file():
+            self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            _write(self.tmp, os.rename, p, self.tmp)
+            self.resumed = True
+        elif force or not (p / CHECKPOINT_DIR / JOURNAL).is_file():
+            shutil.rmtree(p, ignore_errors=True)
+            self.log(f"discarded the interrupted compile in {p} (--force)" if force else f"removed {p}: it holds "
+                     f"no checkpoint to resume from")
+        else:
+            raise OutputError(f"{self.out}: an interrupted compile of this output is kept in {p} "
+                              f"({checkpoint_progress(p)}): --resume continues it, --force discards it")
+
+    @property
+    def journal(self) -> Path:
+        """Where a resumable compile keeps its checkpoint journal (the files it names lie beside it)."""
+        return self.tmp / CHECKPOINT_DIR / JOURNAL
 
     # ------------------------------------------------------------------------------------------------ writing
 
@@ -230,10 +283,47 @@ class ArtifactWriter:
             return
         fname = f"model-{len(self._written) + 1:05d}.safetensors"
         spool, self._spool = self._spool, None
-        _write(self.tmp / fname, spool.write, self.tmp / fname, {"format": "pt"})
+        # a checkpoint may still name this spool: its file goes at the next commit()
+        _write(self.tmp / fname, spool.write, self.tmp / fname, {"format": "pt"}, self._checkpointed)
+        if self._checkpointed:
+            self._stale_spools.append(spool.path)
         for k in spool.entries:
             self.weight_map[k] = fname
         self._written.append(fname)
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def state(self) -> dict:
+        """The shards written and the spool's content so far, on disk: what restore() continues from."""
+        self._checkpointed = True
+        spool = _write(self._spool.path, self._spool.state) if self._spool is not None else None
+        return {"written": list(self._written), "weight_map": dict(self.weight_map), "spool": spool}
+
+    def commit(self) -> None:
+        """A checkpoint naming state() is on disk: spools written out into shards before it are not needed."""
+        for p in self._stale_spools:
+            p.unlink(missing_ok=True)
+        self._stale_spools = []
+
+    def restore(self, state: dict) -> None:
+        """Continue from state(): what was written after it (a shard, a spool, bytes of a block that did not finish)
+        is dropped."""
+        keep = set(state["written"]) | ({state["spool"]["file"]} if state["spool"] else set())
+        missing = sorted(f for f in keep if not (self.tmp / f).is_file())
+        if missing:   # checked before anything is touched
+            raise FileNotFoundError(f"{missing[0]} is missing")
+        self._checkpointed = True
+        self._written, self.weight_map = list(state["written"]), dict(state["weight_map"])
+        for p in self.tmp.iterdir():
+            if p.is_file() and p.name not in keep:
+                p.unlink()
+        self._spool = _write(self.tmp, Spool.reopen, self.tmp, state["spool"]) if state["spool"] else None
+
+    def _drop_checkpoint(self) -> None:
+        """The artifact is being finished: the checkpoint and the spools it kept go (they are not the artifact's)."""
+        self.commit()
+        if (self.tmp / CHECKPOINT_DIR).exists():
+            shutil.rmtree(self.tmp / CHECKPOINT_DIR, ignore_errors=True)
 
     def _write_json(self, name: str, obj: dict, indent: int) -> None:
         path = self.tmp / name
@@ -251,6 +341,7 @@ class ArtifactWriter:
 
     def _write_folder(self, config: dict, manifest: dict, source: Path | None) -> None:
         self._flush()
+        self._drop_checkpoint()
         # names that do not depend on the number of shards known in advance: rename to -of- form now
         n = len(self._written)
         renames = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
@@ -298,8 +389,31 @@ class ArtifactWriter:
             raise ArtifactWriteError(f"{self.out}: cannot write ({e.strerror or e})") from e
         shutil.rmtree(old, ignore_errors=True)
 
-    def abort(self) -> None:
-        """Remove the temporary folder and the lock; after finalize() it does nothing."""
+    def abort(self, keep: bool = False) -> Path | None:
+        """Remove the temporary folder and the lock; after finalize() it does nothing. keep: a folder holding a
+        checkpoint journal is kept instead, renamed to .NAME.partial (returned), for --resume."""
+        kept = None
         if not self._done and self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            if self._spool is not None:
+                self._spool._f.close()
+            if keep and self.journal.is_file():
+                kept = self.tmp   # not renamed: the next run still finds it, a dead process's folder with a journal
+                if not self.partial.exists():
+                    try:
+                        os.rename(self.tmp, self.partial)
+                        kept = self.partial
+                    except OSError:
+                        pass
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
         self._release_lock()
+        return kept
+
+
+def checkpoint_progress(folder: Path) -> str:
+    """'3 of 8 blocks done', read off an interrupted compile's journal."""
+    try:
+        j = json.loads((folder / CHECKPOINT_DIR / JOURNAL).read_text())
+        return f"{int(j['done'])} of {int(j['blocks'])} blocks done"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its checkpoint journal is unreadable"

@@ -64,8 +64,30 @@ class Spool:
         self._f.write(data)
         self.nbytes += len(data)
 
-    def write(self, path: Path, metadata: dict[str, str] | None = None) -> None:
-        """Lay the file out at `path` (save_file's bytes) and delete the spool."""
+    def state(self) -> dict:
+        """What reopen() needs to continue this spool after a restart (a resumable compile's checkpoint): its bytes
+        so far are flushed to disk first."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        return {"file": self.path.name, "nbytes": self.nbytes,
+                "entries": {k: [ST_NAMES[dt], list(shape), at, n] for k, (dt, shape, at, n) in self.entries.items()}}
+
+    @classmethod
+    def reopen(cls, folder: Path, state: dict) -> "Spool":
+        """The spool as state() saw it: bytes appended after that point (a block that did not finish) are cut."""
+        self = cls.__new__(cls)
+        self.path = Path(folder) / state["file"]
+        self._f = open(self.path, "r+b")
+        self._f.truncate(state["nbytes"])
+        self._f.seek(state["nbytes"])
+        dtypes = {n: dt for dt, n in ST_NAMES.items()}
+        self.entries = {k: (dtypes[d], tuple(shape), at, n) for k, (d, shape, at, n) in state["entries"].items()}
+        self.nbytes = state["nbytes"]
+        return self
+
+    def write(self, path: Path, metadata: dict[str, str] | None = None, keep: bool = False) -> None:
+        """Lay the file out at `path` (save_file's bytes) and delete the spool (keep: leave it, for a checkpoint
+        that still refers to it)."""
         self._f.close()
         rank = dtype_rank()
         names = sorted(self.entries, key=lambda k: (rank[self.entries[k][0]], k.encode()))
@@ -87,7 +109,8 @@ class Spool:
                     chunk = src.read(min(n, COPY_BYTES))
                     dst.write(chunk)
                     n -= len(chunk)
-        self.discard()
+        if not keep:
+            self.discard()
 
     def discard(self) -> None:
         if not self._f.closed:
