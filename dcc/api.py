@@ -56,13 +56,19 @@ class CompileOptions:
 
 
 def estimate_memory_mb(lm: LazyModel, tokens: int) -> float:
-    """Peak of one block: its float weights (x2 for the pre-pass copy), the activations of its linears and the
-    parts outside the blocks (embeddings, head)."""
+    """Peak of one block: its float weights (x2 for the pre-pass copy), the parts outside the blocks (embeddings,
+    head), the linears' float32 inputs on every calibration token (each linear counted, though q/k/v and gate/up
+    share one copy: an upper estimate), four copies of the hidden states (inputs, float and current outputs, the
+    reference), and one chunk's intermediates (compiler/chunks.py: a few float32 tensors of the widest linear)."""
+    from .compiler.chunks import CHUNK_TOKENS
     block = max(sum(p.numel() for p in b.parameters()) for b in lm.blocks) * 4 * 2
     outer = sum(p.numel() for n, p in lm.model.named_parameters() if not lm.in_blocks(n)) * 4
-    acts = tokens * max(sum(m.in_features for m in b.modules() if isinstance(m, torch.nn.Linear))
-                        for b in lm.blocks) * 4
-    return (block + outer + acts * 2) / 2**20
+    linears = [[m for m in b.modules() if isinstance(m, torch.nn.Linear)] for b in lm.blocks]
+    acts = tokens * max(sum(m.in_features for m in lins) for lins in linears) * 4
+    widest = max((max(m.in_features, m.out_features) for lins in linears for m in lins), default=0)
+    hidden = tokens * min((m.in_features for lins in linears for m in lins), default=0) * 4   # the residual width
+    chunk = min(tokens, CHUNK_TOKENS) * widest * 4 * 6
+    return (block + outer + acts + 4 * hidden + chunk) / 2**20
 
 
 def estimate_artifact_bytes(lm: LazyModel, bits: int) -> int:

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from ..ir import program
+from .chunks import chunk_sizes, run_chunked
 from ..ir.capture import Captures, first_samples, typed_nodes
 from ..ir.program import copy_graph, input_key
 from ..ir.rewrite import linear_nodes
@@ -85,8 +86,7 @@ class BlockContext:
         """The block's whole output (a tensor or a tuple of them, as its forward returns it) on the calibration
         inputs: what the model's forward passes on to the next block."""
         with torch.no_grad():
-            return program.run(self.graph(self.args, self.kwargs), self.block.module, self.args, self.kwargs,
-                               engine=simulate)
+            return self._run(self.args, self.kwargs, simulate)
 
     def forward(self, simulate: bool = False, samples: int | None = None,
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,14 +95,27 @@ class BlockContext:
         function. samples: on the first n sequences; hidden: other hidden states in place of the block's input."""
         args, kwargs = self._inputs(hidden, samples)
         with torch.no_grad():
-            return self._first(program.run(self.graph(args, kwargs), self.block.module, args, kwargs,
-                                           engine=simulate))
+            return self._first(self._run(args, kwargs, simulate))
 
     def record(self, watch: dict[str, Callable[[torch.Tensor], None]]) -> torch.Tensor:
         """Run the float block once, handing the named graph nodes' values to their callbacks; returns its output."""
         with torch.no_grad():
-            return self._first(program.run_recording(self.block.gm, self.block.module, self.args, self.kwargs,
-                                                     watch, engine=False))
+            return self._first(self._run(self.args, self.kwargs, False, watch))
+
+    def _run(self, args: tuple, kwargs: dict, engine: bool, watch: dict | None = None):
+        """The block's graph on (args, kwargs), a few sequences at a time where the batch is large (chunks.py: the
+        same outputs and watched values, the intermediates of one chunk); watch as in program.run_recording."""
+        def one(a, k, w):
+            gm = self.graph(a, k)
+            if w is None:
+                return program.run(gm, self.block.module, a, k, engine=engine)
+            return program.run_recording(gm, self.block.module, a, k, w, engine=engine)
+
+        batch = _batch(args, kwargs)
+        hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if self.outputs != "first" or hidden is None or hidden.dim() != 3 or hidden.shape[0] != batch:
+            return one(args, kwargs, watch)   # a chain block's hidden states [batch, seq, width] only
+        return run_chunked(one, args, kwargs, batch, chunk_sizes(batch, hidden.shape[1]), watch)
 
     def block_io(self):
         """(args, kwargs, float outputs): the outputs as the block computed them before any pass ran."""
