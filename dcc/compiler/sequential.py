@@ -13,6 +13,8 @@ linear inputs, and the activations the forward itself holds on the calibration b
 connections; for a transformer, the hidden states of each stream)."""
 from __future__ import annotations
 
+import logging
+
 import sys
 import time
 from dataclasses import dataclass, field
@@ -110,6 +112,7 @@ class _BlockCompiler:
             raise
 
     def _compile(self, i: int, prefix: str, args: tuple, kwargs: dict, whole: bool):
+        t0, before = time.perf_counter(), dict(self.timing.seconds)
         module = self.lm.materialize(prefix)
         block = Block(i, prefix, module)
         # blocks with the same code and shapes share one capture (the graph does not depend on weight values); each
@@ -133,7 +136,9 @@ class _BlockCompiler:
         self.assign_specs(block)
         ctx = BlockContext(block, args, kwargs, self.device, self.seed + i, max_tokens=self.max_tokens,
                            verbose=self.verbose, captures=self.captures, outputs=self.outputs)
+        t1 = time.perf_counter()
         run_block(block, self.steps, ctx, self.timing, self.dumper, self.debug)
+        t2 = time.perf_counter()
         self.messages += ctx.messages
         full = ctx.forward_full(simulate=True) if whole else None   # as the engine computes it
         out = ctx.forward(simulate=True) if full is None else ctx._first(full)
@@ -141,8 +146,14 @@ class _BlockCompiler:
             # how far the quantized block's output is from the float block's, on the same (quantized) inputs
             ref = ctx.reference.float()
             ctx.block_error = round(float((out.float() - ref).norm() / ref.norm().clamp(min=1e-30)), 6)
+        t3 = time.perf_counter()
         if self.on_block is not None:
             self.on_block(block, ctx)
+        passes = ", ".join(f"{k} {v - before.get(k, 0.0):.1f}s" for k, v in self.timing.seconds.items()
+                           if v - before.get(k, 0.0) >= 0.05)
+        logging.getLogger("dcc").debug(f"  [{prefix}] {time.perf_counter() - t0:.1f}s: load and capture "
+                                       f"{t1 - t0:.1f}s, passes {t2 - t1:.1f}s ({passes}), output {t3 - t2:.1f}s, "
+                                       f"emit {time.perf_counter() - t3:.1f}s")
         block.gm = None
         if self.release:
             self.lm.release(prefix)
