@@ -30,19 +30,37 @@ PYBIND11_MODULE(dcc_w4a4_ext, m) {
       "quant_act",
       [](std::uintptr_t x, std::uintptr_t smooth, std::uintptr_t lora_down_t, std::uintptr_t codes,
          std::uintptr_t ascales, std::uintptr_t lora_act, std::uintptr_t workspace, std::size_t ws_bytes, int M,
-         int K, int R, int dtype, int is_unsigned, float shift, std::uintptr_t stream) {
+         int K, int R, int dtype, int is_unsigned, float shift, std::uintptr_t stream, std::uintptr_t ascales_t,
+         int ld, int fp8_codes) {
         cudaError_t e;
         {
           py::gil_scoped_release nogil;
           e = dcc_w4a4::quant_act(ptr(x), ptr(smooth), ptr(lora_down_t), ptr(codes), ptr(ascales), ptr(lora_act),
-                                  ptr(workspace), ws_bytes, M, K, R, dtype, is_unsigned, shift, stream_of(stream));
+                                  ptr(workspace), ws_bytes, M, K, R, dtype, is_unsigned, shift, stream_of(stream),
+                                  ptr(ascales_t), ld, fp8_codes);
         }
         check(e, "quant_act");
       },
       py::arg("x"), py::arg("smooth"), py::arg("lora_down_t"), py::arg("codes"), py::arg("ascales"),
       py::arg("lora_act"), py::arg("workspace"), py::arg("ws_bytes"), py::arg("M"), py::arg("K"), py::arg("R"),
-      py::arg("dtype"), py::arg("is_unsigned"), py::arg("shift"), py::arg("stream") = 0,
-      "16-bit x [M, K] -> int8 codes [M, K], 16-bit ascales [M, K/64], fp32 lora_act [M, R] (w4a4.h).");
+      py::arg("dtype"), py::arg("is_unsigned"), py::arg("shift"), py::arg("stream") = 0, py::arg("ascales_t") = 0,
+      py::arg("ld") = 0, py::arg("fp8_codes") = 0,
+      "16-bit x [M, K] -> int8 codes [M, K], 16-bit ascales [M, K/64], fp32 lora_act [M, R], and where ascales_t is "
+      "given the scales as fp32 [K/64, ld] for gemm_wgmma (w4a4.h).");
+  m.def(
+      "lora_down",
+      [](std::uintptr_t x, std::uintptr_t lora_down_t, std::uintptr_t lora_act, int M, int K, int R, int dtype,
+         std::uintptr_t stream) {
+        cudaError_t e;
+        {
+          py::gil_scoped_release nogil;
+          e = dcc_w4a4::lora_down(ptr(x), ptr(lora_down_t), ptr(lora_act), M, K, R, dtype, stream_of(stream));
+        }
+        check(e, "lora_down");
+      },
+      py::arg("x"), py::arg("lora_down_t"), py::arg("lora_act"), py::arg("M"), py::arg("K"), py::arg("R"),
+      py::arg("dtype"), py::arg("stream") = 0,
+      "The low-rank down-projection alone, token-blocked: fp32 lora_act [M, R], quant_act's bits (w4a4.h).");
   m.def("quant_act_workspace", &dcc_w4a4::quant_act_workspace, py::arg("M"), py::arg("K"), py::arg("R"),
         "Bytes of fp32 scratch quant_act needs (M x K/64 x R floats; 0 without a low-rank branch).");
   m.def(
@@ -62,6 +80,27 @@ PYBIND11_MODULE(dcc_w4a4_ext, m) {
       py::arg("lora_act"), py::arg("lora_up"), py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"),
       py::arg("R"), py::arg("dtype"), py::arg("stream") = 0,
       "W4A4 GEMM (mma.sync, fp32 group accumulation, bias and low-rank epilogue); out 16-bit [M, N] (w4a4.h).");
+  m.def(
+      "gemm_wgmma",
+      [](std::uintptr_t acodes, std::uintptr_t ascales_t, int ld, std::uintptr_t wcodes, std::uintptr_t wscales_t,
+         std::uintptr_t bias, std::uintptr_t lora_act, std::uintptr_t lora_up, std::uintptr_t out, int M, int N,
+         int K, int R, int dtype, int fp8, std::uintptr_t stream) {
+        cudaError_t e;
+        {
+          py::gil_scoped_release nogil;
+          e = dcc_w4a4::gemm_wgmma(ptr(acodes), ptr(ascales_t), ld, ptr(wcodes), ptr(wscales_t), ptr(bias),
+                                   ptr(lora_act), ptr(lora_up), ptr(out), M, N, K, R, dtype, fp8, stream_of(stream));
+        }
+        check(e, "gemm_wgmma");
+      },
+      py::arg("acodes"), py::arg("ascales_t"), py::arg("ld"), py::arg("wcodes"), py::arg("wscales_t"),
+      py::arg("bias"), py::arg("lora_act"), py::arg("lora_up"), py::arg("out"), py::arg("M"), py::arg("N"),
+      py::arg("K"), py::arg("R"), py::arg("dtype"), py::arg("fp8") = 0, py::arg("stream") = 0,
+      "W4A4 GEMM on Hopper wgmma, bit-identical to gemm; scales fp32 group-major [K/64, ld] / [K/64, N] (w4a4.h).");
+  m.def("gemm_wgmma_supported", &dcc_w4a4::gemm_wgmma_supported, py::arg("M"), py::arg("N"), py::arg("K"),
+        "gemm_wgmma runs this shape on the current GPU (sm_90 with the sm_90a kernels built; N % 64, K % 128).");
+  m.def("gemm_wgmma_tile", &dcc_w4a4::gemm_wgmma_tile, py::arg("M"), py::arg("N"),
+        "The token tile (64 or 128) gemm_wgmma picks for M x N.");
   m.def(
       "quant_act_nvfp4",
       [](std::uintptr_t x, std::uintptr_t smooth, std::uintptr_t lora_down_t, std::uintptr_t codes,

@@ -13,6 +13,10 @@
 // of the partials in chunk order from +0 (dcc/targets/nunchaku/cuda_numerics.py: lora_down_act).
 #include <cfloat>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include <cuda_fp8.h>
 
 #include "common.cuh"
 
@@ -47,8 +51,15 @@ __global__ void __launch_bounds__(kThreads) quant_act_kernel(const T* __restrict
                                                              const T* __restrict__ down_t, uint8_t* __restrict__ codes,
                                                              void* __restrict__ ascales, float* __restrict__ lora_act,
                                                              float* __restrict__ ws, int K, int R, bool is_unsigned,
-                                                             float shift) {
+                                                             float shift, float* __restrict__ ascales_t, int ld,
+                                                             bool fp8_codes) {
   __shared__ float xs[kWarps][kGroup];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Let the dependent grid (the wgmma GEMM, launched programmatically) start once every CTA of this grid has
+  // started: it prefetches weights, and waits for this grid's completion (griddepcontrol.wait) before reading
+  // what this grid writes. This kernel itself is launched plainly (it waits for its predecessor in full).
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
   const int m = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int G = K / kGroup;
@@ -82,7 +93,10 @@ __global__ void __launch_bounds__(kThreads) quant_act_kernel(const T* __restrict
       if (kFp4) {
         c[i] = e2m1_rne(p);
       } else {
-        c[i] = isnan(p) ? 0u : static_cast<uint32_t>(static_cast<int>(fminf(fmaxf(rintf(p), lo), hi))) & 0xFFu;
+        const float q = isnan(p) ? 0.f : fminf(fmaxf(rintf(p), lo), hi);
+        // fp8_codes: the e4m3 byte of the integer code (exact: |code| <= 15 needs 4 significant bits)
+        c[i] = fp8_codes ? static_cast<uint32_t>(__nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3))
+                         : static_cast<uint32_t>(static_cast<int>(q)) & 0xFFu;
       }
     }
     *reinterpret_cast<uint16_t*>(codes + static_cast<size_t>(m) * K + k) = static_cast<uint16_t>(c[0] | (c[1] << 8));
@@ -91,7 +105,13 @@ __global__ void __launch_bounds__(kThreads) quant_act_kernel(const T* __restrict
         static_cast<uint8_t*>(ascales)[static_cast<size_t>(m) * (K / 16) + g * 4 + lane / 8] =
             static_cast<uint8_t>(e4m3_rne(scale));
     } else if (lane == 0) {
-      static_cast<T*>(ascales)[static_cast<size_t>(m) * G + g] = Sixteen<T>::from_f(scale);
+      const T s16 = Sixteen<T>::from_f(scale);
+      static_cast<T*>(ascales)[static_cast<size_t>(m) * G + g] = s16;
+      // gemm_wgmma's copy: the stored 16-bit scale as fp32 (exact), group-major
+      // (token m at column tok_pos(m): within a 16-token block 16a + 8b + 2t + e -> 16a + 4t + 2b + e)
+      if (ascales_t)
+        ascales_t[static_cast<size_t>(g) * ld + ((m & ~15) | ((m & 6) << 1) | ((m >> 2) & 2) | (m & 1))] =
+            Sixteen<T>::to_f(s16);
     }
     if (R > 0) {
       xs[warp][2 * lane] = raw[0];
@@ -120,12 +140,20 @@ __global__ void __launch_bounds__(kThreads) quant_act_kernel(const T* __restrict
 template <bool kFp4>
 cudaError_t launch(const void* x, const void* smooth, const void* lora_down_t, void* codes, void* ascales,
                    void* lora_act, void* workspace, size_t ws_bytes, int M, int K, int R, int dtype, int is_unsigned,
-                   float shift, cudaStream_t stream) {
+                   float shift, cudaStream_t stream, void* ascales_t = nullptr, int ld = 0, int fp8_codes = 0) {
   if (M < 0 || K <= 0 || K % kGroup || R < 0 || R % 16 || (dtype != 0 && dtype != 1)) return cudaErrorInvalidValue;
+  if (ascales_t && (ld < M || ld % 16)) return cudaErrorInvalidValue;
+  if ((ascales_t || fp8_codes) && kFp4) return cudaErrorInvalidValue;
   if (!x || !codes || !ascales) return cudaErrorInvalidValue;
   if (R > 0 && (!lora_down_t || !lora_act || !workspace || ws_bytes < quant_act_workspace(M, K, R)))
     return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
+  // DCC_W4A4_LORA_DOWN=blocked: the low-rank down-projection by the token-blocked kernel (lora_down.cu, the same
+  // bits), after this one, which then skips it
+  const char* ld_mode = R > 0 ? std::getenv("DCC_W4A4_LORA_DOWN") : nullptr;
+  const bool blocked = ld_mode != nullptr && std::strcmp(ld_mode, "blocked") == 0 &&
+                       (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(lora_down_t)) % 16 == 0;
+  const int R_here = blocked ? 0 : R;
   const dim3 grid(M), block(kThreads);
   auto cd = static_cast<uint8_t*>(codes);
   auto la = static_cast<float*>(lora_act);
@@ -134,14 +162,16 @@ cudaError_t launch(const void* x, const void* smooth, const void* lora_down_t, v
     using T = __half;
     quant_act_kernel<T, kFp4><<<grid, block, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(smooth), static_cast<const T*>(lora_down_t), cd, ascales,
-        la, wsp, K, R, is_unsigned != 0, shift);
+        la, wsp, K, R_here, is_unsigned != 0, shift, static_cast<float*>(ascales_t), ld, fp8_codes != 0);
   } else {
     using T = __nv_bfloat16;
     quant_act_kernel<T, kFp4><<<grid, block, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(smooth), static_cast<const T*>(lora_down_t), cd, ascales,
-        la, wsp, K, R, is_unsigned != 0, shift);
+        la, wsp, K, R_here, is_unsigned != 0, shift, static_cast<float*>(ascales_t), ld, fp8_codes != 0);
   }
-  return cudaGetLastError();
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess || !blocked) return e;
+  return lora_down(x, lora_down_t, lora_act, M, K, R, dtype, stream);
 }
 
 }  // namespace
@@ -153,9 +183,9 @@ size_t quant_act_workspace(int M, int K, int R) {
 
 cudaError_t quant_act(const void* x, const void* smooth, const void* lora_down_t, void* codes, void* ascales,
                       void* lora_act, void* workspace, size_t ws_bytes, int M, int K, int R, int dtype,
-                      int is_unsigned, float shift, cudaStream_t stream) {
+                      int is_unsigned, float shift, cudaStream_t stream, void* ascales_t, int ld, int fp8_codes) {
   return launch<false>(x, smooth, lora_down_t, codes, ascales, lora_act, workspace, ws_bytes, M, K, R, dtype,
-                       is_unsigned, shift, stream);
+                       is_unsigned, shift, stream, ascales_t, ld, fp8_codes);
 }
 
 cudaError_t quant_act_nvfp4(const void* x, const void* smooth, const void* lora_down_t, void* codes, void* ascales,

@@ -14,7 +14,8 @@ def test_gencode_per_module():
     assert build.gencode("w4a16", "90") == ["-gencode=arch=compute_90,code=sm_90"]
     assert build.gencode("w4a8", "90") == ["-gencode=arch=compute_90a,code=sm_90a"]   # wgmma needs sm_90a
     assert build.gencode("w4a8", "80") == ["-gencode=arch=compute_80,code=sm_80"]
-    assert build.gencode("w4a4", "90") == ["-gencode=arch=compute_90,code=sm_90"]   # mma.sync only, for now
+    assert build.gencode("w4a4", "90") == ["-gencode=arch=compute_90a,code=sm_90a"]   # its wgmma GEMM
+    assert build.gencode("w4a4", "80") == ["-gencode=arch=compute_80,code=sm_80"]
     with pytest.raises(ValueError, match="unknown CUDA extension"):
         build.gencode("w2a2", "90")
 
@@ -39,13 +40,16 @@ def test_w4a8_sources_and_contract():
 
 def test_w4a4_sources_and_contract():
     names = {p.name for p in build.sources("w4a4")}
-    assert {"w4a4.h", "common.cuh", "quant_act.cu", "gemm.cu", "bindings.cpp"} <= names
+    assert {"w4a4.h", "common.cuh", "quant_act.cu", "lora_down.cu", "gemm.cu", "gemm_wgmma.cu", "wgmma_kernel.cuh",
+            "sm90_ptx.cuh", "bindings.cpp"} <= names
     assert build.MODULES["w4a4"] == "dcc_w4a4_ext"
     header = (build.source_dir("w4a4") / "w4a4.h").read_text()
-    for fn in ("quant_act", "quant_act_workspace", "gemm", "quant_act_nvfp4", "gemm_nvfp4"):
+    fns = ("quant_act", "quant_act_workspace", "lora_down", "gemm", "quant_act_nvfp4", "gemm_nvfp4", "gemm_wgmma",
+           "gemm_wgmma_supported", "gemm_wgmma_tile")
+    for fn in fns:
         assert re.search(rf"\b{fn}\(", header), fn
     binding = (build.source_dir("w4a4") / "bindings.cpp").read_text()
-    for fn in ("quant_act", "quant_act_workspace", "gemm", "quant_act_nvfp4", "gemm_nvfp4"):
+    for fn in fns:
         assert f'"{fn}"' in binding, fn
 
 

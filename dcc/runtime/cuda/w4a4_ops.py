@@ -6,8 +6,16 @@ and the current stream to csrc/w4a4 (module dcc_w4a4_ext), which never links lib
 Device layout the kernels read (unpacked once, at load: csrc/w4a4/DESIGN.md), row-major: INT4 weight codes int8
 [N, K] (one code a byte) and wscales [N, K/64] in the layer's 16-bit dtype; NVFP4 weight codes uint8 [N, K] (e2m1 bit
 patterns) and wscales uint8 [N, K/16] (e4m3 bytes; a float8_e4m3fn tensor is viewed as bytes), alpha a float and
-wcscales [N] 16-bit; smooth [K], lora_down transposed [K, R], lora_up [N, R], bias [N] in the 16-bit dtype."""
+wcscales [N] 16-bit; smooth [K], lora_down transposed [K, R], lora_up [N, R], bias [N] in the 16-bit dtype.
+
+INT4 GEMMs take the Hopper wgmma kernel (csrc/w4a4/gemm_wgmma.cu, the same bits) where the GPU and the shape allow it
+(sm_90, N % 64 == 0, K % 128 == 0), else the mma.sync kernel; the wgmma kernel reads the scales as fp32, group-major:
+wscales_t [K/64, N] (wscales_t(), once per weight tensor: cached_wscales_t) and ascales_t [K/64, ld]
+(quantize(..., scales_t=True), or ascales_t() from the 16-bit ascales); its fp8 variant (path "wgmma_fp8") reads the
+codes as e4m3 bytes (codes_e4m3, quantize(..., fp8_codes=True))."""
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -81,38 +89,138 @@ def _act_inputs(x, smooth, lora_down_t):
     return x, smooth, lora_down_t, m, k, rank
 
 
+# ------------------------------------------------------------------------------- wgmma scale layouts (CPU too)
+
+def scales_ld(m: int) -> int:
+    """Row stride (floats) of ascales_t for M tokens: M rounded up to 16 (whole 16-token blocks, see tok_pos)."""
+    return max(16, (m + 15) // 16 * 16)
+
+
+def tok_pos(m: torch.Tensor) -> torch.Tensor:
+    """Column of token m in ascales_t (csrc/w4a4/wgmma_kernel.cuh tok_pos): within each aligned 16-token block,
+    m = 16a + 8b + 2t + e goes to 16a + 4t + 2b + e, so that a GEMM thread's four token scales are one 16-byte load."""
+    return (m & ~15) | ((m & 6) << 1) | ((m >> 2) & 2) | (m & 1)
+
+
+def wscales_t(wscales: torch.Tensor) -> torch.Tensor:
+    """wscales [N, K/64] 16-bit -> fp32 [K/64, N] (group-major; each the exact fp32 value), for the wgmma GEMM."""
+    if wscales.dim() != 2 or wscales.dtype not in DTYPES:
+        raise ValueError(f"wscales must be 16-bit [N, K/64], got {wscales.dtype} {tuple(wscales.shape)}")
+    return wscales.to(torch.float32).t().contiguous()
+
+
+def codes_e4m3(codes: torch.Tensor) -> torch.Tensor:
+    """int8 4-bit codes (-8..15) -> uint8 e4m3 bytes of the same values (exact), the fp8 wgmma variant's operands."""
+    if codes.dtype != torch.int8:
+        raise ValueError(f"codes must be int8, got {codes.dtype}")
+    lut = torch.arange(-8, 16, dtype=torch.float32).to(torch.float8_e4m3fn).view(torch.uint8).to(codes.device)
+    return lut[(codes.to(torch.int64) + 8).clamp(0, 23)]
+
+
+def _cached(t: torch.Tensor, key: str, make):
+    """make(t), kept on the tensor itself (an attribute; remade if t was modified in place), so that a layer's
+    buffer pays a layout change once."""
+    hit = getattr(t, key, None)
+    if hit is not None and hit[0] == t._version:
+        return hit[1]
+    val = make(t)
+    setattr(t, key, (t._version, val))
+    return val
+
+
+def cached_wscales_t(wscales: torch.Tensor) -> torch.Tensor:
+    return _cached(wscales, "_dcc_wscales_t", wscales_t)
+
+
+def cached_codes_e4m3(wcodes: torch.Tensor) -> torch.Tensor:
+    return _cached(wcodes, "_dcc_codes_e4m3", codes_e4m3)
+
+
+def ascales_t(ascales: torch.Tensor) -> torch.Tensor:
+    """ascales [M, K/64] 16-bit -> fp32 [K/64, scales_ld(M)] (group-major, exact values, token m at column
+    tok_pos(m), the other columns 0): what quantize(..., scales_t=True) writes beside the 16-bit scales."""
+    if ascales.dim() != 2 or ascales.dtype not in DTYPES:
+        raise ValueError(f"ascales must be 16-bit [M, K/64], got {ascales.dtype} {tuple(ascales.shape)}")
+    m, groups = ascales.shape
+    out = torch.zeros(groups, scales_ld(m), dtype=torch.float32, device=ascales.device)
+    out[:, tok_pos(torch.arange(m, device=ascales.device))] = ascales.to(torch.float32).t()
+    return out
+
+
+def wgmma_supported(m: int, n: int, k: int) -> bool:
+    """The Hopper wgmma GEMM runs M x N x K on the current GPU (sm_90 and the sm_90a build; N % 64, K % 128)."""
+    if m < 1 or n % 64 or k % 128 or not torch.cuda.is_available():
+        return False
+    return bool(ext().gemm_wgmma_supported(m, n, k))
+
+
+PATHS = ("auto", "mma", "wgmma", "wgmma_fp8")
+
+
+def _choose(path: str, m: int, n: int, k: int) -> str:
+    """The GEMM path: auto -> wgmma where it runs (wgmma_fp8 when DCC_W4A4_FP8=1), else mma; DCC_W4A4_PATH (one of
+    PATHS but auto) replaces auto, e.g. to run the mma.sync kernel through code that calls with path="auto". Both
+    variables are read per call."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    if path == "auto" and os.environ.get("DCC_W4A4_PATH", "auto") in PATHS[1:]:
+        path = os.environ["DCC_W4A4_PATH"]
+    if path == "auto":
+        if not wgmma_supported(m, n, k):
+            return "mma"
+        return "wgmma_fp8" if os.environ.get("DCC_W4A4_FP8") == "1" else "wgmma"
+    if path != "mma" and not wgmma_supported(m, n, k):
+        raise ValueError(f"the wgmma W4A4 GEMM cannot run M={m} N={n} K={k} on this GPU (sm_90, N % 64, K % 128)")
+    return path
+
+
 def quantize(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down_t: torch.Tensor | None = None, *,
-             unsigned: bool = False, shift: float | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             unsigned: bool = False, shift: float | None = None, scales_t: bool = False, fp8_codes: bool = False):
     """x [M, K] fp16/bf16 on the GPU -> (codes int8 [M, K], ascales [M, K/64] in x's dtype, lora_act fp32 [M, R] or
     None), codes and scales bit-identical to dcc.ir.w4a4.quantize_act_int4(x, smooth, 64, unsigned, x.dtype, shift).
     smooth [K] (x's dtype) or None; lora_down_t [K, R] (x's dtype, R a multiple of 16) or None: the low-rank
-    down-projection of the raw x. shift: default SHIFT_GELU when unsigned, else 0."""
+    down-projection of the raw x. shift: default SHIFT_GELU when unsigned, else 0. scales_t: a fourth output, the
+    scales as fp32 [K/64, scales_ld(M)] for the wgmma GEMM (token m at column tok_pos(m); padding columns unset).
+    fp8_codes: the codes as uint8 e4m3 bytes (codes_e4m3 of them), for the wgmma_fp8 path."""
     x, smooth, lora_down_t, m, k, rank = _act_inputs(x, smooth, lora_down_t)
     shift = (SHIFT_GELU if unsigned else 0.0) if shift is None else float(shift)
     if shift and float(torch.tensor(shift, dtype=x.dtype)) != shift:
         raise ValueError(f"shift {shift} is not exactly representable in {x.dtype}")
-    codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    codes = torch.empty(m, k, dtype=torch.uint8 if fp8_codes else torch.int8, device=x.device)
     ascales = torch.empty(m, k // GROUP, dtype=x.dtype, device=x.device)
     lora_act = torch.empty(m, rank, dtype=torch.float32, device=x.device) if rank else None
+    ld = scales_ld(m)
+    # columns of tokens >= M stay unset: they reach only the accumulators of tokens >= M, whose outputs are dropped
+    st = torch.empty(k // GROUP, ld, dtype=torch.float32, device=x.device) if scales_t else None
+    res = (codes, ascales, lora_act, st) if scales_t else (codes, ascales, lora_act)
     if m == 0:
-        return codes, ascales, lora_act
+        return res
     e = ext()
     ws_bytes = e.quant_act_workspace(m, k, rank)
     ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=x.device) if ws_bytes else None
     with torch.cuda.device(x.device):
         e.quant_act(x.data_ptr(), _ptr(smooth), _ptr(lora_down_t if rank else None), codes.data_ptr(),
                     ascales.data_ptr(), _ptr(lora_act), _ptr(ws), ws_bytes, m, k, rank, DTYPES[x.dtype],
-                    int(unsigned), shift, _stream(x.device))
-    return codes, ascales, lora_act
+                    int(unsigned), shift, _stream(x.device), _ptr(st), ld if (scales_t or fp8_codes) else 0,
+                    int(fp8_codes))
+    return res
 
 
 def gemm(acodes: torch.Tensor, ascales: torch.Tensor, wcodes: torch.Tensor, wscales: torch.Tensor,
          bias: torch.Tensor | None = None, lora_act: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
-         *, out: torch.Tensor | None = None) -> torch.Tensor:
+         *, out: torch.Tensor | None = None, path: str = "auto", ascales_f32t: torch.Tensor | None = None,
+         wscales_f32t: torch.Tensor | None = None, wcodes_e4m3: torch.Tensor | None = None) -> torch.Tensor:
     """out [M, N] in ascales' dtype: acodes int8 [M, K] and ascales [M, K/64] (quantize's), wcodes int8 [N, K],
-    wscales [N, K/64], bias [N] or None, lora_act fp32 [M, R] with lora_up [N, R] or both None."""
-    if acodes.dtype != torch.int8 or acodes.dim() != 2 or not acodes.is_cuda:
+    wscales [N, K/64], bias [N] or None, lora_act fp32 [M, R] with lora_up [N, R] or both None. path (PATHS):
+    "auto" (wgmma where wgmma_supported, else mma), "mma" (mma.sync), "wgmma" (Hopper, s8 operands) or "wgmma_fp8"
+    (Hopper, e4m3 operands: acodes may then be quantize(fp8_codes=True)'s uint8 bytes); forced paths raise
+    ValueError where they cannot run. ascales_f32t / wscales_f32t / wcodes_e4m3: the wgmma kernels' layouts
+    (quantize(scales_t=True), wscales_t(), codes_e4m3()); made here where not given. Every path gives the same
+    bits."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    fp8_in = acodes.dtype == torch.uint8 and path == "wgmma_fp8"
+    if (acodes.dtype != torch.int8 and not fp8_in) or acodes.dim() != 2 or not acodes.is_cuda:
         raise ValueError(f"acodes must be int8 [M, K] on a GPU, got {acodes.dtype} {tuple(acodes.shape)}")
     dev, dtype = acodes.device, ascales.dtype
     if dtype not in DTYPES:
@@ -129,18 +237,40 @@ def gemm(acodes: torch.Tensor, ascales: torch.Tensor, wcodes: torch.Tensor, wsca
     rank, out = _epilogue_operands(lora_act, lora_up, out, m, n, dtype, dev)
     if m == 0:
         return out
-    t = [_dense(v) if v is not None else None for v in (acodes, ascales, wcodes, wscales, bias, lora_act, lora_up)]
+    path = _choose(path, m, n, k)
+    if path == "mma":
+        t = [_dense(v) if v is not None else None for v in (acodes, ascales, wcodes, wscales, bias, lora_act,
+                                                            lora_up)]
+        with torch.cuda.device(dev):
+            ext().gemm(*(_ptr(v) for v in t), out.data_ptr(), m, n, k, rank, DTYPES[dtype], _stream(dev))
+        return out
+    fp8 = path == "wgmma_fp8"
+    ast = ascales_t(ascales) if ascales_f32t is None else ascales_f32t
+    wst = wscales_t(wscales) if wscales_f32t is None else wscales_f32t
+    ld = ast.shape[1]
+    _need("ascales_f32t", ast, torch.float32, (k // GROUP, ld), dev)
+    _need("wscales_f32t", wst, torch.float32, (k // GROUP, n), dev)
+    if ld < m or ld % 16:
+        raise ValueError(f"ascales_f32t's rows hold {ld} tokens: at least M = {m}, a multiple of 16")
+    a, w = acodes, wcodes
+    if fp8:
+        a = acodes if fp8_in else codes_e4m3(acodes)
+        w = codes_e4m3(wcodes) if wcodes_e4m3 is None else wcodes_e4m3
+        _need("wcodes_e4m3", w, torch.uint8, (n, k), dev)
+    t = [_dense(v) if v is not None else None for v in (a, ast, w, wst, bias, lora_act, lora_up)]
     with torch.cuda.device(dev):
-        ext().gemm(*(_ptr(v) for v in t), out.data_ptr(), m, n, k, rank, DTYPES[dtype], _stream(dev))
+        ext().gemm_wgmma(_ptr(t[0]), _ptr(t[1]), ld, *(_ptr(v) for v in t[2:]), out.data_ptr(), m, n, k, rank,
+                         DTYPES[dtype], int(fp8), _stream(dev))
     return out
 
 
 def w4a4_linear(x: torch.Tensor, wcodes: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor | None = None,
                 lora_down_t: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None, *, unsigned: bool = False) -> torch.Tensor:
+                bias: torch.Tensor | None = None, *, unsigned: bool = False, path: str = "auto") -> torch.Tensor:
     """y [..., N] in wscales' dtype for x [..., K] (cast to that dtype): quantize, then gemm. The weights as the
     device layout above (wcodes int8 [N, K], wscales [N, K/64], smooth [K], lora_down_t [K, R], lora_up [N, R],
-    bias [N]). Bit-identical to dcc.targets.nunchaku.cuda_numerics.w4a4_int4_linear_cuda."""
+    bias [N]); the wgmma paths' weight layouts are made once per tensor (cached_wscales_t, cached_codes_e4m3).
+    path as gemm's. Bit-identical to dcc.targets.nunchaku.cuda_numerics.w4a4_int4_linear_cuda."""
     if not x.is_cuda:
         raise ValueError(f"x must be a CUDA tensor, got {x.device}")
     k = wcodes.shape[1]
@@ -148,8 +278,19 @@ def w4a4_linear(x: torch.Tensor, wcodes: torch.Tensor, wscales: torch.Tensor, sm
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).to(wscales.dtype)
-    codes, ascales, lora_act = quantize(x2, smooth, lora_down_t, unsigned=unsigned)
-    y = gemm(codes, ascales, wcodes, wscales, bias, lora_act, lora_up if lora_act is not None else None)
+    m, n = x2.shape[0], wcodes.shape[0]
+    path = _choose(path, m, n, k) if m > 0 else "mma"
+    up = lora_up if lora_down_t is not None and lora_down_t.shape[-1] > 0 else None
+    if path == "mma":
+        codes, ascales, lora_act = quantize(x2, smooth, lora_down_t, unsigned=unsigned)
+        y = gemm(codes, ascales, wcodes, wscales, bias, lora_act, up if lora_act is not None else None, path="mma")
+    else:
+        fp8 = path == "wgmma_fp8"
+        codes, ascales, lora_act, ast = quantize(x2, smooth, lora_down_t, unsigned=unsigned, scales_t=True,
+                                                 fp8_codes=fp8)
+        y = gemm(codes, ascales, wcodes, wscales, bias, lora_act, up if lora_act is not None else None, path=path,
+                 ascales_f32t=ast, wscales_f32t=cached_wscales_t(wscales),
+                 wcodes_e4m3=cached_codes_e4m3(wcodes) if fp8 else None)
     return y.reshape(*lead, wcodes.shape[0])
 
 
