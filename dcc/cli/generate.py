@@ -80,14 +80,25 @@ def generate_cmd(artifact, prompt, max_new_tokens, device, batch, temperature, t
     if limit and len(ids) >= limit:
         _fail(f"the prompt has {len(ids)} tokens; the model takes at most {limit} positions")
     t = time.perf_counter()
+    fast = None
     if device.startswith("cuda"):
-        from ..runtime.cuda.model import build_cuda_model
-        model = build_cuda_model(art, device)
+        # the fast decoder (static KV cache, CUDA-graph decode step) where it runs the artifact; else the reference
+        # model's blocks on dcc's kernels, with one line saying why
+        from ..runtime.fastlm import FastLlama, fast_path_problem
+        why = fast_path_problem(art, exact)
+        if why is None:
+            fast = FastLlama(art, device)
+        else:
+            if not quiet:
+                click.echo(f"note: not the fast decoder ({why}); running the reference model on the GPU", err=True)
+            from ..runtime.cuda.model import build_cuda_model
+            model = build_cuda_model(art, device)
     else:
         from ..runtime.reference import build_model
         model = build_model(art)
     if not quiet:
-        click.echo(f"loaded {art.path} ({art.manifest.get('target')}, {device}) in {time.perf_counter() - t:.1f}s; "
+        click.echo(f"loaded {art.path} ({art.manifest.get('target')}, {device}{', fast decoder' if fast else ''}) "
+                   f"in {time.perf_counter() - t:.1f}s; "
                    f"prompt {len(ids)} tokens", err=True)
 
     eos = eos_ids(art.path, art.config, tok)
@@ -110,8 +121,13 @@ def generate_cmd(artifact, prompt, max_new_tokens, device, batch, temperature, t
         show(tokens)
 
     try:
-        res = generate(model, ids, max_new_tokens, sampling, batch=batch, eos=eos, max_positions=limit,
-                       on_tokens=on_tokens, **({"cache": False, "bucket": 1} if exact else {}))
+        if fast is not None:
+            from ..runtime.fastlm import generate_fast
+            res = generate_fast(fast, ids, max_new_tokens, sampling, batch=batch, eos=eos, max_positions=limit,
+                                on_tokens=on_tokens)
+        else:
+            res = generate(model, ids, max_new_tokens, sampling, batch=batch, eos=eos, max_positions=limit,
+                           on_tokens=on_tokens, **({"cache": False, "bucket": 1} if exact else {}))
     except KeyboardInterrupt as e:   # Ctrl-C (or SIGTERM): what was printed stays; say where it stopped
         click.echo(stream.flush())
         signum = getattr(e, "signum", 2)

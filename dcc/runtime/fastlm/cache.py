@@ -1,0 +1,137 @@
+"""The fast decoder's static KV caches, allocated once per run as [layers, batch, kv_heads, capacity, ...]: 16-bit
+K/V, or QServe's KV4 (4-bit codes, two per byte with the even channel in the low nibble, fp16 scale and zero per
+token and head, as the artifact's runtime.kv_cache defines it). A decode step writes slot pos[b] of each sequence and
+attends to slots 0..pos[b]: on the GPU one csrc/attn launch a layer (RoPE, cache write, attention; a 16-bit cache
+can use scaled_dot_product_attention instead), on the CPU torch ops. Prefill writes slots 0..S-1 and attends
+causally through scaled_dot_product_attention (KV4: to the dequantized K/V, as the reference's dcc::quant_kv does)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import ops, ref_ops
+
+
+def _rope_decode(qkv, pos, cos, sin, heads, kv_heads, d):
+    """Torch path of a decode step's RoPE: (q [B, H, D], k, v [B, KVH, D]) in float32."""
+    b = qkv.shape[0]
+    q, k, v = torch.split(qkv.to(torch.float32), [heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    c, s = cos[pos][:, None], sin[pos][:, None]
+    return (ref_ops.rope(q.reshape(b, heads, d), c, s), ref_ops.rope(k.reshape(b, kv_heads, d), c, s),
+            v.reshape(b, kv_heads, d))
+
+
+class KVCache:
+    """Shared by both caches: shapes, the decode kernel's split of the slots, the prefill's causal attention."""
+
+    def __init__(self, layers, batch, kv_heads, capacity, head_dim, heads, device, sms: int = 132):
+        self.layers, self.batch, self.kv_heads, self.capacity = layers, batch, kv_heads, capacity
+        self.d, self.heads, self.device = head_dim, heads, torch.device(device)
+        self.kernels = self.device.type == "cuda" and ops.kernel_takes(head_dim, heads // kv_heads)
+        self.chunk, self.splits = ops.attn_split(batch, kv_heads, capacity, sms)
+        if self.kernels:
+            # partial outputs, maxima and sums of the splits, then one arrival counter per (sequence, KV head),
+            # zero on entry (the kernel's last CTA resets its counter)
+            self.ws = torch.zeros(batch * heads * self.splits * (head_dim + 2) + batch * kv_heads,
+                                  dtype=torch.float32, device=device)
+
+    def _fused(self, qkv, cos, sin, pos, ptrs, kv: int, out_dtype):
+        """csrc/attn's decode attention in one launch: RoPE of the step's q and k (qkv [B, (H + 2 KVH) D], 16-bit),
+        the step's K/V written into slot pos[b] (ptrs: the layer's cache), attention over slots 0..pos[b]."""
+        b = qkv.shape[0]
+        qkv = qkv.contiguous()
+        out = torch.empty(b, self.heads, self.d, dtype=out_dtype, device=qkv.device)
+        ops._ext().decode_attention(0, qkv.data_ptr(), qkv.shape[1], cos.data_ptr(), sin.data_ptr(),
+                                    ops._DT[qkv.dtype], *ptrs, pos.data_ptr(), out.data_ptr(), self.ws.data_ptr(),
+                                    b, self.heads, self.kv_heads, self.d, self.capacity, self.chunk, self.splits, kv,
+                                    ops._DT[out_dtype], ops._stream(qkv))
+        return out
+
+    def _causal(self, q, k, v, dtype):
+        """q [B, H, S, D] over k/v [B, KVH, S, D], causal, in `dtype` -> [B, H, S, D]."""
+        return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True,
+                                              enable_gqa=self.heads != self.kv_heads)
+
+
+class KV16Cache(KVCache):
+    """16-bit K/V. The decode step attends through csrc/attn's kernel (one launch reading slots 0..pos[b]) or, with
+    sdpa=True or a head the kernel does not take, scaled_dot_product_attention over every slot with a mask."""
+
+    def __init__(self, layers, batch, kv_heads, capacity, head_dim, heads, device, dtype, sms: int = 132,
+                 sdpa: bool = False):
+        super().__init__(layers, batch, kv_heads, capacity, head_dim, heads, device, sms)
+        self.dtype, self.sdpa = dtype, sdpa
+        shape = (layers, batch, kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slots = torch.arange(capacity, device=device)
+
+    def prefill(self, layer, q, k, v):
+        s = k.shape[2]
+        self.k[layer, :, :, :s] = k.to(self.dtype)
+        self.v[layer, :, :, :s] = v.to(self.dtype)
+        return self._causal(q, self.k[layer, :, :, :s], self.v[layer, :, :, :s], self.dtype)
+
+    def decode(self, layer, qkv, pos, cos, sin):
+        """qkv [B, (H + 2 KVH) D] (before RoPE) at positions pos [B] -> attention output [B, H, D]."""
+        b, h, d = qkv.shape[0], self.heads, self.d
+        kc, vc = self.k[layer], self.v[layer]
+        if self.kernels and qkv.dtype == self.dtype and not self.sdpa:
+            return self._fused(qkv, cos, sin, pos, (kc.data_ptr(), 0, 0, vc.data_ptr(), 0, 0), ops._DT[self.dtype],
+                               self.dtype)
+        if self.kernels and qkv.dtype == self.dtype:   # RoPE + write in one kernel, then SDPA
+            q = torch.empty(b, h, d, dtype=self.dtype, device=qkv.device)
+            qkv = qkv.contiguous()
+            ops._ext().rope_write(qkv.data_ptr(), qkv.shape[1], cos.data_ptr(), sin.data_ptr(), pos.data_ptr(),
+                                  q.data_ptr(), kc.data_ptr(), 0, 0, vc.data_ptr(), 0, 0, b, h, self.kv_heads, d,
+                                  self.capacity, ops._DT[self.dtype], ops._DT[q.dtype], 0, ops._stream(qkv))
+        else:
+            q, k, v = _rope_decode(qkv, pos, cos, sin, h, self.kv_heads, d)
+            rows = torch.arange(b, device=qkv.device)
+            kc[rows, :, pos] = k.to(self.dtype)
+            vc[rows, :, pos] = v.to(self.dtype)
+        return ref_ops.decode_attention(q.to(self.dtype), kc, vc, pos + 1)
+
+
+class KV4Cache(KVCache):
+    def __init__(self, layers, batch, kv_heads, capacity, head_dim, heads, device, sms: int = 132):
+        super().__init__(layers, batch, kv_heads, capacity, head_dim, heads, device, sms)
+        codes = (layers, batch, kv_heads, capacity, head_dim // 2)
+        meta = (layers, batch, kv_heads, capacity)
+        self.kc = torch.zeros(codes, dtype=torch.uint8, device=device)
+        self.vc = torch.zeros(codes, dtype=torch.uint8, device=device)
+        self.ks, self.kz, self.vs, self.vz = (torch.zeros(meta, dtype=torch.float16, device=device) for _ in range(4))
+
+    def _store(self, layer, sl, k, v):
+        """Quantize k/v [B, KVH, S, D] into slots `sl`; returns their dequantized values (float32)."""
+        out = []
+        for x, c, s, z in ((k, self.kc, self.ks, self.kz), (v, self.vc, self.vs, self.vz)):
+            codes, scale, zero = ref_ops.kv4_quantize(x)
+            c[layer][:, :, sl] = ref_ops.kv4_pack(codes)
+            s[layer][:, :, sl], z[layer][:, :, sl] = scale, zero
+            out.append(ref_ops.kv4_dequantize(c[layer][:, :, sl], s[layer][:, :, sl], z[layer][:, :, sl]))
+        return out
+
+    def dequantized(self, layer):
+        """The whole layer's K and V, dequantized (float32 [B, KVH, T, D]): the torch path and the tests' reference."""
+        return (ref_ops.kv4_dequantize(self.kc[layer], self.ks[layer], self.kz[layer]),
+                ref_ops.kv4_dequantize(self.vc[layer], self.vs[layer], self.vz[layer]))
+
+    def prefill(self, layer, q, k, v):
+        kd, vd = self._store(layer, slice(0, k.shape[2]), k, v)
+        # the reference attends to the dequantized (fp16-valued) K/V in float32; the GPU runs it in fp16 (flash)
+        return self._causal(q, kd, vd, torch.float16 if q.is_cuda else torch.float32)
+
+    def decode(self, layer, qkv, pos, cos, sin):
+        b, h, d = qkv.shape[0], self.heads, self.d
+        if self.kernels and qkv.dtype in (torch.float16, torch.bfloat16):
+            ptrs = [t[layer].data_ptr() for t in (self.kc, self.ks, self.kz, self.vc, self.vs, self.vz)]
+            return self._fused(qkv, cos, sin, pos, ptrs, 4, torch.float16)
+        q, k, v = _rope_decode(qkv, pos, cos, sin, h, self.kv_heads, d)
+        rows = torch.arange(b, device=qkv.device)
+        for x, c, s, z in ((k, self.kc, self.ks, self.kz), (v, self.vc, self.vs, self.vz)):
+            codes, scale, zero = ref_ops.kv4_quantize(x)
+            c[layer][rows, :, pos] = ref_ops.kv4_pack(codes)
+            s[layer][rows, :, pos], z[layer][rows, :, pos] = scale, zero
+        kd, vd = self.dequantized(layer)
+        return ref_ops.decode_attention(q, kd, vd, pos + 1)

@@ -1,0 +1,98 @@
+"""The fast decoder's fused ops: each runs its CUDA kernel (csrc/attn, module dcc_attn_ext; QServe's fused norm and
+SiLU from csrc/w4a8) on a GPU tensor where the kernel takes the shape, else its torch version (ref_ops.py), which
+is also what runs on the CPU. Raw data_ptr()s and the current stream go to the extensions (no libtorch there)."""
+from __future__ import annotations
+
+import torch
+
+from . import ref_ops
+from .linear import QAct
+
+_DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+ATTN_CHUNK = 256        # tokens per block of the decode attention kernel (its shared memory holds G x 256 scores)
+
+
+def _ext(name: str = "attn"):
+    from ..cuda.build import load
+    return load(name=name)
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                out_dtype: torch.dtype, norm: bool = True) -> torch.Tensor:
+    """h [M, H] float32 += delta; returns RMSNorm(h) * weight (norm) or h itself, in out_dtype."""
+    if (h.is_cuda and out_dtype in (torch.float16, torch.bfloat16) and weight.dtype == out_dtype
+            and (delta is None or delta.dtype == out_dtype)):
+        m, hd = h.shape
+        out = torch.empty(m, hd, dtype=out_dtype, device=h.device)
+        d = None if delta is None else delta.reshape(m, hd).contiguous()
+        _ext().add_rmsnorm(h.data_ptr(), 0 if d is None else d.data_ptr(), weight.data_ptr(), out.data_ptr(), m, hd,
+                           float(eps), _DT[out_dtype], int(norm), _stream(h))
+        return out
+    if not norm:
+        if delta is not None:
+            h += delta.to(torch.float32)
+        return h.to(out_dtype)
+    return ref_ops.add_rmsnorm(h, delta, weight, eps, out_dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """SiLU(gate) * up: in one kernel where gate and up are the two halves of one [M, 2I] GEMM output."""
+    fused = (gate.is_cuda and gate.dtype == up.dtype == out_dtype and gate.dim() == 2 and gate.stride(1) == 1
+             and gate.stride(0) == up.stride(0)
+             and up.data_ptr() == gate.data_ptr() + gate.shape[1] * gate.element_size())
+    if fused and out_dtype in (torch.float16, torch.bfloat16):
+        m, i = gate.shape
+        out = torch.empty(m, i, dtype=out_dtype, device=gate.device)
+        _ext().silu_mul(gate.data_ptr(), out.data_ptr(), m, i, gate.stride(0), _DT[out_dtype], _stream(gate))
+        return out
+    return ref_ops.silu_mul(gate, up, out_dtype)
+
+
+def engine_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, with_sum: bool, approx: int) -> QAct:
+    """QServe's rms_norm_general[_fuse_sum] (a layer norm without bias, then int8 per token) of x [M, H]: the w4a8
+    extension's norm_quant on the GPU (approx 1: the engine's MUFU instructions), numerics_fused on the CPU."""
+    if not x.is_cuda:
+        from ...targets.qserve import numerics_fused
+        y = numerics_fused.layernorm_f32(x.to(torch.float32), weight.to(torch.float32), eps)
+        a = numerics_fused.quantize_normed(y, with_sum)
+        return QAct(a.codes, a.scale, a.sum)
+    m, hd = x.shape
+    x16 = x.to(torch.float16).contiguous()
+    xq = torch.empty(m, hd, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float16, device=x.device)
+    ssum = torch.empty(m, dtype=torch.float16, device=x.device) if with_sum else None
+    _ext("w4a8").norm_quant(x16.data_ptr(), weight.data_ptr(), float(eps), xq.data_ptr(), scale.data_ptr(),
+                            0 if ssum is None else ssum.data_ptr(), m, hd, approx, _stream(x))
+    return QAct(xq, scale, ssum)
+
+
+def engine_silu_mul(gate: torch.Tensor, up: torch.Tensor, approx: int) -> torch.Tensor:
+    """QServe's silu_and_mul (fp16 out): the w4a8 extension's kernel on the GPU, numerics_fused on the CPU."""
+    if not gate.is_cuda:
+        from ...targets.qserve import numerics_fused
+        return numerics_fused.silu_and_mul(gate, up)
+    g, u = gate.to(torch.float16).contiguous(), up.to(torch.float16).contiguous()
+    m, d = g.shape
+    out = torch.empty(m, d, dtype=torch.float16, device=g.device)
+    _ext("w4a8").silu_mul(g.data_ptr(), u.data_ptr(), out.data_ptr(), m, d, approx, _stream(g))
+    return out
+
+
+def kernel_takes(head_dim: int, group: int) -> bool:
+    """Whether csrc/attn's decode kernels take this head: head_dim / 8 lanes a power of two up to a warp, and at
+    most 8 query heads per KV head."""
+    lanes = head_dim // 8
+    return head_dim % 8 == 0 and 1 <= lanes <= 32 and lanes & (lanes - 1) == 0 and group <= 8
+
+
+def attn_split(batch: int, kv_heads: int, capacity: int, sms: int) -> tuple[int, int]:
+    """(tokens per block, blocks per sequence and KV head) of the decode attention kernel: the slots of few sequences
+    are split over more blocks (the last one merges the partial softmaxes) so that about 2 blocks run per SM."""
+    chunk = ATTN_CHUNK
+    while chunk > 32 and batch * kv_heads * -(-capacity // chunk) < 2 * sms:
+        chunk //= 2
+    return chunk, -(-capacity // chunk)
