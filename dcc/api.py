@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .compiler.gpu_memory import check_fits
+from .compiler.gpu_memory import check_fits, free_and_total_mb
 from .compiler.resume import Checkpoint, fingerprint, worth_keeping
 from .compiler.sequential import ModelForward, compile_blocks
 from .ir.fused_linear import SplitLinear
@@ -55,16 +55,17 @@ class CompileOptions:
     steps: list | None = None       # Python API only: an explicit pass list (e.g. a benchmark's ablation)
 
 
-def estimate_memory_mb(lm: LazyModel, tokens: int) -> float:
+def estimate_memory_mb(lm: LazyModel, tokens: int, lean: bool = False) -> float:
     """Peak of one block: its float weights (x2 for the pre-pass copy), the parts outside the blocks (embeddings,
     head), the linears' float32 inputs on every calibration token (each linear counted, though q/k/v and gate/up
-    share one copy: an upper estimate), four copies of the hidden states (inputs, float and current outputs, the
-    reference), and one chunk's intermediates (compiler/chunks.py: a few float32 tensors of the widest linear)."""
+    share one copy: an upper estimate; lean, the widest one only), four copies of the hidden states (inputs, float
+    and current outputs, the reference), and one chunk's intermediates (compiler/chunks.py: a few float32 tensors
+    of the widest linear)."""
     from .compiler.chunks import CHUNK_TOKENS
     block = max(sum(p.numel() for p in b.parameters()) for b in lm.blocks) * 4 * 2
     outer = sum(p.numel() for n, p in lm.model.named_parameters() if not lm.in_blocks(n)) * 4
     linears = [[m for m in b.modules() if isinstance(m, torch.nn.Linear)] for b in lm.blocks]
-    acts = tokens * max(sum(m.in_features for m in lins) for lins in linears) * 4
+    acts = tokens * max((max if lean else sum)([m.in_features for m in lins] or [0]) for lins in linears) * 4
     widest = max((max(m.in_features, m.out_features) for lins in linears for m in lins), default=0)
     hidden = tokens * min((m.in_features for lins in linears for m in lins), default=0) * 4   # the residual width
     chunk = min(tokens, CHUNK_TOKENS) * widest * 4 * 6
@@ -165,12 +166,17 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
         if kept:
             log(f"{len(kept)} linears cannot take this layout and stay 16-bit (--unsupported keep); first: {kept[0]}")
         tokens = lm.adapter.calib_tokens(ids)
-        need_mb = estimate_memory_mb(lm, tokens)
-        where = "on the GPU" if torch.device(opts.device).type == "cuda" else "in host memory"
+        need_mb, lean = estimate_memory_mb(lm, tokens), False
+        cuda = torch.device(opts.device).type == "cuda"
+        if cuda and need_mb > free_and_total_mb(torch.device(opts.device))[0]:
+            # the inputs of all a block's linears do not fit: hold one linear's at a time (a block run per read)
+            need_mb, lean = estimate_memory_mb(lm, tokens, lean=True), True
+        where = "on the GPU" if cuda else "in host memory"
         log(f"calibration: {lm.adapter.describe_calibration(ids)} from {opts.calib}; estimated peak memory "
-            f"{need_mb:.0f} MB {where} (one block at a time)")
+            f"{need_mb:.0f} MB {where} (one block at a time"
+            + ("; the linears' inputs one at a time, as all of them do not fit" if lean else "") + ")")
         check_fits(opts.device, need_mb, f"a block's float weights and the parts outside the blocks, and its linears' "
-                                         f"inputs on {tokens} calibration tokens")
+                                         f"inputs on {tokens} calibration tokens" + (", one at a time" if lean else ""))
         calib_sha = _sha(opts.calib)
         if recipe is not None and recipe.calib_sha256 and recipe.calib_sha256 != calib_sha:
             log(f"note: {opts.calib} is not the calibration file {recipe.path} was made with (its sha256 "
@@ -187,7 +193,7 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
             log(f"--resume: no interrupted compile of {writer.out} to continue; compiling from block 0")
         res = compile_blocks(lm, steps, inputs, assign, on_block=emitter.on_block,
                              dumper=dumper, device=opts.device, seed=opts.seed, debug=opts.debug,
-                             progress=opts.progress, verbose=opts.verbose, checkpoint=ckpt)
+                             progress=opts.progress, verbose=opts.verbose, checkpoint=ckpt, lean=lean)
         emitter.finish(lm)
         if all("skip_reason" in v for v in emitter.layers.values()):
             raise ValueError(f"{lm.path.name}: no linear layer was quantized (the pipeline "

@@ -21,13 +21,16 @@ class BlockContext:
 
     def __init__(self, block, args: tuple, kwargs: dict, device: torch.device, seed: int = 0,
                  max_tokens: int | None = None, verbose: bool = False, captures: Captures | None = None,
-                 outputs: str = "first"):
+                 outputs: str = "first", lean: bool = False):
         if outputs not in ("first", "all"):
             raise ValueError(f"outputs {outputs!r}: 'first' or 'all'")
         self.block, self.args, self.kwargs = block, args, kwargs
         self.outputs = outputs   # "first": the block's first output; "all": every tensor it returns, joined
         self.device, self.seed, self.verbose = device, seed, verbose
         self.max_tokens = max_tokens
+        # lean: keep the inputs of one linear (and those reading the same tensor) at a time, not of every linear:
+        # for calibration sets whose inputs of all the block's linears do not fit the device (a run per input read)
+        self.lean = lean
         self.captures = captures if captures is not None else Captures()
         self._acts: dict[str, torch.Tensor] | None = None
         self._float_out: torch.Tensor | None = None
@@ -148,13 +151,18 @@ class BlockContext:
 
     def inputs(self, linear: str) -> torch.Tensor:
         """[tokens, in_features] float32 inputs that `linear` sees with the block's current weights."""
-        if self._acts is None:
-            self._acts = self._collect()
+        if self._acts is None or linear not in self._acts:
+            self._acts = None   # lean: the inputs held are another linear's; drop them before the run
+            self._acts = self._collect(linear if self.lean else None)
         return self._acts[linear]
 
-    def _collect(self) -> dict[str, torch.Tensor]:
+    def feed_of(self, linear: str) -> str:
+        """The graph node whose value `linear` reads: linears with the same feed share one input tensor."""
+        return linear_nodes(self.block.gm)[linear].args[0].name
+
+    def _collect(self, only: str | None = None) -> dict[str, torch.Tensor]:
         """One float run of the graph, keeping each linear's input (read off the node feeding it: linears reading
-        one tensor, q/k/v, share one flattened float32 copy)."""
+        one tensor, q/k/v, share one flattened float32 copy); lean, only `only`'s input (none for the output)."""
         flat: dict[str, torch.Tensor] = {}
 
         def keep(name):
@@ -165,6 +173,8 @@ class BlockContext:
 
         feeds = {lin: node.args[0].name for lin, node in linear_nodes(self.block.gm).items()
                  if lin in self.block.linears}
+        if self.lean:
+            feeds = {lin: name for lin, name in feeds.items() if only is not None and name == feeds.get(only)}
         out = self.record({name: keep(name) for name in set(feeds.values())})
         self._last_out = out
         if self._float_out is None:

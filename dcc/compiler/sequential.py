@@ -79,6 +79,7 @@ class _BlockCompiler:
     release: bool
     timing: PassTiming
     outputs: str = "first"
+    lean: bool = False
     messages: list[str] = field(default_factory=list)
     captures: Captures = field(default_factory=Captures)
 
@@ -135,7 +136,7 @@ class _BlockCompiler:
         self._analyse(block, params)
         self.assign_specs(block)
         ctx = BlockContext(block, args, kwargs, self.device, self.seed + i, max_tokens=self.max_tokens,
-                           verbose=self.verbose, captures=self.captures, outputs=self.outputs)
+                           verbose=self.verbose, captures=self.captures, outputs=self.outputs, lean=self.lean)
         t1 = time.perf_counter()
         run_block(block, self.steps, ctx, self.timing, self.dumper, self.debug)
         t2 = time.perf_counter()
@@ -163,7 +164,7 @@ class _BlockCompiler:
 def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], BlockInputs] | ModelForward,
                    assign_specs, on_block=None, dumper=None, device: str = "cpu", seed: int = 0, debug: bool = False,
                    progress: bool = True, verbose: bool = False, max_tokens: int | None = None,
-                   release: bool = True, checkpoint=None) -> CompileResult:
+                   release: bool = True, checkpoint=None, lean: bool = False) -> CompileResult:
     """Compile every block in order. `inputs`: block 0's (args, kwargs) on the calibration batch, as the model's
     adapter computes them (dcc.models.adapter: block0_inputs), or a function returning them, called after the passes'
     model prologues -- which may change what reaches block 0 (rotated embeddings), so a pair computed before is
@@ -171,7 +172,8 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
     Linear's spec (or skip reason) for the target; `on_block(block, ctx)` receives the finished block (the emitter
     packs it) before its weights are released (release=False keeps them, for in-memory evaluation of formats that no
     layout packs). `checkpoint` (compiler/resume.py, a chain only): saved after each block; the blocks it holds as
-    done are not compiled again, the next one starting from its saved input and RNG state."""
+    done are not compiled again, the next one starting from its saved input and RNG state. lean: each block holds the
+    inputs of one linear at a time (compiler/context.py), for calibration sets too large for the device otherwise."""
     t0 = time.perf_counter()
     check_pipeline(steps)
     dev = torch.device(device)
@@ -182,7 +184,7 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
     # passes that act outside the blocks (rotation of the embeddings, ...), through the manager: timed, dumped
     changed = run_model_steps("prologue", steps, lm, ctx0, timing, dumper)
     comp = _BlockCompiler(lm, steps, assign_specs, on_block, dumper, dev, seed, debug, verbose, max_tokens, release,
-                          timing, outputs="all" if isinstance(inputs, ModelForward) else "first")
+                          timing, outputs="all" if isinstance(inputs, ModelForward) else "first", lean=lean)
     n = len(lm.blocks)
     start = checkpoint.start if checkpoint is not None else 0
     bar = tqdm(range(start, n), desc="compiling blocks", unit="block", disable=not progress, file=sys.stderr,

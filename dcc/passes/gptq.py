@@ -216,7 +216,7 @@ class Gptq(Pass):
         for lin in lins:
             # true-sequential: a linear whose input differs from the previous one's (a later stage of the block)
             # sees the inputs produced by the layers already quantized
-            if prev is not None and ctx.inputs(lin.name) is not ctx.inputs(prev):
+            if prev is not None and ctx.feed_of(lin.name) != ctx.feed_of(prev):
                 ctx.invalidate()
             w = block.linear_module(lin.name).weight.data.float()
             x = ctx.inputs(lin.name)
