@@ -23,6 +23,7 @@ from dcc.ir.w4a4 import quantize_act_int4, quantize_act_nvfp4
 from dcc.targets.nunchaku import cuda_numerics as cn
 from dcc.targets.nunchaku.reference import w4a4_int4_linear, w4a4_nvfp4_linear
 from cuda_util import require_family
+from w4a4_cases import make_layer, make_x
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -77,27 +78,6 @@ def _record(what: str, got: torch.Tensor, want: torch.Tensor, **ctx) -> None:
         detail = "; ".join(f"{tuple(i)}: got {got[tuple(i)].item()!r} want {want[tuple(i)].item()!r} "
                            f"({int(dist[tuple(i)])} ulp)" for i in idx)
         pytest.fail(f"{what} {ctx}: {int(bad.sum())} of {dist.numel()} differ (max {rec['max_ulp']} ulp): {detail}")
-
-
-def make_x(m: int, k: int, dtype, gen, unsigned: bool = False) -> torch.Tensor:
-    """Activations with per-token magnitudes over 2^-8..2^8, outlier channels (x30), an all-zero token, and an
-    unsigned layer's GELU outputs (>= -0.17)."""
-    x = torch.randn(m, k, generator=gen) * torch.exp2(torch.randint(-8, 9, (m, 1), generator=gen).float())
-    x[:, torch.randint(0, k, (max(1, k // 32),), generator=gen)] *= 30
-    if unsigned:
-        x = torch.nn.functional.gelu(x, approximate="tanh")
-    if m > 2:
-        x[m // 2] = 0
-    return x.to(dtype)
-
-
-def make_layer(n: int, k: int, rank: int, dtype, gen, bias: bool = True) -> dict:
-    return {"wcodes": torch.randint(-8, 8, (n, k), generator=gen).to(torch.int8),
-            "wscales": (torch.rand(n, k // 64, generator=gen) * 0.02 + 0.001).to(dtype),
-            "smooth": (torch.rand(k, generator=gen) * 4 + 0.25).to(dtype),
-            "lora_down": (torch.randn(rank, k, generator=gen) * 0.05).to(dtype) if rank else None,
-            "lora_up": (torch.randn(n, rank, generator=gen) * 0.05).to(dtype) if rank else None,
-            "bias": (torch.randn(n, generator=gen) * 0.5).to(dtype) if bias else None}
 
 
 def _cuda(t):

@@ -228,7 +228,7 @@ def test_wgmma_paths_and_refusals(ops):
 def test_wgmma_linear_bit_identical(ops, dtype, unsigned):
     """quantize(scales_t=True) writes the fp32 group-major scales of its 16-bit scales; the whole linear on the
     wgmma path equals the emulation and the mma.sync path."""
-    from test_cuda_w4a4 import make_layer, make_x
+    from w4a4_cases import make_layer, make_x
     for m, n, k, rank in ((1, 3072, 3072, 32), (37, 3072, 12288, 32), (300, 9216, 3072, 32), (5, 256, 1024, 0)):
         gen = _gen("linear", m, n, k, rank, dtype, unsigned)
         lay = make_layer(n, k, rank, dtype, gen)
@@ -260,7 +260,7 @@ def test_wgmma_linear_bit_identical(ops, dtype, unsigned):
 def test_lora_down_blocked_bit_identical(ops, monkeypatch, dtype):
     """DCC_W4A4_LORA_DOWN=blocked (csrc/w4a4/lora_down.cu): the same codes, scales and lora_act as quant_act's own
     down-projection and the emulation; rank chunks of 32 (48, 128), token blocks cut by M."""
-    from test_cuda_w4a4 import make_x
+    from w4a4_cases import make_x
     for m, k, rank in ((1, 64, 16), (37, 3072, 32), (300, 1024, 48), (4, 12288, 128), (65, 3072, 32)):
         gen = _gen("lora_blocked", m, k, rank, dtype)
         x = make_x(m, k, dtype, gen).cuda()

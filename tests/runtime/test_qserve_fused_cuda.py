@@ -167,7 +167,8 @@ def test_standalone_engine_quantization_matches_the_cpu_emulation(ext, k):
 
 def test_graph_ops_run_the_kernels_on_the_gpu(ext):
     """dcc::qserve_norm / qserve_silu: on a GPU with engine=False the CPU's bits, with engine=True the kernels' MUFU
-    results (which differ from the stand-ins somewhere in 4096 x 1536 values)."""
+    results (the norm's bit for bit; the SiLU's within one fp16 step of the stand-ins, which they equalled on every
+    value of an H200 run)."""
     from dcc.runtime.cuda import qserve_fused_ops as ops
     from dcc.targets.qserve.ops import qserve_norm, qserve_silu
     x, w = _residual(64, 1536, seed=11).float(), torch.rand(1536, generator=torch.Generator().manual_seed(3)) + 0.5
@@ -178,7 +179,7 @@ def test_graph_ops_run_the_kernels_on_the_gpu(ext):
     g = torch.randn(4096, 1536, generator=torch.Generator().manual_seed(4)) * 3
     s_cpu, s_mufu = qserve_silu(g, False), qserve_silu(g.cuda(), True).cpu()
     assert torch.equal(qserve_silu(g.cuda(), False).cpu().view(torch.int32), s_cpu.view(torch.int32))
-    assert 0 < int((s_mufu != s_cpu).sum()) < g.numel() // 1000 and int(_steps(s_mufu, s_cpu).max()) <= 1
+    assert int((s_mufu != s_cpu).sum()) < g.numel() // 1000 and int(_steps(s_mufu, s_cpu).max()) <= 1
 
 
 @pytest.fixture(scope="module")
