@@ -81,6 +81,8 @@ class BlockContext:
 
     def _first(self, out):
         """The output passes score: the first (as a decoder layer's hidden states), or all tensors joined."""
+        if out is None:
+            return None
         if self.outputs == "all":
             return join_outputs(out)
         return out[0] if isinstance(out, (tuple, list)) else out
@@ -100,19 +102,29 @@ class BlockContext:
         with torch.no_grad():
             return self._first(self._run(args, kwargs, simulate))
 
-    def record(self, watch: dict[str, Callable[[torch.Tensor], None]]) -> torch.Tensor:
-        """Run the float block once, handing the named graph nodes' values to their callbacks; returns its output."""
+    def record(self, watch: dict[str, Callable[[torch.Tensor], None]], stop: bool = False) -> torch.Tensor | None:
+        """Run the float block once, handing the named graph nodes' values to their callbacks; returns its output
+        (stop: the run ends after the last watched node, and returns None)."""
         with torch.no_grad():
-            return self._first(self._run(self.args, self.kwargs, False, watch))
+            return self._first(self._run(self.args, self.kwargs, False, watch, stop))
 
-    def _run(self, args: tuple, kwargs: dict, engine: bool, watch: dict | None = None):
+    def _run(self, args: tuple, kwargs: dict, engine: bool, watch: dict | None = None, stop: bool = False):
         """The block's graph on (args, kwargs), a few sequences at a time where the batch is large (chunks.py: the
-        same outputs and watched values, the intermediates of one chunk); watch as in program.run_recording."""
+        same outputs and watched values, the intermediates of one chunk); watch as in program.run_recording; stop:
+        each run ends once the watched values are computed (no output: returns None)."""
         def one(a, k, w):
             gm = self.graph(a, k)
             if w is None:
                 return program.run(gm, self.block.module, a, k, engine=engine)
-            return program.run_recording(gm, self.block.module, a, k, w, engine=engine)
+            if not stop:
+                return program.run_recording(gm, self.block.module, a, k, w, engine=engine)
+            try:   # the run ends once every watched value is in: what follows is not needed
+                left = set(w)
+                program.run_recording(gm, self.block.module, a, k, {n: _then_stop(fn, n, left) for n, fn in w.items()},
+                                      engine=engine)
+            except _StopRun:
+                pass
+            return None
 
         batch = _batch(args, kwargs)
         hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
@@ -160,9 +172,18 @@ class BlockContext:
         """The graph node whose value `linear` reads: linears with the same feed share one input tensor."""
         return linear_nodes(self.block.gm)[linear].args[0].name
 
-    def _collect(self, only: str | None = None) -> dict[str, torch.Tensor]:
+    def fresh_inputs(self, linear: str) -> torch.Tensor:
+        """inputs(linear), collected now by a run that ends once that input is computed and holding nothing else
+        (GPTQ's true-sequential stages: each stage's inputs change with the stage before, so the later ones are
+        collected again anyway; the run of an early stage is a fraction of the block's)."""
+        self._acts, self._last_out = None, None
+        self._acts = self._collect(linear, stop=True)
+        return self._acts[linear]
+
+    def _collect(self, only: str | None = None, stop: bool = False) -> dict[str, torch.Tensor]:
         """One float run of the graph, keeping each linear's input (read off the node feeding it: linears reading
-        one tensor, q/k/v, share one flattened float32 copy); lean, only `only`'s input (none for the output)."""
+        one tensor, q/k/v, share one flattened float32 copy); lean, only `only`'s input (none for the output);
+        stop: only `only`'s, by a run that ends there (no output)."""
         flat: dict[str, torch.Tensor] = {}
 
         def keep(name):
@@ -173,9 +194,9 @@ class BlockContext:
 
         feeds = {lin: node.args[0].name for lin, node in linear_nodes(self.block.gm).items()
                  if lin in self.block.linears}
-        if self.lean:
+        if self.lean or stop:
             feeds = {lin: name for lin, name in feeds.items() if only is not None and name == feeds.get(only)}
-        out = self.record({name: keep(name) for name in set(feeds.values())})
+        out = self.record({name: keep(name) for name in set(feeds.values())}, stop=stop)
         self._last_out = out
         if self._float_out is None:
             self._float_out = out
@@ -187,6 +208,19 @@ class BlockContext:
         self.messages.append(msg)
         where = self.block.prefix if self.block is not None else "outside the blocks"   # prologues, epilogues
         logging.getLogger("dcc").debug(f"  [{where}] {msg}")
+
+
+class _StopRun(Exception):
+    """Raised by a watch callback once every watched value of a stopping run is in."""
+
+
+def _then_stop(fn: Callable, name: str, left: set) -> Callable:
+    def wrapped(v):
+        fn(v)
+        left.discard(name)
+        if not left:
+            raise _StopRun
+    return wrapped
 
 
 def _batch(args: tuple, kwargs: dict) -> int:

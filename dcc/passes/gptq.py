@@ -13,7 +13,11 @@ from ..ir.formats import (QuantizedTensor, compute_qparams, fp_encode, progressi
                           two_level_qparams)
 from ..ir.progressive import protective_range
 from .base import Pass, PassConfig, PassResult, quantizable, register
+from ._gptq_graph import sweep_graphed
 from .rtn import quantize_linear, unshifted
+
+GRAPHED = True                # tests compare the graphed sweep with the eager one by turning this off
+GRAPH_DEVICES = ("cuda",)     # where the sweep replays captured blocks (the CPU tests add "cpu", uncaptured)
 
 
 @dataclass(frozen=True)
@@ -176,9 +180,13 @@ def _one_thread():
 
 
 def _sweep(w, u, cols, scale, zero, spec, config, clip, perm_l, group_of, gs, qcols) -> None:
-    """Quantize column by column in `perm` order, feeding each column's error forward (lazy batch updates)."""
+    """Quantize column by column in `perm` order, feeding each column's error forward (lazy batch updates). On a GPU
+    with static groups, whole blocks replay a captured CUDA graph of this loop (_gptq_graph.py: the same kernels)."""
     n, k = w.shape
-    for i1 in range(0, k, config.block_size):
+    start = 0
+    if w.device.type in GRAPH_DEVICES and config.static_groups and GRAPHED:
+        start = sweep_graphed(w, u, cols, config.block_size, perm_l, group_of, qcols) or 0
+    for i1 in range(start, k, config.block_size):
         i2 = min(i1 + config.block_size, k)
         w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device), u[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -217,9 +225,10 @@ class Gptq(Pass):
             # true-sequential: a linear whose input differs from the previous one's (a later stage of the block)
             # sees the inputs produced by the layers already quantized
             if prev is not None and ctx.feed_of(lin.name) != ctx.feed_of(prev):
-                ctx.invalidate()
+                x = ctx.fresh_inputs(lin.name)   # a run of the block up to this input, not further
+            else:
+                x = ctx.inputs(lin.name)
             w = block.linear_module(lin.name).weight.data.float()
-            x = ctx.inputs(lin.name)
             # a shifted ("uint4") input's shift is taken back by the bias: the error acts on the unshifted input
             qt = gptq_quantize(w, unshifted(block, lin, x), lin.spec, config, (1.0 if lin.clip is None else lin.clip))
             details[lin.name] = round(quantize_linear(block, lin, codes_from=qt, x=x)["sqnr_db"], 2)

@@ -103,8 +103,8 @@ def test_a_lean_compile_gives_the_same_artifact(tiny, tmp_path, monkeypatch, tar
         def __init__(self, *a, **k):
             super().__init__(*a, **{**k, "lean": True})
 
-        def _collect(self, only=None):
-            acts = super()._collect(only)
+        def _collect(self, only=None, stop=False):
+            acts = super()._collect(only, stop)
             held.append(len({id(x) for x in acts.values()}))
             return acts
 
@@ -117,3 +117,26 @@ def test_a_lean_compile_gives_the_same_artifact(tiny, tmp_path, monkeypatch, tar
             assert torch.allclose(t.float(), lean[name].float(), rtol=1e-2, atol=1e-3), name
         else:
             assert int((t != lean[name]).sum()) <= max(8, t.numel() // 200), name
+
+
+def test_gptq_stages_run_the_block_only_up_to_their_input(tiny, tmp_path, monkeypatch):
+    """GPTQ's true-sequential stages collect each stage's input by a run that stops there (context.fresh_inputs):
+    the graph's nodes after it are never computed, and the artifact is the one full runs give, bit for bit."""
+    from dcc.api import CompileOptions, compile_model
+    from dcc.compiler import context
+    model, calib = tiny
+
+    def build(name):
+        opts = CompileOptions(target="qserve", algo="gptq", calib=str(calib), calib_chunks=6, calib_seq_len=32,
+                              progress=False)
+        out = compile_model(str(model), str(tmp_path / name), opts, log=lambda m: None)
+        return {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".safetensors"}
+
+    stops, real = [], context._then_stop
+    monkeypatch.setattr(context, "_then_stop", lambda fn, n, left: stops.append(n) or real(fn, n, left))
+    stopped = build("stopped")
+    assert len(stops) >= 2 * 3   # 2 blocks x the stages after the first (o, gate/up, down)
+    monkeypatch.setattr(context.BlockContext, "fresh_inputs",
+                        lambda self, lin: (self.invalidate(), self.inputs(lin))[1])   # the full runs of before
+    full = build("full")
+    assert stopped == full

@@ -187,3 +187,29 @@ def test_gptq_fp4_static_scales_and_codes(spec):
     assert e_gptq < 0.7 * e_rtn, (e_gptq, e_rtn)
     with pytest.raises(ValueError, match="static_groups"):
         gptq_quantize(w, x, spec, GptqConfig(act_order=False, static_groups=False))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", symmetric=False, group_size=64, progressive=True),
+                                  QuantSpec("int4", symmetric=False, group_size=0, zero_mode="offset"),
+                                  QuantSpec("int4", symmetric=False, group_size=32, zero_mode="float"),
+                                  QuantSpec("fp4_e2m1", group_size=16, scale_dtype="bfloat16", micro_scale="fp8_e4m3")])
+def test_block_replay_logic_equals_the_eager_sweep(spec, monkeypatch):
+    """The GPU's graphed sweep (passes/_gptq_graph.py) run uncaptured on the CPU: static buffers filled per block,
+    the quantizer's group parameters gathered to the block's columns, codes scattered back by the permutation, and a
+    partial last block left to the eager loop -- the same codes and scales as the eager sweep."""
+    from dcc.passes import _gptq_graph, gptq
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 320, generator=g) * 0.05
+    x = torch.randn(512, 320, generator=g) * torch.rand(320, generator=g) * 3
+    cfg = GptqConfig(block_size=128)   # 320 = two captured blocks and a partial one of 64 columns
+    want = gptq_quantize(w, x, spec, cfg)
+    monkeypatch.setattr(gptq, "GRAPH_DEVICES", ("cpu",))
+    monkeypatch.setattr(_gptq_graph._Graph, "capture", lambda self: None)
+    monkeypatch.setattr(_gptq_graph, "_GRAPHS", {})
+    calls = []
+    real = _gptq_graph.sweep_graphed
+    monkeypatch.setattr(gptq, "sweep_graphed", lambda *a: calls.append(real(*a)) or calls[-1])
+    got = gptq_quantize(w, x, spec, cfg)
+    assert calls == [256]
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale)
+    assert (got.zero is None and want.zero is None) or torch.equal(got.zero, want.zero)
