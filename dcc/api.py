@@ -1,6 +1,8 @@
 """dcc's Python API: compile a model for a target. The CLI is a thin layer over these functions."""
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import logging
 import platform
@@ -203,6 +205,9 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
         config = target.hf_config(lm, spec, topts, emitter)
         path = writer.finalize(config, manifest, source=lm.path)
     except BaseException as e:
+        if ckpt is not None:   # a checkpoint being written by its thread is finished first (or its error dropped)
+            with contextlib.suppress(Exception):
+                ckpt.wait()
         # an adopted checkpoint is never lost before it is checked against this run's inputs (then it goes back
         # where it was found, and the error says why)
         unchecked = writer.resumed and (ckpt is None or ckpt.blocks is None)

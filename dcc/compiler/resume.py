@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from ..ir.fused_linear import SplitLinear, split_linears
 
 FORMAT = "dcc-resume"
+_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcc-checkpoint")   # one write at a time, in order
 SMALL_FILE = 1 << 20   # model files up to this size are hashed; larger ones are named by size and mtime
 # what a compile reads of a model folder (weights, config, tokenizer: the artifact copies the tokenizer files)
 MODEL_FILES = {".safetensors", ".json", ".gguf", ".model", ".txt", ".jinja"}
@@ -118,6 +120,7 @@ class Checkpoint:
         self.blocks_loaded = 0               # blocks the loaded journal held as done
         self.enabled = True
         self._data: dict | None = None
+        self._pending = None   # (blocks done, the future writing their checkpoint)
         self.splits: dict[str, dict[str, list[int]]] = {}
         # the emitter's state that JSON cannot hold (its dtype, a plan) must not change while blocks are emitted
         self._fixed = {k: repr(v) for k, v in self._emitter_vars().items() if not _json_exact(v)}
@@ -196,17 +199,31 @@ class Checkpoint:
             tensors["hidden"] = out.detach().contiguous().cpu()
             if not out.is_contiguous():
                 tensors["hidden_stride"] = torch.tensor(out.stride(), dtype=torch.int64)
-        _write_atomic(self.journal.parent / hidden, lambda p: save_file(tensors, str(p)))
+        self.wait()   # the previous checkpoint is on disk before this one is written (and its spools released)
         data = {"format": FORMAT, "version": 1, "done": i + 1, "blocks": n, "fingerprint": self.fp,
-                "hidden": hidden, "writer": self.writer.state(),
-                "emitter": {k: v for k, v in state.items() if k not in self._fixed},
-                "messages": list(messages), "splits": self.splits}
+                "hidden": hidden, "writer": json.loads(json.dumps(self.writer.state())),
+                "emitter": json.loads(json.dumps({k: v for k, v in state.items() if k not in self._fixed})),
+                "messages": list(messages), "splits": json.loads(json.dumps(self.splits))}
+        # written by a thread while the next block computes (an 8B model's activations at 128 x 2048 tokens are
+        # 4 GB a block); the journal last, so a kill at any point leaves the previous checkpoint whole
+        self._pending = (i + 1, _POOL.submit(self._write, hidden, tensors, data))
+
+    def _write(self, hidden: str, tensors: dict, data: dict) -> None:
+        _write_atomic(self.journal.parent / hidden, lambda p: save_file(tensors, str(p)))
         _write_atomic(self.journal, lambda p: p.write_text(json.dumps(data, indent=1) + "\n"))
-        self.writer.commit()
         for p in self.journal.parent.glob("hidden-*.safetensors"):
             if p.name != hidden:
                 p.unlink()
-        self.start = i + 1
+
+    def wait(self) -> None:
+        """Until the checkpoint being written is on disk; raises its error, if writing it failed."""
+        if self._pending is None:
+            return
+        done, job = self._pending
+        self._pending = None
+        job.result()
+        self.writer.commit()
+        self.start = done
 
 
 def _json_exact(v) -> bool:

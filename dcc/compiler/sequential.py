@@ -210,6 +210,8 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
                 checkpoint.save(i, n, lm, out, comp.messages, dev)
             bar.set_postfix(rss=f"{peak_rss_mb():.0f}MB")
     bar.close()
+    if checkpoint is not None:
+        checkpoint.wait()   # the last block's checkpoint is written by a thread
     run_model_steps("epilogue", steps, lm, ctx0, timing, dumper)
     return CompileResult(timing, n, time.perf_counter() - t0, peak_rss_mb(), comp.messages)
 

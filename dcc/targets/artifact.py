@@ -46,9 +46,10 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_tensor(t: torch.Tensor) -> str:
+    """sha256 of the tensor's bytes (row-major), hashed in place: no copy of a gigabyte weight to a bytes object."""
     t = t.detach().contiguous().cpu()
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes()
-                          ).hexdigest()
+    flat = t.reshape(-1)
+    return hashlib.sha256((flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)).numpy()).hexdigest()
 
 
 def is_artifact(path: Path) -> bool:
