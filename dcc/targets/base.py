@@ -168,6 +168,11 @@ class Target:
         runs: where the engine fuses an op with its activation quantization (QServe's norm + quant), the target puts
         the engine's own numerics in. Default: nothing."""
 
+    def fast_decoder(self):
+        """This target's part of `dcc generate`'s fast decoder (dcc/runtime/fastlm/kinds.py: FastKind), or None
+        where it has none (generate then runs the artifact's model)."""
+        return None
+
     def cuda_model(self, art, device: str = "cuda"):
         raise TargetError(f"target {self.name} has no CUDA runtime; use --device cpu")
 

@@ -44,7 +44,7 @@ class FastLlama:
         self.spec = s = read_spec(art)
         self.device = torch.device(device)
         cpu = self.device.type == "cpu"
-        self.dtype = torch.float32 if cpu else (torch.float16 if s.target == "qserve" else art.dtype)
+        self.dtype = torch.float32 if cpu else s.kind.gpu_dtype(art)
         self.approx, self.config = approx, art.config
         self.sdpa = os.environ.get("DCC_FASTLM_SDPA", "0") == "1" if sdpa is None else sdpa
         norm_dtype = torch.float32 if cpu else self.dtype
@@ -82,14 +82,14 @@ class FastLlama:
         s = self.spec
         if s.engine:
             x16 = ops.add_rmsnorm(h, delta, weight, s.eps, torch.float16, norm=False)
-            return ops.engine_norm_quant(x16, weight, s.eps, with_sum, self.approx)
+            return s.kind.norm_quant(x16, weight, s.eps, with_sum, self.approx)
         return ops.add_rmsnorm(h, delta, weight, s.eps, self.dtype)
 
     def _mlp(self, L: Layer, h, delta):
         x = self._norm_in(h, delta, L.post_norm, L.gu_sum)
         gate, up = run_group(L.gate_up, x, self.sizes_gu)
         if self.spec.engine:
-            act = ops.engine_silu_mul(gate, up, self.approx)
+            act = self.spec.kind.silu_mul(gate, up, self.approx)
         else:
             act = ops.silu_mul(gate, up, self.dtype)
         return L.down(act)

@@ -1,12 +1,12 @@
-"""The fast decoder's fused ops: each runs its CUDA kernel (csrc/attn, module dcc_attn_ext; QServe's fused norm and
-SiLU from csrc/w4a8) on a GPU tensor where the kernel takes the shape, else its torch version (ref_ops.py), which
-is also what runs on the CPU. Raw data_ptr()s and the current stream go to the extensions (no libtorch there)."""
+"""The fast decoder's fused ops: each runs its CUDA kernel (csrc/attn, module dcc_attn_ext) on a GPU tensor where the
+kernel takes the shape, else its torch version (ref_ops.py), which is also what runs on the CPU. A target's own fused
+ops (QServe's norm and SiLU) are its FastKind's. Raw data_ptr()s and the current stream go to the extensions (no
+libtorch there)."""
 from __future__ import annotations
 
 import torch
 
 from . import ref_ops
-from .linear import QAct
 
 _DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 ATTN_CHUNK = 256        # tokens per block of the decode attention kernel (its shared memory holds G x 256 scores)
@@ -50,36 +50,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype) -> to
         _ext().silu_mul(gate.data_ptr(), out.data_ptr(), m, i, gate.stride(0), _DT[out_dtype], _stream(gate))
         return out
     return ref_ops.silu_mul(gate, up, out_dtype)
-
-
-def engine_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, with_sum: bool, approx: int) -> QAct:
-    """QServe's rms_norm_general[_fuse_sum] (a layer norm without bias, then int8 per token) of x [M, H]: the w4a8
-    extension's norm_quant on the GPU (approx 1: the engine's MUFU instructions), numerics_fused on the CPU."""
-    if not x.is_cuda:
-        from ...targets.qserve import numerics_fused
-        y = numerics_fused.layernorm_f32(x.to(torch.float32), weight.to(torch.float32), eps)
-        a = numerics_fused.quantize_normed(y, with_sum)
-        return QAct(a.codes, a.scale, a.sum)
-    m, hd = x.shape
-    x16 = x.to(torch.float16).contiguous()
-    xq = torch.empty(m, hd, dtype=torch.int8, device=x.device)
-    scale = torch.empty(m, dtype=torch.float16, device=x.device)
-    ssum = torch.empty(m, dtype=torch.float16, device=x.device) if with_sum else None
-    _ext("w4a8").norm_quant(x16.data_ptr(), weight.data_ptr(), float(eps), xq.data_ptr(), scale.data_ptr(),
-                            0 if ssum is None else ssum.data_ptr(), m, hd, approx, _stream(x))
-    return QAct(xq, scale, ssum)
-
-
-def engine_silu_mul(gate: torch.Tensor, up: torch.Tensor, approx: int) -> torch.Tensor:
-    """QServe's silu_and_mul (fp16 out): the w4a8 extension's kernel on the GPU, numerics_fused on the CPU."""
-    if not gate.is_cuda:
-        from ...targets.qserve import numerics_fused
-        return numerics_fused.silu_and_mul(gate, up)
-    g, u = gate.to(torch.float16).contiguous(), up.to(torch.float16).contiguous()
-    m, d = g.shape
-    out = torch.empty(m, d, dtype=torch.float16, device=g.device)
-    _ext("w4a8").silu_mul(g.data_ptr(), u.data_ptr(), out.data_ptr(), m, d, approx, _stream(g))
-    return out
 
 
 def kernel_takes(head_dim: int, group: int) -> bool:

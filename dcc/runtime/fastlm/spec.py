@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .kinds import FastKind, kind_of
+
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-W4A16_FORMATS = ("tinychat-w4a16-v2",)
-W4A8_FORMATS = ("qserve-w4a8-per-channel", "qserve-w4a8-group")
 # RoPE types whose cos/sin depend on the position only (dynamic / longrope change with the sequence length)
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
@@ -15,7 +15,8 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 @dataclass(frozen=True)
 class LlamaSpec:
     """The decoder's shape and run-time numerics, read from the artifact's config and manifest."""
-    target: str                  # "tinychat" or "qserve"
+    target: str                  # the artifact's target
+    kind: FastKind               # its part of the fast decoder (Target.fast_decoder)
     layers: int
     hidden: int
     heads: int
@@ -26,7 +27,7 @@ class LlamaSpec:
     eps: float
     tied: bool
     kv_bits: int | None          # 4: QServe's KV4 cache; None: 16-bit
-    engine: bool                 # QServe artifact its engine runs: fused norm + quant, silu_and_mul (numerics_fused)
+    engine: bool                 # the engine's fused norm + quantization and SiLU apply (kind.norm_quant, silu_mul)
     max_positions: int | None
 
     @property
@@ -42,9 +43,9 @@ def _rope_type(cfg: dict) -> str:
 def unsupported(art) -> str | None:
     """Why the fast decoder cannot run `art` (None: it can)."""
     m, cfg = art.manifest, art.config
-    target = m.get("target")
-    if target not in ("tinychat", "qserve"):
-        return f"target {target!r} (the fast decoder runs TinyChat and QServe artifacts)"
+    target, kind = m.get("target"), kind_of(art)
+    if kind is None:
+        return f"target {target!r} (the fast decoder runs the targets whose Target.fast_decoder gives it a part)"
     if (m.get("source") or {}).get("architecture") != "LlamaForCausalLM" or cfg.get("model_type") != "llama":
         return f"architecture {(m.get('source') or {}).get('architecture')!r} (the fast decoder is Llama only)"
     if cfg.get("hidden_act") not in ("silu", "swish"):
@@ -61,9 +62,8 @@ def unsupported(art) -> str | None:
     bits = set((rt.get("kv_cache") or {}).values())
     if bits - {4} or (bits and len(rt["kv_cache"]) != cfg.get("num_hidden_layers")):
         return f"KV cache bits {sorted(bits)} (the fast decoder has 16-bit and QServe's 4-bit cache, every layer)"
-    ok = W4A16_FORMATS if target == "tinychat" else W4A8_FORMATS
     for name, e in m["layers"].items():
-        if "skip_reason" not in e and e.get("format") not in ok:
+        if "skip_reason" not in e and e.get("format") not in kind.formats:
             return f"layer {name} has format {e.get('format')!r}"
     heads = cfg["num_attention_heads"]
     kvh = cfg.get("num_key_value_heads") or heads
@@ -89,11 +89,12 @@ def read_spec(art) -> LlamaSpec:
     heads = cfg["num_attention_heads"]
     kvh = cfg.get("num_key_value_heads") or heads
     bits = set(((m.get("runtime") or {}).get("kv_cache") or {}).values())
+    kind = kind_of(art)
     return LlamaSpec(
-        target=m["target"], layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], heads=heads, kv_heads=kvh,
+        target=m["target"], kind=kind, layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], heads=heads,
+        kv_heads=kvh,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, intermediate=cfg["intermediate_size"],
         vocab=cfg["vocab_size"], eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tied=bool(cfg.get("tie_word_embeddings", False)), kv_bits=4 if bits == {4} else None,
-        # the reference model swaps in QServe's fused kernels exactly where its target's prepare_reference does
-        engine=m["target"] == "qserve" and "qserve" in (m.get("engines") or []),
+        engine=kind.engine(art),
         max_positions=cfg.get("max_position_embeddings"))

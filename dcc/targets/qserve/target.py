@@ -143,6 +143,10 @@ class QServe(Target):
         if "qserve" in (art.manifest.get("engines") or []):
             reference.use_engine_kernels(model)
 
+    def fast_decoder(self):
+        from .fastlm import QServeFast
+        return QServeFast()
+
     def cuda_model(self, art, device="cuda"):
         from .cuda import build_qserve_cuda_model
         return build_qserve_cuda_model(art, device)

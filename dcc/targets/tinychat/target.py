@@ -109,6 +109,10 @@ class TinyChat(Target):
         dtype = art.tensors.get(f"{first}.scales").dtype if first else None   # the model dtype: fp16 or bf16
         return loader_spec.check(art.tensors, art.manifest["layers"], dtype)
 
+    def fast_decoder(self):
+        from .fastlm import TinyChatFast
+        return TinyChatFast()
+
     def cuda_model(self, art, device="cuda"):
         from .cuda import build_cuda_model
         return build_cuda_model(art, device)
