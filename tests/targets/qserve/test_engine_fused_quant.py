@@ -160,3 +160,21 @@ def test_an_artifact_only_dccs_runtime_takes_keeps_the_models_norms(artifacts):
     layer = build_model(art).model.layers[0]
     assert not isinstance(layer.input_layernorm, QServeNorm) and not isinstance(layer.mlp.act_fn, QServeSiLU)
     assert layer.self_attn.q_proj.act_input == "quant"
+
+
+def test_the_gpu_model_runs_the_engines_kernels_where_the_engine_runs_the_artifact(artifacts):
+    """build_qserve_cuda_model (built here on the CPU, not run): every fused norm, SiLU and W4A8 linear of an
+    artifact QServe runs takes the engine's kernels (MUFU instructions); an artifact only dcc's runtime takes none."""
+    from dcc.runtime.artifact import load_artifact
+    from dcc.targets.qserve.cuda import W4A8Linear, build_qserve_cuda_model
+
+    for engines, want in ((None, True), (["dcc-runtime"], False)):
+        art = load_artifact(artifacts[4])
+        if engines is not None:
+            art.manifest["engines"] = engines
+        model = build_qserve_cuda_model(art, "cpu")
+        lins = [m for m in model.modules() if isinstance(m, W4A8Linear)]
+        fused = [m for m in model.modules() if isinstance(m, (QServeNorm, QServeSiLU))]
+        assert len(lins) == 14 and all(m.engine == want for m in lins)
+        assert len(fused) == (6 if want else 0) and all(m.engine for m in fused)
+        assert {m.act_input for m in lins} == ({"norm", "quant"} if want else {"quant"})
