@@ -47,27 +47,31 @@ def tiny(tmp_path):
     return d, tmp_path / "calib.txt"
 
 
+def _build(tiny, out, target: str, algo: str):
+    """The tiny model compiled on 6 x 32 calibration tokens into `out`; the artifact's folder."""
+    from dcc.api import CompileOptions, compile_model
+    model, calib = tiny
+    opts = CompileOptions(target=target, algo=algo, calib=str(calib), calib_chunks=6, calib_seq_len=32,
+                          progress=False)
+    return compile_model(str(model), str(out), opts, log=lambda m: None)
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+    return load_file(str(next(folder.glob("*.safetensors"))))
+
+
 @pytest.mark.parametrize("target,algo", [("tinychat", "awq"), ("qserve", "qoq")])
 def test_a_chunked_compile_gives_the_same_artifact(tiny, tmp_path, monkeypatch, target, algo):
     """6 sequences of 32 tokens run whole, then 2 sequences at a time (3 chunks): the same tensors (to float32
     rounding: a matrix product may group rows differently) and the same layers quantized."""
-    from safetensors.torch import load_file
-
-    from dcc.api import CompileOptions, compile_model
-    model, calib = tiny
-
-    def build(name):
-        opts = CompileOptions(target=target, algo=algo, calib=str(calib), calib_chunks=6, calib_seq_len=32,
-                              progress=False)
-        return compile_model(str(model), str(tmp_path / name), opts, log=lambda m: None)
-
-    whole = load_file(str(next(build("whole").glob("*.safetensors"))))
+    whole = _tensors(_build(tiny, tmp_path / "whole", target, algo))
     calls = []
     real = chunks.run_chunked
     monkeypatch.setattr(chunks, "CHUNK_TOKENS", 64)
     monkeypatch.setattr("dcc.compiler.context.run_chunked",
                         lambda run, a, k, b, sizes, w=None: calls.append(sizes) or real(run, a, k, b, sizes, w))
-    chunked = load_file(str(next(build("chunked").glob("*.safetensors"))))
+    chunked = _tensors(_build(tiny, tmp_path / "chunked", target, algo))
     assert [2, 2, 2] in calls
     assert whole.keys() == chunked.keys()
     differ = 0
@@ -85,18 +89,8 @@ def test_a_lean_compile_gives_the_same_artifact(tiny, tmp_path, monkeypatch, tar
     """lean (compiler/context.py: the inputs of one linear at a time, for calibration sets whose inputs do not all
     fit the GPU): the same layers and tensors, up to float32 rounding (a smoothed input is collected again instead of
     divided in place), and never more than one feed held."""
-    from safetensors.torch import load_file
-
-    from dcc.api import CompileOptions, compile_model
     from dcc.compiler import context, sequential
-    model, calib = tiny
-
-    def build(name):
-        opts = CompileOptions(target=target, algo=algo, calib=str(calib), calib_chunks=6, calib_seq_len=32,
-                              progress=False)
-        return compile_model(str(model), str(tmp_path / name), opts, log=lambda m: None)
-
-    whole = load_file(str(next(build("whole").glob("*.safetensors"))))
+    whole = _tensors(_build(tiny, tmp_path / "whole", target, algo))
     held = []
 
     class Lean(context.BlockContext):
@@ -109,7 +103,7 @@ def test_a_lean_compile_gives_the_same_artifact(tiny, tmp_path, monkeypatch, tar
             return acts
 
     monkeypatch.setattr(sequential, "BlockContext", Lean)
-    lean = load_file(str(next(build("lean").glob("*.safetensors"))))
+    lean = _tensors(_build(tiny, tmp_path / "lean", target, algo))
     assert held and max(held) == 1
     assert whole.keys() == lean.keys()
     for name, t in whole.items():
@@ -122,14 +116,10 @@ def test_a_lean_compile_gives_the_same_artifact(tiny, tmp_path, monkeypatch, tar
 def test_gptq_stages_run_the_block_only_up_to_their_input(tiny, tmp_path, monkeypatch):
     """GPTQ's true-sequential stages collect each stage's input by a run that stops there (context.fresh_inputs):
     the graph's nodes after it are never computed, and the artifact is the one full runs give, bit for bit."""
-    from dcc.api import CompileOptions, compile_model
     from dcc.compiler import context
-    model, calib = tiny
 
     def build(name):
-        opts = CompileOptions(target="qserve", algo="gptq", calib=str(calib), calib_chunks=6, calib_seq_len=32,
-                              progress=False)
-        out = compile_model(str(model), str(tmp_path / name), opts, log=lambda m: None)
+        out = _build(tiny, tmp_path / name, "qserve", "gptq")
         return {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".safetensors"}
 
     stops, real = [], context._then_stop
