@@ -41,6 +41,15 @@ def fake_quantize_kv(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
     q = cvt.rni.sat.u8(x * (1 / scale) + zero), kept to `bits` bits (the kernel masks with & 0xF for 4 bits), and
     the decode kernel reads (q - zero) * scale back in fp16. A constant vector (max == min) has no range: the engine
     divides by zero there; it is returned unchanged (rounded to fp16)."""
+    q, scale, zero, flat, x16 = kv_codes(x, bits)
+    out = ((q - zero) * scale).to(torch.float16).to(torch.float32)
+    return torch.where(flat, x16, out).to(x.dtype)
+
+
+def kv_codes(x: torch.Tensor, bits: int):
+    """The KV cache's quantization of x [..., D] per vector, as fake_quantize_kv describes it: (codes in float32,
+    scale and zero [..., 1] (fp16 values in float32), the mask of flat vectors [..., 1] -- whose codes, scale and
+    zero mean nothing --, and x rounded to fp16, in float32)."""
     if bits not in (4, 8):
         raise ValueError(f"KV cache bits must be 4 or 8, got {bits}")
     qmax = float(2 ** bits - 1)
@@ -54,5 +63,4 @@ def fake_quantize_kv(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
     inv = (1.0 / scale)                                   # float32 reciprocal of the fp16 scale, as the kernel takes it
     q = torch.round(x16 * inv + zero).clamp(0, 255)       # cvt.rni.sat.u8: half-to-even, saturate to [0, 255]
     q = torch.remainder(q, qmax + 1)                      # & 0xF (4 bits) / & 0xFF (8 bits): a 16 would wrap to 0
-    out = ((q - zero) * scale).to(torch.float16).to(torch.float32)
-    return torch.where(flat, x16, out).to(x.dtype)
+    return q, scale, zero, flat, x16

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-QMAX = 15.0
+from ...ir.actquant import kv_codes
 
 
 def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -37,18 +37,10 @@ def kv4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     """x [..., D] -> (codes uint8 [..., D] in 0..15, scale fp16 [...], zero fp16 [...]) such that kv4_dequantize
     gives fake_quantize_kv(x, 4) bit for bit. A flat vector (max == min), which quant_kv returns unchanged, is stored
     as codes 0, scale 1, zero -min: (0 + min) * 1 is min exactly (an fp16 value)."""
-    x16 = x.to(torch.float16).to(torch.float32)
-    lo, hi = x16.amin(-1, keepdim=True), x16.amax(-1, keepdim=True)
-    rng = hi - lo
-    flat = rng == 0
-    rng = torch.where(flat, torch.ones_like(rng), rng)
-    scale = (rng / QMAX).to(torch.float16).to(torch.float32)
-    zero = (-QMAX * lo / rng).to(torch.float16).to(torch.float32)
-    q = torch.round(x16 * (1.0 / scale) + zero).clamp(0, 255)     # cvt.rni.sat.u8 (half to even)
-    q = torch.remainder(q, QMAX + 1)                               # & 0xF
+    q, scale, zero, flat, x16 = kv_codes(x, 4)
     q = torch.where(flat, torch.zeros_like(q), q)
     scale = torch.where(flat, torch.ones_like(scale), scale)
-    zero = torch.where(flat, -lo, zero)
+    zero = torch.where(flat, -x16.amin(-1, keepdim=True), zero)
     return q.to(torch.uint8), scale.squeeze(-1).to(torch.float16), zero.squeeze(-1).to(torch.float16)
 
 
