@@ -106,7 +106,7 @@ class BlockContext:
         """Run the float block once, handing the named graph nodes' values to their callbacks; returns its output
         (stop: the run ends after the last watched node, and returns None)."""
         with torch.no_grad():
-            return self._first(self._run(self.args, self.kwargs, False, watch, stop))
+            return self._first(self._run(self.args, self.kwargs, False, watch or None, stop))   # none: a plain run
 
     def _run(self, args: tuple, kwargs: dict, engine: bool, watch: dict | None = None, stop: bool = False):
         """The block's graph on (args, kwargs), a few sequences at a time where the batch is large (chunks.py: the
