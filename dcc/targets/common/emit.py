@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..artifact import ArtifactWriter
+from ..artifact import ArtifactWriter, settle_hashes
 
 
 class BaseEmitter:
@@ -51,6 +51,7 @@ class BaseEmitter:
                 self._plain(f"{block.prefix}.{pname}", p.data)
         if ctx is not None and getattr(ctx, "block_error", None) is not None:
             self.blocks[block.prefix] = {"output_rel_err": ctx.block_error}
+        settle_hashes()   # the weights' checksums (hashed by threads) are in before the block's weights go
 
     def finish(self, lm) -> None:
         """Embeddings, final norm and head stay 16-bit; a head tied to the embeddings is stored once (twice, as a

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ...ir.ops import is_shifted
-from ..artifact import sha256_tensor
+from ..artifact import sha256_later
 from ..common.emit import BaseEmitter
 from . import layout
 
@@ -93,5 +93,5 @@ class NunchakuEmitter(BaseEmitter):
         rank = 0 if get("lora_down") is None else int(mod.lora_down.shape[0])
         fmt = FORMAT_NVFP4 if fp4 else FORMAT_UNSIGNED if is_shifted(lin.act) else FORMAT
         # the evaluated main branch (codes * scales, exact in float32) is what decode() must give back
-        entry.update(format=fmt, spec=qt.spec.to_dict(), rank=rank, has_bias=bias is not None,
-                     weight_sha256=sha256_tensor(mod.weight.data.float()))
+        entry.update(format=fmt, spec=qt.spec.to_dict(), rank=rank, has_bias=bias is not None)
+        sha256_later(entry, "weight_sha256", mod.weight.data.float())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..common.hf4_config import to_hf4
-from ..artifact import ArtifactWriter, sha256_tensor
+from ..artifact import ArtifactWriter, sha256_later
 from ..common.emit import BaseEmitter
 from .layout import kernel_notes, pack_qweight, pack_s2, pack_w8
 
@@ -54,8 +54,8 @@ class QServeEmitter(BaseEmitter):
         for key, t in lower_linear(qt).items():
             self.writer.add(f"{full}.{key}", t)
         # the weight the compiler evaluated, in float32: what the decoder must give back bit for bit
-        entry.update(format=format_of(qt.spec), spec=qt.spec.to_dict(), act=lin.act,
-                     weight_sha256=sha256_tensor(mod.weight.data.to(torch.float32)))
+        entry.update(format=format_of(qt.spec), spec=qt.spec.to_dict(), act=lin.act)
+        sha256_later(entry, "weight_sha256", mod.weight.data.to(torch.float32))
         if qt.spec.bits == 4:
             self.kernel_notes += [f"{full}: {n}" for n in kernel_notes(lin.out_features, lin.in_features,
                                                                        qt.spec.group_size)]

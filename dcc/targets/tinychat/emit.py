@@ -2,7 +2,7 @@
 [Kg, N]); everything else 16-bit (BaseEmitter)."""
 from __future__ import annotations
 
-from ..artifact import sha256_tensor
+from ..artifact import sha256_later
 from ..common.emit import BaseEmitter
 from ..common.awq_layout import KERNEL_GROUP_SIZES, pack_qweight, pack_scales
 from . import loader_spec
@@ -29,4 +29,5 @@ class TinyChatEmitter(BaseEmitter):
         self.writer.add(f"{full}.scales", scales)
         self.writer.add(f"{full}.scaled_zeros", szeros)
         # the fake-quant weight that was evaluated, as the 16-bit values the kernel reconstructs
-        entry.update(format=FORMAT, spec=qt.spec.to_dict(), weight_sha256=sha256_tensor(mod.weight.data.to(self.dtype)))
+        entry.update(format=FORMAT, spec=qt.spec.to_dict())
+        sha256_later(entry, "weight_sha256", mod.weight.data.to(self.dtype))
