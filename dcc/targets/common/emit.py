@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..artifact import ArtifactWriter, settle_hashes
+from ..artifact import ArtifactWriter
+from ..checksums import settle_hashes
 
 
 class BaseEmitter:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ...ir.ops import is_shifted
-from ..artifact import sha256_later
+from ..checksums import sha256_later
 from ..common.emit import BaseEmitter
 from . import layout
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..common.hf4_config import to_hf4
-from ..artifact import ArtifactWriter, sha256_later
+from ..artifact import ArtifactWriter
+from ..checksums import sha256_later
 from ..common.emit import BaseEmitter
 from .layout import kernel_notes, pack_qweight, pack_s2, pack_w8
 

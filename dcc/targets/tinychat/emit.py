@@ -2,7 +2,7 @@
 [Kg, N]); everything else 16-bit (BaseEmitter)."""
 from __future__ import annotations
 
-from ..artifact import sha256_later
+from ..checksums import sha256_later
 from ..common.emit import BaseEmitter
 from ..common.awq_layout import KERNEL_GROUP_SIZES, pack_qweight, pack_scales
 from . import loader_spec
