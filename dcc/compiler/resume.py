@@ -199,21 +199,25 @@ class Checkpoint:
             tensors["hidden"] = out.detach().contiguous().cpu()
             if not out.is_contiguous():
                 tensors["hidden_stride"] = torch.tensor(out.stride(), dtype=torch.int64)
-        self.wait()   # the previous checkpoint is on disk before this one is written (and its spools released)
+        self.wait()   # the previous checkpoint is on disk before this one is written
         data = {"format": FORMAT, "version": 1, "done": i + 1, "blocks": n, "fingerprint": self.fp,
                 "hidden": hidden, "writer": json.loads(json.dumps(self.writer.state())),
                 "emitter": json.loads(json.dumps({k: v for k, v in state.items() if k not in self._fixed})),
                 "messages": list(messages), "splits": json.loads(json.dumps(self.splits))}
         # written by a thread while the next block computes (an 8B model's activations at 128 x 2048 tokens are
         # 4 GB a block); the journal last, so a kill at any point leaves the previous checkpoint whole
-        self._pending = (i + 1, _POOL.submit(self._write, hidden, tensors, data))
+        # the spools flushed into shards since the previous checkpoint are still named by it: they go only once this
+        # one is on disk
+        self._pending = (i + 1, _POOL.submit(self._write, hidden, tensors, data, self.writer.take_stale()))
 
-    def _write(self, hidden: str, tensors: dict, data: dict) -> None:
+    def _write(self, hidden: str, tensors: dict, data: dict, stale: list[Path]) -> None:
         _write_atomic(self.journal.parent / hidden, lambda p: save_file(tensors, str(p)))
         _write_atomic(self.journal, lambda p: p.write_text(json.dumps(data, indent=1) + "\n"))
         for p in self.journal.parent.glob("hidden-*.safetensors"):
             if p.name != hidden:
                 p.unlink()
+        for p in stale:
+            p.unlink(missing_ok=True)
 
     def wait(self) -> None:
         """Until the checkpoint being written is on disk; raises its error, if writing it failed."""
@@ -222,7 +226,6 @@ class Checkpoint:
         done, job = self._pending
         self._pending = None
         job.result()
-        self.writer.commit()
         self.start = done
 
 

@@ -300,6 +300,12 @@ class ArtifactWriter:
         spool = _write(self._spool.path, self._spool.state) if self._spool is not None else None
         return {"written": list(self._written), "weight_map": dict(self.weight_map), "spool": spool}
 
+    def take_stale(self) -> list[Path]:
+        """The spools written out into shards since the last call, which a checkpoint taken now no longer names: the
+        caller deletes them once that checkpoint is on disk (the previous one may still name them until then)."""
+        stale, self._stale_spools = self._stale_spools, []
+        return stale
+
     def commit(self) -> None:
         """A checkpoint naming state() is on disk: spools written out into shards before it are not needed."""
         for p in self._stale_spools:

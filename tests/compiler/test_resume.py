@@ -303,3 +303,34 @@ def test_diffusion_models_refuse_resume(tmp_path):
                      "-o", tmp_path / "o", "-q", "--resume")
     assert code == 2 and "--resume: not supported for diffusion models" in error_line(text), text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.safetensors", "m"]
+
+
+def test_every_checkpoint_on_disk_names_files_that_exist(tiny, tmp_path, monkeypatch):
+    """Shards written every block (a tiny shard size): whenever a checkpoint is about to be written (the previous
+    one being the one on disk, which a kill would leave), every file that journal names is there -- the spools it
+    names are deleted only once the next checkpoint is on disk."""
+    orig_init = ArtifactWriter.__init__
+
+    def small_shards(self, *a, **k):
+        orig_init(self, *a, **{**k, "shard_bytes": 4096})
+    monkeypatch.setattr(ArtifactWriter, "__init__", small_shards)
+    checked = []
+
+    class Checking:
+        def submit(self, fn, *a):
+            journal = fn.__self__.journal   # the Checkpoint whose _write this is
+            if journal.is_file():
+                j = json.loads(journal.read_text())
+                names = list(j["writer"]["written"]) + ([j["writer"]["spool"]["file"]] if j["writer"]["spool"]
+                                                        else [])
+                missing = [n for n in names if not (journal.parent.parent / n).is_file()]
+                checked.append(missing)
+            from concurrent.futures import Future
+            f = Future()
+            fn(*a)
+            f.set_result(None)
+            return f
+    monkeypatch.setattr(resume, "_POOL", Checking())
+    code, text = run(*args(tiny, tmp_path / "o"))
+    assert code == 0, text
+    assert len(checked) >= 2 and all(m == [] for m in checked), checked
