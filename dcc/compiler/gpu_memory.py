@@ -22,8 +22,8 @@ def free_and_total_mb(device: torch.device) -> tuple[float, float]:
 
 def check_fits(device: str | torch.device, need_mb: float, parts: str) -> None:
     """Refuse, before any work, a compile whose one-block estimate (`need_mb`, made of `parts`) exceeds the free
-    memory of a CUDA device. The estimate is an upper one (float32 weights twice, two copies of the linears'
-    inputs), so this only refuses what cannot fit."""
+    memory of a CUDA device. The estimate is an upper one (api.estimate_memory_mb: float32 weights twice, every
+    linear's inputs counted though some share one copy), so this only refuses what cannot fit."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return

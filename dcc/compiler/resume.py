@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..ir.fused_linear import SplitLinear, split_linears
+from .gpu_memory import GpuMemoryError
 
 FORMAT = "dcc-resume"
 _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcc-checkpoint")   # one write at a time, in order
@@ -91,9 +92,7 @@ def worth_keeping(e: BaseException) -> bool:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (KeyboardInterrupt, OSError, MemoryError, torch.cuda.OutOfMemoryError)):
-            return True
-        if type(e).__name__ == "GpuMemoryError":
+        if isinstance(e, (KeyboardInterrupt, OSError, MemoryError, torch.cuda.OutOfMemoryError, GpuMemoryError)):
             return True
         e = e.__cause__ or e.__context__
     return False

@@ -14,7 +14,6 @@ connections; for a transformer, the hidden states of each stream)."""
 from __future__ import annotations
 
 import logging
-
 import sys
 import time
 from dataclasses import dataclass, field

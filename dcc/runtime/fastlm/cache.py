@@ -102,15 +102,20 @@ class KV4Cache(KVCache):
         self.vc = torch.zeros(codes, dtype=torch.uint8, device=device)
         self.ks, self.kz, self.vs, self.vz = (torch.zeros(meta, dtype=torch.float16, device=device) for _ in range(4))
 
-    def _store(self, layer, sl, k, v):
-        """Quantize k/v [B, KVH, S, D] into slots `sl`; returns their dequantized values (float32)."""
-        out = []
+    def _write(self, layer, idx: tuple, k, v) -> None:
+        """Quantize k and v into the layer's cache at idx (batch, KV head, slot index: a prefill's slice of slots, or
+        a decode step's one slot per sequence)."""
         for x, c, s, z in ((k, self.kc, self.ks, self.kz), (v, self.vc, self.vs, self.vz)):
             codes, scale, zero = ref_ops.kv4_quantize(x)
-            c[layer][:, :, sl] = ref_ops.kv4_pack(codes)
-            s[layer][:, :, sl], z[layer][:, :, sl] = scale, zero
-            out.append(ref_ops.kv4_dequantize(c[layer][:, :, sl], s[layer][:, :, sl], z[layer][:, :, sl]))
-        return out
+            c[layer][idx] = ref_ops.kv4_pack(codes)
+            s[layer][idx], z[layer][idx] = scale, zero
+
+    def _store(self, layer, sl, k, v):
+        """Quantize k/v [B, KVH, S, D] into slots `sl`; returns their dequantized values (float32)."""
+        idx = (slice(None), slice(None), sl)
+        self._write(layer, idx, k, v)
+        return [ref_ops.kv4_dequantize(c[layer][idx], s[layer][idx], z[layer][idx])
+                for c, s, z in ((self.kc, self.ks, self.kz), (self.vc, self.vs, self.vz))]
 
     def dequantized(self, layer):
         """The whole layer's K and V, dequantized (float32 [B, KVH, T, D]): the torch path and the tests' reference."""
@@ -128,10 +133,6 @@ class KV4Cache(KVCache):
             ptrs = [t[layer].data_ptr() for t in (self.kc, self.ks, self.kz, self.vc, self.vs, self.vz)]
             return self._fused(qkv, cos, sin, pos, ptrs, 4, torch.float16)
         q, k, v = _rope_decode(qkv, pos, cos, sin, h, self.kv_heads, d)
-        rows = torch.arange(b, device=qkv.device)
-        for x, c, s, z in ((k, self.kc, self.ks, self.kz), (v, self.vc, self.vs, self.vz)):
-            codes, scale, zero = ref_ops.kv4_quantize(x)
-            c[layer][rows, :, pos] = ref_ops.kv4_pack(codes)
-            s[layer][rows, :, pos], z[layer][rows, :, pos] = scale, zero
+        self._write(layer, (torch.arange(b, device=qkv.device), slice(None), pos), k, v)
         kd, vd = self.dequantized(layer)
         return ref_ops.decode_attention(q, kd, vd, pos + 1)

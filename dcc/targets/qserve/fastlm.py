@@ -62,29 +62,18 @@ class QServeFast(FastKind):
                     entries[0]["shape"][1], device)
 
     def norm_quant(self, x: torch.Tensor, weight: torch.Tensor, eps: float, with_sum: bool, approx: int) -> QAct:
-        """rms_norm_general[_fuse_sum] (a layer norm without bias, then int8 per token) of x [M, H]: the W4A8
-        extension's norm_quant on the GPU (approx 1: the engine's MUFU instructions), numerics_fused on the CPU."""
+        """rms_norm_general[_fuse_sum] (a layer norm without bias, then int8 per token) of x [M, H]: the engine's
+        kernel on the GPU (approx 1: its MUFU instructions), numerics_fused on the CPU."""
         if not x.is_cuda:
             a = numerics_fused.quantize_normed(
                 numerics_fused.layernorm_f32(x.to(torch.float32), weight.to(torch.float32), eps), with_sum)
             return QAct(a.codes, a.scale, a.sum)
-        from ...runtime.cuda.w4a8_ops import _stream, ext
-        m, hd = x.shape
-        x16 = x.to(torch.float16).contiguous()
-        xq = torch.empty(m, hd, dtype=torch.int8, device=x.device)
-        scale = torch.empty(m, dtype=torch.float16, device=x.device)
-        ssum = torch.empty(m, dtype=torch.float16, device=x.device) if with_sum else None
-        ext().norm_quant(x16.data_ptr(), weight.data_ptr(), float(eps), xq.data_ptr(), scale.data_ptr(),
-                         0 if ssum is None else ssum.data_ptr(), m, hd, approx, _stream(x.device))
-        return QAct(xq, scale, ssum)
+        from ...runtime.cuda import qserve_fused_ops
+        return QAct(*qserve_fused_ops.norm_quant(x, weight, eps, with_sum, bool(approx)))
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor, approx: int) -> torch.Tensor:
-        """silu_and_mul (fp16 out): the W4A8 extension's kernel on the GPU, numerics_fused on the CPU."""
+        """silu_and_mul (fp16 out): the engine's kernel on the GPU, numerics_fused on the CPU."""
         if not gate.is_cuda:
             return numerics_fused.silu_and_mul(gate, up)
-        from ...runtime.cuda.w4a8_ops import _stream, ext
-        g, u = gate.to(torch.float16).contiguous(), up.to(torch.float16).contiguous()
-        m, d = g.shape
-        out = torch.empty(m, d, dtype=torch.float16, device=g.device)
-        ext().silu_mul(g.data_ptr(), u.data_ptr(), out.data_ptr(), m, d, approx, _stream(g.device))
-        return out
+        from ...runtime.cuda import qserve_fused_ops
+        return qserve_fused_ops.silu_mul(gate, up, bool(approx))
