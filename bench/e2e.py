@@ -235,6 +235,15 @@ def bench_hf(s, batches, prompt, new, ttft_len, copy_tbs):
     return rows, min(times[1:])
 
 
+def profile(art, target, batches, context, ttft_len, sdpa) -> str:
+    from _e2e_profile import profile_decode, profile_prefill
+    lm = FastLlama(art, "cuda", sdpa=sdpa)
+    parts = [f"## dcc {target}\n"] + [profile_decode(lm, b, context) for b in batches]
+    parts.append(profile_prefill(lm, ttft_len))
+    del lm
+    return "\n".join(parts)
+
+
 def table(rows, ttft, ttft_len) -> str:
     out = [f"| model | batch | decode tok/s | floor tok/s | of floor | TTFT {ttft_len} (ms) |",
            "|---|---|---|---|---|---|"]
@@ -276,6 +285,10 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--sdpa", action="store_true",
                     help="16-bit caches decode through scaled_dot_product_attention, not csrc/attn's kernel")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile each target's decode step (every batch) and its TTFT prefill per kernel "
+                         "(bench/_e2e_profile.py; markdown to $OUT/e2e_profile.md or stdout)")
+    ap.add_argument("--profile-only", action="store_true", help="the profiles only, no tokens/s rows")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/e2e.py needs a CUDA GPU")
@@ -289,8 +302,8 @@ def main():
     props = torch.cuda.get_device_properties(0)
     log(f"device {props.name}; copy {copy_tbs:.2f} TB/s (read + write); cuBLAS fp16 {peak:.0f} TFLOP/s; model "
         f"{s}; prompt {prompt}, {new} new, batches {batches}, TTFT at {ttft_len}")
-    rows, ttft = [], {}
-    if not a.no_hf:
+    rows, ttft, profiles = [], {}, []
+    if not (a.no_hf or a.profile_only):
         r, ttft["hf bf16"] = bench_hf(s, batches, prompt, new, ttft_len, copy_tbs)
         rows += r
         gc.collect()
@@ -299,11 +312,21 @@ def main():
         t = time.time()
         art = random_artifact(s, target)
         log(f"  random {target} artifact built on the GPU in {time.time() - t:.1f} s")
-        r, ttft[f"dcc {target}"] = bench_fast(art, s, batches, prompt, new, ttft_len, copy_tbs, a.sdpa)
-        rows += r
+        if not a.profile_only:
+            r, ttft[f"dcc {target}"] = bench_fast(art, s, batches, prompt, new, ttft_len, copy_tbs, a.sdpa)
+            rows += r
+        if a.profile or a.profile_only:
+            profiles.append(profile(art, target, batches, prompt + new // 2, ttft_len, a.sdpa))
         del art
         gc.collect()
         torch.cuda.empty_cache()
+    if profiles:
+        text = f"# bench/e2e.py --profile on {props.name}\n\n" + "\n".join(profiles)
+        if os.environ.get("OUT"):
+            (Path(os.environ["OUT"]) / "e2e_profile.md").write_text(text)
+        log(text)
+        if a.profile_only:
+            return
     checks = verdicts(rows, ttft, batches)
     out = Path(os.environ["OUT"]) / "e2e.json" if os.environ.get("OUT") else None
     path = _results.write("e2e", rows, out=out, device=props.name, torch=torch.__version__, copy_TBps=copy_tbs,

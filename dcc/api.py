@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .compiler import dist
 from .compiler.gpu_memory import check_fits, free_and_total_mb
 from .compiler.resume import Checkpoint, fingerprint, worth_keeping
 from .compiler.sequential import ModelForward, compile_blocks
@@ -146,7 +147,13 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
     if opts.resume and not opts.checkpoint:
         raise ValueError("--resume continues from the checkpoints that --no-checkpoint turns off: give one of them")
     spec = target.spec(topts)
+    world = dist.current()
+    if world.distributed:
+        opts = distributed_options(opts, world)
     lm = LazyModel(model, device=opts.device)
+    if world.distributed and lm.adapter.kind == "diffusers":
+        raise ValueError(f"{lm.path.name}: a diffusion model's compile is driven by its own forward and runs in one "
+                         f"process; compile it without --procs/--gpus")
     if opts.resume and lm.adapter.kind == "diffusers":
         raise ValueError("--resume: not supported for diffusion models yet (the model's own forward drives their "
                          "compile, so it has no point between blocks to restart from); run without --resume")
@@ -155,6 +162,8 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
     target = target.for_model(lm, topts)   # this compile's target (model-dependent choices live on it)
     assign = target.assigner(topts, spec)
     kept = target.preflight(lm, spec, topts)
+    if not world.main:   # the other processes of a spread compile calibrate their share; process 0 writes
+        return _follow(lm, steps, assign, opts, world)
     # the output is checked (and locked) before the long work: refused paths, free space, a concurrent writer
     writer = ArtifactWriter(out, force=opts.force, protect=(lm.path, Path(model)),
                             need_bytes=estimate_artifact_bytes(lm, spec.bits), log=log, resume=opts.resume)
@@ -166,15 +175,11 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
             f"{lm.blocks_prefix}) -> {target.name} {spec.short()}, algo {topts.algo}")
         if kept:
             log(f"{len(kept)} linears cannot take this layout and stay 16-bit (--unsupported keep); first: {kept[0]}")
-        tokens = lm.adapter.calib_tokens(ids)
-        need_mb, lean = estimate_memory_mb(lm, tokens), False
-        cuda = torch.device(opts.device).type == "cuda"
-        if cuda and need_mb > free_and_total_mb(torch.device(opts.device))[0]:
-            # the inputs of all a block's linears do not fit: hold one linear's at a time (a block run per read)
-            need_mb, lean = estimate_memory_mb(lm, tokens, lean=True), True
-        where = "on the GPU" if cuda else "in host memory"
-        log(f"calibration: {lm.adapter.describe_calibration(ids)} from {opts.calib}; estimated peak memory "
-            f"{need_mb:.0f} MB {where} (one block at a time"
+        tokens, need_mb, lean = plan_memory(lm, ids, opts, world)
+        where = "on the GPU" if torch.device(opts.device).type == "cuda" else "in host memory"
+        spread = f", split over {world.size} processes ({world.backend})" if world.distributed else ""
+        log(f"calibration: {lm.adapter.describe_calibration(ids)} from {opts.calib}{spread}; estimated peak memory "
+            f"{need_mb:.0f} MB {where}{' per process' if spread else ''} (one block at a time"
             + ("; the linears' inputs one at a time, as all of them do not fit" if lean else "") + ")")
         check_fits(opts.device, need_mb, f"a block's float weights and the parts outside the blocks, and its linears' "
                                          f"inputs on {tokens} calibration tokens" + (", one at a time" if lean else ""))
@@ -187,14 +192,15 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
         if opts.dump_dir:
             from .ir.dump import Dumper
             dumper = Dumper(opts.dump_dir)
-        inputs = lm.adapter.block_inputs(lm, ids, opts.device)
+        inputs = share_inputs(lm.adapter.block_inputs(lm, ids, opts.device), world, ids)
         if opts.checkpoint and not isinstance(inputs, ModelForward):
             ckpt = checkpoint(model, writer, emitter, target, topts, steps, opts, calib_sha, log)
         if opts.resume and not writer.resumed:
             log(f"--resume: no interrupted compile of {writer.out} to continue; compiling from block 0")
         res = compile_blocks(lm, steps, inputs, assign, on_block=emitter.on_block,
                              dumper=dumper, device=opts.device, seed=opts.seed, debug=opts.debug,
-                             progress=opts.progress, verbose=opts.verbose, checkpoint=ckpt, lean=lean)
+                             progress=opts.progress, verbose=opts.verbose, checkpoint=ckpt, lean=lean,
+                             global_batch=len(ids) if world.distributed else None)
         emitter.finish(lm)
         if all("skip_reason" in v for v in emitter.layers.values()):
             raise ValueError(f"{lm.path.name}: no linear layer was quantized (the pipeline "
@@ -227,6 +233,65 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
         log(f"note: {len(notes)} layers have shapes the engine's own GEMM kernels do not cover "
             f"(listed in config.json), first: {notes[0]}")
     return path
+
+
+def plan_memory(lm: LazyModel, ids, opts: CompileOptions, world) -> tuple[int, float, bool]:
+    """(this process's calibration tokens, its estimated peak memory in MB, lean): lean when the inputs of all a
+    block's linears do not fit the GPU (then one linear's at a time, a block run per read)."""
+    tokens = lm.adapter.calib_tokens(ids)
+    if world.distributed:
+        tokens = tokens * world.share(len(ids))[1] // len(ids)
+    need_mb, lean = estimate_memory_mb(lm, tokens), False
+    if torch.device(opts.device).type == "cuda" and need_mb > free_and_total_mb(torch.device(opts.device))[0]:
+        need_mb, lean = estimate_memory_mb(lm, tokens, lean=True), True
+    return tokens, need_mb, lean
+
+
+def share_inputs(inputs, world, ids):
+    """Block 0's inputs cut to this process's share of the calibration sequences `ids` (every tensor whose first
+    dimension is the batch; tensors the batch shares stay whole). One process: as they are."""
+    if not world.distributed:
+        return inputs
+    n_seq = len(ids)
+    if isinstance(inputs, ModelForward):
+        raise ValueError("a model forward's compile runs in one process")
+    from .compiler.chunks import slice_batch
+    start, count = world.share(n_seq)
+    if count == 0:
+        raise ValueError(f"the calibration set has {n_seq} sequences, fewer than the {world.size} processes; give "
+                         f"at least {world.size} with --calib-chunks")
+
+    def own(v):   # a copy of the share, so that the whole batch's tensors can be freed
+        if isinstance(v, torch.Tensor):
+            return v.clone()
+        return tuple(own(t) for t in v) if isinstance(v, tuple) else v
+
+    def local():
+        args, kwargs = slice_batch(*(inputs() if callable(inputs) else inputs), n_seq, start, start + count)
+        return tuple(own(a) for a in args), {k: own(v) for k, v in kwargs.items()}
+    return local
+
+
+def _follow(lm: LazyModel, steps, assign, opts: CompileOptions, world) -> None:
+    """A process other than 0 of a spread compile: the same passes on its share of the calibration batch, taking
+    the same decisions from the statistics reduced over every process (compiler/stats.py); nothing written."""
+    ids = calibration_ids(lm, opts)
+    _, need_mb, lean = plan_memory(lm, ids, opts, world)
+    check_fits(opts.device, need_mb, f"process {world.rank}'s share of the calibration inputs")
+    inputs = share_inputs(lm.adapter.block_inputs(lm, ids, opts.device), world, ids)
+    compile_blocks(lm, steps, inputs, assign, device=opts.device, seed=opts.seed, debug=opts.debug, progress=False,
+                   verbose=False, lean=lean, global_batch=len(ids))
+
+
+def distributed_options(opts: CompileOptions, world) -> CompileOptions:
+    """This process's options in a compile spread over world.size processes (compiler/dist.py): its own device,
+    no checkpoints (the next block's inputs are split over the processes), output and logs in process 0 only."""
+    import dataclasses
+    if opts.resume:
+        raise ValueError("--resume: a compile spread over several processes keeps no checkpoints to resume from; "
+                         "run it again without --resume")
+    return dataclasses.replace(opts, device=str(world.device), checkpoint=False,
+                               progress=opts.progress and world.main, dump_dir=opts.dump_dir if world.main else None)
 
 
 def checkpoint(model: str, writer, emitter, target, topts, steps, opts: CompileOptions, calib_sha: str,

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
+import sys
 from pathlib import Path
 
 import click
 
 from .main import _fail, friendly, main
+
 
 def _targets():
     from ..targets.base import targets
@@ -68,6 +72,13 @@ def _targets_epilog() -> str:
               help="Write the IR after every pass (text + JSON per block) and an ONNX of the first block here.")
 @click.option("--seed", type=int, default=None, help="Random seed (default: the recipe's, else 0).")
 @click.option("--device", default="cpu", show_default=True, help="Where calibration runs (cpu, cuda).")
+@click.option("--gpus", type=int, default=None,
+              help="Spread calibration over this many GPUs of this machine (1, 2, 4 or 8; NCCL): each process "
+                   "holds a share of the calibration sequences, the statistics the passes read are reduced over all "
+                   "of them, and process 0 writes the artifact, byte-identical to one process's on the same "
+                   "hardware where the arithmetic is the same. Causal LMs and encoders. Also runs under torchrun.")
+@click.option("--procs", type=int, default=None,
+              help="As --gpus, with this many processes on the --device (cpu: the gloo backend).")
 @click.option("--force", is_flag=True,
               help="Replace OUTPUT if it is a dcc artifact (never another folder, the source model or the current "
                    "folder); the old artifact is swapped out only once the new one is complete. Also discards an "
@@ -85,23 +96,56 @@ def _targets_epilog() -> str:
 @click.option("-v", "--verbose", is_flag=True, help="Print what each pass does to each block.")
 @friendly
 def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, recipe, bits, group_size, kv_bits, rank,
-                precision, zero, dtype, unsupported, dump_dir, seed, device, force, resume, no_checkpoint, debug, quiet,
-                verbose):
+                precision, zero, dtype, unsupported, dump_dir, seed, device, gpus, procs, force, resume, no_checkpoint, debug,
+                quiet, verbose):
     """Compile MODEL (a Hugging Face folder or a .gguf file) into an engine-ready artifact folder.
 
     Blocks are captured with torch.export and compiled one at a time on the calibration data; the artifact is
     written to a temporary folder and renamed into place when complete. An interrupted compile keeps its finished
     blocks: the same command with --resume continues it (--force discards it)."""
     from ..api import CompileOptions, compile_model
+    from ..compiler import dist
     from .main import install_logging
-    install_logging(verbose)   # target, algorithm and options are checked by the target registry: one line each
+    if gpus is not None and procs is not None:
+        raise click.UsageError("give --gpus or --procs, not both")
+    if gpus is not None:
+        device = "cuda"
+    n = gpus if gpus is not None else procs
+    if n is not None and n > 1 and os.environ.get("WORLD_SIZE") is None:   # the launcher: start the processes
+        from ..compiler.launch import check_procs, launch
+        check_procs(n, device)
+        if resume:
+            raise ValueError("--resume: a compile spread over several processes keeps no checkpoints to resume "
+                             "from; run it again without --resume")
+        sys.exit(launch(_without_launch_flags(sys.argv[1:]) + ["--device", device], n, device))
+    install_logging(verbose)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # one process of a spread compile (ours, or torchrun's)
+        dist.set_current(dist.init_from_env(device))
+        if not dist.current().main:
+            logging.getLogger("dcc").setLevel(logging.WARNING)   # target, algorithm and options are checked by the target registry: one line each
     opts = CompileOptions(target=target, algo=algo, recipe=recipe, bits=bits, group_size=group_size, zero=zero,
                           kv_bits=kv_bits, rank=rank, precision=precision, dtype=dtype, calib=calib, calib_chunks=calib_chunks, calib_seq_len=calib_seq_len,
                           unsupported=unsupported,
                           seed=seed, device=device, dump_dir=dump_dir, force=force, resume=resume,
                           checkpoint=not no_checkpoint, debug=debug,
                           progress=not quiet, verbose=verbose)
-    compile_model(model, out, opts)
+    try:
+        compile_model(model, out, opts)
+    finally:
+        dist.shutdown()
+
+
+def _without_launch_flags(argv: list[str]) -> list[str]:
+    """The command line a spread compile's processes run: this one less --gpus/--procs (and their values)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--gpus", "--procs"):
+            skip = True
+        elif not a.startswith(("--gpus=", "--procs=")):
+            out.append(a)
+    return out
 
 
 @main.command()

@@ -93,9 +93,15 @@ def friendly(fn):
             _quiet_broken_pipe()
         except KeyboardInterrupt as e:
             signum = getattr(e, "signum", signal.SIGINT)
+            from ..compiler.launch import stopped_by_launcher
+            if stopped_by_launcher():   # a process of a spread compile: the launcher's line names the failure
+                sys.exit(128 + signum)
             _fail(f"interrupted ({signal.Signals(signum).name}); stopped cleanly, no output was written",
                   128 + signum)
         except Exception as e:  # noqa: BLE001 - the CLI boundary
+            from ..compiler.launch import lost_peer
+            if lost_peer(e):   # a process of a spread compile whose peer failed first: the launcher names it
+                sys.exit(1)
             if _received:   # a signal whose exception an extension replaced by its own: still an interruption
                 _fail(f"interrupted ({signal.Signals(_received[0]).name}); stopped cleanly, no output was written",
                       128 + _received[0])

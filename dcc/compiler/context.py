@@ -10,7 +10,9 @@ from typing import Callable
 import torch
 
 from ..ir import program
+from . import dist
 from .chunks import chunk_sizes, run_chunked
+from .stats import InputStats
 from ..ir.capture import Captures, first_samples, typed_nodes
 from ..ir.program import copy_graph, input_key
 from ..ir.rewrite import linear_nodes
@@ -21,7 +23,7 @@ class BlockContext:
 
     def __init__(self, block, args: tuple, kwargs: dict, device: torch.device, seed: int = 0,
                  max_tokens: int | None = None, verbose: bool = False, captures: Captures | None = None,
-                 outputs: str = "first", lean: bool = False):
+                 outputs: str = "first", lean: bool = False, global_batch: int | None = None):
         if outputs not in ("first", "all"):
             raise ValueError(f"outputs {outputs!r}: 'first' or 'all'")
         self.block, self.args, self.kwargs = block, args, kwargs
@@ -40,6 +42,13 @@ class BlockContext:
         self._last_out: torch.Tensor | None = None
         self._main_key: tuple | None = None
         self._variants: dict[tuple, tuple] = {}      # input key -> (graph, number of rewrites replayed on it)
+        # the calibration batch may be split over processes (compiler/dist.py): this one holds its share of the
+        # global_batch sequences; passes reduce what they read through self.stats (compiler/stats.py)
+        self.world = dist.current()
+        local = _batch(args, kwargs) if block is not None else 0
+        self.global_batch = local if global_batch is None else global_batch
+        self.stats = InputStats(self.world, self.global_batch, local) if block is not None else None
+        self._samples: dict[tuple, tuple[tuple, dict]] = {}   # (samples, hidden given) -> the batch's first ones
 
     def graph(self, args: tuple, kwargs: dict):
         """The block's graph for these inputs: block.gm for the calibration batch; for another shape (the first
@@ -73,11 +82,33 @@ class BlockContext:
         args, kwargs = self.args, self.kwargs
         if hidden is not None:
             args = (hidden,) + tuple(args[1:])
+        if samples is not None and self.world.distributed:
+            return self._global_first(args, kwargs, samples, hidden is not None)
         if samples is not None:
             batch = _batch(args, kwargs)
             if samples < batch:
                 args, kwargs = first_samples(args, kwargs, batch, samples)
         return args, kwargs
+
+    def _global_first(self, args: tuple, kwargs: dict, samples: int, hidden: bool) -> tuple[tuple, dict]:
+        """The batch's first `samples` sequences, wherever they are held, gathered into every process (the probe
+        and search runs on them then compute the same values everywhere); the block's inputs are gathered once."""
+        key = (samples, hidden)
+        if hidden or key not in self._samples:
+            local, start = _batch(args, kwargs), self.stats.start
+            take = max(0, min(local, samples - start))
+
+            def cut(v):
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == local:
+                    return self.world.cat_rows(v[:take].contiguous())
+                if isinstance(v, tuple):
+                    return tuple(cut(t) for t in v)
+                return v
+            got = tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+            if hidden:
+                return got
+            self._samples[key] = got
+        return self._samples[key]
 
     def _first(self, out):
         """The output passes score: the first (as a decoder layer's hidden states), or all tensors joined."""
@@ -131,6 +162,14 @@ class BlockContext:
         if self.outputs != "first" or hidden is None or hidden.dim() != 3 or hidden.shape[0] != batch:
             return one(args, kwargs, watch)   # a chain block's hidden states [batch, seq, width] only
         return run_chunked(one, args, kwargs, batch, chunk_sizes(batch, hidden.shape[1]), watch)
+
+    def rel_error(self, out: torch.Tensor, ref: torch.Tensor) -> float:
+        """||out - ref|| / ||ref|| over the whole batch (outputs [local batch, ...] of this process's share), the
+        squared norms summed over the canonical leaves (the same number in any number of processes)."""
+        d, r = (out.double() - ref.double()).reshape(ref.shape[0], -1), ref.double().reshape(ref.shape[0], -1)
+        num = self.stats.tree(d, lambda v: v.pow(2).sum())
+        den = self.stats.tree(r, lambda v: v.pow(2).sum())
+        return float(num.sqrt() / den.sqrt().clamp(min=1e-30))
 
     def block_io(self):
         """(args, kwargs, float outputs): the outputs as the block computed them before any pass ran."""

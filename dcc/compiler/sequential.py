@@ -31,6 +31,7 @@ from ..ir.program import copy_graph
 from ..ir.graph import Block
 from .context import BlockContext
 from .gpu_memory import is_out_of_memory, out_of_memory
+from .launch import write_status
 from .pass_manager import PassTiming, Step, check_pipeline, run_block, run_model_steps
 
 
@@ -79,6 +80,7 @@ class _BlockCompiler:
     timing: PassTiming
     outputs: str = "first"
     lean: bool = False
+    global_batch: int | None = None   # the calibration batch's sequences, of which this process holds a share
     messages: list[str] = field(default_factory=list)
     captures: Captures = field(default_factory=Captures)
 
@@ -135,7 +137,8 @@ class _BlockCompiler:
         self._analyse(block, params)
         self.assign_specs(block)
         ctx = BlockContext(block, args, kwargs, self.device, self.seed + i, max_tokens=self.max_tokens,
-                           verbose=self.verbose, captures=self.captures, outputs=self.outputs, lean=self.lean)
+                           verbose=self.verbose, captures=self.captures, outputs=self.outputs, lean=self.lean,
+                           global_batch=self.global_batch)
         t1 = time.perf_counter()
         run_block(block, self.steps, ctx, self.timing, self.dumper, self.debug)
         t2 = time.perf_counter()
@@ -144,8 +147,7 @@ class _BlockCompiler:
         out = ctx.forward(simulate=True) if full is None else ctx._first(full)
         if ctx.reference is not None:
             # how far the quantized block's output is from the float block's, on the same (quantized) inputs
-            ref = ctx.reference.float()
-            ctx.block_error = round(float((out.float() - ref).norm() / ref.norm().clamp(min=1e-30)), 6)
+            ctx.block_error = round(ctx.rel_error(out, ctx.reference), 6)
         t3 = time.perf_counter()
         if self.on_block is not None:
             self.on_block(block, ctx)
@@ -163,7 +165,8 @@ class _BlockCompiler:
 def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], BlockInputs] | ModelForward,
                    assign_specs, on_block=None, dumper=None, device: str = "cpu", seed: int = 0, debug: bool = False,
                    progress: bool = True, verbose: bool = False, max_tokens: int | None = None,
-                   release: bool = True, checkpoint=None, lean: bool = False) -> CompileResult:
+                   release: bool = True, checkpoint=None, lean: bool = False,
+                   global_batch: int | None = None) -> CompileResult:
     """Compile every block in order. `inputs`: block 0's (args, kwargs) on the calibration batch, as the model's
     adapter computes them (dcc.models.adapter: block0_inputs), or a function returning them, called after the passes'
     model prologues -- which may change what reaches block 0 (rotated embeddings), so a pair computed before is
@@ -172,7 +175,9 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
     packs it) before its weights are released (release=False keeps them, for in-memory evaluation of formats that no
     layout packs). `checkpoint` (compiler/resume.py, a chain only): saved after each block; the blocks it holds as
     done are not compiled again, the next one starting from its saved input and RNG state. lean: each block holds the
-    inputs of one linear at a time (compiler/context.py), for calibration sets too large for the device otherwise."""
+    inputs of one linear at a time (compiler/context.py), for calibration sets too large for the device otherwise.
+    global_batch: the calibration batch's sequences when this process holds a share of them (compiler/dist.py; block
+    0's inputs are then that share, and every block's outputs stay split)."""
     t0 = time.perf_counter()
     check_pipeline(steps)
     dev = torch.device(device)
@@ -183,7 +188,8 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
     # passes that act outside the blocks (rotation of the embeddings, ...), through the manager: timed, dumped
     changed = run_model_steps("prologue", steps, lm, ctx0, timing, dumper)
     comp = _BlockCompiler(lm, steps, assign_specs, on_block, dumper, dev, seed, debug, verbose, max_tokens, release,
-                          timing, outputs="all" if isinstance(inputs, ModelForward) else "first", lean=lean)
+                          timing, outputs="all" if isinstance(inputs, ModelForward) else "first", lean=lean,
+                          global_batch=global_batch)
     n = len(lm.blocks)
     start = checkpoint.start if checkpoint is not None else 0
     bar = tqdm(range(start, n), desc="compiling blocks", unit="block", disable=not progress, file=sys.stderr,
@@ -203,6 +209,7 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
         if checkpoint is not None:   # the finished blocks' state, the next block's input, the RNG as they left it
             args, comp.messages = checkpoint.restore(lm, args, dev)
         for i in bar:
+            write_status(lm.block_prefix(i))   # a spread compile's launcher names the block a failed process was at
             out = comp.compile(i, lm.block_prefix(i), args, kwargs)
             args = (out,) + tuple(args[1:])  # quantized outputs feed the next block
             if checkpoint is not None:

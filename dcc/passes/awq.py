@@ -41,13 +41,24 @@ def _candidates(x_stat: torch.Tensor, w_stat: torch.Tensor, grid: int, patterns:
 
 
 @torch.no_grad()
-def search_group(block, g, x: torch.Tensor, config: AwqConfig):
-    """Best producer-channel scale for group g on inputs x [T, K]; returns (s, a, b, loss, loss at s=1)."""
+def group_statistics(ctx, g, config: AwqConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the tokens a candidate is scored on, mean |x| per channel in float64) of group g's input over the whole
+    calibration batch (compiler/stats.py): an evenly spaced subset of max_tokens tokens (the windows are consecutive
+    text; a prefix would see one), and the channel means over every token."""
+    x = ctx.inputs(g.consumers[0])
+    t = ctx.stats.tokens(x)
+    xs = ctx.stats.rows(x, torch.linspace(0, t - 1, min(config.max_tokens, t)).long())
+    mean = ctx.stats.tree(x, lambda v: v.abs().sum(0, dtype=torch.float64)) / t
+    return xs, mean
+
+
+@torch.no_grad()
+def search_group(block, g, xs: torch.Tensor, x_mean: torch.Tensor, config: AwqConfig):
+    """Best producer-channel scale for group g scored on tokens xs [T, K] of inputs whose channels have mean
+    magnitude x_mean [K]; returns (s, a, b, loss, loss at s=1)."""
     lins = [block.linears[c] for c in g.consumers if block.linears[c].spec is not None]
     ws = [block.linear_module(l.name).weight.data.float() for l in lins]
-    # score on an evenly spaced subset of the tokens (the windows are consecutive text; a prefix would see one)
-    xs = x[torch.linspace(0, x.shape[0] - 1, min(config.max_tokens, x.shape[0]), device=x.device).long()]
-    x_stat = g.collapse(x.abs().mean(0).double())
+    x_stat = g.collapse(x_mean)
     # weight statistic: mean over consumers of |w| normalised per group of input features (AWQ's w_mean)
     w_stat = g.collapse(torch.stack([(w.abs() / w.abs().amax(1, keepdim=True).clamp(min=1e-8)).mean(0)
                                      for w in ws]).mean(0).double())
@@ -81,7 +92,7 @@ class Awq(Pass):
             ctx.log(f"awq: skipped {s}")
         details, changed = {}, False
         for g in groups:
-            s, a, b, loss, base = search_group(block, g, ctx.inputs(g.consumers[0]), config)
+            s, a, b, loss, base = search_group(block, g, *group_statistics(ctx, g, config), config)
             if a > 0.0:
                 apply_scale(block, g, s)
                 ctx.rescale_inputs(g.consumers, g.expand(s).float())   # the consumers now read x / s

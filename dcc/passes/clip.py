@@ -74,6 +74,16 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec, config: ClipConfig):
     return best, float(base.sum()), float(best_err.sum())
 
 
+def scored_inputs(ctx, linear: str, max_tokens: int | None) -> torch.Tensor:
+    """The calibration tokens search_clip scores on: max_tokens evenly spaced ones of the whole batch (every
+    sequence, all positions), or all of them, gathered from wherever the batch is held (compiler/stats.py)."""
+    x = ctx.inputs(linear)
+    t = ctx.stats.tokens(x)
+    if max_tokens and t > max_tokens:
+        return ctx.stats.rows(x, torch.linspace(0, t - 1, max_tokens).long())
+    return ctx.stats.rows(x)
+
+
 @register
 class Clip(Pass):
     Config = ClipConfig
@@ -88,7 +98,7 @@ class Clip(Pass):
             if lin.name in skip:
                 continue
             w = block.linear_module(lin.name).weight.data.float()
-            ratios, before, after = search_clip(w, ctx.inputs(lin.name), lin.spec, config)
+            ratios, before, after = search_clip(w, scored_inputs(ctx, lin.name, config.max_tokens), lin.spec, config)
             lin.clip = ratios
             details[lin.name] = {"mean_ratio": round(float(ratios.float().mean()), 4),
                                  "err_reduction": round(before / after, 3) if after > 0 else None}

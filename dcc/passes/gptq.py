@@ -14,7 +14,7 @@ from ..ir.formats import (QuantizedTensor, compute_qparams, fp_encode, progressi
 from ..ir.progressive import protective_range
 from .base import Pass, PassConfig, PassResult, quantizable, register
 from ._gptq_graph import sweep_graphed
-from .rtn import quantize_linear, unshifted
+from .rtn import SQNR_TOKENS, quantize_linear, unshifted
 
 GRAPHED = True                # tests compare the graphed sweep with the eager one by turning this off
 GRAPH_DEVICES = ("cuda",)     # where the sweep replays captured blocks (the CPU tests add "cpu", uncaptured)
@@ -127,13 +127,26 @@ class _FpColumns:
 
 
 @torch.no_grad()
-def gptq_quantize(w: torch.Tensor, x: torch.Tensor, spec, config: GptqConfig, clip=1.0) -> QuantizedTensor:
-    """GPTQ on weight w [N, K] with inputs x [T, K]; returns the QuantizedTensor (codes in the original column order)."""
+def hessian(x: torch.Tensor, stats=None) -> torch.Tensor:
+    """GPTQ's H = 2 X^T X / T of inputs x [T, K]: the sum of T outer products in float32, then float64 (where it is
+    factorised). stats (compiler/stats.py): x is this process's share of the calibration batch, and X^T X is summed
+    over the batch's canonical leaves (the same bits however the batch is split)."""
+    if stats is None:
+        return (x.float().T @ x.float()).double() * (2.0 / x.shape[0])
+    gram = stats.tree(x, lambda v: v.float().T @ v.float())
+    return gram.double() * (2.0 / stats.tokens(x))
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, x: torch.Tensor | None, spec, config: GptqConfig, clip=1.0,
+                  h: torch.Tensor | None = None) -> QuantizedTensor:
+    """GPTQ on weight w [N, K] with inputs x [T, K] (or their hessian(x), h, which is not changed); returns the
+    QuantizedTensor (codes in the original column order)."""
     if spec.is_fp and (spec.group_size <= 0 or not config.static_groups):
         raise ValueError(f"gptq: {spec.dtype} weights need groups (group_size > 0) and static_groups")
     n, k = w.shape
-    # H in float32 (the sum of T outer products), factorised in float64; the sweep runs in float32 as in GPTQ
-    h = (x.float().T @ x.float()).double() * (2.0 / x.shape[0])
+    # the sweep runs in float32 as in GPTQ
+    h = hessian(x) if h is None else h.clone()
     w = w.float().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
@@ -220,17 +233,23 @@ class Gptq(Pass):
     def run(self, block, config, ctx) -> PassResult:
         details = {}
         lins = [l for l in quantizable(block) if l.qtensor is None]
-        prev = None
+        prev = seen = h = None
         for lin in lins:
             # true-sequential: a linear whose input differs from the previous one's (a later stage of the block)
             # sees the inputs produced by the layers already quantized
             if prev is not None and ctx.feed_of(lin.name) != ctx.feed_of(prev):
+                x = seen = h = None   # the previous stage's inputs go before the next are collected
                 x = ctx.fresh_inputs(lin.name)   # a run of the block up to this input, not further
             else:
                 x = ctx.inputs(lin.name)
             w = block.linear_module(lin.name).weight.data.float()
             # a shifted ("uint4") input's shift is taken back by the bias: the error acts on the unshifted input
-            qt = gptq_quantize(w, unshifted(block, lin, x), lin.spec, config, (1.0 if lin.clip is None else lin.clip))
-            details[lin.name] = round(quantize_linear(block, lin, codes_from=qt, x=x)["sqnr_db"], 2)
+            xu = unshifted(block, lin, x)
+            if xu is not seen:   # linears reading one tensor (q/k/v, gate/up) share one H: the same numbers
+                seen, h = xu, hessian(xu, ctx.stats)
+            qt = gptq_quantize(w, None, lin.spec, config, (1.0 if lin.clip is None else lin.clip), h=h)
+            # the output error statistic reads the batch's first tokens
+            details[lin.name] = round(quantize_linear(block, lin, codes_from=qt, x=ctx.stats.head(x, SQNR_TOKENS))
+                                      ["sqnr_db"], 2)
             prev = lin.name
         return PassResult(bool(lins), f"GPTQ on {len(lins)} linears", {"sqnr_db": details})

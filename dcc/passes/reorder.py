@@ -101,7 +101,7 @@ class Reorder(Pass):
             return PassResult(False, f"nothing to reorder (it only helps group quantization): {'; '.join(skipped)}",
                               {"skipped": skipped})
         # every group's statistic is its consumer's input, which only that group's permutation changes
-        x_max = {c: ctx.inputs(c).abs().amax(0) for _, _, c in groups}
+        x_max = {c: ctx.stats.absmax(ctx.inputs(c)) for _, _, c in groups}
         attn, details = {a.o: a for a in block.attentions}, {}
         for kind, producers, consumer in groups:
             x = x_max[consumer]

@@ -15,6 +15,8 @@ from ..ir.w4a4 import SHIFT_GELU
 from .base import Pass, PassConfig, PassResult, quantizable, register
 from .quantize_activations import fold_shift
 
+SQNR_TOKENS = 1024   # the batch's first tokens, on which a quantized linear's relative output error is reported
+
 
 @dataclass(frozen=True)
 class RtnConfig(PassConfig):
@@ -37,7 +39,7 @@ def quantize_linear(block, lin, codes_from=None, x: torch.Tensor | None = None) 
     x = unshifted(block, lin, x)
     lin.stats["weight_sqnr_db"] = round(err["sqnr_db"], 3)
     if x is not None:
-        x = x[:1024]
+        x = x[:SQNR_TOKENS]
         ref = x @ w.float().T
         lin.stats["output_rel_err"] = round(float((x @ wq.T - ref).norm() / ref.norm().clamp(min=1e-30)), 6)
     return err
@@ -66,6 +68,7 @@ class Rtn(Pass):
 
     def run(self, block, config, ctx) -> PassResult:
         lins = [l for l in quantizable(block) if l.qtensor is None]
-        details = {l.name: round(quantize_linear(block, l, x=ctx.inputs(l.name))["sqnr_db"], 2) for l in lins}
+        details = {l.name: round(quantize_linear(block, l, x=ctx.stats.head(ctx.inputs(l.name), SQNR_TOKENS))
+                                 ["sqnr_db"], 2) for l in lins}
         return PassResult(bool(lins), f"quantized {len(lins)} linears (weight SQNR dB: min "
                           f"{min(details.values(), default=0):.1f})", {"sqnr_db": details})

@@ -86,7 +86,7 @@ class Smooth(Pass):
             return PassResult(False, "no group to smooth", {"skipped": skipped})
         # A group's input is its producer's output, which only that group's scaling changes (the others preserve
         # the function), so every statistic can be read from one collection before any group is scaled.
-        x_max = {g.producer: ctx.inputs(g.consumers[0]).abs().amax(0).double() for g in groups}
+        x_max = {g.producer: ctx.stats.absmax(ctx.inputs(g.consumers[0])).double() for g in groups}
         scorer = BlockScorer(block, ctx, config.samples) if config.search else None
         details = {}
         for g in groups:

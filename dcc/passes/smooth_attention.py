@@ -116,7 +116,8 @@ def collect_qk(block, ctx, attentions) -> dict[str, tuple[torch.Tensor, torch.Te
         # the graph computes the query before the key (both feed the same attention node)
         watch[a.q_node], watch[k_node] = q_seen, k_seen
     ctx.record(watch)
-    return stats
+    # channel maxima over the whole batch, wherever its sequences are held (compiler/dist.py; max is exact)
+    return {key: (ctx.world.max(q), None if k is None else ctx.world.max(k)) for key, (q, k) in stats.items()}
 
 
 @register

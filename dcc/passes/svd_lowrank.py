@@ -127,13 +127,15 @@ def gram_top_eigenvectors(g: torch.Tensor, rank: int, seed: int, iterations: int
 class _Group:
     """Linears reading one tensor: their stacked weight [N, K], the inputs [T, K] and the float outputs."""
 
-    def __init__(self, block, names: list[str], x: torch.Tensor, max_tokens: int):
+    def __init__(self, block, names: list[str], ctx, max_tokens: int):
         self.names = names
         self.lins = [block.linears[n] for n in names]
         self.rows = [l.out_features for l in self.lins]
         self.w = torch.cat([block.linear_module(n).weight.data.double() for n in names])
-        if x.shape[0] > max_tokens:   # evenly spaced rows: every sequence and position represented
-            x = x[torch.linspace(0, x.shape[0] - 1, max_tokens).round().long()]
+        x = ctx.inputs(names[0])
+        t = ctx.stats.tokens(x)
+        # evenly spaced tokens of the whole batch (compiler/stats.py): every sequence and position represented
+        x = ctx.stats.rows(x, torch.linspace(0, t - 1, max_tokens).round().long() if t > max_tokens else None)
         self.x = x.double()
         self.ref = self.x @ self.w.T
         self.act = self.lins[0].act
@@ -246,7 +248,7 @@ class SvdLowrank(Pass):
             groups.setdefault((feeds[l.name], l.group), []).append(l.name)
         details = {}
         for i, names in enumerate(groups.values()):
-            g = _Group(block, names, ctx.inputs(names[0]), config.max_tokens)
+            g = _Group(block, names, ctx, config.max_tokens)
             x_max, w_max = g.x.abs().amax(0), g.w.abs().amax(0)
             # the smoothing searched with the first SVD (or search_iterations alternations); the alternations then
             # refine the chosen one

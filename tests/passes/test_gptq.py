@@ -6,7 +6,7 @@ import torch
 from dcc.compiler.pass_manager import Step
 from dcc.ir.formats import QuantSpec, fake_quantize
 from dcc.passes.base import get_pass
-from dcc.passes.gptq import Gptq, GptqConfig, gptq_quantize
+from dcc.passes.gptq import Gptq, GptqConfig, gptq_quantize, hessian
 from dcc.passes.rtn import RtnConfig
 
 from tiny_models import INT4_G32 as SPEC, one_thread, outlier_layer, run_on_copy  # noqa: F401 (one_thread)
@@ -102,6 +102,17 @@ def test_gptq_dead_input_columns():
     assert torch.equal(qt.codes[:, dead], qt.zero[:, groups])
     assert bool((wq[:, dead] == 0).all())
     assert _out_err(x, w, wq) < _out_err(x, w, fake_quantize(w, spec))
+
+
+def test_a_shared_hessian_gives_the_same_codes_and_is_left_unchanged():
+    # the pass computes H once for linears reading one tensor (q/k/v): gptq_quantize must not change the H it is given
+    w, x = _correlated()
+    x[:, [3, 9]] = 0.0      # dead columns: their diagonal is set to 1 on gptq_quantize's copy, not on the caller's
+    h = hessian(x)
+    kept = h.clone()
+    a, b = gptq_quantize(w, x, SPEC, GptqConfig()), gptq_quantize(w, None, SPEC, GptqConfig(), h=h)
+    assert torch.equal(h, kept) and float(h[3, 3]) == 0.0
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
 
 
 def test_gptq_all_inputs_dead_is_exact_zero_output():
