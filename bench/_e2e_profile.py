@@ -35,7 +35,7 @@ def _table(title: str, acc: dict, reps: int, wall_us: float, top: int = 18) -> s
 def profile_decode(lm, batch: int, context: int, reps: int = 20) -> str:
     """Profile `reps` replays of the decode step graph at `batch` with `context` cached positions."""
     from dcc.runtime.fastlm.graph import StepGraph
-    lm.allocate(batch, context + reps + 8)
+    lm.allocate(batch, context + 2 * reps + 16)   # the graph advances the positions: warm-up, timing, profile
     dev = lm.device
     tok = torch.randint(3, 1000, (batch,), device=dev)
     pos = torch.full((batch,), context, dtype=torch.long, device=dev)

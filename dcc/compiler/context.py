@@ -190,11 +190,14 @@ class BlockContext:
 
     def rescale_inputs(self, linears: list[str], s: torch.Tensor) -> None:
         """A pass divided these linears' input channels by s exactly (smoothing): update the cached inputs instead of
-        running the block again. Without a cache there is nothing to update."""
+        running the block again. Without a cache there is nothing to update; inputs not held (lean) are collected
+        afresh when read."""
         if self._acts is None:
             return
         seen = {}
         for name in linears:
+            if name not in self._acts:
+                continue
             x = self._acts[name]
             if id(x) not in seen:
                 seen[id(x)] = x / s.to(x.dtype)

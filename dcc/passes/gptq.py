@@ -132,9 +132,33 @@ def hessian(x: torch.Tensor, stats=None) -> torch.Tensor:
     factorised). stats (compiler/stats.py): x is this process's share of the calibration batch, and X^T X is summed
     over the batch's canonical leaves (the same bits however the batch is split)."""
     if stats is None:
-        return (x.float().T @ x.float()).double() * (2.0 / x.shape[0])
-    gram = stats.tree(x, lambda v: v.float().T @ v.float())
-    return gram.double() * (2.0 / stats.tokens(x))
+        return gram(x).double() * (2.0 / x.shape[0])
+    return stats.tree(x, gram).double() * (2.0 / stats.tokens(x))
+
+
+def _tf32_part(v: torch.Tensor) -> torch.Tensor:
+    """v with its float32 mantissa cut to TF32's 10 bits (exactly representable in TF32: the tensor cores use it
+    unrounded)."""
+    return (v.view(torch.int32) & -8192).view(torch.float32)   # -8192 = 0xFFFFE000: sign, exponent, 10 bits
+
+
+def gram(v: torch.Tensor) -> torch.Tensor:
+    """X^T X of rows v [t, K] in float32. On a GPU by three TF32 tensor-core products (about 3x the speed of
+    float32 CUDA-core ones at K = 14336): v = hi + lo exactly, hi its TF32 part, and X^T X = hi^T hi + hi^T lo +
+    lo^T hi up to lo^T lo (2^-22 of it) and TF32's rounding of lo (2^-11 of lo, itself 2^-11 of v): within a few
+    float32 roundings of the float32 product, accumulated in float32 as it is. The CPU computes it in float32."""
+    v = v.float()
+    if not v.is_cuda:
+        return v.T @ v
+    hi = _tf32_part(v)
+    lo = v - hi   # exact: the bits hi dropped
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        cross = hi.T @ lo
+        return hi.T @ hi + (cross + cross.T)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 @torch.no_grad()

@@ -101,17 +101,21 @@ class Smooth(Pass):
                 continue
             s = smooth_scale(x, w_c, *config.exponents(alpha))
             apply_scale(block, g, s)
+            # the consumers now read x / s (exactly, in real arithmetic: the producer's channels are divided by s
+            # and, for v -> o and up -> down, attention and the gating are linear in them): the cached inputs are
+            # divided instead of collected again by another run of the block
+            ctx.rescale_inputs(g.consumers, g.expand(s).float())
             if scorer is not None:
                 scorer.forget([g.producer] + g.consumers)
             details[f"{g.producer}->{','.join(g.consumers)}"] = {
                 "kind": g.kind, "alpha": alpha, "beta": config.exponents(alpha)[1], "error": err,
                 "s_min": float(s.min()), "s_max": float(s.max()),
                 "x_absmax": float(x.max()), "x_absmax_after": float((x / s).max())}
-        ctx.invalidate()
         chosen = [d["alpha"] for d in details.values() if isinstance(d, dict) and "alpha" in d]
         how = f"alpha searched: {chosen}" if config.search else f"alpha {config.alpha}"
         msg = f"{len(groups)} groups smoothed ({how})" + (f", {len(skipped)} skipped" if skipped else "")
-        return PassResult(True, msg, {"groups": details, "skipped": skipped}, facts=self.ensures)
+        return PassResult(True, msg, {"groups": details, "skipped": skipped}, facts=self.ensures,
+                          keep_activations=True)
 
     @staticmethod
     def _search(block, g, x, w_c, config, scorer) -> tuple[float | None, float]:

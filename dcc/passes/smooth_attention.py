@@ -180,7 +180,10 @@ class SmoothAttention(Pass):
         how = (f"alpha searched: {[d['alpha'] for d in details.values()]}" if config.search
                else f"alpha {config.alpha}")
         msg = f"{len(details)} attention(s) smoothed ({how}, beta {config.beta})"
-        return PassResult(True, msg + (f", {len(skipped)} skipped" if skipped else ""), out, facts=self.ensures)
+        # q and k change, q k^T does not: every linear's input is the same (in real arithmetic), so the cached inputs
+        # stay (a later pass reading them needs no new run of the block)
+        return PassResult(True, msg + (f", {len(skipped)} skipped" if skipped else ""), out, facts=self.ensures,
+                          keep_activations=True)
 
     @staticmethod
     def _search(block, a, gains, lam_for, grid: int, scorer) -> tuple[float, float]:

@@ -224,3 +224,13 @@ def test_block_replay_logic_equals_the_eager_sweep(spec, monkeypatch):
     assert calls == [256]
     assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale)
     assert (got.zero is None and want.zero is None) or torch.equal(got.zero, want.zero)
+
+
+def test_the_tf32_part_and_the_rest_add_up_exactly():
+    from dcc.passes.gptq import _tf32_part
+    v = torch.randn(1000) * torch.logspace(-20, 20, 1000)
+    hi = _tf32_part(v)
+    assert torch.equal(hi + (v - hi), v)
+    # hi keeps 10 mantissa bits: its low 13 bits are zero, and it is within 2^-10 of v
+    assert int((hi.view(torch.int32) & 8191).abs().sum()) == 0
+    assert bool(((v - hi).abs() <= v.abs() * 2.0 ** -10).all())
