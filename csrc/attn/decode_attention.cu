@@ -13,6 +13,7 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kMaxChunk = 256;
+constexpr int kMaxMerge = 64;   // splits merged through shared memory (more: the serial merge)
 
 // This lane's 8 channels of token t: KV4 (KIND 4) one 32-bit word of codes, read back with the token's scale and
 // zero; a 16-bit cache (KIND 0 fp16, 1 bf16) one 16-byte load of 8 values.
@@ -226,6 +227,43 @@ __global__ void __launch_bounds__(kThreads)
   if (!is_last) return;
   __threadfence();
   const float* ml = ws + static_cast<long long>(gridDim.z) * H * nsplit * D;
+  if (nsplit <= kMaxMerge) {
+    // The splits' (max, sum) pairs of the group's heads are read once, all loads in flight together, into shared
+    // memory; a warp per head turns them into weights 2^(m_s - M) and the merged sum; then each output sums its
+    // splits' partials with independent loads (the serial loop below reads one split after the other: ~10 us at
+    // 10 splits, a decode step's attention time at batch 1).
+    __shared__ float wgt[GM][kMaxMerge];
+    __shared__ float lsum[GM];
+    for (int i = threadIdx.x; i < G * nsplit; i += kThreads) {
+      const int g = i / nsplit, s2 = i % nsplit;
+      wgt[g][s2] = __ldcg(ml + 2 * ((bh0 + g) * nsplit + s2));
+    }
+    __syncthreads();
+    for (int g = warp; g < G; g += WARPS) {
+      float mx = -INFINITY;
+      for (int s2 = lane; s2 < nsplit; s2 += 32) mx = fmaxf(mx, wgt[g][s2]);
+      mx = warp_max(mx);
+      float l = 0.f;
+      for (int s2 = lane; s2 < nsplit; s2 += 32) {
+        const float ms = wgt[g][s2];
+        const float w = ms == -INFINITY ? 0.f : exp2f(ms - mx);
+        wgt[g][s2] = w;
+        l += w * __ldcg(ml + 2 * ((bh0 + g) * nsplit + s2) + 1);
+      }
+      l = warp_sum<32>(l);
+      if (lane == 0) lsum[g] = l;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * D; i += kThreads) {
+      const int g = i / D, c = i % D;
+      const float* src = ws + (bh0 + g) * nsplit * D + c;
+      float o = 0.f;
+#pragma unroll 8
+      for (int s2 = 0; s2 < nsplit; ++s2) o += wgt[g][s2] * __ldcg(src + static_cast<long long>(s2) * D);
+      storex(out, (bh0 + g) * D + c, o / lsum[g], out_dt);
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < G * D; i += kThreads) {
     const int g = i / D, c = i % D;
     const long long p0 = (bh0 + g) * nsplit;

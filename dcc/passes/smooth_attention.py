@@ -175,7 +175,6 @@ class SmoothAttention(Pass):
             ctx.log(f"smooth_attention: skipped {s}")
         if not details:
             return PassResult(False, "no attention smoothed", {"skipped": skipped})
-        ctx.invalidate()
         out = {"attentions": details, "skipped": skipped}
         how = (f"alpha searched: {[d['alpha'] for d in details.values()]}" if config.search
                else f"alpha {config.alpha}")
