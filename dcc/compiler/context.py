@@ -49,6 +49,9 @@ class BlockContext:
         self.global_batch = local if global_batch is None else global_batch
         self.stats = InputStats(self.world, self.global_batch, local) if block is not None else None
         self._samples: dict[tuple, tuple[tuple, dict]] = {}   # (samples, hidden given) -> the batch's first ones
+        # statistics a later pass asked to be read off the float runs that collect inputs anyway (track)
+        self._tracks: dict[str, Callable[[], dict[str, Callable]]] = {}
+        self._tracked: set[str] = set()
 
     def graph(self, args: tuple, kwargs: dict):
         """The block's graph for these inputs: block.gm for the calibration batch; for another shape (the first
@@ -181,6 +184,21 @@ class BlockContext:
         """Weights changed: linear inputs must be collected again before a pass reads them."""
         self._acts = None
         self._last_out = None
+        self._tracked.clear()
+
+    def track(self, key: str, make_watch: Callable[[], dict[str, Callable]]) -> None:
+        """Have the float runs that collect linear inputs also hand graph nodes' values to callbacks: make_watch()
+        gives {node name: callback} at each such run (names of the graph as it is then). tracked(key) says whether
+        a run since the last change of the function has done so (a pass that preserves the function and keeps the
+        inputs keeps these too), sparing the tracking pass a run of its own."""
+        self._tracks[key] = make_watch
+
+    def tracked(self, key: str) -> bool:
+        return key in self._tracked
+
+    def untrack(self, key: str) -> None:
+        self._tracks.pop(key, None)
+        self._tracked.discard(key)
 
     def current_output(self) -> torch.Tensor:
         """The block's output with its current weights (reuses the last collection's forward when still valid)."""
@@ -238,7 +256,13 @@ class BlockContext:
                  if lin in self.block.linears}
         if self.lean or stop:
             feeds = {lin: name for lin, name in feeds.items() if only is not None and name == feeds.get(only)}
-        out = self.record({name: keep(name) for name in set(feeds.values())}, stop=stop)
+        watch = {name: keep(name) for name in set(feeds.values())}
+        tracks = {} if stop else {key: make() for key, make in self._tracks.items()}
+        for extra in tracks.values():
+            for name, fn in extra.items():
+                watch[name] = _both(watch[name], fn) if name in watch else fn
+        out = self.record(watch, stop=stop)
+        self._tracked |= set(tracks)
         self._last_out = out
         if self._float_out is None:
             self._float_out = out
@@ -250,6 +274,13 @@ class BlockContext:
         self.messages.append(msg)
         where = self.block.prefix if self.block is not None else "outside the blocks"   # prologues, epilogues
         logging.getLogger("dcc").debug(f"  [{where}] {msg}")
+
+
+def _both(f: Callable, g: Callable) -> Callable:
+    def fn(v):
+        f(v)
+        g(v)
+    return fn
 
 
 class _StopRun(Exception):

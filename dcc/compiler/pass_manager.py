@@ -73,8 +73,10 @@ def run_block(block, steps: list[Step], ctx, timing: PassTiming, dumper=None, de
     results = []
     if dumper is not None:
         dumper.dump(block, 0, "capture", None)
-    for i, step in enumerate(steps):
-        p = get_pass(step.name)()
+    passes = [get_pass(step.name)() for step in steps]
+    for p, step in zip(passes, steps):
+        p.prepare(block, step.config, ctx)
+    for i, (p, step) in enumerate(zip(passes, steps)):
         if "quantized" in p.ensures and ctx.reference is None:
             # the float function as the quantizers receive it (after rotation/smoothing, which preserve it)
             ctx.reference = ctx.current_output()

@@ -70,6 +70,10 @@ class Pass:
     def run(self, block, config, ctx) -> PassResult:
         raise NotImplementedError
 
+    def prepare(self, block, config, ctx) -> None:
+        """Called for every step before the block's first pass: a pass may ask the context to read statistics off
+        the runs earlier passes make anyway (ctx.track)."""
+
     def preservation_reference(self, block, config, ctx) -> torch.Tensor:
         """What the block must compute after this pass on the probe samples (taken before it runs): by default
         its output now. A pass that changes the block's input basis (rotate) says what that output becomes."""

@@ -96,10 +96,24 @@ def _scale_gain(block, gain: tuple[str, str], s: torch.Tensor) -> None:
     w.data = ((w.data.double() + off) * s.to(w.device) - off).to(w.dtype)
 
 
+TRACK = "smooth_attention: post-RoPE q/k channel maxima"
+
+
 def collect_qk(block, ctx, attentions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per attention (keyed by its q linear): channel absmax of post-RoPE Q [heads, d] and K [kv_heads, d, as the
     cache holds it: before the GQA repeat] over the calibration data, read off the graph in one float run."""
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    ctx.record(qk_watch(block, attentions, stats))
+    return reduce_qk(ctx, stats)
+
+
+def reduce_qk(ctx, stats: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The channel maxima over the whole batch, wherever its sequences are held (compiler/dist.py; max is exact)."""
+    return {key: (ctx.world.max(q), None if k is None else ctx.world.max(k)) for key, (q, k) in stats.items()}
+
+
+def qk_watch(block, attentions, stats: dict) -> dict:
+    """Callbacks on the graph's post-RoPE q and k nodes that put their channel maxima into stats."""
     watch = {}
     for a in attentions:
         try:
@@ -115,9 +129,7 @@ def collect_qk(block, ctx, attentions) -> dict[str, tuple[torch.Tensor, torch.Te
 
         # the graph computes the query before the key (both feed the same attention node)
         watch[a.q_node], watch[k_node] = q_seen, k_seen
-    ctx.record(watch)
-    # channel maxima over the whole batch, wherever its sequences are held (compiler/dist.py; max is exact)
-    return {key: (ctx.world.max(q), None if k is None else ctx.world.max(k)) for key, (q, k) in stats.items()}
+    return watch
 
 
 @register
@@ -130,11 +142,20 @@ class SmoothAttention(Pass):
     ensures = ("attention_smoothed",)
     forbids = ("clipped", "quantized")   # it changes weights: ranges and codes taken before it would be stale
 
+    def prepare(self, block, config, ctx) -> None:
+        # the passes before this one (smoothing, rotation) preserve q and k: their statistics can be read off the
+        # run that collects the linears' inputs for those passes, sparing this pass a run of the block
+        self._seen: dict = {}
+        if block.attentions:
+            ctx.track(TRACK, lambda: qk_watch(block, block.attentions, self._seen))
+
     @torch.no_grad()
     def run(self, block, config, ctx) -> PassResult:
         if not block.attentions:
             return PassResult(False, "no attention to smooth")
-        stats = collect_qk(block, ctx, block.attentions)
+        seen = getattr(self, "_seen", {})
+        stats = reduce_qk(ctx, seen) if ctx.tracked(TRACK) and seen else collect_qk(block, ctx, block.attentions)
+        ctx.untrack(TRACK)
         details, skipped, scorer = {}, [], None
         for a in block.attentions:
             if a.q not in stats:
