@@ -214,3 +214,25 @@ def test_search_config_is_checked():
     for bad in ({"search": 1}, {"grid": 0}, {"samples": 0}, {"grid": 2.5}):
         with pytest.raises(ValueError, match="smooth_attention"):
             SmoothAttentionConfig(**bad)
+
+
+def test_after_smoothing_it_reads_q_and_k_off_the_smoothing_run(monkeypatch):
+    # smooth collects the linears' inputs; SmoothAttention asked (prepare -> ctx.track) to read q/k maxima off that
+    # run, so it makes no run of its own, and the maxima it uses equal those of a fresh run (smoothing preserves q, k)
+    from dcc.passes.smooth import SmoothConfig
+    block, ctx = _block("llama", k_outliers=8.0)
+    own = []
+    real = sa.collect_qk
+    monkeypatch.setattr(sa, "collect_qk", lambda *a: own.append(1) or real(*a))
+    seen = {}
+    orig = sa.reduce_qk
+    monkeypatch.setattr(sa, "reduce_qk", lambda c, stats: seen.update(orig(c, stats)) or orig(c, stats))
+    run_block(block, [Step("smooth", SmoothConfig(alpha=0.5)), Step("smooth_attention", SmoothAttentionConfig())],
+              ctx, PassTiming())
+    assert own == [] and seen and not ctx._tracks   # no run of its own; the tracking ends with the pass
+    # the tracked maxima were read before smoothing: the same as after it, up to float rounding
+    block2, ctx2 = _block("llama", k_outliers=8.0)
+    run_block(block2, [Step("smooth", SmoothConfig(alpha=0.5))], ctx2, PassTiming())
+    fresh = real(block2, ctx2, block2.attentions)
+    for key, (q, k) in fresh.items():
+        assert torch.allclose(seen[key][0], q, rtol=1e-5) and torch.allclose(seen[key][1], k, rtol=1e-5)
