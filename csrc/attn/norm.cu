@@ -12,6 +12,18 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// 1 / sqrt(mean of squares + eps) of a row from each thread's partial sum of squares: warps, then the warps' sums in
+// a fixed order; the mean is sum / H (torch divides), rsqrtf is within 2 ulp of the rounded rsqrt.
+__device__ __forceinline__ float row_rsqrt(float ss, int H, float eps, float* warp_part) {
+  ss = warp_sum<32>(ss);
+  if ((threadIdx.x & 31) == 0) warp_part[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int k = 0; k < kThreads / 32; ++k) total += warp_part[k];
+  return rsqrtf(__fadd_rn(__fdiv_rn(total, static_cast<float>(H)), eps));
+}
+
 __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict__ h, const void* delta,
                                                                const void* w, void* out, int H, float eps, int dt,
                                                                int norm) {
@@ -28,14 +40,7 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict
     else storex(out, row + i, v, dt);
   }
   if (!norm) return;
-  ss = warp_sum<32>(ss);
-  if ((threadIdx.x & 31) == 0) warp_part[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  float total = 0.f;
-#pragma unroll
-  for (int k = 0; k < kThreads / 32; ++k) total += warp_part[k];
-  // rsqrt(mean + eps): the mean is sum / H (torch divides), rsqrtf is within 2 ulp of the rounded rsqrt
-  const float r = rsqrtf(__fadd_rn(__fdiv_rn(total, static_cast<float>(H)), eps));
+  const float r = row_rsqrt(ss, H, eps, warp_part);
   for (int i = threadIdx.x; i < H; i += kThreads) {
     const float v = h[row + i];
     storex(out, row + i, __fmul_rn(load16(w, i, dt), __fmul_rn(v, r)), dt);
@@ -112,13 +117,7 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_regs_kernel(float* __res
     ss = __fmaf_rn(x[k].z, x[k].z, ss);
     ss = __fmaf_rn(x[k].w, x[k].w, ss);
   }
-  ss = warp_sum<32>(ss);
-  if ((threadIdx.x & 31) == 0) warp_part[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  float total = 0.f;
-#pragma unroll
-  for (int k = 0; k < kThreads / 32; ++k) total += warp_part[k];
-  const float r = rsqrtf(__fadd_rn(__fdiv_rn(total, static_cast<float>(H)), eps));
+  const float r = row_rsqrt(ss, H, eps, warp_part);
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     const int c = threadIdx.x + k * kThreads;
