@@ -169,9 +169,10 @@ class BlockContext:
     def rel_error(self, out: torch.Tensor, ref: torch.Tensor) -> float:
         """||out - ref|| / ||ref|| over the whole batch (outputs [local batch, ...] of this process's share), the
         squared norms summed over the canonical leaves (the same number in any number of processes)."""
-        d, r = (out.double() - ref.double()).reshape(ref.shape[0], -1), ref.double().reshape(ref.shape[0], -1)
-        num = self.stats.tree(d, lambda v: v.pow(2).sum())
-        den = self.stats.tree(r, lambda v: v.pow(2).sum())
+        d = (out.float() - ref.float()).reshape(ref.shape[0], -1)
+        r = ref.float().reshape(ref.shape[0], -1)
+        num = self.stats.tree(d, lambda v: v.square().sum(dtype=torch.float64))
+        den = self.stats.tree(r, lambda v: v.square().sum(dtype=torch.float64))
         return float(num.sqrt() / den.sqrt().clamp(min=1e-30))
 
     def block_io(self):
