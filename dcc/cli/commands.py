@@ -111,18 +111,18 @@ def compile_cmd(model, target, algo, out, calib, calib_chunks, calib_seq_len, re
     if gpus is not None:
         device = "cuda"
     n = gpus if gpus is not None else procs
-    if n is not None and n > 1 and os.environ.get("WORLD_SIZE") is None:   # the launcher: start the processes
+    if n is not None and n > 1 and int(os.environ.get("WORLD_SIZE") or 1) == 1:   # the launcher: start the processes
         from ..compiler.launch import check_procs, launch
         check_procs(n, device)
         if resume:
             raise ValueError("--resume: a compile spread over several processes keeps no checkpoints to resume "
                              "from; run it again without --resume")
         sys.exit(launch(_without_launch_flags(sys.argv[1:]) + ["--device", device], n, device))
-    install_logging(verbose)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # one process of a spread compile (ours, or torchrun's)
+    install_logging(verbose)   # target, algorithm and options are checked by the target registry: one line each
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:   # one process of a spread compile (ours, or torchrun's)
         dist.set_current(dist.init_from_env(device))
         if not dist.current().main:
-            logging.getLogger("dcc").setLevel(logging.WARNING)   # target, algorithm and options are checked by the target registry: one line each
+            logging.getLogger("dcc").setLevel(logging.WARNING)
     opts = CompileOptions(target=target, algo=algo, recipe=recipe, bits=bits, group_size=group_size, zero=zero,
                           kv_bits=kv_bits, rank=rank, precision=precision, dtype=dtype, calib=calib, calib_chunks=calib_chunks, calib_seq_len=calib_seq_len,
                           unsupported=unsupported,
