@@ -30,12 +30,17 @@ def norm_y(x: torch.Tensor, weight: torch.Tensor, eps: float, approx: bool = Tru
     return y.reshape(x.shape)
 
 
+def _outputs(m: int, k: int, device, with_sum: bool):
+    """The quantization kernels' outputs: int8 codes [M, K], fp16 scale [M], fp16 sum [M] or None."""
+    xq = torch.empty(m, k, dtype=torch.int8, device=device)
+    scale = torch.empty(m, dtype=torch.float16, device=device)
+    return xq, scale, (torch.empty(m, dtype=torch.float16, device=device) if with_sum else None)
+
+
 def _quantized(kernel: str, rows: torch.Tensor, with_sum: bool, approx: bool):
     """(int8 codes [M, K], fp16 scale [M], fp16 sum [M] or None) of rows [M, K] by the extension's `kernel`."""
     m, k = rows.shape
-    xq = torch.empty(m, k, dtype=torch.int8, device=rows.device)
-    scale = torch.empty(m, dtype=torch.float16, device=rows.device)
-    ssum = torch.empty(m, dtype=torch.float16, device=rows.device) if with_sum else None
+    xq, scale, ssum = _outputs(m, k, rows.device, with_sum)
     if m:
         with torch.cuda.device(rows.device):
             getattr(ext(), kernel)(rows.data_ptr(), xq.data_ptr(), scale.data_ptr(),
@@ -59,9 +64,7 @@ def norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, with_sum: bool
     x2 = _rows(x, torch.float16, "x")
     w = _dense(weight.to(device=x2.device, dtype=torch.float16).reshape(-1))
     m, h = x2.shape
-    xq = torch.empty(m, h, dtype=torch.int8, device=x2.device)
-    scale = torch.empty(m, dtype=torch.float16, device=x2.device)
-    ssum = torch.empty(m, dtype=torch.float16, device=x2.device) if with_sum else None
+    xq, scale, ssum = _outputs(m, h, x2.device, with_sum)
     if m:
         with torch.cuda.device(x2.device):
             ext().norm_quant(x2.data_ptr(), w.data_ptr(), float(eps), xq.data_ptr(), scale.data_ptr(),
