@@ -8,6 +8,8 @@ The peer comes from --peer-wheels (.whl312: llm-compressor 0.14.0.1, compressed-
 packages they import that a torch + transformers image lacks, from `pip download --no-deps`), unzipped at start.
 
     PYTHONPATH=. python bench/scale.py --rows '8b/dcc-*/16x256'      # one command of at most ~10 minutes
+    PYTHONPATH=. python bench/scale.py --rows '8b/*/128x2048' --row-seconds 'dcc-qserve*=150,*=90'
+                                                                     # each row cut at its limit, projected from its blocks
     PYTHONPATH=. python bench/scale.py --list                        # the row ids
     PYTHONPATH=. python bench/scale.py --quick                       # tiny model on the CPU, about a minute
     python bench/scale.py --merge a.json b.json                      # commands' results into bench/results/
@@ -134,6 +136,9 @@ def main() -> None:
     ap.add_argument("--peer-path", default=None, help="a folder where llmcompressor is importable from (PYTHONPATH)")
     ap.add_argument("--budget", type=float, default=570.0,
                     help="seconds for the whole command: a row is started only with 30 s left, and stopped at the end")
+    ap.add_argument("--row-seconds", default=None,
+                    help="a time limit per row: S, or GLOB=S,... over row ids (first match wins); a row stopped at its "
+                         "limit is projected from the blocks it finished (a lower bound, marked as such)")
     ap.add_argument("--rope-scaling", action="store_true",
                     help="Llama-3.1's llama3 RoPE scaling in the configs (dcc's targets refuse it: plain RoPE engines)")
     ap.add_argument("--keep-artifacts", action="store_true")
@@ -188,13 +193,25 @@ def main() -> None:
                 state["skipped"].append({**r, "status": f"not run: the budget of {args.budget:.0f} s was spent"})
                 print(f"{r['id']}: not run (budget)", flush=True)
                 continue
-            run_row(r, args, state, work, calib, ids, peer_paths, device, timeout=left - 5)
+            cap = row_limit(args.row_seconds, r["id"])
+            run_row(r, args, state, work, calib, ids, peer_paths, device, timeout=min(left - 5, cap))
             save(args, state, device, t_start, work)   # after every row: a command cut short keeps what it measured
     finally:
         shutil.rmtree(site, ignore_errors=True)
     merged = save(args, state, device, t_start, work)
     print("\n" + report.table(merged))
     print(f"\nwrote {args.out} ({time.perf_counter() - t_start:.0f} s)")
+
+
+def row_limit(spec: str | None, row_id: str) -> float:
+    """--row-seconds: S for every row, or GLOB=S,... (the first glob that matches the row id); inf without one."""
+    if not spec:
+        return float("inf")
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        glob, _, secs = part.rpartition("=")
+        if not glob or fnmatch.fnmatchcase(row_id, glob):
+            return float(secs)
+    return float("inf")
 
 
 def run_row(r: dict, args, state: dict, work: Path, calib: Path, ids: dict, peer_paths: list[str], device: str,

@@ -38,6 +38,16 @@ def test_timed_out_row_projects_from_the_blocks_done():
     assert row["projected_full_s"] == 5.0 + 32 * 2.5 and "lower bound" in row["projection_note"]
 
 
+def test_row_seconds_caps_rows_by_glob():
+    import scale   # bench/scale.py
+    assert scale.row_limit(None, "8b/dcc-qserve/128x2048") == float("inf")
+    assert scale.row_limit("90", "8b/llmc-awq/16x256") == 90.0
+    spec = "*dcc-qserve*=150,8b/llmc-*=95"
+    assert scale.row_limit(spec, "8b/dcc-qserve/128x2048") == 150.0
+    assert scale.row_limit(spec, "8b/llmc-gptq/128x2048") == 95.0
+    assert scale.row_limit(spec, "70b4/llmc-gptq/128x2048") == float("inf")   # no glob matches
+
+
 def test_merge_replaces_by_id_and_keeps_other_commands(tmp_path):
     out = tmp_path / "scale.json"
     out.write_text(json.dumps({"rows": [{"id": "a", "status": "ok", "wall_s": 1},
