@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compiler.share import gather_values
 from ..ir.formats import fake_quantize_fast
 from ._scaling import apply_scale, scale_groups
 from .base import Pass, PassConfig, PassResult, register
@@ -53,29 +54,35 @@ def group_statistics(ctx, g, config: AwqConfig) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def search_group(block, g, xs: torch.Tensor, x_mean: torch.Tensor, config: AwqConfig):
+def search_group(block, g, xs: torch.Tensor, x_mean: torch.Tensor, config: AwqConfig, world=None):
     """Best producer-channel scale for group g scored on tokens xs [T, K] of inputs whose channels have mean
-    magnitude x_mean [K]; returns (s, a, b, loss, loss at s=1)."""
+    magnitude x_mean [K]; returns (s, a, b, loss, loss at s=1). With several processes (`world`) each scores every
+    size-th candidate and the losses are shared: the same numbers, so the same choice."""
     lins = [block.linears[c] for c in g.consumers if block.linears[c].spec is not None]
     ws = [block.linear_module(l.name).weight.data.float() for l in lins]
     x_stat = g.collapse(x_mean)
     # weight statistic: mean over consumers of |w| normalised per group of input features (AWQ's w_mean)
     w_stat = g.collapse(torch.stack([(w.abs() / w.abs().amax(1, keepdim=True).clamp(min=1e-8)).mean(0)
                                      for w in ws]).mean(0).double())
-    best = None
+    cands = []
     for a, b, s in _candidates(x_stat.clamp(min=1e-8), w_stat.clamp(min=1e-8), config.grid, config.patterns):
         s = s.clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()   # AWQ's normalisation keeps scales around 1
-        sc = g.expand(s).float()
+        cands.append((a, b, s / (s.max() * s.min()).sqrt()))   # AWQ's normalisation keeps scales around 1
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
+    mine = {}
+    for j in range(rank, len(cands), size):
+        sc = g.expand(cands[j][2]).float()
         loss = 0.0
         for l, w in zip(lins, ws):
             dw = fake_quantize_fast(w * sc, l.spec) / sc - w
             loss += float((xs @ dw.T).pow(2).mean())
-        if a == 0.0:
-            base = loss
-        if best is None or loss < best[3]:
-            best = (s, a, b, loss)
-    return (*best, base)
+        mine[j] = loss
+    losses = gather_values(world, mine) if world is not None else mine
+    best = None
+    for j, (a, b, s) in enumerate(cands):   # in candidate order: the first of equal losses wins
+        if best is None or losses[j] < best[3]:
+            best = (s, a, b, losses[j])
+    return (*best, losses[0])
 
 
 @register
@@ -92,7 +99,7 @@ class Awq(Pass):
             ctx.log(f"awq: skipped {s}")
         details, changed = {}, False
         for g in groups:
-            s, a, b, loss, base = search_group(block, g, *group_statistics(ctx, g, config), config)
+            s, a, b, loss, base = search_group(block, g, *group_statistics(ctx, g, config), config, ctx.world)
             if a > 0.0:
                 apply_scale(block, g, s)
                 ctx.rescale_inputs(g.consumers, g.expand(s).float())   # the consumers now read x / s

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compiler.share import owners
 from ..ir.formats import fake_quantize_fast
 from .base import Pass, PassConfig, PassResult, quantizable, register
 
@@ -94,12 +95,22 @@ class Clip(Pass):
     def run(self, block, config, ctx) -> PassResult:
         skip = {n for a in block.attentions for n in (a.q, a.k)} if config.skip_qk else set()
         details = {}
-        for lin in quantizable(block):
-            if lin.name in skip:
-                continue
-            w = block.linear_module(lin.name).weight.data.float()
-            ratios, before, after = search_clip(w, scored_inputs(ctx, lin.name, config.max_tokens), lin.spec, config)
-            lin.clip = ratios
+        lins = [lin for lin in quantizable(block) if lin.name not in skip]
+        # every process gathers every linear's scored tokens (collectives, in order); with several processes each
+        # linear's search runs on one of them (the same numbers anywhere) and its ratios are shared
+        ws = [block.linear_module(lin.name).weight for lin in lins]
+        owner = owners([float(w.numel()) for w in ws], ctx.world.size)
+        found = {}
+        for j, (lin, w) in enumerate(zip(lins, ws)):
+            x = scored_inputs(ctx, lin.name, config.max_tokens)
+            if owner[j] == ctx.world.rank:
+                found[j] = search_clip(w.data.float(), x, lin.spec, config)
+        if ctx.world.distributed:   # (ratios on the CPU, error before, after) from each linear's owner
+            found = {j: ctx.world.broadcast_object((found[j][0].cpu(), *found[j][1:]) if j in found else None,
+                                                   src=owner[j]) for j in range(len(lins))}
+        for j, lin in enumerate(lins):
+            ratios, before, after = found[j]
+            lin.clip = ratios.to(ws[j].device)
             details[lin.name] = {"mean_ratio": round(float(ratios.float().mean()), 4),
                                  "err_reduction": round(before / after, 3) if after > 0 else None}
         # clip ratios only change how later quantization rounds; the float weights are untouched

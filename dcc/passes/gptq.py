@@ -12,6 +12,7 @@ import torch
 from ..ir.formats import (QuantizedTensor, compute_qparams, fp_encode, progressive_qparams, round_to_fp,
                           two_level_qparams)
 from ..ir.progressive import protective_range
+from ..compiler.share import owners, share_qtensor
 from .base import Pass, PassConfig, PassResult, quantizable, register
 from ._gptq_graph import sweep_graphed
 from .rtn import SQNR_TOKENS, quantize_linear, unshifted
@@ -258,23 +259,34 @@ class Gptq(Pass):
     def run(self, block, config, ctx) -> PassResult:
         details = {}
         lins = [l for l in quantizable(block) if l.qtensor is None]
-        prev = seen = h = None
+        # stages: runs of linears reading the same feed (q/k/v, then o, gate/up, down); with several processes the
+        # GPTQ sweeps of a stage's linears are split among them (compiler/share.py) and their results shared
+        stages: list[list] = []
         for lin in lins:
-            # true-sequential: a linear whose input differs from the previous one's (a later stage of the block)
-            # sees the inputs produced by the layers already quantized
-            if prev is not None and ctx.feed_of(lin.name) != ctx.feed_of(prev):
-                x = seen = h = None   # the previous stage's inputs go before the next are collected
-                x = ctx.fresh_inputs(lin.name)   # a run of the block up to this input, not further
+            if stages and ctx.feed_of(lin.name) == ctx.feed_of(stages[-1][-1].name):
+                stages[-1].append(lin)
             else:
-                x = ctx.inputs(lin.name)
-            w = block.linear_module(lin.name).weight.data.float()
-            # a shifted ("uint4") input's shift is taken back by the bias: the error acts on the unshifted input
-            xu = unshifted(block, lin, x)
-            if xu is not seen:   # linears reading one tensor (q/k/v, gate/up) share one H: the same numbers
-                seen, h = xu, hessian(xu, ctx.stats)
-            qt = gptq_quantize(w, None, lin.spec, config, (1.0 if lin.clip is None else lin.clip), h=h)
-            # the output error statistic reads the batch's first tokens
-            details[lin.name] = round(quantize_linear(block, lin, codes_from=qt, x=ctx.stats.head(x, SQNR_TOKENS))
-                                      ["sqnr_db"], 2)
-            prev = lin.name
+                stages.append([lin])
+        for i, stage in enumerate(stages):
+            # true-sequential: a later stage sees the inputs produced by the layers already quantized
+            x = ctx.inputs(stage[0].name) if i == 0 else ctx.fresh_inputs(stage[0].name)
+            xu = [unshifted(block, lin, x) for lin in stage]
+            hs, seen = [], {}
+            for u in xu:   # linears reading one tensor share one H (the same numbers); every process takes part
+                if id(u) not in seen:
+                    seen[id(u)] = hessian(u, ctx.stats)
+                hs.append(seen[id(u)])
+            ws = [block.linear_module(lin.name).weight for lin in stage]
+            # a sweep costs about N K^2 (K = the input width)
+            owner = owners([w.shape[0] * float(w.shape[1]) ** 2 for w in ws], ctx.world.size)
+            for lin, w, h, src in zip(stage, ws, hs, owner):
+                qt = None
+                if src == ctx.world.rank:
+                    qt = gptq_quantize(w.data.float(), None, lin.spec, config,
+                                       (1.0 if lin.clip is None else lin.clip), h=h)
+                qt = share_qtensor(ctx.world, qt, src, lin.spec)
+                # the output error statistic reads the batch's first tokens
+                details[lin.name] = round(quantize_linear(block, lin, codes_from=qt, x=ctx.stats.head(x, SQNR_TOKENS))
+                                          ["sqnr_db"], 2)
+            del x, xu, hs, seen
         return PassResult(bool(lins), f"GPTQ on {len(lins)} linears", {"sqnr_db": details})
