@@ -10,7 +10,10 @@ against torch bf16 (cuBLAS) on the same layer, on the FLUX.1 linear shapes.
     epilogue's share = 1 - gemm_r0 / gemm); quant: the activation kernel alone (smoothing, codes, fp32 scales,
     lora_act); e2e: quant + gemm; gemm_fp8 / gemm_fp8_r0 / e2e_fp8: the same on the e4m3-operand variant (path
     "wgmma_fp8", same bits); gemm_cvt1: the s8 GEMM with DCC_W4A4_WGMMA=cvt=1; quant_blocked, e2e_fp8_blocked:
-    with DCC_W4A4_LORA_DOWN=blocked (token-blocked low-rank down-projection); with --mma, the mma.sync GEMM too;
+    with DCC_W4A4_LORA_DOWN=blocked (token-blocked low-rank down-projection); gemm_k2, gemm_fp8_k2, gemm_fp8_k2_r0,
+    gemm_fp8_k2_nomc: the second kernel (DCC_W4A4_WGMMA=kernel=2: 128 x 128 tiles, CTA pairs multicasting the
+    activations -- nomc: without --, TMA-fed low-rank epilogue); quant_fused: the one-pass activation kernel
+    (DCC_W4A4_QUANT=fused); e2e_fp8_k2_fused: both; with --mma, the mma.sync GEMM too;
   - TOPS = 2 M N K / time (the low-rank work not counted), fraction of the H100's dense int8 peak (1979 TOPS),
     speed-ups of gemm and e2e over cublas and cublas_lr.
 Timing as bench/gpu_w4a16.py (whose time_calls it uses): a CUDA graph of calls rotating over weight copies (> 200 MB,
@@ -85,10 +88,16 @@ def check(lay: dict, x: torch.Tensor) -> dict:
     f = ops.gemm(*args, path="wgmma_fp8", ascales_f32t=st, wscales_f32t=lay["wscales_t"],
                  wcodes_e4m3=lay["wcodes_e4m3"])
     b = ops.gemm(*args, path="mma")
-    equal = int((a.view(torch.int16) == b.view(torch.int16)).sum())
-    equal8 = int((f.view(torch.int16) == b.view(torch.int16)).sum())
+    with env("DCC_W4A4_WGMMA", "kernel=2"):
+        a2 = ops.gemm(*args, path="wgmma", ascales_f32t=st, wscales_f32t=lay["wscales_t"])
+        f2 = ops.gemm(*args, path="wgmma_fp8", ascales_f32t=st, wscales_f32t=lay["wscales_t"],
+                      wcodes_e4m3=lay["wcodes_e4m3"])
+
+    def same(x):
+        return int((x.view(torch.int16) == b.view(torch.int16)).sum())
+    equal, equal8, equal_k2 = same(a), same(f), min(same(a2), same(f2))
     return {"bit_equal": equal == a.numel(), "equal": equal, "n": a.numel(), "fp8_bit_equal": equal8 == a.numel(),
-            "fp8_equal": equal8}
+            "fp8_equal": equal8, "k2_bit_equal": equal_k2 == a.numel(), "k2_equal": equal_k2}
 
 
 def bench_shape(n: int, k: int, ms, dtype, with_mma: bool, reps: int) -> list[dict]:
@@ -149,6 +158,18 @@ def bench_shape(n: int, k: int, ms, dtype, with_mma: bool, reps: int) -> list[di
         knob = os.environ.get("DCC_W4A4_WGMMA")
         with env("DCC_W4A4_WGMMA", "cvt=1" + ("," + knob if knob else "")):
             t["gemm_cvt1"] = time_calls([gemm_call(lay) for lay in lays], reps)[0]
+        # the second GEMM kernel (128 x 128 CTA tiles, CTA pairs multicasting the activations, TMA-fed low-rank
+        # epilogue; opt-in) and the fused activation kernel (opt-in): alone, without the pairs, and together
+        with env("DCC_W4A4_WGMMA", "kernel=2" + ("," + knob if knob else "")):
+            t["gemm_k2"] = time_calls([gemm_call(lay) for lay in lays], reps)[0]
+            t["gemm_fp8_k2"] = time_calls([gemm_call(lay, path="wgmma_fp8") for lay in lays], reps)[0]
+            t["gemm_fp8_k2_r0"] = time_calls([gemm_call(lay, rank=0, path="wgmma_fp8") for lay in lays], reps)[0]
+            with env("DCC_W4A4_QUANT", "fused"):
+                t["quant_fused"] = time_calls([quant_call(lay) for lay in lays], reps)[0]
+                t["e2e_fp8_k2_fused"] = time_calls([e2e_call(lay, "wgmma_fp8") for lay in lays], reps)[0]
+        if n % 256 == 0:
+            with env("DCC_W4A4_WGMMA", "kernel=2,mc=0" + ("," + knob if knob else "")):
+                t["gemm_fp8_k2_nomc"] = time_calls([gemm_call(lay, path="wgmma_fp8") for lay in lays], reps)[0]
         with env("DCC_W4A4_LORA_DOWN", "blocked"):
             t["quant_blocked"] = time_calls([quant_call(lay) for lay in lays], reps)[0]
             t["e2e_fp8_blocked"] = time_calls([e2e_call(lay, "wgmma_fp8") for lay in lays], reps)[0]
@@ -168,7 +189,11 @@ def bench_shape(n: int, k: int, ms, dtype, with_mma: bool, reps: int) -> list[di
                "speedup_fp8_vs_cublas": round(t["cublas"] / t["gemm_fp8"], 2),
                "speedup_e2e_fp8_vs_cublas_lr": round(t["cublas_lr"] / t["e2e_fp8"], 2),
                "fp8_lowrank_share": round(1 - t["gemm_fp8_r0"] / t["gemm_fp8"], 3),
-               "tile": ops.ext().gemm_wgmma_tile(m, n), **chk}
+               "tile": ops.ext().gemm_wgmma_tile(m, n),
+               "k2_fp8_tops": round(ops_count / (t["gemm_fp8_k2"] * 1e-6) / 1e12, 1),
+               "speedup_k2_fp8_vs_cublas": round(t["cublas"] / t["gemm_fp8_k2"], 2),
+               "k2_fp8_lowrank_share": round(1 - t["gemm_fp8_k2_r0"] / t["gemm_fp8_k2"], 3),
+               "speedup_e2e_k2_fused_vs_cublas_lr": round(t["cublas_lr"] / t["e2e_fp8_k2_fused"], 2), **chk}
         log("  " + ", ".join(f"{key} {v:.1f} us" for key, v in t.items()) +
             f" | {tops:.0f} TOPS ({row['gemm_peak_frac']:.0%} of int8 peak), x{row['speedup_gemm_vs_cublas']} "
             f"cuBLAS, low rank {row['lowrank_share']:.1%}")
@@ -198,7 +223,8 @@ def goals(rows) -> list[str]:
     for r in rows:
         want = 1.5 if r["M"] >= 1024 else 1.0
         for name, sp, lr in (("s8", "speedup_gemm_vs_cublas", "lowrank_share"),
-                             ("fp8", "speedup_fp8_vs_cublas", "fp8_lowrank_share")):
+                             ("fp8", "speedup_fp8_vs_cublas", "fp8_lowrank_share"),
+                             ("fp8 kernel 2", "speedup_k2_fp8_vs_cublas", "k2_fp8_lowrank_share")):
             ok = r[sp] >= want and r[lr] < 0.10
             out.append(f"{r['N']}x{r['K']} M={r['M']} {name}: x{r[sp]} cuBLAS (goal >= {want}), low rank "
                        f"{r[lr]:.1%} (goal < 10%): {'met' if ok else 'NOT met'}")

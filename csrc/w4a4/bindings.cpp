@@ -101,6 +101,8 @@ PYBIND11_MODULE(dcc_w4a4_ext, m) {
         "gemm_wgmma runs this shape on the current GPU (sm_90 with the sm_90a kernels built; N % 64, K % 128).");
   m.def("gemm_wgmma_tile", &dcc_w4a4::gemm_wgmma_tile, py::arg("M"), py::arg("N"),
         "The token tile (64 or 128) gemm_wgmma picks for M x N.");
+  m.def("gemm_wgmma_kernel", &dcc_w4a4::gemm_wgmma_kernel, py::arg("M"), py::arg("N"), py::arg("R"),
+        "Which of gemm_wgmma's kernels (1, or 2: 128 x 128 tiles) takes M x N at rank R.");
   m.def(
       "quant_act_nvfp4",
       [](std::uintptr_t x, std::uintptr_t smooth, std::uintptr_t lora_down_t, std::uintptr_t codes,

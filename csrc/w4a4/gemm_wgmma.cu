@@ -55,6 +55,7 @@ namespace dcc_w4a4 {
 namespace {
 
 #include "wgmma_kernel.cuh"
+#include "wgmma2_kernel.cuh"
 
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                    const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
@@ -92,10 +93,20 @@ bool prepare_one() {
          cudaSuccess;
 }
 
+template <class T, int kCvt, int kMc>
+bool prepare_two() {
+  auto k = w4a4_wgmma2_kernel<T, kCvt, kMc>;
+  cudaFuncAttributes a{};
+  if (cudaFuncGetAttributes(&a, k) != cudaSuccess || a.binaryVersion < 90 || a.numRegs < 64) return false;
+  return cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, Wg2Cfg::kSmemBytes) == cudaSuccess;
+}
+
 template <class T>
 bool prepare_all() {
   return prepare_one<T, 128, 0>() && prepare_one<T, 128, 1>() && prepare_one<T, 128, 2>() &&
-         prepare_one<T, 64, 0>() && prepare_one<T, 64, 1>() && prepare_one<T, 64, 2>();
+         prepare_one<T, 64, 0>() && prepare_one<T, 64, 1>() && prepare_one<T, 64, 2>() && prepare_two<T, 0, 0>() &&
+         prepare_two<T, 1, 0>() && prepare_two<T, 2, 0>() && prepare_two<T, 0, 1>() && prepare_two<T, 1, 1>() &&
+         prepare_two<T, 2, 1>();
 }
 
 // The sm_90a bodies exist (this GPU is sm_90 and the module was built for sm_90a), their shared-memory limits are
@@ -138,6 +149,28 @@ bool encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, uint64
                      swz, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The launch configuration both kernels share: a persistent grid, programmatic dependent launch (the kernel may
+// start while quant_act, which triggers its dependents as it starts, finishes; it prefetches weights and reads
+// activations only after griddepcontrol.wait).
+template <class Kernel, class... Args>
+cudaError_t launch_persistent(Kernel kernel, int ctas, int smem, int cluster, cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  attr[1].id = cudaLaunchAttributeClusterDimension;
+  attr[1].val.clusterDim.x = cluster;
+  attr[1].val.clusterDim.y = 1;
+  attr[1].val.clusterDim.z = 1;
+  cfg.gridDim = dim3(ctas);
+  cfg.blockDim = dim3(kWgThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = cluster > 1 ? 2 : 1;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 template <class T, int kTok, int kCvt>
 cudaError_t launch(const void* acodes, const void* ascales_t, int ld, const void* wcodes, const void* wscales_t,
                    WgArgs p, cudaStream_t stream) {
@@ -159,19 +192,68 @@ cudaError_t launch(const void* acodes, const void* ascales_t, int ld, const void
   // one CTA per SM at most; warpgroup slot blockIdx.x + w * grid, so with fewer tiles than twice the SMs every SM
   // gets one tile before any gets a second
   const int ctas = std::max(1, std::min(sms > 0 ? sms : 132, p.num_tiles));
-  // programmatic dependent launch: the kernel may start while quant_act (which triggers its dependents as it
-  // starts) finishes; it prefetches weights, and reads activations only after griddepcontrol.wait
-  cudaLaunchConfig_t cfg{};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.gridDim = dim3(ctas);
-  cfg.blockDim = dim3(kWgThreads);
-  cfg.dynamicSmemBytes = C::kSmemBytes;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, w4a4_wgmma_kernel<T, kTok, kCvt>, tw, ta, tws, tas, p);
+  return launch_persistent(w4a4_wgmma_kernel<T, kTok, kCvt>, ctas, C::kSmemBytes, 1, stream, tw, ta, tws, tas, p);
+}
+
+// How many CTA pairs of the multicast kernel can be resident at once (a persistent grid must not exceed it: pairs
+// are placed within a GPC, so not every SM need be usable); SMs / 2 where the query fails. Once per type.
+template <class T, int kCvt>
+int max_pairs() {
+  static int pairs = 0;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const int sms = device_attr(cudaDevAttrMultiProcessorCount);
+    pairs = (sms > 0 ? sms : 132) / 2;
+    cudaLaunchConfig_t cfg{};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(2 * pairs);
+    cfg.blockDim = dim3(kWgThreads);
+    cfg.dynamicSmemBytes = Wg2Cfg::kSmemBytes;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, w4a4_wgmma2_kernel<T, kCvt, 1>, &cfg) == cudaSuccess && n > 0)
+      pairs = std::min(pairs, n);
+    cudaGetLastError();
+  });
+  return pairs;
+}
+
+// The second kernel (wgmma2_kernel.cuh): 128-channel x 128-token CTA tiles, TMA-fed low-rank epilogue; kMc: CTA
+// pairs sharing (multicasting) the activation codes.
+template <class T, int kCvt, int kMc>
+cudaError_t launch2(const void* acodes, const void* ascales_t, int ld, const void* wcodes, const void* wscales_t,
+                    WgArgs p, cudaStream_t stream) {
+  using C = Wg2Cfg;
+  const int G = p.K / kGroup;
+  CUtensorMap tw, ta, tws, tas, tla{}, tup{};
+  if (!encode(&tw, CU_TENSOR_MAP_DATA_TYPE_UINT8, wcodes, p.K, p.N, p.K, C::kTileK, C::kCh,
+              CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !encode(&ta, CU_TENSOR_MAP_DATA_TYPE_UINT8, acodes, p.K, p.M, p.K, C::kTileK, kMc ? C::kTok / 2 : C::kTok,
+              CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !encode(&tws, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, wscales_t, p.N, G, static_cast<uint64_t>(p.N) * 4, C::kCh, 2,
+              CU_TENSOR_MAP_SWIZZLE_NONE) ||
+      !encode(&tas, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, ascales_t, ld, G, static_cast<uint64_t>(ld) * 4, C::kTok, 2,
+              CU_TENSOR_MAP_SWIZZLE_NONE))
+    return cudaErrorInvalidValue;
+  // lora_act [M, R] fp32 rows in 32-rank boxes, 128-byte swizzled; lora_up [N, R] 16-bit, 32-rank boxes
+  if (p.R > 0 &&
+      (!encode(&tla, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.lora_act, p.R, p.M, static_cast<uint64_t>(p.R) * 4,
+               C::kRank, C::kTok, CU_TENSOR_MAP_SWIZZLE_128B) ||
+       !encode(&tup, CU_TENSOR_MAP_DATA_TYPE_UINT16, p.lora_up, p.R, p.N, static_cast<uint64_t>(p.R) * 2, C::kRank,
+               C::kCh, CU_TENSOR_MAP_SWIZZLE_NONE)))
+    return cudaErrorInvalidValue;
+  p.num_m_tiles = (p.M + C::kTok - 1) / C::kTok;
+  p.num_tiles = p.num_m_tiles * (p.N / C::kCh / (kMc ? 2 : 1));   // kMc: tile pairs
+  const int sms = device_attr(cudaDevAttrMultiProcessorCount);
+  const int ctas = kMc ? 2 * std::max(1, std::min(max_pairs<T, kCvt>(), p.num_tiles))
+                       : std::max(1, std::min(sms > 0 ? sms : 132, p.num_tiles));
+  return launch_persistent(w4a4_wgmma2_kernel<T, kCvt, kMc>, ctas, C::kSmemBytes, kMc ? 2 : 1, stream, tw, ta, tws,
+                           tas, tla, tup, p);
 }
 
 template <class T, int kTok>
@@ -182,6 +264,23 @@ cudaError_t dispatch_cvt(int cvt, const void* acodes, const void* ascales_t, int
     case 2: return launch<T, kTok, 2>(acodes, ascales_t, ld, wcodes, wscales_t, p, stream);
     default: return launch<T, kTok, 0>(acodes, ascales_t, ld, wcodes, wscales_t, p, stream);
   }
+}
+
+template <class T, int kMc>
+cudaError_t dispatch2_cvt(int cvt, const void* acodes, const void* ascales_t, int ld, const void* wcodes,
+                          const void* wscales_t, const WgArgs& p, cudaStream_t stream) {
+  switch (cvt) {
+    case 1: return launch2<T, 1, kMc>(acodes, ascales_t, ld, wcodes, wscales_t, p, stream);
+    case 2: return launch2<T, 2, kMc>(acodes, ascales_t, ld, wcodes, wscales_t, p, stream);
+    default: return launch2<T, 0, kMc>(acodes, ascales_t, ld, wcodes, wscales_t, p, stream);
+  }
+}
+
+template <class T>
+cudaError_t dispatch2(int mc, int cvt, const void* acodes, const void* ascales_t, int ld, const void* wcodes,
+                      const void* wscales_t, const WgArgs& p, cudaStream_t stream) {
+  return mc ? dispatch2_cvt<T, 1>(cvt, acodes, ascales_t, ld, wcodes, wscales_t, p, stream)
+            : dispatch2_cvt<T, 0>(cvt, acodes, ascales_t, ld, wcodes, wscales_t, p, stream);
 }
 
 template <class T>
@@ -209,6 +308,16 @@ int gemm_wgmma_tile(int M, int N) {
   return cost64 < cost128 ? 64 : 128;
 }
 
+int gemm_wgmma_kernel(int M, int N, int R) {
+  if (N % 128 != 0 || R % 32 != 0) return 1;   // the second kernel's shape rules
+  const int forced = override_of("kernel");
+  if (forced == 1 || forced == 2) return forced;
+  // opt-in (DCC_W4A4_WGMMA=kernel=2) until it has run on a GPU; then: where its 128 x 128 tiles still fill every SM,
+  // (M + 127) / 128 * (N / 128) >= SMs (FLUX.1 at M >= 1024)
+  (void)M;
+  return 1;
+}
+
 cudaError_t gemm_wgmma(const void* acodes, const void* ascales_t, int ld, const void* wcodes, const void* wscales_t,
                        const void* bias, const void* lora_act, const void* lora_up, void* out, int M, int N, int K,
                        int R, int dtype, int fp8, cudaStream_t stream) {
@@ -221,7 +330,15 @@ cudaError_t gemm_wgmma(const void* acodes, const void* ascales_t, int ld, const 
        reinterpret_cast<uintptr_t>(out)) & 15)
     return cudaErrorInvalidValue;
   WgArgs p{bias, static_cast<const float*>(lora_act), lora_up, out, M, N, K, R, 0, 0};
-  const int tile = gemm_wgmma_tile(M, N), cvt = fp8 ? 2 : override_of("cvt") == 1 ? 1 : 0;
+  const int cvt = fp8 ? 2 : override_of("cvt") == 1 ? 1 : 0;
+  if (gemm_wgmma_kernel(M, N, R) == 2 && (R == 0 || ((reinterpret_cast<uintptr_t>(lora_act) |
+                                                      reinterpret_cast<uintptr_t>(lora_up)) & 15) == 0)) {
+    // CTA pairs multicasting the activations where N % 256 == 0, unless DCC_W4A4_WGMMA="mc=0"
+    const int mc = N % 256 == 0 && override_of("mc") != 0;
+    return dtype == 0 ? dispatch2<__half>(mc, cvt, acodes, ascales_t, ld, wcodes, wscales_t, p, stream)
+                      : dispatch2<__nv_bfloat16>(mc, cvt, acodes, ascales_t, ld, wcodes, wscales_t, p, stream);
+  }
+  const int tile = gemm_wgmma_tile(M, N);
   return dtype == 0 ? dispatch<__half>(tile, cvt, acodes, ascales_t, ld, wcodes, wscales_t, p, stream)
                     : dispatch<__nv_bfloat16>(tile, cvt, acodes, ascales_t, ld, wcodes, wscales_t, p, stream);
 }

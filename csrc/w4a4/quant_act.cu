@@ -11,6 +11,8 @@
 // and the low-rank down-projection of the raw x (no shift, no smoothing): per 64-k chunk and rank r the partial
 // p = fma chain over the chunk's 64 k in order from +0, written to the workspace; then lora_act[m, r] = the fp32 sum
 // of the partials in chunk order from +0 (dcc/targets/nunchaku/cuda_numerics.py: lora_down_act).
+// With DCC_W4A4_QUANT=fused the INT4 case runs on quant_act_fused.cu (one pass over x for 16 tokens, no workspace,
+// the same bits; opt-in until its GPU tests have run); this kernel is the default, NVFP4's, and unaligned pointers'.
 #include <cfloat>
 #include <cstdint>
 #include <cstdlib>
@@ -21,6 +23,13 @@
 #include "common.cuh"
 
 namespace dcc_w4a4 {
+
+// quant_act_fused.cu: the INT4 case in one pass over x, lora_act included, no workspace (the same bits); x,
+// lora_down_t (R > 0) and lora_act 16-byte aligned, codes 4-byte aligned.
+cudaError_t quant_act_fused(const void* x, const void* smooth, const void* lora_down_t, void* codes, void* ascales,
+                            void* lora_act, int M, int K, int R, int dtype, int is_unsigned, float shift,
+                            cudaStream_t stream, void* ascales_t, int ld, int fp8_codes);
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -145,14 +154,25 @@ cudaError_t launch(const void* x, const void* smooth, const void* lora_down_t, v
   if (ascales_t && (ld < M || ld % 16)) return cudaErrorInvalidValue;
   if ((ascales_t || fp8_codes) && kFp4) return cudaErrorInvalidValue;
   if (!x || !codes || !ascales) return cudaErrorInvalidValue;
-  if (R > 0 && (!lora_down_t || !lora_act || !workspace || ws_bytes < quant_act_workspace(M, K, R)))
-    return cudaErrorInvalidValue;
-  if (M == 0) return cudaSuccess;
+  if (R > 0 && (!lora_down_t || !lora_act)) return cudaErrorInvalidValue;
   // DCC_W4A4_LORA_DOWN=blocked: the low-rank down-projection by the token-blocked kernel (lora_down.cu, the same
   // bits), after this one, which then skips it
   const char* ld_mode = R > 0 ? std::getenv("DCC_W4A4_LORA_DOWN") : nullptr;
   const bool blocked = ld_mode != nullptr && std::strcmp(ld_mode, "blocked") == 0 &&
                        (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(lora_down_t)) % 16 == 0;
+  // INT4 with DCC_W4A4_QUANT=fused (read per call; opt-in until measured on a GPU): the fused kernel
+  // (quant_act_fused.cu, the same bits, no workspace) where the pointers are aligned for it
+  if (!kFp4 && !blocked) {
+    const char* q_mode = std::getenv("DCC_W4A4_QUANT");
+    const uintptr_t al = reinterpret_cast<uintptr_t>(x) |
+                         (R > 0 ? reinterpret_cast<uintptr_t>(lora_down_t) | reinterpret_cast<uintptr_t>(lora_act) : 0);
+    if (q_mode != nullptr && std::strcmp(q_mode, "fused") == 0 && al % 16 == 0 &&
+        reinterpret_cast<uintptr_t>(codes) % 4 == 0)
+      return quant_act_fused(x, smooth, lora_down_t, codes, ascales, lora_act, M, K, R, dtype, is_unsigned, shift,
+                             stream, ascales_t, ld, fp8_codes);
+  }
+  if (R > 0 && (!workspace || ws_bytes < quant_act_workspace(M, K, R))) return cudaErrorInvalidValue;
+  if (M == 0) return cudaSuccess;
   const int R_here = blocked ? 0 : R;
   const dim3 grid(M), block(kThreads);
   auto cd = static_cast<uint8_t*>(codes);

@@ -58,6 +58,9 @@ cudaError_t gemm_wgmma(const void* acodes, const void* ascales_t, int ld, const 
 bool gemm_wgmma_supported(int M, int N, int K);
 // The token tile gemm_wgmma picks (64 or 128; DCC_W4A4_WGMMA="tile=..." forces it).
 int gemm_wgmma_tile(int M, int N);
+// Which of gemm_wgmma's two kernels takes this shape: 1, or 2 (128 x 128 tiles, wgmma2_kernel.cuh; where N % 128 ==
+// 0 and R % 32 == 0) when DCC_W4A4_WGMMA="kernel=2" asks for it (opt-in until it has run on a GPU).
+int gemm_wgmma_kernel(int M, int N, int R);
 
 // NVFP4 (research/targets.md 3A; dcc/ir/w4a4.py quantize_act_nvfp4): the same input path without shift, e2m1 codes
 // per 16-k micro-group. codes uint8 [M, K] (e2m1 bit patterns sign << 3 | magnitude index, one per byte), ascales

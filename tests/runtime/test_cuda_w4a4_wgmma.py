@@ -177,7 +177,8 @@ def test_wgmma_flux_shapes_bit_identical(ops, knob, n, k, dtype):
                                     (300, 32, False, False)):
         t = _layer(m, n, k, rank, bias, dtype, unsigned, _gen("flux", m, n, k, rank, dtype))
         want = _reference(ops, t, dtype)
-        for setting in (None, "tile=64", "tile=128,cvt=1"):
+        for setting in (None, "kernel=1,tile=64", "kernel=1,tile=128,cvt=1", "kernel=2", "kernel=2,cvt=1",
+                        "kernel=2,mc=0"):
             knob(setting)
             _same(_run(ops, t, "wgmma"), want, f"wgmma {setting} m={m} n={n} k={k} rank={rank} {dtype}")
             _same(_run(ops, t, "wgmma_fp8"), want, f"wgmma_fp8 {setting} m={m} n={n} k={k} rank={rank} {dtype}")
@@ -194,6 +195,26 @@ def test_wgmma_large_m_bit_identical(ops, m, dtype):
     ref = _reference(ops, t, dtype)
     _same(_run(ops, t, "auto"), ref, f"auto m={m} n={n} k={k} {dtype}")
     _same(_run(ops, t, "wgmma_fp8"), ref, f"wgmma_fp8 m={m} n={n} k={k} {dtype}")
+    assert ops.ext().gemm_wgmma_kernel(m, n, 32) == 1   # the second kernel is opt-in
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wgmma_kernel2_edges_bit_identical(ops, knob, dtype):
+    """The 128 x 128 tile kernel: M cut inside a tile, K one stage or many, ranks 0 / 32 / 64 / 128 (several epilogue
+    chunks through one TMA-fed buffer), more tiles than CTAs, unsigned codes, with and without bias; CTA pairs
+    multicasting the activations where N % 256 == 0 (mc=0: each CTA loads its own)."""
+    for m, n, k, rank, bias, unsigned in ((1, 128, 128, 32, True, False), (77, 256, 384, 64, False, True),
+                                          (129, 384, 1024, 0, True, False), (300, 128, 256, 128, True, True),
+                                          (2000, 1280, 512, 32, False, False)):
+        t = _layer(m, n, k, rank, bias, dtype, unsigned, _gen("k2", m, n, k, rank, dtype))
+        want = _reference(ops, t, dtype)
+        for setting in ("kernel=2", "kernel=2,cvt=1", "kernel=2,mc=0"):
+            knob(setting)
+            assert ops.ext().gemm_wgmma_kernel(m, n, rank) == 2
+            _same(_run(ops, t, "wgmma"), want, f"wgmma {setting} m={m} n={n} k={k} rank={rank}")
+            _same(_run(ops, t, "wgmma_fp8"), want, f"wgmma_fp8 {setting} m={m} n={n} k={k} rank={rank}")
+        knob(None)
 
 
 @gpu
@@ -205,7 +226,7 @@ def test_wgmma_small_shapes_ranks_unsigned(ops, knob, dtype):
         for unsigned in (False, True):
             t = _layer(m, n, k, rank, unsigned, dtype, unsigned, _gen("small", m, n, k, rank, unsigned, dtype))
             want = _emulate(t, dtype)
-            for setting in ("tile=64", "tile=128", "tile=64,cvt=1"):
+            for setting in ("kernel=1,tile=64", "kernel=1,tile=128", "kernel=1,tile=64,cvt=1", "kernel=2"):
                 knob(setting)
                 _same(_run(ops, t, "wgmma"), want, f"wgmma {setting} m={m} n={n} k={k} rank={rank}")
                 _same(_run(ops, t, "wgmma_fp8"), want, f"wgmma_fp8 {setting} m={m} n={n} k={k} rank={rank}")
