@@ -22,6 +22,15 @@ cudaError_t rope_write(const void* qkv, long long stride, const float* cos, cons
                        void* q_out, void* kc, void* ks, void* kz, void* vc, void* vs, void* vz, int B, int H, int KVH,
                        int D, int T, int in_dt, int q_dt, int kv4, cudaStream_t stream);
 
+// A prefill's rows: qkv [B * S, stride] (layout and dtype as rope_write's), sequence-major -- row r is the token at
+// position r % S of sequence r / S (positions 0..S-1; S <= T, and cos/sin hold at least S positions). RoPE on q and
+// k; q_out [B * S, H, D] in q_dt; K/V into slots 0..S-1 of the cache (layout as rope_write's). kv4 = 1 and kd/vd
+// non-null: also the K/V the stored codes read back as, fp16 [B, KVH, S, D] (ref_ops.kv4_dequantize of them: the
+// prefill attention's inputs); kd/vd must be null otherwise (a 16-bit cache's slots 0..S-1 are the inputs).
+cudaError_t rope_write_rows(const void* qkv, long long stride, const float* cos, const float* sin, void* q_out,
+                            void* kc, void* ks, void* kz, void* vc, void* vs, void* vz, void* kd, void* vd, int B,
+                            int S, int H, int KVH, int D, int T, int in_dt, int q_dt, int kv4, cudaStream_t stream);
+
 // softmax(q K^T / sqrt(D)) V over slots 0..pos[b] of one layer's cache -> out [B, H, D] in out_dt. kv = 4: QServe's
 // KV4 cache (codes uint8 [B, KVH, T, D/2], fp16 scale/zero [B, KVH, T]); kv = 0 / 1: a 16-bit cache (fp16 / bf16
 // [B, KVH, T, D]; ks..vz unused). Either q float32 [B, H, D] (RoPE'd, the step's K/V already in the cache:

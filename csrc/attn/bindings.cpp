@@ -23,7 +23,8 @@ void check(cudaError_t e, const char* what) {
 
 PYBIND11_MODULE(dcc_attn_ext, m) {
   m.doc() =
-      "dcc's fast-decoder kernels (csrc/attn): residual + RMSNorm, SiLU-mul, RoPE + KV write, decode attention.";
+      "dcc's fast-decoder kernels (csrc/attn): residual + RMSNorm, SiLU-mul, RoPE + KV write (decode step, prefill), "
+      "decode attention.";
   m.def(
       "add_rmsnorm",
       [](std::uintptr_t h, std::uintptr_t delta, std::uintptr_t w, std::uintptr_t out, int M, int H, float eps,
@@ -65,6 +66,22 @@ PYBIND11_MODULE(dcc_attn_ext, m) {
                                    in_dt, q_dt, kv4, stream_of(stream));
         }
         check(e, "rope_write");
+      });
+  m.def(
+      "rope_write_rows",
+      [](std::uintptr_t qkv, long long stride, std::uintptr_t cos, std::uintptr_t sin, std::uintptr_t q_out,
+         std::uintptr_t kc, std::uintptr_t ks, std::uintptr_t kz, std::uintptr_t vc, std::uintptr_t vs,
+         std::uintptr_t vz, std::uintptr_t kd, std::uintptr_t vd, int B, int S, int H, int KVH, int D, int T,
+         int in_dt, int q_dt, int kv4, std::uintptr_t stream) {
+        cudaError_t e;
+        {
+          py::gil_scoped_release nogil;
+          e = dcc_attn::rope_write_rows(ptr(qkv), stride, static_cast<const float*>(ptr(cos)),
+                                        static_cast<const float*>(ptr(sin)), ptr(q_out), ptr(kc), ptr(ks), ptr(kz),
+                                        ptr(vc), ptr(vs), ptr(vz), ptr(kd), ptr(vd), B, S, H, KVH, D, T, in_dt, q_dt,
+                                        kv4, stream_of(stream));
+        }
+        check(e, "rope_write_rows");
       });
   m.def(
       "decode_attention",

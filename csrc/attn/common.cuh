@@ -131,4 +131,20 @@ __device__ __forceinline__ void warp_store_kv(float* x, int D, long long slot, v
   }
 }
 
+// One warp: KV4 slot `slot` read back into dst[0..D) as fp16, fp16((code - zero) * scale) per channel (kv4_value),
+// which is the reference's kv4_dequantize. Where the warp has just written the slot (warp_store_kv), call it after a
+// __syncwarp(): the codes, scale and zero other lanes stored are then visible to every lane.
+__device__ __forceinline__ void warp_load_kv4(const void* cache, const void* scale, const void* zero, long long slot,
+                                              int D, __half* dst, int lane) {
+  const int half = D / 2;
+  const uint8_t* codes = static_cast<const uint8_t*>(cache) + slot * half;
+  const float sc = __half2float(static_cast<const __half*>(scale)[slot]);
+  const float ze = __half2float(static_cast<const __half*>(zero)[slot]);
+  for (int j = lane; j < half; j += 32) {
+    const unsigned byte = codes[j];   // the even channel in the low nibble
+    dst[2 * j] = __float2half_rn(kv4_value(byte & 0xFu, sc, ze));   // exact: kv4_value is an fp16 value already
+    dst[2 * j + 1] = __float2half_rn(kv4_value(byte >> 4, sc, ze));
+  }
+}
+
 }  // namespace dcc_attn

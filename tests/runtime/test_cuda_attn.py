@@ -1,7 +1,8 @@
 """GPU tests of csrc/attn (module dcc_attn_ext, the fast decoder's kernels) against their torch versions
 (dcc/runtime/fastlm/ref_ops.py): the decode step's RoPE and KV4 write give the codes, scales and zeros of dcc's
 quant_kv bit for bit; decode attention equals softmax attention over the cache (KV4 dequantized, or 16-bit; one or
-several splits, GQA groups 1 to 8, head_dim 8 to 256); residual + RMSNorm and SiLU-mul agree to an fp16 rounding."""
+several splits, GQA groups 1 to 8, head_dim 8 to 256); residual + RMSNorm and SiLU-mul agree to an fp16 rounding; a
+prefill's RoPE + cache write (rope_write_rows) gives the torch path's q, cache and KV4 read-back bit for bit."""
 import pytest
 import torch
 
@@ -162,3 +163,128 @@ def test_add_rmsnorm_and_silu_mul_match_torch(ext, dt, m, hd):
     got = ops.silu_mul(gate, up, dt)
     want = ref_ops.silu_mul(gate, up, dt)
     assert torch.allclose(got.float(), want.float(), rtol=1e-2 if dt == torch.bfloat16 else 2e-3, atol=1e-4)
+
+
+def _prefill_tables(t, d, seed):
+    """RoPE tables whose position 0 is angle 0 (cos 1, sin 0), as a model's: a flat K vector there stays flat."""
+    cos, sin = _tables(t, d, seed)
+    cos[0], sin[0] = 1.0, 0.0
+    return cos, sin
+
+
+def _prefill_reference(qkv, cos, sin, b, s, h, kvh, d):
+    """The torch path of a prefill's RoPE on the rows qkv [B * S, >= (H + 2 KVH) D]: (q [B * S, H, D], k, v
+    [B, KVH, S, D]) in float32 (v as given), evaluated where qkv lives."""
+    x = qkv.float()
+    c, sn = cos[:s][None, :, None], sin[:s][None, :, None]
+    q = ref_ops.rope(x[:, :h * d].reshape(b, s, h, d), c, sn).reshape(b * s, h, d)
+    k = ref_ops.rope(x[:, h * d:(h + kvh) * d].reshape(b, s, kvh, d), c, sn).transpose(1, 2)
+    v = x[:, (h + kvh) * d:(h + 2 * kvh) * d].reshape(b, s, kvh, d).transpose(1, 2)
+    return q, k, v
+
+
+def _bits(x):
+    """16-bit values as their bit patterns (torch.equal on them tells -0 from 0)."""
+    return x.view(torch.int16) if x.element_size() == 2 else x
+
+
+def _run_rows(ext, qkv, cos, sin, cache, deq, b, s, h, kvh, d, t, q_dt, kv4):
+    q = torch.full((b * s, h, d), float("nan"), dtype=q_dt, device="cuda")
+    ptrs = [0 if x is None else x.data_ptr() for x in cache]
+    dptr = (0, 0) if deq is None else (deq[0].data_ptr(), deq[1].data_ptr())
+    ext.rope_write_rows(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), *ptrs, *dptr, b,
+                        s, h, kvh, d, t, ops._DT[qkv.dtype], ops._DT[q_dt], kv4, _stream())
+    return q
+
+
+@pytest.mark.parametrize("kv4", [1, 0], ids=["kv4", "kv16"])
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("b,s", [(1, 1), (3, 1), (1, 7), (3, 7), (1, 130), (3, 130)])
+@pytest.mark.parametrize("d", [64, 128])
+def test_rope_write_rows_is_the_torch_prefill(ext, kv4, dt, b, s, d):
+    """A prefill's rows (sequence-major, row r at position r % S of sequence r / S; a row stride wider than the row):
+    q out, cache slots 0..S-1 and, for KV4, the read-back K/V are the torch path's bit for bit -- ref_ops.rope, then
+    the cast (16-bit cache) or kv4_quantize + kv4_pack, and kv4_dequantize in fp16 -- with a flat K and a flat V
+    vector; slots S.. keep what they held. GQA 8 query heads over 2 KV heads."""
+    h, kvh, t = 8, 2, 140
+    g = torch.Generator().manual_seed(1000 * kv4 + 10 * s + b + d)
+    width = (h + 2 * kvh) * d
+    qkv = (torch.randn(b * s, width + 24, generator=g) * 3).to(dt)
+    qkv[0, h * d:(h + 1) * d] = 1.5                          # flat K: row 0 is position 0 (cos 1, sin 0)
+    qkv[-1, (h + kvh + 1) * d:(h + 2 * kvh) * d] = -0.75     # flat V: the last KV head of the last row
+    qkv = qkv.cuda()
+    cos, sin = _prefill_tables(t, d, seed=d)
+    if kv4:
+        cache = [torch.randint(0, 256, (b, kvh, t, d // 2), generator=g, dtype=torch.uint8),
+                 (torch.rand(b, kvh, t, generator=g) + 0.1).half(), (torch.rand(b, kvh, t, generator=g) * 15).half()]
+        cache = [x.cuda() for x in cache + [x.clone() for x in cache]]
+        deq = [torch.full((b, kvh, s, d), float("nan"), dtype=torch.float16, device="cuda") for _ in range(2)]
+    else:
+        cache = [torch.randn(b, kvh, t, d, generator=g).to(dt).cuda(), None, None]
+        cache = cache + [torch.randn(b, kvh, t, d, generator=g).to(dt).cuda(), None, None]
+        deq = None
+    want = [None if x is None else x.cpu().clone() for x in cache]
+    q_dt = torch.float16 if kv4 else dt                      # what the prefill's SDPA takes
+    q = _run_rows(ext, qkv, cos, sin, cache, deq, b, s, h, kvh, d, t, q_dt, kv4)
+    torch.cuda.synchronize()
+
+    wq, wk, wv = _prefill_reference(qkv.cpu(), cos.cpu(), sin.cpu(), b, s, h, kvh, d)
+    assert torch.equal(_bits(q.cpu()), _bits(wq.to(q_dt)))
+    for x, i in ((wk, 0), (wv, 3)):
+        if not kv4:
+            want[i][:, :, :s] = x.to(dt)
+            continue
+        codes, scale, zero = ref_ops.kv4_quantize(x)
+        want[i][:, :, :s], want[i + 1][:, :, :s], want[i + 2][:, :, :s] = ref_ops.kv4_pack(codes), scale, zero
+        wd = ref_ops.kv4_dequantize(want[i][:, :, :s], scale, zero).half()
+        assert torch.equal(_bits(deq[i // 3].cpu()), _bits(wd))
+    for got, w in zip(cache, want):
+        assert got is None or torch.equal(_bits(got.cpu()), _bits(w))
+    if kv4:   # the flat vectors were flat: code 0, scale 1, zero -value
+        assert float(want[1][0, 0, 0]) == 1.0 and float(want[2][0, 0, 0]) == -1.5
+        assert float(want[4][-1, -1, s - 1]) == 1.0 and float(want[5][-1, -1, s - 1]) == 0.75
+
+
+@pytest.mark.parametrize("kv4", [1, 0], ids=["kv4", "kv16"])
+def test_rope_write_rows_covers_a_64_by_2048_prefill(ext, kv4):
+    """The grid reaches every row of the largest prefill the issue names (64 x 2048 rows, 48 heads of 64: 393,216
+    blocks); compared against the torch path on the GPU (the same float32 operations, so the same bits)."""
+    b, s, h, kvh, d = 64, 2048, 32, 8, 64
+    g = torch.Generator(device="cuda").manual_seed(5)
+    qkv = torch.randn(b * s, (h + 2 * kvh) * d, generator=g, device="cuda").half()
+    cos, sin = _prefill_tables(s, d, seed=7)
+    if kv4:
+        cache = [torch.zeros(b, kvh, s, d // 2, dtype=torch.uint8, device="cuda")]
+        cache += [torch.zeros(b, kvh, s, dtype=torch.float16, device="cuda") for _ in range(2)]
+        cache += [x.clone() for x in cache]
+        deq = [torch.empty(b, kvh, s, d, dtype=torch.float16, device="cuda") for _ in range(2)]
+    else:
+        cache = [torch.zeros(b, kvh, s, d, dtype=torch.float16, device="cuda"), None, None]
+        cache += [cache[0].clone(), None, None]
+        deq = None
+    q = _run_rows(ext, qkv, cos, sin, cache, deq, b, s, h, kvh, d, s, torch.float16, kv4)
+    wq, wk, wv = _prefill_reference(qkv, cos, sin, b, s, h, kvh, d)
+    assert torch.equal(_bits(q), _bits(wq.half()))
+    del wq
+    for x, i in ((wk, 0), (wv, 3)):
+        if not kv4:
+            assert torch.equal(_bits(cache[i]), _bits(x.half()))
+            continue
+        codes, scale, zero = ref_ops.kv4_quantize(x)
+        assert torch.equal(cache[i], ref_ops.kv4_pack(codes))
+        assert torch.equal(_bits(cache[i + 1]), _bits(scale)) and torch.equal(_bits(cache[i + 2]), _bits(zero))
+        assert torch.equal(_bits(deq[i // 3]), _bits(ref_ops.kv4_dequantize(cache[i], scale, zero).half()))
+
+
+def test_rope_write_rows_refuses_what_it_cannot_take(ext):
+    """S beyond the cache's T, and read-back outputs for a 16-bit cache, are errors, not out-of-bounds writes."""
+    qkv = torch.zeros(4, 12 * 8, dtype=torch.float16, device="cuda")
+    cos, sin = _prefill_tables(4, 8, seed=0)
+    kc, vc = (torch.zeros(1, 2, 3, 8, dtype=torch.float16, device="cuda") for _ in range(2))
+    q = torch.empty(4, 8, 8, dtype=torch.float16, device="cuda")
+    with pytest.raises(RuntimeError, match="rope_write_rows"):   # S = 4 > T = 3
+        ext.rope_write_rows(qkv.data_ptr(), qkv.shape[1], cos.data_ptr(), sin.data_ptr(), q.data_ptr(), kc.data_ptr(),
+                            0, 0, vc.data_ptr(), 0, 0, 0, 0, 1, 4, 8, 2, 8, 3, 0, 0, 0, _stream())
+    with pytest.raises(RuntimeError, match="rope_write_rows"):   # kd/vd with a 16-bit cache
+        ext.rope_write_rows(qkv.data_ptr(), qkv.shape[1], cos.data_ptr(), sin.data_ptr(), q.data_ptr(), kc.data_ptr(),
+                            0, 0, vc.data_ptr(), 0, 0, q.data_ptr(), q.data_ptr(), 1, 2, 8, 2, 8, 3, 0, 0, 0, _stream())

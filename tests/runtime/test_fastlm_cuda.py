@@ -1,6 +1,7 @@
 """The fast decoder on the GPU (dcc/runtime/fastlm with csrc/attn, w4a16, w4a8): its greedy tokens are the CPU
 reference's (`dcc generate --exact`) for 32 new tokens on tiny TinyChat, QServe (per channel, g128; KV4) and
-stories260K artifacts; the CUDA graph's replay gives the eager step's logits; a batch decodes each row as alone."""
+stories260K artifacts; the CUDA graph's replay gives the eager step's logits; a batch decodes each row as alone; the
+prefill's one-launch RoPE + cache write leaves the cache, attention inputs and logits of its torch path."""
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,80 @@ def test_a_batch_decodes_each_row_as_alone(arts, case):
     alone = generate_fast(lm, PROMPT, 12).tokens[0]
     rows = generate_fast(lm, PROMPT, 12, batch=5).tokens
     assert rows == [rows[0]] * 5 and rows[0][0] == alone[0] and len(rows[0]) == 12
+
+
+def _recording(cache):
+    """Wrap cache._causal so that every prefill attention's inputs (as SDPA takes them) are kept."""
+    seen, causal = [], cache._causal
+
+    def rec(q, k, v, dtype):
+        seen.append([x.to(dtype) for x in (q, k, v)])
+        return causal(q, k, v, dtype)
+
+    cache._causal = rec
+    return seen
+
+
+def _cache_tensors(cache):
+    return [cache.kc, cache.ks, cache.kz, cache.vc, cache.vs, cache.vz] if hasattr(cache, "kc") else [cache.k, cache.v]
+
+
+def _same_bits(a, b):
+    return a.shape == b.shape and a.stride() == b.stride() and torch.equal(
+        a.view(torch.int16) if a.element_size() == 2 else a, b.view(torch.int16) if b.element_size() == 2 else b)
+
+
+@pytest.mark.parametrize("kind,dt", [("kv4", torch.float16), ("kv4", torch.bfloat16), ("kv16", torch.float16),
+                                     ("kv16", torch.bfloat16)])
+@pytest.mark.parametrize("fused", [True, False], ids=["one-gemm", "three-gemms"])
+def test_prefill_kernel_gives_the_torch_paths_cache_and_attention(kind, dt, fused):
+    """KVCache.prefill_rows through rope_write_rows (one launch a layer) against its torch path (cache.kernels off):
+    the cache, the attention's inputs and its output are the same bits; q/k/v as torch.split views of one GEMM output
+    (read in place) or as three tensors (concatenated)."""
+    from dcc.runtime.fastlm.cache import KV4Cache, KV16Cache
+    require_family("attn")
+    layers, b, s, h, kvh, d, cap = 2, 3, 37, 8, 2, 64, 48
+    g = torch.Generator(device="cuda").manual_seed(3)
+    ang = torch.rand(cap, d // 2, generator=g, device="cuda") * 6.3
+    ang[0] = 0
+    ang = torch.cat([ang, ang], -1)
+    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+    out = (torch.randn(b * s, (h + 2 * kvh) * d, generator=g, device="cuda") * 2).to(dt)
+    out[0, h * d:(h + 1) * d] = 0.5                     # a flat K vector (position 0)
+    q, k, v = torch.split(out, [h * d, kvh * d, kvh * d], -1)
+    if not fused:
+        q, k, v = q.clone(), k.clone(), v.clone()
+    make = (lambda: KV4Cache(layers, b, kvh, cap, d, h, "cuda")) if kind == "kv4" else \
+        (lambda: KV16Cache(layers, b, kvh, cap, d, h, "cuda", dt))
+    caches, outs, seen = [make(), make()], [], []
+    caches[0].prefill_kernel = True                     # the kernel (opt-in by default)
+    caches[1].kernels = caches[1].prefill_kernel = False   # the torch path, on the same GPU
+    for c in caches:
+        assert c.kernels or c is caches[1]
+        seen.append(_recording(c))
+        outs.append([c.prefill_rows(i, q, k, v, b, cos, sin) for i in range(layers)])
+    torch.cuda.synchronize()
+    for x, y in zip(_cache_tensors(caches[0]), _cache_tensors(caches[1])):
+        assert _same_bits(x, y)
+    for got, want in zip(seen[0], seen[1]):
+        assert all(_same_bits(x, y) for x, y in zip(got, want))
+    for x, y in zip(outs[0], outs[1]):
+        assert torch.isfinite(x).all() and _same_bits(x, y)
+
+
+@pytest.mark.parametrize("case", ["tinychat", "qserve"])
+def test_prefill_with_the_kernel_fills_the_cache_as_the_torch_path(arts, case):
+    """FastLlama.prefill (RoPE + cache write in one launch a layer) leaves the cache the torch path leaves, bit for
+    bit, and gives its logits; a batch of 3 prompts of 5 tokens."""
+    ids = torch.tensor([PROMPT, PROMPT[::-1], [7] * 5], device="cuda")
+    runs = []
+    for kernel in (True, False):
+        lm = FastLlama(arts[case], "cuda")
+        lm.allocate(3, 16)
+        lm.cache.kernels = lm.cache.prefill_kernel = lm.cache.kernels and kernel
+        assert lm.cache.kernels == kernel
+        runs.append((lm.prefill(ids), _cache_tensors(lm.cache)))
+    torch.cuda.synchronize()
+    assert torch.equal(runs[0][0], runs[1][0])
+    for x, y in zip(runs[0][1], runs[1][1]):
+        assert _same_bits(x, y)

@@ -3,8 +3,12 @@ K/V, or QServe's KV4 (4-bit codes, two per byte with the even channel in the low
 token and head, as the artifact's runtime.kv_cache defines it). A decode step writes slot pos[b] of each sequence and
 attends to slots 0..pos[b]: on the GPU one csrc/attn launch a layer (RoPE, cache write, attention; a 16-bit cache
 can use scaled_dot_product_attention instead), on the CPU torch ops. Prefill writes slots 0..S-1 and attends
-causally through scaled_dot_product_attention (KV4: to the dequantized K/V, as the reference's dcc::quant_kv does)."""
+causally through scaled_dot_product_attention (KV4: to the dequantized K/V, as the reference's dcc::quant_kv does);
+on the GPU its RoPE and cache write (and KV4's read-back) are one csrc/attn launch a layer (rope_write_rows), with the
+bits of the torch path (ref_ops), which stays the CPU path and the reference."""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +25,36 @@ def _rope_decode(qkv, pos, cos, sin, heads, kv_heads, d):
             v.reshape(b, kv_heads, d))
 
 
+def _rope_prefill(q, k, v, batch, cos, sin, heads, kv_heads, d):
+    """Torch path of a prefill's RoPE: rows [B * S, ...] (sequence-major, positions 0..S-1) -> (q [B, H, S, D],
+    k [B, KVH, S, D] in float32, v [B, KVH, S, D] as given)."""
+    n = q.shape[0] // batch
+    c, s = cos[:n][None, None], sin[:n][None, None]
+    return (ref_ops.rope(q.reshape(batch, n, heads, d).transpose(1, 2), c, s),
+            ref_ops.rope(k.reshape(batch, n, kv_heads, d).transpose(1, 2), c, s),
+            v.reshape(batch, n, kv_heads, d).transpose(1, 2))
+
+
+def prefill_kernel_enabled() -> bool:
+    """The prefill's one-launch RoPE + cache write (rope_write_rows) is opt-in, DCC_PREFILL_KERNEL=1, until its GPU
+    tests have run; otherwise the prefill takes the torch path."""
+    return os.environ.get("DCC_PREFILL_KERNEL", "0").strip() == "1"
+
+
+def qkv_rows(q, k, v) -> tuple[torch.Tensor, int]:
+    """q, k, v [R, ...] (one token a row) as the one qkv row buffer csrc/attn reads (q, then k, then v columns; unit
+    column stride) and its row stride in elements: the fused GEMM's output itself where q, k, v are adjacent column
+    blocks of it (torch.split's views: no copy), else their concatenation."""
+    width = q.shape[1] + k.shape[1] + v.shape[1]
+    es = q.element_size()
+    adjacent = (q.dtype == k.dtype == v.dtype and q.stride(1) == k.stride(1) == v.stride(1) == 1
+                and q.stride(0) == k.stride(0) == v.stride(0) >= width
+                and k.data_ptr() == q.data_ptr() + q.shape[1] * es and v.data_ptr() == k.data_ptr() + k.shape[1] * es)
+    if adjacent:
+        return q.as_strided((q.shape[0], width), (q.stride(0), 1)), q.stride(0)
+    return torch.cat([q, k, v], -1), width
+
+
 class KVCache:
     """Shared by both caches: shapes, the decode kernel's split of the slots, the prefill's causal attention."""
 
@@ -28,6 +62,7 @@ class KVCache:
         self.layers, self.batch, self.kv_heads, self.capacity = layers, batch, kv_heads, capacity
         self.d, self.heads, self.device = head_dim, heads, torch.device(device)
         self.kernels = self.device.type == "cuda" and ops.kernel_takes(head_dim, heads // kv_heads)
+        self.prefill_kernel = self.kernels and prefill_kernel_enabled()
         self.chunk, self.splits = ops.attn_split(batch, kv_heads, capacity, sms)
         if self.kernels:
             # partial outputs, maxima and sums of the splits, then one arrival counter per (sequence, KV head),
@@ -46,6 +81,40 @@ class KVCache:
                                     b, self.heads, self.kv_heads, self.d, self.capacity, self.chunk, self.splits, kv,
                                     ops._DT[out_dtype], ops._stream(qkv))
         return out
+
+    def prefill_rows(self, layer, q, k, v, batch, cos, sin):
+        """A prefill as the qkv GEMM gives it: q [B * S, H * D], k and v [B * S, KVH * D] before RoPE (rows
+        sequence-major, positions 0..S-1), RoPE tables cos/sin [P, D] -> causal attention output [B, H, S, D]; fills
+        cache slots 0..S-1. On the GPU one rope_write_rows launch RoPEs q and k and writes the cache where the
+        decode step would use a kernel too (16-bit q/k/v, in the cache's dtype for a 16-bit cache); else the torch
+        path (ref_ops.rope, then prefill), which gives the same cache and attention inputs bit for bit."""
+        if self.prefill_kernel and q.dtype == k.dtype == v.dtype and q.dtype in self._row_dtypes():
+            n = q.shape[0] // batch
+            if n > min(self.capacity, cos.shape[0]) or batch > self.batch or n * batch != q.shape[0]:
+                raise ValueError(f"a prefill of {batch} x {n} tokens ({q.shape[0]} rows) does not fit the cache's "
+                                 f"{self.batch} x {self.capacity} slots / {cos.shape[0]} RoPE positions")
+            qkv, stride = qkv_rows(q, k, v)
+            return self._prefill_kernel(layer, qkv, stride, batch, n, cos, sin)
+        return self.prefill(layer, *_rope_prefill(q, k, v, batch, cos, sin, self.heads, self.kv_heads, self.d))
+
+    def _row_dtypes(self) -> tuple:
+        """The qkv dtypes the prefill kernel takes for this cache (decode's rule)."""
+        raise NotImplementedError
+
+    def _prefill_kernel(self, layer, qkv, stride, b, n, cos, sin):
+        raise NotImplementedError
+
+    def _rope_write_rows(self, qkv, stride, b, n, cos, sin, q_dtype, ptrs, kv4, deq=None):
+        """csrc/attn's rope_write_rows over B * S = b * n rows of qkv (row stride `stride`) into the cache (ptrs: the
+        layer's kc, ks, kz, vc, vs, vz) and, with deq = (kd, vd), KV4's read-back; -> q [B, H, S, D] in q_dtype (a
+        view of the kernel's [B * S, H, D] rows, as the torch path's RoPE leaves it laid out)."""
+        h, d = self.heads, self.d
+        q = torch.empty(b * n, h, d, dtype=q_dtype, device=qkv.device)
+        dptr = (0, 0) if deq is None else (deq[0].data_ptr(), deq[1].data_ptr())
+        ops._ext().rope_write_rows(qkv.data_ptr(), stride, cos.data_ptr(), sin.data_ptr(), q.data_ptr(), *ptrs,
+                                   *dptr, b, n, h, self.kv_heads, d, self.capacity, ops._DT[qkv.dtype],
+                                   ops._DT[q_dtype], kv4, ops._stream(qkv))
+        return q.view(b, n, h, d).transpose(1, 2)
 
     def _causal(self, q, k, v, dtype):
         """q [B, H, S, D] over k/v [B, KVH, S, D], causal, in `dtype` -> [B, H, S, D]."""
@@ -71,6 +140,16 @@ class KV16Cache(KVCache):
         self.k[layer, :, :, :s] = k.to(self.dtype)
         self.v[layer, :, :, :s] = v.to(self.dtype)
         return self._causal(q, self.k[layer, :, :, :s], self.v[layer, :, :, :s], self.dtype)
+
+    def _row_dtypes(self) -> tuple:
+        return (self.dtype,)
+
+    def _prefill_kernel(self, layer, qkv, stride, b, n, cos, sin):
+        """q rounded to the cache's dtype (the torch path's q.to(dtype)); the attention reads the cache's slots."""
+        kc, vc = self.k[layer], self.v[layer]
+        q = self._rope_write_rows(qkv, stride, b, n, cos, sin, self.dtype, (kc.data_ptr(), 0, 0, vc.data_ptr(), 0, 0),
+                                  0)
+        return self._causal(q, kc[:, :, :n], vc[:, :, :n], self.dtype)
 
     def decode(self, layer, qkv, pos, cos, sin):
         """qkv [B, (H + 2 KVH) D] (before RoPE) at positions pos [B] -> attention output [B, H, D]."""
@@ -126,6 +205,16 @@ class KV4Cache(KVCache):
         kd, vd = self._store(layer, slice(0, k.shape[2]), k, v)
         # the reference attends to the dequantized (fp16-valued) K/V in float32; the GPU runs it in fp16 (flash)
         return self._causal(q, kd, vd, torch.float16 if q.is_cuda else torch.float32)
+
+    def _row_dtypes(self) -> tuple:
+        return (torch.float16, torch.bfloat16)
+
+    def _prefill_kernel(self, layer, qkv, stride, b, n, cos, sin):
+        """q in fp16 and K/V read back from the stored codes in fp16: the fp16 SDPA inputs of the torch path."""
+        kd, vd = (torch.empty(b, self.kv_heads, n, self.d, dtype=torch.float16, device=qkv.device) for _ in range(2))
+        ptrs = [t[layer].data_ptr() for t in (self.kc, self.ks, self.kz, self.vc, self.vs, self.vz)]
+        q = self._rope_write_rows(qkv, stride, b, n, cos, sin, torch.float16, ptrs, 1, (kd, vd))
+        return self._causal(q, kd, vd, torch.float16)
 
     def decode(self, layer, qkv, pos, cos, sin):
         b, h, d = qkv.shape[0], self.heads, self.d

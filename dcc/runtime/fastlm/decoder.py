@@ -102,15 +102,12 @@ class FastLlama:
         b, n = ids.shape
         d = s.head_dim
         h = self.embed[ids.reshape(-1)].to(torch.float32)
-        cos, sin = self.cos[:n][None, None], self.sin[:n][None, None]
         delta = None
         for i, L in enumerate(self.layers):
             x = self._norm_in(h, delta, L.in_norm, L.qkv_sum)
             q, k, v = run_group(L.qkv, x, self.sizes_qkv)
-            q = ops.ref_ops.rope(q.reshape(b, n, s.heads, d).transpose(1, 2), cos, sin)
-            k = ops.ref_ops.rope(k.reshape(b, n, s.kv_heads, d).transpose(1, 2), cos, sin)
-            v = v.reshape(b, n, s.kv_heads, d).transpose(1, 2)
-            o = cache.prefill(i, q, k, v).transpose(1, 2).reshape(b * n, s.heads * d)
+            # RoPE + cache write (one kernel on the GPU), then causal attention
+            o = cache.prefill_rows(i, q, k, v, b, self.cos, self.sin).transpose(1, 2).reshape(b * n, s.heads * d)
             delta = L.o(o)
             delta = self._mlp(L, h, delta)
         last = torch.arange(b, device=ids.device) * n + n - 1
