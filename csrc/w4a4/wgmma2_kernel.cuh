@@ -167,23 +167,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) w4a4_wgmma2_kernel(const __grid
     wgmma_tile<kTok, 1>(sums, da + 4 * j + 2, db + 4 * j + 2);
     wgmma_commit();
   };
-  // acc = fma(float(psum), fl32(ascale[m, g] * wscale[n, g]), acc): as w4a4_wgmma_kernel
+  // the group's fold (wgmma_kernel.cuh fold_group): this warpgroup's channels of the tile's 128 weight scales
   auto fold = [&](auto& sums, uint32_t st, int j) {
     const float w0 = lds_f32(st + C::kWsOff + (j * C::kCh + ch0) * 4);
     const float w1 = lds_f32(st + C::kWsOff + (j * C::kCh + ch0 + 8) * 4);
-#pragma unroll
-    for (int i2 = 0; i2 < kTok / 16; ++i2) {
-      const float4 a4 = lds_f32x4(st + C::kAsOff + (j * kTok + 16 * i2 + 4 * t) * 4);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int i = 2 * i2 + h;
-        const float a0 = h ? a4.z : a4.x, a1 = h ? a4.w : a4.y;
-        acc[4 * i + 0] = __fmaf_rn(psum_to_f<kCvt>(sums[4 * i + 0]), __fmul_rn(a0, w0), acc[4 * i + 0]);
-        acc[4 * i + 1] = __fmaf_rn(psum_to_f<kCvt>(sums[4 * i + 1]), __fmul_rn(a1, w0), acc[4 * i + 1]);
-        acc[4 * i + 2] = __fmaf_rn(psum_to_f<kCvt>(sums[4 * i + 2]), __fmul_rn(a0, w1), acc[4 * i + 2]);
-        acc[4 * i + 3] = __fmaf_rn(psum_to_f<kCvt>(sums[4 * i + 3]), __fmul_rn(a1, w1), acc[4 * i + 3]);
-      }
-    }
+    fold_group<kTok, kCvt>(acc, sums, w0, w1, st + C::kAsOff + (j * kTok + 4 * t) * 4);
   };
   // this warp has read the stage (wgmmas retired, scales read); with kMc the peer multicasts into it too
   auto release = [&](int s) {
@@ -214,16 +202,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) w4a4_wgmma2_kernel(const __grid
     }
 
     // ---------------- epilogue: bias, low rank (ranks in order), one rounding, 16-byte stores -------------------
-    if (bias) {
-      const float b0 = Sixteen<T>::to_f(bias[n0 + ch0]), b1 = Sixteen<T>::to_f(bias[n0 + ch0 + 8]);
-#pragma unroll
-      for (int i = 0; i < kTok / 8; ++i) {
-        acc[4 * i + 0] = __fadd_rn(acc[4 * i + 0], b0);
-        acc[4 * i + 1] = __fadd_rn(acc[4 * i + 1], b0);
-        acc[4 * i + 2] = __fadd_rn(acc[4 * i + 2], b1);
-        acc[4 * i + 3] = __fadd_rn(acc[4 * i + 3], b1);
-      }
-    }
+    add_bias<T, kTok>(acc, bias, n0 + ch0);
     for (int c = 0; c < chunks; ++c, ++ec) {
       mbar_wait(epi_full, ec & 1);
       const uint32_t up0 = up_s + ch0 * C::kRank * 2, up1 = up0 + 8 * C::kRank * 2;
@@ -261,22 +240,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) w4a4_wgmma2_kernel(const __grid
       __syncwarp();
       if (lane == 0) mbar_arrive(epi_empty);   // this warp has read the chunk
     }
-    named_bar_sync(1 + wg, 128);   // the previous tile's output has been read out of the staging
-#pragma unroll
-    for (int i = 0; i < kTok / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int tok = 8 * i + 2 * t + e;
-        out_s[tok * C::kOutStride + row0] = Sixteen<T>::from_f(acc[4 * i + e]);
-        out_s[tok * C::kOutStride + row0 + 8] = Sixteen<T>::from_f(acc[4 * i + 2 + e]);
-      }
-    named_bar_sync(1 + wg, 128);
-    for (int e = tid; e < kTok * 8; e += 128) {   // 8 chunks of 16 bytes (64 channels) per token row
-      const int tok = e / 8, c = e % 8;
-      if (m0 + tok < p.M)
-        *reinterpret_cast<uint4*>(out + static_cast<size_t>(m0 + tok) * p.N + n0 + 64 * wg + 8 * c) =
-            *reinterpret_cast<const uint4*>(out_s + tok * C::kOutStride + 8 * c);
-    }
+    // the staging is free once the previous tile's output has been read out of it
+    store_tile<T, kTok, C::kOutStride>(acc, out_s, out, row0, t, tid, 1 + wg, m0, n0 + 64 * wg, p.M, p.N);
   }
   if constexpr (kMc) cluster_sync();
 #endif

@@ -60,6 +60,69 @@ __device__ __forceinline__ float psum_to_f(int v) {
 }
 template <int kCvt>
 __device__ __forceinline__ float psum_to_f(float v) { return v; }
+
+// One 64-k group folded into the outputs: acc = fma(float(psum), fl32(ascale[m, g] * wscale[n, g]), acc)
+// (csrc/w4a4/common.cuh group_step, the scales being the exact fp32 values of the 16-bit ones). w0, w1: the weight
+// scales of this thread's channels (rows g, g + 8 of its warp's 16); as_t: the shared-memory address of the group's
+// token scales at this thread's first column, tok_pos order, so columns 8i + 2t + e of i = 2 i2, 2 i2 + 1 are the
+// 16-byte load at as_t + 64 i2.
+template <int kTok, int kCvt, class Acc>
+__device__ __forceinline__ void fold_group(float (&acc)[kTok / 2], const Acc (&isum)[kTok / 2], float w0, float w1,
+                                           uint32_t as_t) {
+#pragma unroll
+  for (int i2 = 0; i2 < kTok / 16; ++i2) {
+    const float4 a4 = sm90::lds_f32x4(as_t + 64 * i2);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int i = 2 * i2 + h;
+      const float a0 = h ? a4.z : a4.x, a1 = h ? a4.w : a4.y;
+      acc[4 * i + 0] = __fmaf_rn(psum_to_f<kCvt>(isum[4 * i + 0]), __fmul_rn(a0, w0), acc[4 * i + 0]);
+      acc[4 * i + 1] = __fmaf_rn(psum_to_f<kCvt>(isum[4 * i + 1]), __fmul_rn(a1, w0), acc[4 * i + 1]);
+      acc[4 * i + 2] = __fmaf_rn(psum_to_f<kCvt>(isum[4 * i + 2]), __fmul_rn(a0, w1), acc[4 * i + 2]);
+      acc[4 * i + 3] = __fmaf_rn(psum_to_f<kCvt>(isum[4 * i + 3]), __fmul_rn(a1, w1), acc[4 * i + 3]);
+    }
+  }
+}
+
+// Epilogue pieces shared by both kernels. acc = fl32(acc + bias[n]) for this thread's channels ch, ch + 8 (no bias:
+// unchanged).
+template <class T, int kTok>
+__device__ __forceinline__ void add_bias(float (&acc)[kTok / 2], const T* bias, int ch) {
+  if (!bias) return;
+  const float b0 = Sixteen<T>::to_f(bias[ch]), b1 = Sixteen<T>::to_f(bias[ch + 8]);
+#pragma unroll
+  for (int i = 0; i < kTok / 8; ++i) {
+    acc[4 * i + 0] = __fadd_rn(acc[4 * i + 0], b0);
+    acc[4 * i + 1] = __fadd_rn(acc[4 * i + 1], b0);
+    acc[4 * i + 2] = __fadd_rn(acc[4 * i + 2], b1);
+    acc[4 * i + 3] = __fadd_rn(acc[4 * i + 3], b1);
+  }
+}
+
+// A warpgroup's 64-channel x kTok-token tile: one RNE to 16 bits into the staging out_s [kTok][kOutStride] (rows
+// row0, row0 + 8 of this thread), then 16-byte stores to out[m0 + tok][n0 .. n0 + 63] (tokens >= M dropped). Named
+// barrier `bar` (128 threads): before, the staging is free (the caller's previous reads of it are done); between, it
+// is whole.
+template <class T, int kTok, int kOutStride>
+__device__ __forceinline__ void store_tile(const float (&acc)[kTok / 2], T* out_s, T* out, int row0, int t, int tid,
+                                           int bar, int m0, int n0, int M, int N) {
+  sm90::named_bar_sync(bar, 128);
+#pragma unroll
+  for (int i = 0; i < kTok / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int tok = 8 * i + 2 * t + e;
+      out_s[tok * kOutStride + row0] = Sixteen<T>::from_f(acc[4 * i + e]);
+      out_s[tok * kOutStride + row0 + 8] = Sixteen<T>::from_f(acc[4 * i + 2 + e]);
+    }
+  sm90::named_bar_sync(bar, 128);
+  for (int e = tid; e < kTok * 8; e += 128) {   // 8 chunks of 16 bytes (64 channels) per token row
+    const int tok = e / 8, c = e % 8;
+    if (m0 + tok < M)
+      *reinterpret_cast<uint4*>(out + static_cast<size_t>(m0 + tok) * N + n0 + 8 * c) =
+          *reinterpret_cast<const uint4*>(out_s + tok * kOutStride + 8 * c);
+  }
+}
 #endif
 
 template <class T, int kTok, int kCvt>
@@ -170,39 +233,16 @@ __global__ void __launch_bounds__(kWgThreads, 1) w4a4_wgmma_kernel(const __grid_
         wgmma_commit();
         wgmma_wait<0>();
         fence_operands(isum);
-        // acc = fma(float(psum), fl32(ascale[m, g] * wscale[n, g]), acc): csrc/w4a4/common.cuh group_step, the
-        // scales being the exact fp32 values of the 16-bit ones
         const float w0 = lds_f32(st + C::kWsOff + (j * C::kCh + row0) * 4);
         const float w1 = lds_f32(st + C::kWsOff + (j * C::kCh + row0 + 8) * 4);
-#pragma unroll
-        for (int i2 = 0; i2 < kTok / 16; ++i2) {   // columns 8i + 2t + e of i = 2 i2, 2 i2 + 1 (tok_pos order)
-          const float4 a4 = lds_f32x4(st + C::kAsOff + (j * kTok + 16 * i2 + 4 * t) * 4);
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int i = 2 * i2 + h;
-            const float a0 = h ? a4.z : a4.x, a1 = h ? a4.w : a4.y;
-            acc[4 * i + 0] = __fmaf_rn(psum_to_f<kCvt>(isum[4 * i + 0]), __fmul_rn(a0, w0), acc[4 * i + 0]);
-            acc[4 * i + 1] = __fmaf_rn(psum_to_f<kCvt>(isum[4 * i + 1]), __fmul_rn(a1, w0), acc[4 * i + 1]);
-            acc[4 * i + 2] = __fmaf_rn(psum_to_f<kCvt>(isum[4 * i + 2]), __fmul_rn(a0, w1), acc[4 * i + 2]);
-            acc[4 * i + 3] = __fmaf_rn(psum_to_f<kCvt>(isum[4 * i + 3]), __fmul_rn(a1, w1), acc[4 * i + 3]);
-          }
-        }
+        fold_group<kTok, kCvt>(acc, isum, w0, w1, st + C::kAsOff + (j * kTok + 4 * t) * 4);
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(empty_bar(wg, s));   // this warp has read the stage (wgmmas retired, scales read)
     }
 
     // ---------------- epilogue: bias, low rank (fma chain over r in order), one rounding, 16-byte stores -------
-    if (bias) {
-      const float b0 = Sixteen<T>::to_f(bias[n0 + row0]), b1 = Sixteen<T>::to_f(bias[n0 + row0 + 8]);
-#pragma unroll
-      for (int i = 0; i < kTok / 8; ++i) {
-        acc[4 * i + 0] = __fadd_rn(acc[4 * i + 0], b0);
-        acc[4 * i + 1] = __fadd_rn(acc[4 * i + 1], b0);
-        acc[4 * i + 2] = __fadd_rn(acc[4 * i + 2], b1);
-        acc[4 * i + 3] = __fadd_rn(acc[4 * i + 3], b1);
-      }
-    }
+    add_bias<T, kTok>(acc, bias, n0 + row0);
     const int R = p.R;
     for (int r0 = 0; r0 < R; r0 += C::kRank) {
       const int rc = min(C::kRank, R - r0);
@@ -243,22 +283,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) w4a4_wgmma_kernel(const __grid_
         }
       }
     }
-    named_bar_sync(1 + wg, 128);   // the staging area is free (low-rank reads done, previous tile's stores read)
-#pragma unroll
-    for (int i = 0; i < kTok / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int tok = 8 * i + 2 * t + e;
-        out_s[tok * C::kOutStride + row0] = Sixteen<T>::from_f(acc[4 * i + e]);
-        out_s[tok * C::kOutStride + row0 + 8] = Sixteen<T>::from_f(acc[4 * i + 2 + e]);
-      }
-    named_bar_sync(1 + wg, 128);
-    for (int e = tid; e < kTok * (C::kCh / 8); e += 128) {   // 8 chunks of 16 bytes per token row
-      const int tok = e / (C::kCh / 8), c = e % (C::kCh / 8);
-      if (m0 + tok < p.M)
-        *reinterpret_cast<uint4*>(out + static_cast<size_t>(m0 + tok) * p.N + n0 + 8 * c) =
-            *reinterpret_cast<const uint4*>(out_s + tok * C::kOutStride + 8 * c);
-    }
+    // the staging area is free once the low-rank reads and the previous tile's stores are done
+    store_tile<T, kTok, C::kOutStride>(acc, out_s, out, row0, t, tid, 1 + wg, m0, n0, p.M, p.N);
   }
 #endif
 }
