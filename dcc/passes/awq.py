@@ -77,7 +77,7 @@ def search_group(block, g, xs: torch.Tensor, x_mean: torch.Tensor, config: AwqCo
             dw = fake_quantize_fast(w * sc, l.spec) / sc - w
             loss += float((xs @ dw.T).pow(2).mean())
         mine[j] = loss
-    losses = gather_values(world, mine) if world is not None else mine
+    losses = gather_values(world, mine) if world is not None else mine   # every candidate's loss, on every rank
     best = None
     for j, (a, b, s) in enumerate(cands):   # in candidate order: the first of equal losses wins
         if best is None or losses[j] < best[3]:

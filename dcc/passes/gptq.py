@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compiler.share import owners, share_qtensor
 from ..ir.formats import (QuantizedTensor, compute_qparams, fp_encode, progressive_qparams, round_to_fp,
                           two_level_qparams)
 from ..ir.progressive import protective_range
-from ..compiler.share import owners, share_qtensor
 from .base import Pass, PassConfig, PassResult, quantizable, register
 from ._gptq_graph import sweep_graphed
 from .rtn import SQNR_TOKENS, quantize_linear, unshifted
