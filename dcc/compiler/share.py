@@ -33,6 +33,15 @@ def gather_values(world, mine: dict) -> dict:
     return out
 
 
+def evaluate_split(world, n: int, evaluate) -> list:
+    """[evaluate(0), ..., evaluate(n - 1)] on every rank, each computed on rank i % size (a search's candidates:
+    evaluate must give the same value on any rank, and run no collective)."""
+    if world is None or not world.distributed:
+        return [evaluate(i) for i in range(n)]
+    got = gather_values(world, {i: evaluate(i) for i in range(world.rank, n, world.size)})
+    return [got[i] for i in range(n)]
+
+
 _FIELDS = ("codes", "scale", "zero", "scale0")
 
 

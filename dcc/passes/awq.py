@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler.share import gather_values
+from ..compiler.share import evaluate_split
 from ..ir.formats import fake_quantize_fast
 from ._scaling import apply_scale, scale_groups
 from .base import Pass, PassConfig, PassResult, register
@@ -68,16 +68,16 @@ def search_group(block, g, xs: torch.Tensor, x_mean: torch.Tensor, config: AwqCo
     for a, b, s in _candidates(x_stat.clamp(min=1e-8), w_stat.clamp(min=1e-8), config.grid, config.patterns):
         s = s.clamp(min=1e-4)
         cands.append((a, b, s / (s.max() * s.min()).sqrt()))   # AWQ's normalisation keeps scales around 1
-    rank, size = (world.rank, world.size) if world is not None else (0, 1)
-    mine = {}
-    for j in range(rank, len(cands), size):
+
+    def loss_of(j: int) -> float:
         sc = g.expand(cands[j][2]).float()
         loss = 0.0
         for l, w in zip(lins, ws):
             dw = fake_quantize_fast(w * sc, l.spec) / sc - w
             loss += float((xs @ dw.T).pow(2).mean())
-        mine[j] = loss
-    losses = gather_values(world, mine) if world is not None else mine   # every candidate's loss, on every rank
+        return loss
+
+    losses = evaluate_split(world, len(cands), loss_of)   # every candidate's loss, on every rank
     best = None
     for j, (a, b, s) in enumerate(cands):   # in candidate order: the first of equal losses wins
         if best is None or losses[j] < best[3]:

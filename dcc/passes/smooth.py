@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compiler.share import evaluate_split
 from ._scoring import BlockScorer
 from ._scaling import apply_scale, scale_groups
 from .base import Pass, PassConfig, PassResult, register
@@ -95,7 +96,7 @@ class Smooth(Pass):
             w_c = g.collapse(w_max.amax(0))
             alpha, err = config.alpha, None
             if scorer is not None:
-                alpha, err = self._search(block, g, x, w_c, config, scorer)
+                alpha, err = self._search(block, g, x, w_c, config, scorer, ctx.world)
             if alpha is None:   # no smoothing won the search
                 details[f"{g.producer}->{','.join(g.consumers)}"] = {"kind": g.kind, "alpha": None, "error": err}
                 continue
@@ -118,17 +119,23 @@ class Smooth(Pass):
                           keep_activations=True)
 
     @staticmethod
-    def _search(block, g, x, w_c, config, scorer) -> tuple[float | None, float]:
-        """(best alpha or None for no smoothing, its error): each candidate is applied, scored and undone."""
+    def _search(block, g, x, w_c, config, scorer, world=None) -> tuple[float | None, float]:
+        """(best alpha or None for no smoothing, its error): each candidate is applied, scored and undone; with
+        several processes (`world`) each scores every size-th candidate (the scorer's probe sequences are the same
+        on all of them) and the errors are shared."""
         params = _group_params(block, g)
         saved = [p.data.clone() for p in params]
         changed = [g.producer] + g.consumers
-        best = (scorer.error(changed), None)
-        for i in range(config.grid):
-            alpha = i / config.grid
-            apply_scale(block, g, smooth_scale(x, w_c, *config.exponents(alpha)))
-            best = min(best, (scorer.error(changed), alpha), key=lambda t: t[0])
+
+        def error_of(i: int) -> float:
+            apply_scale(block, g, smooth_scale(x, w_c, *config.exponents(i / config.grid)))
+            err = scorer.error(changed)
             for p, d in zip(params, saved):
                 p.data = d.clone()
+            return err
+
+        best = (scorer.error(changed), None)
+        for i, err in enumerate(evaluate_split(world, config.grid, error_of)):   # in order: ties keep the earlier
+            best = min(best, (err, i / config.grid), key=lambda t: t[0])
         scorer.forget(changed)
         return best[1], round(best[0], 9)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compiler.share import evaluate_split
 from ..ir.rewrite import kv_nodes
 from ._model_parts import norm_offset
 from ._scoring import BlockScorer
@@ -183,7 +184,7 @@ class SmoothAttention(Pass):
             alpha, err = config.alpha, None
             if config.search:
                 scorer = scorer or BlockScorer(block, ctx, config.samples)
-                alpha, err = self._search(block, a, gains, lam_for, config.grid, scorer)
+                alpha, err = self._search(block, a, gains, lam_for, config.grid, scorer, ctx.world)
             lam = lam_for(alpha)
             _apply(block, a, gains, lam)
             if scorer is not None:
@@ -206,20 +207,23 @@ class SmoothAttention(Pass):
                           keep_activations=True)
 
     @staticmethod
-    def _search(block, a, gains, lam_for, grid: int, scorer) -> tuple[float, float]:
+    def _search(block, a, gains, lam_for, grid: int, scorer, world=None) -> tuple[float, float]:
         """(best alpha, its error) over alpha = 0 (lambda = 1 when beta = 0), 1/grid, ..., 1: each candidate is folded,
         scored and undone. Row scaling leaves per-row (and per-group) weight quantization unchanged up to the fp16
         scales, so what the score sees is mostly the 4-bit cache's error on the rescaled keys."""
         params = _qk_params(block, a, gains)
         saved = [p.data.clone() for p in params]
-        best = None
-        for i in range(grid + 1):
-            alpha = i / grid
-            _apply(block, a, gains, lam_for(alpha))
+
+        def error_of(i: int) -> float:   # with several processes, each scores every size-th candidate
+            _apply(block, a, gains, lam_for(i / grid))
             err = scorer.error([a.q, a.k])
-            best = min(best or (err, alpha), (err, alpha), key=lambda t: t[0])
             for p, d in zip(params, saved):
                 p.data = d.clone()
+            return err
+
+        best = None
+        for i, err in enumerate(evaluate_split(world, grid + 1, error_of)):   # in order: ties keep the earlier
+            best = min(best or (err, i / grid), (err, i / grid), key=lambda t: t[0])
         scorer.forget([a.q, a.k])
         return best[1], round(best[0], 9)
 

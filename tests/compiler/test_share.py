@@ -10,7 +10,7 @@ import torch
 
 from dcc.compiler import dist
 from dcc.compiler.dist import SINGLE
-from dcc.compiler.share import gather_values, owners, share_qtensor
+from dcc.compiler.share import evaluate_split, gather_values, owners, share_qtensor
 from dcc.ir.formats import QuantSpec, quantize_tensor
 
 SPEC = QuantSpec("int4", group_size=32)
@@ -28,6 +28,9 @@ def test_a_single_world_shares_without_copying():
     qt = quantize_tensor(torch.randn(8, 64), SPEC)
     assert share_qtensor(SINGLE, qt, 0, SPEC) is qt
     assert gather_values(SINGLE, {3: 1.5}) == {3: 1.5}
+    seen = []
+    assert evaluate_split(SINGLE, 4, lambda i: seen.append(i) or i * i) == [0, 1, 4, 9] and seen == [0, 1, 2, 3]
+    assert evaluate_split(None, 2, float) == [0.0, 1.0]
 
 
 def weight(seed: int) -> torch.Tensor:
@@ -50,6 +53,9 @@ def test_every_rank_gets_each_owners_result_exactly(ranks):
     size = len(ranks)
     for res in ranks:
         assert res["values"] == {j: float(j) / 7 for j in range(2 * size)}
+        assert res["split"] == [i / 3 for i in range(5)]
+        # each index evaluated on one rank only: rank r took r, r + size, ...
+        assert res["evaluated"] == list(range(res["rank"], 5, size))
         for src in range(size):
             want = quantize_tensor(weight(src), SPEC)
             got = res["qt"][src]
@@ -66,6 +72,9 @@ def worker(out: Path) -> None:
         res = {"qt": {}}
         mine = {j: float(j) / 7 for j in range(2 * world.size) if j % world.size == world.rank}
         res["values"] = gather_values(world, mine)
+        res["rank"], evaluated = world.rank, []
+        res["split"] = evaluate_split(world, 5, lambda i: evaluated.append(i) or i / 3)
+        res["evaluated"] = evaluated
         for src in range(world.size):
             qt = quantize_tensor(weight(src), SPEC) if src == world.rank else None
             got = share_qtensor(world, qt, src, SPEC)
