@@ -80,7 +80,7 @@ def _targets_epilog() -> str:
 @click.option("--procs", type=int, default=None,
               help="As --gpus, with this many processes on the --device (cpu: the gloo backend, the machine's "
                    "cores shared among them). On the CPU it divides memory per process, not time: on 2 cores, 2 "
-                   "processes took 1.35-1.4x one's time (bench/results/dist_cpu.json).")
+                   "processes took 1.3-1.4x one's time (bench/results/dist_cpu.json).")
 @click.option("--force", is_flag=True,
               help="Replace OUTPUT if it is a dcc artifact (never another folder, the source model or the current "
                    "folder); the old artifact is swapped out only once the new one is complete. Also discards an "
