@@ -4,8 +4,8 @@
 //  - CTA tile 128 channels x 128 tokens: the two consumer warpgroups take the two 64-channel halves of one tile and
 //    share its activation codes, one ring for both (a stage: 128 x 128 weight codes, 128 x 128 activation codes and
 //    both operands' scales of two 64-k groups; freed when the 8 consumer warps have read it). Bytes from L2 per
-//    multiply-add fall by a third against the first kernel's private 64 x 128 tiles (64 instead of 42.7 MACs per
-//    byte), which measured L2-bound (~7 TB/s at 545-585 TOPS).
+//    multiply-add fall by a third against the first kernel's private 64 x 128 tiles (60 instead of 40 MACs per
+//    byte, scales counted), whose measured 545-585 TOPS fit an L2-bandwidth limit (~7 TB/s).
 //  - The low-rank epilogue's operands come by TMA, issued by a second producer thread while the tile's main loop
 //    runs: lora_act rows [128 tokens][32 ranks] fp32 (128-byte swizzle: chunk c of token row r at c ^ (r % 8), so a
 //    thread's 16-byte loads of four ranks of tokens 2t, 2t + 1 fall in distinct banks) and lora_up [128 ch][32] in
@@ -14,7 +14,7 @@
 //  - Its own output staging per warpgroup (the first kernel reused the low-rank staging for it).
 //  - kMc = 1: CTA pairs (clusters of 2) take tiles of the same 128 tokens and neighbouring 128-channel blocks; each
 //    CTA's producer loads half of the activation codes (64 tokens) and multicasts it into both CTAs, so a CTA reads
-//    16 KB of weights + 8 KB of activations from L2 per stage (85 MACs per byte). A stage slot is free when the
+//    16 KB of weights + 8 KB of activations (+ 2 KB of scales) from L2 per stage (79 MACs per byte). A stage slot is free when the
 //    consumers of both CTAs have read it: each consumer warp arrives on its own CTA's empty barrier and on the
 //    peer's (16 arrivals), and each producer waits on its own. N % 256 == 0.
 // Requirements (checked by the host): N % 128 == 0, R % 32 == 0 (R = 0: no branch), lora_act 16-byte aligned.
