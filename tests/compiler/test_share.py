@@ -46,7 +46,7 @@ def ranks(request, tmp_path_factory):
         mp.setenv("DCC_DIST_TIMEOUT_S", "60")
         rc = launch([str(out)], size, "cpu", command=[sys.executable, __file__])
     assert rc == 0
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(size)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(size)]
 
 
 def test_every_rank_gets_each_owners_result_exactly(ranks):
