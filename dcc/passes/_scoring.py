@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compiler.share import evaluate_split
 from ..ir.formats import fake_quantize_fast
 
 
@@ -41,3 +42,21 @@ class BlockScorer:
     def forget(self, names: list[str]) -> None:
         for n in names:
             self.cache.pop(n, None)
+
+
+def score_candidates(scorer: BlockScorer, params: list[torch.Tensor], changed: list[str], n: int, apply,
+                     world=None) -> list[float]:
+    """The block error of candidates 0..n-1 of a search: apply(i) changes `params` (the weights of the linears in
+    `changed`), the error is scored and the params are restored. With several processes (`world`) each scores every
+    size-th candidate (the scorer's probe sequences are the same on all of them) and the errors are shared
+    (compiler/share.py evaluate_split)."""
+    saved = [p.data.clone() for p in params]
+
+    def error_of(i: int) -> float:
+        apply(i)
+        err = scorer.error(changed)
+        for p, d in zip(params, saved):
+            p.data = d.clone()
+        return err
+
+    return evaluate_split(world, n, error_of)

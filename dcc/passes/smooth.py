@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler.share import evaluate_split
-from ._scoring import BlockScorer
+from ._scoring import BlockScorer, score_candidates
 from ._scaling import apply_scale, scale_groups
 from .base import Pass, PassConfig, PassResult, register
 
@@ -123,19 +122,14 @@ class Smooth(Pass):
         """(best alpha or None for no smoothing, its error): each candidate is applied, scored and undone; with
         several processes (`world`) each scores every size-th candidate (the scorer's probe sequences are the same
         on all of them) and the errors are shared."""
-        params = _group_params(block, g)
-        saved = [p.data.clone() for p in params]
         changed = [g.producer] + g.consumers
-
-        def error_of(i: int) -> float:
-            apply_scale(block, g, smooth_scale(x, w_c, *config.exponents(i / config.grid)))
-            err = scorer.error(changed)
-            for p, d in zip(params, saved):
-                p.data = d.clone()
-            return err
-
         best = (scorer.error(changed), None)
-        for i, err in enumerate(evaluate_split(world, config.grid, error_of)):   # in order: ties keep the earlier
+
+        def apply(i: int) -> None:
+            apply_scale(block, g, smooth_scale(x, w_c, *config.exponents(i / config.grid)))
+
+        errs = score_candidates(scorer, _group_params(block, g), changed, config.grid, apply, world)
+        for i, err in enumerate(errs):   # in order: ties keep the earlier
             best = min(best, (err, i / config.grid), key=lambda t: t[0])
         scorer.forget(changed)
         return best[1], round(best[0], 9)

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler.share import evaluate_split
 from ..ir.rewrite import kv_nodes
 from ._model_parts import norm_offset
-from ._scoring import BlockScorer
+from ._scoring import BlockScorer, score_candidates
 from .base import Pass, PassConfig, PassResult, register
 
 
@@ -211,18 +210,10 @@ class SmoothAttention(Pass):
         """(best alpha, its error) over alpha = 0 (lambda = 1 when beta = 0), 1/grid, ..., 1: each candidate is folded,
         scored and undone. Row scaling leaves per-row (and per-group) weight quantization unchanged up to the fp16
         scales, so what the score sees is mostly the 4-bit cache's error on the rescaled keys."""
-        params = _qk_params(block, a, gains)
-        saved = [p.data.clone() for p in params]
-
-        def error_of(i: int) -> float:   # with several processes, each scores every size-th candidate
-            _apply(block, a, gains, lam_for(i / grid))
-            err = scorer.error([a.q, a.k])
-            for p, d in zip(params, saved):
-                p.data = d.clone()
-            return err
-
+        errs = score_candidates(scorer, _qk_params(block, a, gains), [a.q, a.k], grid + 1,
+                                lambda i: _apply(block, a, gains, lam_for(i / grid)), world)
         best = None
-        for i, err in enumerate(evaluate_split(world, grid + 1, error_of)):   # in order: ties keep the earlier
+        for i, err in enumerate(errs):   # in order: ties keep the earlier
             best = min(best or (err, i / grid), (err, i / grid), key=lambda t: t[0])
         scorer.forget([a.q, a.k])
         return best[1], round(best[0], 9)
