@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/gpu_w4a16.py [--quick] [--ms 1,4] [--variants] [--smoke]
 
-Shapes: M in {1, 4, 16, 64, 256, 1024, 4096} x (N, K) in {(4096, 4096), (14336, 4096), (4096, 14336)}, group 128,
+Shapes: M in {1, 4, 16, 32, 64, 128, 256, 1024, 4096} x (N, K) in {(4096, 4096), (14336, 4096), (4096, 14336)}, group 128,
 fp16. Timing: each measurement captures one CUDA graph of R calls that rotate over R copies of the weights (R chosen
 so the copies exceed the L2 several times: every call reads its weights from DRAM), replays it with warm-up, and
 takes the median over repetitions of (CUDA-event time / R). Reports microseconds, GB/s of the bytes the call must
@@ -31,7 +31,7 @@ from dcc.targets.common.awq_layout import decode_weight, pack_qweight, pack_scal
 
 import _results  # noqa: E402  (bench/_results.py)
 
-MS = (1, 4, 16, 64, 256, 1024, 4096)
+MS = (1, 4, 16, 32, 64, 128, 256, 1024, 4096)
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 G = 128
 ROTATE_BYTES = 200 << 20  # > 3x the H100's 50 MB L2
@@ -162,6 +162,8 @@ def bench(args, copy_tbs, peak_tflops):
             paths = ["auto"]
             if m in (16, 64, 256, 1024):
                 paths += ["fused", "gemm"]
+            if m > 1 and rt.load().gemm_wgmma_supported(m, n, k, G):
+                paths += ["wgmma"]
             if m in (256, 4096):
                 paths += ["gemm_ext"]
             if dev is not None and m in (1, 4, 16):
@@ -190,7 +192,7 @@ def bench(args, copy_tbs, peak_tflops):
                     label = "dequant only"
                 else:
                     calls = [lambda q=q, p=path: rt.w4a16_linear(x, q[0], q[1], q[2], G, path=p) for q in qsets]
-                    label = path if path != "auto" else ("auto:fused" if m <= rt.FUSED_MAX_M else "auto:gemm")
+                    label = path if path != "auto" else f"auto:{auto_path(m, n, k)}"
                 try:
                     t, tmin, meth = time_calls(calls, reps)
                 except ValueError as e:  # a shape-restricted variant
@@ -214,6 +216,14 @@ def bench(args, copy_tbs, peak_tflops):
     return results
 
 
+def auto_path(m, n, k):
+    """The path w4a16_linear's "auto" takes (dcc/runtime/cuda/ops.py)."""
+    lo, hi = rt.ops.WGMMA_M
+    if lo < m <= hi and rt.load().gemm_wgmma_supported(m, n, k, G):
+        return "wgmma"
+    return "fused" if m <= rt.FUSED_MAX_M else "gemm"
+
+
 def table(results):
     lines = ["| N x K | M | path | us | cuBLAS fp16 us | speedup | GB/s | TFLOP/s | bytes floor us | flops floor us |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -232,6 +242,11 @@ def goals(results):
             if r:
                 sp = r[0]["speedup_vs_cublas"]
                 out.append({"shape": f"{n}x{k}", "M": m, "goal": rule, "speedup": sp, "met": sp >= want})
+        for m in (16, 32, 64, 128, 256):   # issue 29: W4A16 at M = 16-256 at least as fast as cuBLAS fp16
+            r = [x for x in results if x["N"] == n and x["K"] == k and x["M"] == m and x["path"].startswith("auto")]
+            if r:
+                sp = r[0]["speedup_vs_cublas"]
+                out.append({"shape": f"{n}x{k}", "M": m, "goal": ">= cuBLAS fp16", "speedup": sp, "met": sp >= 1.0})
     return out
 
 
@@ -263,6 +278,10 @@ def smoke(variants=False):
             rt.w4a16_linear(x, qw, s, sz, g, b, path="gemm")
             rt.w4a16_linear(x, qw, s, sz, g, b, path="gemm_ext")
             rt.dequantize(qw, s, sz, g, k)
+            if ext.gemm_wgmma_supported(m, 256, 256, g):   # its own shape rule: N % 128 == 0
+                x2 = torch.randn(m, 256, device="cuda", dtype=dtype)
+                qw2, s2, sz2 = make_layer(256, 256, g, dtype, seed=m + 1)
+                rt.w4a16_linear(x2, qw2, s2, sz2, g, b[:256] if n >= 256 else None, path="wgmma")
     torch.cuda.synchronize()
     log("smoke: all kernels ran")
 
@@ -289,7 +308,9 @@ def main():
     copy_tbs, peak = ceilings()
     log(f"ceilings: device copy {copy_tbs:.2f} TB/s (read + write), cuBLAS fp16 8192^3 {peak:.0f} TFLOP/s")
     checks = correctness([(1, 4096, 4096, "fused"), (7, 4096, 14336, "fused"), (16, 14336, 4096, "fused"),
-                          (64, 4096, 4096, "fused"), (300, 4096, 4096, "gemm"), (33, 14336, 4096, "gemm")])
+                          (64, 4096, 4096, "fused"), (300, 4096, 4096, "gemm"), (33, 14336, 4096, "gemm")]
+                         + ([(64, 4096, 4096, "wgmma"), (200, 14336, 4096, "wgmma"), (48, 4096, 14336, "wgmma")]
+                            if rt.load().gemm_wgmma_supported(64, 4096, 4096, G) else []))
     results = bench(args, copy_tbs, peak)
     out = Path(os.environ["OUT"]) / "gpu_w4a16.json" if os.environ.get("OUT") else None
     path = _results.write("gpu_w4a16", results, out=out, device=props.name, torch=torch.__version__,

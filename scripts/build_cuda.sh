@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-check the CUDA sources in csrc/ for sm_80 and sm_90 (csrc/w4a8 and csrc/w4a4 also for sm_90a, where their
+# Compile-check the CUDA sources in csrc/ for sm_80 and sm_90 (csrc/w4a16, w4a8 and w4a4 also for sm_90a, where their
 # wgmma kernels live), and the benchmark-only kernels in dev/cuda/ the same way (against csrc/<family>'s headers): object files
 # only, no GPU needed.
 # Exits non-zero on a build error; prints a skip message and exits 0 when nvcc is absent.
@@ -30,7 +30,7 @@ FLAGS=(-std=c++17 -O3 -Xcompiler -fPIC -Xcompiler -Wall -Werror all-warnings)
 PYBIND_INC=""
 if PYBIND_INC=$("$PY" -m pybind11 --includes 2>/dev/null); then :; else PYBIND_INC=""; fi
 
-echo "build_cuda.sh: $("$NVCC" --version | tail -n 1) -> $OUT (sm_80, sm_90; w4a8, w4a4 also sm_90a)"
+echo "build_cuda.sh: $("$NVCC" --version | tail -n 1) -> $OUT (sm_80, sm_90; w4a16, w4a8, w4a4 also sm_90a)"
 status=0
 for src in csrc/*/*.cu csrc/*/*.cpp dev/cuda/*/*.cu dev/cuda/*/*.cpp; do
   [ -e "$src" ] || continue
@@ -47,7 +47,7 @@ for src in csrc/*/*.cu csrc/*/*.cpp dev/cuda/*/*.cu dev/cuda/*/*.cpp; do
     extra+=($PYBIND_INC)
   fi
   gencode=("${GENCODE[@]}")
-  case "$family" in w4a8|w4a4) gencode+=(-gencode arch=compute_90a,code=sm_90a) ;; esac
+  case "$family" in w4a16|w4a8|w4a4) gencode+=(-gencode arch=compute_90a,code=sm_90a) ;; esac
   obj="$OUT/${prefix}${family}_$(basename "$src").o"
   if "$NVCC" "${FLAGS[@]}" "${gencode[@]}" "${extra[@]}" -c "$src" -o "$obj"; then
     echo "  ok    $src"

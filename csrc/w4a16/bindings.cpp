@@ -78,6 +78,20 @@ PYBIND11_MODULE(dcc_w4a16_ext, m) {
       py::arg("x"), py::arg("w"), py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dtype"),
       py::arg("stream") = 0, "out [M, N] = x [M, K] @ w [N, K]^T through cuBLAS.");
 
+  m.def(
+      "gemm_wgmma",
+      [](std::uintptr_t x, std::uintptr_t qweight, std::uintptr_t scales, std::uintptr_t szeros, std::uintptr_t bias,
+         std::uintptr_t out, int M, int N, int K, int group_size, const std::string& dtype, std::uintptr_t stream) {
+        py::gil_scoped_release nogil;
+        return dcc_w4a16::gemm_wgmma(dtype_of(dtype), ptr(x), ptr(qweight), ptr(scales), ptr(szeros), ptr(bias),
+                                     ptr(out), M, N, K, group_size, stream_of(stream));
+      },
+      py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("scaled_zeros"), py::arg("bias"), py::arg("out"),
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("dtype"), py::arg("stream") = 0,
+      "Hopper wgmma GEMM (dequantised weights in registers, activations by TMA); returns the K splits launched.");
+  m.def("gemm_wgmma_supported", &dcc_w4a16::gemm_wgmma_supported, py::arg("M"), py::arg("N"), py::arg("K"),
+        py::arg("group_size"), "Whether gemm_wgmma runs this shape here (sm_90a build on an sm_90 GPU).");
+  m.def("gemm_wgmma_tile", &dcc_w4a16::gemm_wgmma_tile, py::arg("M"), "The token tile (64 or 128) gemm_wgmma takes.");
   m.def("cublas_init", &dcc_w4a16::cublas_init, py::arg("path") = "",
         "Open cuBLAS (dlopen); returns '' on success, else the reason.");
   m.def("cublas_ready", &dcc_w4a16::cublas_ready);

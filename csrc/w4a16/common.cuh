@@ -32,6 +32,7 @@ struct Half2Of<__half> {
   static __device__ __forceinline__ T2 broadcast(__half v) { return __half2half2(v); }
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ __half from_bits(unsigned short u) { return __ushort_as_half(u); }
 };
 
 template <>
@@ -45,6 +46,7 @@ struct Half2Of<__nv_bfloat16> {
   static __device__ __forceinline__ T2 broadcast(__nv_bfloat16 v) { return __bfloat162bfloat162(v); }
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_bits(unsigned short u) { return __ushort_as_bfloat16(u); }
 };
 
 template <typename T2>
@@ -95,47 +97,55 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a) {
   return d;
 }
 
-// All 16 pairs of a 16-byte chunk, dequantised (pair p = 4i + j as in dequant_pair), with fewer instructions:
-// one LOP3 per pair for the nibble extraction, and for fp16 one shift per 32-bit word instead of three. fp16: nibbles
-// 1 and 3 of a word are taken in place, (u & 0x00F000F0) | 0x6400 = 1024 + 16q, and q = (1024 + 16q) / 16 - 64 by
-// one HFMA2 (every step exact: q is an integer 0..15); nibbles 0 and 2 as before, q = (1024 + q) - 1024. The weight
-// is then the same single-rounding hfma2(q, s, sz) as dequant_pair: bit-identical results.
+// The four pairs of one 32-bit word u_j of a chunk, dequantised: q[i] = pair 4i + j (k0 + 8i + 2j, k0 + 8i + 2j + 1),
+// with fewer instructions than dequant_pair: one LOP3 per pair for the nibble extraction, and for fp16 one shift per
+// word instead of three. fp16: nibbles 1 and 3 of a word are taken in place, (u & 0x00F000F0) | 0x6400 = 1024 + 16q,
+// and q = (1024 + 16q) / 16 - 64 by one HFMA2 (every step exact: q is an integer 0..15); nibbles 0 and 2 as before,
+// q = (1024 + q) - 1024. The weight is then the same single-rounding hfma2(q, s, sz) as dequant_pair: bit-identical
+// results. Word j of a row's chunk is also what lane t = j of an mma / wgmma A fragment needs (pairs i = 0, 1: the
+// first k16 step's columns 2t and 8 + 2t; i = 2, 3: the second's), gemm_wgmma.cu.
 template <typename T>
-__device__ __forceinline__ void dequant_chunk(const uint4& c, typename Half2Of<T>::T2 s2, typename Half2Of<T>::T2 z2,
-                                              uint32_t (&w)[16]);
+__device__ __forceinline__ void dequant_word(uint32_t u, typename Half2Of<T>::T2 s2, typename Half2Of<T>::T2 z2,
+                                             uint32_t (&q)[4]);
 
 template <>
-__device__ __forceinline__ void dequant_chunk<__half>(const uint4& c, __half2 s2, __half2 z2, uint32_t (&w)[16]) {
+__device__ __forceinline__ void dequant_word<__half>(uint32_t u, __half2 s2, __half2 z2, uint32_t (&q)[4]) {
   const __half2 magic = __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400));
   const __half2 sixteenth = __halves2half2(__ushort_as_half(0x2C00), __ushort_as_half(0x2C00));  // 1/16
   const __half2 m64 = __halves2half2(__ushort_as_half(0xD400), __ushort_as_half(0xD400));        // -64
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t u = word_of(c, j), u8 = u >> 8;
-    const __half2 q0 = __hsub2(bits_as<__half2>(and_or<0x000F000Fu, 0x64006400u>(u)), magic);
-    const __half2 q1 = __hfma2(bits_as<__half2>(and_or<0x00F000F0u, 0x64006400u>(u)), sixteenth, m64);
-    const __half2 q2 = __hsub2(bits_as<__half2>(and_or<0x000F000Fu, 0x64006400u>(u8)), magic);
-    const __half2 q3 = __hfma2(bits_as<__half2>(and_or<0x00F000F0u, 0x64006400u>(u8)), sixteenth, m64);
-    w[j] = as_bits(__hfma2(q0, s2, z2));
-    w[4 + j] = as_bits(__hfma2(q1, s2, z2));
-    w[8 + j] = as_bits(__hfma2(q2, s2, z2));
-    w[12 + j] = as_bits(__hfma2(q3, s2, z2));
-  }
+  const uint32_t u8 = u >> 8;
+  const __half2 q0 = __hsub2(bits_as<__half2>(and_or<0x000F000Fu, 0x64006400u>(u)), magic);
+  const __half2 q1 = __hfma2(bits_as<__half2>(and_or<0x00F000F0u, 0x64006400u>(u)), sixteenth, m64);
+  const __half2 q2 = __hsub2(bits_as<__half2>(and_or<0x000F000Fu, 0x64006400u>(u8)), magic);
+  const __half2 q3 = __hfma2(bits_as<__half2>(and_or<0x00F000F0u, 0x64006400u>(u8)), sixteenth, m64);
+  q[0] = as_bits(__hfma2(q0, s2, z2));
+  q[1] = as_bits(__hfma2(q1, s2, z2));
+  q[2] = as_bits(__hfma2(q2, s2, z2));
+  q[3] = as_bits(__hfma2(q3, s2, z2));
 }
 
 template <>
-__device__ __forceinline__ void dequant_chunk<__nv_bfloat16>(const uint4& c, __nv_bfloat162 s2, __nv_bfloat162 z2,
-                                                             uint32_t (&w)[16]) {
+__device__ __forceinline__ void dequant_word<__nv_bfloat16>(uint32_t u, __nv_bfloat162 s2, __nv_bfloat162 z2,
+                                                            uint32_t (&q)[4]) {
   using H = Half2Of<__nv_bfloat16>;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t u = word_of(c, j);
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 v = __hsub2(bits_as<__nv_bfloat162>(and_or<0x000F000Fu, 0x43004300u>(u >> (4 * i))),
+                                     H::magic());
+    q[i] = as_bits(__hfma2(v, s2, z2));
+  }
+}
+
+// All 16 pairs of a 16-byte chunk, dequantised (pair p = 4i + j as in dequant_pair) by dequant_word.
+template <typename T>
+__device__ __forceinline__ void dequant_chunk(const uint4& c, typename Half2Of<T>::T2 s2, typename Half2Of<T>::T2 z2,
+                                              uint32_t (&w)[16]) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const __nv_bfloat162 q = __hsub2(bits_as<__nv_bfloat162>(and_or<0x000F000Fu, 0x43004300u>(u >> (4 * i))),
-                                       H::magic());
-      w[4 * i + j] = as_bits(__hfma2(q, s2, z2));
-    }
+  for (int j = 0; j < 4; ++j) {
+    uint32_t q[4];
+    dequant_word<T>(word_of(c, j), s2, z2, q);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[4 * i + j] = q[i];
   }
 }
 

@@ -37,6 +37,15 @@ void gemm_dequant_cublas(DType dt, const void* x, const void* qweight, const voi
 // out[M, N] = x[M, K] @ w[N, K]^T through cuBLAS (no quantisation; used by gemm_dequant_cublas).
 void cublas_gemm_nt(DType dt, const void* x, const void* w, void* out, int M, int N, int K, cudaStream_t stream);
 
+// Hopper wgmma GEMM (gemm_wgmma.cu): dequantised weights in registers as the A operand, activations by TMA; split-K
+// over a thread-block cluster where the tiles alone leave SMs idle. Needs an sm_90a build on an sm_90 GPU, N % 128
+// == 0, K % 64 == 0 and 16-byte aligned x, qweight, scales, scaled_zeros and out (gemm_wgmma_supported checks the
+// shape and the build; gemm_wgmma throws where a rule is broken). Returns the number of K splits it launched.
+bool gemm_wgmma_supported(int M, int N, int K, int group_size);
+int gemm_wgmma_tile(int M);
+int gemm_wgmma(DType dt, const void* x, const void* qweight, const void* scales, const void* scaled_zeros,
+               const void* bias, void* out, int M, int N, int K, int group_size, cudaStream_t stream);
+
 // cuBLAS is opened with dlopen at first use (no link-time dependency). `path` may name the library; empty tries
 // the already-loaded libcublas.so.13/.12 and then the loader's search path. Returns "" on success, else why not.
 std::string cublas_init(const std::string& path);

@@ -11,7 +11,9 @@ build = importlib.import_module("dcc.runtime.cuda.build")   # the package re-exp
 
 
 def test_gencode_per_module():
-    assert build.gencode("w4a16", "90") == ["-gencode=arch=compute_90,code=sm_90"]
+    assert build.gencode("w4a16", "90") == ["-gencode=arch=compute_90a,code=sm_90a"]  # its wgmma GEMM
+    assert build.gencode("w4a16", "80") == ["-gencode=arch=compute_80,code=sm_80"]
+    assert build.gencode("attn", "90") == ["-gencode=arch=compute_90,code=sm_90"]
     assert build.gencode("w4a8", "90") == ["-gencode=arch=compute_90a,code=sm_90a"]   # wgmma needs sm_90a
     assert build.gencode("w4a8", "80") == ["-gencode=arch=compute_80,code=sm_80"]
     assert build.gencode("w4a4", "90") == ["-gencode=arch=compute_90a,code=sm_90a"]   # its wgmma GEMM

@@ -1,6 +1,6 @@
 """Build dcc's CUDA extensions with nvcc on first use and import them: csrc/w4a16 (module dcc_w4a16_ext, the
 TinyChat W4A16 kernels), csrc/w4a8 (module dcc_w4a8_ext, the QServe W4A8 kernels) and csrc/w4a4 (dcc_w4a4_ext, the
-Nunchaku W4A4 kernels); for sm_90 the last two are compiled for sm_90a, since their Hopper kernels use wgmma.
+Nunchaku W4A4 kernels); for sm_90 these three are compiled for sm_90a, since their Hopper kernels use wgmma.
 
 The sources ship inside the installed package (dcc/_csrc/<name>, mapped from the repository's csrc/ by
 pyproject.toml), so the runtime builds after `pip install` as well as from a checkout. Each module is compiled for the
@@ -130,10 +130,10 @@ def cache_root() -> Path:
 
 
 def gencode(name: str, arch: str) -> list[str]:
-    """nvcc -gencode flags: the GPU's own architecture; the W4A8 and W4A4 modules on sm_90 target sm_90a (wgmma
-    exists only there, and sm_90a code runs on every sm_90 GPU; their wgmma files compile to stubs for other
+    """nvcc -gencode flags: the GPU's own architecture; the W4A16, W4A8 and W4A4 modules on sm_90 target sm_90a
+    (wgmma exists only there, and sm_90a code runs on every sm_90 GPU; their wgmma files compile to stubs for other
     targets)."""
-    if _check_name(name) in ("w4a8", "w4a4") and arch == "90":
+    if _check_name(name) in ("w4a16", "w4a8", "w4a4") and arch == "90":
         return ["-gencode=arch=compute_90a,code=sm_90a"]
     return [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
 

@@ -23,6 +23,21 @@ def _scale_rows(num_groups: int, group_size: int) -> int:
 FUSED_MAX_M = int(os.environ.get("DCC_W4A16_FUSED_MAX_M", "64"))
 
 
+def _wgmma_range(spec: str) -> tuple[int, int]:
+    """DCC_W4A16_WGMMA: "LO:HI" sends LO < M <= HI to the Hopper wgmma GEMM where it runs (sm_90a build on an sm_90
+    GPU, N % 128 == 0); "off" (the default until its GPU tests and benchmark have run) sends no M there."""
+    if spec in ("", "off", "0"):
+        return (0, 0)
+    try:
+        lo, hi = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"DCC_W4A16_WGMMA must be 'off' or 'LO:HI' (M range), got {spec!r}") from None
+    return (lo, hi)
+
+
+WGMMA_M = _wgmma_range(os.environ.get("DCC_W4A16_WGMMA", "off"))
+
+
 def _check_layout(qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor, group_size: int,
                   device: torch.device | None = None) -> tuple[int, int]:
     if qweight.dtype != torch.int16 or qweight.dim() != 2:
@@ -56,9 +71,10 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, s
                  group_size: int, bias: torch.Tensor | None = None, *, path: str = "auto",
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x [..., K] fp16/bf16 on the GPU, W the decoded TinyChat weight (decode_weight);
-    fp32 accumulation, output in x's dtype. path: "auto", "fused" (dequant in registers + mma.sync), "gemm"
-    (dequantise to a scratch buffer + PyTorch's cuBLAS matmul) or "gemm_ext" (the same through the extension's
-    own cublasGemmEx call). out: an optional contiguous [..., N] tensor to write into."""
+    fp32 accumulation, output in x's dtype. path: "auto", "fused" (dequant in registers + mma.sync), "wgmma" (Hopper:
+    dequant in registers + wgmma, activations by TMA; N % 128 == 0), "gemm" (dequantise to a scratch buffer +
+    PyTorch's cuBLAS matmul) or "gemm_ext" (the same through the extension's own cublasGemmEx call). out: an optional
+    contiguous [..., N] tensor to write into."""
     if not x.is_cuda:
         raise ValueError(f"x must be a CUDA tensor, got {x.device}")
     if x.dtype not in _DTYPES:
@@ -88,12 +104,18 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, s
     ext = load()
     dt = _DTYPES[x.dtype]
     if path == "auto":
-        path = "fused" if m <= FUSED_MAX_M else "gemm"
+        if WGMMA_M[0] < m <= WGMMA_M[1] and ext.gemm_wgmma_supported(m, n, k, group_size):
+            path = "wgmma"
+        else:
+            path = "fused" if m <= FUSED_MAX_M else "gemm"
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream(x.device).cuda_stream
         if path == "fused":
             ext.gemv(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), scaled_zeros.data_ptr(), b, out.data_ptr(),
                      m, n, k, group_size, dt, 0, stream)
+        elif path == "wgmma":
+            ext.gemm_wgmma(x2.data_ptr(), qweight.data_ptr(), _dense(scales).data_ptr(),
+                           _dense(scaled_zeros).data_ptr(), b, out.data_ptr(), m, n, k, group_size, dt, stream)
         elif path in ("gemm", "gemm_ext"):
             w = torch.empty(n, k, dtype=x.dtype, device=x.device)  # stream-ordered reuse by the caching allocator
             if path == "gemm_ext":  # the extension's own cuBLAS call (what a non-torch caller gets)
@@ -108,7 +130,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, s
                 else:
                     torch.addmm(bias, x2, w.t(), out=o2)
         else:
-            raise ValueError(f"path must be auto, fused, gemm or gemm_ext, got {path!r}")
+            raise ValueError(f"path must be auto, fused, wgmma, gemm or gemm_ext, got {path!r}")
     return out.reshape(*lead, n)
 
 

@@ -1,0 +1,112 @@
+"""GPU tests of the Hopper W4A16 wgmma GEMM (csrc/w4a16/gemm_wgmma.cu) against the layout's own decoder: random and
+real shapes, every token tile and K split, bias, rows past M, determinism, the automatic dispatch. Skipped where the
+kernel cannot run (no sm_90 GPU or no sm_90a build)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.test_cuda_w4a16 import TOL, _seed, check_linear, make_layer, reference, rel_err
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+DTYPES = (torch.float16, torch.bfloat16)
+NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def rt():
+    from dcc.runtime import cuda
+
+    try:
+        cuda.require()
+    except cuda.CudaRuntimeUnavailable as e:
+        if "nvcc failed" in str(e):  # a build error in csrc/ is a failure, not a skip
+            raise
+        pytest.skip(str(e).splitlines()[0])
+    if not cuda.load().gemm_wgmma_supported(64, 128, 64, 128):
+        pytest.skip("the wgmma GEMM needs an sm_90 GPU (Hopper) and an sm_90a build")
+    return cuda
+
+
+def _run(rt, x, qw, s, sz, g, bias=None, out=None):
+    """The kernel through the extension; returns (out, splits launched)."""
+    m, k = x.shape
+    n = 4 * qw.shape[0]
+    out = torch.full((m, n), float("nan"), dtype=x.dtype, device="cuda") if out is None else out
+    splits = rt.load().gemm_wgmma(x.data_ptr(), qw.data_ptr(), s.data_ptr(), sz.data_ptr(),
+                                  0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, g, NAMES[x.dtype],
+                                  torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    return out, splits
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("g", (32, 64, 128))
+def test_random_shapes(rt, dtype, g):
+    rng = torch.Generator().manual_seed(_seed("wgmma-shapes", str(dtype), g))
+    for i, m in enumerate((1, 17, 33, 64, 65, 130, 256, 300)):
+        n = 128 * int(torch.randint(1, 9, (1,), generator=rng))
+        k = 64 * int(torch.randint(1, 48, (1,), generator=rng))
+        k -= k % g
+        check_linear(rt, m, n, max(k, g, 64), g, dtype, "wgmma", seed=_seed("wgmma", str(dtype), g, m, i),
+                     bias=bool(i % 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m,n,k", [(64, 4096, 4096), (256, 14336, 4096), (128, 4096, 14336), (48, 1024, 8192)])
+def test_real_shapes(rt, dtype, m, n, k):
+    check_linear(rt, m, n, k, 128, dtype, "wgmma", seed=_seed("wgmma-real", str(dtype), m, n, k))
+
+
+@pytest.mark.parametrize("tile", (64, 128))
+@pytest.mark.parametrize("splits", (1, 2, 4, 8))
+def test_every_tile_and_split(rt, monkeypatch, tile, splits):
+    """Each forced configuration gives the reference's numbers, runs the split it was asked for, and never writes
+    outside its [M, N] (the output is a window of a NaN-poisoned buffer)."""
+    monkeypatch.setenv("DCC_W4A16_WGMMA_CFG", f"tile={tile},splits={splits}")
+    assert rt.load().gemm_wgmma_tile(100) == tile
+    gen = torch.Generator().manual_seed(_seed("cfg", tile, splits))
+    m, n, k, g = 100, 384, 4096, 64
+    qw, s, sz = make_layer(n, k, g, torch.float16, gen)
+    x = torch.randn(m, k, generator=gen).half().cuda()
+    b = torch.randn(n, generator=gen).half().cuda()
+    buf = torch.full((m + 8) * n, float("nan"), dtype=torch.float16, device="cuda")
+    out, got = _run(rt, x, qw, s, sz, g, b, out=buf[: m * n].view(m, n))
+    assert got == splits
+    assert bool(torch.isfinite(out).all())
+    assert bool(torch.isnan(buf[m * n:]).all()), "rows past M were written"
+    assert rel_err(out, reference(x, qw, s, sz, g, b)) < TOL[torch.float16]
+
+
+def test_deterministic(rt):
+    gen = torch.Generator().manual_seed(3)
+    qw, s, sz = make_layer(1024, 8192, 128, torch.bfloat16, gen)
+    x = torch.randn(64, 8192, generator=gen).bfloat16().cuda()
+    a, sa = _run(rt, x, qw, s, sz, 128)
+    b, sb = _run(rt, x, qw, s, sz, 128)
+    assert sa == sb and sa > 1, "a layer of 8 tiles should be split over K"
+    assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_auto_dispatch(rt, monkeypatch):
+    """With the M range set, path="auto" runs the wgmma GEMM (the same bits as path="wgmma")."""
+    from dcc.runtime.cuda import ops
+
+    monkeypatch.setattr(ops, "WGMMA_M", (16, 256))
+    gen = torch.Generator().manual_seed(5)
+    qw, s, sz = make_layer(512, 1024, 128, torch.float16, gen)
+    x = torch.randn(40, 1024, generator=gen).half().cuda()
+    auto = rt.w4a16_linear(x, qw, s, sz, 128)
+    wg = rt.w4a16_linear(x, qw, s, sz, 128, path="wgmma")
+    assert torch.equal(auto.view(torch.int16), wg.view(torch.int16))
+    assert rel_err(auto, reference(x, qw, s, sz, 128)) < TOL[torch.float16]
+
+
+def test_rejects_unsupported_shapes(rt):
+    gen = torch.Generator().manual_seed(9)
+    qw, s, sz = make_layer(192, 256, 128, torch.float16, gen)   # N = 192: not a multiple of 128
+    x = torch.randn(32, 256, device="cuda", dtype=torch.float16)
+    assert not rt.load().gemm_wgmma_supported(32, 192, 256, 128)
+    with pytest.raises(ValueError, match="N % 128"):
+        rt.w4a16_linear(x, qw, s, sz, 128, path="wgmma")
