@@ -102,7 +102,8 @@ __global__ void __launch_bounds__(kThreads) quant_act_kernel(const T* __restrict
       if (kFp4) {
         c[i] = e2m1_rne(p);
       } else {
-        const float q = isnan(p) ? 0.f : fminf(fmaxf(rintf(p), lo), hi);
+        // + 0: a code of -0 (rintf of a small negative p) becomes +0, the e4m3 byte of the integer 0 (0x00, not 0x80)
+        const float q = (isnan(p) ? 0.f : fminf(fmaxf(rintf(p), lo), hi)) + 0.f;
         // fp8_codes: the e4m3 byte of the integer code (exact: |code| <= 15 needs 4 significant bits)
         c[i] = fp8_codes ? static_cast<uint32_t>(__nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3))
                          : static_cast<uint32_t>(static_cast<int>(q)) & 0xFFu;

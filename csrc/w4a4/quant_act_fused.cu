@@ -177,7 +177,8 @@ __global__ void __launch_bounds__(kThr) quant_act_fused_kernel(
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const float p = __fmul_rn(v[i], rscale);
-        const float c = isnan(p) ? 0.f : fminf(fmaxf(rintf(p), lo), hi);
+        // + 0: a code of -0 (rintf of a small negative p) becomes +0, the e4m3 byte of the integer 0 (0x00, not 0x80)
+        const float c = (isnan(p) ? 0.f : fminf(fmaxf(rintf(p), lo), hi)) + 0.f;
         // fp8_codes: the e4m3 byte of the integer code (exact: |code| <= 15)
         const uint32_t b = fp8_codes ? static_cast<uint32_t>(__nv_cvt_float_to_fp8(c, __NV_SATFINITE, __NV_E4M3))
                                      : static_cast<uint32_t>(static_cast<int>(c)) & 0xFFu;

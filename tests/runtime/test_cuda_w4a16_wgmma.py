@@ -24,7 +24,7 @@ def rt():
         if "nvcc failed" in str(e):  # a build error in csrc/ is a failure, not a skip
             raise
         pytest.skip(str(e).splitlines()[0])
-    if not cuda.load().gemm_wgmma_supported(64, 128, 64, 128):
+    if not cuda.load().gemm_wgmma_supported(64, 128, 128, 128):
         pytest.skip("the wgmma GEMM needs an sm_90 GPU (Hopper) and an sm_90a build")
     return cuda
 
