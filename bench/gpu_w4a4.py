@@ -11,8 +11,9 @@ against torch bf16 (cuBLAS) on the same layer, on the FLUX.1 linear shapes.
     lora_act); e2e: quant + gemm; gemm_fp8 / gemm_fp8_r0 / e2e_fp8: the same on the e4m3-operand variant (path
     "wgmma_fp8", same bits); gemm_cvt1: the s8 GEMM with DCC_W4A4_WGMMA=cvt=1; quant_blocked, e2e_fp8_blocked:
     with DCC_W4A4_LORA_DOWN=blocked (token-blocked low-rank down-projection); gemm_k2, gemm_fp8_k2, gemm_fp8_k2_r0,
-    gemm_fp8_k2_nomc: the second kernel (DCC_W4A4_WGMMA=kernel=2: 128 x 128 tiles, CTA pairs multicasting the
-    activations -- nomc: without --, TMA-fed low-rank epilogue); quant_fused: the one-pass activation kernel
+    gemm_fp8_k2_mc, gemm_fp8_k1: the second kernel (DCC_W4A4_WGMMA=kernel=2: 128 x 128 tiles, TMA-fed low-rank
+    epilogue -- mc: with CTA pairs multicasting the activations, mc=1 --) and the first (kernel=1) forced; the
+    default rows (gemm, gemm_fp8, ...) take whichever the dispatch picks; quant_fused: the one-pass activation kernel
     (DCC_W4A4_QUANT=fused); e2e_fp8_k2_fused: both; with --mma, the mma.sync GEMM too;
   - TOPS = 2 M N K / time (the low-rank work not counted), fraction of the H100's dense int8 peak (1979 TOPS),
     speed-ups of gemm and e2e over cublas and cublas_lr.
@@ -158,8 +159,8 @@ def bench_shape(n: int, k: int, ms, dtype, with_mma: bool, reps: int) -> list[di
         knob = os.environ.get("DCC_W4A4_WGMMA")
         with env("DCC_W4A4_WGMMA", "cvt=1" + ("," + knob if knob else "")):
             t["gemm_cvt1"] = time_calls([gemm_call(lay) for lay in lays], reps)[0]
-        # the second GEMM kernel (128 x 128 CTA tiles, CTA pairs multicasting the activations, TMA-fed low-rank
-        # epilogue; opt-in) and the fused activation kernel (opt-in): alone, without the pairs, and together
+        # the second GEMM kernel (128 x 128 CTA tiles, TMA-fed low-rank epilogue; the default where its tiles fill
+        # the SMs) and the fused activation kernel (the default from M = 16 x SMs): forced, alone and together
         with env("DCC_W4A4_WGMMA", "kernel=2" + ("," + knob if knob else "")):
             t["gemm_k2"] = time_calls([gemm_call(lay) for lay in lays], reps)[0]
             t["gemm_fp8_k2"] = time_calls([gemm_call(lay, path="wgmma_fp8") for lay in lays], reps)[0]
@@ -167,9 +168,13 @@ def bench_shape(n: int, k: int, ms, dtype, with_mma: bool, reps: int) -> list[di
             with env("DCC_W4A4_QUANT", "fused"):
                 t["quant_fused"] = time_calls([quant_call(lay) for lay in lays], reps)[0]
                 t["e2e_fp8_k2_fused"] = time_calls([e2e_call(lay, "wgmma_fp8") for lay in lays], reps)[0]
-        if n % 256 == 0:
-            with env("DCC_W4A4_WGMMA", "kernel=2,mc=0" + ("," + knob if knob else "")):
-                t["gemm_fp8_k2_nomc"] = time_calls([gemm_call(lay, path="wgmma_fp8") for lay in lays], reps)[0]
+        if n % 256 == 0:   # CTA pairs multicasting the activations (opt-in: slower on the first H100 run)
+            with env("DCC_W4A4_WGMMA", "kernel=2,mc=1" + ("," + knob if knob else "")):
+                t["gemm_fp8_k2_mc"] = time_calls([gemm_call(lay, path="wgmma_fp8") for lay in lays], reps)[0]
+        with env("DCC_W4A4_WGMMA", "kernel=1" + ("," + knob if knob else "")):
+            t["gemm_fp8_k1"] = time_calls([gemm_call(lay, path="wgmma_fp8") for lay in lays], reps)[0]
+        with env("DCC_W4A4_QUANT", "old"):   # the two-pass activation kernel (the default below M = 16 x SMs)
+            t["quant_old"] = time_calls([quant_call(lay) for lay in lays], reps)[0]
         with env("DCC_W4A4_LORA_DOWN", "blocked"):
             t["quant_blocked"] = time_calls([quant_call(lay) for lay in lays], reps)[0]
             t["e2e_fp8_blocked"] = time_calls([e2e_call(lay, "wgmma_fp8") for lay in lays], reps)[0]

@@ -312,10 +312,11 @@ int gemm_wgmma_kernel(int M, int N, int R) {
   if (N % 128 != 0 || R % 32 != 0) return 1;   // the second kernel's shape rules
   const int forced = override_of("kernel");
   if (forced == 1 || forced == 2) return forced;
-  // opt-in (DCC_W4A4_WGMMA=kernel=2) until it has run on a GPU; then: where its 128 x 128 tiles still fill every SM,
-  // (M + 127) / 128 * (N / 128) >= SMs (FLUX.1 at M >= 1024)
-  (void)M;
-  return 1;
+  // Where its 128 x 128 tiles fill every SM, (M + 127) / 128 * (N / 128) >= SMs (FLUX.1 at M >= 1024). H100, first
+  // run (DESIGN.md): without CTA pairs it took every FLUX.1 row at M = 1024 and 4096 from the first kernel's fp8
+  // 71-820 us to 55-624 us (1.03-1.52x); with pairs it was slower than the first kernel.
+  const int sms = device_attr(cudaDevAttrMultiProcessorCount);
+  return (static_cast<long long>(M) + 127) / 128 * (N / 128) >= (sms > 0 ? sms : 132) ? 2 : 1;
 }
 
 cudaError_t gemm_wgmma(const void* acodes, const void* ascales_t, int ld, const void* wcodes, const void* wscales_t,
@@ -333,8 +334,9 @@ cudaError_t gemm_wgmma(const void* acodes, const void* ascales_t, int ld, const 
   const int cvt = fp8 ? 2 : override_of("cvt") == 1 ? 1 : 0;
   if (gemm_wgmma_kernel(M, N, R) == 2 && (R == 0 || ((reinterpret_cast<uintptr_t>(lora_act) |
                                                       reinterpret_cast<uintptr_t>(lora_up)) & 15) == 0)) {
-    // CTA pairs multicasting the activations where N % 256 == 0, unless DCC_W4A4_WGMMA="mc=0"
-    const int mc = N % 256 == 0 && override_of("mc") != 0;
+    // CTA pairs multicasting the activations only where DCC_W4A4_WGMMA="mc=1" asks (and N % 256 == 0): measured
+    // slower than one CTA loading its own (H100: 3072x3072 M = 4096 fp8 241 against 157 us)
+    const int mc = N % 256 == 0 && override_of("mc") == 1;
     return dtype == 0 ? dispatch2<__half>(mc, cvt, acodes, ascales_t, ld, wcodes, wscales_t, p, stream)
                       : dispatch2<__nv_bfloat16>(mc, cvt, acodes, ascales_t, ld, wcodes, wscales_t, p, stream);
   }

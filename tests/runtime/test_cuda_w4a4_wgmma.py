@@ -178,7 +178,7 @@ def test_wgmma_flux_shapes_bit_identical(ops, knob, n, k, dtype):
         t = _layer(m, n, k, rank, bias, dtype, unsigned, _gen("flux", m, n, k, rank, dtype))
         want = _reference(ops, t, dtype)
         for setting in (None, "kernel=1,tile=64", "kernel=1,tile=128,cvt=1", "kernel=2", "kernel=2,cvt=1",
-                        "kernel=2,mc=0"):
+                        "kernel=2,mc=1"):
             knob(setting)
             _same(_run(ops, t, "wgmma"), want, f"wgmma {setting} m={m} n={n} k={k} rank={rank} {dtype}")
             _same(_run(ops, t, "wgmma_fp8"), want, f"wgmma_fp8 {setting} m={m} n={n} k={k} rank={rank} {dtype}")
@@ -195,7 +195,9 @@ def test_wgmma_large_m_bit_identical(ops, m, dtype):
     ref = _reference(ops, t, dtype)
     _same(_run(ops, t, "auto"), ref, f"auto m={m} n={n} k={k} {dtype}")
     _same(_run(ops, t, "wgmma_fp8"), ref, f"wgmma_fp8 m={m} n={n} k={k} {dtype}")
-    assert ops.ext().gemm_wgmma_kernel(m, n, 32) == 1   # the second kernel is opt-in
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    # the second kernel where its 128 x 128 tiles fill the SMs
+    assert ops.ext().gemm_wgmma_kernel(m, n, 32) == (2 if (m + 127) // 128 * (n // 128) >= sms else 1)
 
 
 @gpu
@@ -203,13 +205,13 @@ def test_wgmma_large_m_bit_identical(ops, m, dtype):
 def test_wgmma_kernel2_edges_bit_identical(ops, knob, dtype):
     """The 128 x 128 tile kernel: M cut inside a tile, K one stage or many, ranks 0 / 32 / 64 / 128 (several epilogue
     chunks through one TMA-fed buffer), more tiles than CTAs, unsigned codes, with and without bias; CTA pairs
-    multicasting the activations where N % 256 == 0 (mc=0: each CTA loads its own)."""
+    multicasting the activations where N % 256 == 0 and mc=1 asks (by default each CTA loads its own)."""
     for m, n, k, rank, bias, unsigned in ((1, 128, 128, 32, True, False), (77, 256, 384, 64, False, True),
                                           (129, 384, 1024, 0, True, False), (300, 128, 256, 128, True, True),
                                           (2000, 1280, 512, 32, False, False)):
         t = _layer(m, n, k, rank, bias, dtype, unsigned, _gen("k2", m, n, k, rank, dtype))
         want = _reference(ops, t, dtype)
-        for setting in ("kernel=2", "kernel=2,cvt=1", "kernel=2,mc=0"):
+        for setting in ("kernel=2", "kernel=2,cvt=1", "kernel=2,mc=1"):
             knob(setting)
             assert ops.ext().gemm_wgmma_kernel(m, n, rank) == 2
             _same(_run(ops, t, "wgmma"), want, f"wgmma {setting} m={m} n={n} k={k} rank={rank}")
