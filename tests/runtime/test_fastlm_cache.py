@@ -135,9 +135,9 @@ def test_the_prefill_takes_the_kernel_by_the_decode_steps_rule(fake_ext, monkeyp
         assert len(torch_path) == 1 + (not kernel)
 
 
-def test_the_prefill_kernel_is_opt_in(monkeypatch):
-    """Until its GPU tests have run, the prefill kernel is taken only with DCC_PREFILL_KERNEL=1; a CPU cache never."""
-    for env, want in ((None, False), ("1", True), (" 1 ", True), ("0", False), ("yes", False)):
+def test_the_prefill_kernel_is_on_unless_turned_off(monkeypatch):
+    """The prefill kernel runs unless DCC_PREFILL_KERNEL=0; a CPU cache never takes it."""
+    for env, want in ((None, True), ("1", True), (" 0 ", False), ("0", False), ("yes", True)):
         if env is None:
             monkeypatch.delenv("DCC_PREFILL_KERNEL", raising=False)
         else:

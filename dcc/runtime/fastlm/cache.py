@@ -36,9 +36,9 @@ def _rope_prefill(q, k, v, batch, cos, sin, heads, kv_heads, d):
 
 
 def prefill_kernel_enabled() -> bool:
-    """The prefill's one-launch RoPE + cache write (rope_write_rows) is opt-in, DCC_PREFILL_KERNEL=1, until its GPU
-    tests have run; otherwise the prefill takes the torch path."""
-    return os.environ.get("DCC_PREFILL_KERNEL", "0").strip() == "1"
+    """The prefill's one-launch RoPE + cache write (rope_write_rows) runs unless DCC_PREFILL_KERNEL=0 (its GPU tests
+    passed on an H100, 2026-12-07); with 0 the prefill takes the torch path (the reference)."""
+    return os.environ.get("DCC_PREFILL_KERNEL", "1").strip() != "0"
 
 
 def qkv_rows(q, k, v) -> tuple[torch.Tensor, int]:
