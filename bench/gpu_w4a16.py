@@ -163,7 +163,7 @@ def bench(args, copy_tbs, peak_tflops):
             if m in (16, 64, 256, 1024):
                 paths += ["fused", "gemm"]
             if m > 1 and rt.load().gemm_wgmma_supported(m, n, k, G):
-                paths += ["wgmma"] + (["wgmma_shallow"] if args.shallow else [])
+                paths += ["wgmma"]
             if m in (256, 4096):
                 paths += ["gemm_ext"]
             if dev is not None and m in (1, 4, 16):
@@ -190,15 +190,6 @@ def bench(args, copy_tbs, peak_tflops):
                 elif path == "dequant":
                     calls = [lambda q=q: rt.dequantize(q[0], q[1], q[2], G, k) for q in qsets]
                     label = "dequant only"
-                elif path == "wgmma_shallow":   # the kernel with its shallow rings (DCC_W4A16_WGMMA_CFG="deep=0")
-                    def call(q):
-                        os.environ["DCC_W4A16_WGMMA_CFG"] = "deep=0"
-                        try:
-                            rt.w4a16_linear(x, q[0], q[1], q[2], G, path="wgmma")
-                        finally:
-                            os.environ.pop("DCC_W4A16_WGMMA_CFG", None)
-                    calls = [lambda q=q, call=call: call(q) for q in qsets]
-                    label = path
                 else:
                     calls = [lambda q=q, p=path: rt.w4a16_linear(x, q[0], q[1], q[2], G, path=p) for q in qsets]
                     label = path if path != "auto" else f"auto:{auto_path(m, n, k)}"
@@ -301,8 +292,6 @@ def main():
     ap.add_argument("--variants", action="store_true",
                     help="also time the benchmark-only GEMV variants (dev/cuda/w4a16) at M = 1, 4, 16")
     ap.add_argument("--ms", default="", help="comma-separated M values to time (default: all)")
-    ap.add_argument("--shallow", action="store_true",
-                    help="also time the wgmma GEMM with its shallow rings (6 / 8 stages, DCC_W4A16_WGMMA_CFG=deep=0)")
     ap.add_argument("--vfilter", default="", help="with --variants: only the variants whose name matches this regex")
     ap.add_argument("--smoke", action="store_true",
                     help="only run every kernel once on small odd shapes (with --variants: the dev kernels too)")

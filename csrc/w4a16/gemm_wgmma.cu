@@ -24,8 +24,7 @@
 //    output. Same contract as the other paths (DESIGN.md, Numerics), not bit-equal to them.
 // Requirements (gemm_wgmma_supported): sm_90a device code present, N % 128 == 0, K % 64 == 0, G in {32, 64, 128},
 // x, qweight, scales, scaled_zeros and out 16-byte aligned.
-// Override (tests and benchmarks): DCC_W4A16_WGMMA_CFG="tile=T,splits=S,deep=0" forces the token tile (64, 128), S,
-// and the shallow rings (6 / 8 stages instead of 9 / 14).
+// Override (tests and benchmarks): DCC_W4A16_WGMMA_CFG="tile=T,splits=S" forces the token tile (64, 128) and S.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -76,13 +75,10 @@ struct Cfg {
   static_assert(kRingBytes >= kPartBytes, "the partial tile reuses the ring");
   static constexpr int kSmemBytes = 1024 + kRingBytes + 2 * kStages * 8;
 };
-// The ring's depth sets the weight bytes in flight per SM (4 KB a stage); first H100 run (6 / 8 stages, DESIGN.md):
-// ~0.5 us a stage where the wgmmas need ~0.15, consistent with too few weight bytes in flight for the DRAM latency.
-// DCC_W4A16_WGMMA_CFG="deep=0" takes the shallow rings (the comparison).
-using CfgLarge = Cfg<128, 9>;   // 194 KB ring
-using CfgMid = Cfg<64, 14>;     // 182 KB ring
-using CfgLargeShallow = Cfg<128, 6>;   // 129 KB
-using CfgMidShallow = Cfg<64, 8>;      // 106 KB
+// Ring depth: deeper rings (9 / 14 stages, 194 / 182 KB) measured no faster on the H100 (DESIGN.md), so the
+// stage time is not set by the weight bytes in flight.
+using CfgLarge = Cfg<128, 6>;   // 129 KB ring
+using CfgMid = Cfg<64, 8>;      // 106 KB ring
 
 template <bool kBf16, int kTok, int kStages>
 __global__ void __launch_bounds__(kThreads, 1) w4a16_wgmma_kernel(const __grid_constant__ CUtensorMap tx,
@@ -294,7 +290,7 @@ bool ready() {
       return;
     }
     if (a.binaryVersion < 90 || a.numRegs < 64) return;
-    if (!set_smem<CfgLarge>() || !set_smem<CfgMid>() || !set_smem<CfgLargeShallow>() || !set_smem<CfgMidShallow>()) {
+    if (!set_smem<CfgLarge>() || !set_smem<CfgMid>()) {
       cudaGetLastError();
       return;
     }
@@ -426,19 +422,14 @@ int gemm_wgmma(DType dt, const void* x, const void* qweight, const void* scales,
   p.K = K;
   p.group = group_size;
   int splits = 1;
-  const bool bf16 = dt == DType::kBFloat16, deep = cfg_override("deep") != 0;
+  const bool bf16 = dt == DType::kBFloat16;
   const auto run = [&](auto cfg) {
     using C = decltype(cfg);
     if (bf16) launch<true, C>(x, qweight, p, &splits, stream);
     else launch<false, C>(x, qweight, p, &splits, stream);
   };
-  if (gemm_wgmma_tile(M) == 64) {
-    if (deep) run(CfgMid());
-    else run(CfgMidShallow());
-  } else {
-    if (deep) run(CfgLarge());
-    else run(CfgLargeShallow());
-  }
+  if (gemm_wgmma_tile(M) == 64) run(CfgMid());
+  else run(CfgLarge());
   return splits;
 }
 

@@ -25,7 +25,9 @@ FUSED_MAX_M = int(os.environ.get("DCC_W4A16_FUSED_MAX_M", "64"))
 
 def _wgmma_range(spec: str) -> tuple[int, int]:
     """DCC_W4A16_WGMMA: "LO:HI" sends LO < M <= HI to the Hopper wgmma GEMM where it runs (sm_90a build on an sm_90
-    GPU, N % 128 == 0); "off" (the default until its GPU tests and benchmark have run) sends no M there."""
+    GPU, N % 128 == 0); "off" sends no M there. Default 32:256, from bench/gpu_w4a16.py on an H100
+    (csrc/w4a16/DESIGN.md): from M = 64 to 256 it beats the fused kernel and dequantise + cuBLAS on every Llama-3-8B
+    shape; at M <= 32 the fused kernel wins two of the three shapes, at M = 1024 dequantise + cuBLAS all three."""
     if spec in ("", "off", "0"):
         return (0, 0)
     try:
@@ -35,7 +37,7 @@ def _wgmma_range(spec: str) -> tuple[int, int]:
     return (lo, hi)
 
 
-WGMMA_M = _wgmma_range(os.environ.get("DCC_W4A16_WGMMA", "off"))
+WGMMA_M = _wgmma_range(os.environ.get("DCC_W4A16_WGMMA", "32:256"))
 
 
 def _check_layout(qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor, group_size: int,

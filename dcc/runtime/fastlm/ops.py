@@ -4,6 +4,8 @@ ops (QServe's norm and SiLU) are its FastKind's. Raw data_ptr()s and the current
 libtorch there)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import ref_ops
@@ -63,6 +65,7 @@ def attn_split(batch: int, kv_heads: int, capacity: int, sms: int) -> tuple[int,
     """(tokens per block, blocks per sequence and KV head) of the decode attention kernel: the slots of few sequences
     are split over more blocks (the last one merges the partial softmaxes) so that about 2 blocks run per SM."""
     chunk = ATTN_CHUNK
-    while chunk > 32 and batch * kv_heads * -(-capacity // chunk) < 2 * sms:
+    smallest = int(os.environ.get("DCC_ATTN_MIN_CHUNK", "32"))   # benchmarks: the finest split taken
+    while chunk > smallest and batch * kv_heads * -(-capacity // chunk) < 2 * sms:
         chunk //= 2
     return chunk, -(-capacity // chunk)
