@@ -24,7 +24,8 @@
 //    output. Same contract as the other paths (DESIGN.md, Numerics), not bit-equal to them.
 // Requirements (gemm_wgmma_supported): sm_90a device code present, N % 128 == 0, K % 64 == 0, G in {32, 64, 128},
 // x, qweight, scales, scaled_zeros and out 16-byte aligned.
-// Override (tests and benchmarks): DCC_W4A16_WGMMA_CFG="tile=T,splits=S" forces the token tile (64, 128) and S.
+// Override (tests and benchmarks): DCC_W4A16_WGMMA_CFG="tile=T,splits=S,sets=3" forces the token tile (64, 128), S,
+// and three A register sets instead of two (not yet measured).
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -80,7 +81,9 @@ struct Cfg {
 using CfgLarge = Cfg<128, 6>;   // 129 KB ring
 using CfgMid = Cfg<64, 8>;      // 106 KB ring
 
-template <bool kBf16, int kTok, int kStages>
+// kSets: A register sets, i.e. stage groups of wgmmas in flight while the next stage is dequantised (2: the previous
+// stage's group must retire before the next stage is unpacked; 3: two groups in flight).
+template <bool kBf16, int kTok, int kStages, int kSets>
 __global__ void __launch_bounds__(kThreads, 1) w4a16_wgmma_kernel(const __grid_constant__ CUtensorMap tx,
                                                                   const __grid_constant__ CUtensorMap tw,
                                                                   const WgParams p) {
@@ -149,7 +152,8 @@ __global__ void __launch_bounds__(kThreads, 1) w4a16_wgmma_kernel(const __grid_c
   float acc[kTok / 2];
 #pragma unroll
   for (int i = 0; i < kTok / 2; ++i) acc[i] = 0.f;
-  uint32_t fr[2][4][4];   // [register set][k16 step][A fragment]
+  static_assert(kSets == 2 || kSets == 3, "register sets");
+  uint32_t fr[kSets][4][4];   // [register set][k16 step][A fragment]
 
   auto stage = [&](auto set_c, int it) {
     constexpr int set = decltype(set_c)::value;
@@ -180,15 +184,18 @@ __global__ void __launch_bounds__(kThreads, 1) w4a16_wgmma_kernel(const __grid_c
 #pragma unroll
     for (int j = 0; j < 4; ++j) wgmma_rs<kBf16, kTok>(acc, fr[set][j], desc + ((j * 32) >> 4));
     wgmma_commit();
-    wgmma_wait<1>();   // the previous stage's group retired: its register set and ring slot are free
-    if (it > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((it - 1) % kStages));
+    // the group of stage it - (kSets - 1) retired: its register set (the next stage's) and its ring slot are free
+    wgmma_wait<kSets - 1>();
+    if (it >= kSets - 1 && lane == 0) mbar_arrive(empty0 + 8 * ((it - (kSets - 1)) % kStages));
   };
   int it = 0;
-  for (; it + 1 < KT; it += 2) {
+  for (; it + kSets <= KT; it += kSets) {   // unrolled by kSets: the register set is a constant
     stage(std::integral_constant<int, 0>(), it);
     stage(std::integral_constant<int, 1>(), it + 1);
+    if constexpr (kSets == 3) stage(std::integral_constant<int, 2 % kSets>(), it + 2);
   }
   if (it < KT) stage(std::integral_constant<int, 0>(), it);
+  if (it + 1 < KT) stage(std::integral_constant<int, 1>(), it + 1);
   wgmma_wait<0>();
 
   // ---------------- epilogue ----------------
@@ -260,11 +267,11 @@ int device_attr(cudaDeviceAttr a) {
 }
 int num_sms() { return device_attr(cudaDevAttrMultiProcessorCount); }
 
-template <bool kBf16, class C>
+template <bool kBf16, class C, int kSets = 2>
 struct KernelOf;
-template <bool kBf16, int kTok, int kStages>
-struct KernelOf<kBf16, Cfg<kTok, kStages>> {
-  static constexpr auto fn = w4a16_wgmma_kernel<kBf16, kTok, kStages>;
+template <bool kBf16, int kTok, int kStages, int kSets>
+struct KernelOf<kBf16, Cfg<kTok, kStages>, kSets> {
+  static constexpr auto fn = w4a16_wgmma_kernel<kBf16, kTok, kStages, kSets>;
 };
 
 template <class C>
@@ -273,7 +280,9 @@ bool set_smem() {
     return cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes) == cudaSuccess;
   };
   return set(reinterpret_cast<const void*>(KernelOf<false, C>::fn)) &&
-         set(reinterpret_cast<const void*>(KernelOf<true, C>::fn));
+         set(reinterpret_cast<const void*>(KernelOf<true, C>::fn)) &&
+         set(reinterpret_cast<const void*>(KernelOf<false, C, 3>::fn)) &&
+         set(reinterpret_cast<const void*>(KernelOf<true, C, 3>::fn));
 }
 
 // The sm_90a body exists only where it was compiled for sm_90a (a stub has almost no registers); raises the
@@ -383,7 +392,9 @@ void launch(const void* x, const void* qweight, WgParams p, int* splits_out, cud
   if (splits_out != nullptr) *splits_out = p.S;
   cudaLaunchAttribute attr[1];
   const cudaLaunchConfig_t cfg = launch_config(dim3(tiles, p.S), C::kSmemBytes, p.S, stream, attr);
-  check_cuda(cudaLaunchKernelEx(&cfg, KernelOf<kBf16, C>::fn, tx, tw, p), "wgmma GEMM launch");
+  // DCC_W4A16_WGMMA_CFG="sets=3": three A register sets (two stage groups in flight), to be measured
+  const auto fn = cfg_override("sets") == 3 ? KernelOf<kBf16, C, 3>::fn : KernelOf<kBf16, C>::fn;
+  check_cuda(cudaLaunchKernelEx(&cfg, fn, tx, tw, p), "wgmma GEMM launch");
 }
 
 }  // namespace
