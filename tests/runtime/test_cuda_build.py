@@ -60,3 +60,14 @@ def test_build_key_separates_modules():
     k8 = build.build_key(build.sources("w4a8"), "nvcc 13", "90", "w4a8")
     assert k16 != k8 and k16 == build.build_key(build.sources("w4a16"), "nvcc 13", "90")
     assert build.build_key(build.sources("w4a4"), "nvcc 13", "90", "w4a4") not in (k16, k8)
+
+
+def test_w4a16_wgmma_range_setting():
+    """DCC_W4A16_WGMMA: 'LO:HI' (the M range path="auto" sends to the wgmma GEMM), 'off', or one clear error."""
+    from dcc.runtime.cuda.ops import _wgmma_range
+
+    assert _wgmma_range("32:256") == (32, 256)
+    assert _wgmma_range("off") == _wgmma_range("0") == _wgmma_range("") == (0, 0)
+    for bad in ("32", "a:b", "1:2:3"):
+        with pytest.raises(ValueError, match="DCC_W4A16_WGMMA"):
+            _wgmma_range(bad)
