@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python bench/gpu_w4a16.py [--quick] [--ms 1,4] [--variants] [--smoke]
 
-Shapes: M in {1, 4, 16, 32, 64, 128, 256, 1024, 4096} x (N, K) in {(4096, 4096), (14336, 4096), (4096, 14336)}, group 128,
-fp16. Timing: each measurement captures one CUDA graph of R calls that rotate over R copies of the weights (R chosen
+Shapes: M in {1, 4, 16, 32, 64, 128, 256, 1024, 4096} x (N, K) in {(4096, 4096), (14336, 4096), (4096, 14336)},
+group 128, fp16. Timing: each measurement captures one CUDA graph of R calls that rotate over R copies of the weights (R chosen
 so the copies exceed the L2 several times: every call reads its weights from DRAM), replays it with warm-up, and
 takes the median over repetitions of (CUDA-event time / R). Reports microseconds, GB/s of the bytes the call must
 move (qweight + scales + zeros + activations + output; fp16 weights for cuBLAS), TFLOP/s, the speedup over cuBLAS,
