@@ -24,8 +24,8 @@
 //    output. Same contract as the other paths (DESIGN.md, Numerics), not bit-equal to them.
 // Requirements (gemm_wgmma_supported): sm_90a device code present, N % 128 == 0, K % 64 == 0, G in {32, 64, 128},
 // x, qweight, scales, scaled_zeros and out 16-byte aligned.
-// Override (tests and benchmarks): DCC_W4A16_WGMMA_CFG="tile=T,splits=S,sets=3" forces the token tile (64, 128), S,
-// and three A register sets instead of two (not yet measured).
+// Override (tests and benchmarks): DCC_W4A16_WGMMA_CFG="tile=T,splits=S,sets=3" forces the token tile (64, 128;
+// 256 is opt-in, not yet measured), S, and three A register sets instead of two (not yet measured).
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -80,6 +80,9 @@ struct Cfg {
 // stage time is not set by the weight bytes in flight.
 using CfgLarge = Cfg<128, 6>;   // 129 KB ring
 using CfgMid = Cfg<64, 8>;      // 106 KB ring
+// 256-token tiles (opt-in, DCC_W4A16_WGMMA_CFG=tile=256, not yet measured): half the CTAs of CfgLarge, for M where
+// 128-token tiles take a second wave (14336 x 4096 at M = 256: 224 tiles on 132 SMs); 128 accumulators a thread.
+using CfgWide = Cfg<256, 4>;    // 148 KB ring
 
 // kSets: A register sets, i.e. stage groups of wgmmas in flight while the next stage is dequantised (2: the previous
 // stage's group must retire before the next stage is unpacked; 3: two groups in flight).
@@ -299,7 +302,7 @@ bool ready() {
       return;
     }
     if (a.binaryVersion < 90 || a.numRegs < 64) return;
-    if (!set_smem<CfgLarge>() || !set_smem<CfgMid>()) {
+    if (!set_smem<CfgLarge>() || !set_smem<CfgMid>() || !set_smem<CfgWide>()) {
       cudaGetLastError();
       return;
     }
@@ -408,7 +411,7 @@ bool gemm_wgmma_supported(int M, int N, int K, int group_size) {
 
 int gemm_wgmma_tile(int M) {
   const int forced = cfg_override("tile");
-  if (forced == 64 || forced == 128) return forced;
+  if (forced == 64 || forced == 128 || forced == 256) return forced;
   return M <= 64 ? 64 : 128;
 }
 
@@ -439,8 +442,10 @@ int gemm_wgmma(DType dt, const void* x, const void* qweight, const void* scales,
     if (bf16) launch<true, C>(x, qweight, p, &splits, stream);
     else launch<false, C>(x, qweight, p, &splits, stream);
   };
-  if (gemm_wgmma_tile(M) == 64) run(CfgMid());
-  else run(CfgLarge());
+  const int tile = gemm_wgmma_tile(M);
+  if (tile == 64) run(CfgMid());
+  else if (tile == 128) run(CfgLarge());
+  else run(CfgWide());
   return splits;
 }
 

@@ -59,7 +59,7 @@ def test_real_shapes(rt, dtype, m, n, k):
     check_linear(rt, m, n, k, 128, dtype, "wgmma", seed=_seed("wgmma-real", str(dtype), m, n, k))
 
 
-@pytest.mark.parametrize("tile", (64, 128))
+@pytest.mark.parametrize("tile", (64, 128, 256))
 @pytest.mark.parametrize("splits", (1, 2, 4, 8))
 @pytest.mark.parametrize("sets", (2, 3))
 def test_every_tile_and_split(rt, monkeypatch, tile, splits, sets):
