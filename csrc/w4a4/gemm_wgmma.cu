@@ -52,6 +52,16 @@
 #endif
 
 namespace dcc_w4a4 {
+
+int device_attr(cudaDeviceAttr a) {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, a, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return v;
+}
+
 namespace {
 
 #include "wgmma_kernel.cuh"
@@ -72,15 +82,6 @@ EncodeTiledFn encode_fn() {
       fn = reinterpret_cast<EncodeTiledFn>(f);
   });
   return fn;
-}
-
-int device_attr(cudaDeviceAttr a) {
-  int dev = 0, v = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, a, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return v;
 }
 
 template <class T, int kTok, int kCvt>

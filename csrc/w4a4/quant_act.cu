@@ -35,16 +35,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-int num_sms() {   // of the current device (132 where it cannot be read)
-  int dev = 0, v = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return 132;
-  }
-  return v;
-}
-
 // e4m3 (fn) round-to-nearest-even of s in [0, 448] (finite, non-negative: the clamped micro-scale), as its byte.
 __device__ __forceinline__ uint32_t e4m3_rne(float s) {
   if (!(s > 0.f)) return 0u;
@@ -179,7 +169,11 @@ cudaError_t launch(const void* x, const void* smooth, const void* lora_down_t, v
     const char* q_mode = std::getenv("DCC_W4A4_QUANT");
     const uintptr_t al = reinterpret_cast<uintptr_t>(x) |
                          (R > 0 ? reinterpret_cast<uintptr_t>(lora_down_t) | reinterpret_cast<uintptr_t>(lora_act) : 0);
-    const bool want = q_mode != nullptr ? std::strcmp(q_mode, "fused") == 0 : M >= 16 * num_sms();
+    bool want = q_mode != nullptr && std::strcmp(q_mode, "fused") == 0;
+    if (q_mode == nullptr) {
+      const int sms = device_attr(cudaDevAttrMultiProcessorCount);
+      want = M >= 16 * (sms > 0 ? sms : 132);
+    }
     if (want && al % 16 == 0 && reinterpret_cast<uintptr_t>(codes) % 4 == 0)
       return quant_act_fused(x, smooth, lora_down_t, codes, ascales, lora_act, M, K, R, dtype, is_unsigned, shift,
                              stream, ascales_t, ld, fp8_codes);

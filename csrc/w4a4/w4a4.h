@@ -62,6 +62,9 @@ int gemm_wgmma_tile(int M, int N);
 // 0 and R % 32 == 0) when DCC_W4A4_WGMMA="kernel=2" asks for it (opt-in until it has run on a GPU).
 int gemm_wgmma_kernel(int M, int N, int R);
 
+// An attribute of the current device (gemm_wgmma.cu), 0 where it cannot be read.
+int device_attr(cudaDeviceAttr a);
+
 // NVFP4 (research/targets.md 3A; dcc/ir/w4a4.py quantize_act_nvfp4): the same input path without shift, e2m1 codes
 // per 16-k micro-group. codes uint8 [M, K] (e2m1 bit patterns sign << 3 | magnitude index, one per byte), ascales
 // uint8 [M, K/16] (e4m3 bytes); the rest as quant_act (K % 64 == 0: the kernel walks 64-k chunks).

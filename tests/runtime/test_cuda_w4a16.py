@@ -28,17 +28,22 @@ GROUPS = (64, 128)
 MS = (1, 2, 3, 7, 8, 9, 33, 257)
 
 
-@pytest.fixture(scope="module")
-def rt():
+def require_runtime():
+    """dcc.runtime.cuda with its extension built, or a skip with the reason (a build error in csrc/ is a failure)."""
     from dcc.runtime import cuda
 
     try:
         cuda.require()
     except cuda.CudaRuntimeUnavailable as e:
-        if "nvcc failed" in str(e):  # a build error in csrc/ is a failure, not a skip
+        if "nvcc failed" in str(e):
             raise
         pytest.skip(str(e).splitlines()[0])
     return cuda
+
+
+@pytest.fixture(scope="module")
+def rt():
+    return require_runtime()
 
 
 def _seed(*parts) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.test_cuda_w4a16 import TOL, _seed, check_linear, make_layer, reference, rel_err
+from runtime.test_cuda_w4a16 import TOL, _seed, check_linear, make_layer, reference, rel_err, require_runtime
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -16,14 +16,7 @@ NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 @pytest.fixture(scope="module")
 def rt():
-    from dcc.runtime import cuda
-
-    try:
-        cuda.require()
-    except cuda.CudaRuntimeUnavailable as e:
-        if "nvcc failed" in str(e):  # a build error in csrc/ is a failure, not a skip
-            raise
-        pytest.skip(str(e).splitlines()[0])
+    cuda = require_runtime()
     if not cuda.load().gemm_wgmma_supported(64, 128, 128, 128):
         pytest.skip("the wgmma GEMM needs an sm_90 GPU (Hopper) and an sm_90a build")
     return cuda

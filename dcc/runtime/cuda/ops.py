@@ -102,7 +102,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, s
         b = bias.data_ptr()
     if m == 0:
         return out.reshape(*lead, n)
-    qweight, scales, scaled_zeros = _dense(qweight), scales.contiguous(), scaled_zeros.contiguous()
+    qweight, scales, scaled_zeros = _dense(qweight), _dense(scales), _dense(scaled_zeros)
     ext = load()
     dt = _DTYPES[x.dtype]
     if path == "auto":
@@ -116,8 +116,8 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, s
             ext.gemv(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), scaled_zeros.data_ptr(), b, out.data_ptr(),
                      m, n, k, group_size, dt, 0, stream)
         elif path == "wgmma":
-            ext.gemm_wgmma(x2.data_ptr(), qweight.data_ptr(), _dense(scales).data_ptr(),
-                           _dense(scaled_zeros).data_ptr(), b, out.data_ptr(), m, n, k, group_size, dt, stream)
+            ext.gemm_wgmma(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), scaled_zeros.data_ptr(), b,
+                           out.data_ptr(), m, n, k, group_size, dt, stream)
         elif path in ("gemm", "gemm_ext"):
             w = torch.empty(n, k, dtype=x.dtype, device=x.device)  # stream-ordered reuse by the caching allocator
             if path == "gemm_ext":  # the extension's own cuBLAS call (what a non-torch caller gets)
