@@ -110,8 +110,15 @@ def gpu_w4a8() -> str:
               body)
 
 
+def scale() -> str:
+    """scale.json (bench/scale.py on the GPU): its own table."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import _scale_report
+    return _scale_report.table(load("scale")["rows"])
+
+
 TABLES = {"accuracy": accuracy, "compile_time": compile_time, "qserve_accuracy": qserve_accuracy,
-          "gpu_w4a16": gpu_w4a16, "gpu_w4a8": gpu_w4a8}
+          "gpu_w4a16": gpu_w4a16, "gpu_w4a8": gpu_w4a8, "scale": scale}
 
 
 def main() -> None:

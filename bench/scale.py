@@ -204,12 +204,14 @@ def main() -> None:
 
 
 def row_limit(spec: str | None, row_id: str) -> float:
-    """--row-seconds: S for every row, or GLOB=S,... (the first glob that matches the row id); inf without one."""
+    """--row-seconds: S for every row, or GLOB=S,... (the first glob that matches the row id or its method, the
+    id's middle part); inf without one."""
     if not spec:
         return float("inf")
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         glob, _, secs = part.rpartition("=")
-        if not glob or fnmatch.fnmatchcase(row_id, glob):
+        # a glob names the row id or its method ('dcc-qserve*' matches 8b/dcc-qserve/128x2048)
+        if not glob or fnmatch.fnmatchcase(row_id, glob) or fnmatch.fnmatchcase(row_id.split("/")[1], glob):
             return float(secs)
     return float("inf")
 

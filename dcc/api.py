@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .compiler import dist
-from .compiler.gpu_memory import check_fits, free_and_total_mb
+from .compiler.gpu_memory import ADVICE, GpuMemoryError, check_fits, free_and_total_mb
 from .compiler.resume import Checkpoint, fingerprint, worth_keeping
 from .compiler.sequential import ModelForward, compile_blocks
 from .ir.fused_linear import SplitLinear
@@ -57,21 +57,37 @@ class CompileOptions:
     steps: list | None = None       # Python API only: an explicit pass list (e.g. a benchmark's ablation)
 
 
-def estimate_memory_mb(lm: LazyModel, tokens: int, lean: bool = False) -> float:
+def estimate_memory_mb(lm: LazyModel, tokens: int, lean: bool = False, spill: bool = False,
+                       gptq: bool = False) -> float:
     """Peak of one block: its float weights (x2 for the pre-pass copy), the parts outside the blocks (embeddings,
     head), the linears' float32 inputs on every calibration token (each linear counted, though q/k/v and gate/up
-    share one copy: an upper estimate; lean, the widest one only), four copies of the hidden states (inputs, float
-    and current outputs, the reference), and one chunk's intermediates (compiler/chunks.py: a few float32 tensors
-    of the widest linear)."""
+    share one copy: an upper estimate; lean, the widest one only; spill, none: they are in host memory, and one of
+    the batch's 8 leaves of the widest comes back at a time, with the Gram product's two float32 copies of it), four
+    copies of the hidden states (inputs, float and current outputs, the reference), one chunk's intermediates
+    (compiler/chunks.py: a few float32 tensors of the widest linear), and with GPTQ three float64 K x K matrices of
+    the widest input (H shared by a stage, its permuted copy, the factor: passes/gptq.py; 20 GB for a 70B
+    down_proj)."""
     from .compiler.chunks import CHUNK_TOKENS
     block = max(sum(p.numel() for p in b.parameters()) for b in lm.blocks) * 4 * 2
     outer = sum(p.numel() for n, p in lm.model.named_parameters() if not lm.in_blocks(n)) * 4
     linears = [[m for m in b.modules() if isinstance(m, torch.nn.Linear)] for b in lm.blocks]
-    acts = tokens * max((max if lean else sum)([m.in_features for m in lins] or [0]) for lins in linears) * 4
+    widest_in = max((m.in_features for lins in linears for m in lins), default=0)
+    if spill:
+        acts = (tokens // 8 + 1) * widest_in * 4 * 3
+    else:
+        acts = tokens * max((max if lean else sum)([m.in_features for m in lins] or [0]) for lins in linears) * 4
     widest = max((max(m.in_features, m.out_features) for lins in linears for m in lins), default=0)
     hidden = tokens * min((m.in_features for lins in linears for m in lins), default=0) * 4   # the residual width
     chunk = min(tokens, CHUNK_TOKENS) * widest * 4 * 6
-    return (block + outer + acts + 4 * hidden + chunk) / 2**20
+    hess = 3 * widest_in ** 2 * 8 if gptq else 0
+    return (block + outer + acts + 4 * hidden + chunk + hess) / 2**20
+
+
+def spilled_inputs_mb(lm: LazyModel, tokens: int) -> float:
+    """Host memory the spilled inputs take: the widest linear input on every calibration token, float32."""
+    widest_in = max((m.in_features for b in lm.blocks for m in b.modules() if isinstance(m, torch.nn.Linear)),
+                    default=0)
+    return tokens * widest_in * 4 / 2**20
 
 
 def estimate_artifact_bytes(lm: LazyModel, bits: int) -> int:
@@ -175,14 +191,17 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
             f"{lm.blocks_prefix}) -> {target.name} {spec.short()}, algo {topts.algo}")
         if kept:
             log(f"{len(kept)} linears cannot take this layout and stay 16-bit (--unsupported keep); first: {kept[0]}")
-        tokens, need_mb, lean = plan_memory(lm, ids, opts, world)
+        tokens, need_mb, mode = plan_memory(lm, ids, opts, world, steps)
         where = "on the GPU" if torch.device(opts.device).type == "cuda" else "in host memory"
         spread = f", split over {world.size} processes ({world.backend})" if world.distributed else ""
+        how = {"full": "", "lean": "; the linears' inputs one at a time, as all of them do not fit",
+               "spill": f"; the linears' inputs one at a time in host memory ({spilled_inputs_mb(lm, tokens):.0f} MB), "
+                        f"as even one does not fit"}[mode]
         log(f"calibration: {lm.adapter.describe_calibration(ids)} from {opts.calib}{spread}; estimated peak memory "
-            f"{need_mb:.0f} MB {where}{' per process' if spread else ''} (one block at a time"
-            + ("; the linears' inputs one at a time, as all of them do not fit" if lean else "") + ")")
+            f"{need_mb:.0f} MB {where}{' per process' if spread else ''} (one block at a time{how})")
         check_fits(opts.device, need_mb, f"a block's float weights and the parts outside the blocks, and its linears' "
-                                         f"inputs on {tokens} calibration tokens" + (", one at a time" if lean else ""))
+                                         f"inputs on {tokens} calibration tokens"
+                                         + {"full": "", "lean": ", one at a time", "spill": " held in host memory"}[mode])
         calib_sha = _sha(opts.calib)
         if recipe is not None and recipe.calib_sha256 and recipe.calib_sha256 != calib_sha:
             log(f"note: {opts.calib} is not the calibration file {recipe.path} was made with (its sha256 "
@@ -199,7 +218,8 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
             log(f"--resume: no interrupted compile of {writer.out} to continue; compiling from block 0")
         res = compile_blocks(lm, steps, inputs, assign, on_block=emitter.on_block,
                              dumper=dumper, device=opts.device, seed=opts.seed, debug=opts.debug,
-                             progress=opts.progress, verbose=opts.verbose, checkpoint=ckpt, lean=lean,
+                             progress=opts.progress, verbose=opts.verbose, checkpoint=ckpt, lean=mode != "full",
+                             spill=mode == "spill",
                              global_batch=len(ids) if world.distributed else None)
         emitter.finish(lm)
         if all("skip_reason" in v for v in emitter.layers.values()):
@@ -235,16 +255,41 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
     return path
 
 
-def plan_memory(lm: LazyModel, ids, opts: CompileOptions, world) -> tuple[int, float, bool]:
-    """(this process's calibration tokens, its estimated peak memory in MB, lean): lean when the inputs of all a
-    block's linears do not fit the GPU (then one linear's at a time, a block run per read)."""
+def plan_memory(lm: LazyModel, ids, opts: CompileOptions, world, steps=()) -> tuple[int, float, str]:
+    """(this process's calibration tokens, its estimated peak memory in MB, mode): the first mode whose estimate
+    fits the GPU's free memory -- "full" (every linear's inputs held), "lean" (one linear's at a time, a block run
+    per read), "spill" (that one in host memory, compiler/spill.py); "full" on the CPU. $DCC_CALIB_MEMORY forces
+    one. The three give the same artifact bytes."""
+    from .compiler.spill import forced_mode
     tokens = lm.adapter.calib_tokens(ids)
     if world.distributed:
         tokens = tokens * world.share(len(ids))[1] // len(ids)
-    need_mb, lean = estimate_memory_mb(lm, tokens), False
-    if torch.device(opts.device).type == "cuda" and need_mb > free_and_total_mb(torch.device(opts.device))[0]:
-        need_mb, lean = estimate_memory_mb(lm, tokens, lean=True), True
-    return tokens, need_mb, lean
+    gptq = any(getattr(s, "name", None) == "gptq" for s in steps or ())
+    est = {m: estimate_memory_mb(lm, tokens, lean=m != "full", spill=m == "spill", gptq=gptq)
+           for m in ("full", "lean", "spill")}
+    mode = forced_mode()
+    if mode == "auto":
+        mode = "full"
+        if torch.device(opts.device).type == "cuda":
+            free = free_and_total_mb(torch.device(opts.device))[0]
+            mode = next((m for m in ("full", "lean") if est[m] <= free), "spill")
+    if mode == "spill":
+        check_host(spilled_inputs_mb(lm, tokens))
+    return tokens, est[mode], mode
+
+
+def check_host(need_mb: float) -> None:
+    """Refuse spilled inputs that would not fit the host's available memory (Linux's MemAvailable), before any
+    work."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return   # not Linux: nothing to check against
+    if need_mb > 0.9 * avail:
+        raise GpuMemoryError(f"the calibration inputs of one linear do not fit the GPU beside the block, and in "
+                             f"host memory they need about {need_mb / 1024:.1f} GB of the "
+                             f"{avail / 1024:.1f} GB available; use {ADVICE}")
 
 
 def share_inputs(inputs, world, ids):
@@ -276,11 +321,11 @@ def _follow(lm: LazyModel, steps, assign, opts: CompileOptions, world) -> None:
     """A process other than 0 of a spread compile: the same passes on its share of the calibration batch, taking
     the same decisions from the statistics reduced over every process (compiler/stats.py); nothing written."""
     ids = calibration_ids(lm, opts)
-    _, need_mb, lean = plan_memory(lm, ids, opts, world)
+    _, need_mb, mode = plan_memory(lm, ids, opts, world, steps)
     check_fits(opts.device, need_mb, f"process {world.rank}'s share of the calibration inputs")
     inputs = share_inputs(lm.adapter.block_inputs(lm, ids, opts.device), world, ids)
     compile_blocks(lm, steps, inputs, assign, device=opts.device, seed=opts.seed, debug=opts.debug, progress=False,
-                   verbose=False, lean=lean, global_batch=len(ids))
+                   verbose=False, lean=mode != "full", spill=mode == "spill", global_batch=len(ids))
 
 
 def distributed_options(opts: CompileOptions, world) -> CompileOptions:

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.utils._pytree as pytree
 
+from .spill import host_empty
+
 CHUNK_TOKENS = 16384   # tokens per run: a float32 MLP intermediate of width 14336 is 0.9 GB at this size
 
 
@@ -47,8 +49,8 @@ class _Gather:
     heads [b, h, s, d], and their [b * s, h] flattenings alike). A value whose first dimension is not a multiple of
     the chunk's sequences (shared by the batch) is the first chunk's."""
 
-    def __init__(self, batch: int):
-        self.batch = batch
+    def __init__(self, batch: int, host: bool = False):
+        self.batch, self.host = batch, host   # host: the whole batch's tensor in host memory (compiler/spill.py)
         self.out: torch.Tensor | None = None
         self.rows = 0
         self.shared = False
@@ -60,7 +62,9 @@ class _Gather:
                 self.out, self.shared = v, True
                 return
             self.rows = v.shape[0] // c
-            self.out = torch.empty((self.rows * self.batch, *v.shape[1:]), dtype=v.dtype, device=v.device)
+            shape = (self.rows * self.batch, *v.shape[1:])
+            self.out = (host_empty(shape, v.dtype) if self.host
+                        else torch.empty(shape, dtype=v.dtype, device=v.device))
         if self.shared:
             return
         self.out[self.rows * i0:self.rows * i1].copy_(v)
@@ -80,8 +84,13 @@ def run_chunked(run: Callable, args: tuple, kwargs: dict, batch: int, sizes: lis
         a, k = slice_batch(args, kwargs, batch, i0, i0 + c)
 
         def sink(name, i0=i0, c=c):
+            # a callback with host_prep (a spilled input, context.py) has each chunk's value shaped on the device
+            # and gathered in host memory: the whole batch's value never exists on the device
+            prep = getattr(watch[name], "host_prep", None)
+
             def fn(v):
-                gathers.setdefault(name, _Gather(batch)).add(v.detach(), i0, i0 + c)
+                v = v.detach() if prep is None else prep(v.detach())
+                gathers.setdefault(name, _Gather(batch, host=prep is not None)).add(v, i0, i0 + c)
             return fn
 
         out = run(a, k, None if watch is None else {name: sink(name) for name in watch})

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ..ir import program
-from . import dist
+from . import dist, spill
 from .chunks import chunk_sizes, run_chunked
 from .stats import InputStats
 from ..ir.capture import Captures, first_samples, typed_nodes
@@ -23,7 +23,7 @@ class BlockContext:
 
     def __init__(self, block, args: tuple, kwargs: dict, device: torch.device, seed: int = 0,
                  max_tokens: int | None = None, verbose: bool = False, captures: Captures | None = None,
-                 outputs: str = "first", lean: bool = False, global_batch: int | None = None):
+                 outputs: str = "first", lean: bool = False, global_batch: int | None = None, spill: bool = False):
         if outputs not in ("first", "all"):
             raise ValueError(f"outputs {outputs!r}: 'first' or 'all'")
         self.block, self.args, self.kwargs = block, args, kwargs
@@ -33,6 +33,9 @@ class BlockContext:
         # lean: keep the inputs of one linear (and those reading the same tensor) at a time, not of every linear:
         # for calibration sets whose inputs of all the block's linears do not fit the device (a run per input read)
         self.lean = lean
+        # spill: the linears' inputs are gathered in host memory and read back a block of rows at a time
+        # (compiler/spill.py), for inputs that do not fit the device even one at a time
+        self.spill = spill
         self.captures = captures if captures is not None else Captures()
         self._acts: dict[str, torch.Tensor] | None = None
         self._float_out: torch.Tensor | None = None
@@ -47,7 +50,7 @@ class BlockContext:
         self.world = dist.current()
         local = _batch(args, kwargs) if block is not None else 0
         self.global_batch = local if global_batch is None else global_batch
-        self.stats = InputStats(self.world, self.global_batch, local) if block is not None else None
+        self.stats = InputStats(self.world, self.global_batch, local, device) if block is not None else None
         self._samples: dict[tuple, tuple[tuple, dict]] = {}   # (samples, hidden given) -> the batch's first ones
         # statistics a later pass asked to be read off the float runs that collect inputs anyway (track)
         self._tracks: dict[str, Callable[[], dict[str, Callable]]] = {}
@@ -219,7 +222,8 @@ class BlockContext:
                 continue
             x = self._acts[name]
             if id(x) not in seen:
-                seen[id(x)] = x / s.to(x.dtype)
+                # a spilled input is divided on the device a block of rows at a time (the same bits)
+                seen[id(x)] = spill.divide(x, s.to(x.dtype)) if self.spill else x / s.to(x.dtype)
             self._acts[name] = seen[id(x)]
 
     def inputs(self, linear: str) -> torch.Tensor:
@@ -247,10 +251,17 @@ class BlockContext:
         stop: only `only`'s, by a run that ends there (no output)."""
         flat: dict[str, torch.Tensor] = {}
 
+        def flatten(x):
+            return x.detach().reshape(-1, x.shape[-1]).float()
+
         def keep(name):
             def fn(x):
-                x = x.detach().reshape(-1, x.shape[-1]).float()
+                x = flatten(x)
+                if self.spill and x.device.type != "cpu":   # one chunk (not gathered by run_chunked): copied here
+                    x = spill.to_host(x)
                 flat[name] = x[: self.max_tokens] if self.max_tokens and x.shape[0] > self.max_tokens else x
+            if self.spill:
+                fn.host_prep = flatten   # run_chunked gathers the chunks' flattened rows in host memory
             return fn
 
         feeds = {lin: node.args[0].name for lin, node in linear_nodes(self.block.gm).items()
@@ -261,10 +272,15 @@ class BlockContext:
         tracks = {} if stop else {key: make() for key, make in self._tracks.items()}
         for extra in tracks.values():
             for name, fn in extra.items():
+                # a tracked statistic reads the device tensor: that input is then gathered on the device
                 watch[name] = _both(watch[name], fn) if name in watch else fn
         out = self.record(watch, stop=stop)
         self._tracked |= set(tracks)
-        self._last_out = out
+        # the output of the first run since the weights changed, as when every input is held (one run); a lean
+        # context runs again for each input, after passes that kept the function (smoothing), and those later
+        # runs' outputs must not become the reference the block's error is measured against
+        if self._last_out is None:
+            self._last_out = out
         if self._float_out is None:
             self._float_out = out
         return {lin: flat[name] for lin, name in feeds.items()}

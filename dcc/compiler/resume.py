@@ -120,6 +120,7 @@ class Checkpoint:
         self.enabled = True
         self._data: dict | None = None
         self._pending = None   # (blocks done, the future writing their checkpoint)
+        self._host: torch.Tensor | None = None   # the pinned buffer of GPU activations (_to_host)
         self.splits: dict[str, dict[str, list[int]]] = {}
         # the emitter's state that JSON cannot hold (its dtype, a plan) must not change while blocks are emitted
         self._fixed = {k: repr(v) for k, v in self._emitter_vars().items() if not _json_exact(v)}
@@ -194,11 +195,12 @@ class Checkpoint:
         tensors = {"rng": torch.get_rng_state()}
         if device.type == "cuda":
             tensors["rng_cuda"] = torch.cuda.get_rng_state(device)
+        self.wait()   # the previous checkpoint is on disk before this one is written (and its host buffer free)
+        ready = None
         if i + 1 < n:
-            tensors["hidden"] = out.detach().contiguous().cpu()
+            tensors["hidden"], ready = self._to_host(out.detach().contiguous())
             if not out.is_contiguous():
                 tensors["hidden_stride"] = torch.tensor(out.stride(), dtype=torch.int64)
-        self.wait()   # the previous checkpoint is on disk before this one is written
         data = {"format": FORMAT, "version": 1, "done": i + 1, "blocks": n, "fingerprint": self.fp,
                 "hidden": hidden, "writer": json.loads(json.dumps(self.writer.state())),
                 "emitter": json.loads(json.dumps({k: v for k, v in state.items() if k not in self._fixed})),
@@ -207,9 +209,28 @@ class Checkpoint:
         # 4 GB a block); the journal last, so a kill at any point leaves the previous checkpoint whole
         # the spools flushed into shards since the previous checkpoint are still named by it: they go only once this
         # one is on disk
-        self._pending = (i + 1, _POOL.submit(self._write, hidden, tensors, data, self.writer.take_stale()))
+        self._pending = (i + 1, _POOL.submit(self._write, hidden, tensors, data, self.writer.take_stale(), ready))
 
-    def _write(self, hidden: str, tensors: dict, data: dict, stale: list[Path]) -> None:
+    def _to_host(self, x: torch.Tensor):
+        """x on the host, and the CUDA event after which it is there (None: it is there now). From a GPU, the copy goes
+        into one pinned buffer reused by every block (the caller has waited for the previous write) without stopping
+        the host: queued on the compute stream, so the next block's kernels cannot change x before it is read, and
+        the writing thread waits for the event. A synchronous copy of an 8B model's 2-4 GB of activations into
+        pageable memory stopped the compile for seconds per block."""
+        if not x.is_cuda:
+            return x, None
+        buf = self._host
+        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+            self._host = buf = None   # the old buffer's pages go back before the new one is pinned
+            buf = self._host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        buf.copy_(x, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(x.device))
+        return buf, ready
+
+    def _write(self, hidden: str, tensors: dict, data: dict, stale: list[Path], ready=None) -> None:
+        if ready is not None:
+            ready.synchronize()
         _write_atomic(self.journal.parent / hidden, lambda p: save_file(tensors, str(p)))
         _write_atomic(self.journal, lambda p: p.write_text(json.dumps(data, indent=1) + "\n"))
         for p in self.journal.parent.glob("hidden-*.safetensors"):

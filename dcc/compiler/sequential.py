@@ -80,6 +80,7 @@ class _BlockCompiler:
     timing: PassTiming
     outputs: str = "first"
     lean: bool = False
+    spill: bool = False   # the linears' inputs in host memory (compiler/spill.py)
     global_batch: int | None = None   # the calibration batch's sequences, of which this process holds a share
     messages: list[str] = field(default_factory=list)
     captures: Captures = field(default_factory=Captures)
@@ -138,7 +139,7 @@ class _BlockCompiler:
         self.assign_specs(block)
         ctx = BlockContext(block, args, kwargs, self.device, self.seed + i, max_tokens=self.max_tokens,
                            verbose=self.verbose, captures=self.captures, outputs=self.outputs, lean=self.lean,
-                           global_batch=self.global_batch)
+                           global_batch=self.global_batch, spill=self.spill)
         t1 = time.perf_counter()
         run_block(block, self.steps, ctx, self.timing, self.dumper, self.debug)
         t2 = time.perf_counter()
@@ -166,7 +167,7 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
                    assign_specs, on_block=None, dumper=None, device: str = "cpu", seed: int = 0, debug: bool = False,
                    progress: bool = True, verbose: bool = False, max_tokens: int | None = None,
                    release: bool = True, checkpoint=None, lean: bool = False,
-                   global_batch: int | None = None) -> CompileResult:
+                   global_batch: int | None = None, spill: bool = False) -> CompileResult:
     """Compile every block in order. `inputs`: block 0's (args, kwargs) on the calibration batch, as the model's
     adapter computes them (dcc.models.adapter: block0_inputs), or a function returning them, called after the passes'
     model prologues -- which may change what reaches block 0 (rotated embeddings), so a pair computed before is
@@ -175,7 +176,8 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
     packs it) before its weights are released (release=False keeps them, for in-memory evaluation of formats that no
     layout packs). `checkpoint` (compiler/resume.py, a chain only): saved after each block; the blocks it holds as
     done are not compiled again, the next one starting from its saved input and RNG state. lean: each block holds the
-    inputs of one linear at a time (compiler/context.py), for calibration sets too large for the device otherwise.
+    inputs of one linear at a time (compiler/context.py), for calibration sets too large for the device otherwise;
+    spill: those inputs in host memory (compiler/spill.py), where even one does not fit.
     global_batch: the calibration batch's sequences when this process holds a share of them (compiler/dist.py; block
     0's inputs are then that share, and every block's outputs stay split)."""
     t0 = time.perf_counter()
@@ -189,7 +191,7 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
     changed = run_model_steps("prologue", steps, lm, ctx0, timing, dumper)
     comp = _BlockCompiler(lm, steps, assign_specs, on_block, dumper, dev, seed, debug, verbose, max_tokens, release,
                           timing, outputs="all" if isinstance(inputs, ModelForward) else "first", lean=lean,
-                          global_batch=global_batch)
+                          global_batch=global_batch, spill=spill)
     n = len(lm.blocks)
     start = checkpoint.start if checkpoint is not None else 0
     bar = tqdm(range(start, n), desc="compiling blocks", unit="block", disable=not progress, file=sys.stderr,

@@ -19,14 +19,17 @@ from typing import Callable
 
 import torch
 
-from . import dist
+from . import dist, spill
 
 
 class InputStats:
     """Reductions over the calibration batch of `n_seq` sequences, of which this process holds its world's share."""
 
-    def __init__(self, world: "dist.World", n_seq: int, local_seq: int):
+    def __init__(self, world: "dist.World", n_seq: int, local_seq: int, device: torch.device | str | None = None):
         self.world, self.n_seq = world, n_seq
+        # where the reductions compute: inputs held elsewhere (spilled to the host, compiler/spill.py) are moved
+        # here a leaf or a block of rows at a time; None: where each input is
+        self.device = None if device is None else torch.device(device)
         self.start, count = world.share(n_seq)
         if count != local_seq:
             raise ValueError(f"stats: this process holds {local_seq} sequences, its share of {n_seq} is {count}")
@@ -49,27 +52,40 @@ class InputStats:
 
     def absmax(self, x: torch.Tensor) -> torch.Tensor:
         """[K] max over all tokens of |x| (float32; 0 where no token)."""
+        if self._away(x):
+            return self.world.max(spill.absmax(x, self.device))
         local = x.abs().amax(0) if x.shape[0] else x.new_zeros(x.shape[1:])
         return self.world.max(local)
+
+    def _away(self, x: torch.Tensor) -> bool:
+        """x is held outside the compute device (spilled)."""
+        return self.device is not None and x.device.type != self.device.type
+
+    def _here(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device) if self._away(x) else x
 
     def tree(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The canonical tree sum of fn over the leaves' rows (fn of an empty leaf must give zeros of the same
         shape, as x.T @ x and x.sum(0) do)."""
         per, first, leaves = self._unit(x)
-        parts = [fn(x[(s - first) * per:(s - first + c) * per]) for s, c in leaves]
-        return self.world.tree_sum(parts)
+        if len(leaves) & (len(leaves) - 1):   # not a power of two: cannot be (the 8 leaves, or a rank's share)
+            raise ValueError(f"stats: {len(leaves)} leaves")
+        acc = dist.PairwiseSum()   # the leaves' partials summed as they come (at most 4 alive), same bits
+        for s, c in leaves:
+            acc.add(fn(self._here(x[(s - first) * per:(s - first + c) * per])))
+        return self.world.tree_combine(acc.total())
 
     def rows(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """x's rows at the batch's token indices idx (ascending; None: every token), in that order."""
         if not self.world.distributed:
-            return x if idx is None else x[idx.to(x.device)]
+            return self._here(x if idx is None else x[idx.to(x.device)])
         per, first, _ = self._unit(x)
         if idx is None:
-            return self.world.cat_rows(x)
+            return self.world.cat_rows(self._here(x))
         lo, hi = first * per, (first + self.local_seq) * per
         idx = idx.to(x.device)
         mine = idx[(idx >= lo) & (idx < hi)] - lo
-        return self.world.cat_rows(x[mine])
+        return self.world.cat_rows(self._here(x[mine]))
 
     def head(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """The batch's first n tokens (fewer if it has fewer)."""

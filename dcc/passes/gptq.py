@@ -45,17 +45,25 @@ def _clip_col(clip, g: int):
     return clip[:, g:g + 1] if isinstance(clip, torch.Tensor) and clip.dim() == 2 else clip
 
 
-def _inverse_hessian_chol(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 after damping; adds more damping if H is not positive definite."""
-    mean_diag = float(torch.diagonal(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+def _inverse_hessian_chol(box: list, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 after damping; adds more damping if H is not positive definite. box = [H]: the
+    function takes H out of it and damps it in place, so that no caller reference keeps it alive -- a 70B
+    down_proj's H is 28672^2 float64, 6.6 GB, and H + c I, its factor, the inverse and the inverse's factor used to
+    be alive together (about 40 GB at once on an H100). Only the diagonal changes (h_ii + c, the same bits as
+    h + c I), so each retry rewrites the diagonal from a saved copy."""
+    h = box.pop()
+    diag = torch.diagonal(h).clone()
+    mean_diag = float(diag.mean())
     for attempt in range(10):
+        torch.diagonal(h).copy_(diag + (damp + 0.01 * attempt) * mean_diag)
         try:
-            l = torch.linalg.cholesky(h + (damp + 0.01 * attempt) * mean_diag * eye)
-            hinv = torch.cholesky_inverse(l)
-            return torch.linalg.cholesky(hinv, upper=True)
+            l = torch.linalg.cholesky(h)
         except torch.linalg.LinAlgError:
             continue
+        del h
+        hinv = torch.cholesky_inverse(l)
+        del l
+        return torch.linalg.cholesky(hinv, upper=True)
     raise RuntimeError("Hessian is not positive definite even with 10x damping")
 
 
@@ -132,9 +140,10 @@ def hessian(x: torch.Tensor, stats=None) -> torch.Tensor:
     """GPTQ's H = 2 X^T X / T of inputs x [T, K]: the sum of T outer products in float32, then float64 (where it is
     factorised). stats (compiler/stats.py): x is this process's share of the calibration batch, and X^T X is summed
     over the batch's canonical leaves (the same bits however the batch is split)."""
+    # in place: the float64 copy is the only K x K matrix left (the same bits as a new product)
     if stats is None:
-        return gram(x).double() * (2.0 / x.shape[0])
-    return stats.tree(x, gram).double() * (2.0 / stats.tokens(x))
+        return gram(x).double().mul_(2.0 / x.shape[0])
+    return stats.tree(x, gram).double().mul_(2.0 / stats.tokens(x))
 
 
 def _tf32_part(v: torch.Tensor) -> torch.Tensor:
@@ -172,10 +181,11 @@ def gptq_quantize(w: torch.Tensor, x: torch.Tensor | None, spec, config: GptqCon
         raise ValueError(f"gptq: {spec.dtype} weights need groups (group_size > 0) and static_groups")
     n, k = w.shape
     # the sweep runs in float32 as in GPTQ
-    h = hessian(x) if h is None else h.clone()
+    h = hessian(x) if h is None else h   # not changed here: the permuted copy below is the one damped
     w = w.float().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    diag = torch.diagonal(h).clone()
+    dead = diag == 0
+    diag[dead] = 1.0   # a column no token reads: H's diagonal entry set to 1, the weights zeroed
     w[:, dead] = 0.0
     gs = k if spec.group_size <= 0 else spec.group_size
     s1 = None
@@ -194,9 +204,16 @@ def gptq_quantize(w: torch.Tensor, x: torch.Tensor | None, spec, config: GptqCon
     else:
         scale, zero = compute_qparams(w.float(), spec, clip)   # static groups: fixed before the sweep
         cols = _Columns(spec, scale, zero, n)
-    perm = torch.argsort(torch.diagonal(h), descending=True) if config.act_order else torch.arange(k, device=h.device)
-    w, h = w[:, perm], h[perm][:, perm]
-    u = _inverse_hessian_chol(h, config.damp).float()
+    perm = torch.argsort(diag, descending=True) if config.act_order else torch.arange(k, device=h.device)
+    # H permuted (a new matrix: the caller's H is shared by the linears reading one input), then its dead diagonal
+    # entries set, which is H[dead, dead] = 1 before the permutation
+    hp = h.index_select(0, perm).index_select(1, perm)
+    dead_p = dead[perm]
+    hp[dead_p, dead_p] = 1.0
+    w = w[:, perm]
+    box = [hp]
+    del hp, h
+    u = _inverse_hessian_chol(box, config.damp).float()
     group_of = (perm // gs).tolist() if spec.group_size > 0 else [0] * k
     perm_l = perm.tolist()
     qcols = torch.zeros(n, k, dtype=torch.float32, device=w.device)

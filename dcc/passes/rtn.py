@@ -57,7 +57,8 @@ def unshifted(block, lin, x: torch.Tensor | None) -> torch.Tensor | None:
     if x is None or not shifted(block, lin):
         return x
     smooth = getattr(block.linear_module(lin.name), "smooth", None)
-    return x - (SHIFT_GELU if smooth is None else SHIFT_GELU / smooth.to(x.dtype))
+    # computed where the smooth vector is, then brought to x (host memory, when the inputs are spilled)
+    return x - (SHIFT_GELU if smooth is None else (SHIFT_GELU / smooth.to(x.dtype)).to(x.device))
 
 
 @register

@@ -46,6 +46,8 @@ def test_row_seconds_caps_rows_by_glob():
     assert scale.row_limit(spec, "8b/dcc-qserve/128x2048") == 150.0
     assert scale.row_limit(spec, "8b/llmc-gptq/128x2048") == 95.0
     assert scale.row_limit(spec, "70b4/llmc-gptq/128x2048") == float("inf")   # no glob matches
+    assert scale.row_limit("dcc-qserve*=170,*=60", "8b/dcc-qserve/128x2048") == 170.0   # the method alone
+    assert scale.row_limit("dcc-qserve*=170,*=60", "8b/dcc-tinychat-awq/16x256") == 60.0
 
 
 def test_merge_replaces_by_id_and_keeps_other_commands(tmp_path):

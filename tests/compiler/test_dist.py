@@ -225,3 +225,23 @@ def worker(out: Path) -> None:
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_pairwise_sum_as_terms_come_has_the_bits_of_the_level_by_level_sum(n):
+    """stats.tree feeds the leaves' partials one at a time (at most log2(n) + 1 alive): the same additions in the
+    same order as _pairwise over the whole list, so the same bits (float32 sums of mixed magnitudes differ by order)."""
+    g = torch.Generator().manual_seed(n)
+    ts = [torch.randn(64, generator=g) * 10.0 ** float(torch.randint(-3, 4, (1,), generator=g)) for _ in range(n)]
+    acc = dist.PairwiseSum()
+    for t in ts:
+        acc.add(t)
+    assert torch.equal(acc.total(), dist._pairwise(list(ts)))
+
+
+def test_pairwise_sum_refuses_a_count_that_is_not_a_power_of_two():
+    acc = dist.PairwiseSum()
+    for _ in range(3):
+        acc.add(torch.ones(2))
+    with pytest.raises(ValueError, match="power of two"):
+        acc.total()
