@@ -5,6 +5,8 @@
 // K and V read back as fp16((code - zero) * scale) (dcc's quant_kv); scores, softmax and sums in float32 (exp2 of
 // log2e-scaled scores). A sequence's slots may be split over nsplit CTAs; the last of them to finish merges their
 // partial (max, sum, output) triples, as flash-decoding does (one launch).
+#include <cstdlib>
+
 #include "attn.h"
 #include "common.cuh"
 
@@ -45,7 +47,7 @@ struct QkvIn {
   int in_dt;
 };
 
-template <int KIND, int TPT, int GM>
+template <int KIND, int TPT, int GM, bool QSTAGE>
 __global__ void __launch_bounds__(kThreads)
     decode_attention_kernel(const float* __restrict__ q, const QkvIn qin, void* kc, __half* ks, __half* kz, void* vc,
                             __half* vs, __half* vz, const long long* __restrict__ pos, void* out,
@@ -68,23 +70,37 @@ __global__ void __launch_bounds__(kThreads)
   float qr[GM][8];
   const float qscale = kLog2e * rsqrtf(static_cast<float>(D));
   const long long p = len - 1;
-#pragma unroll
-  for (int g = 0; g < GM; ++g)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      float v = 0.f;
-      if (g < G && qin.qkv == nullptr) {
-        v = q[(bh0 + g) * D + 8 * lt + j];
-      } else if (g < G) {
-        const int i = 8 * lt + j, half = D / 2;
-        const long long src = b * qin.stride + (static_cast<long long>(kh) * G + g) * D;
-        const float x = load16(qin.qkv, src + i, qin.in_dt);
-        const float other = i < half ? -load16(qin.qkv, src + i + half, qin.in_dt)
-                                     : load16(qin.qkv, src + i - half, qin.in_dt);
-        v = __fadd_rn(__fmul_rn(x, qin.cos[p * D + i]), __fmul_rn(other, qin.sin[p * D + i]));
-      }
-      qr[g][j] = v * qscale;
+  auto q_value = [&](int g, int i) -> float {   // channel i of head g, scaled (0 past the group's G heads)
+    float v = 0.f;
+    if (g < G && qin.qkv == nullptr) {
+      v = q[(bh0 + g) * D + i];
+    } else if (g < G) {
+      const int half = D / 2;
+      const long long src = b * qin.stride + (static_cast<long long>(kh) * G + g) * D;
+      const float x = load16(qin.qkv, src + i, qin.in_dt);
+      const float other = i < half ? -load16(qin.qkv, src + i + half, qin.in_dt)
+                                   : load16(qin.qkv, src + i - half, qin.in_dt);
+      v = __fadd_rn(__fmul_rn(x, qin.cos[p * D + i]), __fmul_rn(other, qin.sin[p * D + i]));
     }
+    return v * qscale;
+  };
+  if constexpr (QSTAGE) {
+    // each of the G x D values computed once, by one thread, with coalesced loads, into the scores' shared memory
+    // (free until the scores loop; D <= kMaxChunk), then read back by the lanes that hold them: 4 loads a thread
+    // at G = 4, D = 128 instead of 128 (every slot of the CTA computed every lane's q itself)
+    for (int i = threadIdx.x; i < GM * D; i += kThreads) sc[i / D][i % D] = q_value(i / D, i % D);
+    __syncthreads();
+#pragma unroll
+    for (int g = 0; g < GM; ++g)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) qr[g][j] = sc[g][8 * lt + j];
+    __syncthreads();   // read before the scores loop writes sc
+  } else {
+#pragma unroll
+    for (int g = 0; g < GM; ++g)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) qr[g][j] = q_value(g, 8 * lt + j);
+  }
   // fused: the CTA whose slots hold position p writes the step's K (warp 0, RoPE'd) and V (warp 1) there first
   if (qin.qkv != nullptr && t0 <= p && p < t1) {
     if (warp < 2) {
@@ -280,14 +296,29 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// DCC_ATTN_QSTAGE=1: q staged in shared memory (QSTAGE above; the same bits). Opt-in until timed on a GPU.
+bool qstage() {
+  static const bool on = [] {
+    const char* v = std::getenv("DCC_ATTN_QSTAGE");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on;
+}
+
 template <int KIND, int TPT>
 cudaError_t launch_g(int gm, dim3 grid, const float* q, const QkvIn& qin, void* kc, __half* ks, __half* kz, void* vc,
                      __half* vs, __half* vz, const long long* pos, void* out, float* ws, int H, int KVH, int T,
                      int chunk, int nsplit, int out_dt, cudaStream_t st) {
 #define DCC_KV4_CASE(GMV)                                                                                            \
   case GMV:                                                                                                          \
-    decode_attention_kernel<KIND, TPT, GMV><<<grid, kThreads, 0, st>>>(q, qin, kc, ks, kz, vc, vs, vz, pos, out, ws, \
-                                                                       H, KVH, T, chunk, nsplit, out_dt);            \
+    if (qstage())                                                                                                    \
+      decode_attention_kernel<KIND, TPT, GMV, true><<<grid, kThreads, 0, st>>>(q, qin, kc, ks, kz, vc, vs, vz, pos,  \
+                                                                               out, ws, H, KVH, T, chunk, nsplit,    \
+                                                                               out_dt);                              \
+    else                                                                                                             \
+      decode_attention_kernel<KIND, TPT, GMV, false><<<grid, kThreads, 0, st>>>(q, qin, kc, ks, kz, vc, vs, vz, pos, \
+                                                                                out, ws, H, KVH, T, chunk, nsplit,   \
+                                                                                out_dt);                             \
     break;
   switch (gm) {
     DCC_KV4_CASE(1)

@@ -1,0 +1,129 @@
+"""Decode attention alone (csrc/attn's decode_attention_kernel, the fused form dcc generate runs: RoPE of the step's
+q and k, the new K/V written, attention over the cache), Llama-3-8B heads (32 query, 8 KV, head 128), a context of
+256 slots in a cache of 384 (the e2e benchmark's 128 + 256), KV4 and bf16 caches, batch 1 and 64: microseconds per
+launch from a CUDA graph of 32 launches (one per layer, each its own cache), the median of 20 replays, for each split
+size the kernel may take (DCC_ATTN_MIN_CHUNK), beside the bytes floor (the cache slots read at the measured copy
+bandwidth). --qstage times the q-staging variant (DCC_ATTN_QSTAGE=1, read once per process) in a second process.
+
+    PYTHONPATH=. python bench/gpu_attn.py [--qstage] [--batches 1,64]
+
+JSON (bench/_results.py) to $OUT/gpu_attn.json if $OUT is set, else bench/results/gpu_attn.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+H, KVH, D, CAP, CTX, LAYERS = 32, 8, 128, 384, 256, 32
+
+
+def bench_one(kind: str, batch: int, min_chunk: int) -> dict:
+    import torch
+    from dcc.runtime.fastlm import cache as C
+    os.environ["DCC_ATTN_MIN_CHUNK"] = str(min_chunk)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if kind == "kv4":
+        c = C.KV4Cache(LAYERS, batch, KVH, CAP, D, H, "cuda", sms=sms)
+        for t in (c.kc, c.vc):
+            t.random_(0, 256)
+        for t in (c.ks, c.vs):
+            t.fill_(0.01)
+        for t in (c.kz, c.vz):
+            t.fill_(8.0)
+        dt, slot_bytes = torch.float16, D + 8   # K and V: D/2 code bytes and an fp16 scale and zero each
+    else:
+        dt = torch.bfloat16
+        c = C.KV16Cache(LAYERS, batch, KVH, CAP, D, H, "cuda", dt, sms=sms)
+        c.k.normal_()
+        c.v.normal_()
+        slot_bytes = 4 * D
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(batch, (H + 2 * KVH) * D, device="cuda", dtype=dt, generator=gen)
+    pos = torch.full((batch,), CTX - 1, device="cuda", dtype=torch.long)
+    ang = torch.rand(CAP, D, device="cuda", generator=gen)
+    cos, sin = ang.cos(), ang.sin()
+    for layer in range(LAYERS):   # warm-up, outside the graph
+        c.decode(layer, qkv, pos, cos, sin)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for layer in range(LAYERS):
+            c.decode(layer, qkv, pos, cos, sin)
+    for _ in range(3):
+        g.replay()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(20):
+        s.record()
+        g.replay()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e) * 1000 / LAYERS)
+    ts.sort()
+    return {"cache": kind, "batch": batch, "chunk": c.chunk, "splits": c.splits, "ctas": batch * KVH * c.splits,
+            "us": round(ts[len(ts) // 2], 2), "bytes": batch * KVH * CTX * slot_bytes}
+
+
+def copy_tbs() -> float:
+    import torch
+    a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(10):
+        b.copy_(a)
+    e.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 10 / (s.elapsed_time(e) / 1000) / 1e12
+
+
+def run_all(batches: list[int]) -> list[dict]:
+    rows = []
+    for kind in ("kv4", "bf16"):
+        for b in batches:
+            for mc in ((16, 32, 64, 128, 256) if b == 1 else (32, 256)):
+                r = bench_one(kind, b, mc)
+                rows.append(r)
+                print(f"  {kind:4} batch {b:3} chunk {r['chunk']:3} splits {r['splits']:2} CTAs {r['ctas']:5}: "
+                      f"{r['us']:7.2f} us", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--qstage", action="store_true", help="also time DCC_ATTN_QSTAGE=1 (in a second process)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.child:   # the variant's rows, as JSON on the last line
+        print(json.dumps(run_all(batches)))
+        return
+    import _results
+    bw = copy_tbs()
+    print(f"device copy {bw:.2f} TB/s (read + write); default kernel:", flush=True)
+    rows = [dict(r, variant="default") for r in run_all(batches)]
+    if args.qstage:
+        print("DCC_ATTN_QSTAGE=1:", flush=True)
+        env = dict(os.environ, DCC_ATTN_QSTAGE="1")
+        res = subprocess.run([sys.executable, __file__, "--child", "--batches", args.batches], env=env,
+                             capture_output=True, text=True, check=True)
+        print("\n".join(res.stdout.splitlines()[:-1]), flush=True)
+        rows += [dict(r, variant="qstage") for r in json.loads(res.stdout.splitlines()[-1])]
+    for r in rows:
+        r["floor_us"] = round(r["bytes"] / (bw / 2 * 1e12) * 1e6, 2)   # reads at the copy's one-way bandwidth
+    out = Path(os.environ["OUT"]) / "gpu_attn.json" if os.environ.get("OUT") else None
+    path = _results.write("gpu_attn", rows, out=out, copy_TBps=round(bw, 3), heads=H, kv_heads=KVH, head_dim=D,
+                          capacity=CAP, context=CTX, layers_per_graph=LAYERS)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
