@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .compiler import dist
-from .compiler.gpu_memory import ADVICE, GpuMemoryError, check_fits, free_and_total_mb
+from .compiler.gpu_memory import check_fits, free_and_total_mb
 from .compiler.resume import Checkpoint, fingerprint, worth_keeping
 from .compiler.sequential import ModelForward, compile_blocks
 from .ir.fused_linear import SplitLinear
@@ -84,10 +84,10 @@ def estimate_memory_mb(lm: LazyModel, tokens: int, lean: bool = False, spill: bo
 
 
 def spilled_inputs_mb(lm: LazyModel, tokens: int) -> float:
-    """Host memory the spilled inputs take: the widest linear input on every calibration token, float32."""
-    widest_in = max((m.in_features for b in lm.blocks for m in b.modules() if isinstance(m, torch.nn.Linear)),
-                    default=0)
-    return tokens * widest_in * 4 / 2**20
+    """Host memory the spilled inputs take: every linear's input on every calibration token, float32 (each linear
+    counted, though q/k/v and gate/up share one copy: an upper estimate)."""
+    return tokens * max(sum(m.in_features for m in b.modules() if isinstance(m, torch.nn.Linear))
+                        for b in lm.blocks) * 4 / 2**20
 
 
 def estimate_artifact_bytes(lm: LazyModel, bits: int) -> int:
@@ -194,14 +194,15 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
         tokens, need_mb, mode = plan_memory(lm, ids, opts, world, steps)
         where = "on the GPU" if torch.device(opts.device).type == "cuda" else "in host memory"
         spread = f", split over {world.size} processes ({world.backend})" if world.distributed else ""
-        how = {"full": "", "lean": "; the linears' inputs one at a time, as all of them do not fit",
-               "spill": f"; the linears' inputs one at a time in host memory ({spilled_inputs_mb(lm, tokens):.0f} MB), "
-                        f"as even one does not fit"}[mode]
+        how = {"full": "", "lean": "; the linears' inputs one at a time, as all of them fit neither the GPU nor the "
+                                   "host",
+               "spill": f"; the linears' inputs in host memory (up to {spilled_inputs_mb(lm, tokens):.0f} MB), as "
+                        f"they do not fit the GPU"}[mode]
         log(f"calibration: {lm.adapter.describe_calibration(ids)} from {opts.calib}{spread}; estimated peak memory "
             f"{need_mb:.0f} MB {where}{' per process' if spread else ''} (one block at a time{how})")
         check_fits(opts.device, need_mb, f"a block's float weights and the parts outside the blocks, and its linears' "
                                          f"inputs on {tokens} calibration tokens"
-                                         + {"full": "", "lean": ", one at a time", "spill": " held in host memory"}[mode])
+                                         + {"full": "", "lean": ", one at a time", "spill": " in host memory"}[mode])
         calib_sha = _sha(opts.calib)
         if recipe is not None and recipe.calib_sha256 and recipe.calib_sha256 != calib_sha:
             log(f"note: {opts.calib} is not the calibration file {recipe.path} was made with (its sha256 "
@@ -218,7 +219,7 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
             log(f"--resume: no interrupted compile of {writer.out} to continue; compiling from block 0")
         res = compile_blocks(lm, steps, inputs, assign, on_block=emitter.on_block,
                              dumper=dumper, device=opts.device, seed=opts.seed, debug=opts.debug,
-                             progress=opts.progress, verbose=opts.verbose, checkpoint=ckpt, lean=mode != "full",
+                             progress=opts.progress, verbose=opts.verbose, checkpoint=ckpt, lean=mode == "lean",
                              spill=mode == "spill",
                              global_batch=len(ids) if world.distributed else None)
         emitter.finish(lm)
@@ -257,39 +258,35 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
 
 def plan_memory(lm: LazyModel, ids, opts: CompileOptions, world, steps=()) -> tuple[int, float, str]:
     """(this process's calibration tokens, its estimated peak memory in MB, mode): the first mode whose estimate
-    fits the GPU's free memory -- "full" (every linear's inputs held), "lean" (one linear's at a time, a block run
-    per read), "spill" (that one in host memory, compiler/spill.py); "full" on the CPU. $DCC_CALIB_MEMORY forces
-    one. The three give the same artifact bytes."""
+    fits -- "full" (every linear's inputs held on the GPU), "spill" (held in host memory, compiler/spill.py: the
+    same collection runs and the same arithmetic, so the same bytes as full), "lean" (one linear's at a time on the
+    GPU, a block run per read: where the host has no room either; later linears' inputs are then collected after
+    the passes changed the ones before, so the bytes can differ); "full" on the CPU. $DCC_CALIB_MEMORY forces
+    one (and skips the host check)."""
     from .compiler.spill import forced_mode
     tokens = lm.adapter.calib_tokens(ids)
     if world.distributed:
         tokens = tokens * world.share(len(ids))[1] // len(ids)
     gptq = any(getattr(s, "name", None) == "gptq" for s in steps or ())
-    est = {m: estimate_memory_mb(lm, tokens, lean=m != "full", spill=m == "spill", gptq=gptq)
-           for m in ("full", "lean", "spill")}
+    est = {m: estimate_memory_mb(lm, tokens, lean=m == "lean", spill=m == "spill", gptq=gptq)
+           for m in ("full", "spill", "lean")}
     mode = forced_mode()
     if mode == "auto":
         mode = "full"
-        if torch.device(opts.device).type == "cuda":
-            free = free_and_total_mb(torch.device(opts.device))[0]
-            mode = next((m for m in ("full", "lean") if est[m] <= free), "spill")
-    if mode == "spill":
-        check_host(spilled_inputs_mb(lm, tokens))
+        if torch.device(opts.device).type == "cuda" and est["full"] > free_and_total_mb(torch.device(opts.device))[0]:
+            mode = "spill" if host_room(spilled_inputs_mb(lm, tokens)) else "lean"
     return tokens, est[mode], mode
 
 
-def check_host(need_mb: float) -> None:
-    """Refuse spilled inputs that would not fit the host's available memory (Linux's MemAvailable), before any
-    work."""
+def host_room(need_mb: float) -> bool:
+    """Whether the host's available memory (Linux's MemAvailable) holds need_mb with a 10 % margin; True where it
+    cannot be read (not Linux)."""
     try:
         with open("/proc/meminfo") as f:
             avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 1024
     except (OSError, StopIteration, ValueError):
-        return   # not Linux: nothing to check against
-    if need_mb > 0.9 * avail:
-        raise GpuMemoryError(f"the calibration inputs of one linear do not fit the GPU beside the block, and in "
-                             f"host memory they need about {need_mb / 1024:.1f} GB of the "
-                             f"{avail / 1024:.1f} GB available; use {ADVICE}")
+        return True
+    return need_mb <= 0.9 * avail
 
 
 def share_inputs(inputs, world, ids):
@@ -325,7 +322,7 @@ def _follow(lm: LazyModel, steps, assign, opts: CompileOptions, world) -> None:
     check_fits(opts.device, need_mb, f"process {world.rank}'s share of the calibration inputs")
     inputs = share_inputs(lm.adapter.block_inputs(lm, ids, opts.device), world, ids)
     compile_blocks(lm, steps, inputs, assign, device=opts.device, seed=opts.seed, debug=opts.debug, progress=False,
-                   verbose=False, lean=mode != "full", spill=mode == "spill", global_batch=len(ids))
+                   verbose=False, lean=mode == "lean", spill=mode == "spill", global_batch=len(ids))
 
 
 def distributed_options(opts: CompileOptions, world) -> CompileOptions:

@@ -34,7 +34,7 @@ class BlockContext:
         # for calibration sets whose inputs of all the block's linears do not fit the device (a run per input read)
         self.lean = lean
         # spill: the linears' inputs are gathered in host memory and read back a block of rows at a time
-        # (compiler/spill.py), for inputs that do not fit the device even one at a time
+        # (compiler/spill.py), for inputs that do not fit the device: the same runs and bits as holding them there
         self.spill = spill
         self.captures = captures if captures is not None else Captures()
         self._acts: dict[str, torch.Tensor] | None = None

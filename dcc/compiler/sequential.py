@@ -80,7 +80,7 @@ class _BlockCompiler:
     timing: PassTiming
     outputs: str = "first"
     lean: bool = False
-    spill: bool = False   # the linears' inputs in host memory (compiler/spill.py)
+    spill: bool = False   # the linears' inputs held in host memory (compiler/spill.py)
     global_batch: int | None = None   # the calibration batch's sequences, of which this process holds a share
     messages: list[str] = field(default_factory=list)
     captures: Captures = field(default_factory=Captures)
@@ -177,7 +177,7 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
     layout packs). `checkpoint` (compiler/resume.py, a chain only): saved after each block; the blocks it holds as
     done are not compiled again, the next one starting from its saved input and RNG state. lean: each block holds the
     inputs of one linear at a time (compiler/context.py), for calibration sets too large for the device otherwise;
-    spill: those inputs in host memory (compiler/spill.py), where even one does not fit.
+    spill: every linear's inputs held in host memory (compiler/spill.py), the same bytes as on the device.
     global_batch: the calibration batch's sequences when this process holds a share of them (compiler/dist.py; block
     0's inputs are then that share, and every block's outputs stay split)."""
     t0 = time.perf_counter()

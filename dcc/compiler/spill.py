@@ -1,10 +1,10 @@
-"""Calibration inputs held in host memory ("spilled") when even one linear's inputs do not fit the GPU beside the
-block (a 70B block's down_proj reads 28672 channels: 30 GB in float32 at 128 x 2048 tokens, on top of the hidden
-states' four copies). The collection runs chunk by chunk on the GPU and copies each chunk's input rows into a pinned
-host tensor; what passes read of it (compiler/stats.py: maxima, Gram sums over the batch's leaves, row subsets) and
-the smoothing's rescale move a block of rows at a time back to the GPU and compute there exactly what they would
-compute on the whole tensor: the same kernels on the same rows, so the artifact's bytes do not depend on whether the
-inputs were spilled (tests/compiler/test_spill.py)."""
+"""Calibration inputs held in host memory ("spilled") when they do not fit the GPU beside the block (an 8B block's
+linears read 26624 channels in all, 28 GB in float32 at 128 x 2048 tokens; a 70B block's down_proj alone 28672).
+The collection run is the one full mode makes (compiler/context.py), chunk by chunk on the GPU, each chunk's input
+rows copied into pinned host tensors; what passes read of them (compiler/stats.py: maxima, Gram sums over the
+batch's leaves, row subsets) and the smoothing's rescale move a block of rows at a time back to the GPU and compute
+there exactly what they would compute on the whole tensor: the same kernels on the same rows, so the artifact's bytes
+are those of full mode (tests/compiler/test_spill.py)."""
 from __future__ import annotations
 
 import os
@@ -16,8 +16,8 @@ MODES = ("auto", "full", "lean", "spill")
 
 
 def forced_mode() -> str:
-    """$DCC_CALIB_MEMORY: auto (default: the first of full, lean, spill whose estimate fits the GPU), or one of them
-    forced (tests and benchmarks; spill also works on the CPU, where it only copies)."""
+    """$DCC_CALIB_MEMORY: auto (default: full where its estimate fits the GPU, else spill where the host has room,
+    else lean), or one of them forced (tests and benchmarks; spill also works on the CPU, where it only copies)."""
     mode = os.environ.get("DCC_CALIB_MEMORY", "auto").strip() or "auto"
     if mode not in MODES:
         raise ValueError(f"DCC_CALIB_MEMORY={mode!r}: one of {', '.join(MODES)}")
