@@ -63,10 +63,10 @@ def estimate_memory_mb(lm: LazyModel, tokens: int, lean: bool = False, spill: bo
     head), the linears' float32 inputs on every calibration token (each linear counted, though q/k/v and gate/up
     share one copy: an upper estimate; lean, the widest one only; spill, none: they are in host memory, and one of
     the batch's 8 leaves of the widest comes back at a time, with the Gram product's two float32 copies of it), four
-    copies of the hidden states (inputs, float and current outputs, the reference), one chunk's intermediates
-    (compiler/chunks.py: a few float32 tensors of the widest linear), and with GPTQ three float64 K x K matrices of
-    the widest input (H shared by a stage, its permuted copy, the factor: passes/gptq.py; 20 GB for a 70B
-    down_proj)."""
+    copies of the hidden states (inputs, float and current outputs, the reference; three spilled), one chunk's
+    intermediates (compiler/chunks.py: a few float32 tensors of the widest linear), and with GPTQ three float64
+    K x K matrices of the widest input (H shared by a stage, its permuted copy, the factor: passes/gptq.py; 20 GB
+    for a 70B down_proj)."""
     from .compiler.chunks import CHUNK_TOKENS
     block = max(sum(p.numel() for p in b.parameters()) for b in lm.blocks) * 4 * 2
     outer = sum(p.numel() for n, p in lm.model.named_parameters() if not lm.in_blocks(n)) * 4
@@ -80,7 +80,9 @@ def estimate_memory_mb(lm: LazyModel, tokens: int, lean: bool = False, spill: bo
     hidden = tokens * min((m.in_features for lins in linears for m in lins), default=0) * 4   # the residual width
     chunk = min(tokens, CHUNK_TOKENS) * widest * 4 * 6
     hess = 3 * widest_in ** 2 * 8 if gptq else 0
-    return (block + outer + acts + 4 * hidden + chunk + hess) / 2**20
+    # spilled, the float and reference outputs wait in host memory: inputs, an output, and the reference brought
+    # back to measure the block's error at its end
+    return (block + outer + acts + (3 if spill else 4) * hidden + chunk + hess) / 2**20
 
 
 def spilled_inputs_mb(lm: LazyModel, tokens: int) -> float:

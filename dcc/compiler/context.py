@@ -172,6 +172,7 @@ class BlockContext:
     def rel_error(self, out: torch.Tensor, ref: torch.Tensor) -> float:
         """||out - ref|| / ||ref|| over the whole batch (outputs [local batch, ...] of this process's share), the
         squared norms summed over the canonical leaves (the same number in any number of processes)."""
+        ref = ref.to(out.device)   # a spilled context holds the reference in host memory until here
         d = (out.float() - ref.float()).reshape(ref.shape[0], -1)
         r = ref.float().reshape(ref.shape[0], -1)
         num = self.stats.tree(d, lambda v: v.square().sum(dtype=torch.float64))
@@ -275,6 +276,10 @@ class BlockContext:
                 # a tracked statistic reads the device tensor: that input is then gathered on the device
                 watch[name] = _both(watch[name], fn) if name in watch else fn
         out = self.record(watch, stop=stop)
+        if self.spill and isinstance(out, torch.Tensor) and out.device.type != "cpu":
+            # the float output (the reference the block's error is measured against, and block_io's) waits in host
+            # memory too: on the GPU it would sit beside the passes' work for the whole block
+            out = spill.to_host(out)
         self._tracked |= set(tracks)
         # the output of the first run since the weights changed, as when every input is held (one run); a lean
         # context runs again for each input, after passes that kept the function (smoothing), and those later
