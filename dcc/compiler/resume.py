@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ..ir.fused_linear import SplitLinear, split_linears
 from .gpu_memory import GpuMemoryError
+from .spill import host_empty
 
 FORMAT = "dcc-resume"
 _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcc-checkpoint")   # one write at a time, in order
@@ -222,7 +223,7 @@ class Checkpoint:
         buf = self._host
         if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
             self._host = buf = None   # the old buffer's pages go back before the new one is pinned
-            buf = self._host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            buf = self._host = host_empty(x.shape, x.dtype)
         buf.copy_(x, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(x.device))
