@@ -40,6 +40,11 @@ BENCH = Path(__file__).resolve().parent
 METHODS = {
     "dcc-qserve": ("dcc", ["--target", "qserve"], "QoQ W4A8KV4, per-channel weights, GPTQ (qserve's default algo qoq)"),
     "dcc-tinychat-awq": ("dcc", ["--target", "tinychat", "--algo", "awq"], "AWQ W4A16 asymmetric g128 (TinyChat)"),
+    # the same with the forward runs' float32 products as three TF32 products (--gpu-matmul, ir/gpu_matmul.py)
+    "dcc-qserve-3xtf32": ("dcc", ["--target", "qserve", "--gpu-matmul", "3xtf32"],
+                          "as dcc-qserve, --gpu-matmul 3xtf32"),
+    "dcc-tinychat-awq-3xtf32": ("dcc", ["--target", "tinychat", "--algo", "awq", "--gpu-matmul", "3xtf32"],
+                                "as dcc-tinychat-awq, --gpu-matmul 3xtf32"),
     "llmc-gptq": ("llmc", ["gptq"], "llm-compressor GPTQModifier scheme W4A16 (symmetric g128), lm_head ignored"),
     "llmc-awq": ("llmc", ["awq"], "llm-compressor AWQModifier + QuantizationModifier W4A16_ASYM (g128), lm_head "
                                   "ignored"),

@@ -15,6 +15,7 @@ import torch
 from . import __version__
 from .compiler import dist
 from .compiler.gpu_memory import check_fits, free_and_total_mb
+from .ir.gpu_matmul import check as check_gpu_matmul
 from .compiler.resume import Checkpoint, fingerprint, worth_keeping
 from .compiler.sequential import ModelForward, compile_blocks
 from .ir.fused_linear import SplitLinear
@@ -55,6 +56,7 @@ class CompileOptions:
     progress: bool = True
     verbose: bool = False
     steps: list | None = None       # Python API only: an explicit pass list (e.g. a benchmark's ablation)
+    gpu_matmul: str = "fp32"        # float32 products of the graph runs on a GPU: fp32 or 3xtf32 (ir/gpu_matmul.py)
 
 
 def estimate_memory_mb(lm: LazyModel, tokens: int, lean: bool = False, spill: bool = False,
@@ -158,6 +160,7 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
     from .targets.artifact import ArtifactWriter, checkpoint_progress
     target, topts, recipe, opts = resolve(opts)
     check_device(opts.device)
+    check_gpu_matmul(opts.gpu_matmul)
     for name in ("calib_chunks", "calib_seq_len"):
         if getattr(opts, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(opts, name)}: must be at least 1")
@@ -222,7 +225,7 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
         res = compile_blocks(lm, steps, inputs, assign, on_block=emitter.on_block,
                              dumper=dumper, device=opts.device, seed=opts.seed, debug=opts.debug,
                              progress=opts.progress, verbose=opts.verbose, checkpoint=ckpt, lean=mode == "lean",
-                             spill=mode == "spill",
+                             spill=mode == "spill", gpu_matmul=opts.gpu_matmul,
                              global_batch=len(ids) if world.distributed else None)
         emitter.finish(lm)
         if all("skip_reason" in v for v in emitter.layers.values()):
@@ -324,7 +327,8 @@ def _follow(lm: LazyModel, steps, assign, opts: CompileOptions, world) -> None:
     check_fits(opts.device, need_mb, f"process {world.rank}'s share of the calibration inputs")
     inputs = share_inputs(lm.adapter.block_inputs(lm, ids, opts.device), world, ids)
     compile_blocks(lm, steps, inputs, assign, device=opts.device, seed=opts.seed, debug=opts.debug, progress=False,
-                   verbose=False, lean=mode == "lean", spill=mode == "spill", global_batch=len(ids))
+                   verbose=False, lean=mode == "lean", spill=mode == "spill", gpu_matmul=opts.gpu_matmul,
+                   global_batch=len(ids))
 
 
 def distributed_options(opts: CompileOptions, world) -> CompileOptions:
@@ -347,6 +351,8 @@ def checkpoint(model: str, writer, emitter, target, topts, steps, opts: CompileO
               "--seed": opts.seed, "--calib-chunks": opts.calib_chunks, "--calib-seq-len": opts.calib_seq_len,
               "calibration file name": Path(opts.calib).name, "model name": Path(model).name,
               "device kind": torch.device(opts.device).type}
+    if opts.gpu_matmul != "fp32":   # named only when set: the checkpoints of earlier compiles stay valid
+        recipe["--gpu-matmul"] = opts.gpu_matmul
     versions = {"dcc": __version__, "torch": torch.__version__, "transformers": _version("transformers")}
     ckpt = Checkpoint(writer.journal, fingerprint(Path(model), calib_sha, recipe, versions), emitter, writer, log,
                       name=writer.partial)
@@ -375,7 +381,8 @@ def build_manifest(target, topts, opts: CompileOptions, spec, steps, ids, lm, em
                    "weight": spec.to_dict(), "pipeline": [s.to_dict() for s in steps],
                    "seed": opts.seed, "unsupported": topts.unsupported,
                    "calibration": {"file": Path(opts.calib).name, "sha256": calib_sha or _sha(opts.calib),
-                                   **lm.adapter.calib_summary(ids)}},
+                                   **lm.adapter.calib_summary(ids),
+                                   **({"gpu_matmul": opts.gpu_matmul} if opts.gpu_matmul != "fp32" else {})}},
         "source": {"model": lm.path.name, "kind": lm.adapter.kind, "architecture": type(lm.model).__name__,
                    "blocks": lm.blocks_prefix, "num_blocks": len(lm.blocks), **_diffusers_source(lm),
                    **_split_linears(lm)},

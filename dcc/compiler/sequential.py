@@ -27,6 +27,7 @@ from ..ir.capture import Captures, typed_nodes
 from ..ir.fused_linear import read_parts_directly, sliced_linears, split_linears
 from ..ir.graph import AnalysisError
 from ..ir.rewrite import linear_nodes
+from ..ir.gpu_matmul import using as matmul_precision
 from ..ir.program import copy_graph
 from ..ir.graph import Block
 from .context import BlockContext
@@ -167,7 +168,7 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
                    assign_specs, on_block=None, dumper=None, device: str = "cpu", seed: int = 0, debug: bool = False,
                    progress: bool = True, verbose: bool = False, max_tokens: int | None = None,
                    release: bool = True, checkpoint=None, lean: bool = False,
-                   global_batch: int | None = None, spill: bool = False) -> CompileResult:
+                   global_batch: int | None = None, spill: bool = False, gpu_matmul: str = "fp32") -> CompileResult:
     """Compile every block in order. `inputs`: block 0's (args, kwargs) on the calibration batch, as the model's
     adapter computes them (dcc.models.adapter: block0_inputs), or a function returning them, called after the passes'
     model prologues -- which may change what reaches block 0 (rotated embeddings), so a pair computed before is
@@ -179,7 +180,16 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
     inputs of one linear at a time (compiler/context.py), for calibration sets too large for the device otherwise;
     spill: every linear's inputs held in host memory (compiler/spill.py), the same bytes as on the device.
     global_batch: the calibration batch's sequences when this process holds a share of them (compiler/dist.py; block
-    0's inputs are then that share, and every block's outputs stay split)."""
+    0's inputs are then that share, and every block's outputs stay split). gpu_matmul: the precision of the graph
+    runs' float32 products on a GPU (ir/gpu_matmul.py)."""
+    with matmul_precision(gpu_matmul):
+        return _compile_blocks(lm, steps, inputs, assign_specs, on_block, dumper, device, seed, debug, progress,
+                               verbose, max_tokens, release, checkpoint, lean, global_batch, spill)
+
+
+def _compile_blocks(lm, steps, inputs, assign_specs, on_block, dumper, device, seed, debug, progress, verbose,
+                    max_tokens, release, checkpoint, lean, global_batch, spill) -> CompileResult:
+    """compile_blocks' work, inside its matrix-product precision."""
     t0 = time.perf_counter()
     check_pipeline(steps)
     dev = torch.device(device)

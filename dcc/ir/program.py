@@ -14,6 +14,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.fx import GraphModule, Interpreter
 
+from . import gpu_matmul
 from .ops import FLOAT_EQUIVALENT, is_runtime_numerics, passthrough
 
 _IO = "dcc_io"          # GraphModule.meta key: how the graph's placeholders are filled (GraphIO)
@@ -178,7 +179,8 @@ def run(gm: GraphModule, module: torch.nn.Module, args: tuple, kwargs: dict, eng
     """The block's output computed by its graph, with `module`'s current parameters and buffers; engine=False
     bypasses the run-time numerics."""
     g = gm if engine else float_view(gm)
-    return _unflatten(gm, g(*_flat_inputs(gm, module, args, kwargs)))
+    with gpu_matmul.products():   # float32 products as the compile asked (ir/gpu_matmul.py; fp32 by default)
+        return _unflatten(gm, g(*_flat_inputs(gm, module, args, kwargs)))
 
 
 class _Recorder(Interpreter):
@@ -204,5 +206,6 @@ def run_recording(gm: GraphModule, module: torch.nn.Module, args: tuple, kwargs:
     missing = set(watch) - {n.name for n in gm.graph.nodes}
     if missing:
         raise ValueError(f"graph has no node {sorted(missing)[0]}")
-    out = _Recorder(gm, engine, watch).run(*_flat_inputs(gm, module, args, kwargs), enable_io_processing=False)
+    with gpu_matmul.products():
+        out = _Recorder(gm, engine, watch).run(*_flat_inputs(gm, module, args, kwargs), enable_io_processing=False)
     return _unflatten(gm, out)

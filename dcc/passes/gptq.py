@@ -14,6 +14,7 @@ from ..ir.formats import (QuantizedTensor, compute_qparams, fp_encode, progressi
                           two_level_qparams)
 from ..ir.progressive import protective_range
 from .base import Pass, PassConfig, PassResult, quantizable, register
+from ..ir.gpu_matmul import tf32_part
 from ._gptq_graph import sweep_graphed
 from .rtn import SQNR_TOKENS, quantize_linear, unshifted
 
@@ -146,12 +147,6 @@ def hessian(x: torch.Tensor, stats=None) -> torch.Tensor:
     return stats.tree(x, gram).double().mul_(2.0 / stats.tokens(x))
 
 
-def _tf32_part(v: torch.Tensor) -> torch.Tensor:
-    """v with its float32 mantissa cut to TF32's 10 bits (exactly representable in TF32: the tensor cores use it
-    unrounded)."""
-    return (v.view(torch.int32) & -8192).view(torch.float32)   # -8192 = 0xFFFFE000: sign, exponent, 10 bits
-
-
 def gram(v: torch.Tensor) -> torch.Tensor:
     """X^T X of rows v [t, K] in float32. On a GPU by three TF32 tensor-core products (the H of an 8B block's
     linears at 128 x 2048 tokens: 8 s -> 6.7 s of GPTQ's time per block, H100): v = hi + lo exactly, hi its TF32
@@ -161,7 +156,7 @@ def gram(v: torch.Tensor) -> torch.Tensor:
     v = v.float()
     if not v.is_cuda:
         return v.T @ v
-    hi = _tf32_part(v)
+    hi = tf32_part(v)
     lo = v - hi   # exact: the bits hi dropped
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -227,7 +227,7 @@ def test_block_replay_logic_equals_the_eager_sweep(spec, monkeypatch):
 
 
 def test_the_tf32_part_and_the_rest_add_up_exactly():
-    from dcc.passes.gptq import _tf32_part
+    from dcc.ir.gpu_matmul import tf32_part as _tf32_part
     v = torch.randn(1000) * torch.logspace(-20, 20, 1000)
     hi = _tf32_part(v)
     assert torch.equal(hi + (v - hi), v)
