@@ -3,9 +3,10 @@ q and k, the new K/V written, attention over the cache), Llama-3-8B heads (32 qu
 256 slots in a cache of 384 (the e2e benchmark's 128 + 256), KV4 and bf16 caches, batch 1 and 64: microseconds per
 launch from a CUDA graph of 32 launches (one per layer, each its own cache), the median of 20 replays, for each split
 size the kernel may take (DCC_ATTN_MIN_CHUNK), beside the bytes floor (the cache slots read at the measured copy
-bandwidth). --qstage times the q-staging variant (DCC_ATTN_QSTAGE=1, read once per process) in a second process.
+bandwidth). --variants times the kernel's benchmark variants too (DCC_ATTN_VARIANT, read once per process: 1, q
+staged in shared memory; 3, also 8 passes of loads in flight), each in its own process.
 
-    PYTHONPATH=. python bench/gpu_attn.py [--qstage] [--batches 1,64]
+    PYTHONPATH=. python bench/gpu_attn.py [--variants 1,3] [--batches 1,64]
 
 JSON (bench/_results.py) to $OUT/gpu_attn.json if $OUT is set, else bench/results/gpu_attn.json."""
 from __future__ import annotations
@@ -99,7 +100,7 @@ def run_all(batches: list[int]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,64")
-    ap.add_argument("--qstage", action="store_true", help="also time DCC_ATTN_QSTAGE=1 (in a second process)")
+    ap.add_argument("--variants", default="", help="DCC_ATTN_VARIANT values to time beside the default (1, 3)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -109,14 +110,14 @@ def main() -> None:
     import _results
     bw = copy_tbs()
     print(f"device copy {bw:.2f} TB/s (read + write); default kernel:", flush=True)
-    rows = [dict(r, variant="default") for r in run_all(batches)]
-    if args.qstage:
-        print("DCC_ATTN_QSTAGE=1:", flush=True)
-        env = dict(os.environ, DCC_ATTN_QSTAGE="1")
+    rows = [dict(r, variant=0) for r in run_all(batches)]
+    for v in [int(x) for x in args.variants.split(",") if x.strip()]:
+        print(f"DCC_ATTN_VARIANT={v}:", flush=True)
+        env = dict(os.environ, DCC_ATTN_VARIANT=str(v))
         res = subprocess.run([sys.executable, __file__, "--child", "--batches", args.batches], env=env,
                              capture_output=True, text=True, check=True)
         print("\n".join(res.stdout.splitlines()[:-1]), flush=True)
-        rows += [dict(r, variant="qstage") for r in json.loads(res.stdout.splitlines()[-1])]
+        rows += [dict(r, variant=v) for r in json.loads(res.stdout.splitlines()[-1])]
     for r in rows:
         r["floor_us"] = round(r["bytes"] / (bw / 2 * 1e12) * 1e6, 2)   # reads at the copy's one-way bandwidth
     out = Path(os.environ["OUT"]) / "gpu_attn.json" if os.environ.get("OUT") else None

@@ -47,12 +47,16 @@ struct QkvIn {
   int in_dt;
 };
 
-template <int KIND, int TPT, int GM, bool QSTAGE>
+template <int KIND, int TPT, int GM, int VAR>
 __global__ void __launch_bounds__(kThreads)
     decode_attention_kernel(const float* __restrict__ q, const QkvIn qin, void* kc, __half* ks, __half* kz, void* vc,
                             __half* vs, __half* vz, const long long* __restrict__ pos, void* out,
                             float* __restrict__ ws, int H, int KVH, int T, int chunk, int nsplit, int out_dt) {
   constexpr int D = 8 * TPT, P = kThreads / TPT, WARPS = kThreads / 32;
+  // VAR (benchmark variants, DCC_ATTN_VARIANT): bit 0, q staged in shared memory; bit 1, 8 passes of the K and V
+  // loops unrolled (their loads in flight together) instead of 2
+  constexpr bool QSTAGE = (VAR & 1) != 0;
+  constexpr int UNROLL = (VAR & 2) != 0 ? 8 : 2;
   __shared__ float sc[GM][kMaxChunk];
   __shared__ float red[WARPS][GM * D];
   __shared__ float stat[2][WARPS][GM];
@@ -114,7 +118,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   // scores of this split's tokens
-#pragma unroll 2
+#pragma unroll UNROLL
   for (int base = t0; base < t1; base += P) {
     const int t = base + slot;
     float part[GM];
@@ -175,7 +179,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int g = 0; g < GM; ++g)
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
-#pragma unroll 2
+#pragma unroll UNROLL
   for (int base = t0; base < t1; base += P) {
     const int t = base + slot;
     if (t < t1) {
@@ -296,29 +300,32 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// DCC_ATTN_QSTAGE=1: q staged in shared memory (QSTAGE above; the same bits). Opt-in until timed on a GPU.
-bool qstage() {
-  static const bool on = [] {
-    const char* v = std::getenv("DCC_ATTN_QSTAGE");
-    return v != nullptr && v[0] == '1';
+// DCC_ATTN_VARIANT=0 (default), 1 (q staged in shared memory) or 3 (and 8 passes in flight): the same bits (VAR
+// above). Opt-in until timed on a GPU (bench/gpu_attn.py).
+int variant() {
+  static const int v = [] {
+    const char* e = std::getenv("DCC_ATTN_VARIANT");
+    const int x = e == nullptr ? 0 : std::atoi(e);
+    return x == 1 || x == 3 ? x : 0;
   }();
-  return on;
+  return v;
 }
 
 template <int KIND, int TPT>
 cudaError_t launch_g(int gm, dim3 grid, const float* q, const QkvIn& qin, void* kc, __half* ks, __half* kz, void* vc,
                      __half* vs, __half* vz, const long long* pos, void* out, float* ws, int H, int KVH, int T,
                      int chunk, int nsplit, int out_dt, cudaStream_t st) {
+#define DCC_KV4_VAR(GMV, VARV)                                                                                       \
+  decode_attention_kernel<KIND, TPT, GMV, VARV><<<grid, kThreads, 0, st>>>(q, qin, kc, ks, kz, vc, vs, vz, pos, out,  \
+                                                                          ws, H, KVH, T, chunk, nsplit, out_dt)
 #define DCC_KV4_CASE(GMV)                                                                                            \
   case GMV:                                                                                                          \
-    if (qstage())                                                                                                    \
-      decode_attention_kernel<KIND, TPT, GMV, true><<<grid, kThreads, 0, st>>>(q, qin, kc, ks, kz, vc, vs, vz, pos,  \
-                                                                               out, ws, H, KVH, T, chunk, nsplit,    \
-                                                                               out_dt);                              \
+    if (variant() == 1)                                                                                              \
+      DCC_KV4_VAR(GMV, 1);                                                                                           \
+    else if (variant() == 3)                                                                                         \
+      DCC_KV4_VAR(GMV, 3);                                                                                           \
     else                                                                                                             \
-      decode_attention_kernel<KIND, TPT, GMV, false><<<grid, kThreads, 0, st>>>(q, qin, kc, ks, kz, vc, vs, vz, pos, \
-                                                                                out, ws, H, KVH, T, chunk, nsplit,   \
-                                                                                out_dt);                             \
+      DCC_KV4_VAR(GMV, 0);                                                                                           \
     break;
   switch (gm) {
     DCC_KV4_CASE(1)
@@ -329,6 +336,7 @@ cudaError_t launch_g(int gm, dim3 grid, const float* q, const QkvIn& qin, void* 
       return cudaErrorInvalidValue;
   }
 #undef DCC_KV4_CASE
+#undef DCC_KV4_VAR
   return cudaGetLastError();
 }
 
