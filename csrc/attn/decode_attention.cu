@@ -90,8 +90,8 @@ __global__ void __launch_bounds__(kThreads)
   };
   if constexpr (QSTAGE) {
     // each of the G x D values computed once, by one thread, with coalesced loads, into the scores' shared memory
-    // (free until the scores loop; D <= kMaxChunk), then read back by the lanes that hold them: 4 loads a thread
-    // at G = 4, D = 128 instead of 128 (every slot of the CTA computed every lane's q itself)
+    // (free until the scores loop; D <= kMaxChunk), then read back by the lanes that hold them: 4 values and 16
+    // loads a thread at G = 4, D = 128 instead of 32 and 128 (every slot of the CTA computed its lanes' q itself)
     for (int i = threadIdx.x; i < GM * D; i += kThreads) sc[i / D][i % D] = q_value(i / D, i % D);
     __syncthreads();
 #pragma unroll
