@@ -40,6 +40,8 @@ BENCH = Path(__file__).resolve().parent
 METHODS = {
     "dcc-qserve": ("dcc", ["--target", "qserve"], "QoQ W4A8KV4, per-channel weights, GPTQ (qserve's default algo qoq)"),
     "dcc-tinychat-awq": ("dcc", ["--target", "tinychat", "--algo", "awq"], "AWQ W4A16 asymmetric g128 (TinyChat)"),
+    # the recipe closest to llm-compressor's GPTQ W4A16 (dcc's GPTQ: act-order, static asymmetric groups of 128)
+    "dcc-tinychat-gptq": ("dcc", ["--target", "tinychat", "--algo", "gptq"], "GPTQ W4A16 asymmetric g128 (TinyChat)"),
     # the same with the forward runs' float32 products as three TF32 products (--gpu-matmul, ir/gpu_matmul.py)
     "dcc-qserve-3xtf32": ("dcc", ["--target", "qserve", "--gpu-matmul", "3xtf32"],
                           "as dcc-qserve, --gpu-matmul 3xtf32"),
