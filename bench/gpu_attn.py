@@ -1,7 +1,7 @@
 """Decode attention alone (csrc/attn's decode_attention_kernel, the fused form dcc generate runs: RoPE of the step's
 q and k, the new K/V written, attention over the cache), Llama-3-8B heads (32 query, 8 KV, head 128), a context of
 256 slots in a cache of 384 (the e2e benchmark's 128 + 256), KV4 and bf16 caches, batch 1 and 64: microseconds per
-launch from a CUDA graph of 32 launches (one per layer, each its own cache), the median of 20 replays, for each split
+launch from a CUDA graph of 32 launches (one per layer, each its own cache; gpu_w4a16's time_calls), for each split
 size the kernel may take (DCC_ATTN_MIN_CHUNK), beside the bytes floor (the cache slots read at the measured copy
 bandwidth). --variants times the kernel's benchmark variants too (DCC_ATTN_VARIANT, read once per process: 1, q
 staged in shared memory; 3, also 8 passes of loads in flight), each in its own process.
@@ -18,13 +18,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from gpu_w4a16 import ceilings, time_calls  # noqa: E402  (bench/gpu_w4a16.py: the same ceilings and timing)
 H, KVH, D, CAP, CTX, LAYERS = 32, 8, 128, 384, 256, 32
 
 
 def bench_one(kind: str, batch: int, min_chunk: int) -> dict:
-    import torch
     from dcc.runtime.fastlm import cache as C
     os.environ["DCC_ATTN_MIN_CHUNK"] = str(min_chunk)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -48,41 +51,10 @@ def bench_one(kind: str, batch: int, min_chunk: int) -> dict:
     pos = torch.full((batch,), CTX - 1, device="cuda", dtype=torch.long)
     ang = torch.rand(CAP, D, device="cuda", generator=gen)
     cos, sin = ang.cos(), ang.sin()
-    for layer in range(LAYERS):   # warm-up, outside the graph
-        c.decode(layer, qkv, pos, cos, sin)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for layer in range(LAYERS):
-            c.decode(layer, qkv, pos, cos, sin)
-    for _ in range(3):
-        g.replay()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(20):
-        s.record()
-        g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) * 1000 / LAYERS)
-    ts.sort()
+    # bench/gpu_w4a16.py's timing: one graph of the 32 launches, median per launch over replays
+    us, _, _ = time_calls([lambda layer=layer: c.decode(layer, qkv, pos, cos, sin) for layer in range(LAYERS)], reps=20)
     return {"cache": kind, "batch": batch, "chunk": c.chunk, "splits": c.splits, "ctas": batch * KVH * c.splits,
-            "us": round(ts[len(ts) // 2], 2), "bytes": batch * KVH * CTX * slot_bytes}
-
-
-def copy_tbs() -> float:
-    import torch
-    a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(10):
-        b.copy_(a)
-    e.record()
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 10 / (s.elapsed_time(e) / 1000) / 1e12
+            "us": round(us, 2), "bytes": batch * KVH * CTX * slot_bytes}
 
 
 def run_all(batches: list[int]) -> list[dict]:
@@ -108,7 +80,7 @@ def main() -> None:
         print(json.dumps(run_all(batches)))
         return
     import _results
-    bw = copy_tbs()
+    bw = ceilings()[0]   # the device copy's TB/s, read + write
     print(f"device copy {bw:.2f} TB/s (read + write); default kernel:", flush=True)
     rows = [dict(r, variant=0) for r in run_all(batches)]
     for v in [int(x) for x in args.variants.split(",") if x.strip()]:

@@ -15,7 +15,8 @@ import torch
 from . import __version__
 from .compiler import dist
 from .compiler.gpu_memory import check_fits, free_and_total_mb
-from .ir.gpu_matmul import check as check_gpu_matmul
+from .compiler.host_memory import host_room
+from .ir import gpu_matmul
 from .compiler.resume import Checkpoint, fingerprint, worth_keeping
 from .compiler.sequential import ModelForward, compile_blocks
 from .ir.fused_linear import SplitLinear
@@ -59,8 +60,7 @@ class CompileOptions:
     gpu_matmul: str = "fp32"        # float32 products of the graph runs on a GPU: fp32 or 3xtf32 (ir/gpu_matmul.py)
 
 
-def estimate_memory_mb(lm: LazyModel, tokens: int, lean: bool = False, spill: bool = False,
-                       gptq: bool = False) -> float:
+def estimate_memory_mb(lm: LazyModel, tokens: int, mode: str = "full", gptq: bool = False) -> float:
     """Peak of one block: its float weights (x2 for the pre-pass copy), the parts outside the blocks (embeddings,
     head), the linears' float32 inputs on every calibration token (each linear counted, though q/k/v and gate/up
     share one copy: an upper estimate; lean, the widest one only; spill, none: they are in host memory, and one of
@@ -74,17 +74,18 @@ def estimate_memory_mb(lm: LazyModel, tokens: int, lean: bool = False, spill: bo
     outer = sum(p.numel() for n, p in lm.model.named_parameters() if not lm.in_blocks(n)) * 4
     linears = [[m for m in b.modules() if isinstance(m, torch.nn.Linear)] for b in lm.blocks]
     widest_in = max((m.in_features for lins in linears for m in lins), default=0)
-    if spill:
+    if mode == "spill":
         acts = (tokens // 8 + 1) * widest_in * 4 * 3
     else:
-        acts = tokens * max((max if lean else sum)([m.in_features for m in lins] or [0]) for lins in linears) * 4
+        acts = tokens * max((max if mode == "lean" else sum)([m.in_features for m in lins] or [0])
+                            for lins in linears) * 4
     widest = max((max(m.in_features, m.out_features) for lins in linears for m in lins), default=0)
     hidden = tokens * min((m.in_features for lins in linears for m in lins), default=0) * 4   # the residual width
     chunk = min(tokens, CHUNK_TOKENS) * widest * 4 * 6
     hess = 3 * widest_in ** 2 * 8 if gptq else 0
     # spilled, the float and reference outputs wait in host memory: inputs, an output, and the reference brought
     # back to measure the block's error at its end
-    return (block + outer + acts + (3 if spill else 4) * hidden + chunk + hess) / 2**20
+    return (block + outer + acts + (3 if mode == "spill" else 4) * hidden + chunk + hess) / 2**20
 
 
 def spilled_inputs_mb(lm: LazyModel, tokens: int) -> float:
@@ -160,7 +161,7 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
     from .targets.artifact import ArtifactWriter, checkpoint_progress
     target, topts, recipe, opts = resolve(opts)
     check_device(opts.device)
-    check_gpu_matmul(opts.gpu_matmul)
+    gpu_matmul.check(opts.gpu_matmul)
     for name in ("calib_chunks", "calib_seq_len"):
         if getattr(opts, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(opts, name)}: must be at least 1")
@@ -222,11 +223,11 @@ def compile_model(model: str, out: str, opts: CompileOptions, log=log.info) -> P
             ckpt = checkpoint(model, writer, emitter, target, topts, steps, opts, calib_sha, log)
         if opts.resume and not writer.resumed:
             log(f"--resume: no interrupted compile of {writer.out} to continue; compiling from block 0")
-        res = compile_blocks(lm, steps, inputs, assign, on_block=emitter.on_block,
-                             dumper=dumper, device=opts.device, seed=opts.seed, debug=opts.debug,
-                             progress=opts.progress, verbose=opts.verbose, checkpoint=ckpt, lean=mode == "lean",
-                             spill=mode == "spill", gpu_matmul=opts.gpu_matmul,
-                             global_batch=len(ids) if world.distributed else None)
+        with gpu_matmul.using(opts.gpu_matmul):
+            res = compile_blocks(lm, steps, inputs, assign, on_block=emitter.on_block,
+                                 dumper=dumper, device=opts.device, seed=opts.seed, debug=opts.debug,
+                                 progress=opts.progress, verbose=opts.verbose, checkpoint=ckpt, memory=mode,
+                                 global_batch=len(ids) if world.distributed else None)
         emitter.finish(lm)
         if all("skip_reason" in v for v in emitter.layers.values()):
             raise ValueError(f"{lm.path.name}: no linear layer was quantized (the pipeline "
@@ -273,25 +274,13 @@ def plan_memory(lm: LazyModel, ids, opts: CompileOptions, world, steps=()) -> tu
     if world.distributed:
         tokens = tokens * world.share(len(ids))[1] // len(ids)
     gptq = any(getattr(s, "name", None) == "gptq" for s in steps or ())
-    est = {m: estimate_memory_mb(lm, tokens, lean=m == "lean", spill=m == "spill", gptq=gptq)
-           for m in ("full", "spill", "lean")}
+    est = {m: estimate_memory_mb(lm, tokens, m, gptq=gptq) for m in ("full", "spill", "lean")}
     mode = forced_mode()
     if mode == "auto":
         mode = "full"
         if torch.device(opts.device).type == "cuda" and est["full"] > free_and_total_mb(torch.device(opts.device))[0]:
             mode = "spill" if host_room(spilled_inputs_mb(lm, tokens)) else "lean"
     return tokens, est[mode], mode
-
-
-def host_room(need_mb: float) -> bool:
-    """Whether the host's available memory (Linux's MemAvailable) holds need_mb with a 10 % margin; True where it
-    cannot be read (not Linux)."""
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 1024
-    except (OSError, StopIteration, ValueError):
-        return True
-    return need_mb <= 0.9 * avail
 
 
 def share_inputs(inputs, world, ids):
@@ -326,9 +315,9 @@ def _follow(lm: LazyModel, steps, assign, opts: CompileOptions, world) -> None:
     _, need_mb, mode = plan_memory(lm, ids, opts, world, steps)
     check_fits(opts.device, need_mb, f"process {world.rank}'s share of the calibration inputs")
     inputs = share_inputs(lm.adapter.block_inputs(lm, ids, opts.device), world, ids)
-    compile_blocks(lm, steps, inputs, assign, device=opts.device, seed=opts.seed, debug=opts.debug, progress=False,
-                   verbose=False, lean=mode == "lean", spill=mode == "spill", gpu_matmul=opts.gpu_matmul,
-                   global_batch=len(ids))
+    with gpu_matmul.using(opts.gpu_matmul):
+        compile_blocks(lm, steps, inputs, assign, device=opts.device, seed=opts.seed, debug=opts.debug,
+                       progress=False, verbose=False, memory=mode, global_batch=len(ids))
 
 
 def distributed_options(opts: CompileOptions, world) -> CompileOptions:

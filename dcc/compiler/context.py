@@ -23,19 +23,20 @@ class BlockContext:
 
     def __init__(self, block, args: tuple, kwargs: dict, device: torch.device, seed: int = 0,
                  max_tokens: int | None = None, verbose: bool = False, captures: Captures | None = None,
-                 outputs: str = "first", lean: bool = False, global_batch: int | None = None, spill: bool = False):
+                 outputs: str = "first", global_batch: int | None = None, memory: str = "full"):
         if outputs not in ("first", "all"):
             raise ValueError(f"outputs {outputs!r}: 'first' or 'all'")
+        if memory not in ("full", "lean", "spill"):
+            raise ValueError(f"memory {memory!r}: 'full', 'lean' or 'spill'")
         self.block, self.args, self.kwargs = block, args, kwargs
         self.outputs = outputs   # "first": the block's first output; "all": every tensor it returns, joined
         self.device, self.seed, self.verbose = device, seed, verbose
         self.max_tokens = max_tokens
-        # lean: keep the inputs of one linear (and those reading the same tensor) at a time, not of every linear:
-        # for calibration sets whose inputs of all the block's linears do not fit the device (a run per input read)
-        self.lean = lean
-        # spill: the linears' inputs are gathered in host memory and read back a block of rows at a time
-        # (compiler/spill.py), for inputs that do not fit the device: the same runs and bits as holding them there
-        self.spill = spill
+        # where the linears' inputs are held (api.plan_memory chooses): "full", every linear's on the device;
+        # "lean", one linear's (and those reading the same tensor) at a time, a run per input read; "spill", every
+        # linear's in host memory, read back a block of rows at a time (compiler/spill.py; the same runs and bits
+        # as full)
+        self.lean, self.spill = memory == "lean", memory == "spill"
         self.captures = captures if captures is not None else Captures()
         self._acts: dict[str, torch.Tensor] | None = None
         self._float_out: torch.Tensor | None = None

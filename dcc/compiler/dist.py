@@ -59,18 +59,12 @@ def _log2(size: int) -> int:
     return size.bit_length() - 1
 
 
-def _pairwise(ts: list[torch.Tensor]) -> torch.Tensor:
-    """Sum a power-of-two list by adding neighbours level by level: [a, b, c, d] -> (a + b) + (c + d). The
-    levels of this tree over a rank's leaves, then over the ranks' subtree sums, are the levels of the 8-leaf tree."""
-    while len(ts) > 1:
-        ts = [ts[i] + ts[i + 1] for i in range(0, len(ts), 2)]
-    return ts[0]
-
-
 class PairwiseSum:
-    """_pairwise's sum of a power-of-two list of tensors fed one at a time: a partial sum is added to its neighbour
-    as soon as both exist, so at most log2(n) + 1 partials are alive instead of n (8 leaves' Gram matrices of a 70B
-    down_proj's 28672 inputs are 26 GB), with the same additions in the same order, hence the same bits."""
+    """The sum of a power-of-two list of tensors by adding neighbours level by level -- [a, b, c, d] -> (a + b) +
+    (c + d) -- fed one tensor at a time: a partial sum is added to its neighbour as soon as both exist, so at most
+    log2(n) + 1 partials are alive instead of n (8 leaves' Gram matrices of a 70B down_proj's 28672 inputs are
+    26 GB). The levels of this tree over a rank's leaves, then over the ranks' subtree sums, are the levels of the
+    8-leaf tree."""
 
     def __init__(self):
         self._stack: list[tuple[int, torch.Tensor]] = []   # (level, partial): levels strictly decreasing
@@ -78,7 +72,7 @@ class PairwiseSum:
     def add(self, t: torch.Tensor) -> None:
         level = 0
         while self._stack and self._stack[-1][0] == level:
-            t = self._stack.pop()[1] + t   # left neighbour + right, as _pairwise adds ts[i] + ts[i + 1]
+            t = self._stack.pop()[1] + t   # left neighbour + right
             level += 1
         self._stack.append((level, t))
 
@@ -87,6 +81,14 @@ class PairwiseSum:
             raise ValueError(f"PairwiseSum: {len(self._stack)} partial sums left; the number of terms must be a "
                              f"power of two")
         return self._stack[0][1]
+
+
+def _pairwise(ts: list[torch.Tensor]) -> torch.Tensor:
+    """PairwiseSum of a whole list."""
+    acc = PairwiseSum()
+    for t in ts:
+        acc.add(t)
+    return acc.total()
 
 
 @dataclass(frozen=True)
@@ -154,8 +156,8 @@ class World:
         return self.tree_combine(_pairwise(list(partials)))
 
     def tree_combine(self, local: torch.Tensor) -> torch.Tensor:
-        """The canonical tree sum from this rank's subtree sum (its leaves' partials summed by _pairwise, or by
-        PairwiseSum as they come): the same bits as tree_sum of the partials."""
+        """The canonical tree sum from this rank's subtree sum (its leaves' partials summed by PairwiseSum): the
+        same bits as tree_sum of the partials."""
         self._check_device("tree_sum", local)
         if not self.distributed:
             return local   # a single process has all 8 leaves: local is already the whole tree

@@ -27,7 +27,6 @@ from ..ir.capture import Captures, typed_nodes
 from ..ir.fused_linear import read_parts_directly, sliced_linears, split_linears
 from ..ir.graph import AnalysisError
 from ..ir.rewrite import linear_nodes
-from ..ir.gpu_matmul import using as matmul_precision
 from ..ir.program import copy_graph
 from ..ir.graph import Block
 from .context import BlockContext
@@ -80,8 +79,7 @@ class _BlockCompiler:
     release: bool
     timing: PassTiming
     outputs: str = "first"
-    lean: bool = False
-    spill: bool = False   # the linears' inputs held in host memory (compiler/spill.py)
+    memory: str = "full"   # where the linears' inputs are held: full, lean or spill (compiler/context.py)
     global_batch: int | None = None   # the calibration batch's sequences, of which this process holds a share
     messages: list[str] = field(default_factory=list)
     captures: Captures = field(default_factory=Captures)
@@ -139,8 +137,8 @@ class _BlockCompiler:
         self._analyse(block, params)
         self.assign_specs(block)
         ctx = BlockContext(block, args, kwargs, self.device, self.seed + i, max_tokens=self.max_tokens,
-                           verbose=self.verbose, captures=self.captures, outputs=self.outputs, lean=self.lean,
-                           global_batch=self.global_batch, spill=self.spill)
+                           verbose=self.verbose, captures=self.captures, outputs=self.outputs,
+                           global_batch=self.global_batch, memory=self.memory)
         t1 = time.perf_counter()
         run_block(block, self.steps, ctx, self.timing, self.dumper, self.debug)
         t2 = time.perf_counter()
@@ -167,8 +165,8 @@ class _BlockCompiler:
 def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], BlockInputs] | ModelForward,
                    assign_specs, on_block=None, dumper=None, device: str = "cpu", seed: int = 0, debug: bool = False,
                    progress: bool = True, verbose: bool = False, max_tokens: int | None = None,
-                   release: bool = True, checkpoint=None, lean: bool = False,
-                   global_batch: int | None = None, spill: bool = False, gpu_matmul: str = "fp32") -> CompileResult:
+                   release: bool = True, checkpoint=None, memory: str = "full",
+                   global_batch: int | None = None) -> CompileResult:
     """Compile every block in order. `inputs`: block 0's (args, kwargs) on the calibration batch, as the model's
     adapter computes them (dcc.models.adapter: block0_inputs), or a function returning them, called after the passes'
     model prologues -- which may change what reaches block 0 (rotated embeddings), so a pair computed before is
@@ -176,20 +174,12 @@ def compile_blocks(lm, steps: list[Step], inputs: BlockInputs | Callable[[], Blo
     Linear's spec (or skip reason) for the target; `on_block(block, ctx)` receives the finished block (the emitter
     packs it) before its weights are released (release=False keeps them, for in-memory evaluation of formats that no
     layout packs). `checkpoint` (compiler/resume.py, a chain only): saved after each block; the blocks it holds as
-    done are not compiled again, the next one starting from its saved input and RNG state. lean: each block holds the
-    inputs of one linear at a time (compiler/context.py), for calibration sets too large for the device otherwise;
-    spill: every linear's inputs held in host memory (compiler/spill.py), the same bytes as on the device.
-    global_batch: the calibration batch's sequences when this process holds a share of them (compiler/dist.py; block
-    0's inputs are then that share, and every block's outputs stay split). gpu_matmul: the precision of the graph
-    runs' float32 products on a GPU (ir/gpu_matmul.py)."""
-    with matmul_precision(gpu_matmul):
-        return _compile_blocks(lm, steps, inputs, assign_specs, on_block, dumper, device, seed, debug, progress,
-                               verbose, max_tokens, release, checkpoint, lean, global_batch, spill)
-
-
-def _compile_blocks(lm, steps, inputs, assign_specs, on_block, dumper, device, seed, debug, progress, verbose,
-                    max_tokens, release, checkpoint, lean, global_batch, spill) -> CompileResult:
-    """compile_blocks' work, inside its matrix-product precision."""
+    done are not compiled again, the next one starting from its saved input and RNG state. memory: where each
+    block holds its linears' inputs (compiler/context.py): full (all of them on the device), lean (one linear's at
+    a time, for calibration sets too large for the device otherwise) or spill (all of them in host memory,
+    compiler/spill.py, the same bytes as full). global_batch: the calibration batch's sequences when this process
+    holds a share of them (compiler/dist.py; block 0's inputs are then that share, and every block's outputs stay
+    split)."""
     t0 = time.perf_counter()
     check_pipeline(steps)
     dev = torch.device(device)
@@ -200,8 +190,8 @@ def _compile_blocks(lm, steps, inputs, assign_specs, on_block, dumper, device, s
     # passes that act outside the blocks (rotation of the embeddings, ...), through the manager: timed, dumped
     changed = run_model_steps("prologue", steps, lm, ctx0, timing, dumper)
     comp = _BlockCompiler(lm, steps, assign_specs, on_block, dumper, dev, seed, debug, verbose, max_tokens, release,
-                          timing, outputs="all" if isinstance(inputs, ModelForward) else "first", lean=lean,
-                          global_batch=global_batch, spill=spill)
+                          timing, outputs="all" if isinstance(inputs, ModelForward) else "first", memory=memory,
+                          global_batch=global_batch)
     n = len(lm.blocks)
     start = checkpoint.start if checkpoint is not None else 0
     bar = tqdm(range(start, n), desc="compiling blocks", unit="block", disable=not progress, file=sys.stderr,

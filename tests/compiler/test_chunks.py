@@ -95,7 +95,7 @@ def test_a_lean_compile_gives_the_same_artifact(tiny, tmp_path, monkeypatch, tar
 
     class Lean(context.BlockContext):
         def __init__(self, *a, **k):
-            super().__init__(*a, **{**k, "lean": True})
+            super().__init__(*a, **{**k, "memory": "lean"})
 
         def _collect(self, only=None, stop=False):
             acts = super()._collect(only, stop)

@@ -230,13 +230,17 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
 def test_pairwise_sum_as_terms_come_has_the_bits_of_the_level_by_level_sum(n):
     """stats.tree feeds the leaves' partials one at a time (at most log2(n) + 1 alive): the same additions in the
-    same order as _pairwise over the whole list, so the same bits (float32 sums of mixed magnitudes differ by order)."""
+    same order as summing neighbours level by level over the whole list, so the same bits (float32 sums of mixed
+    magnitudes differ by order)."""
     g = torch.Generator().manual_seed(n)
     ts = [torch.randn(64, generator=g) * 10.0 ** float(torch.randint(-3, 4, (1,), generator=g)) for _ in range(n)]
     acc = dist.PairwiseSum()
     for t in ts:
         acc.add(t)
-    assert torch.equal(acc.total(), dist._pairwise(list(ts)))
+    levels = list(ts)
+    while len(levels) > 1:   # the level-by-level tree: [a, b, c, d] -> (a + b) + (c + d)
+        levels = [levels[i] + levels[i + 1] for i in range(0, len(levels), 2)]
+    assert torch.equal(acc.total(), levels[0])
 
 
 def test_pairwise_sum_refuses_a_count_that_is_not_a_power_of_two():
