@@ -1,7 +1,7 @@
 """W4A4 GPU benchmark (Nunchaku INT4 layout, csrc/w4a4): the Hopper wgmma GEMM with its fused low-rank branch and bias
 against torch bf16 (cuBLAS) on the same layer, on the FLUX.1 linear shapes.
 
-    PYTHONPATH=. python bench/gpu_w4a4.py [--quick] [--ms 256,1024] [--mma] [--dtype bf16|fp16]
+    PYTHONPATH=. python bench/gpu_w4a4.py [--quick] [--ms 256,1024] [--mma] [--dtype bf16|fp16] [--only 'tc|k3']
 
 (N, K) in {(3072, 3072), (12288, 3072), (3072, 12288), (9216, 3072)}, M in {256, 1024, 4096, 4608}, rank 32. Per row:
   - cublas: torch.nn.functional.linear(x, W, bias) in the 16-bit dtype; cublas_lr: that plus the unfused low-rank
@@ -14,7 +14,10 @@ against torch bf16 (cuBLAS) on the same layer, on the FLUX.1 linear shapes.
     gemm_fp8_k2_mc, gemm_fp8_k1: the second kernel (DCC_W4A4_WGMMA=kernel=2: 128 x 128 tiles, TMA-fed low-rank
     epilogue -- mc: with CTA pairs multicasting the activations, mc=1 --) and the first (kernel=1) forced; the
     default rows (gemm, gemm_fp8, ...) take whichever the dispatch picks; quant_fused: the one-pass activation kernel
-    (DCC_W4A4_QUANT=fused); e2e_fp8_k2_fused: both; with --mma, the mma.sync GEMM too;
+    (DCC_W4A4_QUANT=fused); e2e_fp8_k2_fused: both; gemm_fp8_k3: the third kernel (kernel=3: the main loop
+    pipelined within each warpgroup, same bits); gemm_tc / gemm_tc_r0 / e2e_tc: path "wgmma_tc" (the third kernel
+    with the low rank on the tensor cores: within 1 ulp of exact, not bit-identical); with --mma, the mma.sync GEMM
+    too; --only REGEX times only the rows it names (and cuBLAS);
   - TOPS = 2 M N K / time (the low-rank work not counted), fraction of the H100's dense int8 peak (1979 TOPS),
     speed-ups of gemm and e2e over cublas and cublas_lr.
 Timing as bench/gpu_w4a16.py (whose time_calls it uses): a CUDA graph of calls rotating over weight copies (> 200 MB,
@@ -27,6 +30,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -39,6 +43,7 @@ import _results  # noqa: E402  (bench/_results.py)
 from gpu_w4a16 import ROTATE_BYTES, log, time_calls  # noqa: E402
 
 from dcc.runtime.cuda import w4a4_ops as ops  # noqa: E402
+from dcc.targets.nunchaku import cuda_numerics as cn  # noqa: E402
 
 SHAPES = ((3072, 3072), (12288, 3072), (3072, 12288), (9216, 3072))
 MS = (256, 1024, 4096, 4608)
@@ -94,14 +99,23 @@ def check(lay: dict, x: torch.Tensor) -> dict:
         f2 = ops.gemm(*args, path="wgmma_fp8", ascales_f32t=st, wscales_f32t=lay["wscales_t"],
                       wcodes_e4m3=lay["wcodes_e4m3"])
 
+    with env("DCC_W4A4_WGMMA", "kernel=3"):
+        f3 = ops.gemm(*args, path="wgmma_fp8", ascales_f32t=st, wscales_f32t=lay["wscales_t"],
+                      wcodes_e4m3=lay["wcodes_e4m3"])
+    tc = ops.gemm(*args, path="wgmma_tc", ascales_f32t=st, wscales_f32t=lay["wscales_t"],
+                  wcodes_e4m3=lay["wcodes_e4m3"], lora_up_f32=ops.cached_lora_up_f32(lay["lora_up"]))
+
     def same(x):
         return int((x.view(torch.int16) == b.view(torch.int16)).sum())
-    equal, equal8, equal_k2 = same(a), same(f), min(same(a2), same(f2))
+    equal, equal8, equal_k2, equal_k3 = same(a), same(f), min(same(a2), same(f2)), same(f3)
+    # wgmma_tc is not bit-identical (the low rank on the tensor cores): how far it is from the bit-exact result
+    tc_ulp = int(cn.ulp_distance(tc.cpu(), b.cpu()).max())
     return {"bit_equal": equal == a.numel(), "equal": equal, "n": a.numel(), "fp8_bit_equal": equal8 == a.numel(),
-            "fp8_equal": equal8, "k2_bit_equal": equal_k2 == a.numel(), "k2_equal": equal_k2}
+            "fp8_equal": equal8, "k2_bit_equal": equal_k2 == a.numel(), "k2_equal": equal_k2,
+            "k3_bit_equal": equal_k3 == a.numel(), "tc_equal": same(tc), "tc_max_ulp": tc_ulp}
 
 
-def bench_shape(n: int, k: int, ms, dtype, with_mma: bool, reps: int) -> list[dict]:
+def bench_shape(n: int, k: int, ms, dtype, with_mma: bool, reps: int, only=None) -> list[dict]:
     copies = copies_of(n, k)
     lays = [make_layer(n, k, dtype, seed=1000 * n + k + i) for i in range(copies)]
     rows = []
@@ -118,21 +132,24 @@ def bench_shape(n: int, k: int, ms, dtype, with_mma: bool, reps: int) -> list[di
 
         def gemm_call(lay, rank=RANK, path="wgmma"):
             la, up = (lora_act, lay["lora_up"]) if rank else (None, None)
-            fp8 = path == "wgmma_fp8"
+            fp8 = path in ("wgmma_fp8", "wgmma_tc")
+            up32 = ops.cached_lora_up_f32(up) if path == "wgmma_tc" and up is not None else None
             return lambda: ops.gemm(codes8 if fp8 else codes, scales, lay["wcodes"], lay["wscales"], lay["bias"], la,
                                     up, out=out, path=path, ascales_f32t=st, wscales_f32t=lay["wscales_t"],
-                                    wcodes_e4m3=lay["wcodes_e4m3"] if fp8 else None)
+                                    wcodes_e4m3=lay["wcodes_e4m3"] if fp8 else None, lora_up_f32=up32)
 
         def quant_call(lay):
             return lambda: ops.quantize(x, lay["smooth"], lay["lora_down_t"], scales_t=True)
 
         def e2e_call(lay, path="wgmma"):
-            fp8 = path == "wgmma_fp8"
+            fp8 = path in ("wgmma_fp8", "wgmma_tc")
+            up32 = ops.cached_lora_up_f32(lay["lora_up"]) if path == "wgmma_tc" else None
 
             def f():
                 c, s, la, t = ops.quantize(x, lay["smooth"], lay["lora_down_t"], scales_t=True, fp8_codes=fp8)
                 ops.gemm(c, s, lay["wcodes"], lay["wscales"], lay["bias"], la, lay["lora_up"], out=out, path=path,
-                         ascales_f32t=t, wscales_f32t=lay["wscales_t"], wcodes_e4m3=lay["wcodes_e4m3"] if fp8 else None)
+                         ascales_f32t=t, wscales_f32t=lay["wscales_t"], wcodes_e4m3=lay["wcodes_e4m3"] if fp8 else None,
+                         lora_up_f32=up32)
             return f
 
         def cublas_call(lay, lowrank):
@@ -145,63 +162,89 @@ def bench_shape(n: int, k: int, ms, dtype, with_mma: bool, reps: int) -> list[di
             return f
 
         t = {}
-        t["cublas"] = time_calls([cublas_call(lay, False) for lay in lays], reps)[0]
-        t["cublas_lr"] = time_calls([cublas_call(lay, True) for lay in lays], reps)[0]
-        t["gemm"] = time_calls([gemm_call(lay) for lay in lays], reps)[0]
-        t["gemm_r0"] = time_calls([gemm_call(lay, rank=0) for lay in lays], reps)[0]
-        t["quant"] = time_calls([quant_call(lay) for lay in lays], reps)[0]
-        t["e2e"] = time_calls([e2e_call(lay) for lay in lays], reps)[0]
-        t["gemm_fp8"] = time_calls([gemm_call(lay, path="wgmma_fp8") for lay in lays], reps)[0]
-        t["gemm_fp8_r0"] = time_calls([gemm_call(lay, rank=0, path="wgmma_fp8") for lay in lays], reps)[0]
-        t["e2e_fp8"] = time_calls([e2e_call(lay, "wgmma_fp8") for lay in lays], reps)[0]
+
+        def tm(name, calls):   # time one row unless --only leaves it out (cuBLAS always runs: the baseline)
+            if only is None or name == "cublas" or re.search(only, name):
+                t[name] = time_calls(calls, reps)[0]
+
+        tm("cublas", [cublas_call(lay, False) for lay in lays])
+        tm("cublas_lr", [cublas_call(lay, True) for lay in lays])
+        tm("gemm", [gemm_call(lay) for lay in lays])
+        tm("gemm_r0", [gemm_call(lay, rank=0) for lay in lays])
+        tm("quant", [quant_call(lay) for lay in lays])
+        tm("e2e", [e2e_call(lay) for lay in lays])
+        tm("gemm_fp8", [gemm_call(lay, path="wgmma_fp8") for lay in lays])
+        tm("gemm_fp8_r0", [gemm_call(lay, rank=0, path="wgmma_fp8") for lay in lays])
+        tm("e2e_fp8", [e2e_call(lay, "wgmma_fp8") for lay in lays])
+        # the third kernel: bit-exact (kernel=3) and with the low rank on the tensor cores (path wgmma_tc)
+        tm("gemm_tc", [gemm_call(lay, path="wgmma_tc") for lay in lays])
+        tm("gemm_tc_r0", [gemm_call(lay, rank=0, path="wgmma_tc") for lay in lays])
+        tm("e2e_tc", [e2e_call(lay, "wgmma_tc") for lay in lays])
         # the s8 kernel with the other int -> float conversion (integer add + fp32 subtraction instead of I2F), and
         # the token-blocked low-rank down-projection in the activation kernel (knobs read when a launch is captured)
         knob = os.environ.get("DCC_W4A4_WGMMA")
+        with env("DCC_W4A4_WGMMA", "kernel=3" + ("," + knob if knob else "")):
+            tm("gemm_fp8_k3", [gemm_call(lay, path="wgmma_fp8") for lay in lays])
         with env("DCC_W4A4_WGMMA", "cvt=1" + ("," + knob if knob else "")):
-            t["gemm_cvt1"] = time_calls([gemm_call(lay) for lay in lays], reps)[0]
+            tm("gemm_cvt1", [gemm_call(lay) for lay in lays])
         # the second GEMM kernel (128 x 128 CTA tiles, TMA-fed low-rank epilogue; the default where its tiles fill
         # the SMs) and the fused activation kernel (the default from M = 16 x SMs): forced, alone and together
         with env("DCC_W4A4_WGMMA", "kernel=2" + ("," + knob if knob else "")):
-            t["gemm_k2"] = time_calls([gemm_call(lay) for lay in lays], reps)[0]
-            t["gemm_fp8_k2"] = time_calls([gemm_call(lay, path="wgmma_fp8") for lay in lays], reps)[0]
-            t["gemm_fp8_k2_r0"] = time_calls([gemm_call(lay, rank=0, path="wgmma_fp8") for lay in lays], reps)[0]
+            tm("gemm_k2", [gemm_call(lay) for lay in lays])
+            tm("gemm_fp8_k2", [gemm_call(lay, path="wgmma_fp8") for lay in lays])
+            tm("gemm_fp8_k2_r0", [gemm_call(lay, rank=0, path="wgmma_fp8") for lay in lays])
             with env("DCC_W4A4_QUANT", "fused"):
-                t["quant_fused"] = time_calls([quant_call(lay) for lay in lays], reps)[0]
-                t["e2e_fp8_k2_fused"] = time_calls([e2e_call(lay, "wgmma_fp8") for lay in lays], reps)[0]
+                tm("quant_fused", [quant_call(lay) for lay in lays])
+                tm("e2e_fp8_k2_fused", [e2e_call(lay, "wgmma_fp8") for lay in lays])
         if n % 256 == 0:   # CTA pairs multicasting the activations (opt-in: slower on the first H100 run)
             with env("DCC_W4A4_WGMMA", "kernel=2,mc=1" + ("," + knob if knob else "")):
-                t["gemm_fp8_k2_mc"] = time_calls([gemm_call(lay, path="wgmma_fp8") for lay in lays], reps)[0]
+                tm("gemm_fp8_k2_mc", [gemm_call(lay, path="wgmma_fp8") for lay in lays])
         with env("DCC_W4A4_WGMMA", "kernel=1" + ("," + knob if knob else "")):
-            t["gemm_fp8_k1"] = time_calls([gemm_call(lay, path="wgmma_fp8") for lay in lays], reps)[0]
+            tm("gemm_fp8_k1", [gemm_call(lay, path="wgmma_fp8") for lay in lays])
         with env("DCC_W4A4_QUANT", "old"):   # the two-pass activation kernel (the default below M = 16 x SMs)
-            t["quant_old"] = time_calls([quant_call(lay) for lay in lays], reps)[0]
+            tm("quant_old", [quant_call(lay) for lay in lays])
         with env("DCC_W4A4_LORA_DOWN", "blocked"):
-            t["quant_blocked"] = time_calls([quant_call(lay) for lay in lays], reps)[0]
-            t["e2e_fp8_blocked"] = time_calls([e2e_call(lay, "wgmma_fp8") for lay in lays], reps)[0]
+            tm("quant_blocked", [quant_call(lay) for lay in lays])
+            tm("e2e_fp8_blocked", [e2e_call(lay, "wgmma_fp8") for lay in lays])
         if with_mma:
-            t["mma"] = time_calls([gemm_call(lay, path="mma") for lay in lays], reps)[0]
+            tm("mma", [gemm_call(lay, path="mma") for lay in lays])
         ops_count = 2.0 * m * n * k
-        tops = ops_count / (t["gemm"] * 1e-6) / 1e12
+
+        def tops_of(key):
+            return round(ops_count / (t[key] * 1e-6) / 1e12, 1) if key in t else None
+
+        def ratio(a, b):
+            return round(t[a] / t[b], 2) if a in t and b in t else None
+
+        def share(r0, full):
+            return round(1 - t[r0] / t[full], 3) if r0 in t and full in t else None
+        tops = tops_of("gemm")
         row = {"N": n, "K": k, "M": m, "rank": RANK, "dtype": str(dtype).replace("torch.", ""),
                **{f"{key}_us": round(v, 2) for key, v in t.items()},
-               "gemm_tops": round(tops, 1), "gemm_peak_frac": round(tops / INT8_PEAK, 3),
-               "e2e_tops": round(ops_count / (t["e2e"] * 1e-6) / 1e12, 1),
-               "speedup_gemm_vs_cublas": round(t["cublas"] / t["gemm"], 2),
-               "speedup_gemm_vs_cublas_lr": round(t["cublas_lr"] / t["gemm"], 2),
-               "speedup_e2e_vs_cublas_lr": round(t["cublas_lr"] / t["e2e"], 2),
-               "lowrank_share": round(1 - t["gemm_r0"] / t["gemm"], 3),
-               "fp8_tops": round(ops_count / (t["gemm_fp8"] * 1e-6) / 1e12, 1),
-               "speedup_fp8_vs_cublas": round(t["cublas"] / t["gemm_fp8"], 2),
-               "speedup_e2e_fp8_vs_cublas_lr": round(t["cublas_lr"] / t["e2e_fp8"], 2),
-               "fp8_lowrank_share": round(1 - t["gemm_fp8_r0"] / t["gemm_fp8"], 3),
+               "gemm_tops": tops, "gemm_peak_frac": round(tops / INT8_PEAK, 3) if tops else None,
+               "e2e_tops": tops_of("e2e"),
+               "speedup_gemm_vs_cublas": ratio("cublas", "gemm"),
+               "speedup_gemm_vs_cublas_lr": ratio("cublas_lr", "gemm"),
+               "speedup_e2e_vs_cublas_lr": ratio("cublas_lr", "e2e"),
+               "lowrank_share": share("gemm_r0", "gemm"),
+               "fp8_tops": tops_of("gemm_fp8"),
+               "speedup_fp8_vs_cublas": ratio("cublas", "gemm_fp8"),
+               "speedup_e2e_fp8_vs_cublas_lr": ratio("cublas_lr", "e2e_fp8"),
+               "fp8_lowrank_share": share("gemm_fp8_r0", "gemm_fp8"),
                "tile": ops.ext().gemm_wgmma_tile(m, n),
-               "k2_fp8_tops": round(ops_count / (t["gemm_fp8_k2"] * 1e-6) / 1e12, 1),
-               "speedup_k2_fp8_vs_cublas": round(t["cublas"] / t["gemm_fp8_k2"], 2),
-               "k2_fp8_lowrank_share": round(1 - t["gemm_fp8_k2_r0"] / t["gemm_fp8_k2"], 3),
-               "speedup_e2e_k2_fused_vs_cublas_lr": round(t["cublas_lr"] / t["e2e_fp8_k2_fused"], 2), **chk}
+               "k2_fp8_tops": tops_of("gemm_fp8_k2"),
+               "speedup_k2_fp8_vs_cublas": ratio("cublas", "gemm_fp8_k2"),
+               "k2_fp8_lowrank_share": share("gemm_fp8_k2_r0", "gemm_fp8_k2"),
+               "speedup_e2e_k2_fused_vs_cublas_lr": ratio("cublas_lr", "e2e_fp8_k2_fused"),
+               "k3_fp8_tops": tops_of("gemm_fp8_k3"), "speedup_k3_fp8_vs_cublas": ratio("cublas", "gemm_fp8_k3"),
+               "tc_tops": tops_of("gemm_tc"), "tc_peak_frac": round(tops_of("gemm_tc") / INT8_PEAK, 3)
+               if "gemm_tc" in t else None,
+               "speedup_tc_vs_cublas": ratio("cublas", "gemm_tc"),
+               "tc_lowrank_share": share("gemm_tc_r0", "gemm_tc"),
+               "speedup_e2e_tc_vs_cublas_lr": ratio("cublas_lr", "e2e_tc"), **chk}
         log("  " + ", ".join(f"{key} {v:.1f} us" for key, v in t.items()) +
-            f" | {tops:.0f} TOPS ({row['gemm_peak_frac']:.0%} of int8 peak), x{row['speedup_gemm_vs_cublas']} "
-            f"cuBLAS, low rank {row['lowrank_share']:.1%}")
+            f" | TOPS: default {tops}, wgmma_tc {row['tc_tops']}; x cuBLAS: default {row['speedup_gemm_vs_cublas']}, "
+            f"wgmma_tc {row['speedup_tc_vs_cublas']}; low-rank share (wgmma_tc) {row['tc_lowrank_share']}")
         rows.append(row)
     del lays
     torch.cuda.empty_cache()
@@ -209,17 +252,20 @@ def bench_shape(n: int, k: int, ms, dtype, with_mma: bool, reps: int) -> list[di
 
 
 def table(rows) -> str:
-    lines = ["| N x K | M | cuBLAS | cuBLAS + LR | dcc GEMM (r32) | TOPS | of peak | x cuBLAS | x cuBLAS+LR | GEMM r0 "
-             "| LR share | quant | e2e | e2e x cuBLAS+LR | fp8 GEMM | fp8 TOPS | fp8 x cuBLAS | fp8 LR share "
-             "| fp8 e2e x cuBLAS+LR | bit-equal (s8, fp8) |",
-             "|" + "---|" * 20]
-    for r in rows:
-        lines.append(f"| {r['N']}x{r['K']} | {r['M']} | {r['cublas_us']} | {r['cublas_lr_us']} | {r['gemm_us']} | "
-                     f"{r['gemm_tops']} | {r['gemm_peak_frac']:.0%} | {r['speedup_gemm_vs_cublas']} | "
-                     f"{r['speedup_gemm_vs_cublas_lr']} | {r['gemm_r0_us']} | {r['lowrank_share']:.1%} | "
-                     f"{r['quant_us']} | {r['e2e_us']} | {r['speedup_e2e_vs_cublas_lr']} | {r['gemm_fp8_us']} | "
-                     f"{r['fp8_tops']} | {r['speedup_fp8_vs_cublas']} | {r['fp8_lowrank_share']:.1%} | "
-                     f"{r['speedup_e2e_fp8_vs_cublas_lr']} | {r['bit_equal']}, {r['fp8_bit_equal']} |")
+    cols = (("N x K", lambda r: f"{r['N']}x{r['K']}"), ("M", "M"), ("cuBLAS", "cublas_us"),
+            ("cuBLAS + LR", "cublas_lr_us"), ("default GEMM (r32)", "gemm_us"), ("x cuBLAS", "speedup_gemm_vs_cublas"),
+            ("fp8 k2", "gemm_fp8_k2_us"), ("fp8 k3", "gemm_fp8_k3_us"), ("x cuBLAS", "speedup_k3_fp8_vs_cublas"),
+            ("wgmma_tc", "gemm_tc_us"), ("TOPS", "tc_tops"), ("of peak", "tc_peak_frac"),
+            ("x cuBLAS", "speedup_tc_vs_cublas"), ("LR share", "tc_lowrank_share"), ("quant", "quant_us"),
+            ("e2e tc", "e2e_tc_us"), ("e2e tc x cuBLAS+LR", "speedup_e2e_tc_vs_cublas_lr"),
+            ("bit-equal s8 / fp8 / k3", lambda r: f"{r['bit_equal']} / {r['fp8_bit_equal']} / {r['k3_bit_equal']}"),
+            ("tc max ulp", "tc_max_ulp"))
+
+    def cell(r, key):
+        v = key(r) if callable(key) else r.get(key)
+        return "-" if v is None else str(v)
+    lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r, c[1]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -227,9 +273,12 @@ def goals(rows) -> list[str]:
     out = []
     for r in rows:
         want = 1.5 if r["M"] >= 1024 else 1.0
-        for name, sp, lr in (("s8", "speedup_gemm_vs_cublas", "lowrank_share"),
+        for name, sp, lr in (("default", "speedup_gemm_vs_cublas", "lowrank_share"),
                              ("fp8", "speedup_fp8_vs_cublas", "fp8_lowrank_share"),
-                             ("fp8 kernel 2", "speedup_k2_fp8_vs_cublas", "k2_fp8_lowrank_share")):
+                             ("fp8 kernel 2", "speedup_k2_fp8_vs_cublas", "k2_fp8_lowrank_share"),
+                             ("wgmma_tc", "speedup_tc_vs_cublas", "tc_lowrank_share")):
+            if r.get(sp) is None or r.get(lr) is None:
+                continue
             ok = r[sp] >= want and r[lr] < 0.10
             out.append(f"{r['N']}x{r['K']} M={r['M']} {name}: x{r[sp]} cuBLAS (goal >= {want}), low rank "
                        f"{r[lr]:.1%} (goal < 10%): {'met' if ok else 'NOT met'}")
@@ -243,6 +292,7 @@ def main():
     ap.add_argument("--mma", action="store_true", help="also time the mma.sync GEMM")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--only", default=None, help="regex over the timed rows' names (cuBLAS always runs), e.g. 'tc|k3'")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -255,7 +305,7 @@ def main():
     log(f"{props.name}, {props.multi_processor_count} SMs; DCC_W4A4_WGMMA={os.environ.get('DCC_W4A4_WGMMA', '')!r}")
     rows = []
     for n, k in shapes:
-        rows += bench_shape(n, k, ms, dtype, args.mma, args.reps)
+        rows += bench_shape(n, k, ms, dtype, args.mma, args.reps, args.only)
     out = os.path.join(os.environ["OUT"], "gpu_w4a4.json") if os.environ.get("OUT") else None
     path = _results.write("gpu_w4a4", rows, out=out, device=props.name, torch=torch.__version__,
                           knob=os.environ.get("DCC_W4A4_WGMMA", ""), int8_peak_tops=INT8_PEAK)

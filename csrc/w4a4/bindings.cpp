@@ -84,19 +84,22 @@ PYBIND11_MODULE(dcc_w4a4_ext, m) {
       "gemm_wgmma",
       [](std::uintptr_t acodes, std::uintptr_t ascales_t, int ld, std::uintptr_t wcodes, std::uintptr_t wscales_t,
          std::uintptr_t bias, std::uintptr_t lora_act, std::uintptr_t lora_up, std::uintptr_t out, int M, int N,
-         int K, int R, int dtype, int fp8, std::uintptr_t stream) {
+         int K, int R, int dtype, int fp8, std::uintptr_t stream, int lora_tc, std::uintptr_t lora_up_f32) {
         cudaError_t e;
         {
           py::gil_scoped_release nogil;
           e = dcc_w4a4::gemm_wgmma(ptr(acodes), ptr(ascales_t), ld, ptr(wcodes), ptr(wscales_t), ptr(bias),
-                                   ptr(lora_act), ptr(lora_up), ptr(out), M, N, K, R, dtype, fp8, stream_of(stream));
+                                   ptr(lora_act), ptr(lora_up), ptr(out), M, N, K, R, dtype, fp8, stream_of(stream),
+                                   lora_tc, ptr(lora_up_f32));
         }
         check(e, "gemm_wgmma");
       },
       py::arg("acodes"), py::arg("ascales_t"), py::arg("ld"), py::arg("wcodes"), py::arg("wscales_t"),
       py::arg("bias"), py::arg("lora_act"), py::arg("lora_up"), py::arg("out"), py::arg("M"), py::arg("N"),
       py::arg("K"), py::arg("R"), py::arg("dtype"), py::arg("fp8") = 0, py::arg("stream") = 0,
-      "W4A4 GEMM on Hopper wgmma, bit-identical to gemm; scales fp32 group-major [K/64, ld] / [K/64, N] (w4a4.h).");
+      py::arg("lora_tc") = 0, py::arg("lora_up_f32") = 0,
+      "W4A4 GEMM on Hopper wgmma, bit-identical to gemm; scales fp32 group-major [K/64, ld] / [K/64, N]; "
+      "lora_tc = 1: the low rank on the tensor cores from lora_up_f32 instead (not bit-identical; w4a4.h).");
   m.def("gemm_wgmma_supported", &dcc_w4a4::gemm_wgmma_supported, py::arg("M"), py::arg("N"), py::arg("K"),
         "gemm_wgmma runs this shape on the current GPU (sm_90 with the sm_90a kernels built; N % 64, K % 128).");
   m.def("gemm_wgmma_tile", &dcc_w4a4::gemm_wgmma_tile, py::arg("M"), py::arg("N"),

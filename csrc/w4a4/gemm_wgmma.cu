@@ -66,6 +66,7 @@ namespace {
 
 #include "wgmma_kernel.cuh"
 #include "wgmma2_kernel.cuh"
+#include "wgmma3_kernel.cuh"
 
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                    const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
@@ -102,12 +103,21 @@ bool prepare_two() {
   return cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, Wg2Cfg::kSmemBytes) == cudaSuccess;
 }
 
+template <class T, bool kTc>
+bool prepare_three() {
+  auto k = w4a4_wgmma3_kernel<T, kTc>;
+  cudaFuncAttributes a{};
+  if (cudaFuncGetAttributes(&a, k) != cudaSuccess || a.binaryVersion < 90 || a.numRegs < 64) return false;
+  return cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, Wg3Cfg<kTc>::kSmemBytes) ==
+         cudaSuccess;
+}
+
 template <class T>
 bool prepare_all() {
   return prepare_one<T, 128, 0>() && prepare_one<T, 128, 1>() && prepare_one<T, 128, 2>() &&
          prepare_one<T, 64, 0>() && prepare_one<T, 64, 1>() && prepare_one<T, 64, 2>() && prepare_two<T, 0, 0>() &&
          prepare_two<T, 1, 0>() && prepare_two<T, 2, 0>() && prepare_two<T, 0, 1>() && prepare_two<T, 1, 1>() &&
-         prepare_two<T, 2, 1>();
+         prepare_two<T, 2, 1>() && prepare_three<T, false>() && prepare_three<T, true>();
 }
 
 // The sm_90a bodies exist (this GPU is sm_90 and the module was built for sm_90a), their shared-memory limits are
@@ -257,6 +267,41 @@ cudaError_t launch2(const void* acodes, const void* ascales_t, int ld, const voi
                            tas, tla, tup, p);
 }
 
+// The third kernel (wgmma3_kernel.cuh): the second kernel's tiles, fp8 operands, the main loop pipelined within each
+// warpgroup; kTc: the low-rank branch on the tensor cores from lora_up's fp32 copy (not bit-identical).
+template <class T, bool kTc>
+cudaError_t launch3(const void* acodes, const void* ascales_t, int ld, const void* wcodes, const void* wscales_t,
+                    const void* lora_up_f32, WgArgs p, cudaStream_t stream) {
+  using C = Wg3Cfg<kTc>;
+  const int G = p.K / kGroup;
+  CUtensorMap tw, ta, tws, tas, tla{}, tup{};
+  if (!encode(&tw, CU_TENSOR_MAP_DATA_TYPE_UINT8, wcodes, p.K, p.N, p.K, C::kTileK, C::kCh,
+              CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !encode(&ta, CU_TENSOR_MAP_DATA_TYPE_UINT8, acodes, p.K, p.M, p.K, C::kTileK, C::kTok,
+              CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !encode(&tws, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, wscales_t, p.N, G, static_cast<uint64_t>(p.N) * 4, C::kCh, 2,
+              CU_TENSOR_MAP_SWIZZLE_NONE) ||
+      !encode(&tas, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, ascales_t, ld, G, static_cast<uint64_t>(ld) * 4, C::kTok, 2,
+              CU_TENSOR_MAP_SWIZZLE_NONE))
+    return cudaErrorInvalidValue;
+  // lora_act [M, R] fp32 in 32-rank boxes, 128-byte swizzled; lora_up [N, R]: its fp32 copy, 128-byte swizzled (the
+  // wgmma A operand, kTc), or the 16-bit values in plain 64-byte rows (the fma chain)
+  if (p.R > 0 &&
+      (!encode(&tla, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.lora_act, p.R, p.M, static_cast<uint64_t>(p.R) * 4,
+               C::kRank, C::kTok, CU_TENSOR_MAP_SWIZZLE_128B) ||
+       !(kTc ? encode(&tup, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, lora_up_f32, p.R, p.N, static_cast<uint64_t>(p.R) * 4,
+                      C::kRank, C::kCh, CU_TENSOR_MAP_SWIZZLE_128B)
+             : encode(&tup, CU_TENSOR_MAP_DATA_TYPE_UINT16, p.lora_up, p.R, p.N, static_cast<uint64_t>(p.R) * 2,
+                      C::kRank, C::kCh, CU_TENSOR_MAP_SWIZZLE_NONE))))
+    return cudaErrorInvalidValue;
+  p.num_m_tiles = (p.M + C::kTok - 1) / C::kTok;
+  p.num_tiles = p.num_m_tiles * (p.N / C::kCh);
+  const int sms = device_attr(cudaDevAttrMultiProcessorCount);
+  const int ctas = std::max(1, std::min(sms > 0 ? sms : 132, p.num_tiles));
+  return launch_persistent(w4a4_wgmma3_kernel<T, kTc>, ctas, C::kSmemBytes, 1, stream, tw, ta, tws, tas, tla, tup,
+                           p);
+}
+
 template <class T, int kTok>
 cudaError_t dispatch_cvt(int cvt, const void* acodes, const void* ascales_t, int ld, const void* wcodes,
                          const void* wscales_t, const WgArgs& p, cudaStream_t stream) {
@@ -312,7 +357,7 @@ int gemm_wgmma_tile(int M, int N) {
 int gemm_wgmma_kernel(int M, int N, int R) {
   if (N % 128 != 0 || R % 32 != 0) return 1;   // the second kernel's shape rules
   const int forced = override_of("kernel");
-  if (forced == 1 || forced == 2) return forced;
+  if (forced >= 1 && forced <= 3) return forced;   // 3: fp8 operands only (s8 calls take the second kernel)
   // Where its 128 x 128 tiles fill every SM, (M + 127) / 128 * (N / 128) >= SMs (FLUX.1 at M >= 1024). H100, first
   // run (DESIGN.md): without CTA pairs it took every FLUX.1 row at M = 1024 and 4096 from the first kernel's fp8
   // 71-820 us to 55-624 us (1.03-1.52x); with pairs it was slower than the first kernel.
@@ -322,7 +367,7 @@ int gemm_wgmma_kernel(int M, int N, int R) {
 
 cudaError_t gemm_wgmma(const void* acodes, const void* ascales_t, int ld, const void* wcodes, const void* wscales_t,
                        const void* bias, const void* lora_act, const void* lora_up, void* out, int M, int N, int K,
-                       int R, int dtype, int fp8, cudaStream_t stream) {
+                       int R, int dtype, int fp8, cudaStream_t stream, int lora_tc, const void* lora_up_f32) {
   if (!shape_ok(M, N, K) || R < 0 || (dtype != 0 && dtype != 1)) return cudaErrorInvalidValue;
   if (!ready()) return cudaErrorNotSupported;
   if (!acodes || !ascales_t || !wcodes || !wscales_t || !out || ld < M || ld % 16) return cudaErrorInvalidValue;
@@ -333,8 +378,21 @@ cudaError_t gemm_wgmma(const void* acodes, const void* ascales_t, int ld, const 
     return cudaErrorInvalidValue;
   WgArgs p{bias, static_cast<const float*>(lora_act), lora_up, out, M, N, K, R, 0, 0};
   const int cvt = fp8 ? 2 : override_of("cvt") == 1 ? 1 : 0;
-  if (gemm_wgmma_kernel(M, N, R) == 2 && (R == 0 || ((reinterpret_cast<uintptr_t>(lora_act) |
-                                                      reinterpret_cast<uintptr_t>(lora_up)) & 15) == 0)) {
+  const bool epi_aligned = R == 0 || ((reinterpret_cast<uintptr_t>(lora_act) | reinterpret_cast<uintptr_t>(lora_up) |
+                                       reinterpret_cast<uintptr_t>(lora_up_f32)) & 15) == 0;
+  if (lora_tc) {   // the third kernel with the low rank on the tensor cores (at R = 0: the third kernel)
+    if (!fp8 || N % 128 != 0 || R % 32 != 0 || !epi_aligned || (R > 0 && !lora_up_f32)) return cudaErrorInvalidValue;
+    if (R == 0)
+      return dtype == 0 ? launch3<__half, false>(acodes, ascales_t, ld, wcodes, wscales_t, nullptr, p, stream)
+                        : launch3<__nv_bfloat16, false>(acodes, ascales_t, ld, wcodes, wscales_t, nullptr, p, stream);
+    return dtype == 0 ? launch3<__half, true>(acodes, ascales_t, ld, wcodes, wscales_t, lora_up_f32, p, stream)
+                      : launch3<__nv_bfloat16, true>(acodes, ascales_t, ld, wcodes, wscales_t, lora_up_f32, p, stream);
+  }
+  const int kernel = gemm_wgmma_kernel(M, N, R);
+  if (kernel == 3 && fp8 && epi_aligned)
+    return dtype == 0 ? launch3<__half, false>(acodes, ascales_t, ld, wcodes, wscales_t, nullptr, p, stream)
+                      : launch3<__nv_bfloat16, false>(acodes, ascales_t, ld, wcodes, wscales_t, nullptr, p, stream);
+  if (kernel >= 2 && epi_aligned) {
     // CTA pairs multicasting the activations only where DCC_W4A4_WGMMA="mc=1" asks (and N % 256 == 0): measured
     // slower than one CTA loading its own (H100: 3072x3072 M = 4096 fp8 241 against 157 us)
     const int mc = N % 256 == 0 && override_of("mc") == 1;

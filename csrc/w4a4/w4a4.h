@@ -53,13 +53,17 @@ cudaError_t gemm(const void* acodes, const void* ascales, const void* wcodes, co
 // wcodes hold the codes as e4m3 bytes (quant_act's fp8_codes; the same bits out, gemm_wgmma.cu).
 cudaError_t gemm_wgmma(const void* acodes, const void* ascales_t, int ld, const void* wcodes, const void* wscales_t,
                        const void* bias, const void* lora_act, const void* lora_up, void* out, int M, int N, int K,
-                       int R, int dtype, int fp8, cudaStream_t stream);
+                       int R, int dtype, int fp8, cudaStream_t stream, int lora_tc = 0,
+                       const void* lora_up_f32 = nullptr);
+// lora_tc = 1 asks for the third kernel with the low-rank branch on the tensor cores (fp8 = 1, N % 128 == 0,
+// R % 32 == 0; lora_up_f32: fp32 [N, R], the exact values of lora_up): not bit-identical to gemm, within ~1e-6
+// relative of the exact result before the 16-bit rounding (wgmma3_kernel.cuh).
 // gemm_wgmma runs this shape on this GPU (an sm_90 device, the sm_90a kernels built, the shape rules above).
 bool gemm_wgmma_supported(int M, int N, int K);
 // The token tile gemm_wgmma picks (64 or 128; DCC_W4A4_WGMMA="tile=..." forces it).
 int gemm_wgmma_tile(int M, int N);
-// Which of gemm_wgmma's two kernels takes this shape: 1, or 2 (128 x 128 tiles, wgmma2_kernel.cuh; where N % 128 ==
-// 0 and R % 32 == 0) when DCC_W4A4_WGMMA="kernel=2" asks for it (opt-in until it has run on a GPU).
+// Which of gemm_wgmma's kernels takes this shape: 1, or 2 (128 x 128 tiles, wgmma2_kernel.cuh; where N % 128 == 0,
+// R % 32 == 0 and the tiles fill every SM), or 3 (wgmma3_kernel.cuh, fp8 only) where DCC_W4A4_WGMMA="kernel=3".
 int gemm_wgmma_kernel(int M, int N, int R);
 
 // An attribute of the current device (gemm_wgmma.cu), 0 where it cannot be read.

@@ -42,6 +42,48 @@ struct Wg2Cfg {
   static_assert(kSmemBytes <= 232448, "shared memory");
 };
 
+#if defined(DCC_W4A4_WGMMA_DEVICE)
+// One 32-rank chunk of the low-rank epilogue on the CUDA cores, ranks in order: acc = fma(lora_act[m, r], up[n, r],
+// acc) for this thread's channels (up0: the staged lora_up row of its first channel, [ch][kRank] 16-bit; the second
+// is 8 rows on) and tokens 8i + 2t + e. la_s: lora_act [kTok tokens][kRank] fp32, 128-byte swizzled rows (chunk c of
+// row r at c ^ (r % 8)), so a thread's 16-byte loads of four ranks of tokens 2t, 2t + 1 fall in distinct banks.
+template <class T, int kTok, int kRank>
+__device__ __forceinline__ void lora_fma_chunk(float (&acc)[kTok / 2], uint32_t la_s, uint32_t up0, int t) {
+  using namespace sm90;
+  const uint32_t up1 = up0 + 8 * kRank * 2;
+#pragma unroll 1
+  for (int r4 = 0; r4 < kRank; r4 += 4) {
+    float u0[4], u1[4];
+    {
+      uint32_t a, b, c2, d;
+      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(a), "=r"(b) : "r"(up0 + r4 * 2));
+      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(c2), "=r"(d) : "r"(up1 + r4 * 2));
+      const uint32_t w0[2] = {a, b}, w1[2] = {c2, d};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint16_t h0 = static_cast<uint16_t>(w0[q / 2] >> (16 * (q % 2)));
+        const uint16_t h1 = static_cast<uint16_t>(w1[q / 2] >> (16 * (q % 2)));
+        u0[q] = Sixteen<T>::to_f(*reinterpret_cast<const T*>(&h0));
+        u1[q] = Sixteen<T>::to_f(*reinterpret_cast<const T*>(&h1));
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kTok / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int tok = 8 * i + 2 * t + e;
+        const float4 l = lds_f32x4(la_s + tok * 128 + (((r4 / 4) ^ (tok & 7)) * 16));
+        const float lv[4] = {l.x, l.y, l.z, l.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {   // ranks in order
+          acc[4 * i + e] = __fmaf_rn(lv[q], u0[q], acc[4 * i + e]);
+          acc[4 * i + 2 + e] = __fmaf_rn(lv[q], u1[q], acc[4 * i + 2 + e]);
+        }
+      }
+  }
+}
+#endif
+
 template <class T, int kCvt, int kMc>
 __global__ void __launch_bounds__(kWgThreads, 1) w4a4_wgmma2_kernel(const __grid_constant__ CUtensorMap tm_w,
                                                                     const __grid_constant__ CUtensorMap tm_a,
@@ -205,38 +247,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) w4a4_wgmma2_kernel(const __grid
     add_bias<T, kTok>(acc, bias, n0 + ch0);
     for (int c = 0; c < chunks; ++c, ++ec) {
       mbar_wait(epi_full, ec & 1);
-      const uint32_t up0 = up_s + ch0 * C::kRank * 2, up1 = up0 + 8 * C::kRank * 2;
-#pragma unroll 1
-      for (int r4 = 0; r4 < C::kRank; r4 += 4) {
-        float u0[4], u1[4];
-        {
-          uint32_t a, b, c2, d;
-          asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(a), "=r"(b) : "r"(up0 + r4 * 2));
-          asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(c2), "=r"(d) : "r"(up1 + r4 * 2));
-          const uint32_t w0[2] = {a, b}, w1[2] = {c2, d};
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const uint16_t h0 = static_cast<uint16_t>(w0[q / 2] >> (16 * (q % 2)));
-            const uint16_t h1 = static_cast<uint16_t>(w1[q / 2] >> (16 * (q % 2)));
-            u0[q] = Sixteen<T>::to_f(*reinterpret_cast<const T*>(&h0));
-            u1[q] = Sixteen<T>::to_f(*reinterpret_cast<const T*>(&h1));
-          }
-        }
-#pragma unroll
-        for (int i = 0; i < kTok / 8; ++i)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int tok = 8 * i + 2 * t + e;
-            // ranks r4 .. r4 + 3 of token row tok: 16-byte chunk r4 / 4, swizzled by the row's low three bits
-            const float4 l = lds_f32x4(la_s + tok * 128 + (((r4 / 4) ^ (tok & 7)) * 16));
-            const float lv[4] = {l.x, l.y, l.z, l.w};
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {   // ranks in order
-              acc[4 * i + e] = __fmaf_rn(lv[q], u0[q], acc[4 * i + e]);
-              acc[4 * i + 2 + e] = __fmaf_rn(lv[q], u1[q], acc[4 * i + 2 + e]);
-            }
-          }
-      }
+      lora_fma_chunk<T, kTok, C::kRank>(acc, la_s, up_s + ch0 * C::kRank * 2, t);
       __syncwarp();
       if (lane == 0) mbar_arrive(epi_empty);   // this warp has read the chunk
     }

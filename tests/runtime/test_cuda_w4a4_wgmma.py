@@ -274,8 +274,10 @@ def test_wgmma_linear_bit_identical(ops, dtype, unsigned):
                                      g["bias"], unsigned=unsigned, dtype=dtype)
         err = cn.relative_error(got, exact)["max"]
         floor = cn.relative_error(exact.to(torch.float32).to(dtype), exact)["max"]
-        print(f"\nwgmma linear m={m} n={n} k={k} {dtype}: rel err vs exact {err:.2e} (16-bit floor {floor:.2e})")
-        assert err <= floor + 1e-5
+        err_tc = cn.relative_error(ops.w4a4_linear(*args, unsigned=unsigned, path="wgmma_tc"), exact)["max"]
+        print(f"\nwgmma linear m={m} n={n} k={k} {dtype}: rel err vs exact {err:.2e}, wgmma_tc {err_tc:.2e} "
+              f"(16-bit floor {floor:.2e})")
+        assert err <= floor + 1e-5 and err_tc <= floor + 1e-5
 
 
 @gpu
@@ -297,6 +299,74 @@ def test_lora_down_blocked_bit_identical(ops, monkeypatch, dtype):
         want = cn.lora_down_act(x, down, dtype)
         for name, v in (("quant_act", ref[2]), ("blocked", got[2])):
             assert torch.equal(v.view(torch.int32), want.view(torch.int32)), (name, m, k, rank)
+
+
+def _exact_gemm(t, dtype):
+    """float64 result of the GEMM's own inputs: sum_g psum * ascale * wscale + bias + lora_act . lora_up^T."""
+    m, k = t["acodes"].shape
+    n = t["wcodes"].shape[0]
+    a = t["acodes"].double().view(m, k // 64, 64) * t["ascales"].double().unsqueeze(-1)
+    w = t["wcodes"].double().view(n, k // 64, 64) * t["wscales"].double().unsqueeze(-1)
+    y = a.reshape(m, k) @ w.reshape(n, k).T
+    if t["bias"] is not None:
+        y = y + t["bias"].double()
+    if t["lora_act"] is not None:
+        y = y + t["lora_act"].double() @ t["lora_up"].double().T
+    return y
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wgmma_kernel3_bit_identical(ops, knob, dtype):
+    """The third kernel (wgmma3_kernel.cuh: the main loop pipelined within each warpgroup, 64-token halves in two
+    sets of sums) with its CUDA-core low-rank epilogue: the same bits as mma.sync and the emulation -- one stage and
+    odd stage counts (the stage-pair loop's tail), M cut inside a tile, ranks 0 / 32 / 64 / 128, unsigned codes, a
+    FLUX.1 shape at M = 4096 (many tiles per CTA)."""
+    for m, n, k, rank, bias, unsigned in ((1, 128, 128, 32, True, False), (77, 256, 384, 64, False, True),
+                                          (129, 384, 1024, 0, True, False), (300, 128, 640, 128, True, True),
+                                          (2000, 1280, 512, 32, False, False), (4096, 3072, 3072, 32, True, False)):
+        t = _layer(m, n, k, rank, bias, dtype, unsigned, _gen("k3", m, n, k, rank, dtype))
+        want = _reference(ops, t, dtype)
+        knob("kernel=3")
+        assert ops.ext().gemm_wgmma_kernel(m, n, rank) == 3
+        _same(_run(ops, t, "wgmma_fp8"), want, f"kernel=3 m={m} n={n} k={k} rank={rank}")
+        _same(_run(ops, t, "wgmma"), want, f"kernel=3 (s8: the second kernel) m={m} n={n} k={k} rank={rank}")
+        knob(None)
+        if rank == 0:   # wgmma_tc at rank 0 is the same kernel with no low-rank branch
+            _same(_run(ops, t, "wgmma_tc"), want, f"wgmma_tc rank 0 m={m} n={n} k={k}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wgmma_tc_within_rounding_of_exact(ops, dtype):
+    """path wgmma_tc (the low rank as tf32 wgmmas of lora_up and lora_act split in two): every output within one
+    16-bit ulp of the correctly rounded exact result of its inputs, and equal to it almost everywhere; its error
+    against exact no larger than the bit-exact path's (both are the 16-bit rounding of a near-exact sum)."""
+    for m, n, k, rank, bias, unsigned in ((1, 128, 128, 32, True, False), (77, 256, 384, 64, False, True),
+                                          (300, 128, 640, 128, True, True), (4096, 3072, 3072, 32, True, False),
+                                          (1024, 3072, 12288, 32, True, False)):
+        t = _layer(m, n, k, rank, bias, dtype, unsigned, _gen("tc", m, n, k, rank, dtype))
+        exact = _exact_gemm(t, dtype)
+        got = _run(ops, t, "wgmma_tc")
+        dist = cn.ulp_distance(got.cpu(), exact.to(dtype).cpu())
+        what = f"wgmma_tc m={m} n={n} k={k} rank={rank} {dtype}"
+        assert int(dist.max()) <= 1, f"{what}: {int((dist > 1).sum())} outputs more than 1 ulp from exact"
+        assert float((dist == 0).double().mean()) >= 0.99, f"{what}: {float((dist != 0).double().mean()):.2%} off"
+        err = cn.relative_error(got, exact)["max"]
+        err_exact_path = cn.relative_error(_run(ops, t, "wgmma_fp8"), exact)["max"]
+        print(f"\n{what}: rel err vs exact {err:.2e} (bit-exact path {err_exact_path:.2e}), "
+              f"{float((dist == 0).double().mean()):.4%} correctly rounded")
+        assert err <= err_exact_path * 1.01 + 1e-7
+
+
+@gpu
+def test_wgmma_tc_refusals(ops):
+    t = _layer(64, 192, 256, 32, False, torch.float16, False, _gen("tc_refuse"))
+    with pytest.raises(ValueError, match="N % 128"):
+        _run(ops, t, "wgmma_tc")
+    t = _layer(64, 256, 256, 16, False, torch.float16, False, _gen("tc_refuse16"))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        _run(ops, t, "wgmma_tc")
 
 
 if os.environ.get("DCC_W4A4_WGMMA"):   # a knob left set would change what the tests above run

@@ -136,6 +136,11 @@ def cached_codes_e4m3(wcodes: torch.Tensor) -> torch.Tensor:
     return _cached(wcodes, "_dcc_codes_e4m3", codes_e4m3)
 
 
+def cached_lora_up_f32(lora_up: torch.Tensor) -> torch.Tensor:
+    """lora_up [N, R] 16-bit -> its exact fp32 values (the wgmma_tc path's tensor-core operand), once per tensor."""
+    return _cached(lora_up, "_dcc_lora_up_f32", lambda t: t.to(torch.float32).contiguous())
+
+
 def ascales_t(ascales: torch.Tensor) -> torch.Tensor:
     """ascales [M, K/64] 16-bit -> fp32 [K/64, scales_ld(M)] (group-major, exact values, token m at column
     tok_pos(m), the other columns 0): what quantize(..., scales_t=True) writes beside the 16-bit scales."""
@@ -154,7 +159,7 @@ def wgmma_supported(m: int, n: int, k: int) -> bool:
     return bool(ext().gemm_wgmma_supported(m, n, k))
 
 
-PATHS = ("auto", "mma", "wgmma", "wgmma_fp8")
+PATHS = ("auto", "mma", "wgmma", "wgmma_fp8", "wgmma_tc")
 
 
 def _choose(path: str, m: int, n: int, k: int) -> str:
@@ -171,6 +176,8 @@ def _choose(path: str, m: int, n: int, k: int) -> str:
         return "wgmma_fp8" if os.environ.get("DCC_W4A4_FP8") == "1" else "wgmma"
     if path != "mma" and not wgmma_supported(m, n, k):
         raise ValueError(f"the wgmma W4A4 GEMM cannot run M={m} N={n} K={k} on this GPU (sm_90, N % 64, K % 128)")
+    if path == "wgmma_tc" and n % 128:
+        raise ValueError(f"path wgmma_tc takes N % 128 == 0, got N = {n}")
     return path
 
 
@@ -209,17 +216,20 @@ def quantize(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down_t: t
 def gemm(acodes: torch.Tensor, ascales: torch.Tensor, wcodes: torch.Tensor, wscales: torch.Tensor,
          bias: torch.Tensor | None = None, lora_act: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
          *, out: torch.Tensor | None = None, path: str = "auto", ascales_f32t: torch.Tensor | None = None,
-         wscales_f32t: torch.Tensor | None = None, wcodes_e4m3: torch.Tensor | None = None) -> torch.Tensor:
+         wscales_f32t: torch.Tensor | None = None, wcodes_e4m3: torch.Tensor | None = None,
+         lora_up_f32: torch.Tensor | None = None) -> torch.Tensor:
     """out [M, N] in ascales' dtype: acodes int8 [M, K] and ascales [M, K/64] (quantize's), wcodes int8 [N, K],
     wscales [N, K/64], bias [N] or None, lora_act fp32 [M, R] with lora_up [N, R] or both None. path (PATHS):
     "auto" (wgmma where wgmma_supported, else mma), "mma" (mma.sync), "wgmma" (Hopper, s8 operands) or "wgmma_fp8"
-    (Hopper, e4m3 operands: acodes may then be quantize(fp8_codes=True)'s uint8 bytes); forced paths raise
-    ValueError where they cannot run. ascales_f32t / wscales_f32t / wcodes_e4m3: the wgmma kernels' layouts
-    (quantize(scales_t=True), wscales_t(), codes_e4m3()); made here where not given. Every path gives the same
-    bits."""
+    (Hopper, e4m3 operands: acodes may then be quantize(fp8_codes=True)'s uint8 bytes) or "wgmma_tc" (e4m3 operands,
+    the third kernel, the low-rank branch on the tensor cores: N % 128 == 0, R % 32 == 0); forced paths raise
+    ValueError where they cannot run. ascales_f32t / wscales_f32t / wcodes_e4m3 / lora_up_f32: the wgmma kernels'
+    layouts (quantize(scales_t=True), wscales_t(), codes_e4m3(), lora_up in fp32); made here where not given. Every
+    path but wgmma_tc gives the same bits; wgmma_tc is within about 1e-6 relative of the exact result of the stored
+    codes and scales before its 16-bit rounding (csrc/w4a4/wgmma3_kernel.cuh)."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
-    fp8_in = acodes.dtype == torch.uint8 and path == "wgmma_fp8"
+    fp8_in = acodes.dtype == torch.uint8 and path in ("wgmma_fp8", "wgmma_tc")
     if (acodes.dtype != torch.int8 and not fp8_in) or acodes.dim() != 2 or not acodes.is_cuda:
         raise ValueError(f"acodes must be int8 [M, K] on a GPU, got {acodes.dtype} {tuple(acodes.shape)}")
     dev, dtype = acodes.device, ascales.dtype
@@ -238,13 +248,15 @@ def gemm(acodes: torch.Tensor, ascales: torch.Tensor, wcodes: torch.Tensor, wsca
     if m == 0:
         return out
     path = _choose(path, m, n, k)
+    if path == "wgmma_tc" and rank % 32:
+        raise ValueError(f"path wgmma_tc takes ranks that are multiples of 32, got {rank}")
     if path == "mma":
         t = [_dense(v) if v is not None else None for v in (acodes, ascales, wcodes, wscales, bias, lora_act,
                                                             lora_up)]
         with torch.cuda.device(dev):
             ext().gemm(*(_ptr(v) for v in t), out.data_ptr(), m, n, k, rank, DTYPES[dtype], _stream(dev))
         return out
-    fp8 = path == "wgmma_fp8"
+    fp8, tc = path in ("wgmma_fp8", "wgmma_tc"), path == "wgmma_tc"
     ast = ascales_t(ascales) if ascales_f32t is None else ascales_f32t
     wst = wscales_t(wscales) if wscales_f32t is None else wscales_f32t
     ld = ast.shape[1]
@@ -257,10 +269,14 @@ def gemm(acodes: torch.Tensor, ascales: torch.Tensor, wcodes: torch.Tensor, wsca
         a = acodes if fp8_in else codes_e4m3(acodes)
         w = codes_e4m3(wcodes) if wcodes_e4m3 is None else wcodes_e4m3
         _need("wcodes_e4m3", w, torch.uint8, (n, k), dev)
-    t = [_dense(v) if v is not None else None for v in (a, ast, w, wst, bias, lora_act, lora_up)]
+    up32 = None
+    if tc and rank:
+        up32 = lora_up.to(torch.float32) if lora_up_f32 is None else lora_up_f32
+        _need("lora_up_f32", up32, torch.float32, (n, rank), dev)
+    t = [_dense(v) if v is not None else None for v in (a, ast, w, wst, bias, lora_act, lora_up, up32)]
     with torch.cuda.device(dev):
-        ext().gemm_wgmma(_ptr(t[0]), _ptr(t[1]), ld, *(_ptr(v) for v in t[2:]), out.data_ptr(), m, n, k, rank,
-                         DTYPES[dtype], int(fp8), _stream(dev))
+        ext().gemm_wgmma(_ptr(t[0]), _ptr(t[1]), ld, *(_ptr(v) for v in t[2:7]), out.data_ptr(), m, n, k, rank,
+                         DTYPES[dtype], int(fp8), _stream(dev), int(tc), _ptr(t[7]))
     return out
 
 
@@ -270,7 +286,8 @@ def w4a4_linear(x: torch.Tensor, wcodes: torch.Tensor, wscales: torch.Tensor, sm
     """y [..., N] in wscales' dtype for x [..., K] (cast to that dtype): quantize, then gemm. The weights as the
     device layout above (wcodes int8 [N, K], wscales [N, K/64], smooth [K], lora_down_t [K, R], lora_up [N, R],
     bias [N]); the wgmma paths' weight layouts are made once per tensor (cached_wscales_t, cached_codes_e4m3).
-    path as gemm's. Bit-identical to dcc.targets.nunchaku.cuda_numerics.w4a4_int4_linear_cuda."""
+    path as gemm's. Bit-identical to dcc.targets.nunchaku.cuda_numerics.w4a4_int4_linear_cuda (but path wgmma_tc:
+    within rounding of the exact result, gemm)."""
     if not x.is_cuda:
         raise ValueError(f"x must be a CUDA tensor, got {x.device}")
     k = wcodes.shape[1]
@@ -285,12 +302,14 @@ def w4a4_linear(x: torch.Tensor, wcodes: torch.Tensor, wscales: torch.Tensor, sm
         codes, ascales, lora_act = quantize(x2, smooth, lora_down_t, unsigned=unsigned)
         y = gemm(codes, ascales, wcodes, wscales, bias, lora_act, up if lora_act is not None else None, path="mma")
     else:
-        fp8 = path == "wgmma_fp8"
+        fp8 = path in ("wgmma_fp8", "wgmma_tc")
         codes, ascales, lora_act, ast = quantize(x2, smooth, lora_down_t, unsigned=unsigned, scales_t=True,
                                                  fp8_codes=fp8)
-        y = gemm(codes, ascales, wcodes, wscales, bias, lora_act, up if lora_act is not None else None, path=path,
+        up = up if lora_act is not None else None
+        y = gemm(codes, ascales, wcodes, wscales, bias, lora_act, up, path=path,
                  ascales_f32t=ast, wscales_f32t=cached_wscales_t(wscales),
-                 wcodes_e4m3=cached_codes_e4m3(wcodes) if fp8 else None)
+                 wcodes_e4m3=cached_codes_e4m3(wcodes) if fp8 else None,
+                 lora_up_f32=cached_lora_up_f32(up) if path == "wgmma_tc" and up is not None else None)
     return y.reshape(*lead, wcodes.shape[0])
 
 
