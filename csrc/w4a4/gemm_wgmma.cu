@@ -380,18 +380,20 @@ cudaError_t gemm_wgmma(const void* acodes, const void* ascales_t, int ld, const 
   const int cvt = fp8 ? 2 : override_of("cvt") == 1 ? 1 : 0;
   const bool epi_aligned = R == 0 || ((reinterpret_cast<uintptr_t>(lora_act) | reinterpret_cast<uintptr_t>(lora_up) |
                                        reinterpret_cast<uintptr_t>(lora_up_f32)) & 15) == 0;
+  // the third kernel (fp8 only), with the low rank on the tensor cores (tc) or the CUDA cores
+  auto k3 = [&](bool tc) {
+    if (dtype == 0)
+      return tc ? launch3<__half, true>(acodes, ascales_t, ld, wcodes, wscales_t, lora_up_f32, p, stream)
+                : launch3<__half, false>(acodes, ascales_t, ld, wcodes, wscales_t, nullptr, p, stream);
+    return tc ? launch3<__nv_bfloat16, true>(acodes, ascales_t, ld, wcodes, wscales_t, lora_up_f32, p, stream)
+              : launch3<__nv_bfloat16, false>(acodes, ascales_t, ld, wcodes, wscales_t, nullptr, p, stream);
+  };
   if (lora_tc) {   // the third kernel with the low rank on the tensor cores (at R = 0: the third kernel)
     if (!fp8 || N % 128 != 0 || R % 32 != 0 || !epi_aligned || (R > 0 && !lora_up_f32)) return cudaErrorInvalidValue;
-    if (R == 0)
-      return dtype == 0 ? launch3<__half, false>(acodes, ascales_t, ld, wcodes, wscales_t, nullptr, p, stream)
-                        : launch3<__nv_bfloat16, false>(acodes, ascales_t, ld, wcodes, wscales_t, nullptr, p, stream);
-    return dtype == 0 ? launch3<__half, true>(acodes, ascales_t, ld, wcodes, wscales_t, lora_up_f32, p, stream)
-                      : launch3<__nv_bfloat16, true>(acodes, ascales_t, ld, wcodes, wscales_t, lora_up_f32, p, stream);
+    return k3(R > 0);
   }
   const int kernel = gemm_wgmma_kernel(M, N, R);
-  if (kernel == 3 && fp8 && epi_aligned)
-    return dtype == 0 ? launch3<__half, false>(acodes, ascales_t, ld, wcodes, wscales_t, nullptr, p, stream)
-                      : launch3<__nv_bfloat16, false>(acodes, ascales_t, ld, wcodes, wscales_t, nullptr, p, stream);
+  if (kernel == 3 && fp8 && epi_aligned) return k3(false);
   if (kernel >= 2 && epi_aligned) {
     // CTA pairs multicasting the activations only where DCC_W4A4_WGMMA="mc=1" asks (and N % 256 == 0): measured
     // slower than one CTA loading its own (H100: 3072x3072 M = 4096 fp8 241 against 157 us)

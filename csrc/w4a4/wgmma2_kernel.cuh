@@ -14,9 +14,9 @@
 //  - Its own output staging per warpgroup (the first kernel reused the low-rank staging for it).
 //  - kMc = 1: CTA pairs (clusters of 2) take tiles of the same 128 tokens and neighbouring 128-channel blocks; each
 //    CTA's producer loads half of the activation codes (64 tokens) and multicasts it into both CTAs, so a CTA reads
-//    16 KB of weights + 8 KB of activations (+ 2 KB of scales) from L2 per stage (79 MACs per byte). A stage slot is free when the
-//    consumers of both CTAs have read it: each consumer warp arrives on its own CTA's empty barrier and on the
-//    peer's (16 arrivals), and each producer waits on its own. N % 256 == 0.
+//    16 KB of weights + 8 KB of activations (+ 2 KB of scales) from L2 per stage (79 MACs per byte). A stage slot is
+//    free when the consumers of both CTAs have read it: each consumer warp arrives on its own CTA's empty barrier and
+//    on the peer's (16 arrivals), and each producer waits on its own. N % 256 == 0.
 // Requirements (checked by the host): N % 128 == 0, R % 32 == 0 (R = 0: no branch), lora_act 16-byte aligned.
 #pragma once
 

@@ -50,6 +50,111 @@ struct Wg3Cfg {
   static_assert(kSmemBytes <= 232448, "shared memory");
 };
 
+#if defined(DCC_W4A4_WGMMA_DEVICE)
+// One 32-rank chunk of the low-rank branch on the tensor cores (path wgmma_tc), by the 256 threads of the two
+// consumer warpgroups: lora_act at la_s ([128 tok][32 r] fp32, 128B-swizzled, landed by TMA) split into tf32 hi (in
+// place) and lo (at lo_s, the same element map, so the same swizzled layout), then acc += up . (lo + hi)^T as tf32
+// wgmmas (m64n128k8, scale-d = 1; A = this warpgroup's 64 rows of lora_up's fp32 copy at up_s). Returns with the
+// wgmmas retired.
+__device__ __forceinline__ void lora_tc_chunk(float (&acc)[64], uint32_t la_s, uint32_t lo_s, uint32_t up_s, int wg) {
+  using namespace sm90;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {   // 4096 floats, 16 a thread
+    const uint32_t off = (threadIdx.x + 256 * q) * 16;
+    const float4 v = lds_f32x4(la_s + off);
+    float4 hi, lo;
+    hi.x = __uint_as_float(__float_as_uint(v.x) & 0xFFFFE000u);
+    hi.y = __uint_as_float(__float_as_uint(v.y) & 0xFFFFE000u);
+    hi.z = __uint_as_float(__float_as_uint(v.z) & 0xFFFFE000u);
+    hi.w = __uint_as_float(__float_as_uint(v.w) & 0xFFFFE000u);
+    // x - hi is exact (the low bits of x); its own low 13 bits are dropped too, so lo is an exact tf32 value
+    lo.x = __uint_as_float(__float_as_uint(__fsub_rn(v.x, hi.x)) & 0xFFFFE000u);
+    lo.y = __uint_as_float(__float_as_uint(__fsub_rn(v.y, hi.y)) & 0xFFFFE000u);
+    lo.z = __uint_as_float(__float_as_uint(__fsub_rn(v.z, hi.z)) & 0xFFFFE000u);
+    lo.w = __uint_as_float(__float_as_uint(__fsub_rn(v.w, hi.w)) & 0xFFFFE000u);
+    sts_f32x4(la_s + off, hi);
+    sts_f32x4(lo_s + off, lo);
+  }
+  fence_proxy_async();      // these writes are read by wgmma (the async proxy)
+  named_bar_sync(3, 256);   // both warpgroups' shares are written
+  const uint64_t du = desc_sw128(up_s + wg * 64 * 128), dh = desc_sw128(la_s), dl = desc_sw128(lo_s);
+  wgmma_fence();
+#pragma unroll
+  for (int k8 = 0; k8 < 4; ++k8) wgmma_m64n128k8_tf32(acc, du + 2 * k8, dl + 2 * k8);
+#pragma unroll
+  for (int k8 = 0; k8 < 4; ++k8) wgmma_m64n128k8_tf32(acc, du + 2 * k8, dh + 2 * k8);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(acc);
+}
+#endif
+
+#if defined(DCC_W4A4_WGMMA_DEVICE)
+// The third kernel's producers (one thread each; barriers at bars: full[kStages], empty[kStages],
+// epi_full, epi_empty). The ring (the second kernel's): the first stages' weights before griddepcontrol.wait (they do
+// not depend on quant_act), then the activations; tile order blockIdx.x + i * gridDim.x, m fastest.
+template <class C>
+__device__ __forceinline__ void produce_ring(const CUtensorMap* tm_w, const CUtensorMap* tm_a,
+                                             const CUtensorMap* tm_ws, const CUtensorMap* tm_as, const WgArgs& p,
+                                             uint32_t ring0, uint32_t bars) {
+  using namespace sm90;
+  constexpr int kStages = C::kStages, kStageBytes = C::kStageBytes;
+  const int KT = p.K / C::kTileK;
+  auto tile_m0 = [&](int tile) { return (tile % p.num_m_tiles) * C::kTok; };
+  auto tile_n0 = [&](int tile) { return (tile / p.num_m_tiles) * C::kCh; };
+  const int first = blockIdx.x;
+  const int pre = first < p.num_tiles ? min(kStages, KT) : 0;
+  const int fn0 = pre ? tile_n0(first) : 0, fm0 = pre ? tile_m0(first) : 0;
+  for (int s = 0; s < pre; ++s) {
+    const uint32_t full = bars + 8 * s, st = ring0 + s * kStageBytes;
+    mbar_arrive_expect_tx(full, kStageBytes);
+    tma_load_2d(st, tm_w, s * C::kTileK, fn0, full);
+    tma_load_2d(st + C::kWsOff, tm_ws, fn0, 2 * s, full);
+  }
+  grid_dependency_wait();
+  for (int s = 0; s < pre; ++s) {
+    const uint32_t full = bars + 8 * s, st = ring0 + s * kStageBytes;
+    tma_load_2d(st + C::kABytes, tm_a, s * C::kTileK, fm0, full);
+    tma_load_2d(st + C::kAsOff, tm_as, fm0, 2 * s, full);
+  }
+  int it = 0;
+  for (int tile = first; tile < p.num_tiles; tile += gridDim.x) {
+    const int m0 = tile_m0(tile), n0 = tile_n0(tile);
+    for (int kt = 0; kt < KT; ++kt, ++it) {
+      if (it < pre) continue;
+      const int s = it % kStages;
+      mbar_wait(bars + 8 * (kStages + s), ((it / kStages) & 1) ^ 1);
+      const uint32_t full = bars + 8 * s, st = ring0 + s * kStageBytes;
+      mbar_arrive_expect_tx(full, kStageBytes);
+      tma_load_2d(st, tm_w, kt * C::kTileK, n0, full);
+      tma_load_2d(st + C::kABytes, tm_a, kt * C::kTileK, m0, full);
+      tma_load_2d(st + C::kWsOff, tm_ws, n0, 2 * kt, full);
+      tma_load_2d(st + C::kAsOff, tm_as, m0, 2 * kt, full);
+    }
+  }
+}
+
+// Each tile's low-rank chunks through one buffer (lora_act at la_s, lora_up at up_s), as soon as it is free.
+template <class C>
+__device__ __forceinline__ void produce_epi(const CUtensorMap* tm_la, const CUtensorMap* tm_up, const WgArgs& p,
+                                            uint32_t la_s, uint32_t up_s, uint32_t bars) {
+  using namespace sm90;
+  const int chunks = p.R / C::kRank;
+  if (chunks == 0) return;
+  const uint32_t epi_full = bars + 16 * C::kStages, epi_empty = epi_full + 8;
+  grid_dependency_wait();
+  int ec = 0;
+  for (int tile = blockIdx.x; tile < p.num_tiles; tile += gridDim.x) {
+    for (int c = 0; c < chunks; ++c, ++ec) {
+      mbar_wait(epi_empty, (ec & 1) ^ 1);
+      mbar_arrive_expect_tx(epi_full, C::kLaBytes + C::kUpBytes);
+      tma_load_2d(la_s, tm_la, c * C::kRank, (tile % p.num_m_tiles) * C::kTok, epi_full);
+      tma_load_2d(up_s, tm_up, c * C::kRank, (tile / p.num_m_tiles) * C::kCh, epi_full);
+    }
+  }
+}
+#endif
+
 template <class T, bool kLoraTc>
 __global__ void __launch_bounds__(kWgThreads, 1) w4a4_wgmma3_kernel(const __grid_constant__ CUtensorMap tm_w,
                                                                     const __grid_constant__ CUtensorMap tm_a,
@@ -88,51 +193,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) w4a4_wgmma3_kernel(const __grid
   auto tile_n0 = [&](int tile) { return (tile / p.num_m_tiles) * C::kCh; };
   if (warp >= 8) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (warp == 8 && lane == 0) {
-      // ---------------- ring producer (the second kernel's): weights before griddepcontrol.wait, then activations
-      const int first = blockIdx.x;
-      const int pre = first < p.num_tiles ? min(kStages, KT) : 0;
-      const int fn0 = pre ? tile_n0(first) : 0, fm0 = pre ? tile_m0(first) : 0;
-      for (int s = 0; s < pre; ++s) {
-        const uint32_t full = full_bar(s), st = ring0 + s * kStageBytes;
-        mbar_arrive_expect_tx(full, kStageBytes);
-        tma_load_2d(st, &tm_w, s * C::kTileK, fn0, full);
-        tma_load_2d(st + C::kWsOff, &tm_ws, fn0, 2 * s, full);
-      }
-      grid_dependency_wait();
-      for (int s = 0; s < pre; ++s) {
-        const uint32_t full = full_bar(s), st = ring0 + s * kStageBytes;
-        tma_load_2d(st + C::kABytes, &tm_a, s * C::kTileK, fm0, full);
-        tma_load_2d(st + C::kAsOff, &tm_as, fm0, 2 * s, full);
-      }
-      int it = 0;
-      for (int tile = first; tile < p.num_tiles; tile += gridDim.x) {
-        const int m0 = tile_m0(tile), n0 = tile_n0(tile);
-        for (int kt = 0; kt < KT; ++kt, ++it) {
-          if (it < pre) continue;
-          const int s = it % kStages;
-          mbar_wait(empty_bar(s), ((it / kStages) & 1) ^ 1);
-          const uint32_t full = full_bar(s), st = ring0 + s * kStageBytes;
-          mbar_arrive_expect_tx(full, kStageBytes);
-          tma_load_2d(st, &tm_w, kt * C::kTileK, n0, full);
-          tma_load_2d(st + C::kABytes, &tm_a, kt * C::kTileK, m0, full);
-          tma_load_2d(st + C::kWsOff, &tm_ws, n0, 2 * kt, full);
-          tma_load_2d(st + C::kAsOff, &tm_as, m0, 2 * kt, full);
-        }
-      }
-    } else if (warp == 9 && lane == 0 && chunks > 0) {
-      // ---------------- epilogue producer: each tile's low-rank chunks through one buffer, as soon as it is free
-      grid_dependency_wait();
-      int ec = 0;
-      for (int tile = blockIdx.x; tile < p.num_tiles; tile += gridDim.x) {
-        for (int c = 0; c < chunks; ++c, ++ec) {
-          mbar_wait(epi_empty, (ec & 1) ^ 1);
-          mbar_arrive_expect_tx(epi_full, C::kLaBytes + C::kUpBytes);
-          tma_load_2d(la_s, &tm_la, c * C::kRank, tile_m0(tile), epi_full);
-          tma_load_2d(up_s, &tm_up, c * C::kRank, tile_n0(tile), epi_full);
-        }
-      }
-    }
+    if (warp == 8 && lane == 0) produce_ring<C>(&tm_w, &tm_a, &tm_ws, &tm_as, p, ring0, bars);
+    else if (warp == 9 && lane == 0) produce_epi<C>(&tm_la, &tm_up, p, la_s, up_s, bars);
     return;
   }
 
@@ -221,36 +283,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) w4a4_wgmma3_kernel(const __grid
     if constexpr (kLoraTc) {
       for (int c = 0; c < chunks; ++c, ++ec) {
         mbar_wait(epi_full, ec & 1);
-        // split lora_act into tf32 hi (in place) and lo: 4096 floats, 16 a thread of the two warpgroups; the
-        // element map is the same in both buffers, so lo keeps the swizzled layout of the TMA box
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const uint32_t off = (threadIdx.x + 256 * q) * 16;
-          const float4 v = lds_f32x4(la_s + off);
-          float4 hi, lo;
-          hi.x = __uint_as_float(__float_as_uint(v.x) & 0xFFFFE000u);
-          hi.y = __uint_as_float(__float_as_uint(v.y) & 0xFFFFE000u);
-          hi.z = __uint_as_float(__float_as_uint(v.z) & 0xFFFFE000u);
-          hi.w = __uint_as_float(__float_as_uint(v.w) & 0xFFFFE000u);
-          // x - hi is exact (the low bits of x); its own low 13 bits are dropped too, so lo is an exact tf32 value
-          lo.x = __uint_as_float(__float_as_uint(__fsub_rn(v.x, hi.x)) & 0xFFFFE000u);
-          lo.y = __uint_as_float(__float_as_uint(__fsub_rn(v.y, hi.y)) & 0xFFFFE000u);
-          lo.z = __uint_as_float(__float_as_uint(__fsub_rn(v.z, hi.z)) & 0xFFFFE000u);
-          lo.w = __uint_as_float(__float_as_uint(__fsub_rn(v.w, hi.w)) & 0xFFFFE000u);
-          sts_f32x4(la_s + off, hi);
-          sts_f32x4(lo_s + off, lo);
-        }
-        fence_proxy_async();             // these writes are read by wgmma (the async proxy)
-        named_bar_sync(3, 256);          // both warpgroups' shares are written
-        const uint64_t du = desc_sw128(up_s + wg * 64 * 128), dh = desc_sw128(la_s), dl = desc_sw128(lo_s);
-        wgmma_fence();
-#pragma unroll
-        for (int k8 = 0; k8 < C::kRank / 8; ++k8) wgmma_m64n128k8_tf32(acc, du + 2 * k8, dl + 2 * k8);
-#pragma unroll
-        for (int k8 = 0; k8 < C::kRank / 8; ++k8) wgmma_m64n128k8_tf32(acc, du + 2 * k8, dh + 2 * k8);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_operands(acc);
+        lora_tc_chunk(acc, la_s, lo_s, up_s, wg);
         fence_proxy_async();             // the split's writes are ordered before the next TMA into the buffer
         __syncwarp();
         if (lane == 0) mbar_arrive(epi_empty);
