@@ -108,11 +108,12 @@ def check(lay: dict, x: torch.Tensor) -> dict:
     def same(x):
         return int((x.view(torch.int16) == b.view(torch.int16)).sum())
     equal, equal8, equal_k2, equal_k3 = same(a), same(f), min(same(a2), same(f2)), same(f3)
-    # wgmma_tc is not bit-identical (the low rank on the tensor cores): how far it is from the bit-exact result
-    tc_ulp = int(cn.ulp_distance(tc.cpu(), b.cpu()).max())
+    # wgmma_tc is not bit-identical (the low rank on the tensor cores): how far it is from the bit-exact result,
+    # relative to the largest output (an ulp count says little where an output is far smaller than its terms)
+    tc_rel = cn.relative_error(tc, b.double())["max"]
     return {"bit_equal": equal == a.numel(), "equal": equal, "n": a.numel(), "fp8_bit_equal": equal8 == a.numel(),
             "fp8_equal": equal8, "k2_bit_equal": equal_k2 == a.numel(), "k2_equal": equal_k2,
-            "k3_bit_equal": equal_k3 == a.numel(), "tc_equal": same(tc), "tc_max_ulp": tc_ulp}
+            "k3_bit_equal": equal_k3 == a.numel(), "tc_equal": same(tc), "tc_rel_diff": tc_rel}
 
 
 def bench_shape(n: int, k: int, ms, dtype, with_mma: bool, reps: int, only=None) -> list[dict]:
@@ -259,7 +260,7 @@ def table(rows) -> str:
             ("x cuBLAS", "speedup_tc_vs_cublas"), ("LR share", "tc_lowrank_share"), ("quant", "quant_us"),
             ("e2e tc", "e2e_tc_us"), ("e2e tc x cuBLAS+LR", "speedup_e2e_tc_vs_cublas_lr"),
             ("bit-equal s8 / fp8 / k3", lambda r: f"{r['bit_equal']} / {r['fp8_bit_equal']} / {r['k3_bit_equal']}"),
-            ("tc max ulp", "tc_max_ulp"))
+            ("tc vs bit-exact (rel.)", lambda r: f"{r['tc_rel_diff']:.1e}"))
 
     def cell(r, key):
         v = key(r) if callable(key) else r.get(key)

@@ -302,17 +302,20 @@ def test_lora_down_blocked_bit_identical(ops, monkeypatch, dtype):
 
 
 def _exact_gemm(t, dtype):
-    """float64 result of the GEMM's own inputs: sum_g psum * ascale * wscale + bias + lora_act . lora_up^T."""
+    """float64 result of the GEMM's own inputs: sum_g psum * ascale * wscale + bias + lora_act . lora_up^T, and the
+    same sum over the terms' magnitudes (what an fp32 accumulation's error scales with)."""
     m, k = t["acodes"].shape
     n = t["wcodes"].shape[0]
     a = t["acodes"].double().view(m, k // 64, 64) * t["ascales"].double().unsqueeze(-1)
     w = t["wcodes"].double().view(n, k // 64, 64) * t["wscales"].double().unsqueeze(-1)
     y = a.reshape(m, k) @ w.reshape(n, k).T
+    mag = a.reshape(m, k).abs() @ w.reshape(n, k).abs().T
     if t["bias"] is not None:
-        y = y + t["bias"].double()
+        y, mag = y + t["bias"].double(), mag + t["bias"].double().abs()
     if t["lora_act"] is not None:
         y = y + t["lora_act"].double() @ t["lora_up"].double().T
-    return y
+        mag = mag + t["lora_act"].double().abs() @ t["lora_up"].double().abs().T
+    return y, mag
 
 
 @gpu
@@ -340,17 +343,24 @@ def test_wgmma_kernel3_bit_identical(ops, knob, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_wgmma_tc_within_rounding_of_exact(ops, dtype):
     """path wgmma_tc (the low rank as tf32 wgmmas of lora_up and lora_act split in two): every output within one
-    16-bit ulp of the correctly rounded exact result of its inputs, and equal to it almost everywhere; its error
-    against exact no larger than the bit-exact path's (both are the 16-bit rounding of a near-exact sum)."""
+    16-bit ulp of the exact result of its inputs plus 2^-17 of the magnitude of its terms (the split drops at most
+    2^-21 of each lora_act, and the tensor cores add the 2R products to the accumulators in fp32, in an order of
+    their own: an output much smaller than its terms can be a few of its own ulps off), equal to the correctly
+    rounded exact result almost everywhere, and its error against exact (relative to the largest output) no larger
+    than the bit-exact path's."""
     for m, n, k, rank, bias, unsigned in ((1, 128, 128, 32, True, False), (77, 256, 384, 64, False, True),
                                           (300, 128, 640, 128, True, True), (4096, 3072, 3072, 32, True, False),
                                           (1024, 3072, 12288, 32, True, False)):
         t = _layer(m, n, k, rank, bias, dtype, unsigned, _gen("tc", m, n, k, rank, dtype))
-        exact = _exact_gemm(t, dtype)
+        exact, mag = _exact_gemm(t, dtype)
         got = _run(ops, t, "wgmma_tc")
         dist = cn.ulp_distance(got.cpu(), exact.to(dtype).cpu())
         what = f"wgmma_tc m={m} n={n} k={k} rank={rank} {dtype}"
-        assert int(dist.max()) <= 1, f"{what}: {int((dist > 1).sum())} outputs more than 1 ulp from exact"
+        e16 = exact.to(dtype).cpu().abs()   # one ulp of the 16-bit value at each output
+        ulp = torch.nextafter(e16, torch.tensor(float("inf"), dtype=dtype)).double() - e16.double()
+        bound = ulp + mag.cpu() * 2.0 ** -17
+        over = (got.cpu().double() - exact.cpu()).abs() > bound
+        assert not bool(over.any()), f"{what}: {int(over.sum())} outputs beyond 1 ulp + 2^-17 of their terms"
         assert float((dist == 0).double().mean()) >= 0.99, f"{what}: {float((dist != 0).double().mean()):.2%} off"
         err = cn.relative_error(got, exact)["max"]
         err_exact_path = cn.relative_error(_run(ops, t, "wgmma_fp8"), exact)["max"]
