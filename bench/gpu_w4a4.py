@@ -15,7 +15,8 @@ against torch bf16 (cuBLAS) on the same layer, on the FLUX.1 linear shapes.
     epilogue -- mc: with CTA pairs multicasting the activations, mc=1 --) and the first (kernel=1) forced; the
     default rows (gemm, gemm_fp8, ...) take whichever the dispatch picks; quant_fused: the one-pass activation kernel
     (DCC_W4A4_QUANT=fused); e2e_fp8_k2_fused: both; gemm_fp8_k3: the third kernel (kernel=3: the main loop
-    pipelined within each warpgroup, same bits); gemm_tc / gemm_tc_r0 / e2e_tc: path "wgmma_tc" (the third kernel
+    pipelined within each warpgroup, same bits); gemm_fp8_k4: the fourth (kernel=4: four warpgroups of 64 x 64
+    quadrants, same bits); gemm_tc / gemm_tc_r0 / e2e_tc: path "wgmma_tc" (the third kernel
     with the low rank on the tensor cores: within 1 ulp of exact, not bit-identical); with --mma, the mma.sync GEMM
     too; --only REGEX times only the rows it names (and cuBLAS);
   - TOPS = 2 M N K / time (the low-rank work not counted), fraction of the H100's dense int8 peak (1979 TOPS),
@@ -186,6 +187,8 @@ def bench_shape(n: int, k: int, ms, dtype, with_mma: bool, reps: int, only=None)
         knob = os.environ.get("DCC_W4A4_WGMMA")
         with env("DCC_W4A4_WGMMA", "kernel=3" + ("," + knob if knob else "")):
             tm("gemm_fp8_k3", [gemm_call(lay, path="wgmma_fp8") for lay in lays])
+        with env("DCC_W4A4_WGMMA", "kernel=4" + ("," + knob if knob else "")):
+            tm("gemm_fp8_k4", [gemm_call(lay, path="wgmma_fp8") for lay in lays])
         with env("DCC_W4A4_WGMMA", "cvt=1" + ("," + knob if knob else "")):
             tm("gemm_cvt1", [gemm_call(lay) for lay in lays])
         # the second GEMM kernel (128 x 128 CTA tiles, TMA-fed low-rank epilogue; the default where its tiles fill
@@ -255,7 +258,7 @@ def bench_shape(n: int, k: int, ms, dtype, with_mma: bool, reps: int, only=None)
 def table(rows) -> str:
     cols = (("N x K", lambda r: f"{r['N']}x{r['K']}"), ("M", "M"), ("cuBLAS", "cublas_us"),
             ("cuBLAS + LR", "cublas_lr_us"), ("default GEMM (r32)", "gemm_us"), ("x cuBLAS", "speedup_gemm_vs_cublas"),
-            ("fp8 k2", "gemm_fp8_k2_us"), ("fp8 k3", "gemm_fp8_k3_us"), ("x cuBLAS", "speedup_k3_fp8_vs_cublas"),
+            ("fp8 k2", "gemm_fp8_k2_us"), ("fp8 k3", "gemm_fp8_k3_us"), ("fp8 k4", "gemm_fp8_k4_us"),
             ("wgmma_tc", "gemm_tc_us"), ("TOPS", "tc_tops"), ("of peak", "tc_peak_frac"),
             ("x cuBLAS", "speedup_tc_vs_cublas"), ("LR share", "tc_lowrank_share"), ("quant", "quant_us"),
             ("e2e tc", "e2e_tc_us"), ("e2e tc x cuBLAS+LR", "speedup_e2e_tc_vs_cublas_lr"),

@@ -67,6 +67,7 @@ namespace {
 #include "wgmma_kernel.cuh"
 #include "wgmma2_kernel.cuh"
 #include "wgmma3_kernel.cuh"
+#include "wgmma4_kernel.cuh"
 
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                    const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
@@ -103,13 +104,17 @@ bool prepare_two() {
   return cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, Wg2Cfg::kSmemBytes) == cudaSuccess;
 }
 
-template <class T, bool kTc>
-bool prepare_three() {
-  auto k = w4a4_wgmma3_kernel<T, kTc>;
+template <class Kernel>
+bool prepare_kernel(Kernel k, int smem) {
   cudaFuncAttributes a{};
   if (cudaFuncGetAttributes(&a, k) != cudaSuccess || a.binaryVersion < 90 || a.numRegs < 64) return false;
-  return cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, Wg3Cfg<kTc>::kSmemBytes) ==
-         cudaSuccess;
+  return cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess;
+}
+
+template <class T, bool kTc>
+bool prepare_three() {
+  return prepare_kernel(w4a4_wgmma3_kernel<T, kTc>, Wg3Cfg<kTc>::kSmemBytes) &&
+         (kTc || prepare_kernel(w4a4_wgmma4_kernel<T>, Wg3Cfg<false>::kSmemBytes));
 }
 
 template <class T>
@@ -163,7 +168,7 @@ bool encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, uint64
 // The launch configuration both kernels share: a persistent grid, programmatic dependent launch (the kernel may
 // start while quant_act, which triggers its dependents as it starts, finishes; it prefetches weights and reads
 // activations only after griddepcontrol.wait).
-template <class Kernel, class... Args>
+template <int kThreads = kWgThreads, class Kernel, class... Args>
 cudaError_t launch_persistent(Kernel kernel, int ctas, int smem, int cluster, cudaStream_t stream, Args... args) {
   cudaLaunchConfig_t cfg{};
   cudaLaunchAttribute attr[2];
@@ -174,7 +179,7 @@ cudaError_t launch_persistent(Kernel kernel, int ctas, int smem, int cluster, cu
   attr[1].val.clusterDim.y = 1;
   attr[1].val.clusterDim.z = 1;
   cfg.gridDim = dim3(ctas);
-  cfg.blockDim = dim3(kWgThreads);
+  cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
@@ -271,7 +276,7 @@ cudaError_t launch2(const void* acodes, const void* ascales_t, int ld, const voi
 // warpgroup; kTc: the low-rank branch on the tensor cores from lora_up's fp32 copy (not bit-identical).
 template <class T, bool kTc>
 cudaError_t launch3(const void* acodes, const void* ascales_t, int ld, const void* wcodes, const void* wscales_t,
-                    const void* lora_up_f32, WgArgs p, cudaStream_t stream) {
+                    const void* lora_up_f32, WgArgs p, cudaStream_t stream, bool quadrants = false) {
   using C = Wg3Cfg<kTc>;
   const int G = p.K / kGroup;
   CUtensorMap tw, ta, tws, tas, tla{}, tup{};
@@ -298,6 +303,11 @@ cudaError_t launch3(const void* acodes, const void* ascales_t, int ld, const voi
   p.num_tiles = p.num_m_tiles * (p.N / C::kCh);
   const int sms = device_attr(cudaDevAttrMultiProcessorCount);
   const int ctas = std::max(1, std::min(sms > 0 ? sms : 132, p.num_tiles));
+  if constexpr (!kTc) {
+    if (quadrants)   // the fourth kernel: the same tiles and layout, four consumer warpgroups
+      return launch_persistent<kWg4Threads>(w4a4_wgmma4_kernel<T>, ctas, C::kSmemBytes, 1, stream, tw, ta, tws, tas,
+                                            tla, tup, p);
+  }
   return launch_persistent(w4a4_wgmma3_kernel<T, kTc>, ctas, C::kSmemBytes, 1, stream, tw, ta, tws, tas, tla, tup,
                            p);
 }
@@ -357,7 +367,7 @@ int gemm_wgmma_tile(int M, int N) {
 int gemm_wgmma_kernel(int M, int N, int R) {
   if (N % 128 != 0 || R % 32 != 0) return 1;   // the second kernel's shape rules
   const int forced = override_of("kernel");
-  if (forced >= 1 && forced <= 3) return forced;   // 3: fp8 operands only (s8 calls take the second kernel)
+  if (forced >= 1 && forced <= 4) return forced;   // 3, 4: fp8 operands only (s8 calls take the second kernel)
   // Where its 128 x 128 tiles fill every SM, (M + 127) / 128 * (N / 128) >= SMs (FLUX.1 at M >= 1024). H100, first
   // run (DESIGN.md): without CTA pairs it took every FLUX.1 row at M = 1024 and 4096 from the first kernel's fp8
   // 71-820 us to 55-624 us (1.03-1.52x); with pairs it was slower than the first kernel.
@@ -381,19 +391,19 @@ cudaError_t gemm_wgmma(const void* acodes, const void* ascales_t, int ld, const 
   const bool epi_aligned = R == 0 || ((reinterpret_cast<uintptr_t>(lora_act) | reinterpret_cast<uintptr_t>(lora_up) |
                                        reinterpret_cast<uintptr_t>(lora_up_f32)) & 15) == 0;
   // the third kernel (fp8 only), with the low rank on the tensor cores (tc) or the CUDA cores
-  auto k3 = [&](bool tc) {
+  auto k3 = [&](bool tc, bool quadrants = false) {
     if (dtype == 0)
       return tc ? launch3<__half, true>(acodes, ascales_t, ld, wcodes, wscales_t, lora_up_f32, p, stream)
-                : launch3<__half, false>(acodes, ascales_t, ld, wcodes, wscales_t, nullptr, p, stream);
+                : launch3<__half, false>(acodes, ascales_t, ld, wcodes, wscales_t, nullptr, p, stream, quadrants);
     return tc ? launch3<__nv_bfloat16, true>(acodes, ascales_t, ld, wcodes, wscales_t, lora_up_f32, p, stream)
-              : launch3<__nv_bfloat16, false>(acodes, ascales_t, ld, wcodes, wscales_t, nullptr, p, stream);
+              : launch3<__nv_bfloat16, false>(acodes, ascales_t, ld, wcodes, wscales_t, nullptr, p, stream, quadrants);
   };
   if (lora_tc) {   // the third kernel with the low rank on the tensor cores (at R = 0: the third kernel)
     if (!fp8 || N % 128 != 0 || R % 32 != 0 || !epi_aligned || (R > 0 && !lora_up_f32)) return cudaErrorInvalidValue;
     return k3(R > 0);
   }
   const int kernel = gemm_wgmma_kernel(M, N, R);
-  if (kernel == 3 && fp8 && epi_aligned) return k3(false);
+  if ((kernel == 3 || kernel == 4) && fp8 && epi_aligned) return k3(false, kernel == 4);
   if (kernel >= 2 && epi_aligned) {
     // CTA pairs multicasting the activations only where DCC_W4A4_WGMMA="mc=1" asks (and N % 256 == 0): measured
     // slower than one CTA loading its own (H100: 3072x3072 M = 4096 fp8 241 against 157 us)

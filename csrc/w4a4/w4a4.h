@@ -56,14 +56,15 @@ cudaError_t gemm_wgmma(const void* acodes, const void* ascales_t, int ld, const 
                        int R, int dtype, int fp8, cudaStream_t stream, int lora_tc = 0,
                        const void* lora_up_f32 = nullptr);
 // lora_tc = 1 asks for the third kernel with the low-rank branch on the tensor cores (fp8 = 1, N % 128 == 0,
-// R % 32 == 0; lora_up_f32: fp32 [N, R], the exact values of lora_up): not bit-identical to gemm, within ~1e-6
-// relative of the exact result before the 16-bit rounding (wgmma3_kernel.cuh).
+// R % 32 == 0; lora_up_f32: fp32 [N, R], the exact values of lora_up): not bit-identical to gemm; before the 16-bit
+// rounding within ~1e-6 of the magnitude of an output's terms of the exact result (wgmma3_kernel.cuh).
 // gemm_wgmma runs this shape on this GPU (an sm_90 device, the sm_90a kernels built, the shape rules above).
 bool gemm_wgmma_supported(int M, int N, int K);
 // The token tile gemm_wgmma picks (64 or 128; DCC_W4A4_WGMMA="tile=..." forces it).
 int gemm_wgmma_tile(int M, int N);
 // Which of gemm_wgmma's kernels takes this shape: 1, or 2 (128 x 128 tiles, wgmma2_kernel.cuh; where N % 128 == 0,
-// R % 32 == 0 and the tiles fill every SM), or 3 (wgmma3_kernel.cuh, fp8 only) where DCC_W4A4_WGMMA="kernel=3".
+// R % 32 == 0 and the tiles fill every SM), or 3 / 4 (wgmma3_kernel.cuh / wgmma4_kernel.cuh, fp8 only) where
+// DCC_W4A4_WGMMA="kernel=3" / "kernel=4" asks.
 int gemm_wgmma_kernel(int M, int N, int R);
 
 // An attribute of the current device (gemm_wgmma.cu), 0 where it cannot be read.

@@ -23,9 +23,9 @@
 //    hi + lo differs from x by at most 2^-21 |x| and each product is exact in fp32: the branch costs no CUDA-core
 //    instruction per output (the fma chain cost 32 per output, a third of the main loop's at K = 3072) and about
 //    2 x R / 4 / K of the tensor-core time (8 % at K = 3072, R = 32). Then bias, then one rounding. The tensor cores'
-//    fp32 accumulation order is not specified, so this is not bit-identical to the emulation: the result is within
-//    about 1e-6 relative of the exact value of the stored codes and scales before the 16-bit rounding (tests compare
-//    it with the exact result, not bit for bit).
+//    fp32 accumulation order is not specified, so this is not bit-identical to the emulation: before the 16-bit
+//    rounding the result differs from the exact value of the stored codes and scales by about 1e-6 of the magnitude
+//    of its terms at most (tests compare it with the exact result, not bit for bit).
 // Requirements (checked by the host): fp8 codes, N % 128 == 0, R % 32 == 0, lora_act (and lora_up) 16-byte aligned.
 #pragma once
 

@@ -322,7 +322,8 @@ def _exact_gemm(t, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_wgmma_kernel3_bit_identical(ops, knob, dtype):
     """The third kernel (wgmma3_kernel.cuh: the main loop pipelined within each warpgroup, 64-token halves in two
-    sets of sums) with its CUDA-core low-rank epilogue: the same bits as mma.sync and the emulation -- one stage and
+    sets of sums) with its CUDA-core low-rank epilogue, and the fourth (wgmma4_kernel.cuh: four warpgroups of 64 x 64
+    quadrants): the same bits as mma.sync and the emulation -- one stage and
     odd stage counts (the stage-pair loop's tail), M cut inside a tile, ranks 0 / 32 / 64 / 128, unsigned codes, a
     FLUX.1 shape at M = 4096 (many tiles per CTA)."""
     for m, n, k, rank, bias, unsigned in ((1, 128, 128, 32, True, False), (77, 256, 384, 64, False, True),
@@ -330,10 +331,11 @@ def test_wgmma_kernel3_bit_identical(ops, knob, dtype):
                                           (2000, 1280, 512, 32, False, False), (4096, 3072, 3072, 32, True, False)):
         t = _layer(m, n, k, rank, bias, dtype, unsigned, _gen("k3", m, n, k, rank, dtype))
         want = _reference(ops, t, dtype)
-        knob("kernel=3")
-        assert ops.ext().gemm_wgmma_kernel(m, n, rank) == 3
-        _same(_run(ops, t, "wgmma_fp8"), want, f"kernel=3 m={m} n={n} k={k} rank={rank}")
-        _same(_run(ops, t, "wgmma"), want, f"kernel=3 (s8: the second kernel) m={m} n={n} k={k} rank={rank}")
+        for kernel in (3, 4):
+            knob(f"kernel={kernel}")
+            assert ops.ext().gemm_wgmma_kernel(m, n, rank) == kernel
+            _same(_run(ops, t, "wgmma_fp8"), want, f"kernel={kernel} m={m} n={n} k={k} rank={rank}")
+            _same(_run(ops, t, "wgmma"), want, f"kernel={kernel} (s8: kernel 2) m={m} n={n} k={k} rank={rank}")
         knob(None)
         if rank == 0:   # wgmma_tc at rank 0 is the same kernel with no low-rank branch
             _same(_run(ops, t, "wgmma_tc"), want, f"wgmma_tc rank 0 m={m} n={n} k={k}")

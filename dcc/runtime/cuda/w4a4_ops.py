@@ -225,8 +225,9 @@ def gemm(acodes: torch.Tensor, ascales: torch.Tensor, wcodes: torch.Tensor, wsca
     the third kernel, the low-rank branch on the tensor cores: N % 128 == 0, R % 32 == 0); forced paths raise
     ValueError where they cannot run. ascales_f32t / wscales_f32t / wcodes_e4m3 / lora_up_f32: the wgmma kernels'
     layouts (quantize(scales_t=True), wscales_t(), codes_e4m3(), lora_up in fp32); made here where not given. Every
-    path but wgmma_tc gives the same bits; wgmma_tc is within about 1e-6 relative of the exact result of the stored
-    codes and scales before its 16-bit rounding (csrc/w4a4/wgmma3_kernel.cuh)."""
+    path but wgmma_tc gives the same bits; before its 16-bit rounding wgmma_tc differs from the exact result of the
+    stored codes and scales by about 1e-6 of the magnitude of the output's terms at most
+    (csrc/w4a4/wgmma3_kernel.cuh)."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
     fp8_in = acodes.dtype == torch.uint8 and path in ("wgmma_fp8", "wgmma_tc")
