@@ -90,6 +90,23 @@ __device__ __forceinline__ void lora_tc_chunk(float (&acc)[64], uint32_t la_s, u
 #endif
 
 #if defined(DCC_W4A4_WGMMA_DEVICE)
+// The ring's and the low-rank buffer's mbarriers at bars (full[kStages], empty[kStages], epi_full, epi_empty), set
+// by thread 0 and made visible to the CTA; `readers`: the consumer warps that release each stage and chunk.
+template <int kStages>
+__device__ __forceinline__ void init_ring_bars(uint32_t bars, uint32_t readers) {
+  using namespace sm90;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(bars + 8 * s, 1);
+      mbar_init(bars + 8 * (kStages + s), readers);
+    }
+    mbar_init(bars + 16 * kStages, 1);
+    mbar_init(bars + 16 * kStages + 8, readers);
+    fence_barrier_init();
+  }
+  __syncthreads();
+}
+
 // The third kernel's producers (one thread each; barriers at bars: full[kStages], empty[kStages],
 // epi_full, epi_empty). The ring (the second kernel's): the first stages' weights before griddepcontrol.wait (they do
 // not depend on quant_act), then the activations; tile order blockIdx.x + i * gridDim.x, m fastest.
@@ -176,16 +193,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) w4a4_wgmma3_kernel(const __grid
   auto empty_bar = [&](int s) { return bars + 8 * (kStages + s); };
   const uint32_t epi_full = bars + 16 * kStages, epi_empty = epi_full + 8;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(full_bar(s), 1);
-      mbar_init(empty_bar(s), 8);   // one arrive per consumer warp: both warpgroups read every stage
-    }
-    mbar_init(epi_full, 1);
-    mbar_init(epi_empty, 8);
-    fence_barrier_init();
-  }
-  __syncthreads();
+  init_ring_bars<kStages>(bars, 8);   // one arrive per consumer warp: both warpgroups read every stage
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int KT = p.K / C::kTileK, chunks = p.R / C::kRank;

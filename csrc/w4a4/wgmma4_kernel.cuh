@@ -37,16 +37,7 @@ __global__ void __launch_bounds__(kWg4Threads, 1) w4a4_wgmma4_kernel(const __gri
   auto empty_bar = [&](int s) { return bars + 8 * (kStages + s); };
   const uint32_t epi_full = bars + 16 * kStages, epi_empty = epi_full + 8;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(full_bar(s), 1);
-      mbar_init(empty_bar(s), 16);   // one arrive per consumer warp: all four warpgroups read every stage
-    }
-    mbar_init(epi_full, 1);
-    mbar_init(epi_empty, 16);
-    fence_barrier_init();
-  }
-  __syncthreads();
+  init_ring_bars<kStages>(bars, 16);   // one arrive per consumer warp: all four warpgroups read every stage
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp >= 16) {
