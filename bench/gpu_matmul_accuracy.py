@@ -85,8 +85,8 @@ def main() -> None:
             gpu_matmul._cpu_too = mode == "3xtf32"
             # SmolLM2's 576-wide layers take TinyChat's g64 (its g128 kernels need K % 128)
             opts = CompileOptions(target=target, algo=None if algo == "default" else algo, calib=args.calib,
-                                  group_size=64 if target == "tinychat" else None, calib_chunks=16, calib_seq_len=256,
-                                  gpu_matmul=mode, seed=seed, progress=False, force=True)
+                                  group_size=64 if target == "tinychat" else None, calib_chunks=chunks,
+                                  calib_seq_len=256, gpu_matmul=mode, seed=seed, progress=False, force=True)
             with tempfile.TemporaryDirectory() as d:
                 t = time.perf_counter()
                 out = compile_model(args.model, str(Path(d) / "a"), opts, log=lambda m: None)

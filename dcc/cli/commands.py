@@ -76,7 +76,8 @@ def _targets_epilog() -> str:
               help="Experimental: the float32 matrix products of calibration's forward runs on a GPU. 3xtf32 computes "
                    "each as three TF32 tensor-core products of split operands (relative error ~1e-6; an 8B AWQ block "
                    "took 5.6 s instead of 7.9 s on an H100); the artifact then differs from an fp32 compile in low "
-                   "bits (SmolLM2 perplexity within 1 %: bench/gpu_matmul_accuracy.py).")
+                   "bits (SmolLM2 perplexity within 1 %, as far as one calibration window fewer moves it: "
+                   "bench/gpu_matmul_accuracy.py).")
 @click.option("--gpus", type=int, default=None,
               help="Spread calibration over this many GPUs of this machine (1, 2, 4 or 8; NCCL): each process "
                    "holds a share of the calibration sequences, the statistics the passes read are reduced over all "
