@@ -3,10 +3,11 @@ q and k, the new K/V written, attention over the cache), Llama-3-8B heads (32 qu
 256 slots in a cache of 384 (the e2e benchmark's 128 + 256), KV4 and bf16 caches, batch 1 and 64: microseconds per
 launch from a CUDA graph of 32 launches (one per layer, each its own cache; gpu_w4a16's time_calls), for each split
 size the kernel may take (DCC_ATTN_MIN_CHUNK), beside the bytes floor (the cache slots read at the measured copy
-bandwidth). --variants times the kernel's benchmark variants too (DCC_ATTN_VARIANT, read once per process: 1, q
-staged in shared memory; 3, also 8 passes of loads in flight), each in its own process.
+bandwidth). --variants times the kernel's other variants too (DCC_ATTN_VARIANT, read once per process: 0, each
+slot computes its lanes' q itself; 3, q staged as the default 1 does, and 8 passes of loads in flight), each in its
+own process.
 
-    PYTHONPATH=. python bench/gpu_attn.py [--variants 1,3] [--batches 1,64]
+    PYTHONPATH=. python bench/gpu_attn.py [--variants 0,3] [--batches 1,64]
 
 JSON (bench/_results.py) to $OUT/gpu_attn.json if $OUT is set, else bench/results/gpu_attn.json."""
 from __future__ import annotations
@@ -72,7 +73,7 @@ def run_all(batches: list[int]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,64")
-    ap.add_argument("--variants", default="", help="DCC_ATTN_VARIANT values to time beside the default (1, 3)")
+    ap.add_argument("--variants", default="", help="DCC_ATTN_VARIANT values to time beside the default (0, 3)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -82,7 +83,7 @@ def main() -> None:
     import _results
     bw = ceilings()[0]   # the device copy's TB/s, read + write
     print(f"device copy {bw:.2f} TB/s (read + write); default kernel:", flush=True)
-    rows = [dict(r, variant=0) for r in run_all(batches)]
+    rows = [dict(r, variant=int(os.environ.get("DCC_ATTN_VARIANT", "1"))) for r in run_all(batches)]
     for v in [int(x) for x in args.variants.split(",") if x.strip()]:
         print(f"DCC_ATTN_VARIANT={v}:", flush=True)
         env = dict(os.environ, DCC_ATTN_VARIANT=str(v))

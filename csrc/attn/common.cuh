@@ -9,13 +9,16 @@ namespace dcc_attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Loads of what earlier kernels wrote go through L2 only (ld.global.cg): with PDL (../common/pdl.cuh) a kernel
+// runs while the one before it writes, so L1 may hold a line from before the write (a CUDA graph of these kernels
+// gave wrong values through the L1 paths on an H100); every such value here is read once or twice per CTA anyway.
 __device__ __forceinline__ float load16(const void* p, long long i, int dt) {
-  return dt == 0 ? __half2float(static_cast<const __half*>(p)[i])
-                 : __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  const unsigned short bits = __ldcg(static_cast<const unsigned short*>(p) + i);
+  return dt == 0 ? __half2float(__ushort_as_half(bits)) : __bfloat162float(__ushort_as_bfloat16(bits));
 }
 
 __device__ __forceinline__ float loadx(const void* p, long long i, int dt) {
-  return dt == 2 ? static_cast<const float*>(p)[i] : load16(p, i, dt);
+  return dt == 2 ? __ldcg(static_cast<const float*>(p) + i) : load16(p, i, dt);
 }
 
 __device__ __forceinline__ void storex(void* p, long long i, float v, int dt) {

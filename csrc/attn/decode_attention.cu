@@ -7,6 +7,7 @@
 // partial (max, sum, output) triples, as flash-decoding does (one launch).
 #include <cstdlib>
 
+#include "../common/pdl.cuh"
 #include "attn.h"
 #include "common.cuh"
 
@@ -23,12 +24,14 @@ template <int KIND, int D>
 __device__ __forceinline__ void load8(const void* cache, const __half* sc, const __half* ze, long long tok, int lt,
                                       float (&v)[8]) {
   if constexpr (KIND == 4) {
-    const unsigned word = reinterpret_cast<const unsigned*>(static_cast<const uint8_t*>(cache) + tok * (D / 2))[lt];
-    const float s = __half2float(sc[tok]), z = __half2float(ze[tok]);
+    // through L2 (common.cuh's load16: the step's slot is written during the PDL overlap)
+    const unsigned word = __ldcg(reinterpret_cast<const unsigned*>(static_cast<const uint8_t*>(cache) + tok * (D / 2)) +
+                                 lt);
+    const float s = __half2float(__ldcg(sc + tok)), z = __half2float(__ldcg(ze + tok));
 #pragma unroll
     for (int j = 0; j < 8; ++j) v[j] = kv4_value((word >> (4 * j)) & 0xFu, s, z);
   } else {
-    const uint4 raw = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(cache) + tok * D)[lt];
+    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(cache) + tok * D) + lt);
     const uint16_t* e = reinterpret_cast<const uint16_t*>(&raw);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -64,7 +67,25 @@ __global__ void __launch_bounds__(kThreads)
   const int G = H / KVH;
   const int lt = threadIdx.x % TPT, slot = threadIdx.x / TPT;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int len = static_cast<int>(pos[b]) + 1;
+  // PDL (../common/pdl.cuh): while the previous kernel (the q/k/v GEMM) finishes, this split's slots of the cache
+  // (all chunk of them: pos is not read before the wait) are prefetched into L2; everything else after the wait
+  dcc_pdl::launch_dependents();
+  {
+    const long long s0 = (static_cast<long long>(b) * KVH + kh) * T + static_cast<long long>(sp) * chunk;
+    const int ns = min(chunk, T - sp * chunk);
+    const long long per = KIND == 4 ? D / 2 : D * 2;   // bytes a slot
+    if (ns > 0) {
+      dcc_pdl::prefetch_l2_range(static_cast<const char*>(kc) + s0 * per, ns * per, threadIdx.x, kThreads);
+      dcc_pdl::prefetch_l2_range(static_cast<const char*>(vc) + s0 * per, ns * per, threadIdx.x, kThreads);
+      if (KIND == 4 && threadIdx.x < 4) {   // the slots' fp16 scales and zeros: 2 bytes a slot, 4 arrays
+        const int i = threadIdx.x;
+        const __half* meta = i == 0 ? ks : i == 1 ? kz : i == 2 ? vs : vz;   // no local array (no stack)
+        dcc_pdl::prefetch_l2_range(meta + s0, 2LL * ns, 0, 1);
+      }
+    }
+  }
+  dcc_pdl::wait();
+  const int len = static_cast<int>(__ldcg(pos + b)) + 1;
   const int t0 = sp * chunk, t1 = min(t0 + chunk, len);
   const long long row = (static_cast<long long>(b) * KVH + kh) * T;   // slot 0 of this (sequence, KV head)
   const long long bh0 = static_cast<long long>(b) * H + kh * G;        // first query head of the group
@@ -77,7 +98,7 @@ __global__ void __launch_bounds__(kThreads)
   auto q_value = [&](int g, int i) -> float {   // channel i of head g, scaled (0 past the group's G heads)
     float v = 0.f;
     if (g < G && qin.qkv == nullptr) {
-      v = q[(bh0 + g) * D + i];
+      v = __ldcg(q + (bh0 + g) * D + i);
     } else if (g < G) {
       const int half = D / 2;
       const long long src = b * qin.stride + (static_cast<long long>(kh) * G + g) * D;
@@ -300,13 +321,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// DCC_ATTN_VARIANT=0 (default), 1 (q staged in shared memory) or 3 (and 8 passes in flight): the same bits (VAR
-// above). Opt-in until timed on a GPU (bench/gpu_attn.py).
+// DCC_ATTN_VARIANT (read once per process): 1 (the default: q staged in shared memory), 0 (each slot computes its
+// lanes' q itself) or 3 (1, and 8 passes of loads in flight): the same bits (VAR above). Timed by bench/gpu_attn.py
+// (DESIGN.md: 1 took 18.6 -> 15.5 us a launch at batch 1; 3 gained nothing over 1).
 int variant() {
   static const int v = [] {
     const char* e = std::getenv("DCC_ATTN_VARIANT");
-    const int x = e == nullptr ? 0 : std::atoi(e);
-    return x == 1 || x == 3 ? x : 0;
+    const int x = e == nullptr ? 1 : std::atoi(e);
+    return x == 0 || x == 3 ? x : 1;
   }();
   return v;
 }
@@ -316,8 +338,8 @@ cudaError_t launch_g(int gm, dim3 grid, const float* q, const QkvIn& qin, void* 
                      __half* vs, __half* vz, const long long* pos, void* out, float* ws, int H, int KVH, int T,
                      int chunk, int nsplit, int out_dt, cudaStream_t st) {
 #define DCC_KV4_VAR(GMV, VARV)                                                                                       \
-  decode_attention_kernel<KIND, TPT, GMV, VARV><<<grid, kThreads, 0, st>>>(q, qin, kc, ks, kz, vc, vs, vz, pos, out,  \
-                                                                          ws, H, KVH, T, chunk, nsplit, out_dt)
+  return dcc_pdl::launch(decode_attention_kernel<KIND, TPT, GMV, VARV>, grid, dim3(kThreads), 0, st, q, qin, kc, ks,  \
+                         kz, vc, vs, vz, pos, out, ws, H, KVH, T, chunk, nsplit, out_dt)
 #define DCC_KV4_CASE(GMV)                                                                                            \
   case GMV:                                                                                                          \
     if (variant() == 1)                                                                                              \
@@ -325,8 +347,7 @@ cudaError_t launch_g(int gm, dim3 grid, const float* q, const QkvIn& qin, void* 
     else if (variant() == 3)                                                                                         \
       DCC_KV4_VAR(GMV, 3);                                                                                           \
     else                                                                                                             \
-      DCC_KV4_VAR(GMV, 0);                                                                                           \
-    break;
+      DCC_KV4_VAR(GMV, 0);
   switch (gm) {
     DCC_KV4_CASE(1)
     DCC_KV4_CASE(2)
@@ -337,7 +358,7 @@ cudaError_t launch_g(int gm, dim3 grid, const float* q, const QkvIn& qin, void* 
   }
 #undef DCC_KV4_CASE
 #undef DCC_KV4_VAR
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 template <int KIND>

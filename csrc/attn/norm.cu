@@ -4,6 +4,7 @@
 // H % 4 == 0, H <= 4 * 256 * 8 holds the row in registers (float4 per step): every load of the row is issued
 // before the first use (one round trip to memory instead of one per loop iteration, measured 10 us -> ~2 us a
 // call on an H100 at H = 4096), and the normalised values are written from the registers without a second read.
+#include "../common/pdl.cuh"
 #include "attn.h"
 #include "common.cuh"
 
@@ -29,9 +30,11 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict
                                                                int norm) {
   __shared__ float warp_part[kThreads / 32];
   const long long row = static_cast<long long>(blockIdx.x) * H;
+  dcc_pdl::launch_dependents();   // PDL (../common/pdl.cuh): h and delta are the previous kernels' outputs
+  dcc_pdl::wait();
   float ss = 0.f;
   for (int i = threadIdx.x; i < H; i += kThreads) {
-    float v = h[row + i];
+    float v = __ldcg(h + row + i);
     if (delta != nullptr) {
       v = __fadd_rn(v, load16(delta, row + i, dt));   // h + delta, float32 (the reference's residual add)
       h[row + i] = v;
@@ -42,14 +45,14 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict
   if (!norm) return;
   const float r = row_rsqrt(ss, H, eps, warp_part);
   for (int i = threadIdx.x; i < H; i += kThreads) {
-    const float v = h[row + i];
+    const float v = __ldcg(h + row + i);
     storex(out, row + i, __fmul_rn(load16(w, i, dt), __fmul_rn(v, r)), dt);
   }
 }
 
 // Four 16-bit values (8 bytes) from / to index i (a multiple of 4).
 __device__ __forceinline__ float4 load4_16(const void* p, long long i, int dt) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p) + i);
+  const uint2 raw = __ldcg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p) + i));   // L2: common.cuh
   const uint16_t* e = reinterpret_cast<const uint16_t*>(&raw);
   float v[4];
 #pragma unroll
@@ -80,11 +83,21 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_regs_kernel(float* __res
   __shared__ float warp_part[kThreads / 32];
   const long long row = static_cast<long long>(blockIdx.x) * H;
   const int n4 = H / 4;
+  // PDL (../common/pdl.cuh): the norm's weight (constant) is loaded while the previous kernel finishes; h and delta
+  // after the wait
+  dcc_pdl::launch_dependents();
+  float4 gw[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int c = threadIdx.x + k * kThreads;
+    gw[k] = norm && c < n4 ? load4_16(w, 4 * c, dt) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  dcc_pdl::wait();
   float4 x[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     const int c = threadIdx.x + k * kThreads;
-    x[k] = c < n4 ? reinterpret_cast<const float4*>(h + row)[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+    x[k] = c < n4 ? __ldcg(reinterpret_cast<const float4*>(h + row) + c) : make_float4(0.f, 0.f, 0.f, 0.f);
   }
   if (delta != nullptr) {
     float4 d[V];
@@ -122,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_regs_kernel(float* __res
   for (int k = 0; k < V; ++k) {
     const int c = threadIdx.x + k * kThreads;
     if (c < n4) {
-      const float4 g = load4_16(w, 4 * c, dt);
+      const float4 g = gw[k];
       store4_16(out, row + 4 * c,
                 make_float4(__fmul_rn(g.x, __fmul_rn(x[k].x, r)), __fmul_rn(g.y, __fmul_rn(x[k].y, r)),
                             __fmul_rn(g.z, __fmul_rn(x[k].z, r)), __fmul_rn(g.w, __fmul_rn(x[k].w, r))),
@@ -133,6 +146,8 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_regs_kernel(float* __res
 
 // SiLU(gate) * up: grid (column blocks, row blocks); a thread takes columns of rows (no 64-bit index division).
 __global__ void silu_mul_kernel(const void* gu, void* out, int M, int I, long long stride, int dt) {
+  dcc_pdl::launch_dependents();   // PDL (../common/pdl.cuh): gate and up are the previous kernel's output
+  dcc_pdl::wait();
   for (long long m = blockIdx.y; m < M; m += gridDim.y) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < I; i += gridDim.x * blockDim.x) {
       const float g = load16(gu, m * stride + i, dt), u = load16(gu, m * stride + I + i, dt);
@@ -153,10 +168,10 @@ cudaError_t add_rmsnorm(float* h, const void* delta, const void* w, void* out, i
                        (delta == nullptr || reinterpret_cast<uintptr_t>(delta) % 8 == 0) &&
                        reinterpret_cast<uintptr_t>(w) % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 8 == 0;
   if (aligned && v <= 8) {
-#define DCC_NORM_V(V)                                                                                  \
-  case V:                                                                                             \
-    add_rmsnorm_regs_kernel<V><<<M, kThreads, 0, stream>>>(h, delta, w, out, H, eps, dt, norm);        \
-    break;
+#define DCC_NORM_V(V)                                                                                          \
+  case V:                                                                                                     \
+    return dcc_pdl::launch(add_rmsnorm_regs_kernel<V>, dim3(M), dim3(kThreads), 0, stream, h, delta, w, out, H, eps, \
+                           dt, norm);
     switch (v <= 1 ? 1 : v <= 2 ? 2 : v <= 4 ? 4 : 8) {
       DCC_NORM_V(1)
       DCC_NORM_V(2)
@@ -164,17 +179,15 @@ cudaError_t add_rmsnorm(float* h, const void* delta, const void* w, void* out, i
       DCC_NORM_V(8)
     }
 #undef DCC_NORM_V
-  } else {
-    add_rmsnorm_kernel<<<M, kThreads, 0, stream>>>(h, delta, w, out, H, eps, dt, norm);
   }
-  return cudaGetLastError();
+  return dcc_pdl::launch(add_rmsnorm_kernel, dim3(M), dim3(kThreads), 0, stream, h, delta, w, out, H, eps, dt, norm);
 }
 
 cudaError_t silu_mul(const void* gu, void* out, int M, int I, long long stride, int dt, cudaStream_t stream) {
   if (M <= 0 || I <= 0 || (dt != 0 && dt != 1)) return cudaErrorInvalidValue;
   const int cols = (I + 255) / 256 < 64 ? (I + 255) / 256 : 64;
-  silu_mul_kernel<<<dim3(cols, M < 65535 ? M : 65535), 256, 0, stream>>>(gu, out, M, I, stride, dt);
-  return cudaGetLastError();
+  return dcc_pdl::launch(silu_mul_kernel, dim3(cols, M < 65535 ? M : 65535), dim3(256), 0, stream, gu, out, M, I,
+                         stride, dt);
 }
 
 }  // namespace dcc_attn

@@ -158,7 +158,16 @@ __device__ __forceinline__ uint4 ld_stream_u4(const void* p) {
   return v;
 }
 
-// 16-byte read-only load through L1 (activations: every block re-reads them).
+// 16-byte load of activations from L2 (ld.global.cg: L1 bypassed). The previous kernel writes them, and with PDL
+// (../common/pdl.cuh) this kernel may already run while it does: the non-coherent or L1 paths could return a line
+// cached before the write (measured on an H100: a chain of these kernels in a CUDA graph gave wrong sums when the
+// activations were read through ld.global.nc), and L1 would gain little (a block reads each activation once).
+__device__ __forceinline__ uint4 ld_act_u4(const void* p) {
+  return __ldcg(reinterpret_cast<const uint4*>(p));
+}
+
+// 16-byte read-only load through L1: the benchmark-only variants in dev/cuda/w4a16 (plain launches) read their
+// activations so, as they were measured.
 __device__ __forceinline__ uint4 ld_cached_u4(const void* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }

@@ -21,6 +21,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../common/pdl.cuh"
 #include "common.cuh"
 #include "util.h"
 #include "w4a16.h"
@@ -31,6 +32,9 @@ namespace {
 
 constexpr int kRowsPerBlock = 16;
 constexpr int kKPerIter = 128;
+// Iterations of weights past the first ring a lean GEMV prefetches into L2 before its PDL wait: 2 x 1 KB a warp,
+// at most a quarter of the layer at K = 4096 (the largest, gate_up of Llama-3-8B, 59 MB: 15 MB of the 50 MB L2).
+constexpr int kPrefetchIters = 2;
 
 
 // The block's epilogue: sum the WARPS partial C fragments (split K) staged in shared memory as
@@ -65,6 +69,10 @@ __global__ void __launch_bounds__(WARPS * 32)
   using H = Half2Of<T>;
   using T2 = typename H::T2;
   __shared__ float4 red[WARPS][MT][32];
+  // PDL (../common/pdl.cuh): let the next kernel launch; wait for the previous one before any load (this kernel's
+  // loads take weights and activations together)
+  dcc_pdl::launch_dependents();
+  dcc_pdl::wait();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -99,7 +107,7 @@ __global__ void __launch_bounds__(WARPS * 32)
       const int m = g + 8 * mt;
       const T* xp = x + (size_t)m * K + k0;
 #pragma unroll
-      for (int q = 0; q < 4; ++q) dst[mt][q] = (ok && m < M) ? ld_cached_u4(xp + 8 * q) : zero4;
+      for (int q = 0; q < 4; ++q) dst[mt][q] = (ok && m < M) ? ld_act_u4(xp + 8 * q) : zero4;
     }
   };
   auto issue = [&](int u, int it) {
@@ -164,11 +172,11 @@ void launch_fused(const void* x, const void* qweight, const void* scales, const 
   const int rows = 8 * MT;
   for (int m0 = 0; m0 < M; m0 += rows) {
     const int mc = M - m0 < rows ? M - m0 : rows;
-    fused_w4a16_kernel<T, MT, WARPS, U, XPRE, FASTDQ><<<grid, WARPS * 32, 0, stream>>>(
-        static_cast<const T*>(x) + (size_t)m0 * K, static_cast<const uint4*>(qweight), static_cast<const T*>(scales),
-        static_cast<const T*>(szeros), static_cast<const T*>(bias), static_cast<T*>(out) + (size_t)m0 * N, mc, N, K,
-        gshift);
-    check_cuda(cudaGetLastError(), "fused w4a16 kernel launch");
+    check_cuda(dcc_pdl::launch(fused_w4a16_kernel<T, MT, WARPS, U, XPRE, FASTDQ>, grid, dim3(WARPS * 32), 0, stream,
+                               static_cast<const T*>(x) + (size_t)m0 * K, static_cast<const uint4*>(qweight),
+                               static_cast<const T*>(scales), static_cast<const T*>(szeros),
+                               static_cast<const T*>(bias), static_cast<T*>(out) + (size_t)m0 * N, mc, N, K, gshift),
+               "fused w4a16 kernel launch");
   }
 }
 
@@ -208,7 +216,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 
   uint4 wa[U][RT], wb[U][RT], xr[U][4];
   T sa[U][RT], sb[U][RT], za[U][RT], zb[U][RT];
-  auto issue = [&](int u) {
+  auto issue_w = [&](int u) {   // an iteration's weights, scales and zeros (constant: loadable before the PDL wait)
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
       wa[u][r] = ld_stream_u4(pq + r * tile_q);
@@ -218,16 +226,35 @@ __global__ void __launch_bounds__(WARPS * 32)
       za[u][r] = pz[16 * r];
       zb[u][r] = pz[16 * r + 8];
     }
-#pragma unroll
-    for (int q = 0; q < 4; ++q) xr[u][q] = ld_cached_u4(px + 8 * q);
     pq += 16 * WARPS;
     ps += s_it * WARPS;
     pz += s_it * WARPS;
+  };
+  auto issue_x = [&](int u) {   // its activations (the previous kernel's output)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) xr[u][q] = ld_act_u4(px + 8 * q);
     px += 128 * WARPS;
   };
+  auto issue = [&](int u) {
+    issue_w(u);
+    issue_x(u);
+  };
+  // PDL (../common/pdl.cuh): the first U iterations' weights are loaded, and the next kPrefetchIters' prefetched
+  // into L2, while the previous kernel finishes; the activations after the wait
+  dcc_pdl::launch_dependents();
 #pragma unroll
   for (int u = 0; u < U; ++u)
-    if (u < n_it) issue(u);
+    if (u < n_it) issue_w(u);
+  for (int j = U; j < n_it && j < U + kPrefetchIters; ++j)
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      dcc_pdl::prefetch_l2(pq + (j - U) * 16 * WARPS + r * tile_q);
+      dcc_pdl::prefetch_l2(pq + (j - U) * 16 * WARPS + r * tile_q + 2 * K8);
+    }
+  dcc_pdl::wait();
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (u < n_it) issue_x(u);
 
   for (int j0 = 0; j0 < n_it; j0 += U) {
 #pragma unroll
@@ -266,10 +293,11 @@ void launch_lean(const void* x, const void* qweight, const void* scales, const v
     throw std::invalid_argument(
         "dcc w4a16: lean GEMV kernel does not fit this problem (needs M <= 8, K % 128 == 0, N % " +
         std::to_string(16 * RT) + " == 0)");
-  gemv_lean_kernel<T, WARPS, U, RT><<<N / (16 * RT), WARPS * 32, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const uint4*>(qweight), static_cast<const T*>(scales),
-      static_cast<const T*>(szeros), static_cast<const T*>(bias), static_cast<T*>(out), M, N, K, gshift);
-  check_cuda(cudaGetLastError(), "lean GEMV kernel launch");
+  check_cuda(dcc_pdl::launch(gemv_lean_kernel<T, WARPS, U, RT>, dim3(N / (16 * RT)), dim3(WARPS * 32), 0, stream,
+                             static_cast<const T*>(x), static_cast<const uint4*>(qweight),
+                             static_cast<const T*>(scales), static_cast<const T*>(szeros),
+                             static_cast<const T*>(bias), static_cast<T*>(out), M, N, K, gshift),
+             "lean GEMV kernel launch");
 }
 
 }  // namespace

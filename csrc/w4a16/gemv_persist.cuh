@@ -51,15 +51,19 @@ __global__ void __launch_bounds__(WARPS * 32, (2048 / 2) / (WARPS * 32))
   int left = my_tiles * n_it, j_iss = 0, item = 0;
   // issue: the loads of the next iteration; past a tile's last one, seek the next tile, so that the ring runs across
   // tile boundaries and the next loads are in flight during each block reduction.
-  auto issue = [&]() {
+  auto issue_w = [&]() {   // the weights, scales and zeros (constant: loadable before the PDL wait)
     wa = ld_stream_u4(qw + oq);
     wb = ld_stream_u4(qw + oq + 2 * (K >> 3));
     sa = scales[os];
     sb = scales[os + 8];
     za = szeros[os];
     zb = szeros[os + 8];
+  };
+  auto issue_x = [&]() {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) xr[q] = ld_cached_u4(x + ox + 8 * q);
+    for (int q = 0; q < 4; ++q) xr[q] = ld_act_u4(x + ox + 8 * q);
+  };
+  auto advance = [&]() {
     oq += 16 * WARPS;
     os += s_it * WARPS;
     ox += 128 * WARPS;
@@ -67,6 +71,11 @@ __global__ void __launch_bounds__(WARPS * 32, (2048 / 2) / (WARPS * 32))
       j_iss = 0;
       seek(++item);
     }
+  };
+  auto issue = [&]() {
+    issue_w();
+    issue_x();
+    advance();
   };
   auto step = [&](float (&acc)[4]) {  // one iteration: 128 k of 16 rows, then the next issue if any is left
     uint32_t da[16], db[16];
@@ -78,9 +87,21 @@ __global__ void __launch_bounds__(WARPS * 32, (2048 / 2) / (WARPS * 32))
                    word_of(xr[s >> 1], (2 * s + 1) & 3));
     if (left > 0) issue();
   };
+  // PDL (../common/pdl.cuh): the first iteration's weights are loaded, and the next kPrefetchIters' of the first
+  // tile prefetched into L2, while the previous kernel finishes; the activations after the wait
+  dcc_pdl::launch_dependents();
   if (left > 0) {
     seek(0);
-    issue();
+    issue_w();
+    for (int j = 1; j < n_it && j <= kPrefetchIters; ++j) {
+      dcc_pdl::prefetch_l2(qw + oq + j * 16 * WARPS);
+      dcc_pdl::prefetch_l2(qw + oq + j * 16 * WARPS + 2 * (K >> 3));
+    }
+  }
+  dcc_pdl::wait();
+  if (left > 0) {
+    issue_x();
+    advance();
   }
 
   for (int i = 0; i < my_tiles; ++i) {
@@ -120,10 +141,11 @@ void launch_lean_persist(const void* x, const void* qweight, const void* scales,
                                 "N % 16 == 0)");
   const int tiles = N / 16, slots = lean_persist_slots<T, WARPS>();
   const int blocks = tiles < slots ? tiles : slots;
-  gemv_lean_persist_kernel<T, WARPS><<<blocks, WARPS * 32, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const uint4*>(qweight), static_cast<const T*>(scales),
-      static_cast<const T*>(szeros), static_cast<const T*>(bias), static_cast<T*>(out), M, N, K, gshift);
-  check_cuda(cudaGetLastError(), "persistent lean GEMV kernel launch");
+  check_cuda(dcc_pdl::launch(gemv_lean_persist_kernel<T, WARPS>, dim3(blocks), dim3(WARPS * 32), 0, stream,
+                             static_cast<const T*>(x), static_cast<const uint4*>(qweight),
+                             static_cast<const T*>(scales), static_cast<const T*>(szeros),
+                             static_cast<const T*>(bias), static_cast<T*>(out), M, N, K, gshift),
+             "persistent lean GEMV kernel launch");
 }
 
 }  // namespace

@@ -26,7 +26,7 @@ MODULES = {"w4a16": "dcc_w4a16_dev", "w4a8": "dcc_w4a8_dev"}
 def sources(family: str) -> list:
     product = [p for p in build.sources(family) if p.name not in SKIP[family]]
     dev = sorted(p for p in (DEV / family).glob("*") if p.suffix in (".cu", ".cpp", ".cuh", ".h"))
-    return product + dev
+    return product + build.common_sources() + dev
 
 
 def load(family: str, verbose: bool = False):

@@ -62,6 +62,20 @@ def test_build_key_separates_modules():
     assert build.build_key(build.sources("w4a4"), "nvcc 13", "90", "w4a4") not in (k16, k8)
 
 
+@pytest.mark.parametrize("name", sorted(build.MODULES))
+def test_common_headers_resolve_and_enter_the_key(name, monkeypatch):
+    """Every '#include "../common/X"' of a family names a header of csrc/common, and build() hashes those headers:
+    an edit there rebuilds each family that includes them."""
+    common = {p.name: p for p in build.common_sources()}
+    for p in build.sources(name):
+        for inc in re.findall(r'#include "\.\./common/([^"]+)"', p.read_text()):
+            assert inc in common, f"{p.name} includes ../common/{inc}, which csrc/common does not have"
+    seen = {}
+    monkeypatch.setattr(build, "build_module", lambda module, files, family, **kw: seen.setdefault("f", files))
+    build.build(name=name)
+    assert set(common.values()) <= set(seen["f"])
+
+
 def test_w4a16_wgmma_range_setting():
     """DCC_W4A16_WGMMA: 'LO:HI' (the M range path="auto" sends to the wgmma GEMM), 'off', or one clear error."""
     from dcc.runtime.cuda.ops import _wgmma_range

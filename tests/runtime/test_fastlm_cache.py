@@ -155,3 +155,15 @@ def test_a_prefill_the_cache_cannot_hold_is_refused(fake_ext):
         with pytest.raises(ValueError, match=f"{b} x {s} tokens"):
             _kernel_cache("kv4", cap=cap).prefill_rows(0, q, k, v, b, cos, sin)
     assert not fake_ext.calls
+
+
+def test_attention_splits_fill_the_sms_down_to_16_slots(monkeypatch):
+    """Few sequences: their slots are split into smaller chunks until about 2 CTAs per SM run, but not below 16 slots
+    (or DCC_ATTN_MIN_CHUNK); many sequences keep 256-slot chunks. The splits cover the capacity."""
+    monkeypatch.delenv("DCC_ATTN_MIN_CHUNK", raising=False)
+    assert ops.attn_split(1, 8, 384, 132) == (16, 24)       # Llama-3-8B at batch 1: 192 CTAs
+    assert ops.attn_split(4, 8, 384, 132) == (32, 12)       # 384 CTAs >= 2 x 132 at 32 slots
+    assert ops.attn_split(64, 8, 384, 132) == (256, 2)
+    assert ops.attn_split(1, 1, 100, 132) == (16, 7)        # 7 x 16 >= 100
+    monkeypatch.setenv("DCC_ATTN_MIN_CHUNK", "64")
+    assert ops.attn_split(1, 8, 384, 132) == (64, 6)

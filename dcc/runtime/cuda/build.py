@@ -69,6 +69,13 @@ def sources(name: str = "w4a16") -> list[Path]:
     return files
 
 
+def common_sources() -> list[Path]:
+    """The headers every family includes as "../common/<name>" (csrc/common: PDL launches): part of each cache key."""
+    roots = source_roots()
+    d = next((r / "common" for r in roots if (r / "common").is_dir()), roots[1] / "common")
+    return sorted(p for p in d.glob("*") if p.suffix in (".cuh", ".h"))
+
+
 def find_nvcc() -> str:
     cands = []
     for var in ("DCC_NVCC",):
@@ -189,7 +196,7 @@ def build_module(module: str, files: list[Path], family: str, include_dirs: tupl
 
 def build(verbose: bool = False, name: str = "w4a16") -> Path:
     """Compile (if not cached) and return the path of the extension module `name` (w4a16 or w4a8)."""
-    return build_module(MODULES[_check_name(name)], sources(name), name, verbose=verbose)
+    return build_module(MODULES[_check_name(name)], sources(name) + common_sources(), name, verbose=verbose)
 
 
 _LOADED: dict[str, object] = {}

@@ -65,7 +65,9 @@ def attn_split(batch: int, kv_heads: int, capacity: int, sms: int) -> tuple[int,
     """(tokens per block, blocks per sequence and KV head) of the decode attention kernel: the slots of few sequences
     are split over more blocks (the last one merges the partial softmaxes) so that about 2 blocks run per SM."""
     chunk = ATTN_CHUNK
-    smallest = int(os.environ.get("DCC_ATTN_MIN_CHUNK", "32"))   # benchmarks: the finest split taken
+    # the finest split taken (DCC_ATTN_MIN_CHUNK: benchmarks). 16: at batch 1 (Llama-3-8B, 256 of 384 slots) 192
+    # CTAs of 16 slots took 13.5 us a launch against 15.5 us for 96 of 32 (csrc/attn/DESIGN.md)
+    smallest = int(os.environ.get("DCC_ATTN_MIN_CHUNK", "16"))
     while chunk > smallest and batch * kv_heads * -(-capacity // chunk) < 2 * sms:
         chunk //= 2
     return chunk, -(-capacity // chunk)
