@@ -5,8 +5,6 @@ gives the bits it gives launched one after the other (DCC_PDL=0), eagerly and re
 that read an earlier kernel's output or wrote a buffer before its wait would read stale or half-written values."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from cuda_util import require_family
@@ -38,7 +36,7 @@ def layer(n, k, gen):
     return [t.cuda() for t in (pack_qweight(codes), s, z)]
 
 
-def test_pdl_chain_gives_the_serial_bits(exts):
+def test_pdl_chain_gives_the_serial_bits(exts, monkeypatch):
     cuda, ops = exts
     from dcc.runtime.fastlm.cache import KV4Cache
 
@@ -73,25 +71,22 @@ def test_pdl_chain_gives_the_serial_bits(exts):
         return torch.cat([ops.add_rmsnorm(h, delta, norm_w, 1e-5, torch.float16).float(), h], -1)
 
     def run(pdl: str, graph: bool) -> list[torch.Tensor]:
-        os.environ["DCC_PDL"] = pdl
-        try:
-            if not graph:
-                return [chain().cpu() for _ in range(3)]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                chain()
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                out = chain()
-            outs = []
-            for _ in range(3):
-                g.replay()
-                outs.append(out.cpu())
-            return outs
-        finally:
-            os.environ.pop("DCC_PDL", None)
+        monkeypatch.setenv("DCC_PDL", pdl)   # read at every launch
+        if not graph:
+            return [chain().cpu() for _ in range(3)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            chain()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = chain()
+        outs = []
+        for _ in range(3):
+            g.replay()
+            outs.append(out.cpu())
+        return outs
 
     want = run("0", False)[0]
     assert torch.isfinite(want).all()
