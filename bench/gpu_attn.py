@@ -3,19 +3,17 @@ q and k, the new K/V written, attention over the cache), Llama-3-8B heads (32 qu
 256 slots in a cache of 384 (the e2e benchmark's 128 + 256), KV4 and bf16 caches, batch 1 and 64: microseconds per
 launch from a CUDA graph of 32 launches (one per layer, each its own cache; gpu_w4a16's time_calls), for each split
 size the kernel may take (DCC_ATTN_MIN_CHUNK), beside the bytes floor (the cache slots read at the measured copy
-bandwidth). --variants times the kernel's other variants too (DCC_ATTN_VARIANT, read once per process: 0, each
-slot computes its lanes' q itself; 3, q staged as the default 1 does, and 8 passes of loads in flight), each in its
-own process.
+bandwidth). The launches overlap as the decode step's do (programmatic dependent launch on sm_90; DCC_PDL=0: plain
+launches). bench/results/gpu_attn.json holds the run that chose the kernel's form (its "variant" rows: 0, every slot
+computed its lanes' q itself; 1, q staged once per CTA, the form kept; 3, 1 with 8 passes of loads in flight).
 
-    PYTHONPATH=. python bench/gpu_attn.py [--variants 0,3] [--batches 1,64]
+    PYTHONPATH=. python bench/gpu_attn.py [--batches 1,64]
 
 JSON (bench/_results.py) to $OUT/gpu_attn.json if $OUT is set, else bench/results/gpu_attn.json."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -73,24 +71,13 @@ def run_all(batches: list[int]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,64")
-    ap.add_argument("--variants", default="", help="DCC_ATTN_VARIANT values to time beside the default (0, 3)")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    if args.child:   # the variant's rows, as JSON on the last line
-        print(json.dumps(run_all(batches)))
-        return
     import _results
     bw = ceilings()[0]   # the device copy's TB/s, read + write
-    print(f"device copy {bw:.2f} TB/s (read + write); default kernel:", flush=True)
-    rows = [dict(r, variant=int(os.environ.get("DCC_ATTN_VARIANT", "1"))) for r in run_all(batches)]
-    for v in [int(x) for x in args.variants.split(",") if x.strip()]:
-        print(f"DCC_ATTN_VARIANT={v}:", flush=True)
-        env = dict(os.environ, DCC_ATTN_VARIANT=str(v))
-        res = subprocess.run([sys.executable, __file__, "--child", "--batches", args.batches], env=env,
-                             capture_output=True, text=True, check=True)
-        print("\n".join(res.stdout.splitlines()[:-1]), flush=True)
-        rows += [dict(r, variant=v) for r in json.loads(res.stdout.splitlines()[-1])]
+    print(f"device copy {bw:.2f} TB/s (read + write):", flush=True)
+    pdl = os.environ.get("DCC_PDL", "1") != "0"
+    rows = [dict(r, pdl=pdl) for r in run_all(batches)]
     for r in rows:
         r["floor_us"] = round(r["bytes"] / (bw / 2 * 1e12) * 1e6, 2)   # reads at the copy's one-way bandwidth
     out = Path(os.environ["OUT"]) / "gpu_attn.json" if os.environ.get("OUT") else None
