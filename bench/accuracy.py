@@ -10,17 +10,15 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from dcc.api import CompileOptions, block0_inputs, calibration_ids, compile_model
+from dcc.api import CompileOptions, block0_inputs, calibration_ids
 from dcc.compiler.calib_data import bos_token, load_tokenizer, tokenize_file, windows
 from dcc.compiler.sequential import compile_blocks
 from dcc.models.loader import LazyModel
-from dcc.runtime.artifact import load_artifact
 from dcc.runtime.evaluate import perplexity
 from dcc.runtime.reference import build_model
 from dcc.ir.formats import QuantSpec
@@ -28,6 +26,7 @@ from dcc.targets.tinychat.pipeline import pipeline
 from dcc.targets.tinychat.target import zero_for
 
 import _results  # bench/_results.py: the results' JSON format
+from _compiled import compiled  # bench/_compiled.py
 
 
 def fake_quant_ppl(model: str, opts: CompileOptions, w: torch.Tensor) -> tuple[float, float]:
@@ -74,11 +73,8 @@ def main() -> None:
                                   calib=args.calib, calib_chunks=16, calib_seq_len=256, zero=args.zero,
                                   progress=False, force=True)
             if bits == 4:
-                with tempfile.TemporaryDirectory() as d:
-                    t = time.perf_counter()
-                    out = compile_model(args.model, str(Path(d) / "a"), opts, log=lambda m: None)
-                    secs = time.perf_counter() - t
-                    ppl = perplexity(build_model(load_artifact(out)), w, progress=False)["ppl"]
+                with compiled(args.model, opts) as (_, art, secs):
+                    ppl = perplexity(build_model(art), w, progress=False)["ppl"]
                 where = "artifact (decoded)"
             else:
                 ppl, secs = fake_quant_ppl(args.model, opts, w)

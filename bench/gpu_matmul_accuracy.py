@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _results  # noqa: E402  (bench/_results.py)
+from _compiled import compiled  # noqa: E402  (bench/_compiled.py)
 
-from dcc.api import CompileOptions, compile_model  # noqa: E402
+from dcc.api import CompileOptions  # noqa: E402
 from dcc.compiler.calib_data import bos_token, load_tokenizer, tokenize_file, windows  # noqa: E402
 from dcc.ir import gpu_matmul  # noqa: E402
 from dcc.models.loader import LazyModel  # noqa: E402
-from dcc.runtime.artifact import load_artifact  # noqa: E402
 from dcc.runtime.evaluate import perplexity  # noqa: E402
 from dcc.runtime.reference import build_model  # noqa: E402
 
@@ -87,15 +85,10 @@ def main() -> None:
             opts = CompileOptions(target=target, algo=None if algo == "default" else algo, calib=args.calib,
                                   group_size=64 if target == "tinychat" else None, calib_chunks=chunks,
                                   calib_seq_len=256, gpu_matmul=mode, seed=seed, progress=False, force=True)
-            with tempfile.TemporaryDirectory() as d:
-                t = time.perf_counter()
-                out = compile_model(args.model, str(Path(d) / "a"), opts, log=lambda m: None)
-                secs = time.perf_counter() - t
-                art = load_artifact(out)
+            with compiled(args.model, opts) as (out, art, secs):
                 ppl = perplexity(build_model(art), w, progress=False)["ppl"]
                 rows.append({"target": target, "algo": algo, "variant": variant, "gpu_matmul": mode, "seed": seed,
-                             "calib_chunks": chunks, "ppl": ppl, "compile_s": secs,
-                             "weights_sha256_16": digest(Path(out))})
+                             "calib_chunks": chunks, "ppl": ppl, "compile_s": secs, "weights_sha256_16": digest(out)})
             gpu_matmul._cpu_too = False
             print(f"{target} {algo} {variant}: {ppl:.4f} ({secs:.0f} s)", flush=True)
     print(f"\n| target | algo | variant | WikiText-2 ppl ({args.windows} x {args.seq_len}) | weights digest |")

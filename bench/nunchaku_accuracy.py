@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
-from dcc.api import CompileOptions, compile_model
+from dcc.api import CompileOptions
 from dcc.compiler.calib_data import bos_token, load_tokenizer, tokenize_file, windows
 from dcc.models.loader import LazyModel
-from dcc.runtime.artifact import load_artifact
 from dcc.runtime.evaluate import perplexity
 from dcc.runtime.reference import build_model
 
 import _results  # bench/_results.py: the results' JSON format
+from _compiled import compiled  # bench/_compiled.py
 
 
 def _rotated_rtn() -> list:
@@ -99,13 +98,9 @@ def main() -> None:
         opts = CompileOptions(**given, calib=args.calib, calib_chunks=16, calib_seq_len=256, progress=False,
                               device=args.device, force=True, steps=steps() if steps else None,
                               unsupported=args.unsupported)
-        with tempfile.TemporaryDirectory() as d:
+        with compiled(args.model, opts) as (_, art, secs):
             t = time.perf_counter()
-            out = compile_model(args.model, str(Path(d) / "a"), opts, log=lambda m: None)
-            secs = time.perf_counter() - t
-            t = time.perf_counter()
-            ppl = perplexity(build_model(load_artifact(out), device=args.device), w, device=args.device,
-                             progress=False)["ppl"]
+            ppl = perplexity(build_model(art, device=args.device), w, device=args.device, progress=False)["ppl"]
             eval_s = time.perf_counter() - t
         algo, rank = given["algo"], given.get("rank", 0)
         rows.append({"method": name, "target": given["target"], "algo": algo, "precision": given.get("precision"),

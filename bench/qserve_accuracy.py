@@ -12,19 +12,17 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
 from pathlib import Path
 
-from dcc.api import CompileOptions, compile_model
+from dcc.api import CompileOptions
 from dcc.compiler.calib_data import bos_token, load_tokenizer, tokenize_file, windows
 from dcc.models.loader import LazyModel
-from dcc.runtime.artifact import load_artifact
 from dcc.runtime.evaluate import perplexity
 from dcc.runtime.reference import build_model
 from dcc.targets.qserve.pipeline import pipeline, qoq_steps
 
 import _results  # bench/_results.py: the results' JSON format
+from _compiled import compiled  # bench/_compiled.py
 
 ALL_ON = dict(rotate=True, smooth=True, smooth_attention=True, reorder=True, clip=True, gptq=True)
 
@@ -89,11 +87,7 @@ def main() -> None:
             continue
         opts = CompileOptions(target="qserve", bits=bits, group_size=gs, kv_bits=kv, calib=args.calib,
                               steps=steps, progress=False, force=True)
-        with tempfile.TemporaryDirectory() as d:
-            t = time.perf_counter()
-            out = compile_model(args.model, str(Path(d) / "a"), opts, log=lambda m: None)
-            secs = time.perf_counter() - t
-            art = load_artifact(out)
+        with compiled(args.model, opts) as (_, art, secs):
             ppl = perplexity(build_model(art), w, progress=False)["ppl"]
             engines = art.manifest["engines"]
         results.append({"row": name, "bits": bits, "group_size": gs, "kv_bits": kv, "ppl": ppl, "compile_s": secs,
