@@ -11,8 +11,11 @@ namespace dcc_attn {
 cudaError_t add_rmsnorm(float* h, const void* delta, const void* w, void* out, int M, int H, float eps, int dt,
                         int norm, cudaStream_t stream);
 
-// out [M, I] = SiLU(gate) * up, gate = gu[m, 0:I], up = gu[m, I:2I] (row stride in elements), dtype dt.
-cudaError_t silu_mul(const void* gu, void* out, int M, int I, long long stride, int dt, cudaStream_t stream);
+// out [M, I] = SiLU(gate) * up, gate = gu[m, 0:I], up = gu[m, I:2I] (row stride in elements), dtype dt; block > 0
+// (I % block == 0): gate and up interleaved in blocks of that many columns instead (gate first), as csrc/w4a16's
+// gate_up layout for gemv_glu stores them.
+cudaError_t silu_mul(const void* gu, void* out, int M, int I, long long stride, int block, int dt,
+                     cudaStream_t stream);
 
 // One decode token per sequence: qkv [B, stride] (q heads, then k heads, then v heads; dtype in_dt) at positions
 // pos [B] (int64): RoPE (cos/sin float32 [P, D]) on q and k; q_out [B, H, D] in q_dt; K/V into slot pos[b] of the

@@ -41,16 +41,17 @@ PYBIND11_MODULE(dcc_attn_ext, m) {
       py::arg("dt"), py::arg("norm"), py::arg("stream") = 0);
   m.def(
       "silu_mul",
-      [](std::uintptr_t gu, std::uintptr_t out, int M, int I, long long stride, int dt, std::uintptr_t stream) {
+      [](std::uintptr_t gu, std::uintptr_t out, int M, int I, long long stride, int dt, std::uintptr_t stream,
+         int block) {
         cudaError_t e;
         {
           py::gil_scoped_release nogil;
-          e = dcc_attn::silu_mul(ptr(gu), ptr(out), M, I, stride, dt, stream_of(stream));
+          e = dcc_attn::silu_mul(ptr(gu), ptr(out), M, I, stride, block, dt, stream_of(stream));
         }
         check(e, "silu_mul");
       },
       py::arg("gu"), py::arg("out"), py::arg("M"), py::arg("I"), py::arg("stride"), py::arg("dt"),
-      py::arg("stream") = 0);
+      py::arg("stream") = 0, py::arg("block") = 0);
   m.def(
       "rope_write",
       [](std::uintptr_t qkv, long long stride, std::uintptr_t cos, std::uintptr_t sin, std::uintptr_t pos,

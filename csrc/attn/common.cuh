@@ -103,12 +103,23 @@ __device__ __forceinline__ void warp_rope(const void* qkv, long long src, const 
   __syncwarp();
 }
 
+// The 16-bit bits of v rounded to dtype dt (0 fp16, 1 bf16), as storex stores them.
+__device__ __forceinline__ uint16_t bits16(float v, int dt) {
+  return dt == 0 ? __half_as_ushort(__float2half_rn(v)) : __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
 // One warp: the K or V vector x[0..D) into cache slot `slot`: 16-bit (kv4 0, dtype in_dt) or KV4 (rounded to fp16
 // first as quant_kv's x16, its range, then two codes per byte, the even channel low; scale and zero per slot).
+// keep (shared memory, optional): the slot's bytes as stored, for a reader in the same CTA without a global round
+// trip: 16-bit, keep[0..D) the values' bits; KV4, the D / 2 code bytes from keep's first byte, then keep[D] the
+// scale's and keep[D + 1] the zero's fp16 bits. Visible to other warps after a __syncthreads().
 __device__ __forceinline__ void warp_store_kv(float* x, int D, long long slot, void* cache, void* scale, void* zero,
-                                              int in_dt, int kv4, int lane) {
+                                              int in_dt, int kv4, int lane, uint16_t* keep = nullptr) {
   if (!kv4) {
-    for (int i = lane; i < D; i += 32) storex(cache, slot * D + i, x[i], in_dt);
+    for (int i = lane; i < D; i += 32) {
+      storex(cache, slot * D + i, x[i], in_dt);
+      if (keep != nullptr) keep[i] = bits16(x[i], in_dt);
+    }
     return;
   }
   float lo = INFINITY, hi = -INFINITY;
@@ -127,10 +138,15 @@ __device__ __forceinline__ void warp_store_kv(float* x, int D, long long slot, v
   for (int j = lane; j < half; j += 32) {
     const unsigned c0 = kv4_code(x[2 * j], prm), c1 = kv4_code(x[2 * j + 1], prm);
     codes[slot * half + j] = static_cast<uint8_t>(c0 | (c1 << 4));
+    if (keep != nullptr) reinterpret_cast<uint8_t*>(keep)[j] = static_cast<uint8_t>(c0 | (c1 << 4));
   }
   if (lane == 0) {
     static_cast<__half*>(scale)[slot] = prm.scale;
     static_cast<__half*>(zero)[slot] = prm.zero16;
+    if (keep != nullptr) {
+      keep[D] = __half_as_ushort(prm.scale);
+      keep[D + 1] = __half_as_ushort(prm.zero16);
+    }
   }
 }
 

@@ -8,35 +8,75 @@
 // query heads of the KV head are computed from one read of the cache.
 // K and V read back as fp16((code - zero) * scale) (dcc's quant_kv); scores, softmax and sums in float32 (exp2 of
 // log2e-scaled scores). A sequence's slots may be split over nsplit CTAs; the last of them to finish merges their
-// partial (max, sum, output) triples, as flash-decoding does (one launch).
+// partial (max, sum, output) triples, as flash-decoding does (one launch; decode_merge.cuh).
+//
+// Latency (batch 1 is a chain of round trips, not a stream of bytes): before the PDL wait the kernel reads pos, the
+// RoPE row of position pos and, where its split has at most kPrePasses passes, its slots' K and V into registers
+// (DESIGN.md, "What is read before the wait"); after it, every load of the step's qkv row is issued before any is
+// used, so the critical path is the qkv round trip, the arithmetic, and the merge's.
 #pragma once
 
 #include "../common/pdl.cuh"
 #include "attn.h"
 #include "common.cuh"
+#include "decode_merge.cuh"
 
 namespace dcc_attn {
 namespace detail {
 
 constexpr int kThreads = 128;
 constexpr int kMaxChunk = 256;
-constexpr int kMaxMerge = 64;   // splits merged through shared memory (more: the serial merge)
+constexpr int kPrePasses = 2;   // passes of K and V a thread holds in registers from before the wait
 
-// This lane's 8 channels of token t: KV4 (KIND 4) one 32-bit word of codes, read back with the token's scale and
-// zero; a 16-bit cache (KIND 0 fp16, 1 bf16) one 16-byte load of 8 values.
+// One lane's 8 channels of one token as loaded: KV4 one 32-bit word of codes and the token's scale and zero; a
+// 16-bit cache one 16-byte load of 8 values.
+template <int KIND>
+struct KvRaw {
+  uint4 v;
+};
+template <>
+struct KvRaw<4> {
+  unsigned w;
+  __half s, z;
+};
+
+// Loads of the cache go through L2 (common.cuh's load16: the step's slot is written during the PDL overlap).
 template <int KIND, int D>
-__device__ __forceinline__ void load8(const void* cache, const __half* sc, const __half* ze, long long tok, int lt,
-                                      float (&v)[8]) {
+__device__ __forceinline__ KvRaw<KIND> fetch(const void* cache, const __half* sc, const __half* ze, long long tok,
+                                             int lt) {
+  KvRaw<KIND> r;
   if constexpr (KIND == 4) {
-    // through L2 (common.cuh's load16: the step's slot is written during the PDL overlap)
-    const unsigned word = __ldcg(reinterpret_cast<const unsigned*>(static_cast<const uint8_t*>(cache) + tok * (D / 2)) +
-                                 lt);
-    const float s = __half2float(__ldcg(sc + tok)), z = __half2float(__ldcg(ze + tok));
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = kv4_value((word >> (4 * j)) & 0xFu, s, z);
+    r.w = __ldcg(reinterpret_cast<const unsigned*>(static_cast<const uint8_t*>(cache) + tok * (D / 2)) + lt);
+    r.s = __ldcg(sc + tok);
+    r.z = __ldcg(ze + tok);
   } else {
-    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(cache) + tok * D) + lt);
-    const uint16_t* e = reinterpret_cast<const uint16_t*>(&raw);
+    r.v = __ldcg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(cache) + tok * D) + lt);
+  }
+  return r;
+}
+
+// The same 8 channels from warp_store_kv's shared-memory copy of a slot (keep) instead of the cache.
+template <int KIND, int D>
+__device__ __forceinline__ KvRaw<KIND> from_keep(const uint16_t* keep, int lt) {
+  KvRaw<KIND> r;
+  if constexpr (KIND == 4) {
+    r.w = reinterpret_cast<const unsigned*>(keep)[lt];
+    r.s = __ushort_as_half(keep[D]);
+    r.z = __ushort_as_half(keep[D + 1]);
+  } else {
+    r.v = reinterpret_cast<const uint4*>(keep)[lt];
+  }
+  return r;
+}
+
+template <int KIND>
+__device__ __forceinline__ void decode8(const KvRaw<KIND>& r, float (&v)[8]) {
+  if constexpr (KIND == 4) {
+    const float s = __half2float(r.s), z = __half2float(r.z);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = kv4_value((r.w >> (4 * j)) & 0xFu, s, z);
+  } else {
+    const uint16_t* e = reinterpret_cast<const uint16_t*>(&r.v);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       v[j] = KIND == 0 ? __half2float(__ushort_as_half(e[j])) : __bfloat162float(__ushort_as_bfloat16(e[j]));
@@ -55,93 +95,154 @@ struct QkvIn {
 };
 
 template <int KIND, int TPT, int GM>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)   // min 1 block: ptxas otherwise spilled a few bytes in 9 instances
     decode_attention_kernel(const float* __restrict__ q, const QkvIn qin, void* kc, __half* ks, __half* kz, void* vc,
                             __half* vs, __half* vz, const long long* __restrict__ pos, void* out,
                             float* __restrict__ ws, int H, int KVH, int T, int chunk, int nsplit, int out_dt) {
-  constexpr int D = 8 * TPT, P = kThreads / TPT, WARPS = kThreads / 32;
+  constexpr int D = 8 * TPT, P = kThreads / TPT, WARPS = kThreads / 32, HALF = D / 2;
   constexpr int UNROLL = 2;   // passes of the K and V loops whose loads are in flight together (8: no faster)
+  constexpr int QN = (GM * D + kThreads - 1) / kThreads;   // query values a thread computes
+  constexpr int RN = (HALF + 31) / 32;                      // rotate_half pairs a lane of warp 0 / 1 computes
+  static_assert(2 * GM * kMaxMerge <= GM * kMaxChunk, "the merge's weights live in the scores' shared memory");
   __shared__ float sc[GM][kMaxChunk];
   __shared__ float red[WARPS][GM * D];
   __shared__ float stat[2][WARPS][GM];
+  __shared__ __align__(16) uint16_t keep[2][D + 8];
   const int sp = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
   const int G = H / KVH;
   const int lt = threadIdx.x % TPT, slot = threadIdx.x / TPT;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  // PDL (../common/pdl.cuh): while the previous kernel (the q/k/v GEMM) finishes, this split's slots of the cache
-  // (all chunk of them: pos is not read before the wait) are prefetched into L2; everything else after the wait
+  const bool fused = qin.qkv != nullptr;
+  float* cos_p = red[2];   // the RoPE row of position p (red is free until the P V reduction)
+  float* sin_p = red[3];
+
+  // Before the PDL wait (DESIGN.md, "What is read before the wait"): pos, the RoPE row, and this split's K and V
+  // (into registers where it has at most kPrePasses passes, else prefetched into L2). All were written before this
+  // step's first kernel, which is launched plainly; slot p, which this step writes, is replaced after the wait.
   dcc_pdl::launch_dependents();
-  {
-    const long long s0 = (static_cast<long long>(b) * KVH + kh) * T + static_cast<long long>(sp) * chunk;
-    const int ns = min(chunk, T - sp * chunk);
-    const long long per = KIND == 4 ? D / 2 : D * 2;   // bytes a slot
-    if (ns > 0) {
-      dcc_pdl::prefetch_l2_range(static_cast<const char*>(kc) + s0 * per, ns * per, threadIdx.x, kThreads);
-      dcc_pdl::prefetch_l2_range(static_cast<const char*>(vc) + s0 * per, ns * per, threadIdx.x, kThreads);
-      if (KIND == 4 && threadIdx.x < 4) {   // the slots' fp16 scales and zeros: 2 bytes a slot, 4 arrays
-        const int i = threadIdx.x;
-        const __half* meta = i == 0 ? ks : i == 1 ? kz : i == 2 ? vs : vz;   // no local array (no stack)
-        dcc_pdl::prefetch_l2_range(meta + s0, 2LL * ns, 0, 1);
+  const int len = static_cast<int>(__ldcg(pos + b)) + 1;
+  const long long p = len - 1;
+  const int t0 = sp * chunk, t1 = min(t0 + chunk, len);
+  const long long row = (static_cast<long long>(b) * KVH + kh) * T;   // slot 0 of this (sequence, KV head)
+  const bool pre = chunk <= kPrePasses * P;
+  KvRaw<KIND> kr[kPrePasses], vr[kPrePasses];
+  if (pre) {
+#pragma unroll
+    for (int u = 0; u < kPrePasses; ++u) {
+      const int t = t0 + u * P + slot;
+      if (t < t1) {
+        kr[u] = fetch<KIND, D>(kc, ks, kz, row + t, lt);
+        vr[u] = fetch<KIND, D>(vc, vs, vz, row + t, lt);
       }
+    }
+  } else if (t1 > t0) {
+    const long long per = KIND == 4 ? D / 2 : D * 2;   // bytes a slot
+    const int ns = t1 - t0;
+    dcc_pdl::prefetch_l2_range(static_cast<const char*>(kc) + (row + t0) * per, ns * per, threadIdx.x, kThreads);
+    dcc_pdl::prefetch_l2_range(static_cast<const char*>(vc) + (row + t0) * per, ns * per, threadIdx.x, kThreads);
+    if (KIND == 4 && threadIdx.x < 4) {   // the slots' fp16 scales and zeros: 2 bytes a slot, 4 arrays
+      const int i = threadIdx.x;
+      const __half* meta = i == 0 ? ks : i == 1 ? kz : i == 2 ? vs : vz;   // no local array (no stack)
+      dcc_pdl::prefetch_l2_range(meta + row + t0, 2LL * ns, 0, 1);
+    }
+  }
+  if (fused) {
+    for (int i = threadIdx.x; i < D; i += kThreads) {
+      cos_p[i] = __ldg(qin.cos + p * D + i);
+      sin_p[i] = __ldg(qin.sin + p * D + i);
     }
   }
   dcc_pdl::wait();
-  const int len = static_cast<int>(__ldcg(pos + b)) + 1;
-  const int t0 = sp * chunk, t1 = min(t0 + chunk, len);
-  const long long row = (static_cast<long long>(b) * KVH + kh) * T;   // slot 0 of this (sequence, KV head)
-  const long long bh0 = static_cast<long long>(b) * H + kh * G;        // first query head of the group
+  const long long bh0 = static_cast<long long>(b) * H + kh * G;   // first query head of the group
+  const bool owner = fused && t0 <= p && p < t1;                 // this CTA writes the step's K and V (slot p)
 
-  // q of the group's heads, this lane's 8 channels, pre-scaled by log2(e) / sqrt(D); fused: RoPE'd here from the
-  // qkv row, the same float32 operations as warp_rope (so the same bits as rope_write's q)
-  float qr[GM][8];
-  const float qscale = kLog2e * rsqrtf(static_cast<float>(D));
-  const long long p = len - 1;
-  auto q_value = [&](int g, int i) -> float {   // channel i of head g, scaled (0 past the group's G heads)
-    float v = 0.f;
-    if (g < G && qin.qkv == nullptr) {
-      v = __ldcg(q + (bh0 + g) * D + i);
-    } else if (g < G) {
-      const int half = D / 2;
-      const long long src = b * qin.stride + (static_cast<long long>(kh) * G + g) * D;
-      const float x = load16(qin.qkv, src + i, qin.in_dt);
-      const float other = i < half ? -load16(qin.qkv, src + i + half, qin.in_dt)
-                                   : load16(qin.qkv, src + i - half, qin.in_dt);
-      v = __fadd_rn(__fmul_rn(x, qin.cos[p * D + i]), __fmul_rn(other, qin.sin[p * D + i]));
+  // Every load of the step's inputs first: this thread's query values (fused: each with its rotate_half partner)
+  // and, in the owner CTA, warp 0's K and warp 1's V head vectors.
+  float qa[QN], qb[QN], ra[RN], rb[RN];
+#pragma unroll
+  for (int u = 0; u < QN; ++u) {
+    const int i = threadIdx.x + u * kThreads, g = i / D, c = i % D;
+    qa[u] = qb[u] = 0.f;
+    if (g < G && i < GM * D) {
+      if (fused) {
+        const long long src = b * qin.stride + (static_cast<long long>(kh) * G + g) * D;
+        qa[u] = load16(qin.qkv, src + c, qin.in_dt);
+        qb[u] = load16(qin.qkv, src + (c < HALF ? c + HALF : c - HALF), qin.in_dt);
+      } else {
+        qa[u] = __ldcg(q + (bh0 + g) * D + c);
+      }
     }
-    return v * qscale;
-  };
-  // each of the G x D values computed once, by one thread, with coalesced loads, into the scores' shared memory
-  // (free until the scores loop; D <= kMaxChunk), then read back by the lanes that hold them: 4 values and 16
-  // loads a thread at G = 4, D = 128 instead of 32 and 128 (every slot of the CTA computed its lanes' q itself)
-  for (int i = threadIdx.x; i < GM * D; i += kThreads) sc[i / D][i % D] = q_value(i / D, i % D);
+  }
+  if (owner && warp < 2) {
+    const long long src = b * qin.stride + (static_cast<long long>(H) + warp * KVH + kh) * D;
+#pragma unroll
+    for (int j = 0; j < RN; ++j) {
+      const int i = lane + 32 * j;
+      if (i < HALF) {
+        ra[j] = load16(qin.qkv, src + i, qin.in_dt);
+        rb[j] = load16(qin.qkv, src + i + HALF, qin.in_dt);
+      }
+    }
+  }
+  // q of the group's heads pre-scaled by log2(e) / sqrt(D), each of the G x D values computed once into the scores'
+  // shared memory (fused: RoPE'd with the float32 operations of warp_rope, so the same bits as rope_write's q)
+  __syncthreads();   // cos_p / sin_p, written by other threads before the wait
+  const float qscale = kLog2e * rsqrtf(static_cast<float>(D));
+#pragma unroll
+  for (int u = 0; u < QN; ++u) {
+    const int i = threadIdx.x + u * kThreads, g = i / D, c = i % D;
+    if (i < GM * D) {
+      float v = qa[u];
+      if (fused && g < G) v = __fadd_rn(__fmul_rn(qa[u], cos_p[c]), __fmul_rn(c < HALF ? -qb[u] : qb[u], sin_p[c]));
+      sc[g][c] = v * qscale;
+    }
+  }
+  // the owner CTA: warp 0 RoPEs K, warp 1 takes V, each quantizes and stores it into slot p and keeps a copy
+  if (owner && warp < 2) {
+    float* x = red[warp];
+#pragma unroll
+    for (int j = 0; j < RN; ++j) {
+      const int i = lane + 32 * j;
+      if (i < HALF) {
+        if (warp == 0) {
+          x[i] = __fadd_rn(__fmul_rn(ra[j], cos_p[i]), __fmul_rn(-rb[j], sin_p[i]));
+          x[i + HALF] = __fadd_rn(__fmul_rn(rb[j], cos_p[i + HALF]), __fmul_rn(ra[j], sin_p[i + HALF]));
+        } else {
+          x[i] = ra[j];
+          x[i + HALF] = rb[j];
+        }
+      }
+    }
+    __syncwarp();
+    warp_store_kv(x, D, row + p, warp == 0 ? kc : vc, warp == 0 ? ks : vs, warp == 0 ? kz : vz, qin.in_dt,
+                  KIND == 4, lane, keep[warp]);
+  }
   __syncthreads();
+  float qr[GM][8];
 #pragma unroll
   for (int g = 0; g < GM; ++g)
 #pragma unroll
     for (int j = 0; j < 8; ++j) qr[g][j] = sc[g][8 * lt + j];
-  __syncthreads();   // read before the scores loop writes sc
-  // fused: the CTA whose slots hold position p writes the step's K (warp 0, RoPE'd) and V (warp 1) there first
-  if (qin.qkv != nullptr && t0 <= p && p < t1) {
-    if (warp < 2) {
-      const long long src = b * qin.stride + (static_cast<long long>(H) + warp * KVH + kh) * D;
-      float* x = red[warp];
-      warp_rope(qin.qkv, src, qin.cos + p * D, qin.sin + p * D, warp == 0, D, qin.in_dt, x, lane);
-      warp_store_kv(x, D, row + p, warp == 0 ? kc : vc, warp == 0 ? ks : vs, warp == 0 ? kz : vz, qin.in_dt,
-                    KIND == 4, lane);
+  // slot p as this step left it: the owner's copy, or (unfused: rope_write, the kernel before, wrote it) reloaded
+  if (pre && t0 <= p && p < t1) {
+#pragma unroll
+    for (int u = 0; u < kPrePasses; ++u) {
+      if (t0 + u * P + slot == p) {
+        kr[u] = owner ? from_keep<KIND, D>(keep[0], lt) : fetch<KIND, D>(kc, ks, kz, row + p, lt);
+        vr[u] = owner ? from_keep<KIND, D>(keep[1], lt) : fetch<KIND, D>(vc, vs, vz, row + p, lt);
+      }
     }
-    __syncthreads();   // the new slot is visible to the whole CTA before the loops read it
   }
+  __syncthreads();   // q read before the scores loop writes sc
 
   // scores of this split's tokens
-#pragma unroll UNROLL
-  for (int base = t0; base < t1; base += P) {
-    const int t = base + slot;
+  auto score_pass = [&](int t, const KvRaw<KIND>& raw) {
     float part[GM];
 #pragma unroll
     for (int g = 0; g < GM; ++g) part[g] = 0.f;
     if (t < t1) {
       float kv[8];
-      load8<KIND, D>(kc, ks, kz, row + t, lt, kv);
+      decode8<KIND>(raw, kv);
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -151,6 +252,19 @@ __global__ void __launch_bounds__(kThreads)
     for (int g = 0; g < GM; ++g) {
       const float v = warp_sum<TPT>(part[g]);
       if (t < t1 && lt == 0 && g < G) sc[g][t - t0] = v;
+    }
+  };
+  if (pre) {
+#pragma unroll
+    for (int u = 0; u < kPrePasses; ++u)
+      if (t0 + u * P < t1) score_pass(t0 + u * P + slot, kr[u]);
+  } else {
+#pragma unroll UNROLL
+    for (int base = t0; base < t1; base += P) {
+      const int t = base + slot;
+      KvRaw<KIND> raw{};
+      if (t < t1) raw = fetch<KIND, D>(kc, ks, kz, row + t, lt);
+      score_pass(t, raw);
     }
   }
   __syncthreads();
@@ -194,18 +308,25 @@ __global__ void __launch_bounds__(kThreads)
   for (int g = 0; g < GM; ++g)
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
+  auto value_pass = [&](int t, const KvRaw<KIND>& raw) {
+    float vv[8], pr[GM];
+    decode8<KIND>(raw, vv);
+#pragma unroll
+    for (int g = 0; g < GM; ++g) pr[g] = g < G ? sc[g][t - t0] : 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int g = 0; g < GM; ++g) acc[g][j] = fmaf(pr[g], vv[j], acc[g][j]);
+  };
+  if (pre) {
+#pragma unroll
+    for (int u = 0; u < kPrePasses; ++u)
+      if (t0 + u * P + slot < t1) value_pass(t0 + u * P + slot, vr[u]);
+  } else {
 #pragma unroll UNROLL
-  for (int base = t0; base < t1; base += P) {
-    const int t = base + slot;
-    if (t < t1) {
-      float vv[8], p[GM];
-      load8<KIND, D>(vc, vs, vz, row + t, lt, vv);
-#pragma unroll
-      for (int g = 0; g < GM; ++g) p[g] = g < G ? sc[g][t - t0] : 0.f;
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int g = 0; g < GM; ++g) acc[g][j] = fmaf(p[g], vv[j], acc[g][j]);
+    for (int base = t0; base < t1; base += P) {
+      const int t = base + slot;
+      if (t < t1) value_pass(t, fetch<KIND, D>(vc, vs, vz, row + t, lt));
     }
   }
 #pragma unroll
@@ -246,73 +367,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (nsplit == 1) return;
-  // The last CTA of this (sequence, KV head) to finish merges the splits' partial (max, sum, output) triples:
-  // out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s, M the largest m_s (flash-decoding's reduction, without a
-  // second launch). Its counter (after the partials in ws) is reset to 0 for the next launch / graph replay.
-  __shared__ int is_last;
-  __threadfence();   // this CTA's partials are visible device-wide before it counts itself in
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int* cnt = reinterpret_cast<int*>(ws + static_cast<long long>(gridDim.z) * H * nsplit * (D + 2)) +
-               (static_cast<long long>(b) * KVH + kh);
-    is_last = atomicAdd(cnt, 1) == nsplit - 1;
-    if (is_last) *cnt = 0;
-  }
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  const float* ml = ws + static_cast<long long>(gridDim.z) * H * nsplit * D;
-  if (nsplit <= kMaxMerge) {
-    // The splits' (max, sum) pairs of the group's heads are read once, all loads in flight together, into shared
-    // memory; a warp per head turns them into weights 2^(m_s - M) and the merged sum; then each output sums its
-    // splits' partials with independent loads (the serial loop below reads one split after the other: ~10 us at
-    // 10 splits, a decode step's attention time at batch 1).
-    __shared__ float wgt[GM][kMaxMerge];
-    __shared__ float lsum[GM];
-    for (int i = threadIdx.x; i < G * nsplit; i += kThreads) {
-      const int g = i / nsplit, s2 = i % nsplit;
-      wgt[g][s2] = __ldcg(ml + 2 * ((bh0 + g) * nsplit + s2));
-    }
-    __syncthreads();
-    for (int g = warp; g < G; g += WARPS) {
-      float mx = -INFINITY;
-      for (int s2 = lane; s2 < nsplit; s2 += 32) mx = fmaxf(mx, wgt[g][s2]);
-      mx = warp_max(mx);
-      float l = 0.f;
-      for (int s2 = lane; s2 < nsplit; s2 += 32) {
-        const float ms = wgt[g][s2];
-        const float w = ms == -INFINITY ? 0.f : exp2f(ms - mx);
-        wgt[g][s2] = w;
-        l += w * __ldcg(ml + 2 * ((bh0 + g) * nsplit + s2) + 1);
-      }
-      l = warp_sum<32>(l);
-      if (lane == 0) lsum[g] = l;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < G * D; i += kThreads) {
-      const int g = i / D, c = i % D;
-      const float* src = ws + (bh0 + g) * nsplit * D + c;
-      float o = 0.f;
-#pragma unroll 8
-      for (int s2 = 0; s2 < nsplit; ++s2) o += wgt[g][s2] * __ldcg(src + static_cast<long long>(s2) * D);
-      storex(out, (bh0 + g) * D + c, o / lsum[g], out_dt);
-    }
-    return;
-  }
-  for (int i = threadIdx.x; i < G * D; i += kThreads) {
-    const int g = i / D, c = i % D;
-    const long long p0 = (bh0 + g) * nsplit;
-    float mx = -INFINITY;
-    for (int s2 = 0; s2 < nsplit; ++s2) mx = fmaxf(mx, __ldcg(ml + 2 * (p0 + s2)));
-    float o = 0.f, l = 0.f;
-    for (int s2 = 0; s2 < nsplit; ++s2) {
-      const float ms = __ldcg(ml + 2 * (p0 + s2));
-      const float w = ms == -INFINITY ? 0.f : exp2f(ms - mx);
-      o += w * __ldcg(ws + (p0 + s2) * D + c);
-      l += w * __ldcg(ml + 2 * (p0 + s2) + 1);
-    }
-    storex(out, (bh0 + g) * D + c, o / l, out_dt);
-  }
+  merge_splits<GM, kThreads>(ws, out, &sc[0][0], bh0, G, D, nsplit, H, static_cast<long long>(b) * KVH + kh, out_dt);
 }
 
 template <int KIND, int TPT>

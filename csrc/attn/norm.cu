@@ -145,12 +145,14 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_regs_kernel(float* __res
 }
 
 // SiLU(gate) * up: grid (column blocks, row blocks); a thread takes columns of rows (no 64-bit index division).
-__global__ void silu_mul_kernel(const void* gu, void* out, int M, int I, long long stride, int dt) {
+__global__ void silu_mul_kernel(const void* gu, void* out, int M, int I, long long stride, int block, int dt) {
   dcc_pdl::launch_dependents();   // PDL (../common/pdl.cuh): gate and up are the previous kernel's output
   dcc_pdl::wait();
   for (long long m = blockIdx.y; m < M; m += gridDim.y) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < I; i += gridDim.x * blockDim.x) {
-      const float g = load16(gu, m * stride + i, dt), u = load16(gu, m * stride + I + i, dt);
+      // gate of column i, and its up `block` (interleaved) or I (halves) elements further
+      const long long gi = m * stride + (block > 0 ? (i / block) * 2LL * block + i % block : i);
+      const float g = load16(gu, gi, dt), u = load16(gu, gi + (block > 0 ? block : I), dt);
       // torch's silu in float32: x / (1 + exp(-x)); then times up in float32, rounded once to the 16-bit out
       const float s = __fdiv_rn(g, __fadd_rn(1.f, expf(-g)));
       storex(out, m * I + i, __fmul_rn(s, u), dt);
@@ -183,11 +185,12 @@ cudaError_t add_rmsnorm(float* h, const void* delta, const void* w, void* out, i
   return dcc_pdl::launch(add_rmsnorm_kernel, dim3(M), dim3(kThreads), 0, stream, h, delta, w, out, H, eps, dt, norm);
 }
 
-cudaError_t silu_mul(const void* gu, void* out, int M, int I, long long stride, int dt, cudaStream_t stream) {
-  if (M <= 0 || I <= 0 || (dt != 0 && dt != 1)) return cudaErrorInvalidValue;
+cudaError_t silu_mul(const void* gu, void* out, int M, int I, long long stride, int block, int dt,
+                     cudaStream_t stream) {
+  if (M <= 0 || I <= 0 || (dt != 0 && dt != 1) || block < 0 || (block > 0 && I % block)) return cudaErrorInvalidValue;
   const int cols = (I + 255) / 256 < 64 ? (I + 255) / 256 : 64;
   return dcc_pdl::launch(silu_mul_kernel, dim3(cols, M < 65535 ? M : 65535), dim3(256), 0, stream, gu, out, M, I,
-                         stride, dt);
+                         stride, block, dt);
 }
 
 }  // namespace dcc_attn

@@ -45,6 +45,20 @@ PYBIND11_MODULE(dcc_w4a16_ext, m) {
       "Fused dequantise + tensor-core product (weights read once per 8*mtiles rows of x). bias = 0 for none.");
 
   m.def(
+      "gemv_glu",
+      [](std::uintptr_t x, std::uintptr_t qweight, std::uintptr_t scales, std::uintptr_t szeros, std::uintptr_t out,
+         int M, int N, int K, int group_size, const std::string& dtype, std::uintptr_t stream) {
+        py::gil_scoped_release nogil;
+        dcc_w4a16::gemv_glu(dtype_of(dtype), ptr(x), ptr(qweight), ptr(scales), ptr(szeros), ptr(out), M, N, K,
+                            group_size, stream_of(stream));
+      },
+      py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("scaled_zeros"), py::arg("out"), py::arg("M"),
+      py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("dtype"), py::arg("stream") = 0,
+      "gate_up GEMV + SwiGLU: rows interleave gate and up in blocks of 8; out [M, N / 2] = SiLU(gate) * up.");
+  m.def("gemv_glu_fits", &dcc_w4a16::gemv_glu_fits, py::arg("M"), py::arg("N"), py::arg("K"),
+        "Whether gemv_glu takes this shape (M <= 8, K % 128 == 0, N % 16 == 0).");
+
+  m.def(
       "gemm",
       [](std::uintptr_t x, std::uintptr_t qweight, std::uintptr_t scales, std::uintptr_t szeros, std::uintptr_t bias,
          std::uintptr_t out, std::uintptr_t w_scratch, int M, int N, int K, int group_size, const std::string& dtype,

@@ -8,6 +8,21 @@ namespace dcc_w4a16 {
 
 namespace {
 
+// M <= 8 on full shapes (lean_fits): GEMV v6 with 4-warp blocks where there are at least twice as many row tiles as
+// resident 16-warp blocks (N = 14336 on an H100: 896 vs 264; all resident in one wave, 8 iterations per warp at
+// K = 4096; DESIGN.md: 13.6-14.0 us vs 14.7 us for v7), the persistent grid (v7) between 1 and 2 rounds, else one
+// 16-warp block per tile (v6). GLU: the gate_up epilogue (gemv_fused.cuh's reduce_store), same kernel choice.
+template <typename T, bool GLU>
+void dispatch_lean(const void* x, const void* qweight, const void* scales, const void* szeros, const void* bias,
+                   void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
+  const int tiles = N / 16, slots = lean_persist_slots<T, 16>();
+  if (tiles >= 2 * slots)
+    return launch_lean<T, 4, 1, 1, GLU>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+  if (tiles > slots)
+    return launch_lean_persist<T, 16, GLU>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+  return launch_lean<T, 16, 1, 1, GLU>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+}
+
 template <typename T>
 void dispatch_fused(int mtiles, const void* x, const void* qweight, const void* scales, const void* szeros,
                     const void* bias, void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
@@ -16,17 +31,8 @@ void dispatch_fused(int mtiles, const void* x, const void* qweight, const void* 
     // tiles (4-warp blocks or the persistent grid v7 when there are more row tiles than resident blocks); else v2
     // ("w16_u1_xpre" with FASTDQ). The dispatch table and its measurements: DESIGN.md.
     case 1:
-      if (lean_fits(M, N, K, 1)) {
-        const int tiles = N / 16, slots = lean_persist_slots<T, 16>();
-        // at least twice as many row tiles as resident 16-warp blocks (N = 14336 on an H100: 896 vs 264): 4-warp
-        // blocks, all resident in one wave, 8 iterations per warp at K = 4096 (DESIGN.md: 13.6-14.0 us vs
-        // 14.7 us for v7); between 1 and 2 rounds: the persistent grid (v7); else one 16-warp block per tile (v6)
-        if (tiles >= 2 * slots)
-          return launch_lean<T, 4, 1, 1>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
-        if (tiles > slots)
-          return launch_lean_persist<T, 16>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
-        return launch_lean<T, 16, 1, 1>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
-      }
+      if (lean_fits(M, N, K, 1))
+        return dispatch_lean<T, false>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
       return launch_fused<T, 1, 16, 1, true, true>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
     // M <= 16: two B tiles, dequant_chunk (FASTDQ: the same weights with fewer instructions, DESIGN.md v2f).
     case 2:
@@ -65,6 +71,22 @@ void gemv(DType dt, const void* x, const void* qweight, const void* scales, cons
     dispatch_fused<__half>(mtiles, x, qweight, scales, scaled_zeros, bias, out, M, N, K, gshift, stream);
   else
     dispatch_fused<__nv_bfloat16>(mtiles, x, qweight, scales, scaled_zeros, bias, out, M, N, K, gshift, stream);
+}
+
+bool gemv_glu_fits(int M, int N, int K) { return lean_fits(M, N, K, 1); }
+
+void gemv_glu(DType dt, const void* x, const void* qweight, const void* scales, const void* scaled_zeros, void* out,
+              int M, int N, int K, int group_size, cudaStream_t stream) {
+  const int gshift = check_gemv_call(M, N, K, group_size, x, qweight);
+  if (M == 0) return;
+  if (!gemv_glu_fits(M, N, K))
+    throw std::invalid_argument("dcc w4a16: the gate_up GEMV (glu) needs M <= 8, K % 128 == 0 and N % 16 == 0, got "
+                                "M = " + std::to_string(M) + ", N = " + std::to_string(N) +
+                                ", K = " + std::to_string(K));
+  if (dt == DType::kFloat16)
+    dispatch_lean<__half, true>(x, qweight, scales, scaled_zeros, nullptr, out, M, N, K, gshift, stream);
+  else
+    dispatch_lean<__nv_bfloat16, true>(x, qweight, scales, scaled_zeros, nullptr, out, M, N, K, gshift, stream);
 }
 
 }  // namespace dcc_w4a16

@@ -39,24 +39,47 @@ constexpr int kPrefetchIters = 2;
 
 // The block's epilogue: sum the WARPS partial C fragments (split K) staged in shared memory as
 // red[WARPS][MT][32 lanes][4] and write out[M, N] (+ bias), one fp32 rounding to T per element.
-template <typename T, int MT, int WARPS>
+// GLU (gate_up GEMMs whose rows interleave gate and up in blocks of 8, gate first; no bias): each tile's rows
+// n_base + j and n_base + 8 + j are gate and up of output column n_base / 2 + j of out[M, N / 2], which is
+// SiLU(gate) * up of the two rounded 16-bit products, in float32 as csrc/attn's silu_mul computes it (the same bits).
+template <typename T, int MT, int WARPS, bool GLU = false>
 __device__ __forceinline__ void reduce_store(const float* redf, const T* __restrict__ bias, T* __restrict__ out,
                                              int M, int N, int n_base) {
   using H = Half2Of<T>;
   const int cols = M < 8 * MT ? M : 8 * MT;  // only the columns m < M are stored: sum only those
-  for (int e = threadIdx.x; e < kRowsPerBlock * cols; e += WARPS * 32) {
-    const int nl = e & 15, m = e >> 4;
-    const int mt = m >> 3, mm = m & 7;
-    // C fragment: c0/c1 = (row g, cols 2t, 2t+1), c2/c3 = (row g+8, same cols); rows are n, cols are m.
-    const int src_lane = 4 * (nl & 7) + (mm >> 1);
-    const int c = ((nl >> 3) << 1) | (mm & 1);
-    float sum = 0.f;
+  if constexpr (GLU) {
+    for (int e = threadIdx.x; e < 8 * cols; e += WARPS * 32) {
+      const int nl = e & 7, m = e >> 3;
+      const int mt = m >> 3, mm = m & 7;
+      // C fragment rows nl (c0/c1: gate) and nl + 8 (c2/c3: up) of column m live in the same lane
+      const int src_lane = 4 * nl + (mm >> 1), c = mm & 1;
+      float sg = 0.f, su = 0.f;
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) sum += redf[((w * MT + mt) * 32 + src_lane) * 4 + c];
-    const int n = n_base + nl;
-    if (m < M && n < N) {
-      if (bias != nullptr) sum += H::to_float(bias[n]);
-      out[(size_t)m * N + n] = H::from_float(sum);
+      for (int w = 0; w < WARPS; ++w) {
+        sg += redf[((w * MT + mt) * 32 + src_lane) * 4 + c];
+        su += redf[((w * MT + mt) * 32 + src_lane) * 4 + 2 + c];
+      }
+      if (m < M) {
+        const float gf = H::to_float(H::from_float(sg)), uf = H::to_float(H::from_float(su));
+        const float act = __fdiv_rn(gf, __fadd_rn(1.f, expf(-gf)));   // torch's silu in float32
+        out[(size_t)m * (N / 2) + n_base / 2 + nl] = H::from_float(__fmul_rn(act, uf));
+      }
+    }
+  } else {
+    for (int e = threadIdx.x; e < kRowsPerBlock * cols; e += WARPS * 32) {
+      const int nl = e & 15, m = e >> 4;
+      const int mt = m >> 3, mm = m & 7;
+      // C fragment: c0/c1 = (row g, cols 2t, 2t+1), c2/c3 = (row g+8, same cols); rows are n, cols are m.
+      const int src_lane = 4 * (nl & 7) + (mm >> 1);
+      const int c = ((nl >> 3) << 1) | (mm & 1);
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) sum += redf[((w * MT + mt) * 32 + src_lane) * 4 + c];
+      const int n = n_base + nl;
+      if (m < M && n < N) {
+        if (bias != nullptr) sum += H::to_float(bias[n]);
+        out[(size_t)m * N + n] = H::from_float(sum);
+      }
     }
   }
 }
@@ -186,7 +209,7 @@ void launch_fused(const void* x, const void* qweight, const void* scales, const 
 // row M-1 of x: valid memory, and those columns of the product are never stored), so no registers are zeroed; the
 // dequantisation is dequant_chunk. RT row tiles per warp (16*RT rows per block) share each iteration's activations.
 // Same products, k order and reduction order as fused_w4a16_kernel<T, 1, WARPS, ...>.
-template <typename T, int WARPS, int U, int RT>
+template <typename T, int WARPS, int U, int RT, bool GLU = false>
 __global__ void __launch_bounds__(WARPS * 32)
     gemv_lean_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const T* __restrict__ scales,
                      const T* __restrict__ szeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
@@ -280,20 +303,20 @@ __global__ void __launch_bounds__(WARPS * 32)
   __syncthreads();
 #pragma unroll
   for (int r = 0; r < RT; ++r)
-    reduce_store<T, 1, WARPS>(reinterpret_cast<const float*>(&red[r][0][0]), bias, out, M, N, n_base + 16 * r);
+    reduce_store<T, 1, WARPS, GLU>(reinterpret_cast<const float*>(&red[r][0][0]), bias, out, M, N, n_base + 16 * r);
 }
 
 // Whether gemv_lean_kernel takes this problem (M <= 8 rows of x per launch, no partial tiles).
 inline bool lean_fits(int M, int N, int K, int RT) { return M >= 1 && M <= 8 && K % 128 == 0 && N % (16 * RT) == 0; }
 
-template <typename T, int WARPS, int U, int RT>
+template <typename T, int WARPS, int U, int RT, bool GLU = false>
 void launch_lean(const void* x, const void* qweight, const void* scales, const void* szeros, const void* bias,
                  void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
   if (!lean_fits(M, N, K, RT))
     throw std::invalid_argument(
         "dcc w4a16: lean GEMV kernel does not fit this problem (needs M <= 8, K % 128 == 0, N % " +
         std::to_string(16 * RT) + " == 0)");
-  check_cuda(dcc_pdl::launch(gemv_lean_kernel<T, WARPS, U, RT>, dim3(N / (16 * RT)), dim3(WARPS * 32), 0, stream,
+  check_cuda(dcc_pdl::launch(gemv_lean_kernel<T, WARPS, U, RT, GLU>, dim3(N / (16 * RT)), dim3(WARPS * 32), 0, stream,
                              static_cast<const T*>(x), static_cast<const uint4*>(qweight),
                              static_cast<const T*>(scales), static_cast<const T*>(szeros),
                              static_cast<const T*>(bias), static_cast<T*>(out), M, N, K, gshift),

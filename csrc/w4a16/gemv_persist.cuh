@@ -17,7 +17,7 @@ namespace {
 // first loads are in flight while the block reduces the current tile), and the reduction buffer is double-buffered
 // so that one __syncthreads per tile suffices (buffer i&1 was last read before the previous tile's barrier). Same
 // products and reduction order as gemv_lean_kernel.
-template <typename T, int WARPS>
+template <typename T, int WARPS, bool GLU = false>
 __global__ void __launch_bounds__(WARPS * 32, (2048 / 2) / (WARPS * 32))
     gemv_lean_persist_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const T* __restrict__ scales,
                              const T* __restrict__ szeros, const T* __restrict__ bias, T* __restrict__ out, int M,
@@ -109,14 +109,14 @@ __global__ void __launch_bounds__(WARPS * 32, (2048 / 2) / (WARPS * 32))
     for (int j = 0; j < n_it; ++j) step(acc);
     red[i & 1][warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
     __syncthreads();
-    reduce_store<T, 1, WARPS>(reinterpret_cast<const float*>(&red[i & 1][0][0]), bias, out, M, N,
-                              (b + i * G) * 16);
+    reduce_store<T, 1, WARPS, GLU>(reinterpret_cast<const float*>(&red[i & 1][0][0]), bias, out, M, N,
+                                   (b + i * G) * 16);
   }
 }
 
-// Resident blocks of gemv_lean_persist_kernel<T, WARPS> on the current device (SMs x blocks per SM), cached per
+// Resident blocks of gemv_lean_persist_kernel<T, WARPS, GLU> on the current device (SMs x blocks per SM), cached per
 // device (a benign race: every writer stores the same value).
-template <typename T, int WARPS>
+template <typename T, int WARPS, bool GLU = false>
 int lean_persist_slots() {
   static int cached[64] = {};
   int dev = 0;
@@ -125,7 +125,8 @@ int lean_persist_slots() {
   if (cached[dev] == 0) {
     int sms = 0, bps = 0;
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "SM count");
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, gemv_lean_persist_kernel<T, WARPS>, WARPS * 32, 0),
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, gemv_lean_persist_kernel<T, WARPS, GLU>, WARPS * 32,
+                                                             0),
                "occupancy");
     cached[dev] = sms * (bps > 0 ? bps : 1);
   }
@@ -133,15 +134,15 @@ int lean_persist_slots() {
 }
 
 // Persistent grid: the resident blocks, at most one per row tile.
-template <typename T, int WARPS>
+template <typename T, int WARPS, bool GLU = false>
 void launch_lean_persist(const void* x, const void* qweight, const void* scales, const void* szeros, const void* bias,
                          void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
   if (!lean_fits(M, N, K, 1))
     throw std::invalid_argument("dcc w4a16: lean GEMV kernel does not fit this problem (needs M <= 8, K % 128 == 0, "
                                 "N % 16 == 0)");
-  const int tiles = N / 16, slots = lean_persist_slots<T, WARPS>();
+  const int tiles = N / 16, slots = lean_persist_slots<T, WARPS, GLU>();
   const int blocks = tiles < slots ? tiles : slots;
-  check_cuda(dcc_pdl::launch(gemv_lean_persist_kernel<T, WARPS>, dim3(blocks), dim3(WARPS * 32), 0, stream,
+  check_cuda(dcc_pdl::launch(gemv_lean_persist_kernel<T, WARPS, GLU>, dim3(blocks), dim3(WARPS * 32), 0, stream,
                              static_cast<const T*>(x), static_cast<const uint4*>(qweight),
                              static_cast<const T*>(scales), static_cast<const T*>(szeros),
                              static_cast<const T*>(bias), static_cast<T*>(out), M, N, K, gshift),

@@ -22,6 +22,14 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 void gemv(DType dt, const void* x, const void* qweight, const void* scales, const void* scaled_zeros,
           const void* bias, void* out, int M, int N, int K, int group_size, int mtiles, cudaStream_t stream);
 
+// A gate_up projection and SwiGLU in one GEMV: the weight's rows interleave gate and up in blocks of 8 (gate rows
+// 8j..8j+7, then the matching up rows), and out [M, N / 2] = SiLU(gate) * up of the rounded 16-bit products, in
+// float32 as dcc's silu_mul (bit for bit). Only where the lean GEMVs run: gemv_glu_fits (M <= 8, K % 128 == 0,
+// N % 16 == 0); no bias.
+bool gemv_glu_fits(int M, int N, int K);
+void gemv_glu(DType dt, const void* x, const void* qweight, const void* scales, const void* scaled_zeros, void* out,
+              int M, int N, int K, int group_size, cudaStream_t stream);
+
 // w [N, K] row-major = rnd(q*s + sz), bit-identical to decode_weight.
 void dequantize(DType dt, const void* qweight, const void* scales, const void* scaled_zeros, void* w, int N, int K,
                 int group_size, cudaStream_t stream);

@@ -193,3 +193,28 @@ def test_module_forward(rt):
     x = torch.randn(3, 512, generator=gen).bfloat16().cuda()
     assert rel_err(mod(x), reference(x, qw, s, sz, 128, b)) < TOL[torch.bfloat16]
     assert rel_err(mod(x.float()), reference(x, qw, s, sz, 128, b)) < TOL[torch.bfloat16]  # fp32 input is cast
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("inter", (1024, 3072, 14336))   # 16-warp blocks, the persistent grid, 4-warp blocks (H100)
+def test_gate_up_glu_is_the_gemv_then_silu_mul(rt, dtype, inter):
+    """gemv_glu over the interleaved gate_up weight: bit for bit the plain GEMV of [gate; up] followed by csrc/attn's
+    silu_mul, at every M the lean GEMVs take; the fallback over the interleaved output (silu_mul with block 8) too."""
+    from dcc.runtime.cuda.ops import w4a16_glu
+    from dcc.runtime.fastlm.ops import silu_mul
+    from dcc.targets.tinychat.fastlm import W4A16Glu, interleave_gate_up
+    k, g = 512, 128
+    gen = torch.Generator().manual_seed(_seed("glu", inter, str(dtype)))
+    qw, s, sz = make_layer(2 * inter, k, g, dtype, gen)
+    t = interleave_gate_up({"qweight": qw, "scales": s, "scaled_zeros": sz}, inter)
+    for m in (1, 3, 8, 9):
+        x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+        gu = rt.w4a16_linear(x, qw, s, sz, g, path="fused")
+        want = silu_mul(gu[:, :inter], gu[:, inter:], dtype)
+        got = W4A16Glu(t, 2 * inter, g)(x)
+        torch.cuda.synchronize()
+        assert got.shape == (m, inter) and torch.equal(got.view(torch.int16), want.view(torch.int16)), (m, inter)
+        if m <= 8:   # the epilogue itself (m = 9 went through the GEMV and silu_mul's interleaved form)
+            assert torch.equal(w4a16_glu(x, t["qweight"], t["scales"], t["scaled_zeros"], g), got)
+    with pytest.raises(ValueError, match="M <= 8"):
+        w4a16_glu(torch.zeros(9, k, dtype=dtype, device="cuda"), t["qweight"], t["scales"], t["scaled_zeros"], g)

@@ -200,3 +200,11 @@ def test_the_benchmarks_random_artifacts_run(monkeypatch):
         assert len(res.tokens) == 2 and res.tokens[0] == res.tokens[1] and len(res.tokens[0]) == 4
         weights = sum(t.numel() * t.element_size() for t in art.tensors.t.values())
         assert e2e.step_bytes(art, shape, 1, 0) == weights - 300 * 128 * 2 + 128 * 2
+
+
+def test_silu_mul_blocks_reads_gate_and_up_interleaved_by_block():
+    from dcc.runtime.fastlm.ops import silu_mul_blocks
+    gen = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(3, 32, generator=gen), torch.randn(3, 32, generator=gen)
+    gu = torch.stack([gate.reshape(3, 4, 8), up.reshape(3, 4, 8)], 2).reshape(3, 64)   # gate block, up block, ...
+    assert torch.equal(silu_mul_blocks(gu, 8, torch.float32), ref_ops.silu_mul(gate, up, torch.float32))

@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 STORIES = Path(__file__).resolve().parents[3] / "shared" / "assets" / "stories260K" / "hf"
 CASES = {"tinychat": dict(target="tinychat", algo="rtn", group_size=64),
+         "tinychat-g128": dict(target="tinychat", algo="rtn", group_size=128),   # K = 128: the SwiGLU GEMV
          "qserve": dict(target="qserve", algo="qoq-rtn", group_size=0),
          "qserve-g128": dict(target="qserve", algo="qoq-rtn", group_size=128),
          "stories-tinychat": dict(target="tinychat", algo="rtn", group_size=64, unsupported="keep"),
@@ -93,6 +94,22 @@ def test_graph_replay_equals_the_eager_step(arts, case, sdpa):
     cpu.prefill(ids.cpu())
     want = cpu.step(first.cpu(), pos.cpu())
     assert torch.allclose(eager.cpu(), want, rtol=0, atol=3e-2 * float(want.abs().max()))
+
+
+def test_swiglu_epilogue_leaves_prefill_and_step_logits(arts, monkeypatch):
+    """TinyChat's gate_up with SwiGLU in the GEMV (the step, M = 2) or the GEMM and silu_mul over the interleaved
+    output (the prefill, M = 10) gives the logits of the plain gate_up GEMM and silu_mul (DCC_FASTLM_GLU=0) bit for
+    bit."""
+    got = {}
+    for glu in ("0", "1"):
+        monkeypatch.setenv("DCC_FASTLM_GLU", glu)
+        lm = FastLlama(arts["tinychat-g128"], "cuda")
+        assert (lm.layers[0].glu is None) == (glu == "0")
+        lm.allocate(2, 16)
+        first = lm.prefill(torch.tensor([PROMPT, PROMPT[::-1]], device="cuda"))
+        step = lm.step(first.argmax(-1), torch.full((2,), 5, device="cuda"))
+        got[glu] = (first, step)
+    assert all(torch.equal(a, b) for a, b in zip(got["0"], got["1"]))
 
 
 @pytest.mark.parametrize("case", ["tinychat", "qserve"])

@@ -150,3 +150,27 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.
         ext.dequantize(qweight.data_ptr(), scales.data_ptr(), scaled_zeros.data_ptr(), w.data_ptr(), n, k, group_size,
                        _DTYPES[scales.dtype], torch.cuda.current_stream(qweight.device).cuda_stream)
     return w
+
+
+def w4a16_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor,
+              group_size: int) -> torch.Tensor:
+    """SiLU(gate) * up for x [..., K] (at most 8 rows) and a gate_up weight whose rows interleave gate and up in
+    blocks of 8 (dcc/targets/tinychat/fastlm.interleave_gate_up): one GEMV with SwiGLU in its epilogue, [..., N / 2]
+    in x's dtype, bit for bit w4a16_linear followed by silu_mul on the same rows."""
+    if not x.is_cuda or x.dtype not in _DTYPES or scales.dtype != x.dtype:
+        raise ValueError(f"x must be a CUDA float16/bfloat16 tensor of the scales' dtype {scales.dtype}, got "
+                         f"{x.dtype} on {x.device}")
+    n, k = _check_layout(qweight, scales, scaled_zeros, group_size, x.device)
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
+    x2 = _dense(x.reshape(-1, k))
+    m = x2.shape[0]
+    ext = load()
+    if not ext.gemv_glu_fits(m, n, k):
+        raise ValueError(f"the gate_up GEMV takes M <= 8, K % 128 == 0 and N % 16 == 0, got M = {m}, N = {n}, K = {k}")
+    out = torch.empty(m, n // 2, dtype=x.dtype, device=x.device)
+    with torch.cuda.device(x.device):
+        ext.gemv_glu(x2.data_ptr(), _dense(qweight).data_ptr(), _dense(scales).data_ptr(),
+                     _dense(scaled_zeros).data_ptr(), out.data_ptr(), m, n, k, group_size, _DTYPES[x.dtype],
+                     torch.cuda.current_stream(x.device).cuda_stream)
+    return out.reshape(*x.shape[:-1], n // 2)

@@ -27,8 +27,10 @@ class Layer:
         at, ml = [f"{p}.self_attn.{n}" for n in ATTN], [f"{p}.mlp.{n}" for n in MLP]
         self.qkv = load_group(art, at[:3], device, dtype)
         self.o = load_group(art, at[3:], device, dtype)[0]
-        # QServe's silu_and_mul reads gate and up as two arrays: keep them two GEMMs there
-        self.gate_up = load_group(art, ml[:2], device, dtype, fuse=not spec.engine)
+        # gate_up with SwiGLU in the GEMM's epilogue where the kind has it (TinyChat on a GPU), else one GEMM (two
+        # for QServe, whose silu_and_mul reads gate and up as two arrays) and silu_mul
+        self.glu = None if spec.engine else spec.kind.load_glu(art, ml[0], ml[1], device, dtype)
+        self.gate_up = [] if self.glu is not None else load_group(art, ml[:2], device, dtype, fuse=not spec.engine)
         self.down = load_group(art, ml[2:], device, dtype)[0]
         self.qkv_sum = any(getattr(lin, "group", None) == 0 and hasattr(lin, "fmt") for lin in self.qkv)
         self.gu_sum = any(getattr(lin, "group", None) == 0 and hasattr(lin, "fmt") for lin in self.gate_up)
@@ -87,6 +89,8 @@ class FastLlama:
 
     def _mlp(self, L: Layer, h, delta):
         x = self._norm_in(h, delta, L.post_norm, L.gu_sum)
+        if L.glu is not None:
+            return L.down(L.glu(x))
         gate, up = run_group(L.gate_up, x, self.sizes_gu)
         if self.spec.engine:
             act = self.spec.kind.silu_mul(gate, up, self.approx)

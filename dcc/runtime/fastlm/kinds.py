@@ -25,6 +25,11 @@ class FastKind:
         """One linear computing the layers `names` (same format; outputs concatenated along N)."""
         raise NotImplementedError
 
+    def load_glu(self, art, gate: str, up: str, device, dtype: torch.dtype):
+        """A callable x -> SiLU(x Wg^T) * (x Wu^T) as one GEMM with SwiGLU in its epilogue, or None where the kind
+        has none for these layers (the decoder then runs the gate_up GEMM and silu_mul)."""
+        return None
+
     def norm_quant(self, x: torch.Tensor, weight: torch.Tensor, eps: float, with_sum: bool, approx: int):
         raise NotImplementedError(f"{type(self).__name__} has no fused norm")
 

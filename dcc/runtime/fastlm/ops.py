@@ -54,6 +54,18 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype) -> to
     return ref_ops.silu_mul(gate, up, out_dtype)
 
 
+def silu_mul_blocks(gu: torch.Tensor, block: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """SiLU(gate) * up of gu [M, 2I] whose columns interleave gate and up in blocks of `block` (gate first): the
+    gate_up layout of csrc/w4a16's gemv_glu, where the GEMM ran without its SwiGLU epilogue. [M, I] in out_dtype."""
+    m, n = gu.shape
+    if gu.is_cuda and gu.dtype == out_dtype in (torch.float16, torch.bfloat16) and gu.stride(1) == 1:
+        out = torch.empty(m, n // 2, dtype=out_dtype, device=gu.device)
+        _ext().silu_mul(gu.data_ptr(), out.data_ptr(), m, n // 2, gu.stride(0), _DT[out_dtype], _stream(gu), block)
+        return out
+    pairs = gu.reshape(m, n // (2 * block), 2, block)
+    return ref_ops.silu_mul(pairs[:, :, 0].reshape(m, -1), pairs[:, :, 1].reshape(m, -1), out_dtype)
+
+
 def kernel_takes(head_dim: int, group: int) -> bool:
     """Whether csrc/attn's decode kernels take this head: head_dim / 8 lanes a power of two up to a warp, and at
     most 8 query heads per KV head."""
