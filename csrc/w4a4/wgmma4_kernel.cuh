@@ -6,7 +6,8 @@
 // tensor cores ~24 % -- with two consumer warps per scheduler each issuing every ~5 cycles: the latencies of a group
 // (the wgmma wait, the scale loads ahead of the FMULs) are not hidden. Four consumer warpgroups put four consumer
 // warps on each scheduler, with 32 accumulators + 32 sums a thread (the 640-thread CTA's registers: 96 a thread at
-// compile time). The per-output steps of fold_group and kernel 2's epilogue, in the same order: the same bits.
+// compile time, up to 112 after setmaxnreg; 20 bytes spilled). The per-output steps of fold_group and kernel 2's
+// epilogue, in the same order: the same bits.
 //  - Warpgroup q (0..3) takes channels 64 (q / 2) .. + 63 and tokens 64 (q % 2) .. + 63 of the 128 x 128 tile: per
 //    64-k group two m64n64k32 e4m3 wgmmas (weight rows and token rows 8 KB apart in the swizzled stage), wait, fold.
 //  - Warpgroup 4 produces (produce_ring / produce_epi, the third kernel's); 16 consumer warps release each stage and
@@ -40,6 +41,9 @@ __global__ void __launch_bounds__(kWg4Threads, 1) w4a4_wgmma4_kernel(const __gri
   init_ring_bars<kStages>(bars, 16);   // one arrive per consumer warp: all four warpgroups read every stage
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Registers move from the producers to the consumers (setmaxnreg), within what the CTA holds: 96 a thread x 640
+  // (the launch bounds' cap). The producers at 24 free 72 x 128 = 9216, so the consumers can rise to 112 (16 x 512 =
+  // 8192). The first version asked for 120 (24 x 512 = 12288) and waited forever: its first GPU run hung.
   if (warp >= 16) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
     if (warp == 16 && lane == 0) produce_ring<C>(&tm_w, &tm_a, &tm_ws, &tm_as, p, ring0, bars);
@@ -48,7 +52,7 @@ __global__ void __launch_bounds__(kWg4Threads, 1) w4a4_wgmma4_kernel(const __gri
   }
 
   // ---------------- consumers: warpgroup q computes quadrant (channels 64 (q / 2), tokens 64 (q % 2)) of each tile
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 120;\n");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 112;\n");
   grid_dependency_wait();
   const int q = warp / 4, qc = q / 2, qt = q % 2, wq = warp % 4, g = lane / 4, t = lane % 4, tid = threadIdx.x % 128;
   const int row0 = 16 * wq + g, ch0 = 64 * qc + row0;
