@@ -40,9 +40,9 @@ cudaError_t rope_write_rows(const void* qkv, long long stride, const float* cos,
 // rope_write) and qkv null, or (fused) q null and the step's qkv row [B, stride] (dtype in_dt; a 16-bit cache has
 // the same dtype) with the RoPE tables: the kernel RoPEs q, and writes the step's K/V into slot pos[b] as rope_write
 // does. GQA: H / KVH <= 8 query heads per KV head; D / 8 a power of two <= 32. chunk (<= 256) tokens per block,
-// nsplit blocks per (sequence, KV head), chunk * nsplit >= T; nsplit > 1 uses ws: B * H * nsplit * (D + 2) floats of
-// partials, then B * KVH int32 arrival counters that must be zero on entry (the merging CTA resets its counter, so a
-// buffer zeroed once serves every launch).
+// nsplit blocks per (sequence, KV head), chunk * nsplit >= T; nsplit > 1 uses ws (16-byte aligned): B * H * nsplit *
+// (D + 2) floats of partials, then B * KVH int32 arrival counters that must be zero on entry (the merging CTA resets
+// its counter, so a buffer zeroed once serves every launch).
 cudaError_t decode_attention(const float* q, const void* qkv, long long stride, const float* cos, const float* sin,
                              int in_dt, void* kc, void* ks, void* kz, void* vc, void* vs, void* vz,
                              const long long* pos, void* out, float* ws, int B, int H, int KVH, int D, int T, int chunk,

@@ -16,7 +16,8 @@ cudaError_t decode_attention(const float* q, const void* qkv, long long stride, 
   const bool bad_qkv = qkv != nullptr && (cos == nullptr || sin == nullptr || (in_dt != 0 && in_dt != 1) ||
                                           (kv != 4 && kv != in_dt));
   if (B <= 0 || KVH <= 0 || H % KVH || H / KVH > 8 || chunk <= 0 || chunk > detail::kMaxChunk || nsplit <= 0 ||
-      static_cast<long long>(chunk) * nsplit < T || (nsplit > 1 && ws == nullptr) ||
+      static_cast<long long>(chunk) * nsplit < T ||
+      (nsplit > 1 && (ws == nullptr || reinterpret_cast<uintptr_t>(ws) % 16)) ||   // the merge's 16-byte loads
       (q == nullptr && qkv == nullptr) || bad_qkv) {
     return cudaErrorInvalidValue;
   }

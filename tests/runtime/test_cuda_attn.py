@@ -100,6 +100,10 @@ def test_decode_attention_is_attention_over_the_cache(ext, kv, chunk, b, h, kvh,
     torch.cuda.synchronize()
     counters = ws[b * h * nsplit * (d + 2):].view(torch.int32)
     assert int(counters.abs().sum()) == 0                # the merging CTAs reset their arrival counters
+    if nsplit > 1:   # the merge reads the partials with 16-byte loads: a misaligned workspace is refused
+        with pytest.raises(RuntimeError, match="decode_attention"):
+            ext.decode_attention(q.data_ptr(), 0, 0, 0, 0, 0, *ptrs, pos.cuda().data_ptr(), out.data_ptr(),
+                                 ws.data_ptr() + 4, b, h, kvh, d, t, chunk, nsplit, kv, 0, _stream())
     want = ref_ops.decode_attention(q.cpu().double(), kd.double(), vd.double(), pos + 1)
     err = (out.cpu().double() - want).abs().max()
     assert torch.isfinite(out).all() and float(err) <= 2e-3 * max(1.0, float(want.abs().max())), float(err)
