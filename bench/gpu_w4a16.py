@@ -1,14 +1,15 @@
 """W4A16 GPU benchmark: builds the CUDA runtime, checks it, and times it against cuBLAS fp16 (torch x @ w.T).
 
-    PYTHONPATH=. python bench/gpu_w4a16.py [--quick] [--ms 1,4] [--variants] [--smoke]
+    PYTHONPATH=. python bench/gpu_w4a16.py [--quick] [--ms 1,4] [--shapes 28672x4096] [--variants] [--smoke]
 
-Shapes: M in {1, 4, 16, 32, 64, 128, 256, 1024, 4096} x (N, K) in {(4096, 4096), (14336, 4096), (4096, 14336)},
-group 128, fp16. Timing: each measurement captures one CUDA graph of R calls that rotate over R copies of the weights (R chosen
-so the copies exceed the L2 several times: every call reads its weights from DRAM), replays it with warm-up, and
-takes the median over repetitions of (CUDA-event time / R). Reports microseconds, GB/s of the bytes the call must
-move (qweight + scales + zeros + activations + output; fp16 weights for cuBLAS), TFLOP/s, the speedup over cuBLAS,
-and the floors: bytes at the measured copy bandwidth and flops at the measured cuBLAS peak. --variants also times the
-benchmark-only GEMV variants of dev/cuda/w4a16 (module dcc_w4a16_dev, built on first use). JSON (bench/_results.py:
+Shapes: M in {1, 4, 16, 32, 64, 128, 256, 1024, 4096} x (N, K) in {(4096, 4096), (14336, 4096), (4096, 14336)}
+(--shapes: others, such as the fast decoder's fused gate_up and qkv), group 128, fp16. Timing: each measurement
+captures one CUDA graph of R calls that rotate over R copies of the weights (R chosen so the copies exceed the L2
+several times: every call reads its weights from DRAM), replays it with warm-up, and takes the median over
+repetitions of (CUDA-event time / R). Reports microseconds, GB/s of the bytes the call must move (qweight + scales +
+zeros + activations + output; fp16 weights for cuBLAS), TFLOP/s, the speedup over cuBLAS, and the floors: bytes at
+the measured copy bandwidth and flops at the measured cuBLAS peak. --variants also times the benchmark-only GEMV
+variants of dev/cuda/w4a16 (module dcc_w4a16_dev, built on first use). JSON (bench/_results.py:
 commit, machine, date, command, rows) goes to $OUT/gpu_w4a16.json if $OUT is set, else bench/results/gpu_w4a16.json."""
 from __future__ import annotations
 
@@ -138,6 +139,8 @@ def bench(args, copy_tbs, peak_tflops):
     dev = dev_module("w4a16") if args.variants else None
     results = []
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shapes:
+        shapes = tuple(tuple(int(v) for v in sh.lower().split("x")) for sh in args.shapes.split(","))
     ms = (1, 16, 4096) if args.quick else MS
     if args.ms:
         ms = tuple(int(v) for v in args.ms.split(","))
@@ -292,6 +295,9 @@ def main():
     ap.add_argument("--variants", action="store_true",
                     help="also time the benchmark-only GEMV variants (dev/cuda/w4a16) at M = 1, 4, 16")
     ap.add_argument("--ms", default="", help="comma-separated M values to time (default: all)")
+    ap.add_argument("--shapes", default="",
+                    help="comma-separated NxK weight shapes to time instead of the three Llama-3-8B layers, e.g. the "
+                         "fast decoder's fused ones: 28672x4096 (gate_up), 6144x4096 (qkv)")
     ap.add_argument("--vfilter", default="", help="with --variants: only the variants whose name matches this regex")
     ap.add_argument("--smoke", action="store_true",
                     help="only run every kernel once on small odd shapes (with --variants: the dev kernels too)")
