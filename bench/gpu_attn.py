@@ -2,7 +2,8 @@
 q and k, the new K/V written, attention over the cache), Llama-3-8B heads (32 query, 8 KV, head 128), a context of
 256 slots in a cache of 384 (the e2e benchmark's 128 + 256), KV4 and bf16 caches, batch 1 and 64: microseconds per
 launch from a CUDA graph of 32 launches (one per layer, each its own cache; gpu_w4a16's time_calls), for each split
-size the kernel may take (DCC_ATTN_MIN_CHUNK), beside the bytes floor (the cache slots read at the measured copy
+size the kernel may take (batch 1: the split rule down to DCC_ATTN_MIN_CHUNK; larger batches: DCC_ATTN_CHUNK forcing
+32 to 256 slots, where the rule keeps 256), beside the bytes floor (the cache slots read at the measured copy
 bandwidth). The launches overlap as the decode step's do (programmatic dependent launch on sm_90; DCC_PDL=0: plain
 launches). bench/results/gpu_attn.json holds the run that chose the kernel's form (its "variant" rows: 0, every slot
 computed its lanes' q itself; 1, q staged once per CTA, the form kept; 3, 1 with 8 passes of loads in flight).
@@ -26,9 +27,11 @@ from gpu_w4a16 import ceilings, time_calls  # noqa: E402  (bench/gpu_w4a16.py: t
 H, KVH, D, CAP, CTX, LAYERS = 32, 8, 128, 384, 256, 32
 
 
-def bench_one(kind: str, batch: int, min_chunk: int) -> dict:
+def bench_one(kind: str, batch: int, min_chunk: int, chunk: int = 0) -> dict:
+    """One row; chunk > 0 forces that split size (DCC_ATTN_CHUNK), else the split rule with min_chunk."""
     from dcc.runtime.fastlm import cache as C
     os.environ["DCC_ATTN_MIN_CHUNK"] = str(min_chunk)
+    os.environ["DCC_ATTN_CHUNK"] = str(chunk)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if kind == "kv4":
         c = C.KV4Cache(LAYERS, batch, KVH, CAP, D, H, "cuda", sms=sms)
@@ -60,8 +63,11 @@ def run_all(batches: list[int]) -> list[dict]:
     rows = []
     for kind in ("kv4", "bf16"):
         for b in batches:
-            for mc in ((16, 32, 64, 128, 256) if b == 1 else (32, 256)):
-                r = bench_one(kind, b, mc)
+            # batch 1: the split rule down to each minimum; larger batches: each split size forced (the rule keeps
+            # 256-slot chunks there, whose CTAs stream 256 slots with two passes of loads in flight)
+            runs = [(mc, 0) for mc in (16, 32, 64, 128, 256)] if b == 1 else [(16, c) for c in (32, 64, 128, 256)]
+            for mc, forced in runs:
+                r = bench_one(kind, b, mc, forced)
                 rows.append(r)
                 print(f"  {kind:4} batch {b:3} chunk {r['chunk']:3} splits {r['splits']:2} CTAs {r['ctas']:5}: "
                       f"{r['us']:7.2f} us", flush=True)

@@ -167,3 +167,8 @@ def test_attention_splits_fill_the_sms_down_to_16_slots(monkeypatch):
     assert ops.attn_split(1, 1, 100, 132) == (16, 7)        # 7 x 16 >= 100
     monkeypatch.setenv("DCC_ATTN_MIN_CHUNK", "64")
     assert ops.attn_split(1, 8, 384, 132) == (64, 6)
+    monkeypatch.setenv("DCC_ATTN_CHUNK", "64")              # forced (benchmarks), at any batch
+    assert ops.attn_split(64, 8, 384, 132) == (64, 6)
+    monkeypatch.setenv("DCC_ATTN_CHUNK", "48")
+    with pytest.raises(ValueError, match="DCC_ATTN_CHUNK=48"):
+        ops.attn_split(64, 8, 384, 132)

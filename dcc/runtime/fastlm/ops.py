@@ -76,6 +76,11 @@ def kernel_takes(head_dim: int, group: int) -> bool:
 def attn_split(batch: int, kv_heads: int, capacity: int, sms: int) -> tuple[int, int]:
     """(tokens per block, blocks per sequence and KV head) of the decode attention kernel: the slots of few sequences
     are split over more blocks (the last one merges the partial softmaxes) so that about 2 blocks run per SM."""
+    forced = int(os.environ.get("DCC_ATTN_CHUNK", "0"))   # benchmarks: this chunk whatever the batch (16..256)
+    if forced:
+        if forced not in (16, 32, 64, 128, 256):
+            raise ValueError(f"DCC_ATTN_CHUNK={forced}: the decode attention kernel takes 16, 32, 64, 128 or 256")
+        return forced, -(-capacity // forced)
     chunk = ATTN_CHUNK
     # the finest split taken (DCC_ATTN_MIN_CHUNK: benchmarks). 16: at batch 1 (Llama-3-8B, 256 of 384 slots) 192
     # CTAs of 16 slots took 13.5 us a launch against 15.5 us for 96 of 32 (csrc/attn/DESIGN.md)
