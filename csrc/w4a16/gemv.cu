@@ -12,6 +12,8 @@ namespace {
 // resident 16-warp blocks (N = 14336 on an H100: 896 vs 264; all resident in one wave, 8 iterations per warp at
 // K = 4096; DESIGN.md: 13.6-14.0 us vs 14.7 us for v7), the persistent grid (v7) between 1 and 2 rounds, else one
 // 16-warp block per tile (v6). GLU: the gate_up epilogue (gemv_fused.cuh's reduce_store), same kernel choice.
+// Not measured: the fast decoder's fused gate_up (N = 28672, 1792 4-warp blocks) is 1.7 waves of the 8 blocks an SM
+// holds at 63 registers; dev variant l_w4_u1_r2 (two row tiles a warp, one wave) is the alternative to time.
 template <typename T, bool GLU>
 void dispatch_lean(const void* x, const void* qweight, const void* scales, const void* szeros, const void* bias,
                    void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
