@@ -85,16 +85,24 @@ __device__ __forceinline__ float kv4_value(unsigned code, float scale, float zer
   return round_f16(__fmul_rn(__fsub_rn(static_cast<float>(code), zero), scale));
 }
 
-// One warp: head vector `src` of a decode step's qkv row into x[0..D) (shared memory), RoPE'd where `rotate`:
-// transformers' rotate_half form in float32, x cos + rot(x) sin, each product and the sum rounded (no FMA).
+// RoPE of one channel in transformers' rotate_half form, in float32: x cos + rot(x) sin with rot(x) = -partner in
+// the first half and +partner in the second (partner: the channel D / 2 away), each product and the sum rounded (no
+// FMA). The one definition every RoPE here uses (rope_write, the fused attention's q and K), so they give the same
+// bits.
+__device__ __forceinline__ float rope_channel(float x, float partner, float c, float s, bool first_half) {
+  return __fadd_rn(__fmul_rn(x, c), __fmul_rn(first_half ? -partner : partner, s));
+}
+
+// One warp: head vector `src` of a decode step's qkv row into x[0..D) (shared memory), RoPE'd where `rotate`
+// (rope_channel).
 __device__ __forceinline__ void warp_rope(const void* qkv, long long src, const float* c, const float* s,
                                           bool rotate, int D, int in_dt, float* x, int lane) {
   const int half = D / 2;
   for (int i = lane; i < half; i += 32) {
     const float x1 = load16(qkv, src + i, in_dt), x2 = load16(qkv, src + i + half, in_dt);
     if (rotate) {
-      x[i] = __fadd_rn(__fmul_rn(x1, c[i]), __fmul_rn(-x2, s[i]));
-      x[i + half] = __fadd_rn(__fmul_rn(x2, c[i + half]), __fmul_rn(x1, s[i + half]));
+      x[i] = rope_channel(x1, x2, c[i], s[i], true);
+      x[i + half] = rope_channel(x2, x1, c[i + half], s[i + half], false);
     } else {
       x[i] = x1;
       x[i + half] = x2;

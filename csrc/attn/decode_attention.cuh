@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 1)   // min 1 block: ptxas otherwise
     }
   }
   // q of the group's heads pre-scaled by log2(e) / sqrt(D), each of the G x D values computed once into the scores'
-  // shared memory (fused: RoPE'd with the float32 operations of warp_rope, so the same bits as rope_write's q)
+  // shared memory (fused: RoPE'd by rope_channel, so the same bits as rope_write's q)
   __syncthreads();   // cos_p / sin_p, written by other threads before the wait
   const float qscale = kLog2e * rsqrtf(static_cast<float>(D));
 #pragma unroll
@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 1)   // min 1 block: ptxas otherwise
     const int i = threadIdx.x + u * kThreads, g = i / D, c = i % D;
     if (i < GM * D) {
       float v = qa[u];
-      if (fused && g < G) v = __fadd_rn(__fmul_rn(qa[u], cos_p[c]), __fmul_rn(c < HALF ? -qb[u] : qb[u], sin_p[c]));
+      if (fused && g < G) v = rope_channel(qa[u], qb[u], cos_p[c], sin_p[c], c < HALF);
       sc[g][c] = v * qscale;
     }
   }
@@ -205,8 +205,8 @@ __global__ void __launch_bounds__(kThreads, 1)   // min 1 block: ptxas otherwise
       const int i = lane + 32 * j;
       if (i < HALF) {
         if (warp == 0) {
-          x[i] = __fadd_rn(__fmul_rn(ra[j], cos_p[i]), __fmul_rn(-rb[j], sin_p[i]));
-          x[i + HALF] = __fadd_rn(__fmul_rn(rb[j], cos_p[i + HALF]), __fmul_rn(ra[j], sin_p[i + HALF]));
+          x[i] = rope_channel(ra[j], rb[j], cos_p[i], sin_p[i], true);
+          x[i + HALF] = rope_channel(rb[j], ra[j], cos_p[i + HALF], sin_p[i + HALF], false);
         } else {
           x[i] = ra[j];
           x[i + HALF] = rb[j];

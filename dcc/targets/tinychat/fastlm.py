@@ -55,6 +55,7 @@ class W4A16Glu:
 
     def __init__(self, t: dict, n: int, group: int):
         self.t, self.n, self.group = t, n, group
+        self.plain = W4A16(t, n, group, None)   # the GEMM alone, over the same interleaved tensors
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from ...runtime.cuda.build import load
@@ -64,7 +65,7 @@ class W4A16Glu:
         m, k = x.numel() // x.shape[-1], x.shape[-1]
         if load().gemv_glu_fits(m, self.n, k):
             return w4a16_glu(x, self.t["qweight"], self.t["scales"], self.t["scaled_zeros"], self.group)
-        y = W4A16(self.t, self.n, self.group, None)(x)
+        y = self.plain(x)
         return silu_mul_blocks(y.reshape(m, self.n), GLU_BLOCK, x.dtype).reshape(*x.shape[:-1], self.n // 2)
 
 
