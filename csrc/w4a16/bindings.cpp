@@ -105,7 +105,8 @@ PYBIND11_MODULE(dcc_w4a16_ext, m) {
       "Hopper wgmma GEMM (dequantised weights in registers, activations by TMA); returns the K splits launched.");
   m.def("gemm_wgmma_supported", &dcc_w4a16::gemm_wgmma_supported, py::arg("M"), py::arg("N"), py::arg("K"),
         py::arg("group_size"), "Whether gemm_wgmma runs this shape here (sm_90a build on an sm_90 GPU).");
-  m.def("gemm_wgmma_tile", &dcc_w4a16::gemm_wgmma_tile, py::arg("M"), "The token tile (64 or 128) gemm_wgmma takes.");
+  m.def("gemm_wgmma_tile", &dcc_w4a16::gemm_wgmma_tile, py::arg("M"), py::arg("N") = 0,
+        "The token tile (64, 128 or 256) gemm_wgmma takes at M tokens and N channels (N = 0: by M alone).");
   m.def("cublas_init", &dcc_w4a16::cublas_init, py::arg("path") = "",
         "Open cuBLAS (dlopen); returns '' on success, else the reason.");
   m.def("cublas_ready", &dcc_w4a16::cublas_ready);

@@ -24,8 +24,9 @@
 //    output. Same contract as the other paths (DESIGN.md, Numerics), not bit-equal to them.
 // Requirements (gemm_wgmma_supported): sm_90a device code present, N % 128 == 0, K % 64 == 0, G in {32, 64, 128},
 // x, qweight, scales, scaled_zeros and out 16-byte aligned.
-// Override (tests and benchmarks): DCC_W4A16_WGMMA_CFG="tile=T,splits=S,sets=3" forces the token tile (64, 128;
-// 256 is opt-in, not yet measured), S, and three A register sets instead of two (not yet measured).
+// Override (tests and benchmarks): DCC_W4A16_WGMMA_CFG="tile=T,splits=S,sets=3,pf=P" forces the token tile (64, 128,
+// 256), S, three A register sets instead of two, and an L2 prefetch of each weight row's next P stages every P
+// stages (the last two measured no faster: DESIGN.md).
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -205,7 +206,7 @@ void launch(const void* x, const void* qweight, WgParams p, int* splits_out, cud
   if (splits_out != nullptr) *splits_out = p.S;
   cudaLaunchAttribute attr[1];
   const cudaLaunchConfig_t cfg = launch_config(dim3(tiles, p.S), C::kSmemBytes, p.S, stream, attr);
-  // DCC_W4A16_WGMMA_CFG="sets=3": three A register sets (two stage groups in flight), to be measured
+  // DCC_W4A16_WGMMA_CFG="sets=3": three A register sets, two stage groups in flight (no faster: DESIGN.md)
   const auto fn = cfg_override("sets") == 3 ? KernelOf<kBf16, C, 3>::fn : KernelOf<kBf16, C>::fn;
   check_cuda(cudaLaunchKernelEx(&cfg, fn, tx, tw, p), "wgmma GEMM launch");
 }
@@ -219,10 +220,18 @@ bool gemm_wgmma_supported(int M, int N, int K, int group_size) {
   return ready();
 }
 
-int gemm_wgmma_tile(int M) {
+int gemm_wgmma_tile(int M, int N) {
   const int forced = cfg_override("tile");
   if (forced == 64 || forced == 128 || forced == 256) return forced;
-  return M <= 64 ? 64 : 128;
+  if (M <= 64) return 64;
+  // 256-token tiles where 128-token ones take a second wave of SMs and 256-token ones fit one (14336 x 4096 at
+  // M = 256 on an H100: 224 tiles against 112 on 132 SMs, 48.7 us against 76.9; where both fit in one wave, the
+  // 128-token tiles and their K splits were faster: 4096^2 and 4096 x 14336 at M = 256, DESIGN.md)
+  if (M > 128 && N > 0 && ready()) {
+    const int sms = num_sms(), n_tiles = N / kTileN;
+    if (((M + 127) / 128) * n_tiles > sms && ((M + 255) / 256) * n_tiles <= sms) return 256;
+  }
+  return 128;
 }
 
 int gemm_wgmma(DType dt, const void* x, const void* qweight, const void* scales, const void* scaled_zeros,
@@ -240,6 +249,8 @@ int gemm_wgmma(DType dt, const void* x, const void* qweight, const void* scales,
   p.scales = static_cast<const uint8_t*>(scales);
   p.szeros = static_cast<const uint8_t*>(scaled_zeros);
   p.bias = bias;
+  p.qweight = static_cast<const uint8_t*>(qweight);
+  p.pf = cfg_override("pf") > 0 ? cfg_override("pf") : 0;
   p.out = out;
   p.M = M;
   p.N = N;
@@ -252,7 +263,7 @@ int gemm_wgmma(DType dt, const void* x, const void* qweight, const void* scales,
     if (bf16) launch<true, C>(x, qweight, p, &splits, stream);
     else launch<false, C>(x, qweight, p, &splits, stream);
   };
-  const int tile = gemm_wgmma_tile(M);
+  const int tile = gemm_wgmma_tile(M, N);
   if (tile == 64) run(CfgMid());
   else if (tile == 128) run(CfgLarge());
   else run(CfgWide());

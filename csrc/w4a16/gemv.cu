@@ -1,4 +1,6 @@
 // Default small-M dispatch of the fused W4A16 kernel (gemv_fused.cuh) and the problem checks.
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -8,20 +10,94 @@ namespace dcc_w4a16 {
 
 namespace {
 
-// M <= 8 on full shapes (lean_fits): GEMV v6 with 4-warp blocks where there are at least twice as many row tiles as
-// resident 16-warp blocks (N = 14336 on an H100: 896 vs 264; all resident in one wave, 8 iterations per warp at
-// K = 4096; DESIGN.md: 13.6-14.0 us vs 14.7 us for v7), the persistent grid (v7) between 1 and 2 rounds, else one
-// 16-warp block per tile (v6). GLU: the gate_up epilogue (gemv_fused.cuh's reduce_store), same kernel choice.
-// Not measured: the fast decoder's fused gate_up (N = 28672, 1792 4-warp blocks) is 1.7 waves of the 8 blocks an SM
-// holds at 63 registers; dev variant l_w4_u1_r2 (two row tiles a warp, one wave) is the alternative to time.
+// Benchmark override, read at every call: DCC_W4A16_LEAN="big=KIND,mid=KIND,small=KIND" replaces the kernel of the
+// branches below (big: tiles >= 2 x resident 16-warp blocks; mid: between 1 and 2 rounds; small: one round). KIND:
+// w4, w8, w16 (blocks of 4 / 8 / 16 warps), w4r2 (two row tiles a warp), w4u2 / w8u2 / w16u2 (two iterations in flight
+// a warp), p4 / p8 / p16 (persistent grid of 4 / 8 / 16 warps a block).
+// Returns the KIND's name, or nullptr where the key is unset or unknown.
+const char* lean_override(const char* key) {
+  static const char* const kKinds[] = {"w4r2", "w4u2", "w8u2", "w16u2", "w4", "w8", "w16", "p16", "p4", "p8"};
+  const size_t n = std::strlen(key);
+  for (const char* s = std::getenv("DCC_W4A16_LEAN"); s != nullptr; s = std::strchr(s, ',')) {
+    if (*s == ',') ++s;
+    if (std::strncmp(s, key, n) != 0 || s[n] != '=') continue;
+    for (const char* k : kKinds) {
+      const size_t m = std::strlen(k);
+      if (std::strncmp(s + n + 1, k, m) == 0 && (s[n + 1 + m] == ',' || s[n + 1 + m] == '\0')) return k;
+    }
+  }
+  return nullptr;
+}
+
+// Launches the override KIND; false where it does not fit the problem (then the default runs).
+template <typename T, bool GLU>
+bool launch_kind(const char* kind, const void* x, const void* qweight, const void* scales, const void* szeros,
+                 const void* bias, void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
+  if (kind == nullptr) return false;
+  const std::string k(kind);
+#define DCC_LK(COND, CALL)                                                        \
+  if (COND) {                                                                     \
+    CALL(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);         \
+    return true;                                                                  \
+  }
+  DCC_LK(k == "w4", (launch_lean<T, 4, 1, 1, GLU>))
+  DCC_LK(k == "w8", (launch_lean<T, 8, 1, 1, GLU>))
+  DCC_LK(k == "w16", (launch_lean<T, 16, 1, 1, GLU>))
+  DCC_LK(k == "w4u2", (launch_lean<T, 4, 2, 1, GLU>))
+  DCC_LK(k == "w8u2", (launch_lean<T, 8, 2, 1, GLU>))
+  DCC_LK(k == "w16u2", (launch_lean<T, 16, 2, 1, GLU>))
+  DCC_LK(k == "w4r2" && lean_fits(M, N, K, 2), (launch_lean<T, 4, 1, 2, GLU>))
+  DCC_LK(k == "p4", (launch_lean_persist<T, 4, GLU>))
+  DCC_LK(k == "p8", (launch_lean_persist<T, 8, GLU>))
+  DCC_LK(k == "p16", (launch_lean_persist<T, 16, GLU>))
+#undef DCC_LK
+  return false;
+}
+
+// Resident blocks of the 4-warp lean kernel (gemv_lean_kernel<T, 4, 1, 1, GLU>) on the current device (SMs x blocks
+// per SM), cached per device (a benign race: every writer stores the same value).
+template <typename T, bool GLU>
+int lean4_slots() {
+  static int cached[64] = {};
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev < 0 || dev >= 64) throw std::runtime_error("dcc w4a16: device index out of range");
+  if (cached[dev] == 0) {
+    int sms = 0, bps = 0;
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "SM count");
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, gemv_lean_kernel<T, 4, 1, 1, GLU>, 128, 0),
+               "occupancy");
+    cached[dev] = sms * (bps > 0 ? bps : 1);
+  }
+  return cached[dev];
+}
+
+// M <= 8 on full shapes (lean_fits), by row tiles (16 rows) against the resident 16-warp blocks ("slots"):
+//  - at least 2 x slots: 4-warp blocks (v6) where they all fit in one wave (N = 14336 on an H100: 896 of 1056;
+//    8 iterations per warp at K = 4096; DESIGN.md: 13.6-14.0 us vs 14.7 us for v7), else the persistent 16-warp grid
+//    (v7: the fast decoder's fused gate_up, N = 28672, whose 1792 4-warp blocks would be 1.7 waves: 27.7 us vs
+//    35.5 us alone, DESIGN.md);
+//  - between 1 and 2 x slots: the persistent grid (v7);
+//  - else one 16-warp block per tile (v6).
+// GLU: the gate_up epilogue (gemv_fused.cuh's reduce_store), same kernel choice.
 template <typename T, bool GLU>
 void dispatch_lean(const void* x, const void* qweight, const void* scales, const void* szeros, const void* bias,
                    void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
   const int tiles = N / 16, slots = lean_persist_slots<T, 16>();
-  if (tiles >= 2 * slots)
-    return launch_lean<T, 4, 1, 1, GLU>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
-  if (tiles > slots)
+  if (tiles >= 2 * slots) {
+    if (launch_kind<T, GLU>(lean_override("big"), x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream))
+      return;
+    if (tiles <= lean4_slots<T, GLU>())
+      return launch_lean<T, 4, 1, 1, GLU>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
     return launch_lean_persist<T, 16, GLU>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+  }
+  if (tiles > slots) {
+    if (launch_kind<T, GLU>(lean_override("mid"), x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream))
+      return;
+    return launch_lean_persist<T, 16, GLU>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+  }
+  if (launch_kind<T, GLU>(lean_override("small"), x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream))
+    return;
   return launch_lean<T, 16, 1, 1, GLU>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
 }
 

@@ -50,7 +50,7 @@ void cublas_gemm_nt(DType dt, const void* x, const void* w, void* out, int M, in
 // == 0, K % 64 == 0 and 16-byte aligned x, qweight, scales, scaled_zeros and out (gemm_wgmma_supported checks the
 // shape and the build; gemm_wgmma throws where a rule is broken). Returns the number of K splits it launched.
 bool gemm_wgmma_supported(int M, int N, int K, int group_size);
-int gemm_wgmma_tile(int M);
+int gemm_wgmma_tile(int M, int N = 0);
 int gemm_wgmma(DType dt, const void* x, const void* qweight, const void* scales, const void* scaled_zeros,
                const void* bias, void* out, int M, int N, int K, int group_size, cudaStream_t stream);
 

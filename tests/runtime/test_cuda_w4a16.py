@@ -218,3 +218,47 @@ def test_gate_up_glu_is_the_gemv_then_silu_mul(rt, dtype, inter):
             assert torch.equal(w4a16_glu(x, t["qweight"], t["scales"], t["scaled_zeros"], g), got)
     with pytest.raises(ValueError, match="M <= 8"):
         w4a16_glu(torch.zeros(9, k, dtype=dtype, device="cuda"), t["qweight"], t["scales"], t["scaled_zeros"], g)
+
+
+@pytest.mark.parametrize("glu", (False, True), ids=["plain", "glu"])
+def test_lean_kinds_and_default_dispatch(rt, monkeypatch, glu):
+    """DCC_W4A16_LEAN (the benchmark knob of the M <= 8 dispatch) runs each kernel kind within the rounding of the
+    reference, and kinds with the same warps per tile give the same bits (the products, the k order of each warp and
+    the order of the block reduction depend only on the warps). The default takes 4-warp blocks where they fit in one
+    wave and the persistent 16-warp grid past it (big), the persistent grid between 1 and 2 rounds of 16-warp blocks
+    (mid), one 16-warp block per tile below (small)."""
+    from dcc.runtime.cuda.ops import w4a16_glu
+    from dcc.targets.tinychat.fastlm import interleave_gate_up
+    k, g, dtype = 1024, 128, torch.float16
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    warps = {"w4": 4, "w4r2": 4, "w4u2": 4, "p4": 4, "w8": 8, "w8u2": 8, "p8": 8, "w16": 16, "w16u2": 16, "p16": 16}
+    # row tiles per SM: 4-warp blocks hold at most 8 a SM at their 56-64 registers (16 past any SM's warp limit), and
+    # 16-warp blocks 2, so 6 is one wave of 4-warp blocks and 20 more; 3 is the mid branch, 1 the small one
+    for per_sm, key, default in ((6, "big", "w4"), (20, "big", "p16"), (3, "mid", "p16"), (1, "small", "w16")):
+        n = 16 * per_sm * sms
+        gen = torch.Generator().manual_seed(_seed("lean", n, glu))
+        qw, s, sz = make_layer(n, k, g, dtype, gen)
+        t = interleave_gate_up({"qweight": qw, "scales": s, "scaled_zeros": sz}, n // 2)
+        x = torch.randn(3, k, generator=gen).to(dtype).cuda()
+
+        def run():
+            if glu:
+                return w4a16_glu(x, t["qweight"], t["scales"], t["scaled_zeros"], g)
+            return rt.w4a16_linear(x, qw, s, sz, g, path="fused")
+
+        ref = reference(x, qw, s, sz, g)
+        if glu:
+            ref = torch.nn.functional.silu(ref[:, : n // 2]) * ref[:, n // 2:]
+        got = {}
+        for kind in (warps if per_sm != 20 else ("w4", "p16", "w16u2")):   # 20: the two defaults and one more
+            monkeypatch.setenv("DCC_W4A16_LEAN", f"{key}={kind}")
+            got[kind] = run()
+            torch.cuda.synchronize()
+            assert rel_err(got[kind], ref) < TOL[dtype], (n, kind)
+        monkeypatch.delenv("DCC_W4A16_LEAN")
+        plain = run()
+        for kind, y in got.items():
+            if warps[kind] == warps[default]:
+                assert torch.equal(y.view(torch.int16), plain.view(torch.int16)), (n, kind, default)
+        if "w4" in got and "p16" in got:   # the two warp counts differ somewhere (else the check above is empty)
+            assert not torch.equal(got["w4"].view(torch.int16), got["p16"].view(torch.int16)), n

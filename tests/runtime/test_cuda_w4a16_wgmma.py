@@ -73,6 +73,21 @@ def test_every_tile_and_split(rt, monkeypatch, tile, splits, sets):
     assert rel_err(out, reference(x, qw, s, sz, g, b)) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("pf", (1, 4, 8))
+def test_l2_prefetch_changes_no_bit(rt, monkeypatch, pf):
+    """The weights' L2 prefetch (pf=P: every P stages, each row's next P stages past the ring, clipped at the split's
+    end) only moves data into L2: the same bits as without it, on a split whose stage count is not a multiple of P."""
+    gen = torch.Generator().manual_seed(_seed("pf", pf))
+    m, n, k, g = 64, 512, 64 * 45, 64
+    qw, s, sz = make_layer(n, k, g, torch.float16, gen)
+    x = torch.randn(m, k, generator=gen).half().cuda()
+    monkeypatch.setenv("DCC_W4A16_WGMMA_CFG", "splits=1")
+    plain, _ = _run(rt, x, qw, s, sz, g)
+    monkeypatch.setenv("DCC_W4A16_WGMMA_CFG", f"splits=1,pf={pf}")
+    got, _ = _run(rt, x, qw, s, sz, g)
+    assert torch.equal(got.view(torch.int16), plain.view(torch.int16))
+
+
 def test_deterministic(rt):
     gen = torch.Generator().manual_seed(3)
     qw, s, sz = make_layer(1024, 8192, 128, torch.bfloat16, gen)
@@ -81,6 +96,19 @@ def test_deterministic(rt):
     b, sb = _run(rt, x, qw, s, sz, 128)
     assert sa == sb and sa > 1, "a layer of 8 tiles should be split over K"
     assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_token_tile_by_waves(rt):
+    """The token tile: 64 to M = 64, 128 above, and 256 past M = 128 where 128-token tiles would take a second wave of
+    SMs and 256-token tiles fit in one (N = 128 x SMs at M = 256: 2 x SMs tiles of 128 against SMs of 256)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    ext = rt.load()
+    assert ext.gemm_wgmma_tile(64, 128 * sms) == 64 and ext.gemm_wgmma_tile(128, 128 * sms) == 128
+    assert ext.gemm_wgmma_tile(256, 128 * sms) == 256 and ext.gemm_wgmma_tile(200, 128 * sms) == 256
+    assert ext.gemm_wgmma_tile(256, 128 * (sms // 2)) == 128     # both fit in one wave: the 128-token tiles
+    assert ext.gemm_wgmma_tile(512, 128 * sms) == 128            # neither fits in one wave
+    assert ext.gemm_wgmma_tile(256) == 128                       # no N: by M alone
+    check_linear(rt, 256, 128 * sms, 512, 128, torch.float16, "wgmma", seed=_seed("tile256", sms))
 
 
 def test_auto_dispatch(rt, monkeypatch):

@@ -277,9 +277,9 @@ constexpr const char* kVariantNames[] = {"w8_u2",     "w16_u1_xpre", "s1_w16_u2"
                                          "l_w16_u1",  "l_w16_u2",  "l_w8_u2",   "l_w16_u1_r2",
                                          "l_w8_u2_r2", "l_w32_u1_r2", "lp_w16",    "lp_w32",
                                          "lp8_w16",   "l_w8_u1",   "l_w4_u1",   "lp_w8",
-                                         "l_w4_u1_r2"};
+                                         "l_w4_u1_r2", "lp_w4",     "l_w4_u2"};
 constexpr int kVariantMaxM[] = {8, 8, 1, 1, 1, 2, 4, 4, 8, 16, 16, 16, 4, 4, 4, 4, 4, 4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8,
-                                8, 8, 8, 8};
+                                8, 8, 8, 8, 8, 8};
 constexpr int kNumOwnVariants = sizeof(kVariantMaxM) / sizeof(kVariantMaxM[0]);  // then the gemv_pipe configs
 
 template <typename T>
@@ -329,6 +329,10 @@ void dispatch_variant(int variant, const void* x, const void* qweight, const voi
     // the fast decoder's fused gate_up (N = 28672 at Llama-3-8B): 1792 4-warp blocks are 1.7 waves of the 8 an SM
     // holds at 64 registers; two row tiles a warp make it 896 blocks, one wave
     case 32: DCC_L(4, 1, 2);
+    // the same question answered by a persistent 4-warp grid (one round of resident blocks), or by two iterations
+    // in flight a warp (more bytes in flight when the tail wave leaves an SM fewer blocks)
+    case 33: return launch_lean_persist<T, 4>(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);
+    case 34: DCC_L(4, 2, 1);
     default: throw std::invalid_argument("dcc w4a16: unknown gemv variant " + std::to_string(variant));
   }
 #undef DCC_X

@@ -10,7 +10,7 @@ namespace dcc_w4a16 {
 // Alternative kernels and block shapes for M <= gemv_variant_max_m(variant) (gemv_variants.cu), then the cp.async
 // ring configurations of gemv_pipe.cu. A variant that cannot take a shape throws std::invalid_argument saying
 // "does not fit".
-constexpr int kNumGemvVariants = 42;
+constexpr int kNumGemvVariants = 44;
 const char* gemv_variant_name(int variant);
 int gemv_variant_max_m(int variant);
 void gemv_variant(int variant, DType dt, const void* x, const void* qweight, const void* scales,
