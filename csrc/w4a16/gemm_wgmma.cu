@@ -24,9 +24,8 @@
 //    output. Same contract as the other paths (DESIGN.md, Numerics), not bit-equal to them.
 // Requirements (gemm_wgmma_supported): sm_90a device code present, N % 128 == 0, K % 64 == 0, G in {32, 64, 128},
 // x, qweight, scales, scaled_zeros and out 16-byte aligned.
-// Override (tests and benchmarks): DCC_W4A16_WGMMA_CFG="tile=T,splits=S,sets=3,pf=P" forces the token tile (64, 128,
-// 256), S, three A register sets instead of two, and an L2 prefetch of each weight row's next P stages every P
-// stages (the last two measured no faster: DESIGN.md).
+// Override (tests and benchmarks): DCC_W4A16_WGMMA_CFG="tile=T,splits=S,sets=3" forces the token tile (64, 128,
+// 256), S, and three A register sets instead of two (measured no faster: DESIGN.md).
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -249,8 +248,6 @@ int gemm_wgmma(DType dt, const void* x, const void* qweight, const void* scales,
   p.scales = static_cast<const uint8_t*>(scales);
   p.szeros = static_cast<const uint8_t*>(scaled_zeros);
   p.bias = bias;
-  p.qweight = static_cast<const uint8_t*>(qweight);
-  p.pf = cfg_override("pf") > 0 ? cfg_override("pf") : 0;
   p.out = out;
   p.M = M;
   p.N = N;

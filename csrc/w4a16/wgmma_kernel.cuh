@@ -12,10 +12,8 @@ struct WgParams {
   const uint8_t* scales;    // [Kg, N] 16-bit
   const uint8_t* szeros;    // [Kg, N] 16-bit
   const void* bias;         // [N] 16-bit or null
-  const uint8_t* qweight;   // [N / 4, 2 K] bytes (the L2 prefetch's addresses; the loads go through the tensor map)
   void* out;                // [M, N] 16-bit
   int M, N, K, group, mtiles, S, kt_split;   // kt_split: k stages per split
-  int pf;                   // > 0: every pf stages, prefetch the weights of the pf stages past the ring into L2
 };
 
 template <int kTok, int kStages>
@@ -83,14 +81,6 @@ __global__ void __launch_bounds__(kThreads, 1) w4a16_wgmma_kernel(const __grid_c
           const size_t row = static_cast<size_t>(k0 / p.group + gi) * p.N + n0;
           bulk_load(st + C::kActBytes + C::kWBytes + gi * 512, p.scales + 2 * row, 256, full);
           bulk_load(st + C::kActBytes + C::kWBytes + gi * 512 + 256, p.szeros + 2 * row, 256, full);
-        }
-        // DRAM locality (opt-in, DCC_W4A16_WGMMA_CFG=pf=P): a stage's weight box is 32 rows x 128 bytes, 2 K bytes
-        // apart, so the weights come from DRAM as scattered 128-byte pieces; every P stages the 32 rows' next
-        // P x 128 bytes past the ring are prefetched into L2 as one contiguous piece a row
-        if (p.pf > 0 && it % p.pf == 0 && it + kStages < KT) {
-          const int a = it + kStages, n = (a + p.pf <= KT ? p.pf : KT - a) * 128;
-          const uint8_t* src = p.qweight + static_cast<size_t>(n0 / 4) * 2 * p.K + (size_t)(kt0 + a) * 128;
-          for (int r = 0; r < kTileN / 4; ++r) bulk_prefetch_l2(src + static_cast<size_t>(r) * 2 * p.K, n);
         }
       }
     }

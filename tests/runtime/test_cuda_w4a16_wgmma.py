@@ -73,21 +73,6 @@ def test_every_tile_and_split(rt, monkeypatch, tile, splits, sets):
     assert rel_err(out, reference(x, qw, s, sz, g, b)) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("pf", (1, 4, 8))
-def test_l2_prefetch_changes_no_bit(rt, monkeypatch, pf):
-    """The weights' L2 prefetch (pf=P: every P stages, each row's next P stages past the ring, clipped at the split's
-    end) only moves data into L2: the same bits as without it, on a split whose stage count is not a multiple of P."""
-    gen = torch.Generator().manual_seed(_seed("pf", pf))
-    m, n, k, g = 64, 512, 64 * 45, 64
-    qw, s, sz = make_layer(n, k, g, torch.float16, gen)
-    x = torch.randn(m, k, generator=gen).half().cuda()
-    monkeypatch.setenv("DCC_W4A16_WGMMA_CFG", "splits=1")
-    plain, _ = _run(rt, x, qw, s, sz, g)
-    monkeypatch.setenv("DCC_W4A16_WGMMA_CFG", f"splits=1,pf={pf}")
-    got, _ = _run(rt, x, qw, s, sz, g)
-    assert torch.equal(got.view(torch.int16), plain.view(torch.int16))
-
-
 def test_deterministic(rt):
     gen = torch.Generator().manual_seed(3)
     qw, s, sz = make_layer(1024, 8192, 128, torch.bfloat16, gen)
