@@ -54,22 +54,11 @@ bool launch_kind(const char* kind, const void* x, const void* qweight, const voi
   return false;
 }
 
-// Resident blocks of the 4-warp lean kernel (gemv_lean_kernel<T, 4, 1, 1, GLU>) on the current device (SMs x blocks
-// per SM), cached per device (a benign race: every writer stores the same value).
+// Resident blocks of the 4-warp lean kernel (gemv_lean_kernel<T, 4, 1, 1, GLU>) on the current device.
 template <typename T, bool GLU>
 int lean4_slots() {
   static int cached[64] = {};
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  if (dev < 0 || dev >= 64) throw std::runtime_error("dcc w4a16: device index out of range");
-  if (cached[dev] == 0) {
-    int sms = 0, bps = 0;
-    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "SM count");
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, gemv_lean_kernel<T, 4, 1, 1, GLU>, 128, 0),
-               "occupancy");
-    cached[dev] = sms * (bps > 0 ? bps : 1);
-  }
-  return cached[dev];
+  return resident_slots(gemv_lean_kernel<T, 4, 1, 1, GLU>, 128, cached);
 }
 
 // M <= 8 on full shapes (lean_fits), by row tiles (16 rows) against the resident 16-warp blocks ("slots"):

@@ -114,23 +114,27 @@ __global__ void __launch_bounds__(WARPS * 32, (2048 / 2) / (WARPS * 32))
   }
 }
 
-// Resident blocks of gemv_lean_persist_kernel<T, WARPS, GLU> on the current device (SMs x blocks per SM), cached per
-// device (a benign race: every writer stores the same value).
-template <typename T, int WARPS, bool GLU = false>
-int lean_persist_slots() {
-  static int cached[64] = {};
+// SMs x resident blocks of `kernel` launched with `threads` threads on the current device, cached per device in
+// `cache` (a benign race: every writer stores the same value).
+template <typename Kernel>
+int resident_slots(Kernel kernel, int threads, int (&cache)[64]) {
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   if (dev < 0 || dev >= 64) throw std::runtime_error("dcc w4a16: device index out of range");
-  if (cached[dev] == 0) {
+  if (cache[dev] == 0) {
     int sms = 0, bps = 0;
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "SM count");
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, gemv_lean_persist_kernel<T, WARPS, GLU>, WARPS * 32,
-                                                             0),
-               "occupancy");
-    cached[dev] = sms * (bps > 0 ? bps : 1);
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, kernel, threads, 0), "occupancy");
+    cache[dev] = sms * (bps > 0 ? bps : 1);
   }
-  return cached[dev];
+  return cache[dev];
+}
+
+// Resident blocks of gemv_lean_persist_kernel<T, WARPS, GLU> on the current device.
+template <typename T, int WARPS, bool GLU = false>
+int lean_persist_slots() {
+  static int cached[64] = {};
+  return resident_slots(gemv_lean_persist_kernel<T, WARPS, GLU>, WARPS * 32, cached);
 }
 
 // Persistent grid: the resident blocks, at most one per row tile.
