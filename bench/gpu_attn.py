@@ -5,8 +5,8 @@ launch from a CUDA graph of 32 launches (one per layer, each its own cache; gpu_
 size the kernel may take (batch 1: the split rule down to DCC_ATTN_MIN_CHUNK; larger batches: DCC_ATTN_CHUNK forcing
 32 to 256 slots, where the rule keeps 256), beside the bytes floor (the cache slots read at the measured copy
 bandwidth). The launches overlap as the decode step's do (programmatic dependent launch on sm_90; DCC_PDL=0: plain
-launches). bench/results/gpu_attn.json holds the run that chose the kernel's form (its "variant" rows: 0, every slot
-computed its lanes' q itself; 1, q staged once per CTA, the form kept; 3, 1 with 8 passes of loads in flight).
+launches). bench/results/gpu_attn.json holds the newest run (csrc/attn/DESIGN.md cites it); the run that chose the
+kernel's form (its "variant" rows) is that file as of commit bae5108.
 
     PYTHONPATH=. python bench/gpu_attn.py [--batches 1,64]
 
