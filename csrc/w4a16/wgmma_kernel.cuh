@@ -45,8 +45,8 @@ using CfgWide = Cfg<256, 4>;    // 148 KB ring
 // stage's group must retire before the next stage is unpacked; 3: two groups in flight).
 template <bool kBf16, int kTok, int kStages, int kSets, int kCtas>
 __global__ void __launch_bounds__(kThreads, kCtas) w4a16_wgmma_kernel(const __grid_constant__ CUtensorMap tx,
-                                                                      const __grid_constant__ CUtensorMap tw,
-                                                                      const WgParams p) {
+                                                                  const __grid_constant__ CUtensorMap tw,
+                                                                  const WgParams p) {
 #if defined(DCC_W4A16_WGMMA_DEVICE)
   using namespace sm90;
   using C = Cfg<kTok, kStages, kCtas>;
