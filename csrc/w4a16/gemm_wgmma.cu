@@ -24,9 +24,8 @@
 //    output. Same contract as the other paths (DESIGN.md, Numerics), not bit-equal to them.
 // Requirements (gemm_wgmma_supported): sm_90a device code present, N % 128 == 0, K % 64 == 0, G in {32, 64, 128},
 // x, qweight, scales, scaled_zeros and out 16-byte aligned.
-// Override (tests and benchmarks): DCC_W4A16_WGMMA_CFG="tile=T,splits=S,sets=3,ctas=2" forces the token tile (64,
-// 128, 256), S, three A register sets instead of two (measured no faster: DESIGN.md), and 64-token tiles at two
-// CTAs an SM instead of one (not yet measured).
+// Override (tests and benchmarks): DCC_W4A16_WGMMA_CFG="tile=T,splits=S,sets=3" forces the token tile (64, 128,
+// 256), S, and three A register sets instead of two (measured no faster: DESIGN.md).
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -83,18 +82,15 @@ int num_sms() { return device_attr(cudaDevAttrMultiProcessorCount); }
 
 template <bool kBf16, class C, int kSets = 2>
 struct KernelOf;
-template <bool kBf16, int kTok, int kStages, int kCtas, int kSets>
-struct KernelOf<kBf16, Cfg<kTok, kStages, kCtas>, kSets> {
-  static constexpr auto fn = w4a16_wgmma_kernel<kBf16, kTok, kStages, kSets, kCtas>;
+template <bool kBf16, int kTok, int kStages, int kSets>
+struct KernelOf<kBf16, Cfg<kTok, kStages>, kSets> {
+  static constexpr auto fn = w4a16_wgmma_kernel<kBf16, kTok, kStages, kSets>;
 };
 
 template <class C>
 bool set_smem() {
-  // the largest shared-memory carveout: CfgMid2's two CTAs an SM need 2 x 107 KB of the 228
   const auto set = [](const void* fn) {
-    return cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes) == cudaSuccess &&
-           cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared) ==
-               cudaSuccess;
+    return cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes) == cudaSuccess;
   };
   return set(reinterpret_cast<const void*>(KernelOf<false, C>::fn)) &&
          set(reinterpret_cast<const void*>(KernelOf<true, C>::fn)) &&
@@ -116,7 +112,7 @@ bool ready() {
       return;
     }
     if (a.binaryVersion < 90 || a.numRegs < 64) return;
-    if (!set_smem<CfgLarge>() || !set_smem<CfgMid>() || !set_smem<CfgMid2>() || !set_smem<CfgWide>()) {
+    if (!set_smem<CfgLarge>() || !set_smem<CfgMid>() || !set_smem<CfgWide>()) {
       cudaGetLastError();
       return;
     }
@@ -170,9 +166,8 @@ int max_clusters(int S) {
   return cache[S];
 }
 
-// K splits S (a power of two <= 8): the largest with tiles * S <= the CTAs resident at once (SMs x C::kCtas), at least
-// 8 k stages per split, S dividing the stage count, and every tile's cluster resident at once.
-// DCC_W4A16_WGMMA_CFG="splits=S" forces S where valid.
+// K splits S (a power of two <= 8): the largest with tiles * S <= SMs, at least 8 k stages per split, S dividing
+// the stage count, and every tile's cluster resident at once. DCC_W4A16_WGMMA_CFG="splits=S" forces S where valid.
 template <class C>
 int choose_splits(int tiles, int K) {
   const int kt = K / kTileK;
@@ -181,7 +176,7 @@ int choose_splits(int tiles, int K) {
   if ((forced == 1 || forced == 2 || forced == 4 || forced == 8) && valid(forced)) return forced;
   int best = 1;
   for (int s = 2; s <= 8; s *= 2) {
-    if (kt / s < 8 || kt % s || tiles * s > num_sms() * C::kCtas || max_clusters<C>(s) < tiles) break;
+    if (kt / s < 8 || kt % s || tiles * s > num_sms() || max_clusters<C>(s) < tiles) break;
     best = s;
   }
   return best;
@@ -266,8 +261,7 @@ int gemm_wgmma(DType dt, const void* x, const void* qweight, const void* scales,
     else launch<false, C>(x, qweight, p, &splits, stream);
   };
   const int tile = gemm_wgmma_tile(M, N);
-  if (tile == 64 && cfg_override("ctas") == 2) run(CfgMid2());
-  else if (tile == 64) run(CfgMid());
+  if (tile == 64) run(CfgMid());
   else if (tile == 128) run(CfgLarge());
   else run(CfgWide());
   return splits;

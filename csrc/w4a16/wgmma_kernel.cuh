@@ -16,9 +16,8 @@ struct WgParams {
   int M, N, K, group, mtiles, S, kt_split;   // kt_split: k stages per split
 };
 
-template <int kTok, int kStages, int kCtasPerSm = 1>
+template <int kTok, int kStages>
 struct Cfg {
-  static constexpr int kCtas = kCtasPerSm;   // CTAs resident on an SM (the kernel's launch bounds)
   static constexpr int kActBytes = kTok * kTileK * 2;
   static constexpr int kWBytes = (kTileN / 4) * kTileK * 2;   // 32 qweight rows x 128 bytes
   static constexpr int kScaleBytes = 1024;                    // up to 2 groups x (256 B scales + 256 B zeros)
@@ -32,24 +31,19 @@ struct Cfg {
 // stage time is not set by the weight bytes in flight.
 using CfgLarge = Cfg<128, 6>;   // 129 KB ring
 using CfgMid = Cfg<64, 8>;      // 106 KB ring
-// 64-token tiles two CTAs an SM: the consumers need 64-68 registers (no setmaxnreg), so launch bounds of 2 x 384
-// threads (80 registers) and 2 x 106 KB of ring fit an SM; twice the producers and consumer warps an SM, and clusters
-// of 4 (split-K 4) fit for every tile of a 4096-wide layer (at one CTA an SM only 31 do, so S stopped at 2).
-// Opt-in until measured: DCC_W4A16_WGMMA_CFG=ctas=2.
-using CfgMid2 = Cfg<64, 8, 2>;
 // 256-token tiles: half the CTAs of CfgLarge, taken where 128-token tiles would take a second wave of SMs and
 // 256-token ones fit one (gemm_wgmma_tile: 14336 x 4096 at M = 256, 224 tiles against 112); 128 accumulators a thread.
 using CfgWide = Cfg<256, 4>;    // 148 KB ring
 
 // kSets: A register sets, i.e. stage groups of wgmmas in flight while the next stage is dequantised (2: the previous
 // stage's group must retire before the next stage is unpacked; 3: two groups in flight).
-template <bool kBf16, int kTok, int kStages, int kSets, int kCtas>
-__global__ void __launch_bounds__(kThreads, kCtas) w4a16_wgmma_kernel(const __grid_constant__ CUtensorMap tx,
+template <bool kBf16, int kTok, int kStages, int kSets>
+__global__ void __launch_bounds__(kThreads, 1) w4a16_wgmma_kernel(const __grid_constant__ CUtensorMap tx,
                                                                   const __grid_constant__ CUtensorMap tw,
                                                                   const WgParams p) {
 #if defined(DCC_W4A16_WGMMA_DEVICE)
   using namespace sm90;
-  using C = Cfg<kTok, kStages, kCtas>;
+  using C = Cfg<kTok, kStages>;
   using T = std::conditional_t<kBf16, __nv_bfloat16, __half>;
   using H = Half2Of<T>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -71,8 +65,7 @@ __global__ void __launch_bounds__(kThreads, kCtas) w4a16_wgmma_kernel(const __gr
 
   if (warp >= 8) {
     // ---------------- producer: one thread streams the split's k stages through the ring ----------------
-    // registers to the consumers (one CTA an SM: 168 at launch, (168 - 40) x 128 = (232 - 168) x 256)
-    if constexpr (kCtas == 1) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (warp == 8 && lane == 0) {
       const int groups = p.group == 32 ? 2 : 1;   // group rows a 64-k stage touches (G >= 64: the one it lies in)
       const uint32_t bytes = C::kActBytes + C::kWBytes + groups * 512;
@@ -99,7 +92,7 @@ __global__ void __launch_bounds__(kThreads, kCtas) w4a16_wgmma_kernel(const __gr
   }
 
   // ---------------- consumers ----------------
-  if constexpr (kCtas == 1) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
   const int wg = warp / 4, wq = warp % 4, g = lane / 4, t = lane % 4;
   // this thread's channels (CTA-local): the A fragment's rows g and g + 8 of warp wq's 16
   const int c0 = wg * 64 + wq * 16 + g, c1 = c0 + 8;
