@@ -4,8 +4,9 @@
 // flight writes -- the weights, and what was written before the nearest kernel of the stream launched without PDL
 // (that one started only once everything before it had completed; a decode step's KV cache slots and positions:
 // csrc/attn/DESIGN.md) -- and prefetch anything into L2 (L2 is where global memory is coherent, so a prefetch can
-// never make a later load stale); wait() returns once the previous grid has completed and its writes are visible. So a decode step's chain of small kernels overlaps each kernel's launch, prologue and first weight loads
-// with the tail of the one before it (csrc/attn/DESIGN.md, "Overlapped launches").
+// never make a later load stale); wait() returns once the previous grid has completed and its writes are visible.
+// So a decode step's chain of small kernels overlaps each kernel's launch, prologue and first weight loads with the
+// tail of the one before it (csrc/attn/DESIGN.md, "Overlapped launches").
 //
 // Rules kept by every kernel launched through launch():
 //   * wait() is called in every CTA before its first read of an earlier kernel's output and before its first global

@@ -14,44 +14,46 @@ namespace {
 // branches below (big: tiles >= 2 x resident 16-warp blocks; mid: between 1 and 2 rounds; small: one round). KIND:
 // w4, w8, w16 (blocks of 4 / 8 / 16 warps), w4r2 (two row tiles a warp), w4u2 / w8u2 / w16u2 (two iterations in flight
 // a warp), p4 / p8 / p16 (persistent grid of 4 / 8 / 16 warps a block).
-// Returns the KIND's name, or nullptr where the key is unset or unknown.
-const char* lean_override(const char* key) {
+enum LeanKind { kNone = -1, kW4R2, kW4U2, kW8U2, kW16U2, kW4, kW8, kW16, kP16, kP4, kP8 };
+
+// The KIND set for `key`, kNone where the key is unset or its value unknown.
+LeanKind lean_override(const char* key) {
+  // longest names first where one is a prefix of another ("w4r2" before "w4"); the order of LeanKind
   static const char* const kKinds[] = {"w4r2", "w4u2", "w8u2", "w16u2", "w4", "w8", "w16", "p16", "p4", "p8"};
   const size_t n = std::strlen(key);
   for (const char* s = std::getenv("DCC_W4A16_LEAN"); s != nullptr; s = std::strchr(s, ',')) {
     if (*s == ',') ++s;
     if (std::strncmp(s, key, n) != 0 || s[n] != '=') continue;
-    for (const char* k : kKinds) {
-      const size_t m = std::strlen(k);
-      if (std::strncmp(s + n + 1, k, m) == 0 && (s[n + 1 + m] == ',' || s[n + 1 + m] == '\0')) return k;
+    for (int k = 0; k < static_cast<int>(sizeof(kKinds) / sizeof(kKinds[0])); ++k) {
+      const size_t m = std::strlen(kKinds[k]);
+      if (std::strncmp(s + n + 1, kKinds[k], m) == 0 && (s[n + 1 + m] == ',' || s[n + 1 + m] == '\0'))
+        return static_cast<LeanKind>(k);
     }
   }
-  return nullptr;
+  return kNone;
 }
 
-// Launches the override KIND; false where it does not fit the problem (then the default runs).
+// Launches the override KIND; false where there is none or it does not fit the problem (then the default runs).
 template <typename T, bool GLU>
-bool launch_kind(const char* kind, const void* x, const void* qweight, const void* scales, const void* szeros,
+bool launch_kind(LeanKind kind, const void* x, const void* qweight, const void* scales, const void* szeros,
                  const void* bias, void* out, int M, int N, int K, int gshift, cudaStream_t stream) {
-  if (kind == nullptr) return false;
-  const std::string k(kind);
-#define DCC_LK(COND, CALL)                                                        \
-  if (COND) {                                                                     \
-    CALL(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream);         \
-    return true;                                                                  \
+#define DCC_LK(CALL) CALL(x, qweight, scales, szeros, bias, out, M, N, K, gshift, stream); return true
+  switch (kind) {
+    case kW4: DCC_LK((launch_lean<T, 4, 1, 1, GLU>));
+    case kW8: DCC_LK((launch_lean<T, 8, 1, 1, GLU>));
+    case kW16: DCC_LK((launch_lean<T, 16, 1, 1, GLU>));
+    case kW4U2: DCC_LK((launch_lean<T, 4, 2, 1, GLU>));
+    case kW8U2: DCC_LK((launch_lean<T, 8, 2, 1, GLU>));
+    case kW16U2: DCC_LK((launch_lean<T, 16, 2, 1, GLU>));
+    case kW4R2:
+      if (!lean_fits(M, N, K, 2)) return false;
+      DCC_LK((launch_lean<T, 4, 1, 2, GLU>));
+    case kP4: DCC_LK((launch_lean_persist<T, 4, GLU>));
+    case kP8: DCC_LK((launch_lean_persist<T, 8, GLU>));
+    case kP16: DCC_LK((launch_lean_persist<T, 16, GLU>));
+    default: return false;
   }
-  DCC_LK(k == "w4", (launch_lean<T, 4, 1, 1, GLU>))
-  DCC_LK(k == "w8", (launch_lean<T, 8, 1, 1, GLU>))
-  DCC_LK(k == "w16", (launch_lean<T, 16, 1, 1, GLU>))
-  DCC_LK(k == "w4u2", (launch_lean<T, 4, 2, 1, GLU>))
-  DCC_LK(k == "w8u2", (launch_lean<T, 8, 2, 1, GLU>))
-  DCC_LK(k == "w16u2", (launch_lean<T, 16, 2, 1, GLU>))
-  DCC_LK(k == "w4r2" && lean_fits(M, N, K, 2), (launch_lean<T, 4, 1, 2, GLU>))
-  DCC_LK(k == "p4", (launch_lean_persist<T, 4, GLU>))
-  DCC_LK(k == "p8", (launch_lean_persist<T, 8, GLU>))
-  DCC_LK(k == "p16", (launch_lean_persist<T, 16, GLU>))
 #undef DCC_LK
-  return false;
 }
 
 // Resident blocks of the 4-warp lean kernel (gemv_lean_kernel<T, 4, 1, 1, GLU>) on the current device.
