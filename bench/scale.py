@@ -47,10 +47,16 @@ METHODS = {
                           "as dcc-qserve, --gpu-matmul 3xtf32"),
     "dcc-tinychat-awq-3xtf32": ("dcc", ["--target", "tinychat", "--algo", "awq", "--gpu-matmul", "3xtf32"],
                                 "as dcc-tinychat-awq, --gpu-matmul 3xtf32"),
+    # the recipe closest to llm-compressor's AWQModifier, which searches the scales and then rounds each group's
+    # min-max range (no clip search): dcc's awq pass, then rtn (a recipe file, RECIPES)
+    "dcc-tinychat-awq-noclip": ("dcc", ["--target", "tinychat"], "AWQ scales, then round to nearest, no clip search "
+                                                                 "(W4A16 asymmetric g128, TinyChat)"),
     "llmc-gptq": ("llmc", ["gptq"], "llm-compressor GPTQModifier scheme W4A16 (symmetric g128), lm_head ignored"),
     "llmc-awq": ("llmc", ["awq"], "llm-compressor AWQModifier + QuantizationModifier W4A16_ASYM (g128), lm_head "
                                   "ignored"),
 }
+# rows whose pass list is a recipe file (written into the row's folder and passed as --recipe)
+RECIPES = {"dcc-tinychat-awq-noclip": "passes: [{pass: awq}, {pass: rtn}]\n"}
 PEER_CODE = {
     "llmc-gptq": "oneshot(model, dataset, recipe=[GPTQModifier(targets='Linear', scheme='W4A16', "
                  "ignore=['lm_head'])], max_seq_length=L, num_calibration_samples=N, "
@@ -233,6 +239,9 @@ def run_row(r: dict, args, state: dict, work: Path, calib: Path, ids: dict, peer
     row_dir.mkdir(parents=True)
     art = row_dir / "out"
     model_dir = work / r["model"]
+    if r["method"] in RECIPES:
+        (row_dir / "recipe.yaml").write_text(RECIPES[r["method"]])
+        flags = [*flags, "--recipe", str(row_dir / "recipe.yaml")]
     if tool == "dcc":
         cmd = [sys.executable, str(BENCH / "_scale_child.py"), "compile", str(model_dir), "-o", str(art), *flags,
                "--calib", str(calib), "--calib-chunks", str(r["chunks"]), "--calib-seq-len", str(r["seq_len"]),
@@ -254,7 +263,7 @@ def run_row(r: dict, args, state: dict, work: Path, calib: Path, ids: dict, peer
     if tool == "dcc":
         rec = dcc_recipe(art)
         if rec is not None:
-            state["recipes"][r["method"]] = {"flags": " ".join(flags), "recipe": rec}
+            state["recipes"][r["method"]] = {"flags": " ".join(flags).replace(str(row_dir) + "/", ""), "recipe": rec}
     else:
         ev = next((e for e in res["events"] if e.get("event") == "import"), None)
         if ev is not None:

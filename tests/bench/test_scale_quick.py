@@ -68,12 +68,17 @@ def test_merge_replaces_by_id_and_keeps_other_commands(tmp_path):
 def test_quick_dcc_row(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--quick", "--rows",
-                        "tiny/dcc-tinychat-awq/*", "--dir", str(tmp_path), "--assets", str(ASSETS)],
+                        "tiny/dcc-tinychat-awq/*,tiny/dcc-tinychat-awq-noclip/*", "--dir", str(tmp_path),
+                        "--assets", str(ASSETS)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     doc = json.loads((tmp_path / "scale_quick.json").read_text())
-    (row,) = doc["rows"]
+    row, noclip = sorted(doc["rows"], key=lambda r: r["id"])
     assert row["status"] == "ok", row.get("log_tail")
+    # the row beside llm-compressor's AWQ runs its recipe: the scale search, then round to nearest (no clip search)
+    assert noclip["status"] == "ok", noclip.get("log_tail")
+    assert [p["pass"] for p in doc["recipes"]["dcc-tinychat-awq-noclip"]["recipe"]["pipeline"]] == ["awq", "rtn"]
+    assert [p["pass"] for p in doc["recipes"]["dcc-tinychat-awq"]["recipe"]["pipeline"]] == ["awq", "clip", "rtn"]
     assert row["blocks_done"] == row["blocks"] == 2 and all(s > 0 for s in row["block_s"])
     assert row["peak_rss_mb"] > 100 and row["dcc_peak_rss_mb"] > 100
     assert row["projected_full_s"] > row["block_first_s"] and row["projected_blocks"] == 8
