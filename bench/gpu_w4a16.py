@@ -1,6 +1,7 @@
 """W4A16 GPU benchmark: builds the CUDA runtime, checks it, and times it against cuBLAS fp16 (torch x @ w.T).
 
     PYTHONPATH=. python bench/gpu_w4a16.py [--quick] [--ms 1,4] [--shapes 28672x4096] [--variants] [--smoke]
+        [--wgmma-cfg 'gsplit=1;rot=1']
 
 Shapes: M in {1, 4, 16, 32, 64, 128, 256, 1024, 4096} x (N, K) in {(4096, 4096), (14336, 4096), (4096, 14336)}
 (--shapes: others, such as the fast decoder's fused gate_up and qkv), group 128, fp16. Timing: each measurement
@@ -166,7 +167,7 @@ def bench(args, copy_tbs, peak_tflops):
             if m in (16, 64, 256, 1024):
                 paths += ["fused", "gemm"]
             if m > 1 and rt.load().gemm_wgmma_supported(m, n, k, G):
-                paths += ["wgmma"]
+                paths += ["wgmma"] + [f"wgmma@{c}" for c in args.wgmma_cfg.split(";") if c]
             if m in (256, 4096):
                 paths += ["gemm_ext"]
             if dev is not None and m in (1, 4, 16):
@@ -194,13 +195,23 @@ def bench(args, copy_tbs, peak_tflops):
                     calls = [lambda q=q: rt.dequantize(q[0], q[1], q[2], G, k) for q in qsets]
                     label = "dequant only"
                 else:
-                    calls = [lambda q=q, p=path: rt.w4a16_linear(x, q[0], q[1], q[2], G, path=p) for q in qsets]
+                    calls = [lambda q=q, p=path.split("@")[0]: rt.w4a16_linear(x, q[0], q[1], q[2], G, path=p)
+                             for q in qsets]
                     label = path if path != "auto" else f"auto:{auto_path(m, n, k)}"
+                # wgmma@CFG: the launch configuration is read when a call is made (and frozen in the timing graph)
+                saved = os.environ.get("DCC_W4A16_WGMMA_CFG")
+                if "@" in path:
+                    os.environ["DCC_W4A16_WGMMA_CFG"] = path.split("@", 1)[1]
                 try:
                     t, tmin, meth = time_calls(calls, reps)
                 except ValueError as e:  # a shape-restricted variant
                     log(f"  {n:>5}x{k:<5} M={m:<5} {label:18} skipped: {str(e).splitlines()[0][:90]}")
                     continue
+                finally:
+                    if "@" in path:
+                        os.environ.pop("DCC_W4A16_WGMMA_CFG", None)
+                        if saved is not None:
+                            os.environ["DCC_W4A16_WGMMA_CFG"] = saved
                 nbytes = qbytes + n * k * 2 if path == "dequant" else qbytes + act
                 row = {"N": n, "K": k, "M": m, "path": label, "us": round(t, 2), "us_min": round(tmin, 2),
                        "cublas_us": round(t_cublas, 2), "speedup_vs_cublas": round(t_cublas / t, 3),
@@ -298,6 +309,9 @@ def main():
     ap.add_argument("--shapes", default="",
                     help="comma-separated NxK weight shapes to time instead of the three Llama-3-8B layers, e.g. the "
                          "fast decoder's fused ones: 28672x4096 (gate_up), 6144x4096 (qkv)")
+    ap.add_argument("--wgmma-cfg", default="",
+                    help="';'-separated DCC_W4A16_WGMMA_CFG values to time the wgmma GEMM under too, each as a row "
+                         "wgmma@CFG, e.g. 'gsplit=1;gsplit=1,rot=1' (csrc/w4a16/gemm_wgmma.cu)")
     ap.add_argument("--vfilter", default="", help="with --variants: only the variants whose name matches this regex")
     ap.add_argument("--smoke", action="store_true",
                     help="only run every kernel once on small odd shapes (with --variants: the dev kernels too)")

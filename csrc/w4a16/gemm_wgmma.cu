@@ -24,11 +24,14 @@
 //    output. Same contract as the other paths (DESIGN.md, Numerics), not bit-equal to them.
 // Requirements (gemm_wgmma_supported): sm_90a device code present, N % 128 == 0, K % 64 == 0, G in {32, 64, 128},
 // x, qweight, scales, scaled_zeros and out 16-byte aligned.
-// Override (tests and benchmarks): DCC_W4A16_WGMMA_CFG="tile=T,splits=S,sets=3" forces the token tile (64, 128,
-// 256), S, and three A register sets instead of two (measured no faster: DESIGN.md).
+// Override (tests and benchmarks): DCC_W4A16_WGMMA_CFG="tile=T,splits=S,sets=3,rot=1,gsplit=1" forces the token tile
+// (64, 128, 256), S, three A register sets instead of two (measured no faster: DESIGN.md), per-tile rotated k loops,
+// and split-K through global memory (partials and a per-tile counter: the last CTA sums them in split order) instead
+// of the cluster, which lets S grow past the clusters the GPU holds at once.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -166,17 +169,61 @@ int max_clusters(int S) {
   return cache[S];
 }
 
+// The global split-K workspace of (device, stream): partials for SMs x 256 tokens x 128 channels (tiles x S <= SMs,
+// choose_splits) and a counter per tile, zero between launches. Per stream: two streams' GEMMs never share one.
+// Created on a tile's first global split: cudaMalloc in relaxed capture mode (legal inside a CUDA-graph capture), the
+// counters zeroed by cudaMemsetAsync on the stream (inside a capture that is a graph node, so the first eager call
+// after it zeroes them once more).
+struct Workspace {
+  float* part = nullptr;
+  unsigned* counters = nullptr;
+  size_t part_floats = 0;
+  int n_counters = 0;
+  bool zeroed_eagerly = false;
+};
+
+Workspace* workspace(cudaStream_t stream) {
+  static std::mutex mu;
+  static std::map<std::pair<int, cudaStream_t>, Workspace> all;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(stream, &cap), "cudaStreamIsCapturing");
+  const bool capturing = cap != cudaStreamCaptureStatusNone;
+  std::lock_guard<std::mutex> lock(mu);
+  Workspace& w = all[{dev, stream}];
+  if (w.part == nullptr) {
+    const int sms = num_sms();
+    w.part_floats = static_cast<size_t>(sms) * 256 * kTileN;
+    w.n_counters = sms;
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    const cudaError_t e1 = cudaMalloc(&w.part, w.part_floats * sizeof(float));
+    const cudaError_t e2 = cudaMalloc(&w.counters, w.n_counters * sizeof(unsigned));
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    check_cuda(e1 != cudaSuccess ? e1 : e2, "wgmma GEMM split-K workspace");
+  }
+  if (!w.zeroed_eagerly || capturing) {
+    check_cuda(cudaMemsetAsync(w.counters, 0, w.n_counters * sizeof(unsigned), stream), "workspace counters");
+    w.zeroed_eagerly = w.zeroed_eagerly || !capturing;
+  }
+  return &w;
+}
+
 // K splits S (a power of two <= 8): the largest with tiles * S <= SMs, at least 8 k stages per split, S dividing
 // the stage count, and every tile's cluster resident at once. DCC_W4A16_WGMMA_CFG="splits=S" forces S where valid.
+// global: the splits meet in global memory (no cluster), so only tiles x S <= SMs bounds S.
 template <class C>
-int choose_splits(int tiles, int K) {
+int choose_splits(int tiles, int K, bool global) {
   const int kt = K / kTileK;
-  const auto valid = [&](int s) { return kt % s == 0 && (s == 1 || max_clusters<C>(s) > 0); };
+  const auto valid = [&](int s) {
+    return kt % s == 0 && (s == 1 || (global ? tiles * s <= num_sms() : max_clusters<C>(s) > 0));
+  };
   const int forced = cfg_override("splits");
   if ((forced == 1 || forced == 2 || forced == 4 || forced == 8) && valid(forced)) return forced;
   int best = 1;
   for (int s = 2; s <= 8; s *= 2) {
-    if (kt / s < 8 || kt % s || tiles * s > num_sms() || max_clusters<C>(s) < tiles) break;
+    if (kt / s < 8 || kt % s || tiles * s > num_sms() || (!global && max_clusters<C>(s) < tiles)) break;
     best = s;
   }
   return best;
@@ -200,11 +247,19 @@ void launch(const void* x, const void* qweight, WgParams p, int* splits_out, cud
     throw std::runtime_error("dcc w4a16: cuTensorMapEncodeTiled refused the wgmma GEMM's tensor maps");
   p.mtiles = (p.M + kTok - 1) / kTok;
   const int tiles = p.mtiles * (p.N / kTileN);
-  p.S = choose_splits<C>(tiles, p.K);
+  // DCC_W4A16_WGMMA_CFG="gsplit=1": the K splits meet in global memory instead of a cluster's shared memory
+  const bool global = cfg_override("gsplit") == 1;
+  p.S = choose_splits<C>(tiles, p.K, global);
   p.kt_split = p.K / kTileK / p.S;
+  p.rotate = cfg_override("rot") == 1;
+  if (global && p.S > 1) {
+    const Workspace* w = workspace(stream);
+    p.part = w->part;
+    p.counters = w->counters;
+  }
   if (splits_out != nullptr) *splits_out = p.S;
   cudaLaunchAttribute attr[1];
-  const cudaLaunchConfig_t cfg = launch_config(dim3(tiles, p.S), C::kSmemBytes, p.S, stream, attr);
+  const cudaLaunchConfig_t cfg = launch_config(dim3(tiles, p.S), C::kSmemBytes, p.part ? 1 : p.S, stream, attr);
   // DCC_W4A16_WGMMA_CFG="sets=3": three A register sets, two stage groups in flight (no faster: DESIGN.md)
   const auto fn = cfg_override("sets") == 3 ? KernelOf<kBf16, C, 3>::fn : KernelOf<kBf16, C>::fn;
   check_cuda(cudaLaunchKernelEx(&cfg, fn, tx, tw, p), "wgmma GEMM launch");

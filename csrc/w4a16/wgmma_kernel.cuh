@@ -14,6 +14,11 @@ struct WgParams {
   const void* bias;         // [N] 16-bit or null
   void* out;                // [M, N] 16-bit
   int M, N, K, group, mtiles, S, kt_split;   // kt_split: k stages per split
+  int rotate;   // 1: each channel tile starts its k loop at its own stage (spread over the split), wrapping around
+  // global split-K (S > 1, no cluster): partials [tiles][S][kTok][kTileN] fp32 and a counter per tile, zero between
+  // launches (the last CTA of a tile resets it)
+  float* part;
+  unsigned* counters;
 };
 
 template <int kTok, int kStages>
@@ -61,6 +66,11 @@ __global__ void __launch_bounds__(kThreads, 1) w4a16_wgmma_kernel(const __grid_c
 
   const int m0 = (blockIdx.x % p.mtiles) * kTok, n0 = (blockIdx.x / p.mtiles) * kTileN;
   const int split = blockIdx.y, KT = p.kt_split, kt0 = split * KT;
+  // rotate: channel tile j of J starts at stage j KT / J of its split, so that at any moment the CTAs that share a
+  // token tile read different activation boxes rather than all the same one (the sum's order changes with it; each
+  // tile's order is still fixed)
+  const int rot = p.rotate ? static_cast<int>((static_cast<long long>(blockIdx.x / p.mtiles) * KT) /
+                                              (p.N / kTileN)) : 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   if (warp >= 8) {
@@ -73,7 +83,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a16_wgmma_kernel(const __grid_c
         const int s = it % kStages;
         mbar_wait(empty0 + 8 * s, ((it / kStages) & 1) ^ 1);
         const uint32_t full = full0 + 8 * s, st = ring + s * C::kStageBytes;
-        const int k0 = (kt0 + it) * kTileK;
+        const int kr = it + rot, k0 = (kt0 + (kr >= KT ? kr - KT : kr)) * kTileK;
         mbar_arrive_expect_tx(full, bytes);   // the TMA boxes count in full, rows past M included
         tma_load_2d(st, &tx, k0, m0, full);
         tma_load_2d(st + C::kActBytes, &tw, k0, n0 / 4, full);
@@ -84,7 +94,8 @@ __global__ void __launch_bounds__(kThreads, 1) w4a16_wgmma_kernel(const __grid_c
         }
       }
     }
-    if (p.S > 1) {   // the consumers' two cluster barriers: every thread of the cluster takes part
+    // the consumers' two cluster barriers (cluster split-K): every thread of the cluster takes part
+    if (p.S > 1 && p.part == nullptr) {
       cluster_sync_all();
       cluster_sync_all();
     }
@@ -165,11 +176,52 @@ __global__ void __launch_bounds__(kThreads, 1) w4a16_wgmma_kernel(const __grid_c
     sts_f1(ring + (tok * kPartStride + c1) * 4, acc[4 * i + 2]);
     sts_f1(ring + ((tok + 1) * kPartStride + c1) * 4, acc[4 * i + 3]);
   }
+  const T* bias = static_cast<const T*>(p.bias);
+  T* out = static_cast<T*>(p.out);
+  // one output row of 4 channels: bias in fp32, one rounding, 8 bytes a store
+  auto store4 = [&](int row, int c, float4 v) {
+    const int m = m0 + row;
+    if (m >= p.M) return;
+    if (bias != nullptr) {
+      v.x += H::to_float(bias[n0 + c]); v.y += H::to_float(bias[n0 + c + 1]);
+      v.z += H::to_float(bias[n0 + c + 2]); v.w += H::to_float(bias[n0 + c + 3]);
+    }
+    const typename H::T2 lo(H::from_float(v.x), H::from_float(v.y)), hi(H::from_float(v.z), H::from_float(v.w));
+    uint2 pk;
+    pk.x = as_bits(lo);
+    pk.y = as_bits(hi);
+    *reinterpret_cast<uint2*>(out + static_cast<size_t>(m) * p.N + n0 + c) = pk;
+  };
+  if (p.part != nullptr) {
+    // Global split-K: every CTA of the tile publishes its partial; the last to arrive (the counter) sums the S
+    // partials in split order -- the same order whichever CTA is last: deterministic -- and resets the counter.
+    named_bar_sync(1, 256);
+    constexpr int kQuads = kTok * (kTileN / 4);
+    float4* mine = reinterpret_cast<float4*>(p.part) + (static_cast<size_t>(blockIdx.x) * p.S + split) * kQuads;
+    for (int e = threadIdx.x; e < kQuads; e += 256)
+      __stcg(mine + e, lds_f4(ring + ((e / (kTileN / 4)) * kPartStride + 4 * (e % (kTileN / 4))) * 4));
+    __threadfence();   // the partial is visible device-wide before the counter says so
+    named_bar_sync(1, 256);
+    __shared__ unsigned arrived;
+    if (threadIdx.x == 0) arrived = atomicAdd(p.counters + blockIdx.x, 1u);
+    named_bar_sync(1, 256);
+    if (arrived != static_cast<unsigned>(p.S - 1)) return;
+    __threadfence();
+    const float4* all = reinterpret_cast<const float4*>(p.part) + static_cast<size_t>(blockIdx.x) * p.S * kQuads;
+    for (int e = threadIdx.x; e < kQuads; e += 256) {
+      float4 v = __ldcg(all + e);
+      for (int z = 1; z < p.S; ++z) {
+        const float4 w = __ldcg(all + static_cast<size_t>(z) * kQuads + e);
+        v.x += w.x; v.y += w.y; v.z += w.z; v.w += w.w;
+      }
+      store4(e / (kTileN / 4), 4 * (e % (kTileN / 4)), v);
+    }
+    if (threadIdx.x == 0) p.counters[blockIdx.x] = 0u;
+    return;
+  }
   if (p.S > 1) cluster_sync_all();
   else named_bar_sync(1, 256);
   const int rows = kTok / p.S, row0 = split * rows;
-  const T* bias = static_cast<const T*>(p.bias);
-  T* out = static_cast<T*>(p.out);
   for (int e = threadIdx.x; e < rows * (kTileN / 4); e += 256) {
     const int row = row0 + e / (kTileN / 4), c = 4 * (e % (kTileN / 4));
     const uint32_t off = ring + (row * kPartStride + c) * 4;
@@ -178,18 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a16_wgmma_kernel(const __grid_c
       const float4 w = ld_cluster_f4(mapa(off, z));
       v.x += w.x; v.y += w.y; v.z += w.z; v.w += w.w;
     }
-    const int m = m0 + row;
-    if (m < p.M) {
-      if (bias != nullptr) {
-        v.x += H::to_float(bias[n0 + c]); v.y += H::to_float(bias[n0 + c + 1]);
-        v.z += H::to_float(bias[n0 + c + 2]); v.w += H::to_float(bias[n0 + c + 3]);
-      }
-      const typename H::T2 lo(H::from_float(v.x), H::from_float(v.y)), hi(H::from_float(v.z), H::from_float(v.w));
-      uint2 pk;
-      pk.x = as_bits(lo);
-      pk.y = as_bits(hi);
-      *reinterpret_cast<uint2*>(out + static_cast<size_t>(m) * p.N + n0 + c) = pk;
-    }
+    store4(row, c, v);
   }
   if (p.S > 1) cluster_sync_all();   // the other CTAs have read this CTA's partials
 #endif

@@ -73,6 +73,73 @@ def test_every_tile_and_split(rt, monkeypatch, tile, splits, sets):
     assert rel_err(out, reference(x, qw, s, sz, g, b)) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("tile", (64, 128, 256))
+@pytest.mark.parametrize("splits", (2, 4, 8))
+def test_global_split_equals_cluster_split(rt, monkeypatch, tile, splits):
+    """gsplit=1 (the K splits' partials meet in global memory, the last CTA of a tile sums them) gives the same bits
+    as the cluster's split over shared memory (both sum the splits in order), writes nothing outside [M, N], and
+    leaves its counters ready for the next launch (a second call gives the same bits)."""
+    gen = torch.Generator().manual_seed(_seed("gsplit", tile, splits))
+    m, n, k, g = 100, 384, 4096, 64
+    qw, s, sz = make_layer(n, k, g, torch.float16, gen)
+    x = torch.randn(m, k, generator=gen).half().cuda()
+    b = torch.randn(n, generator=gen).half().cuda()
+    monkeypatch.setenv("DCC_W4A16_WGMMA_CFG", f"tile={tile},splits={splits}")
+    cluster, got = _run(rt, x, qw, s, sz, g, b)
+    assert got == splits
+    monkeypatch.setenv("DCC_W4A16_WGMMA_CFG", f"tile={tile},splits={splits},gsplit=1")
+    for _ in range(2):
+        buf = torch.full(((m + 8) * n,), float("nan"), dtype=torch.float16, device="cuda")
+        out, got = _run(rt, x, qw, s, sz, g, b, out=buf[: m * n].view(m, n))
+        assert got == splits
+        assert bool(torch.isnan(buf[m * n:]).all()), "rows past M were written"
+        assert torch.equal(out.view(torch.int16), cluster.view(torch.int16))
+
+
+def test_global_split_in_graph(rt, monkeypatch):
+    """The split-K workspace made on a stream's first use inside a CUDA-graph capture: replays give the eager bits,
+    and so does an eager call on that stream afterwards (its counters zeroed outside the graph too)."""
+    gen = torch.Generator().manual_seed(_seed("gsplit-graph"))
+    m, n, k, g = 64, 512, 4096, 128
+    qw, s, sz = make_layer(n, k, g, torch.float16, gen)
+    x = torch.randn(m, k, generator=gen).half().cuda()
+    monkeypatch.setenv("DCC_W4A16_WGMMA_CFG", "tile=64,splits=4,gsplit=1")
+    want, _ = _run(rt, x, qw, s, sz, g)
+    out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+    stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        rt.load().gemm_wgmma(x.data_ptr(), qw.data_ptr(), s.data_ptr(), sz.data_ptr(), 0, out.data_ptr(), m, n, k, g,
+                             "float16", stream.cuda_stream)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+    out.fill_(float("nan"))
+    with torch.cuda.stream(stream):
+        rt.load().gemm_wgmma(x.data_ptr(), qw.data_ptr(), s.data_ptr(), sz.data_ptr(), 0, out.data_ptr(), m, n, k, g,
+                             "float16", stream.cuda_stream)
+    torch.cuda.synchronize()
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("splits", (1, 4))
+def test_rotated_k_loop(rt, monkeypatch, splits):
+    """rot=1 (each channel tile starts its k loop at its own stage and wraps around) sums the same products in
+    another order: the reference's numbers, with the wrap inside each split."""
+    gen = torch.Generator().manual_seed(_seed("rot", splits))
+    m, n, k, g = 70, 640, 4096, 128
+    qw, s, sz = make_layer(n, k, g, torch.float16, gen)
+    x = torch.randn(m, k, generator=gen).half().cuda()
+    monkeypatch.setenv("DCC_W4A16_WGMMA_CFG", f"tile=64,splits={splits}")
+    plain, _ = _run(rt, x, qw, s, sz, g)
+    monkeypatch.setenv("DCC_W4A16_WGMMA_CFG", f"tile=64,splits={splits},rot=1")
+    out, got = _run(rt, x, qw, s, sz, g)
+    assert got == splits
+    assert rel_err(out, reference(x, qw, s, sz, g)) < TOL[torch.float16]
+    assert not torch.equal(out, plain), "the rotated loop should sum in another order"
+
+
 def test_deterministic(rt):
     gen = torch.Generator().manual_seed(3)
     qw, s, sz = make_layer(1024, 8192, 128, torch.bfloat16, gen)
