@@ -48,7 +48,11 @@ def machine() -> str:
 
 
 def command() -> str:
-    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    """The command line that reproduces the run, with the DCC_* variables set for it (the runtime's knobs; not the
+    paths of the build cache and of the test suite's model, which change nothing measured)."""
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())
+           if k.startswith("DCC_") and k not in ("DCC_CACHE", "DCC_SMOLLM2_GGUF")]
+    return " ".join([*env, *(shlex.quote(a) for a in ["python", *sys.argv])])
 
 
 def write(name: str, rows: list, out: str | Path | None = None, **extra) -> Path:

@@ -5,6 +5,7 @@
 // before the first use (one round trip to memory instead of one per loop iteration, measured 10 us -> ~2 us a
 // call on an H100 at H = 4096), and the normalised values are written from the registers without a second read.
 #include "../common/pdl.cuh"
+#include "../common/rmsnorm_row.cuh"
 #include "attn.h"
 #include "common.cuh"
 
@@ -50,36 +51,15 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict
   }
 }
 
-// Four 16-bit values (8 bytes) from / to index i (a multiple of 4).
-__device__ __forceinline__ float4 load4_16(const void* p, long long i, int dt) {
-  const uint2 raw = __ldcg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p) + i));   // L2: common.cuh
-  const uint16_t* e = reinterpret_cast<const uint16_t*>(&raw);
-  float v[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    v[j] = dt == 0 ? __half2float(__ushort_as_half(e[j])) : __bfloat162float(__ushort_as_bfloat16(e[j]));
-  }
-  return make_float4(v[0], v[1], v[2], v[3]);
-}
-
-__device__ __forceinline__ void store4_16(void* p, long long i, float4 v, int dt) {
-  uint2 raw;
-  uint16_t* e = reinterpret_cast<uint16_t*>(&raw);
-  const float f[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    e[j] = dt == 0 ? __half_as_ushort(__float2half_rn(f[j])) : __bfloat16_as_ushort(__float2bfloat16_rn(f[j]));
-  }
-  *reinterpret_cast<uint2*>(static_cast<uint16_t*>(p) + i) = raw;
-}
-
-// The row in registers: V float4 per thread (element 4 (threadIdx.x + k kThreads) + j). Same operations per element
-// as add_rmsnorm_kernel (rounded add, fma into the thread's sum, one rsqrt, two rounded products); only the order of
-// the sum of squares differs (a float32 sum: within the tests' tolerance of torch's own order).
+// The row in registers (../common/rmsnorm_row.cuh, shared with csrc/w4a16's GEMV that ends in this norm): V float4
+// per thread (element 4 (threadIdx.x + k kThreads) + j). Same operations per element as add_rmsnorm_kernel (rounded
+// add, fma into the thread's sum, one rsqrt, two rounded products); only the order of the sum of squares differs (a
+// float32 sum: within the tests' tolerance of torch's own order).
 template <int V>
 __global__ void __launch_bounds__(kThreads) add_rmsnorm_regs_kernel(float* __restrict__ h, const void* delta,
                                                                     const void* w, void* out, int H, float eps,
                                                                     int dt, int norm) {
+  static_assert(kThreads == dcc_rmsnorm::kRowThreads, "one thread of the row per thread of the block");
   __shared__ float warp_part[kThreads / 32];
   const long long row = static_cast<long long>(blockIdx.x) * H;
   const int n4 = H / 4;
@@ -87,61 +67,21 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_regs_kernel(float* __res
   // after the wait
   dcc_pdl::launch_dependents();
   float4 gw[V];
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const int c = threadIdx.x + k * kThreads;
-    gw[k] = norm && c < n4 ? load4_16(w, 4 * c, dt) : make_float4(0.f, 0.f, 0.f, 0.f);
-  }
+  dcc_rmsnorm::load_weight<V>(norm ? w : nullptr, norm ? n4 : 0, dt, gw);
   dcc_pdl::wait();
   float4 x[V];
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const int c = threadIdx.x + k * kThreads;
-    x[k] = c < n4 ? __ldcg(reinterpret_cast<const float4*>(h + row) + c) : make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-  if (delta != nullptr) {
-    float4 d[V];
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const int c = threadIdx.x + k * kThreads;
-      d[k] = c < n4 ? load4_16(delta, row + 4 * c, dt) : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const int c = threadIdx.x + k * kThreads;
-      x[k] = make_float4(__fadd_rn(x[k].x, d[k].x), __fadd_rn(x[k].y, d[k].y), __fadd_rn(x[k].z, d[k].z),
-                         __fadd_rn(x[k].w, d[k].w));   // h + delta, float32 (the reference's residual add)
-      if (c < n4) reinterpret_cast<float4*>(h + row)[c] = x[k];
-    }
-  }
+  dcc_rmsnorm::load_add<V>(h + row, delta == nullptr ? nullptr : static_cast<const uint16_t*>(delta) + row, n4, dt,
+                           x);
   if (!norm) {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const int c = threadIdx.x + k * kThreads;
-      if (c < n4) store4_16(out, row + 4 * c, x[k], dt);
+      if (c < n4) dcc_rmsnorm::store4_16(out, row + 4 * c, x[k], dt);
     }
     return;
   }
-  float ss = 0.f;
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    ss = __fmaf_rn(x[k].x, x[k].x, ss);
-    ss = __fmaf_rn(x[k].y, x[k].y, ss);
-    ss = __fmaf_rn(x[k].z, x[k].z, ss);
-    ss = __fmaf_rn(x[k].w, x[k].w, ss);
-  }
-  const float r = row_rsqrt(ss, H, eps, warp_part);
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const int c = threadIdx.x + k * kThreads;
-    if (c < n4) {
-      const float4 g = gw[k];
-      store4_16(out, row + 4 * c,
-                make_float4(__fmul_rn(g.x, __fmul_rn(x[k].x, r)), __fmul_rn(g.y, __fmul_rn(x[k].y, r)),
-                            __fmul_rn(g.z, __fmul_rn(x[k].z, r)), __fmul_rn(g.w, __fmul_rn(x[k].w, r))),
-                dt);
-    }
-  }
+  const float r = dcc_rmsnorm::row_rsqrt<V>(x, H, eps, warp_part);
+  dcc_rmsnorm::store_norm<V>(static_cast<uint16_t*>(out) + row, x, gw, r, n4, dt);
 }
 
 // SiLU(gate) * up: grid (column blocks, row blocks); a thread takes columns of rows (no 64-bit index division).

@@ -59,6 +59,28 @@ PYBIND11_MODULE(dcc_w4a16_ext, m) {
         "Whether gemv_glu takes this shape (M <= 8, K % 128 == 0, N % 16 == 0).");
 
   m.def(
+      "gemv_add_rmsnorm",
+      [](std::uintptr_t x, std::uintptr_t qweight, std::uintptr_t scales, std::uintptr_t szeros, std::uintptr_t delta,
+         int M, int N, int K, int group_size, std::uintptr_t h, std::uintptr_t weight, std::uintptr_t x_out, float eps,
+         std::uintptr_t counter, const std::string& dtype, std::uintptr_t stream) {
+        py::gil_scoped_release nogil;
+        dcc_w4a16::gemv_add_rmsnorm(dtype_of(dtype), ptr(x), ptr(qweight), ptr(scales), ptr(szeros), ptr(delta), M, N,
+                                    K, group_size, static_cast<float*>(ptr(h)), ptr(weight), ptr(x_out), eps,
+                                    static_cast<unsigned*>(ptr(counter)), stream_of(stream));
+      },
+      py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("scaled_zeros"), py::arg("delta"), py::arg("M"),
+      py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("h"), py::arg("weight"), py::arg("x_out"),
+      py::arg("eps"), py::arg("counter"), py::arg("dtype"), py::arg("stream") = 0,
+      "delta = x W^T (as gemv), then h += delta and x_out = RMSNorm(h) * weight in the same launch (counter: an "
+      "unsigned, zero, left zero).");
+  m.def("gemv_add_rmsnorm_fits",
+        [](int M, int N, int K, const std::string& dtype) {
+          return dcc_w4a16::gemv_add_rmsnorm_fits(dtype_of(dtype), M, N, K);
+        },
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dtype"),
+        "Whether gemv_add_rmsnorm takes this shape on the current device.");
+
+  m.def(
       "gemm",
       [](std::uintptr_t x, std::uintptr_t qweight, std::uintptr_t scales, std::uintptr_t szeros, std::uintptr_t bias,
          std::uintptr_t out, std::uintptr_t w_scratch, int M, int N, int K, int group_size, const std::string& dtype,

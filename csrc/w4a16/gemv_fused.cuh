@@ -209,11 +209,12 @@ void launch_fused(const void* x, const void* qweight, const void* scales, const 
 // row M-1 of x: valid memory, and those columns of the product are never stored), so no registers are zeroed; the
 // dequantisation is dequant_chunk. RT row tiles per warp (16*RT rows per block) share each iteration's activations.
 // Same products, k order and reduction order as fused_w4a16_kernel<T, 1, WARPS, ...>.
-template <typename T, int WARPS, int U, int RT, bool GLU = false>
-__global__ void __launch_bounds__(WARPS * 32)
-    gemv_lean_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const T* __restrict__ scales,
-                     const T* __restrict__ szeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
-                     int gshift) {
+// The kernel's body as a device function: the GEMV that ends in a residual add + RMSNorm (gemv_norm.cu) runs it too.
+template <typename T, int WARPS, int U, int RT, bool GLU>
+__device__ __forceinline__ void gemv_lean_tile(const T* __restrict__ x, const uint4* __restrict__ qw,
+                                               const T* __restrict__ scales, const T* __restrict__ szeros,
+                                               const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
+                                               int gshift) {
   using H = Half2Of<T>;
   using T2 = typename H::T2;
   __shared__ float4 red[RT][WARPS][32];
@@ -304,6 +305,14 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
   for (int r = 0; r < RT; ++r)
     reduce_store<T, 1, WARPS, GLU>(reinterpret_cast<const float*>(&red[r][0][0]), bias, out, M, N, n_base + 16 * r);
+}
+
+template <typename T, int WARPS, int U, int RT, bool GLU = false>
+__global__ void __launch_bounds__(WARPS * 32)
+    gemv_lean_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const T* __restrict__ scales,
+                     const T* __restrict__ szeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
+                     int gshift) {
+  gemv_lean_tile<T, WARPS, U, RT, GLU>(x, qw, scales, szeros, bias, out, M, N, K, gshift);
 }
 
 // Whether gemv_lean_kernel takes this problem (M <= 8 rows of x per launch, no partial tiles).

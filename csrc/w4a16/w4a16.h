@@ -30,6 +30,15 @@ bool gemv_glu_fits(int M, int N, int K);
 void gemv_glu(DType dt, const void* x, const void* qweight, const void* scales, const void* scaled_zeros, void* out,
               int M, int N, int K, int group_size, cudaStream_t stream);
 
+// delta [M, N] = x W^T as gemv computes it (the same bits), then, in the same launch, the decoder's residual add and
+// RMSNorm of each row: h [M, N] float32 += delta, x_out = RMSNorm(h) * weight (16-bit), the bits of csrc/attn's
+// add_rmsnorm. counter: one unsigned, zero before the first launch (each launch leaves it zero). Only where
+// gemv_add_rmsnorm_fits (gemv_norm.cu: M <= 8, K % 128 == 0, N % 16 == 0, N <= 8192, one wave of blocks).
+bool gemv_add_rmsnorm_fits(DType dt, int M, int N, int K);
+void gemv_add_rmsnorm(DType dt, const void* x, const void* qweight, const void* scales, const void* scaled_zeros,
+                      void* delta, int M, int N, int K, int group_size, float* h, const void* weight, void* x_out,
+                      float eps, unsigned* counter, cudaStream_t stream);
+
 // w [N, K] row-major = rnd(q*s + sz), bit-identical to decode_weight.
 void dequantize(DType dt, const void* qweight, const void* scales, const void* scaled_zeros, void* w, int N, int K,
                 int group_size, cudaStream_t stream);

@@ -112,6 +112,23 @@ def test_swiglu_epilogue_leaves_prefill_and_step_logits(arts, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(got["0"], got["1"]))
 
 
+def test_norm_in_the_gemv_leaves_step_logits(arts, monkeypatch):
+    """TinyChat's o and down GEMVs ending in the residual add + RMSNorm (DCC_FASTLM_NORM_GEMV=1: one launch each)
+    give the step logits of the GEMVs followed by add_rmsnorm, bit for bit, over two steps (the residual carries)."""
+    from dcc.runtime.cuda.build import load
+    assert load().gemv_add_rmsnorm_fits(2, 128, 128, "float16"), "the case's o projection should take the kernel"
+    got = {}
+    for fused in ("0", "1"):
+        monkeypatch.setenv("DCC_FASTLM_NORM_GEMV", fused)
+        lm = FastLlama(arts["tinychat-g128"], "cuda")
+        lm.allocate(2, 16)
+        first = lm.prefill(torch.tensor([PROMPT, PROMPT[::-1]], device="cuda"))
+        a = lm.step(first.argmax(-1), torch.full((2,), 5, device="cuda"))
+        b = lm.step(a.argmax(-1), torch.full((2,), 6, device="cuda"))
+        got[fused] = (a, b)
+    assert all(torch.equal(x, y) for x, y in zip(got["0"], got["1"]))
+
+
 @pytest.mark.parametrize("case", ["tinychat", "qserve"])
 def test_a_batch_decodes_each_row_as_alone(arts, case):
     """Every row of a batch of one prompt decodes the same tokens; the first matches batch 1's (later ones may part

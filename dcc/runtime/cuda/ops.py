@@ -174,3 +174,30 @@ def w4a16_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scal
                      _dense(scaled_zeros).data_ptr(), out.data_ptr(), m, n, k, group_size, _DTYPES[x.dtype],
                      torch.cuda.current_stream(x.device).cuda_stream)
     return out.reshape(*x.shape[:-1], n // 2)
+
+
+def w4a16_linear_add_rmsnorm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                             scaled_zeros: torch.Tensor, group_size: int, h: torch.Tensor, weight: torch.Tensor,
+                             eps: float, counter: torch.Tensor) -> torch.Tensor | None:
+    """The decoder's residual add + RMSNorm after a W4A16 linear, in the linear's launch (csrc/w4a16/gemv_norm.cu):
+    h [M, N] float32 += x W^T (rounded to x's dtype, as w4a16_linear), returns RMSNorm(h) * weight in x's dtype,
+    bit for bit w4a16_linear then dcc.runtime.fastlm.ops.add_rmsnorm. counter: an int32 CUDA tensor of one element,
+    zero (each call leaves it zero). None where the kernel does not take the shape (M > 8, a row wider than 8192, more
+    row tiles than resident blocks) or the tensors: the caller runs the two ops."""
+    if not x.is_cuda or x.dtype not in _DTYPES or scales.dtype != x.dtype or weight.dtype != x.dtype:
+        return None
+    n, k = _check_layout(qweight, scales, scaled_zeros, group_size, x.device)
+    x2 = _dense(x.reshape(-1, k))
+    m = x2.shape[0]
+    if (h.dtype != torch.float32 or tuple(h.shape) != (m, n) or not h.is_contiguous() or h.data_ptr() % 16
+            or weight.numel() != n or counter.dtype != torch.int32 or counter.device != x.device
+            or not load().gemv_add_rmsnorm_fits(m, n, k, _DTYPES[x.dtype])):
+        return None
+    delta = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    with torch.cuda.device(x.device):
+        load().gemv_add_rmsnorm(x2.data_ptr(), _dense(qweight).data_ptr(), _dense(scales).data_ptr(),
+                                _dense(scaled_zeros).data_ptr(), delta.data_ptr(), m, n, k, group_size, h.data_ptr(),
+                                _dense(weight).data_ptr(), out.data_ptr(), float(eps), counter.data_ptr(),
+                                _DTYPES[x.dtype], torch.cuda.current_stream(x.device).cuda_stream)
+    return out

@@ -61,6 +61,7 @@ class FastLlama:
         self.sizes_qkv = [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim]
         self.sizes_gu = [s.intermediate, s.intermediate]
         self.cache = None
+        self.norm_counter = None   # the fused GEMV + norm's arrival counter (allocate)
 
     # -- state ------------------------------------------------------------------------------------------------------
     def allocate(self, batch: int, capacity: int) -> None:
@@ -77,6 +78,8 @@ class FastLlama:
             self.cache = KV16Cache(s.layers, batch, s.kv_heads, capacity, s.head_dim, s.heads, self.device,
                                    self.dtype, sms, sdpa=self.sdpa)
         self.cos, self.sin = rope_tables(self.config, capacity, self.device)
+        if self.device.type == "cuda" and self.norm_counter is None:
+            self.norm_counter = torch.zeros(1, dtype=torch.int32, device=self.device)
 
     # -- pieces -----------------------------------------------------------------------------------------------------
     def _norm_in(self, h, delta, weight, with_sum):
@@ -87,16 +90,25 @@ class FastLlama:
             return s.kind.norm_quant(x16, weight, s.eps, with_sum, self.approx)
         return ops.add_rmsnorm(h, delta, weight, s.eps, self.dtype)
 
-    def _mlp(self, L: Layer, h, delta):
-        x = self._norm_in(h, delta, L.post_norm, L.gu_sum)
+    def _act(self, L: Layer, x):
+        """SiLU(x Wg^T) * (x Wu^T), the down projection's input."""
         if L.glu is not None:
-            return L.down(L.glu(x))
+            return L.glu(x)
         gate, up = run_group(L.gate_up, x, self.sizes_gu)
         if self.spec.engine:
-            act = self.spec.kind.silu_mul(gate, up, self.approx)
-        else:
-            act = ops.silu_mul(gate, up, self.dtype)
-        return L.down(act)
+            return self.spec.kind.silu_mul(gate, up, self.approx)
+        return ops.silu_mul(gate, up, self.dtype)
+
+    def _mlp(self, L: Layer, h, delta):
+        return L.down(self._act(L, self._norm_in(h, delta, L.post_norm, L.gu_sum)))
+
+    def _linear_norm(self, lin, inp, h, weight):
+        """h += lin(inp), then the norm the next linears read, in the linear's own launch where its kind has that
+        (TinyChat's GEMV at batch <= 8: the same bits); None where it has not (then the caller runs both)."""
+        fused = getattr(lin, "add_rmsnorm", None)
+        if fused is None or self.spec.engine or self.norm_counter is None:
+            return None
+        return fused(inp, h, weight, self.spec.eps, self.norm_counter)
 
     # -- forward ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -125,12 +137,17 @@ class FastLlama:
         s, cache = self.spec, self.cache
         b = tok.shape[0]
         h = self.embed[tok].to(torch.float32)
-        delta = None
+        delta, x = None, None   # x: the next linears' normalized input where a fused GEMV made it
         for i, L in enumerate(self.layers):
-            x = self._norm_in(h, delta, L.in_norm, L.qkv_sum)
+            if x is None:
+                x = self._norm_in(h, delta, L.in_norm, L.qkv_sum)
             qkv = L.qkv[0](x) if len(L.qkv) == 1 else torch.cat([lin(x) for lin in L.qkv], -1)
             o = cache.decode(i, qkv, pos, self.cos, self.sin).reshape(b, s.heads * s.head_dim)
-            delta = L.o(o)
-            delta = self._mlp(L, h, delta)
-        y = ops.add_rmsnorm(h, delta, self.norm, s.eps, self.dtype)
+            x = self._linear_norm(L.o, o, h, L.post_norm)
+            if x is None:
+                x = self._norm_in(h, L.o(o), L.post_norm, L.gu_sum)
+            act = self._act(L, x)
+            x = self._linear_norm(L.down, act, h, self.layers[i + 1].in_norm if i + 1 < s.layers else self.norm)
+            delta = L.down(act) if x is None else None
+        y = x if x is not None else ops.add_rmsnorm(h, delta, self.norm, s.eps, self.dtype)
         return self.head(y).to(torch.float32)

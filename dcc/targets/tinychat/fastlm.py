@@ -26,6 +26,17 @@ class W4A16:
         return w4a16_linear(x.to(self.t["scales"].dtype), self.t["qweight"], self.t["scales"],
                             self.t["scaled_zeros"], self.group)
 
+    def add_rmsnorm(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float,
+                    counter: torch.Tensor) -> torch.Tensor | None:
+        """h += x W^T, then RMSNorm(h) * weight, in this linear's GEMV launch (csrc/w4a16/gemv_norm.cu; the bits of
+        the linear followed by the decoder's add_rmsnorm); None where that kernel does not run (the CPU, M > 8, other
+        shapes), or unless DCC_FASTLM_NORM_GEMV=1 (off by default until measured end to end)."""
+        if self.w is not None or os.environ.get("DCC_FASTLM_NORM_GEMV", "0") != "1":
+            return None
+        from ...runtime.cuda.ops import w4a16_linear_add_rmsnorm
+        return w4a16_linear_add_rmsnorm(x.to(self.t["scales"].dtype), self.t["qweight"], self.t["scales"],
+                                        self.t["scaled_zeros"], self.group, h, weight, eps, counter)
+
 
 GLU_BLOCK = 8   # gate and up rows interleave in blocks of 8: one 16-row GEMV tile holds both halves of 8 outputs
 
