@@ -170,42 +170,40 @@ int max_clusters(int S) {
 }
 
 // The global split-K workspace of (device, stream): partials for SMs x 256 tokens x 128 channels (tiles x S <= SMs,
-// choose_splits) and a counter per tile, zero between launches. Per stream: two streams' GEMMs never share one.
-// Created on a tile's first global split: cudaMalloc in relaxed capture mode (legal inside a CUDA-graph capture), the
-// counters zeroed by cudaMemsetAsync on the stream (inside a capture that is a graph node, so the first eager call
-// after it zeroes them once more).
+// choose_splits) and a counter per tile, zero between launches (each launch leaves its counters zero). Per stream:
+// two streams' GEMMs never share one. Made on the stream's first global split, in relaxed capture mode so that this
+// also works inside a CUDA-graph capture: cudaMalloc, and the counters zeroed on a private stream that is waited
+// for, so they are zero before any launch or replay (nothing is recorded into the graph). Kept for the process.
 struct Workspace {
   float* part = nullptr;
   unsigned* counters = nullptr;
-  size_t part_floats = 0;
-  int n_counters = 0;
-  bool zeroed_eagerly = false;
 };
 
 Workspace* workspace(cudaStream_t stream) {
   static std::mutex mu;
   static std::map<std::pair<int, cudaStream_t>, Workspace> all;
   int dev = 0;
-  cudaGetDevice(&dev);
-  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
-  check_cuda(cudaStreamIsCapturing(stream, &cap), "cudaStreamIsCapturing");
-  const bool capturing = cap != cudaStreamCaptureStatusNone;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   std::lock_guard<std::mutex> lock(mu);
   Workspace& w = all[{dev, stream}];
   if (w.part == nullptr) {
     const int sms = num_sms();
-    w.part_floats = static_cast<size_t>(sms) * 256 * kTileN;
-    w.n_counters = sms;
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
     cudaThreadExchangeStreamCaptureMode(&mode);
-    const cudaError_t e1 = cudaMalloc(&w.part, w.part_floats * sizeof(float));
-    const cudaError_t e2 = cudaMalloc(&w.counters, w.n_counters * sizeof(unsigned));
+    cudaStream_t side = nullptr;
+    cudaError_t e = cudaMalloc(&w.part, static_cast<size_t>(sms) * 256 * kTileN * sizeof(float));
+    if (e == cudaSuccess) e = cudaMalloc(&w.counters, sms * sizeof(unsigned));
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking);
+    if (e == cudaSuccess) e = cudaMemsetAsync(w.counters, 0, sms * sizeof(unsigned), side);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(side);
+    if (side != nullptr) cudaStreamDestroy(side);
+    if (e != cudaSuccess) {
+      cudaFree(w.part);
+      cudaFree(w.counters);
+      w = Workspace{};
+    }
     cudaThreadExchangeStreamCaptureMode(&mode);
-    check_cuda(e1 != cudaSuccess ? e1 : e2, "wgmma GEMM split-K workspace");
-  }
-  if (!w.zeroed_eagerly || capturing) {
-    check_cuda(cudaMemsetAsync(w.counters, 0, w.n_counters * sizeof(unsigned), stream), "workspace counters");
-    w.zeroed_eagerly = w.zeroed_eagerly || !capturing;
+    check_cuda(e, "wgmma GEMM split-K workspace");
   }
   return &w;
 }

@@ -97,8 +97,8 @@ def test_global_split_equals_cluster_split(rt, monkeypatch, tile, splits):
 
 
 def test_global_split_in_graph(rt, monkeypatch):
-    """The split-K workspace made on a stream's first use inside a CUDA-graph capture: replays give the eager bits,
-    and so does an eager call on that stream afterwards (its counters zeroed outside the graph too)."""
+    """The split-K workspace made on a stream's first use inside a CUDA-graph capture (allocated and zeroed outside
+    the graph): replays give the eager bits, and so does an eager call on that stream afterwards."""
     gen = torch.Generator().manual_seed(_seed("gsplit-graph"))
     m, n, k, g = 64, 512, 4096, 128
     qw, s, sz = make_layer(n, k, g, torch.float16, gen)
