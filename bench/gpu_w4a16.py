@@ -232,10 +232,8 @@ def bench(args, copy_tbs, peak_tflops):
 
 def auto_path(m, n, k):
     """The path w4a16_linear's "auto" takes (dcc/runtime/cuda/ops.py)."""
-    lo, hi = rt.ops.WGMMA_M
-    if lo < m <= hi and rt.load().gemm_wgmma_supported(m, n, k, G):
-        return "wgmma"
-    return "fused" if m <= rt.FUSED_MAX_M else "gemm"
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return rt.ops.choose_path(m, n, sms, rt.load().gemm_wgmma_supported(m, n, k, G))
 
 
 def table(results):

@@ -76,6 +76,23 @@ def test_common_headers_resolve_and_enter_the_key(name, monkeypatch):
     assert set(common.values()) <= set(seen["f"])
 
 
+def test_w4a16_auto_path_by_m_and_width(monkeypatch):
+    """path="auto": wgmma inside its M range; from M = 17 up to that range only for layers whose 128-channel tiles
+    fill half the SMs (132 on an H100: N >= 8448); the fused kernel below, dequantise + cuBLAS above; wgmma nowhere
+    it does not run, or with the range off."""
+    from dcc.runtime.cuda import ops
+    monkeypatch.setattr(ops, "WGMMA_M", (32, 256))
+    monkeypatch.setattr(ops, "FUSED_MAX_M", 64)
+    choose = ops.choose_path
+    assert [choose(m, 4096, 132, True) for m in (1, 16, 17, 32, 33, 256, 257)] == \
+        ["fused", "fused", "fused", "fused", "wgmma", "wgmma", "gemm"]
+    assert [choose(m, 14336, 132, True) for m in (16, 17, 32, 33)] == ["fused", "wgmma", "wgmma", "wgmma"]
+    assert choose(32, 8448, 132, True) == "wgmma" and choose(32, 8320, 132, True) == "fused"
+    assert choose(32, 14336, 132, False) == "fused" and choose(100, 14336, 132, False) == "gemm"
+    monkeypatch.setattr(ops, "WGMMA_M", (0, 0))   # DCC_W4A16_WGMMA=off
+    assert choose(32, 14336, 132, True) == "fused" and choose(64, 14336, 132, True) == "fused"
+
+
 def test_w4a16_wgmma_range_setting():
     """DCC_W4A16_WGMMA: 'LO:HI' (the M range path="auto" sends to the wgmma GEMM), 'off', or one clear error."""
     from dcc.runtime.cuda.ops import _wgmma_range

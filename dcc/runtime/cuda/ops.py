@@ -38,6 +38,24 @@ def _wgmma_range(spec: str) -> tuple[int, int]:
 
 
 WGMMA_M = _wgmma_range(os.environ.get("DCC_W4A16_WGMMA", "32:256"))
+# Below that range, 16 < M <= WGMMA_M[0], the wgmma GEMM also takes the layers wide enough that their 128-channel
+# tiles alone fill half the SMs. H100, M = 32, two runs of bench/gpu_w4a16.py (csrc/w4a16/DESIGN.md): 14336 x 4096
+# (112 tiles) took 29.3 / 31.9 us on wgmma against 51.2 / 71.4 fused (cuBLAS fp16: 45.9); at N = 4096 (32 tiles) the
+# runs disagreed (4096^2: fused 14.4 / 21.0 us, wgmma 18.1 / 19.5), so those stay on the fused kernel.
+WIDE_WGMMA_MIN_M = 16
+
+
+def choose_path(m: int, n: int, sms: int, wgmma_runs: bool) -> str:
+    """The kernel path="auto" takes for M rows and N output channels on a GPU of `sms` SMs; wgmma_runs: whether the
+    wgmma GEMM runs there (gemm_wgmma_supported)."""
+    if wgmma_runs and (WGMMA_M[0] < m <= WGMMA_M[1]
+                       or (WIDE_WGMMA_MIN_M < m <= WGMMA_M[0] and 2 * (n // 128) >= sms)):
+        return "wgmma"
+    return "fused" if m <= FUSED_MAX_M else "gemm"
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _check_layout(qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor, group_size: int,
@@ -106,10 +124,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, s
     ext = load()
     dt = _DTYPES[x.dtype]
     if path == "auto":
-        if WGMMA_M[0] < m <= WGMMA_M[1] and ext.gemm_wgmma_supported(m, n, k, group_size):
-            path = "wgmma"
-        else:
-            path = "fused" if m <= FUSED_MAX_M else "gemm"
+        path = choose_path(m, n, _sms(x.device), ext.gemm_wgmma_supported(m, n, k, group_size))
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream(x.device).cuda_stream
         if path == "fused":
