@@ -1,5 +1,6 @@
-"""Does `--gpu-matmul 3xtf32` change what a compile produces? WikiText-2 perplexity of SmolLM2-135M artifacts compiled
-with the calibration forwards' float32 products exact (fp32) and as three TF32 products (3xtf32), on the CPU.
+"""Does `--gpu-matmul 3xtf32` or `tf32` change what a compile produces? WikiText-2 perplexity of SmolLM2-135M
+artifacts compiled with the calibration forwards' float32 products exact (fp32), as three TF32 products (3xtf32) and
+as one (tf32: the operands cut to TF32, products exact in float32, as the tensor cores compute it), on the CPU.
 
 The GPU computes a 3xtf32 product as a_hi b_hi + a_hi b_lo + a_lo b_hi on TF32 tensor cores, which read the lo
 parts with their mantissas cut to TF32's 10 bits. This runs the same split on the CPU (dcc.ir.gpu_matmul with its
@@ -47,8 +48,8 @@ def mm3_tf32_inputs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # variant -> (products, seed, calibration windows). The last two are references for the noise: what another seed
 # (the passes' sampled choices) or one calibration window fewer moves.
-VARIANTS = {"fp32": ("fp32", 0, 16), "3xtf32": ("3xtf32", 0, 16), "fp32-seed1": ("fp32", 1, 16),
-            "fp32-15windows": ("fp32", 0, 15)}
+VARIANTS = {"fp32": ("fp32", 0, 16), "3xtf32": ("3xtf32", 0, 16), "tf32": ("tf32", 0, 16),
+            "fp32-seed1": ("fp32", 1, 16), "fp32-15windows": ("fp32", 0, 15)}
 
 
 def digest(folder: Path) -> str:
@@ -80,7 +81,7 @@ def main() -> None:
         target, algo = recipe.split(":")
         for variant in args.variants.split(","):
             mode, seed, chunks = VARIANTS[variant]
-            gpu_matmul._cpu_too = mode == "3xtf32"
+            gpu_matmul._cpu_too = mode != "fp32"
             # SmolLM2's 576-wide layers take TinyChat's g64 (its g128 kernels need K % 128)
             opts = CompileOptions(target=target, algo=None if algo == "default" else algo, calib=args.calib,
                                   group_size=64 if target == "tinychat" else None, calib_chunks=chunks,

@@ -47,6 +47,10 @@ METHODS = {
                           "as dcc-qserve, --gpu-matmul 3xtf32"),
     "dcc-tinychat-awq-3xtf32": ("dcc", ["--target", "tinychat", "--algo", "awq", "--gpu-matmul", "3xtf32"],
                                 "as dcc-tinychat-awq, --gpu-matmul 3xtf32"),
+    # one TF32 product each (--gpu-matmul tf32): a third of 3xtf32's tensor work; llm-compressor calibrates in bf16
+    "dcc-qserve-tf32": ("dcc", ["--target", "qserve", "--gpu-matmul", "tf32"], "as dcc-qserve, --gpu-matmul tf32"),
+    "dcc-tinychat-awq-tf32": ("dcc", ["--target", "tinychat", "--algo", "awq", "--gpu-matmul", "tf32"],
+                              "as dcc-tinychat-awq, --gpu-matmul tf32"),
     # the recipe closest to llm-compressor's AWQModifier, which searches the scales and then rounds each group's
     # min-max range (no clip search): dcc's awq pass, then rtn (a recipe file, RECIPES)
     "dcc-tinychat-awq-noclip": ("dcc", ["--target", "tinychat"], "AWQ scales, then round to nearest, no clip search "

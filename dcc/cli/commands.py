@@ -72,12 +72,12 @@ def _targets_epilog() -> str:
               help="Write the IR after every pass (text + JSON per block) and an ONNX of the first block here.")
 @click.option("--seed", type=int, default=None, help="Random seed (default: the recipe's, else 0).")
 @click.option("--device", default="cpu", show_default=True, help="Where calibration runs (cpu, cuda).")
-@click.option("--gpu-matmul", type=click.Choice(["fp32", "3xtf32"]), default="fp32", show_default=True,
+@click.option("--gpu-matmul", type=click.Choice(["fp32", "3xtf32", "tf32"]), default="fp32", show_default=True,
               help="Experimental: the float32 matrix products of calibration's forward runs on a GPU. 3xtf32 computes "
                    "each as three TF32 tensor-core products of split operands (relative error ~1e-6; an 8B AWQ block "
-                   "took 5.6 s instead of 7.9 s on an H100); the artifact then differs from an fp32 compile in low "
-                   "bits (SmolLM2 perplexity within 1 %, as far as one calibration window fewer moves it: "
-                   "bench/gpu_matmul_accuracy.py).")
+                   "took 5.6 s instead of 7.9 s on an H100); tf32 as one (~5e-4, a third of the tensor work; "
+                   "llm-compressor calibrates in bf16, ~4e-3). The artifact then differs from an fp32 compile in low "
+                   "bits; what that does to perplexity: bench/gpu_matmul_accuracy.py.")
 @click.option("--gpus", type=int, default=None,
               help="Spread calibration over this many GPUs of this machine (1, 2, 4 or 8; NCCL): each process "
                    "holds a share of the calibration sequences, the statistics the passes read are reduced over all "

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..ir import gpu_matmul
 
 
 class _PassThrough(nn.Module):
@@ -178,8 +179,10 @@ VERIFY_SAMPLES = 2   # sequences a function-preservation check runs on: a struct
 
 def call_block(block, ctx, hidden: torch.Tensor | None = None, samples: int | None = VERIFY_SAMPLES) -> torch.Tensor:
     """The block's float output (its graph, run-time numerics off) on the first `samples` calibration sequences
-    (None: all), optionally with other hidden states (for the full batch) in place of args[0]."""
-    return ctx.forward(samples=samples, hidden=hidden)
+    (None: all), optionally with other hidden states (for the full batch) in place of args[0]; float32 products
+    whatever --gpu-matmul says (the preservation checks compare two of these runs to 1e-3)."""
+    with gpu_matmul.exact():
+        return ctx.forward(samples=samples, hidden=hidden)
 
 
 def check_preserved(ref: torch.Tensor, out: torch.Tensor, where: str, what: str = "the block's output") -> float:

@@ -19,6 +19,19 @@ def test_the_split_product_is_within_float32_class_error():
     assert err < 1e-6
 
 
+def test_the_single_tf32_product_has_tf32_class_error():
+    """mm1: one product of the operands cut to TF32's 10 mantissa bits (exact products in float32): an error of the
+    order of 2^-11, well above float32's and 3xtf32's."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(64, 300, generator=g) * torch.logspace(-3, 3, 300)
+    b = torch.randn(300, 48, generator=g)
+    exact = (a.double() @ b.double())
+    err = float((gpu_matmul.mm1(a, b).double() - exact).norm() / exact.norm())
+    assert 1e-5 < err < 2e-3
+    cut = gpu_matmul.tf32_part(a).double() @ gpu_matmul.tf32_part(b).double()
+    assert float((gpu_matmul.mm1(a, b).double() - cut).norm() / cut.norm()) < 1e-6   # what it computes: the cut
+
+
 def test_the_mode_routes_float32_mm_and_addmm_only(monkeypatch):
     monkeypatch.setattr(gpu_matmul, "_cpu_too", True)
     lin = torch.nn.Linear(32, 16)
@@ -28,6 +41,9 @@ def test_the_mode_routes_float32_mm_and_addmm_only(monkeypatch):
         z = x @ lin.weight.T                           # mm
         h = x.double() @ lin.weight.double().T         # float64: left alone
     assert mode.calls == 2
+    with gpu_matmul.using("tf32"), gpu_matmul.products() as one:
+        y1 = lin(x)
+    assert one.calls == 1 and torch.equal(y1, gpu_matmul.mm1(x, lin.weight.T) + lin.bias)
     assert torch.allclose(y, lin(x), rtol=1e-5, atol=1e-6) and torch.allclose(z, x @ lin.weight.T, rtol=1e-5,
                                                                                atol=1e-6)
     assert h.dtype == torch.float64
@@ -59,3 +75,20 @@ def test_a_compile_with_split_products_records_them(tmp_path, monkeypatch):
         assert calib.get("gpu_matmul") == (None if mode == "fp32" else mode)
         # the block's 7 linears in the collection run and in the output run; none in the fp32 compile
         assert len(calls) == (0 if mode == "fp32" else 14)
+
+
+def test_the_preservation_checks_run_float32_products(monkeypatch):
+    """A function-preservation check compares two block runs to 1e-3, which one TF32 product alone nearly spends:
+    call_block runs at float32 whatever the compile's mode, and the mode is back after it."""
+    from dcc.passes._model_parts import call_block
+
+    class Ctx:
+        def forward(self, samples, hidden):
+            with gpu_matmul.products() as mode:
+                return mode
+
+    monkeypatch.setattr(gpu_matmul, "_cpu_too", True)
+    with gpu_matmul.using("tf32"):
+        assert call_block(None, Ctx()) is None
+        with gpu_matmul.products() as mode:
+            assert mode is not None
