@@ -116,6 +116,7 @@ def test_global_split_in_graph(rt, monkeypatch):
         torch.cuda.synchronize()
         assert torch.equal(out.view(torch.int16), want.view(torch.int16))
     out.fill_(float("nan"))
+    torch.cuda.synchronize()   # the fill (default stream) before the call on `stream`
     with torch.cuda.stream(stream):
         rt.load().gemm_wgmma(x.data_ptr(), qw.data_ptr(), s.data_ptr(), sz.data_ptr(), 0, out.data_ptr(), m, n, k, g,
                              "float16", stream.cuda_stream)
