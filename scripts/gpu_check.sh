@@ -16,7 +16,8 @@ export HF_HUB_OFFLINE=1
 tests_of() {
   case "$1" in
     attn) echo tests/runtime/test_cuda_attn.py tests/runtime/test_cuda_pdl.py tests/runtime/test_fastlm_cuda.py ;;
-    w4a16) echo tests/runtime/test_cuda_w4a16.py tests/runtime/test_cuda_w4a16_wgmma.py tests/runtime/test_cuda_w4a16_norm.py ;;
+    w4a16) echo tests/runtime/test_cuda_w4a16.py tests/runtime/test_cuda_w4a16_wgmma.py \
+                tests/runtime/test_cuda_w4a16_norm.py ;;
     w4a8) echo tests/runtime/test_cuda_w4a8.py tests/runtime/test_qserve_fused_cuda.py ;;
     w4a4) echo tests/runtime/test_cuda_w4a4.py tests/runtime/test_cuda_w4a4_quant_fused.py \
                tests/runtime/test_cuda_w4a4_wgmma.py ;;
