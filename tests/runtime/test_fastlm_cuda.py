@@ -121,6 +121,7 @@ def test_norm_in_the_gemv_leaves_step_logits(arts, monkeypatch):
     for fused in ("0", "1"):
         monkeypatch.setenv("DCC_FASTLM_NORM_GEMV", fused)
         lm = FastLlama(arts["tinychat-g128"], "cuda")
+        assert lm.layers[0].o.fuse_norm == (fused == "1")
         lm.allocate(2, 16)
         first = lm.prefill(torch.tensor([PROMPT, PROMPT[::-1]], device="cuda"))
         a = lm.step(first.argmax(-1), torch.full((2,), 5, device="cuda"))

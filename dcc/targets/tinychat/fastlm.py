@@ -16,8 +16,8 @@ class W4A16:
     """y = x W^T for a TinyChat W4A16 layer: the W4A16 kernels on the GPU (x cast to the scales' dtype), the decoded
     weight on the CPU."""
 
-    def __init__(self, t: dict, n: int, group: int, weight: torch.Tensor | None):
-        self.t, self.n, self.group, self.w = t, n, group, weight
+    def __init__(self, t: dict, n: int, group: int, weight: torch.Tensor | None, fuse_norm: bool = False):
+        self.t, self.n, self.group, self.w, self.fuse_norm = t, n, group, weight, fuse_norm
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.w is not None:
@@ -30,8 +30,8 @@ class W4A16:
                     counter: torch.Tensor) -> torch.Tensor | None:
         """h += x W^T, then RMSNorm(h) * weight, in this linear's GEMV launch (csrc/w4a16/gemv_norm.cu; the bits of
         the linear followed by the decoder's add_rmsnorm); None where that kernel does not run (the CPU, M > 8, other
-        shapes), or unless DCC_FASTLM_NORM_GEMV=1 (off by default until measured end to end)."""
-        if self.w is not None or os.environ.get("DCC_FASTLM_NORM_GEMV", "0") != "1":
+        shapes), or where the linear was loaded without fuse_norm (TinyChatFast.load: DCC_FASTLM_NORM_GEMV=1)."""
+        if self.w is not None or not self.fuse_norm:
             return None
         from ...runtime.cuda.ops import w4a16_linear_add_rmsnorm
         return w4a16_linear_add_rmsnorm(x.to(self.t["scales"].dtype), self.t["qweight"], self.t["scales"],
@@ -90,7 +90,8 @@ class TinyChatFast(FastKind):
         if torch.device(device).type == "cpu":
             return W4A16({}, n, group, torch.cat([art.decode(m) for m in names]).to(dtype))
         t = {k: v.to(device) for k, v in stored(art, names, ("qweight", "scales", "scaled_zeros")).items()}
-        return W4A16(t, n, group, None)
+        # the GEMV that ends in the decoder's add + RMSNorm: opt-in until measured end to end
+        return W4A16(t, n, group, None, fuse_norm=os.environ.get("DCC_FASTLM_NORM_GEMV", "0") == "1")
 
     def load_glu(self, art, gate: str, up: str, device, dtype: torch.dtype):
         """On a GPU, gate and up of one format and group as one interleaved W4A16Glu (DCC_FASTLM_GLU=0: none)."""
